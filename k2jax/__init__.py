@@ -1,0 +1,14 @@
+"""k2jax: Kimi K2 in JAX (Flax NNX).
+
+    cfg = k2jax.K2Config.from_hf("config.json")      # or k2jax.config.kimi_k2(), tiny(), ...
+    model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
+    logits = model(tokens_BT)                        # [B, T, V] float32
+    model = k2jax.from_hf_tensors(cfg, tensors)      # {release tensor name: dequantised array}
+"""
+
+from k2jax.config import ConfigError, K2Config, YarnScaling
+from k2jax.hf_mapping import CheckpointError, from_hf_tensors, to_hf_tensors
+from k2jax.model import Transformer
+
+__all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
+           "CheckpointError"]

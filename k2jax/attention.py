@@ -1,0 +1,96 @@
+"""Multi-head Latent Attention (MLA), the train / prefill path.
+
+    q  = q_b(norm(q_a(x)))            (or q_proj(x) without q_lora)      -> per head [nope | rope]
+    kv_a(x) = [c | k_rope]            c: kv_lora latent, k_rope: one rope key shared by all heads
+    kv_b(norm(c)) = per head [k_nope | v]
+    logits = (q_nope·k_nope + rope(q_rope)·rope(k_rope)) · softmax_scale
+
+`latent(x)` returns exactly what a decode cache stores (normed c and roped k_rope, C + R values per token), and
+`attend_latent` expands it; the absorbed decode path (k2jax/generate.py) reuses `queries`/`latent` and the same
+weights. The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real
+tokens, which QK-Clip needs.
+
+Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, V value),
+Q q_lora, C kv_lora.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.config import K2Config
+from k2jax.layers import RMSNorm, weight
+from k2jax.rope import apply_rope, softmax_scale
+
+# q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLAttention(nnx.Module):
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+        D, N, C, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.cfg = cfg
+        if cfg.q_lora_rank is None:
+            self.q_proj = weight(rngs, (D, N, cfg.qk_head_dim), ("embed", "heads", "qk_head_dim"), cfg)
+        else:
+            Q = cfg.q_lora_rank
+            self.q_a_proj = weight(rngs, (D, Q), ("embed", "q_lora"), cfg)
+            self.q_a_layernorm = RMSNorm(Q, cfg, eps=LATENT_NORM_EPS, axis_name="q_lora")
+            self.q_b_proj = weight(rngs, (Q, N, cfg.qk_head_dim), ("q_lora", "heads", "qk_head_dim"), cfg)
+        self.kv_a_proj_with_mqa = weight(rngs, (D, C + R), ("embed", "kv_lora_rope"), cfg)
+        self.kv_a_layernorm = RMSNorm(C, cfg, eps=LATENT_NORM_EPS, axis_name="kv_lora")
+        self.kv_b_proj = weight(rngs, (C, N, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                ("kv_lora", "heads", "kv_head_dim"), cfg)
+        self.o_proj = weight(rngs, (N, cfg.v_head_dim, D), ("heads", "v_head_dim", "embed"), cfg,
+                             fan_in=N * cfg.v_head_dim)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.scale = softmax_scale(cfg)
+
+    def _w(self, p: nnx.Param) -> jnp.ndarray:
+        return p[...].astype(self.dtype)
+
+    def queries(self, x_BTD, cos_BTK, sin_BTK) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """q_nope [B, T, N, P] and roped q_rope [B, T, N, R]."""
+        x = x_BTD.astype(self.dtype)
+        if self.cfg.q_lora_rank is None:
+            q_BTNH = jnp.einsum("btd,dnh->btnh", x, self._w(self.q_proj))
+        else:
+            q_BTQ = self.q_a_layernorm(x @ self._w(self.q_a_proj))
+            q_BTNH = jnp.einsum("btq,qnh->btnh", q_BTQ, self._w(self.q_b_proj))
+        P = self.cfg.qk_nope_head_dim
+        q_rope = apply_rope(q_BTNH[..., P:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
+        return q_BTNH[..., :P], q_rope
+
+    def latent(self, x_BTD, cos_BTK, sin_BTK) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The per-token cacheable state: normed latent c [B, T, C] and roped shared key k_rope [B, T, R]."""
+        C = self.cfg.kv_lora_rank
+        kv_BTX = x_BTD.astype(self.dtype) @ self._w(self.kv_a_proj_with_mqa)
+        c_BTC = self.kv_a_layernorm(kv_BTX[..., :C])
+        k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
+        return c_BTC, k_rope_BTR
+
+    def attend_latent(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS, query_valid_BT
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Expands the latent into per-head keys and values and attends. Returns (o_proj output [B, T, D],
+        max pre-softmax logit per head [N] over visible pairs of valid queries; -inf if there are none)."""
+        P = self.cfg.qk_nope_head_dim
+        kv_BSNH = jnp.einsum("bsc,cnh->bsnh", c_BSC, self._w(self.kv_b_proj))
+        k_nope_BSNP, v_BSNV = kv_BSNH[..., :P], kv_BSNH[..., P:]
+        f32 = jnp.float32
+        logits_BNTS = (jnp.einsum("btnp,bsnp->bnts", q_nope_BTNP, k_nope_BSNP, preferred_element_type=f32)
+                       + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR, preferred_element_type=f32))
+        logits_BNTS = logits_BNTS * self.scale
+        visible_B1TS = mask_BTS[:, None]
+        logits_BNTS = jnp.where(visible_B1TS, logits_BNTS, -jnp.inf)
+        counted = visible_B1TS & query_valid_BT[:, None, :, None]
+        max_logit_N = jnp.max(jnp.where(counted, logits_BNTS, -jnp.inf), axis=(0, 2, 3))
+        probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
+        out_BTNV = jnp.einsum("bnts,bsnv->btnv", probs_BNTS, v_BSNV)
+        return jnp.einsum("btnv,nvd->btd", out_BTNV, self._w(self.o_proj)), max_logit_N
+
+    def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, query_valid_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
+        q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
+        c, k_rope = self.latent(x_BTD, cos_BTK, sin_BTK)
+        return self.attend_latent(q_nope, q_rope, c, k_rope, mask_BTS, query_valid_BT)

@@ -1,0 +1,69 @@
+"""Small building blocks: parameters with logical axes, RMSNorm, the dense SwiGLU MLP.
+
+Every weight is an `nnx.Param` stored input-axes-first ([in, ...out]) and carries `logical_axes` metadata, the
+names `sharding/` maps to mesh axes. HF stores linear weights [out, in]; `k2jax/hf_mapping.py` transposes.
+
+Letter legend: B batch, T tokens, D hidden, F ffn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.config import K2Config
+
+
+def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: K2Config, *, fan_in: int | None = None
+           ) -> nnx.Param:
+    """A matmul weight, N(0, initializer_range) truncated at 2 sigma (scaled down for fan_in > hidden when
+    given), in cfg.param_dtype, tagged with its logical axes."""
+    if len(shape) != len(axes):
+        raise ValueError(f"weight shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
+    std = cfg.initializer_range
+    if fan_in is not None and fan_in > cfg.hidden_size:
+        std *= math.sqrt(cfg.hidden_size / fan_in)
+    init = jax.nn.initializers.truncated_normal(std)
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype)), logical_axes=tuple(axes))
+
+
+def ones(shape: Sequence[int], axes: Sequence[str], cfg: K2Config) -> nnx.Param:
+    return nnx.Param(jnp.ones(tuple(shape), jnp.dtype(cfg.param_dtype)), logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) · weight, computed in float32 and returned in `out_dtype` (the compute dtype)."""
+
+    def __init__(self, dim: int, cfg: K2Config, *, eps: float, axis_name: str):
+        self.weight = ones((dim,), (axis_name,), cfg)
+        self.eps = eps
+        self.out_dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(self.out_dtype)
+
+
+def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
+    return jax.nn.silu(gate) * up
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(x·gate) ⊙ x·up). Used for the dense blocks and the shared experts."""
+
+    def __init__(self, cfg: K2Config, ffn_dim: int, *, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        self.gate_proj = weight(rngs, (D, ffn_dim), ("embed", "mlp"), cfg)
+        self.up_proj = weight(rngs, (D, ffn_dim), ("embed", "mlp"), cfg)
+        self.down_proj = weight(rngs, (ffn_dim, D), ("mlp", "embed"), cfg, fan_in=ffn_dim)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        x = x_BTD.astype(self.dtype)
+        h_BTF = swiglu(x @ self.gate_proj[...].astype(self.dtype), x @ self.up_proj[...].astype(self.dtype))
+        return h_BTF @ self.down_proj[...].astype(self.dtype)

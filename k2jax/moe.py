@@ -1,0 +1,110 @@
+"""Mixture of experts as in K2: sigmoid router with a selection-only bias, dropless routed experts, shared expert.
+
+Router (per token, float32):
+    scores  = sigmoid(x · gate)                                   [E]
+    choice  = scores + e_score_correction_bias                    (selection only; the bias gets no gradient)
+    groups  = top-`topk_group` of n_group groups, a group scored by the sum of its top-2 `choice`
+    ids     = top-K of `choice` inside the chosen groups
+    weights = scores[ids] (/ their sum if norm_topk_prob) · routed_scaling_factor
+
+Routed experts are dropless: the T·K (token, expert) pairs are sorted by expert and run through one grouped
+matmul per projection (`pallas_kernels.grouped_matmul`), then unsorted and combined with the router weights.
+
+Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M = T·K routed rows, G groups.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.config import K2Config
+from k2jax.layers import MLP, swiglu, weight
+from pallas_kernels.grouped_matmul import grouped_matmul
+
+
+class RouterBias(nnx.Variable):
+    """e_score_correction_bias: float32, changed by the aux-loss-free balancing rule, never by gradients
+    (it is not an nnx.Param, so `nnx.state(model, nnx.Param)` leaves it out)."""
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.weight = weight(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert"), cfg)
+        self.e_score_correction_bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32),
+                                                  logical_axes=("expert",))
+
+    def __call__(self, x_TD: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """-> (weights [T, K] float32, expert ids [T, K] int32)."""
+        cfg = self.cfg
+        logits_TE = jnp.dot(x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        scores_TE = jax.nn.sigmoid(logits_TE)
+        choice_TE = scores_TE + self.e_score_correction_bias[...]
+        if cfg.n_group > 1:
+            choice_TE = _keep_top_groups(choice_TE, cfg.n_group, cfg.topk_group)
+        _, ids_TK = jax.lax.top_k(choice_TE, cfg.num_experts_per_tok)
+        weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=-1)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / (jnp.sum(weights_TK, axis=-1, keepdims=True) + 1e-20)
+        return weights_TK * cfg.routed_scaling_factor, ids_TK.astype(jnp.int32)
+
+
+def _keep_top_groups(choice_TE: jnp.ndarray, n_group: int, topk_group: int) -> jnp.ndarray:
+    """Sets the experts of all but the best `topk_group` groups (scored by the sum of their top-2) to -inf."""
+    T, E = choice_TE.shape
+    grouped_TGX = choice_TE.reshape(T, n_group, E // n_group)
+    group_score_TG = jnp.sum(jax.lax.top_k(grouped_TGX, 2)[0], axis=-1)
+    _, top_groups = jax.lax.top_k(group_score_TG, topk_group)
+    keep_TG = jnp.zeros((T, n_group), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
+    return jnp.where(keep_TG[:, :, None], grouped_TGX, -jnp.inf).reshape(T, E)
+
+
+class RoutedExperts(nnx.Module):
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg)
+        self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg)
+        self.down_proj = weight(rngs, (E, F, D), ("expert", "moe_mlp", "embed"), cfg, fan_in=F)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.impl = cfg.moe_impl
+
+    def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray) -> jnp.ndarray:
+        T, K = ids_TK.shape
+        E = self.gate_proj.shape[0]
+        flat_ids_M = ids_TK.reshape(-1)
+        order_M = jnp.argsort(flat_ids_M, stable=True)
+        group_sizes_E = jnp.bincount(flat_ids_M, length=E).astype(jnp.int32)
+        x_MD = x_TD.astype(self.dtype)[order_M // K]
+
+        def gmm(a, w):
+            return grouped_matmul(a, w[...].astype(self.dtype), group_sizes_E, impl=self.impl)
+
+        h_MF = swiglu(gmm(x_MD, self.gate_proj), gmm(x_MD, self.up_proj))
+        y_MD = gmm(h_MF, self.down_proj)
+        y_TKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD, unique_indices=True).reshape(T, K, -1)
+        out_TD = jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(y_TKD.dtype),
+                            preferred_element_type=jnp.float32)
+        return out_TD.astype(self.dtype)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+        self.gate = Router(cfg, rngs=rngs)
+        self.experts = RoutedExperts(cfg, rngs=rngs)
+        self.shared_experts = MLP(cfg, cfg.shared_intermediate_size, rngs=rngs) if cfg.n_shared_experts else None
+        self.num_experts = cfg.n_routed_experts
+
+    def __call__(self, x_BTD: jnp.ndarray, valid_BT: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+        """-> (output [B, T, D], {"expert_load": [E] int32 routed count of valid tokens, "topk_ids": [B, T, K]})."""
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        weights_TK, ids_TK = self.gate(x_TD)
+        out_BTD = self.experts(x_TD, weights_TK, ids_TK).reshape(B, T, D)
+        if self.shared_experts is not None:
+            out_BTD = out_BTD + self.shared_experts(x_BTD)
+        load_E = jnp.zeros((self.num_experts,), jnp.int32).at[ids_TK].add(
+            valid_BT.reshape(B * T, 1).astype(jnp.int32))
+        return out_BTD, {"expert_load": load_E, "topk_ids": ids_TK.reshape(B, T, -1)}

@@ -1,0 +1,13 @@
+"""Meshes, logical-axis rules, expert and pipeline parallelism over jax.sharding. Knows nothing of K2's modules.
+
+Logical axis names k2jax parameters carry (`logical_axes` metadata on every nnx.Param):
+"""
+
+LOGICAL_AXES = (
+    "layers",        # stacked MoE blocks (scan axis; pipeline stages split it)
+    "vocab", "embed",
+    "heads", "qk_head_dim", "kv_head_dim", "v_head_dim",
+    "q_lora", "kv_lora", "kv_lora_rope",
+    "mlp",           # dense / shared-expert FFN
+    "expert", "moe_mlp",
+)
