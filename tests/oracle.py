@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds3
 
 from k2jax.config import K2Config
 from k2jax.hf_mapping import hf_tensor_specs
@@ -87,20 +88,35 @@ def oracle_model(cfg: K2Config, tensors: dict[str, np.ndarray], dtype=torch.floa
     return model
 
 
-def oracle_forward(model: DeepseekV3ForCausalLM, tokens_BT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """-> (float32 logits [B, T, V], sorted chosen expert ids [num_moe_layers, B, T, K])."""
-    ids = []
+def oracle_forward(model: DeepseekV3ForCausalLM, tokens_BT: np.ndarray) -> dict[str, np.ndarray]:
+    """-> {"logits": float32 [B, T, V], "topk_ids": sorted chosen experts [num_moe_layers, B, T, K],
+    "max_logits": max pre-softmax logit per head over unmasked pairs [num_layers, N]}."""
+    ids, max_logits = [], []
 
     def record(_module, _inputs, outputs):
         ids.append(outputs[2].detach().cpu().numpy())
 
+    eager = hf_ds3.eager_attention_forward
+
+    def capturing_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        logits = (torch.matmul(query, key.transpose(2, 3)) * scaling).float()
+        T, S = logits.shape[-2:]
+        visible = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        if attention_mask is not None:
+            visible = visible & (attention_mask[..., :S] == 0)
+        masked = torch.where(visible, logits, torch.tensor(-float("inf")))
+        max_logits.append(masked.amax(dim=(0, 2, 3)).detach().numpy())
+        return eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
     hooks = [m.register_forward_hook(record) for m in model.modules() if type(m).__name__ == "DeepseekV3TopkRouter"]
+    hf_ds3.eager_attention_forward = capturing_attention
     try:
         with torch.no_grad():
             logits = model(torch.from_numpy(np.asarray(tokens_BT, np.int64))).logits.float().numpy()
     finally:
+        hf_ds3.eager_attention_forward = eager
         for h in hooks:
             h.remove()
     B, T = tokens_BT.shape
     topk = np.sort(np.stack([i.reshape(B, T, -1) for i in ids]), axis=-1) if ids else np.zeros((0, B, T, 0), int)
-    return logits, topk
+    return {"logits": logits, "topk_ids": topk, "max_logits": np.stack(max_logits)}
