@@ -1,0 +1,124 @@
+"""Properties of k2jax.Transformer that need no oracle: causality, packing, aux shapes, input checks, axes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import k2jax
+import sharding
+from k2jax.config import tiny
+from k2jax.model import segment_positions
+from tests.oracle import random_release_tensors
+
+CFG = tiny()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return k2jax.from_hf_tensors(CFG, random_release_tensors(CFG, seed=11))
+
+
+def _tokens(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, shape))
+
+
+def test_changing_a_future_token_changes_no_past_logit(model):
+    tokens = _tokens((2, 36))
+    cut = 20
+    changed = tokens.at[:, cut].set((tokens[:, cut] + 1) % CFG.vocab_size)
+    a, b = np.asarray(model(tokens)), np.asarray(model(changed))
+    np.testing.assert_array_equal(a[:, :cut], b[:, :cut])
+    assert np.max(np.abs(a[:, cut:] - b[:, cut:])) > 1e-3
+
+
+def test_packed_sequences_equal_separate_runs(model):
+    lengths = (13, 21, 6)
+    seqs = [_tokens((1, n), seed=i) for i, n in enumerate(lengths)]
+    packed = jnp.concatenate(seqs, axis=1)
+    segment_ids = jnp.concatenate([jnp.full((1, n), i + 1) for i, n in enumerate(lengths)], axis=1)
+    logits, aux = model(packed, segment_ids=segment_ids, return_aux=True)
+    start = 0
+    for seq, n in zip(seqs, lengths):
+        alone, alone_aux = model(seq, return_aux=True)
+        np.testing.assert_allclose(np.asarray(logits[:, start:start + n]), np.asarray(alone), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(aux["router_topk_ids"][:, :, start:start + n]),
+                                      np.asarray(alone_aux["router_topk_ids"]))
+        start += n
+
+
+def test_positions_feed_rope_relatively(model):
+    """RoPE sees only relative positions: a uniform shift keeps the logits, a stretch changes them."""
+    tokens = _tokens((1, 24))
+    base = np.asarray(model(tokens))
+    same = np.asarray(model(tokens, positions=jnp.arange(24)[None]))
+    shifted = np.asarray(model(tokens, positions=jnp.arange(24)[None] + 40))
+    stretched = np.asarray(model(tokens, positions=jnp.arange(24)[None] * 2))
+    np.testing.assert_array_equal(base, same)
+    np.testing.assert_allclose(shifted, base, rtol=1e-4, atol=1e-4)
+    assert np.max(np.abs(stretched - base)) > 1e-2
+
+
+def test_padding_is_left_out_of_aux(model):
+    tokens = _tokens((2, 24))
+    segment_ids = jnp.ones((2, 24), jnp.int32).at[1, 16:].set(0)
+    _, aux = model(tokens, segment_ids=segment_ids, return_aux=True)
+    assert int(aux["expert_load"][0].sum()) == (24 + 16) * CFG.num_experts_per_tok
+    _, real_aux = model(tokens[:1], return_aux=True)
+    assert aux["attn_max_logits"].shape == (CFG.num_hidden_layers, CFG.num_attention_heads)
+    assert np.all(np.isfinite(np.asarray(aux["attn_max_logits"])))
+    assert np.all(np.asarray(aux["attn_max_logits"]) >= np.asarray(real_aux["attn_max_logits"]) - 1e-6)
+
+
+def test_segment_positions_restart_per_segment():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(segment_positions(seg)), [[0, 1, 2, 0, 1, 0, 0, 1]])
+
+
+def test_jit_matches_eager(model):
+    tokens = _tokens((2, 16))
+
+    @nnx.jit
+    def fwd(m, t):
+        return m(t)
+
+    jitted, eager = np.asarray(fwd(model, tokens)), np.asarray(model(tokens))
+    assert np.max(np.abs(jitted - eager)) <= 1e-5 * np.max(np.abs(eager))
+
+
+def test_gradients_flow_to_every_param_but_the_router_bias(model):
+    tokens = _tokens((2, 16))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1))
+
+    grads = jax.grad(loss)(params)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        assert np.all(np.isfinite(np.asarray(g))), path
+        assert np.any(np.asarray(g) != 0), f"no gradient reaches {jax.tree_util.keystr(path)}"
+    assert not any("e_score_correction_bias" in jax.tree_util.keystr(p)
+                   for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(tokens=jnp.zeros((4,), jnp.int32)), "int array \\[B, T\\]"),
+    (dict(tokens=jnp.zeros((1, 4), jnp.float32)), "int array"),
+    (dict(tokens=jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.ones((1, 5), jnp.int32)), "segment_ids"),
+    (dict(tokens=jnp.zeros((1, 4), jnp.int32), positions=jnp.ones((2, 4), jnp.int32)), "positions"),
+])
+def test_bad_inputs_fail_clearly(model, bad, match):
+    tokens = bad.pop("tokens")
+    with pytest.raises(ValueError, match=match):
+        model(tokens, **bad)
+
+
+def test_every_param_has_known_logical_axes(model):
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == var.shape.__len__(), path
+        assert set(axes) <= set(sharding.LOGICAL_AXES), (path, axes)
+        if path[0] == "moe_blocks":
+            assert axes[0] == "layers"
