@@ -122,3 +122,10 @@ def test_every_param_has_known_logical_axes(model):
         assert set(axes) <= set(sharding.LOGICAL_AXES), (path, axes)
         if path[0] == "moe_blocks":
             assert axes[0] == "layers"
+
+
+def test_moe_impls_agree(model):
+    tokens = _tokens((2, 16))
+    ragged = k2jax.from_hf_tensors(CFG.replace(moe_impl="ragged_dot"), k2jax.to_hf_tensors(model))
+    a, b = np.asarray(model(tokens)), np.asarray(ragged(tokens))
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
