@@ -76,19 +76,24 @@ class MLAttention(nnx.Module):
         """Expands the latent into per-head keys and values and attends. Returns (o_proj output [B, T, D],
         max pre-softmax logit per head [N] over visible pairs of valid queries; -inf if there are none)."""
         P = self.cfg.qk_nope_head_dim
-        kv_BSNH = jnp.einsum("bsc,cnh->bsnh", c_BSC, self._w(self.kv_b_proj))
-        k_nope_BSNP, v_BSNV = kv_BSNH[..., :P], kv_BSNH[..., P:]
+        B, T, N, _ = q_nope_BTNP.shape
+        # Head-major layouts so both products are plain batched matmuls (2x faster than the einsums on CPU).
+        kv_BNSH = jnp.einsum("bsc,cnh->bnsh", c_BSC, self._w(self.kv_b_proj))
+        k_nope_BNSP, v_BNSV = kv_BNSH[..., :P], kv_BNSH[..., P:]
         f32 = jnp.float32
-        logits_BNTS = (jnp.einsum("btnp,bsnp->bnts", q_nope_BTNP, k_nope_BSNP, preferred_element_type=f32)
-                       + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR, preferred_element_type=f32))
-        logits_BNTS = logits_BNTS * self.scale
+        nope_BNTS = jnp.matmul(q_nope_BTNP.transpose(0, 2, 1, 3), k_nope_BNSP.swapaxes(-1, -2),
+                               preferred_element_type=f32)
+        q_rope_BXR = q_rope_BTNR.transpose(0, 2, 1, 3).reshape(B, N * T, -1)  # the rope key is shared by heads
+        rope_BNTS = jnp.matmul(q_rope_BXR, k_rope_BSR.swapaxes(-1, -2), preferred_element_type=f32).reshape(
+            nope_BNTS.shape)
+        logits_BNTS = (nope_BNTS + rope_BNTS) * self.scale
         visible_B1TS = mask_BTS[:, None]
         logits_BNTS = jnp.where(visible_B1TS, logits_BNTS, -jnp.inf)
         counted = visible_B1TS & query_valid_BT[:, None, :, None]
         max_logit_N = jnp.max(jnp.where(counted, logits_BNTS, -jnp.inf), axis=(0, 2, 3))
         probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
-        out_BTNV = jnp.einsum("bnts,bsnv->btnv", probs_BNTS, v_BSNV)
-        return jnp.einsum("btnv,nvd->btd", out_BTNV, self._w(self.o_proj)), max_logit_N
+        out_BNTV = jnp.matmul(probs_BNTS, v_BNSV)
+        return jnp.einsum("bntv,nvd->btd", out_BNTV, self._w(self.o_proj)), max_logit_N
 
     def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, query_valid_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
         q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)

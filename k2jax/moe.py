@@ -8,7 +8,7 @@ Router (per token, float32):
     weights = scores[ids] (/ their sum if norm_topk_prob) · routed_scaling_factor
 
 Routed experts are dropless: the T·K (token, expert) pairs are sorted by expert and run through one grouped
-matmul per projection (`pallas_kernels.grouped_matmul`), then unsorted and combined with the router weights.
+expert FFN (`pallas_kernels.grouped_matmul.grouped_ffn`), then unsorted and combined with the router weights.
 
 Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M = T·K routed rows, G groups.
 """
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import K2Config
-from k2jax.layers import MLP, swiglu, weight
-from pallas_kernels.grouped_matmul import grouped_matmul
+from k2jax.layers import MLP, weight
+from pallas_kernels.grouped_matmul import grouped_ffn
 
 
 class RouterBias(nnx.Variable):
@@ -78,13 +78,9 @@ class RoutedExperts(nnx.Module):
         order_M = jnp.argsort(flat_ids_M, stable=True)
         group_sizes_E = jnp.bincount(flat_ids_M, length=E).astype(jnp.int32)
         x_MD = x_TD.astype(self.dtype)[order_M // K]
-
-        def gmm(a, w):
-            return grouped_matmul(a, w[...].astype(self.dtype), group_sizes_E, impl=self.impl)
-
-        h_MF = swiglu(gmm(x_MD, self.gate_proj), gmm(x_MD, self.up_proj))
-        y_MD = gmm(h_MF, self.down_proj)
-        y_TKD = jnp.zeros_like(y_MD).at[order_M].set(y_MD, unique_indices=True).reshape(T, K, -1)
+        w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        y_MD = grouped_ffn(x_MD, *w, group_sizes_E, impl=self.impl)
+        y_TKD = y_MD[jnp.argsort(order_M)].reshape(T, K, -1)  # back to (token, choice) order
         out_TD = jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(y_TKD.dtype),
                             preferred_element_type=jnp.float32)
         return out_TD.astype(self.dtype)

@@ -1,142 +1,245 @@
-"""Grouped matmul for routed experts: rows sorted by group, row block g multiplied by its own weight matrix.
+"""Grouped matmuls for routed experts: rows sorted by group, each group's rows multiplied by its own weights.
 
-    out[i] = x[i] @ w[g(i)]   where rows [start_g, start_g + group_sizes[g]) belong to group g
-    rows past sum(group_sizes) come out as zeros.
+    grouped_matmul(x, w, sizes)            out[i] = x[i] @ w[g(i)]
+    grouped_ffn(x, w_gate, w_up, w_down, sizes)
+                                           out[i] = (silu(x[i] @ w_gate[g]) * (x[i] @ w_up[g])) @ w_down[g]
 
-One dispatch point, `grouped_matmul(..., impl=)`:
-  - "ragged_dot": `jax.lax.ragged_dot`, native on TPU and GPU. It is also the XLA reference the other paths are
-    tested against. On CPU it lowers to a dense form that multiplies every row by every group's matrix (G× the
-    work), so it is not used there by default.
-  - "tiled": rows are laid out in tiles of `tile` rows that each belong to one group (groups padded to a whole
-    number of tiles), and a scan multiplies each non-empty tile by its group's matrix; empty tiles are skipped.
-    Only the routed work is done (plus at most tile-1 padding rows per group). Its VJP is written out: dx is the
-    same tiled product against wᵀ, dw accumulates xᵀ·dy per tile into its group's slot.
+where rows [start_g, start_g + sizes[g]) belong to group g; rows past sum(sizes) come out as zeros.
+
+One dispatch point, `impl=`:
+  - "ragged_dot": `jax.lax.ragged_dot`, native on TPU and GPU, and the XLA reference the other paths are tested
+    against. On CPU it lowers to a dense form that multiplies every row by every group's matrix (G x the work).
+  - "tiled": the CPU path. A scan over groups slices each group's weights once; an inner loop walks the group's
+    contiguous rows in tiles (`BIG_TILE` rows, then `SMALL_TILE` rows for the remainder) and multiplies only
+    those. Groups run in order, so the rows a group's last tile computes past its end are overwritten by the
+    next group: nothing is masked on the forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no
+    [M, F] intermediate in memory). Both have explicit VJPs that recompute per tile: dx by the same loop against
+    the transposed weights, dw accumulated per group in float32 with rows outside the group masked.
   - "auto": "tiled" on CPU, "ragged_dot" elsewhere.
 
-Letter legend: M rows, K contraction dim, N output dim, G groups, U tiles, P rows per tile.
+Letter legend: M rows, K contraction dim, N output dim, F ffn dim, G groups, P rows per tile.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "ragged_dot", "tiled")
-DEFAULT_TILE = 64
+BIG_TILE = 128
+SMALL_TILE = 16
 
 
-def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, impl: str = "auto",
-                   tile: int = DEFAULT_TILE) -> jax.Array:
-    """[M, K] rows sorted by group, [G, K, N] weights, [G] int32 sizes -> [M, N] in x's dtype."""
-    if x_MK.ndim != 2 or w_GKN.ndim != 3 or group_sizes_G.ndim != 1:
-        raise ValueError(f"grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got "
-                         f"{x_MK.shape}, {w_GKN.shape}, {group_sizes_G.shape}")
-    if x_MK.shape[1] != w_GKN.shape[1] or w_GKN.shape[0] != group_sizes_G.shape[0]:
-        raise ValueError(f"grouped_matmul: x {x_MK.shape}, w {w_GKN.shape} and group_sizes "
-                         f"{group_sizes_G.shape} do not agree")
+def _resolve(impl: str) -> str:
     if impl == "auto":
-        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
-    if impl == "ragged_dot":
-        return reference(x_MK, w_GKN, group_sizes_G)
-    if impl == "tiled":
-        return _tiled(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32), tile)
-    raise ValueError(f"grouped_matmul: impl must be one of {IMPLS}, got {impl!r}")
+        return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    if impl not in IMPLS:
+        raise ValueError(f"grouped matmul: impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
+def _check(x_MK, ws, group_sizes_G):
+    if x_MK.ndim != 2 or group_sizes_G.ndim != 1 or any(w.ndim != 3 for w in ws):
+        raise ValueError(f"grouped matmul: expected x [M, K], weights [G, ., .], group_sizes [G]; got "
+                         f"{x_MK.shape}, {[w.shape for w in ws]}, {group_sizes_G.shape}")
+    if x_MK.shape[1] != ws[0].shape[1] or any(w.shape[0] != group_sizes_G.shape[0] for w in ws):
+        raise ValueError(f"grouped matmul: x {x_MK.shape}, weights {[w.shape for w in ws]} and group_sizes "
+                         f"{group_sizes_G.shape} do not agree")
+
+
+# ---- references (XLA) ---------------------------------------------------------------------------------------
 def reference(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
     """The XLA reference: jax.lax.ragged_dot."""
     return jax.lax.ragged_dot(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
 
 
-class _TileLayout(NamedTuple):
-    tile_group_U: jax.Array  # group of each tile (clamped to G-1 for unused tiles)
-    tile_used_U: jax.Array  # False for tiles past the last group's
-    src_UP: jax.Array  # source row of each tile slot; M (a zero row) for padding
-    dst_M: jax.Array  # tile slot of each row; U*P (a zero slot) for rows past sum(group_sizes)
+def reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G) -> jax.Array:
+    gate = reference(x_MK, w_gate_GKF, group_sizes_G)
+    up = reference(x_MK, w_up_GKF, group_sizes_G)
+    return reference(jax.nn.silu(gate) * up, w_down_GFK, group_sizes_G)
 
 
-def _layout(group_sizes_G: jax.Array, m: int, tile: int) -> _TileLayout:
-    G = group_sizes_G.shape[0]
-    n_tiles = -(-m // tile) + G  # sum_g ceil(size_g / P) can never exceed this
-    tiles_G = (group_sizes_G + tile - 1) // tile
-    tile_end_G = jnp.cumsum(tiles_G)
-    tile_start_G = tile_end_G - tiles_G
-    row_end_G = jnp.cumsum(group_sizes_G)
-    row_start_G = row_end_G - group_sizes_G
-
-    u_U = jnp.arange(n_tiles)
-    group_U = jnp.searchsorted(tile_end_G, u_U, side="right")
-    used_U = group_U < G
-    group_U = jnp.minimum(group_U, G - 1)
-    row_in_group_UP = (u_U - tile_start_G[group_U])[:, None] * tile + jnp.arange(tile)[None]
-    real_UP = used_U[:, None] & (row_in_group_UP < group_sizes_G[group_U][:, None])
-    src_UP = jnp.where(real_UP, row_start_G[group_U][:, None] + row_in_group_UP, m)
-
-    i_M = jnp.arange(m)
-    group_M = jnp.searchsorted(row_end_G, i_M, side="right")
-    in_group_M = group_M < G
-    group_M = jnp.minimum(group_M, G - 1)
-    dst_M = jnp.where(in_group_M, tile_start_G[group_M] * tile + i_M - row_start_G[group_M], n_tiles * tile)
-    return _TileLayout(group_U, used_U, src_UP, dst_M)
+# ---- dispatch ------------------------------------------------------------------------------------------------
+def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, impl: str = "auto"
+                   ) -> jax.Array:
+    """[M, K] rows sorted by group, [G, K, N] weights, [G] sizes -> [M, N] in x's dtype."""
+    _check(x_MK, (w_GKN,), group_sizes_G)
+    if _resolve(impl) == "ragged_dot":
+        return reference(x_MK, w_GKN, group_sizes_G)
+    return _tiled_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
 
 
-def _to_tiles(a_MX: jax.Array, lay: _TileLayout) -> jax.Array:
-    padded = jnp.concatenate([a_MX, jnp.zeros((1, a_MX.shape[1]), a_MX.dtype)])
-    return padded[lay.src_UP]  # [U, P, X]
+def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
+                group_sizes_G: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype."""
+    _check(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
+    if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
+        raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
+    if _resolve(impl) == "ragged_dot":
+        return reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+    dt = x_MK.dtype
+    return _tiled_ffn(x_MK, w_gate_GKF.astype(dt), w_up_GKF.astype(dt), w_down_GFK.astype(dt),
+                      group_sizes_G.astype(jnp.int32))
 
 
-def _from_tiles(t_UPX: jax.Array, lay: _TileLayout) -> jax.Array:
-    flat = t_UPX.reshape(-1, t_UPX.shape[-1])
-    flat = jnp.concatenate([flat, jnp.zeros((1, flat.shape[1]), flat.dtype)])
-    return flat[lay.dst_M]
+# ---- the tile loop -------------------------------------------------------------------------------------------
+def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, out_init, acc_init: Callable):
+    """For each group g in order: ctx = prepare(g); then over its rows in tiles (BIG_TILE rows while a whole one
+    fits, then SMALL_TILE rows) (out, acc) = tile_fn(ctx, r0, P, n_valid, out, acc), where P is the static tile
+    height, r0 its first row and n_valid how many of its rows belong to g (the rest run into the next group or
+    the padding). Returns (out, accs stacked over groups)."""
+    ends_G = jnp.cumsum(group_sizes_G)
+    starts_G = ends_G - group_sizes_G
+
+    def per_group(out, g):
+        ctx, start, size = prepare(g), starts_G[g], group_sizes_G[g]
+
+        def tiles(rows, first, count, state):
+            def body(i, st):
+                r0 = first + i * rows
+                return tile_fn(ctx, r0, rows, start + size - r0, *st)
+            return jax.lax.fori_loop(0, count, body, state)
+
+        n_big = size // BIG_TILE
+        state = tiles(BIG_TILE, start, n_big, (out, acc_init()))
+        rest = size - n_big * BIG_TILE
+        return tiles(SMALL_TILE, start + n_big * BIG_TILE, (rest + SMALL_TILE - 1) // SMALL_TILE, state)
+
+    return jax.lax.scan(per_group, out_init, jnp.arange(group_sizes_G.shape[0]))
 
 
-def _tiled_forward(x_MK, w_GKN, group_sizes_G, tile):
-    lay = _layout(group_sizes_G, x_MK.shape[0], tile)
-    n_out = w_GKN.shape[2]
-
-    def one_tile(_, args):
-        x_PK, g, used = args
-        y_PN = jax.lax.cond(used, lambda: jnp.dot(x_PK, w_GKN[g]), lambda: jnp.zeros((tile, n_out), x_PK.dtype))
-        return None, y_PN
-
-    _, y_UPN = jax.lax.scan(one_tile, None, (_to_tiles(x_MK, lay), lay.tile_group_U, lay.tile_used_U))
-    return _from_tiles(y_UPN, lay)
+def _pad_rows(a_MX: jax.Array) -> jax.Array:
+    """BIG_TILE zero rows appended, so a tile starting at any row < M stays in bounds."""
+    return jnp.concatenate([a_MX, jnp.zeros((BIG_TILE, a_MX.shape[1]), a_MX.dtype)])
 
 
-def _tiled_weight_grad(x_MK, dy_MN, group_sizes_G, tile, n_groups):
-    """dw[g] = sum over rows of group g of x[i]ᵀ dy[i], tile by tile."""
-    lay = _layout(group_sizes_G, x_MK.shape[0], tile)
-
-    def one_tile(dw_GKN, args):
-        x_PK, dy_PN, g, used = args
-        dw_GKN = jax.lax.cond(used, lambda: dw_GKN.at[g].add(x_PK.T @ dy_PN), lambda: dw_GKN)
-        return dw_GKN, None
-
-    zeros = jnp.zeros((n_groups, x_MK.shape[1], dy_MN.shape[1]), x_MK.dtype)
-    dw_GKN, _ = jax.lax.scan(one_tile, zeros, (_to_tiles(x_MK, lay), _to_tiles(dy_MN, lay), lay.tile_group_U,
-                                               lay.tile_used_U))
-    return dw_GKN
+def _rows(a, r0, rows):
+    return jax.lax.dynamic_slice_in_dim(a, r0, rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tiled(x_MK, w_GKN, group_sizes_G, tile):
-    return _tiled_forward(x_MK, w_GKN, group_sizes_G, tile)
+def _finish(out_padded, group_sizes_G, m):
+    """Drops the padding and zeroes rows past the last group (written by the last group's overrun)."""
+    return jnp.where((jnp.arange(m) < jnp.sum(group_sizes_G))[:, None], out_padded[:m], 0)
 
 
-def _tiled_fwd(x_MK, w_GKN, group_sizes_G, tile):
-    return _tiled_forward(x_MK, w_GKN, group_sizes_G, tile), (x_MK, w_GKN, group_sizes_G)
+def _dot_t(a, b):
+    """a @ b.T without materialising the transpose."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
 
 
-def _tiled_bwd(tile, res, dy_MN):
+def _masked(rows_PX, n_valid, rows):
+    return jnp.where((jnp.arange(rows) < n_valid)[:, None], rows_PX, 0)
+
+
+def _no_acc():
+    return ()
+
+
+def _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w: bool):
+    """out = x @ w[g] (or x @ w[g].T) per group, by the tile loop."""
+    xp = _pad_rows(x_MK)
+    n_out = w_GKN.shape[1] if transpose_w else w_GKN.shape[2]
+
+    def tile(w, r0, rows, n_valid, out, acc):
+        x_t = _rows(xp, r0, rows)
+        y_t = _dot_t(x_t, w) if transpose_w else x_t @ w
+        return jax.lax.dynamic_update_slice_in_dim(out, y_t, r0, 0), acc
+
+    out, _ = _tile_loop(group_sizes_G, lambda g: w_GKN[g], tile, jnp.zeros((xp.shape[0], n_out), x_MK.dtype),
+                        _no_acc)
+    return _finish(out, group_sizes_G, x_MK.shape[0])
+
+
+def _weight_grad(x_MK, dy_MN, group_sizes_G):
+    """dw[g] = x_gᵀ dy_g, accumulated in float32 over the group's tiles."""
+    xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MN)
+    shape = (x_MK.shape[1], dy_MN.shape[1])
+
+    def tile(_, r0, rows, n_valid, out, acc):
+        x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
+        return out, acc + jnp.dot(x_t.T, _rows(dyp, r0, rows), preferred_element_type=jnp.float32)
+
+    _, dw = _tile_loop(group_sizes_G, lambda g: (), tile, (), lambda: jnp.zeros(shape, jnp.float32))
+    return dw.astype(x_MK.dtype)
+
+
+@jax.custom_vjp
+def _tiled_matmul(x_MK, w_GKN, group_sizes_G):
+    return _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w=False)
+
+
+def _tiled_matmul_fwd(x_MK, w_GKN, group_sizes_G):
+    return _tiled_matmul(x_MK, w_GKN, group_sizes_G), (x_MK, w_GKN, group_sizes_G)
+
+
+def _tiled_matmul_bwd(res, dy_MN):
     x_MK, w_GKN, group_sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
-    dx_MK = _tiled_forward(dy_MN, jnp.swapaxes(w_GKN, 1, 2), group_sizes_G, tile)
-    dw_GKN = _tiled_weight_grad(x_MK, dy_MN, group_sizes_G, tile, w_GKN.shape[0])
-    return dx_MK, dw_GKN, None
+    dx = _matmul_rows(dy_MN, w_GKN, group_sizes_G, transpose_w=True)
+    return dx, _weight_grad(x_MK, dy_MN, group_sizes_G), None
 
 
-_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+_tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+
+
+def _ffn_forward(x_MK, w_gate, w_up, w_down, group_sizes_G):
+    xp = _pad_rows(x_MK)
+
+    def tile(w, r0, rows, n_valid, out, acc):
+        wg, wu, wd = w
+        x_t = _rows(xp, r0, rows)
+        y_t = (jax.nn.silu(x_t @ wg) * (x_t @ wu)) @ wd
+        return jax.lax.dynamic_update_slice_in_dim(out, y_t, r0, 0), acc
+
+    out, _ = _tile_loop(group_sizes_G, lambda g: (w_gate[g], w_up[g], w_down[g]), tile, jnp.zeros_like(xp), _no_acc)
+    return _finish(out, group_sizes_G, x_MK.shape[0])
+
+
+@jax.custom_vjp
+def _tiled_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G):
+    return _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+
+
+def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G):
+    out = _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+    return out, (x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+
+
+def _tiled_ffn_bwd(res, dy_MK):
+    """Per tile, recomputes gate/up and returns dx; accumulates dw_gate, dw_up, dw_down per group in float32.
+    Rows of a tile outside its group get x = 0 and dy = 0, so they add nothing (not even NaN) to any gradient."""
+    x_MK, w_gate, w_up, w_down, group_sizes_G = res
+    dt = x_MK.dtype
+    xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MK.astype(dt))
+    K, F = w_gate.shape[1:]
+    f32 = jnp.float32
+
+    def tile(w, r0, rows, n_valid, dx, acc):
+        wg, wu, wd = w
+        dwg, dwu, dwd = acc
+        x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
+        dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
+        gate, up = x_t @ wg, x_t @ wu
+        sig = jax.nn.sigmoid(gate)
+        silu = gate * sig
+        dh = _dot_t(dy_t, wd)
+        d_up = dh * silu
+        d_gate = dh * up * sig * (1 + gate * (1 - sig))
+        dwd = dwd + jnp.dot((silu * up).T, dy_t, preferred_element_type=f32)
+        dwg = dwg + jnp.dot(x_t.T, d_gate, preferred_element_type=f32)
+        dwu = dwu + jnp.dot(x_t.T, d_up, preferred_element_type=f32)
+        dx_t = _dot_t(d_gate, wg) + _dot_t(d_up, wu)
+        return jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), (dwg, dwu, dwd)
+
+    def zeros():
+        return jnp.zeros((K, F), f32), jnp.zeros((K, F), f32), jnp.zeros((F, K), f32)
+
+    dx, (dwg, dwu, dwd) = _tile_loop(group_sizes_G, lambda g: (w_gate[g], w_up[g], w_down[g]), tile,
+                                     jnp.zeros_like(xp), zeros)
+    return (_finish(dx, group_sizes_G, x_MK.shape[0]), dwg.astype(dt), dwu.astype(dt), dwd.astype(dt), None)
+
+
+_tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)

@@ -1,17 +1,21 @@
-"""grouped_matmul's tiled CPU path against the XLA reference (jax.lax.ragged_dot), values and gradients."""
+"""grouped_matmul / grouped_ffn: the tiled CPU path against the XLA reference (jax.lax.ragged_dot).
+
+Sizes straddle both tile heights (BIG_TILE rows, then SMALL_TILE rows), including groups that are empty, groups
+that end mid-tile before a short group, and rows past the last group."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import grouped_matmul, reference
+from pallas_kernels.grouped_matmul import BIG_TILE, SMALL_TILE, grouped_ffn, grouped_matmul, reference, reference_ffn
 
 CASES = {
     "odd_sizes": (37, 13, 11, [5, 0, 17, 1, 0, 14]),
     "all_in_one_group": (50, 16, 8, [0, 0, 50, 0]),
     "empty_first_and_last": (70, 9, 24, [0, 33, 37, 0]),
-    "tile_multiples": (128, 8, 8, [64, 64]),
+    "tile_multiples": (2 * BIG_TILE + 2 * SMALL_TILE, 8, 8, [BIG_TILE + SMALL_TILE, 0, BIG_TILE + SMALL_TILE]),
+    "big_then_ragged": (BIG_TILE + 61, 12, 7, [BIG_TILE + 3, 2, 1, 55]),
     "rows_past_the_groups": (40, 8, 5, [7, 0, 20]),  # 13 trailing rows belong to no group
 }
 
@@ -23,25 +27,24 @@ def _inputs(m, k, n, sizes, dtype=jnp.float32, seed=0):
     return x, w, jnp.asarray(sizes, jnp.int32)
 
 
-@pytest.mark.parametrize("tile", [4, 16])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_tiled_matches_reference(case, tile):
+def test_tiled_matches_reference(case):
     x, w, sizes = _inputs(*CASES[case])
-    got = grouped_matmul(x, w, sizes, impl="tiled", tile=tile)
+    got = grouped_matmul(x, w, sizes, impl="tiled")
     want = reference(x, w, sizes)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     tail = int(sizes.sum())
     np.testing.assert_array_equal(np.asarray(got[tail:]), 0)
 
 
-@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "empty_first_and_last"])
+@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged"])
 def test_gradients_match_reference(case):
     x, w, sizes = _inputs(*CASES[case])
     dy = jnp.asarray(np.random.default_rng(1).standard_normal((x.shape[0], w.shape[2])), jnp.float32)
 
     def loss(impl):
         f = (lambda a, b: reference(a, b, sizes)) if impl == "ref" else (
-            lambda a, b: grouped_matmul(a, b, sizes, impl="tiled", tile=8))
+            lambda a, b: grouped_matmul(a, b, sizes, impl="tiled"))
         return jax.grad(lambda a, b: jnp.sum(f(a, b) * dy), argnums=(0, 1))
 
     (dx, dw), (dx_ref, dw_ref) = loss("tiled")(x, w), loss("ref")(x, w)
@@ -53,16 +56,16 @@ def test_nan_rows_past_the_groups_never_leak():
     x, w, sizes = _inputs(*CASES["rows_past_the_groups"])
     tail = int(sizes.sum())
     poisoned = x.at[tail:].set(jnp.nan)
-    got = grouped_matmul(poisoned, w, sizes, impl="tiled", tile=4)
+    got = grouped_matmul(poisoned, w, sizes, impl="tiled")
     np.testing.assert_allclose(np.asarray(got[:tail]), np.asarray(reference(x, w, sizes)[:tail]), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got[tail:]), 0)
-    dw = jax.grad(lambda b: jnp.sum(grouped_matmul(poisoned, b, sizes, impl="tiled", tile=4)[:tail]))(w)
+    dw = jax.grad(lambda b: jnp.sum(grouped_matmul(poisoned, b, sizes, impl="tiled")[:tail]))(w)
     assert np.all(np.isfinite(np.asarray(dw)))
 
 
 def test_bf16_within_1e_2():
     x, w, sizes = _inputs(*CASES["odd_sizes"], dtype=jnp.bfloat16)
-    got = grouped_matmul(x, w, sizes, impl="tiled", tile=8).astype(jnp.float32)
+    got = grouped_matmul(x, w, sizes, impl="tiled").astype(jnp.float32)
     want = reference(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-2 * float(jnp.max(jnp.abs(want)))
 
@@ -81,3 +84,42 @@ def test_bad_arguments_fail_clearly():
         grouped_matmul(x, w[:, :5], sizes)
     with pytest.raises(ValueError, match="expected x"):
         grouped_matmul(x[None], w, sizes)
+    with pytest.raises(ValueError, match="w_down"):
+        grouped_ffn(x, w, w, w, sizes)
+
+
+def _ffn_inputs(case, dtype=jnp.float32):
+    m, k, f, sizes = CASES[case]
+    x, w_gate, sizes = _inputs(m, k, f, sizes, dtype, seed=2)
+    _, w_up, _ = _inputs(m, k, f, sizes, dtype, seed=3)
+    w_down = jnp.swapaxes(_inputs(m, k, f, sizes, dtype, seed=4)[1], 1, 2)
+    return x, w_gate, w_up, w_down, sizes
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ffn_matches_reference(case):
+    x, wg, wu, wd, sizes = _ffn_inputs(case)
+    got, want = grouped_ffn(x, wg, wu, wd, sizes, impl="tiled"), reference_ffn(x, wg, wu, wd, sizes)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(np.asarray(got[int(sizes.sum()):]), 0)
+
+
+@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged", "empty_first_and_last"])
+def test_ffn_gradients_match_reference(case):
+    x, wg, wu, wd, sizes = _ffn_inputs(case)
+    tail = int(sizes.sum())
+    x = x.at[tail:].set(jnp.nan)  # poison: rows past the groups must not reach any gradient
+    dy = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+
+    def grads(f):
+        return jax.grad(lambda *a: jnp.sum(f(*a, sizes) * dy), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+
+    got = grads(lambda *a: grouped_ffn(*a, impl="tiled"))
+    want = grads(lambda a, *rest: reference_ffn(jnp.nan_to_num(a), *rest))
+    for name, g, r in zip(("dx", "dw_gate", "dw_up", "dw_down"), got, want):
+        g, r = np.asarray(g), np.asarray(r)
+        if name == "dx":
+            g, r = g[:tail], r[:tail]
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.max(np.abs(r)), err_msg=name)
