@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import K2Config
-from k2jax.layers import RMSNorm, weight
+from k2jax.layers import RMSNorm, project, weight
 from k2jax.rope import apply_rope, softmax_scale
 
 # q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
@@ -55,10 +55,10 @@ class MLAttention(nnx.Module):
         """q_nope [B, T, N, P] and roped q_rope [B, T, N, R]."""
         x = x_BTD.astype(self.dtype)
         if self.cfg.q_lora_rank is None:
-            q_BTNH = jnp.einsum("btd,dnh->btnh", x, self._w(self.q_proj))
+            q_BTNH = project(x, self._w(self.q_proj))
         else:
-            q_BTQ = self.q_a_layernorm(x @ self._w(self.q_a_proj))
-            q_BTNH = jnp.einsum("btq,qnh->btnh", q_BTQ, self._w(self.q_b_proj))
+            q_BTQ = self.q_a_layernorm(project(x, self._w(self.q_a_proj)))
+            q_BTNH = project(q_BTQ, self._w(self.q_b_proj))
         P = self.cfg.qk_nope_head_dim
         q_rope = apply_rope(q_BTNH[..., P:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
         return q_BTNH[..., :P], q_rope
@@ -66,7 +66,7 @@ class MLAttention(nnx.Module):
     def latent(self, x_BTD, cos_BTK, sin_BTK) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The per-token cacheable state: normed latent c [B, T, C] and roped shared key k_rope [B, T, R]."""
         C = self.cfg.kv_lora_rank
-        kv_BTX = x_BTD.astype(self.dtype) @ self._w(self.kv_a_proj_with_mqa)
+        kv_BTX = project(x_BTD.astype(self.dtype), self._w(self.kv_a_proj_with_mqa))
         c_BTC = self.kv_a_layernorm(kv_BTX[..., :C])
         k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
         return c_BTC, k_rope_BTR
@@ -78,7 +78,7 @@ class MLAttention(nnx.Module):
         P = self.cfg.qk_nope_head_dim
         B, T, N, _ = q_nope_BTNP.shape
         # Head-major layouts so both products are plain batched matmuls (2x faster than the einsums on CPU).
-        kv_BNSH = jnp.einsum("bsc,cnh->bnsh", c_BSC, self._w(self.kv_b_proj))
+        kv_BNSH = project(c_BSC, self._w(self.kv_b_proj)).transpose(0, 2, 1, 3)
         k_nope_BNSP, v_BNSV = kv_BNSH[..., :P], kv_BNSH[..., P:]
         f32 = jnp.float32
         nope_BNTS = jnp.matmul(q_nope_BTNP.transpose(0, 2, 1, 3), k_nope_BNSP.swapaxes(-1, -2),
@@ -93,7 +93,7 @@ class MLAttention(nnx.Module):
         max_logit_N = jnp.max(jnp.where(counted, logits_BNTS, -jnp.inf), axis=(0, 2, 3))
         probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
         out_BNTV = jnp.matmul(probs_BNTS, v_BNSV)
-        return jnp.einsum("bntv,nvd->btd", out_BNTV, self._w(self.o_proj)), max_logit_N
+        return project(out_BNTV.transpose(0, 2, 1, 3), self._w(self.o_proj), n_in=2), max_logit_N
 
     def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, query_valid_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
         q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)

@@ -53,6 +53,16 @@ def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.silu(gate) * up
 
 
+def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, **dot_kwargs) -> jnp.ndarray:
+    """Contracts the last `n_in` axes of x with the first `n_in` of w: [..., *in] x [*in, *out] -> [..., *out].
+
+    Done as one 2-D matmul over all leading (token) axes: XLA's CPU backward of a 2-D matmul is about 1.5x faster
+    than that of the equivalent multi-axis einsum, and on TPU/GPU it is the same op."""
+    lead, inner = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1), **dot_kwargs)
+    return y.reshape(lead + w.shape[n_in:])
+
+
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(x·gate) ⊙ x·up). Used for the dense blocks and the shared experts."""
 
@@ -65,5 +75,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         x = x_BTD.astype(self.dtype)
-        h_BTF = swiglu(x @ self.gate_proj[...].astype(self.dtype), x @ self.up_proj[...].astype(self.dtype))
-        return h_BTF @ self.down_proj[...].astype(self.dtype)
+        h_BTF = swiglu(project(x, self.gate_proj[...].astype(self.dtype)),
+                       project(x, self.up_proj[...].astype(self.dtype)))
+        return project(h_BTF, self.down_proj[...].astype(self.dtype))

@@ -22,7 +22,7 @@ from flax import nnx
 
 from k2jax.attention import MLAttention
 from k2jax.config import K2Config
-from k2jax.layers import MLP, RMSNorm, weight
+from k2jax.layers import MLP, RMSNorm, project, weight
 from k2jax.moe import MoE
 from k2jax.rope import rope_tables
 
@@ -134,8 +134,7 @@ class Transformer(nnx.Module):
             max_logits.append(moe_aux["attn_max_logits"])
 
         x_BTD = self.norm(x_BTD)
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(cfg.dtype),
-                                preferred_element_type=jnp.float32)
+        logits_BTV = project(x_BTD, self.lm_head[...].astype(cfg.dtype), preferred_element_type=jnp.float32)
         if not return_aux:
             return logits_BTV
         N, E, K = cfg.num_attention_heads, cfg.n_routed_experts, cfg.num_experts_per_tok
