@@ -13,8 +13,9 @@ One dispatch point, `impl=`:
     contiguous rows in tiles (`BIG_TILE` rows, then `SMALL_TILE` rows for the remainder) and multiplies only
     those. Groups run in order, so the rows a group's last tile computes past its end are overwritten by the
     next group: nothing is masked on the forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no
-    [M, F] intermediate in memory). Both have explicit VJPs that recompute per tile: dx by the same loop against
-    the transposed weights, dw accumulated per group in float32 with rows outside the group masked.
+    [M, F] intermediate in memory on the forward; under differentiation it keeps the gate/up pre-activations).
+    Both have explicit VJPs: dx by the same loop against the transposed weights, dw accumulated per group in
+    float32 with rows outside the group masked.
   - "auto": "tiled" on CPU, "ragged_dot" elsewhere.
 
 Letter legend: M rows, K contraction dim, N output dim, F ffn dim, G groups, P rows per tile.
@@ -185,33 +186,41 @@ def _tiled_matmul_bwd(res, dy_MN):
 _tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
-def _ffn_forward(x_MK, w_gate, w_up, w_down, group_sizes_G):
+def _ffn_forward(x_MK, w_gate, w_up, w_down, group_sizes_G, *, keep_activations: bool):
+    """-> (out [M, K], (gate, up) pre-activations [M, F] each if keep_activations else None)."""
     xp = _pad_rows(x_MK)
+    F = w_gate.shape[2]
 
     def tile(w, r0, rows, n_valid, out, acc):
         wg, wu, wd = w
         x_t = _rows(xp, r0, rows)
-        y_t = (jax.nn.silu(x_t @ wg) * (x_t @ wu)) @ wd
-        return jax.lax.dynamic_update_slice_in_dim(out, y_t, r0, 0), acc
+        gate_t, up_t = x_t @ wg, x_t @ wu
+        y_t = (jax.nn.silu(gate_t) * up_t) @ wd
+        out = tuple(jax.lax.dynamic_update_slice_in_dim(o, v, r0, 0)
+                    for o, v in zip(out, (y_t, gate_t, up_t) if keep_activations else (y_t,)))
+        return out, acc
 
-    out, _ = _tile_loop(group_sizes_G, lambda g: (w_gate[g], w_up[g], w_down[g]), tile, jnp.zeros_like(xp), _no_acc)
-    return _finish(out, group_sizes_G, x_MK.shape[0])
+    init = (jnp.zeros_like(xp),) + ((jnp.zeros((xp.shape[0], F), xp.dtype),) * 2 if keep_activations else ())
+    out, _ = _tile_loop(group_sizes_G, lambda g: (w_gate[g], w_up[g], w_down[g]), tile, init, _no_acc)
+    y = _finish(out[0], group_sizes_G, x_MK.shape[0])
+    return y, (out[1], out[2]) if keep_activations else None
 
 
 @jax.custom_vjp
 def _tiled_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G):
-    return _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+    return _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, keep_activations=False)[0]
 
 
 def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G):
-    out = _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
-    return out, (x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+    out, (gate, up) = _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, keep_activations=True)
+    return out, (x_MK, gate, up, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
 
 
 def _tiled_ffn_bwd(res, dy_MK):
-    """Per tile, recomputes gate/up and returns dx; accumulates dw_gate, dw_up, dw_down per group in float32.
-    Rows of a tile outside its group get x = 0 and dy = 0, so they add nothing (not even NaN) to any gradient."""
-    x_MK, w_gate, w_up, w_down, group_sizes_G = res
+    """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down accumulated per group in
+    float32. Rows of a tile outside its group get x, dy, gate and up = 0, so they add nothing (not even NaN) to
+    any gradient."""
+    x_MK, gate_MF, up_MF, w_gate, w_up, w_down, group_sizes_G = res
     dt = x_MK.dtype
     xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MK.astype(dt))
     K, F = w_gate.shape[1:]
@@ -222,7 +231,7 @@ def _tiled_ffn_bwd(res, dy_MK):
         dwg, dwu, dwd = acc
         x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
         dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
-        gate, up = x_t @ wg, x_t @ wu
+        gate, up = (_masked(_rows(a, r0, rows), n_valid, rows) for a in (gate_MF, up_MF))
         sig = jax.nn.sigmoid(gate)
         silu = gate * sig
         dh = _dot_t(dy_t, wd)
