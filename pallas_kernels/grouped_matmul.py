@@ -155,13 +155,14 @@ def _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w: bool):
 
 
 def _weight_grad(x_MK, dy_MN, group_sizes_G):
-    """dw[g] = x_gᵀ dy_g, accumulated in float32 over the group's tiles."""
+    """dw[g] = x_gᵀ dy_g, accumulated in float32 over the group's tiles (rows outside the group masked)."""
     xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MN)
     shape = (x_MK.shape[1], dy_MN.shape[1])
 
     def tile(_, r0, rows, n_valid, out, acc):
         x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
-        return out, acc + jnp.dot(x_t.T, _rows(dyp, r0, rows), preferred_element_type=jnp.float32)
+        dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
+        return out, acc + jnp.dot(x_t.T, dy_t, preferred_element_type=jnp.float32)
 
     _, dw = _tile_loop(group_sizes_G, lambda g: (), tile, (), lambda: jnp.zeros(shape, jnp.float32))
     return dw.astype(x_MK.dtype)

@@ -129,3 +129,13 @@ def test_moe_impls_agree(model):
     ragged = k2jax.from_hf_tensors(CFG.replace(moe_impl="ragged_dot"), k2jax.to_hf_tensors(model))
     a, b = np.asarray(model(tokens)), np.asarray(ragged(tokens))
     assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
+
+
+@pytest.mark.parametrize("dense", [0, 2])
+def test_all_moe_and_all_dense_layouts(dense):
+    cfg = tiny(num_hidden_layers=2, first_k_dense_replace=dense)
+    logits, aux = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))(_tokens((1, 8)), return_aux=True)
+    assert logits.shape == (1, 8, cfg.vocab_size)
+    assert aux["attn_max_logits"].shape == (2, cfg.num_attention_heads)
+    assert aux["expert_load"].shape == (2 - dense, cfg.n_routed_experts)
+    assert aux["router_topk_ids"].shape == (2 - dense, 1, 8, cfg.num_experts_per_tok)
