@@ -1,0 +1,78 @@
+"""128x128 block FP8 (e4m3) weights as the Kimi K2 / DeepSeek-V3 release stores them.
+
+A [out, in] weight is stored as `weight` (float8_e4m3fn, same shape) plus `weight_scale_inv` (float32,
+[ceil(out/128), ceil(in/128)]). Despite its name the scale is a multiplier:
+
+    W[i, j] = float32(weight[i, j]) * weight_scale_inv[i // 128, j // 128]
+
+The last row / column of blocks is ragged when a dimension is not a multiple of 128 (kv_a_proj_with_mqa has
+kv_lora + rope = 576 rows): its scale covers only the rows and columns that exist.
+
+`quantize` follows the rule the release was made with: scale = amax(|block|) / 448 (the e4m3 maximum), values
+divided by it and rounded to nearest-even in e4m3. An all-zero block gets scale 1 (every stored scale is
+positive and finite, which `dequantize` checks).
+
+These run on the host (NumPy, ml_dtypes) because the converter streams tensors through them.
+
+Letter legend: O out rows, I in columns, X / Y scale-grid rows / columns.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+BLOCK = 128
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+class QuantError(ValueError):
+    """An FP8 weight or scale that does not follow the release's format."""
+
+
+def scale_shape(weight_shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:
+    out, in_ = weight_shape
+    return -(-out // block), -(-in_ // block)
+
+
+def _expand(scale_XY: np.ndarray, shape: tuple[int, int], block: int) -> np.ndarray:
+    """The per-element view of a block scale grid, cropped to the weight's (possibly ragged) shape."""
+    return np.repeat(np.repeat(scale_XY, block, axis=0), block, axis=1)[: shape[0], : shape[1]]
+
+
+def dequantize(weight_OI: np.ndarray, scale_inv_XY: np.ndarray, dtype=np.float32, *, name: str = "weight",
+               block: int = BLOCK) -> np.ndarray:
+    """float32(weight) * weight_scale_inv per block, computed in float32 and cast to `dtype`."""
+    weight_OI, scale_inv_XY = np.asarray(weight_OI), np.asarray(scale_inv_XY)
+    if weight_OI.dtype != E4M3 or weight_OI.ndim != 2:
+        raise QuantError(f"{name}: expected a 2-D float8_e4m3fn weight, got {weight_OI.dtype}{list(weight_OI.shape)}")
+    want = scale_shape(weight_OI.shape, block)
+    if scale_inv_XY.shape != want:
+        raise QuantError(f"{name}_scale_inv: expected shape {list(want)} for weight {list(weight_OI.shape)}, "
+                         f"got {list(scale_inv_XY.shape)}")
+    if not np.issubdtype(scale_inv_XY.dtype, np.floating):
+        raise QuantError(f"{name}_scale_inv: expected a float scale, got {scale_inv_XY.dtype}")
+    scale32 = scale_inv_XY.astype(np.float32)
+    bad = ~(np.isfinite(scale32) & (scale32 > 0))
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        raise QuantError(f"{name}_scale_inv: block [{i}, {j}] is {float(scale32[i, j])}; scales must be finite and > 0")
+    out = weight_OI.astype(np.float32) * _expand(scale32, weight_OI.shape, block)
+    return out.astype(dtype)
+
+
+def quantize(weight_OI: np.ndarray, *, name: str = "weight", block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """-> (float8_e4m3fn weight [O, I], float32 weight_scale_inv [ceil(O/128), ceil(I/128)])."""
+    w = np.asarray(weight_OI, dtype=np.float32)
+    if w.ndim != 2:
+        raise QuantError(f"{name}: expected a 2-D weight, got shape {list(w.shape)}")
+    if not np.all(np.isfinite(w)):
+        raise QuantError(f"{name}: has non-finite values; cannot quantise")
+    X, Y = scale_shape(w.shape, block)
+    padded = np.zeros((X * block, Y * block), np.float32)
+    padded[: w.shape[0], : w.shape[1]] = np.abs(w)
+    amax_XY = padded.reshape(X, block, Y, block).max(axis=(1, 3))
+    scale_XY = np.where(amax_XY > 0, amax_XY / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+    scaled = np.clip(w / _expand(scale_XY, w.shape, block), -E4M3_MAX, E4M3_MAX)
+    return scaled.astype(E4M3), scale_XY
