@@ -94,6 +94,17 @@ def hf_tensor_specs(cfg: K2Config) -> list[HFTensorSpec]:
     return specs
 
 
+def release_dtype(spec: HFTensorSpec) -> str:
+    """How the release stores a tensor: "fp8" (e4m3 + 128x128 weight_scale_inv) for every attention, dense-MLP
+    and expert matmul; "bfloat16" for embeddings, lm_head, norms and the router gate; "float32" for the router's
+    e_score_correction_bias."""
+    if spec.name.endswith("e_score_correction_bias"):
+        return "float32"
+    if spec.linear and not spec.name.endswith("mlp.gate.weight") and spec.name != "lm_head.weight":
+        return "fp8"
+    return "bfloat16"
+
+
 def hf_to_k2(spec: HFTensorSpec, array: np.ndarray, slot_shape: tuple[int, ...]) -> np.ndarray:
     """A release tensor in k2jax's layout for one slot of its parameter (shape `slot_shape`)."""
     out = array.T if spec.linear else array

@@ -1,0 +1,230 @@
+"""The HF release's on-disk layout: config.json, model.safetensors.index.json and N safetensors shards.
+
+    ckpt = HFCheckpoint("Kimi-K2-Instruct/")      # validates config, index and every shard header at open
+    ckpt.check()                                  # every tensor the config needs, no others, right shapes/dtypes
+    w = ckpt.read("model.layers.3.mlp.experts.17.down_proj.weight")   # dequantised float32 [D, F]
+    model = load_hf_checkpoint("dir/")            # small checkpoints: read everything into a Transformer
+
+    write_hf_checkpoint("out/", cfg, tensors, dtype="fp8")   # release-named arrays -> the release layout
+
+Release dtypes (hf_mapping.release_dtype): FP8 e4m3 with a float32 `weight_scale_inv` per 128x128 block for
+attention / dense-MLP / expert matmuls, BF16 for embeddings, lm_head, norms and the router gate, F32 for
+e_score_correction_bias. `write_hf_checkpoint(dtype="bfloat16" | "float32")` stores the matmuls unquantised.
+
+Every problem is reported in one line naming the file and tensor: a missing shard, a truncated or corrupt
+header, a tensor the index lists but its shard lacks, a missing or unexpected tensor, a wrong shape or dtype, a
+missing, non-finite or non-positive scale, a config that does not match the weights. The writer builds the
+whole directory under a temporary name and renames it into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from k2jax import quant
+from k2jax.config import K2Config
+from k2jax.hf_mapping import (CheckpointError, HFTensorSpec, check_names, from_hf_tensors, hf_tensor_specs,
+                              release_dtype)
+from k2jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+
+INDEX = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"
+_STORE_DTYPES = ("fp8", "bfloat16", "float32")
+
+
+def _scale_name(name: str) -> str:
+    return name + SCALE_SUFFIX
+
+
+class HFCheckpoint:
+    def __init__(self, path: str | os.PathLike, **config_overrides):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path}: not a directory")
+        self.config = K2Config.from_hf(os.path.join(self.path, "config.json"), **config_overrides)
+        self.weight_map = self._read_index()
+        self._files: dict[str, SafetensorsFile] = {}
+        for file in sorted(set(self.weight_map.values())):
+            self._open(file)
+        self.specs = {s.name: s for s in hf_tensor_specs(self.config)}
+
+    def _read_index(self) -> dict[str, str]:
+        index = os.path.join(self.path, INDEX)
+        if not os.path.exists(index):
+            single = os.path.join(self.path, "model.safetensors")
+            if os.path.exists(single):
+                return {name: "model.safetensors" for name in SafetensorsFile(single).names()}
+            raise CheckpointError(f"{index}: missing (and no single model.safetensors)")
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: corrupt ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        return weight_map
+
+    def _open(self, file: str) -> SafetensorsFile:
+        if file not in self._files:
+            path = os.path.join(self.path, file)
+            if not os.path.exists(path):
+                listed = sorted(n for n, f in self.weight_map.items() if f == file)
+                raise CheckpointError(f"{path}: missing shard (the index lists {len(listed)} tensor(s) in it, "
+                                      f"e.g. {listed[0]})")
+            try:
+                self._files[file] = SafetensorsFile(path)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
+        return self._files[file]
+
+    def _file_of(self, name: str) -> SafetensorsFile:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: the index has no tensor {name}")
+        shard = self._open(self.weight_map[name])
+        if name not in shard:
+            raise CheckpointError(f"{shard.path}: tensor {name} is listed in {INDEX} but absent from the shard")
+        return shard
+
+    def check(self) -> None:
+        """Validates names, shapes and dtypes of every tensor against the config (reads headers only)."""
+        expected = set(self.specs)
+        scales = {n for n in self.weight_map if n.endswith(SCALE_SUFFIX)}
+        missing = sorted(expected - set(self.weight_map))
+        unexpected = sorted(n for n in set(self.weight_map) - expected - scales if not self._is_mtp(n))
+        if missing:
+            raise CheckpointError(f"{self.path}: missing {len(missing)} tensor(s) config.json needs, e.g. "
+                                  f"{missing[:3]}")
+        if unexpected:
+            raise CheckpointError(f"{self.path}: {len(unexpected)} tensor(s) config.json does not describe, e.g. "
+                                  f"{unexpected[:3]} (config/weights mismatch?)")
+        for spec in self.specs.values():
+            self._check_tensor(spec)
+        orphans = sorted(s for s in scales if s[: -len(SCALE_SUFFIX)] not in self.specs and not self._is_mtp(s))
+        if orphans:
+            raise CheckpointError(f"{self.path}: scale(s) for no known weight, e.g. {orphans[:3]}")
+
+    def _is_mtp(self, name: str) -> bool:
+        parts = name.split(".")
+        return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and int(parts[2]) >= self.config.num_hidden_layers)
+
+    def _check_tensor(self, spec: HFTensorSpec) -> None:
+        shard = self._file_of(spec.name)
+        shape, dtype = shard.shape(spec.name), shard.dtype(spec.name)
+        if shape != spec.shape:
+            raise CheckpointError(f"{shard.path}: tensor {spec.name}: shape {list(shape)}, config.json implies "
+                                  f"{list(spec.shape)}")
+        if dtype == quant.E4M3:
+            if release_dtype(spec) != "fp8":
+                raise CheckpointError(f"{shard.path}: tensor {spec.name}: float8 where the release stores "
+                                      f"{release_dtype(spec)}")
+            scale = _scale_name(spec.name)
+            if scale not in self.weight_map:
+                raise CheckpointError(f"{shard.path}: tensor {spec.name} is float8 but {scale} is missing")
+            scale_file = self._file_of(scale)
+            want = quant.scale_shape(spec.shape)
+            if scale_file.shape(scale) != want:
+                raise CheckpointError(f"{scale_file.path}: tensor {scale}: shape {list(scale_file.shape(scale))}, "
+                                      f"expected {list(want)} for {spec.name} {list(spec.shape)}")
+        elif not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
+            raise CheckpointError(f"{shard.path}: tensor {spec.name}: dtype {dtype} is not a float type")
+
+    def read(self, name: str, dtype=np.float32) -> np.ndarray:
+        """One release tensor, dequantised when stored as FP8, cast to `dtype`."""
+        shard = self._file_of(name)
+        array = shard.read(name)
+        if array.dtype == quant.E4M3:
+            scale = _scale_name(name)
+            if scale not in self.weight_map:
+                raise CheckpointError(f"{shard.path}: tensor {name} is float8 but {scale} is missing")
+            try:
+                return quant.dequantize(array, self._file_of(scale).read(scale), dtype, name=name)
+            except quant.QuantError as e:
+                raise CheckpointError(f"{self._file_of(scale).path}: {e}") from None
+        return array.astype(dtype)
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """One tensor exactly as stored (FP8 stays FP8)."""
+        return self._file_of(name).read(name)
+
+    def iter_tensors(self, dtype=np.float32) -> Iterator[tuple[HFTensorSpec, np.ndarray]]:
+        """Every tensor the config needs, in file order, dequantised (one at a time: bounded memory)."""
+        for spec in self.specs.values():
+            yield spec, self.read(spec.name, dtype)
+
+
+def load_hf_checkpoint(path: str | os.PathLike, **config_overrides):
+    """Reads a (small) release-layout checkpoint into a k2jax.Transformer. For the 1T release, convert it with
+    convert_checkpoint.py instead: this holds every weight in host memory."""
+    ckpt = HFCheckpoint(path, **config_overrides)
+    ckpt.check()
+    return from_hf_tensors(ckpt.config, {spec.name: a for spec, a in ckpt.iter_tensors()})
+
+
+def _shard_groups(specs: list[HFTensorSpec], num_shards: int) -> list[list[HFTensorSpec]]:
+    """Splits specs into `num_shards` contiguous runs, never splitting a layer (the release's scheme)."""
+    groups: list[list[HFTensorSpec]] = []
+    key = None
+    for spec in specs:
+        parts = spec.name.split(".")
+        k = parts[2] if parts[:2] == ["model", "layers"] else ("embed" if "embed" in spec.name else "head")
+        if k != key:
+            groups.append([])
+            key = k
+        groups[-1].append(spec)
+    num_shards = max(1, min(num_shards, len(groups)))
+    bounds = np.linspace(0, len(groups), num_shards + 1).round().astype(int)
+    return [[s for g in groups[a:b] for s in g] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _stored(spec: HFTensorSpec, array: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray]]:
+    kind = release_dtype(spec)
+    if kind == "fp8" and dtype == "fp8":
+        q, s = quant.quantize(array, name=spec.name)
+        return [(spec.name, q), (_scale_name(spec.name), s)]
+    if kind == "float32" or (kind == "fp8" and dtype == "float32"):
+        return [(spec.name, np.asarray(array, np.float32))]
+    return [(spec.name, np.asarray(array, np.float32).astype(quant.ml_dtypes.bfloat16))]
+
+
+def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: K2Config, tensors: Mapping[str, np.ndarray], *,
+                        dtype: str = "fp8", num_shards: int | None = None) -> None:
+    """Writes release-named float tensors in the release layout (quantising matmuls when dtype="fp8").
+    `out_dir` must not exist; it appears only once complete."""
+    if dtype not in _STORE_DTYPES:
+        raise CheckpointError(f"write_hf_checkpoint: dtype must be one of {_STORE_DTYPES}, got {dtype!r}")
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir):
+        raise CheckpointError(f"{out_dir}: already exists; refusing to overwrite")
+    specs = hf_tensor_specs(cfg)
+    check_names(cfg, tensors.keys(), specs)
+    for spec in specs:
+        if tuple(np.shape(tensors[spec.name])) != spec.shape:
+            raise CheckpointError(f"tensor {spec.name}: expected shape {spec.shape}, got {np.shape(tensors[spec.name])}")
+    shards = _shard_groups(specs, num_shards or cfg.num_hidden_layers + 1)
+    tmp = f"{out_dir}.partial-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        weight_map, total = {}, 0
+        for i, group in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):06d}.safetensors"
+            items = [item for spec in group for item in _stored(spec, tensors[spec.name], dtype)]
+            total += write_safetensors(os.path.join(tmp, file), items, metadata={"format": "pt"})
+            weight_map.update({name: file for name, _ in items})
+        hf_config = cfg.to_hf()
+        if dtype == "fp8":
+            hf_config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                                "weight_block_size": [quant.BLOCK, quant.BLOCK]}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        with open(os.path.join(tmp, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

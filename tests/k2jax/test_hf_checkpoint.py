@@ -1,0 +1,154 @@
+"""The release layout on disk: write a tiny FP8 checkpoint, read it back, compare with the oracle, break it."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from k2jax.config import tiny
+from k2jax.hf_checkpoint import INDEX, HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
+from k2jax.hf_mapping import CheckpointError, release_dtype
+from k2jax.safetensors_io import SafetensorsFile, write_safetensors
+from tests.oracle import oracle_forward, oracle_model, random_release_tensors
+
+# hidden 160, q_lora 144, kv_lora 136 + rope 8 = 144 rows: every matmul has ragged 128x128 scale blocks.
+CFG = tiny(hidden_size=160, q_lora_rank=144, kv_lora_rank=136)
+KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny-fp8")
+    write_hf_checkpoint(path, CFG, random_release_tensors(CFG, seed=21), dtype="fp8", num_shards=3)
+    return path
+
+
+@pytest.fixture
+def broken(fp8_dir, tmp_path):
+    """A fresh copy of the checkpoint for a test to damage."""
+    path = str(tmp_path / "copy")
+    shutil.copytree(fp8_dir, path)
+    return path
+
+
+def _shard_of(path, name):
+    with open(os.path.join(path, INDEX)) as f:
+        return os.path.join(path, json.load(f)["weight_map"][name])
+
+
+def _rewrite_shard(path, name, edit):
+    """Rewrites the shard holding `name` with edit(dict of its tensors)."""
+    shard = _shard_of(path, name)
+    f = SafetensorsFile(shard)
+    tensors = {n: f.read(n) for n in f.names()}
+    f.close()
+    edit(tensors)
+    os.remove(shard)
+    write_safetensors(shard, tensors)
+
+
+def test_layout_and_dtypes_follow_the_release(fp8_dir):
+    ckpt = HFCheckpoint(fp8_dir)
+    ckpt.check()
+    assert ckpt.config == CFG
+    files = sorted(os.listdir(fp8_dir))
+    assert files == ["config.json", "model-00001-of-000003.safetensors", "model-00002-of-000003.safetensors",
+                     "model-00003-of-000003.safetensors", INDEX]
+    for spec in ckpt.specs.values():
+        raw = ckpt.read_raw(spec.name)
+        assert raw.dtype.name == {"fp8": "float8_e4m3fn", "bfloat16": "bfloat16", "float32": "float32"}[
+            release_dtype(spec)], spec.name
+    assert ckpt.read_raw(KV_A + "_scale_inv").shape == (2, 2)  # 144 x 160 -> ragged on both axes
+
+
+def test_real_safetensors_reads_the_same_values(fp8_dir):
+    ckpt = HFCheckpoint(fp8_dir)
+    for name in (KV_A, KV_A + "_scale_inv", "model.embed_tokens.weight", "model.layers.1.mlp.gate.e_score_correction_bias"):
+        with safe_open(_shard_of(fp8_dir, name), framework="pt") as f:
+            theirs = f.get_tensor(name)
+        ours = ckpt.read_raw(name)
+        np.testing.assert_array_equal(theirs.view(torch.uint8).numpy().view(np.uint8).reshape(-1),
+                                      ours.view(np.uint8).reshape(-1))
+
+
+def test_fp8_checkpoint_matches_the_oracle(fp8_dir):
+    ckpt = HFCheckpoint(fp8_dir)
+    tensors = {spec.name: a for spec, a in ckpt.iter_tensors()}
+    tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 40))
+    oracle = oracle_forward(oracle_model(CFG, tensors), tokens)
+    logits, aux = load_hf_checkpoint(fp8_dir)(jnp.asarray(tokens), return_aux=True)
+    err = np.max(np.abs(np.asarray(logits) - oracle["logits"]))
+    assert err <= 1e-5 * np.max(np.abs(oracle["logits"]))
+    np.testing.assert_array_equal(np.sort(np.asarray(aux["router_topk_ids"]), -1), oracle["topk_ids"])
+
+
+def test_writer_refuses_to_overwrite_and_leaves_nothing_on_failure(fp8_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="already exists"):
+        write_hf_checkpoint(fp8_dir, CFG, random_release_tensors(CFG))
+    bad = random_release_tensors(CFG)
+    bad["model.layers.2.mlp.experts.5.up_proj.weight"][0, 0] = np.nan
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="non-finite"):
+        write_hf_checkpoint(str(out), CFG, bad)
+    assert os.listdir(tmp_path) == []
+
+
+def _drop(name):
+    return lambda t: t.pop(name)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: os.remove(_shard_of(p, KV_A)), "missing shard"),
+    (lambda p: open(_shard_of(p, KV_A), "r+b").truncate(os.path.getsize(_shard_of(p, KV_A)) - 10), "truncated"),
+    (lambda p: open(_shard_of(p, KV_A), "r+b").write(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"), "corrupt header"),
+    (lambda p: _rewrite_shard(p, KV_A, _drop(KV_A)), f"{KV_A} is listed in {INDEX} but absent"),
+    (lambda p: _rewrite_shard(p, KV_A, _drop(KV_A + "_scale_inv")), "_scale_inv is listed"),
+    (lambda p: _rewrite_shard(p, KV_A, lambda t: t.__setitem__(KV_A + "_scale_inv", -t[KV_A + "_scale_inv"])),
+     "finite and > 0"),
+    (lambda p: _rewrite_shard(p, KV_A, lambda t: t.__setitem__(KV_A, t[KV_A][:100])), "shape \\[100, 160\\]"),
+    (lambda p: _rewrite_shard(p, "model.norm.weight", lambda t: t.__setitem__(
+        "model.norm.weight", t["model.norm.weight"].astype(np.float32).astype(np.int32))), "not a float"),
+])
+def test_damaged_checkpoints_fail_naming_file_and_tensor(broken, damage, match):
+    damage(broken)
+    with pytest.raises(CheckpointError, match=match):
+        load_hf_checkpoint(broken)
+
+
+def _edit_index(path, edit):
+    with open(os.path.join(path, INDEX)) as f:
+        index = json.load(f)
+    edit(index["weight_map"])
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump(index, f)
+
+
+def test_index_and_config_mismatches(broken):
+    _edit_index(broken, lambda m: m.pop("model.layers.2.mlp.experts.3.down_proj.weight"))
+    with pytest.raises(CheckpointError, match="missing 1 tensor.*experts.3.down_proj"):
+        HFCheckpoint(broken).check()
+    _edit_index(broken, lambda m: m.update({"model.layers.2.mlp.experts.3.down_proj.weight": m[KV_A]}))
+    with pytest.raises(CheckpointError, match="experts.3.down_proj.weight is listed .* but absent"):
+        HFCheckpoint(broken).check()
+
+
+def test_config_weights_mismatch(broken):
+    with open(os.path.join(broken, "config.json")) as f:
+        config = json.load(f)
+    config["n_routed_experts"] = 8  # the weights hold 16 experts per layer
+    config["num_experts_per_tok"] = 2
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match="does not describe.*experts.(8|9|1[0-5])"):
+        load_hf_checkpoint(broken)
+
+
+def test_missing_scale_for_fp8_weight(broken):
+    _edit_index(broken, lambda m: m.pop(KV_A + "_scale_inv"))
+    with pytest.raises(CheckpointError, match=f"{KV_A} is float8 but {KV_A}_scale_inv is missing"):
+        load_hf_checkpoint(broken)
