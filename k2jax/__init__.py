@@ -4,11 +4,13 @@
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens_BT)                        # [B, T, V] float32
     model = k2jax.from_hf_tensors(cfg, tensors)      # {release tensor name: dequantised array}
+    model = k2jax.load_hf_checkpoint("dir/")         # a small checkpoint in the release's on-disk layout
 """
 
 from k2jax.config import ConfigError, K2Config, YarnScaling
+from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, from_hf_tensors, to_hf_tensors
 from k2jax.model import Transformer
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
-           "CheckpointError"]
+           "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint"]

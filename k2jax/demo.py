@@ -1,14 +1,18 @@
-"""k2jax-demo: build a small K2 from a preset, load it through the release-name API, run it, and report.
+"""k2jax-demo: write a small K2 checkpoint in the release's FP8 layout, load it, run it, and report.
 
-    k2jax-demo                       # tiny preset, random weights, 2 x 48 tokens
+    k2jax-demo                            # tiny preset, random weights, 2 x 48 tokens
     k2jax-demo --preset=tiny --batch=4 --seq_len=64 --seed=1
+    k2jax-demo --hf_dir=DIR               # run a (small) release-layout checkpoint of your own instead
 
-It exercises the public API end to end (Transformer, to_hf_tensors / from_hf_tensors, aux outputs) and prints
-the exact parameter counts of the full Kimi K2 configuration from `jax.eval_shape` (no memory used).
+It exercises the public API end to end (Transformer, to_hf_tensors, write_hf_checkpoint: FP8 e4m3 shards with
+128x128 scales, config.json and index; load_hf_checkpoint; aux outputs) and prints the exact parameter counts
+of the full Kimi K2 configuration from `jax.eval_shape` (no memory used).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import jax
@@ -19,20 +23,27 @@ from flax import nnx
 
 import k2jax
 from k2jax import config as k2config
+from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny"], "Model preset to instantiate (CPU-sized presets only).")
 _BATCH = flags.DEFINE_integer("batch", 2, "Number of sequences.", lower_bound=1)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 48, "Tokens per sequence.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and tokens.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "A release-layout checkpoint directory to run instead of a generated "
+                              "one (it is read whole into memory: small models only).")
 
 
-def run(preset: str, batch: int, seq_len: int, seed: int) -> dict:
-    cfg = k2config.preset(preset)
+def run(preset: str, batch: int, seq_len: int, seed: int, hf_dir: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        if hf_dir is None:
+            cfg = k2config.preset(preset)
+            hf_dir = os.path.join(tmp, f"{preset}-fp8")
+            random_model = k2jax.Transformer(cfg, rngs=nnx.Rngs(seed))
+            write_hf_checkpoint(hf_dir, cfg, k2jax.to_hf_tensors(random_model), dtype="fp8")
+        model = load_hf_checkpoint(hf_dir)
+    cfg = model.cfg
     if seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--seq_len={seq_len} exceeds the preset's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
-    random_model = k2jax.Transformer(cfg, rngs=nnx.Rngs(seed))
-    model = k2jax.from_hf_tensors(cfg, k2jax.to_hf_tensors(random_model))  # the release-name loading path
+        raise ValueError(f"--seq_len={seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     tokens = jax.random.randint(jax.random.key(seed + 1), (batch, seq_len), 0, cfg.vocab_size)
 
     forward = nnx.jit(lambda m, t: m(t, return_aux=True))
@@ -49,9 +60,10 @@ def run(preset: str, batch: int, seq_len: int, seed: int) -> dict:
 def main(argv=None):
     if argv is not None and len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    r = run(_PRESET.value, _BATCH.value, _SEQ_LEN.value, _SEED.value)
+    r = run(_PRESET.value, _BATCH.value, _SEQ_LEN.value, _SEED.value, _HF_DIR.value)
     cfg, aux = r["cfg"], r["aux"]
-    print(f"k2jax demo: preset {_PRESET.value}, {cfg.num_params():,} parameters "
+    source = _HF_DIR.value or f"preset {_PRESET.value} written as an FP8 release-layout checkpoint and loaded"
+    print(f"k2jax demo: {source}; {cfg.num_params():,} parameters "
           f"({cfg.num_active_params():,} active per token), {jax.devices()[0].platform} backend")
     print(f"forward of {_BATCH.value} x {_SEQ_LEN.value} tokens: logits {tuple(r['logits'].shape)} "
           f"{r['logits'].dtype}, compile+run {r['compile_s']:.2f}s, run {r['step_s'] * 1e3:.1f} ms")

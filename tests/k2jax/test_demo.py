@@ -14,6 +14,17 @@ def test_demo_runs_and_reports():
     assert np.asarray(r["aux"]["expert_load"]).sum() == cfg.num_moe_layers * 2 * 40 * cfg.num_experts_per_tok
 
 
+def test_demo_runs_a_given_checkpoint(tmp_path):
+    import k2jax
+    from k2jax.config import tiny
+    from k2jax.hf_checkpoint import write_hf_checkpoint
+    from flax import nnx
+    cfg = tiny(n_routed_experts=8, num_experts_per_tok=2)
+    write_hf_checkpoint(str(tmp_path / "ck"), cfg, k2jax.to_hf_tensors(k2jax.Transformer(cfg, rngs=nnx.Rngs(1))))
+    r = demo.run("tiny", batch=1, seq_len=8, seed=0, hf_dir=str(tmp_path / "ck"))
+    assert r["cfg"] == cfg and np.asarray(r["aux"]["expert_load"]).shape == (2, 8)
+
+
 def test_demo_rejects_too_long_sequences():
     with pytest.raises(ValueError, match="seq_len"):
         demo.run("tiny", batch=1, seq_len=10_000, seed=0)
