@@ -148,6 +148,14 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self._file_of(scale).path}: {e}") from None
         return array.astype(dtype)
 
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes a tensor takes on disk, its FP8 scale included (headers only)."""
+        def size(n):
+            f = self._file_of(n)
+            return int(np.prod(f.shape(n))) * f.dtype(n).itemsize
+        scale = _scale_name(name)
+        return size(name) + (size(scale) if scale in self.weight_map else 0)
+
     def read_raw(self, name: str) -> np.ndarray:
         """One tensor exactly as stored (FP8 stays FP8)."""
         return self._file_of(name).read(name)

@@ -1,0 +1,9 @@
+"""Converts the HF Kimi K2 release to a k2jax checkpoint. See k2jax/convert.py (or --help) for the flags.
+
+    python convert_checkpoint.py --hf_dir=Kimi-K2-Instruct --out_dir=k2-bf16 [--dtype=bfloat16] [--resume]
+"""
+
+from k2jax.convert import cli
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,214 @@
+"""k2jax checkpoints: an Orbax PyTree checkpoint of the model state plus `k2jax.json` (config, dtype, layout).
+
+    save_checkpoint("ckpt/", model)                      # an in-memory model
+    model = load_checkpoint("ckpt/", mesh=mesh, shardings=fn)   # onto any mesh, each device reads its shard
+
+Layout: Orbax's PyTreeCheckpointHandler with one zarr3 array per parameter (no OCDBT), named by the parameter's
+path in `nnx.state(Transformer)` ("moe_blocks.mlp.experts.down_proj"). Parameters are stored in k2jax's layout
+([in, ...out], stacked MoE layers first).
+
+`StreamingWriter` builds the same checkpoint without ever holding a whole parameter: Orbax writes the tree's
+skeleton with 1-element placeholders, then each parameter is created at full size with tensorstore and filled
+slot by slot (a (layer, expert) slot is one chunk), so memory stays at about one slot. Orbax restores such a
+checkpoint like any other.
+
+`k2jax.json` holds {"format", "config" (HF config.json dict), "dtype" (bfloat16 | float32), "params"
+{name: {"shape", "dtype"}}}. A checkpoint directory is complete when `k2jax.json` is in it: writers put it there
+last, after everything else is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import nnx
+
+from k2jax.config import K2Config
+from k2jax.hf_mapping import CheckpointError
+from k2jax.model import Transformer
+
+FORMAT = "k2jax-orbax-v1"
+METADATA = "k2jax.json"
+STATE_DIR = "state"
+_CHUNK_BYTES = 64 * 2 ** 20
+
+ShardingSpec = Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | Mapping[str, jax.sharding.Sharding] | None
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
+
+
+def param_name(path: tuple) -> str:
+    """'moe_blocks.mlp.experts.down_proj' for the state path (moe_blocks, mlp, experts, down_proj)."""
+    return ".".join(str(k) for k in path)
+
+
+def abstract_state(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {param_name(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat_like(template: Any, values: Mapping[str, Any]) -> Any:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [param_name(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)) for p, _ in paths]
+    return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
+
+
+def _metadata(cfg: K2Config, dtype: str, shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> dict:
+    return {"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype,
+            "params": {n: {"shape": list(s), "dtype": d} for n, (s, d) in shapes.items()}}
+
+
+def _write_metadata(path: str, meta: dict) -> None:
+    tmp = os.path.join(path, METADATA + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, METADATA))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    path = os.fspath(path)
+    meta_path = os.path.join(path, METADATA)
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"{path}: no {METADATA}: not a k2jax checkpoint, or an incomplete one")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, this k2jax reads {FORMAT!r}")
+    return meta
+
+
+def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
+    """Saves the model's whole state (params and router biases) in cfg.param_dtype."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: already exists; refusing to overwrite")
+    state = nnx.to_pure_dict(nnx.state(model))
+    os.makedirs(path)
+    _checkpointer().save(os.path.join(path, STATE_DIR), state)
+    shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in _flat(state).items()}
+    _write_metadata(path, _metadata(model.cfg, model.cfg.param_dtype, shapes))
+
+
+def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, shardings: ShardingSpec = None,
+                    **config_overrides) -> Transformer:
+    """Restores a k2jax checkpoint as a Transformer.
+
+    shardings: None (with a mesh: replicated on it; without: the default device), a mapping from parameter name
+    to Sharding, or a function (name, shape) -> Sharding. Each device reads only its own shard from disk."""
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    overrides = {"param_dtype": meta["dtype"], **config_overrides}
+    cfg = K2Config.from_hf(meta["config"], **overrides)
+    graphdef, state = abstract_state(cfg)
+    template = nnx.to_pure_dict(state)
+    flat = _flat(template)
+    stored = meta["params"]
+    if set(stored) != set(flat):
+        missing, extra = sorted(set(flat) - set(stored)), sorted(set(stored) - set(flat))
+        raise CheckpointError(f"{path}: parameters do not match the config: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    targets = {}
+    for name, leaf in flat.items():
+        if tuple(stored[name]["shape"]) != tuple(leaf.shape):
+            raise CheckpointError(f"{path}: {name} has shape {stored[name]['shape']}, config implies "
+                                  f"{list(leaf.shape)}")
+        targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_for(name, leaf.shape, mesh,
+                                                                                           shardings))
+    target = _unflat_like(template, targets)
+    restored = _checkpointer().restore(os.path.join(path, STATE_DIR), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def _sharding_for(name, shape, mesh, shardings) -> jax.sharding.Sharding:
+    if callable(shardings):
+        return shardings(name, tuple(shape))
+    if isinstance(shardings, Mapping):
+        if name not in shardings:
+            raise CheckpointError(f"load_checkpoint: shardings has no entry for {name}")
+        return shardings[name]
+    if mesh is not None:
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def chunk_shape(shape: tuple[int, ...], slot_ndim: int) -> list[int]:
+    """One chunk per slot (the trailing `slot_ndim` dims), split along its first dim to stay under 64 MiB."""
+    lead = [1] * (len(shape) - slot_ndim)
+    slot = list(shape[len(shape) - slot_ndim:])
+    if slot:
+        row_bytes = max(1, math.prod(slot[1:])) * 4
+        slot[0] = max(1, min(slot[0], _CHUNK_BYTES // row_bytes))
+    return lead + slot
+
+
+class StreamingWriter:
+    """Writes a k2jax checkpoint parameter slot by parameter slot (see the module docstring).
+
+    w = StreamingWriter(path, cfg, dtype); w.write(name, index, slot_array) ...; w.finish()
+    `path` may already hold a partial run of the same writer (resume): existing arrays are kept."""
+
+    def __init__(self, path: str | os.PathLike, cfg: K2Config, dtype: str):
+        self.path, self.cfg, self.dtype = os.fspath(path), cfg, dtype
+        _, state = abstract_state(cfg.replace(param_dtype=dtype))
+        self.template = nnx.to_pure_dict(state)
+        self.shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in _flat(self.template).items()}
+        self.state_dir = os.path.join(self.path, STATE_DIR)
+        self._arrays: dict[str, ts.TensorStore] = {}
+        if not os.path.exists(self.state_dir):
+            os.makedirs(self.path, exist_ok=True)
+            placeholders = jax.tree.map(lambda a: np.zeros((1,) * a.ndim, a.dtype), self.template)
+            _checkpointer().save(self.state_dir, placeholders)
+
+    def _array(self, name: str, slot_ndim: int) -> ts.TensorStore:
+        if name not in self._arrays:
+            shape, dtype = self.shapes[name]
+            array_dir = os.path.join(self.state_dir, name)
+            marker = os.path.join(array_dir, ".k2jax_full")
+            if not os.path.exists(marker):  # still Orbax's placeholder: replace it by the full-size array
+                shutil.rmtree(array_dir, ignore_errors=True)
+                spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir},
+                        "metadata": {"shape": list(shape), "data_type": dtype, "fill_value": 0,
+                                     "chunk_grid": {"name": "regular",
+                                                    "configuration": {"chunk_shape": chunk_shape(shape, slot_ndim)}},
+                                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                                {"name": "zstd", "configuration": {"level": 1}}]}}
+                ts.open(spec, create=True).result()
+                open(marker, "w").close()
+            self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir}},
+                                         open=True).result()
+        return self._arrays[name]
+
+    def write(self, name: str, index: tuple[int, ...], slot: np.ndarray) -> None:
+        """Writes one slot (the parameter at leading `index`) and waits until it is on disk."""
+        shape, dtype = self.shapes[name]
+        if tuple(slot.shape) != shape[len(index):]:
+            raise CheckpointError(f"{name}{list(index)}: slot shape {list(slot.shape)}, expected "
+                                  f"{list(shape[len(index):])}")
+        array = self._array(name, len(shape) - len(index))
+        array[index].write(np.asarray(slot).astype(jnp.dtype(dtype))).result()
+
+    def finish(self) -> None:
+        """Writes k2jax.json: from here on the checkpoint counts as complete."""
+        for name in self.shapes:
+            if not os.path.exists(os.path.join(self.state_dir, name, ".k2jax_full")):
+                raise CheckpointError(f"{self.path}: parameter {name} was never written")
+        _write_metadata(self.path, _metadata(self.cfg, self.dtype, self.shapes))

@@ -1,0 +1,148 @@
+"""convert_checkpoint: HF FP8 release layout -> k2jax Orbax checkpoint, restore on meshes, crash + resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from k2jax.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from k2jax.config import ConfigError, tiny
+from k2jax.convert import PROGRESS, convert_hf_to_orbax
+from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
+from k2jax.hf_mapping import CheckpointError, hf_tensor_specs
+from tests.oracle import oracle_forward, oracle_model, random_release_tensors
+
+CFG = tiny(hidden_size=160, q_lora_rank=144, kv_lora_rank=136)  # ragged 128x128 scale blocks everywhere
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf") / "tiny-fp8")
+    write_hf_checkpoint(path, CFG, random_release_tensors(CFG, seed=31), dtype="fp8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("out") / "k2")
+    convert_hf_to_orbax(hf_dir, out, dtype="float32", show_progress=False)
+    return out
+
+
+def _params(model):
+    return {k: np.asarray(jax.device_get(v)) for k, v in
+            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]}
+
+
+def test_converted_model_matches_the_oracle(hf_dir, converted):
+    assert sorted(os.listdir(os.path.dirname(converted))) == ["k2"]  # no .partial left behind
+    ckpt = HFCheckpoint(hf_dir)
+    tensors = {spec.name: a for spec, a in ckpt.iter_tensors()}
+    tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 40))
+    oracle = oracle_forward(oracle_model(CFG, tensors), tokens)
+    model = load_checkpoint(converted)
+    assert model.cfg == CFG.replace(param_dtype="float32") and read_metadata(converted)["dtype"] == "float32"
+    logits, aux = model(jnp.asarray(tokens), return_aux=True)
+    assert np.max(np.abs(np.asarray(logits) - oracle["logits"])) <= 1e-5 * np.max(np.abs(oracle["logits"]))
+    np.testing.assert_array_equal(np.sort(np.asarray(aux["router_topk_ids"]), -1), oracle["topk_ids"])
+
+
+def test_restore_onto_two_meshes(converted):
+    auto = jax.sharding.AxisType.Auto  # GSPMD decides the computation's layout (explicit EP is sharding/'s job)
+    mesh_a = jax.make_mesh((8,), ("expert",), axis_types=(auto,))
+    mesh_b = jax.make_mesh((2, 4), ("data", "model"), axis_types=(auto, auto))
+
+    def by_expert(name, shape):
+        spec = ("expert" if name.startswith("moe_blocks.mlp.experts") else None)
+        return jax.sharding.NamedSharding(mesh_a, jax.sharding.PartitionSpec(None, spec) if len(shape) > 1
+                                          else jax.sharding.PartitionSpec())
+
+    def by_model(name, shape):
+        axes = [None] * len(shape)
+        if len(shape) >= 2 and shape[-1] % 4 == 0:
+            axes[-1] = "model"
+        return jax.sharding.NamedSharding(mesh_b, jax.sharding.PartitionSpec(*axes))
+
+    a, b = load_checkpoint(converted, shardings=by_expert), load_checkpoint(converted, shardings=by_model)
+    experts = a.moe_blocks.mlp.experts.gate_proj[...]
+    assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "expert")
+    assert experts.addressable_shards[0].data.shape == (2, 2, 160, 32)
+    assert b.lm_head[...].addressable_shards[0].data.shape == (160, 64)
+    pa, pb, ref = _params(a), _params(b), _params(load_checkpoint(converted))
+    for k in ref:
+        np.testing.assert_array_equal(pa[k], ref[k])
+        np.testing.assert_array_equal(pb[k], ref[k])
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 24)))
+    cpu = jax.devices()[0]
+    la = jax.device_put(a(tokens), cpu)
+    lb = jax.device_put(b(tokens), cpu)
+    assert np.max(np.abs(np.asarray(la) - np.asarray(lb))) <= 1e-5 * np.max(np.abs(np.asarray(la)))
+
+
+def test_save_checkpoint_round_trip(tmp_path):
+    from k2jax import Transformer
+    m = Transformer(tiny(param_dtype="bfloat16"), rngs=nnx.Rngs(3))
+    save_checkpoint(str(tmp_path / "c"), m)
+    back = load_checkpoint(str(tmp_path / "c"))
+    assert back.cfg.param_dtype == "bfloat16"
+    for k, v in _params(m).items():
+        np.testing.assert_array_equal(_params(back)[k], v)
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(str(tmp_path / "c"), m)
+
+
+def test_bad_inputs_leave_no_complete_output(hf_dir, converted, tmp_path):
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert_hf_to_orbax(hf_dir, converted, show_progress=False)
+    with pytest.raises(ConfigError, match="config.json: no such file"):
+        convert_hf_to_orbax(str(tmp_path), str(tmp_path / "out"), show_progress=False)
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
+    with pytest.raises(CheckpointError, match="not a k2jax checkpoint"):
+        load_checkpoint(str(tmp_path))
+    os.makedirs(tmp_path / "x.partial")
+    with pytest.raises(CheckpointError, match="--resume"):
+        convert_hf_to_orbax(hf_dir, str(tmp_path / "x"), show_progress=False)
+
+
+def _convert_cmd(hf, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), f"--hf_dir={hf}", f"--out_dir={out}",
+            "--dtype=float32", *extra]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    cfg = CFG.replace(n_routed_experts=64, num_hidden_layers=4)  # more tensors: a wider window to kill in
+    hf = str(tmp_path / "hf")
+    write_hf_checkpoint(hf, cfg, random_release_tensors(cfg, seed=8))
+    out = str(tmp_path / "out")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(_convert_cmd(hf, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = os.path.join(out + ".partial", PROGRESS)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(progress) and sum(1 for _ in open(progress)) > 200:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the conversion ended before it could be killed")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out) and os.path.exists(out + ".partial")
+    done_before = sum(1 for _ in open(progress)) - 1
+    assert 0 < done_before < len(hf_tensor_specs(cfg))  # killed part-way
+    result = subprocess.run(_convert_cmd(hf, out), env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "--resume" in result.stderr
+    subprocess.run(_convert_cmd(hf, out, "--resume"), env=env, check=True, capture_output=True)
+    clean = str(tmp_path / "clean")
+    convert_hf_to_orbax(hf, clean, dtype="float32", show_progress=False)
+    resumed, reference = _params(load_checkpoint(out)), _params(load_checkpoint(clean))
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k])
