@@ -65,6 +65,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
                               f"delete it")
     ckpt = HFCheckpoint(hf_dir)
     ckpt.check()
+    ckpt.check_scales()
     source = os.path.abspath(hf_dir)
     done = _done_tensors(partial, source, dtype) if resume else set()
     writer = StreamingWriter(partial, ckpt.config, dtype)

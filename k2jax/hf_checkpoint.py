@@ -108,6 +108,18 @@ class HFCheckpoint:
         if orphans:
             raise CheckpointError(f"{self.path}: scale(s) for no known weight, e.g. {orphans[:3]}")
 
+    def check_scales(self) -> None:
+        """Reads every FP8 scale (about 1/16000 of the weights) and checks it is finite and positive."""
+        for name, spec in self.specs.items():
+            scale = _scale_name(name)
+            if scale in self.weight_map:
+                s = self._file_of(scale).read(scale).astype(np.float32)
+                bad = ~(np.isfinite(s) & (s > 0))
+                if bad.any():
+                    i, j = map(int, np.argwhere(bad)[0])
+                    raise CheckpointError(f"{self._file_of(scale).path}: tensor {scale}: block [{i}, {j}] is "
+                                          f"{float(s[i, j])}; scales must be finite and > 0")
+
     def _is_mtp(self, name: str) -> bool:
         parts = name.split(".")
         return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()

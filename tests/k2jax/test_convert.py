@@ -107,6 +107,21 @@ def test_bad_inputs_leave_no_complete_output(hf_dir, converted, tmp_path):
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
     with pytest.raises(CheckpointError, match="not a k2jax checkpoint"):
         load_checkpoint(str(tmp_path))
+    bad_scale = str(tmp_path / "bad-scale")
+    import shutil
+    shutil.copytree(hf_dir, bad_scale)
+    from tests.k2jax.test_hf_checkpoint import _rewrite_shard
+    name = "model.layers.2.mlp.experts.9.down_proj.weight_scale_inv"
+
+    def poison(tensors):
+        scale = tensors[name].copy()
+        scale[0, 0] = np.inf
+        tensors[name] = scale
+
+    _rewrite_shard(bad_scale, name, poison)
+    with pytest.raises(CheckpointError, match=f"{name}: block \\[0, 0\\] is inf"):
+        convert_hf_to_orbax(bad_scale, str(tmp_path / "y"), show_progress=False)
+    assert not os.path.exists(tmp_path / "y") and not os.path.exists(tmp_path / "y.partial")
     os.makedirs(tmp_path / "x.partial")
     with pytest.raises(CheckpointError, match="--resume"):
         convert_hf_to_orbax(hf_dir, str(tmp_path / "x"), show_progress=False)
