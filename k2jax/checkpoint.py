@@ -12,7 +12,13 @@ skeleton with 1-element placeholders, then each parameter is created at full siz
 slot by slot (a (layer, expert) slot is one chunk), so memory stays at about one slot. Orbax restores such a
 checkpoint like any other.
 
-`k2jax.json` holds {"format", "config" (HF config.json dict), "dtype" (bfloat16 | float32), "params"
+FP8 checkpoints (dtype "fp8", written by the converter) keep the release's bytes: every FP8 matmul weight is
+stored as e4m3 in k2jax's layout (a pure transpose / reshape of the release tensor) with its block scales
+under `fp8_scales.<name>`, shaped [..., ceil(in/128), ceil(out/128)] (the release's grid, transposed like the
+weight); embeddings, norms and the router stay BF16 and the router bias F32, as released. `load_checkpoint`
+dequantises them on the devices (W = e4m3 x scale per block), into cfg.param_dtype (default bfloat16).
+
+`k2jax.json` holds {"format", "config" (HF config.json dict), "dtype" (bfloat16 | float32 | fp8), "params"
 {name: {"shape", "dtype"}}}. A checkpoint directory is complete when `k2jax.json` is in it: writers put it there
 last, after everything else is on disk.
 """
@@ -23,7 +29,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +38,16 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
+from k2jax import quant
 from k2jax.config import K2Config
-from k2jax.hf_mapping import CheckpointError
+from k2jax.hf_mapping import CheckpointError, hf_tensor_specs, release_dtype
 from k2jax.model import Transformer
 
 FORMAT = "k2jax-orbax-v1"
 METADATA = "k2jax.json"
 STATE_DIR = "state"
+SCALES = "fp8_scales"
+DTYPES = ("bfloat16", "float32", "fp8")
 _CHUNK_BYTES = 64 * 2 ** 20
 
 ShardingSpec = Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | Mapping[str, jax.sharding.Sharding] | None
@@ -94,15 +103,67 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+class Fp8Param(NamedTuple):
+    n_lead: int  # stacked (layer / expert) axes in front of the matmul
+    in_dim: int
+    out_dim: int
+
+
+def fp8_params(cfg: K2Config) -> dict[str, Fp8Param]:
+    """The parameters the release stores in FP8, with their matmul shape."""
+    out = {}
+    for spec in hf_tensor_specs(cfg):
+        if release_dtype(spec) == "fp8":
+            out[param_name(spec.path)] = Fp8Param(len(spec.index), spec.shape[1], spec.shape[0])
+    return out
+
+
+def stored_template(cfg: K2Config, dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """{name: shape and dtype as stored} for a checkpoint of `dtype`, fp8 scales included."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"checkpoint dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype != "fp8":
+        _, state = abstract_state(cfg.replace(param_dtype=dtype))
+        return {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in _flat(nnx.to_pure_dict(state)).items()}
+    _, state = abstract_state(cfg.replace(param_dtype="bfloat16"))
+    template = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in _flat(nnx.to_pure_dict(state)).items()}
+    for name, p in fp8_params(cfg).items():
+        shape = template[name].shape
+        template[name] = jax.ShapeDtypeStruct(shape, quant.E4M3)
+        grid = quant.scale_shape((p.in_dim, p.out_dim))
+        template[f"{SCALES}.{name}"] = jax.ShapeDtypeStruct(shape[:p.n_lead] + grid, jnp.float32)
+    return template
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    """{"a.b.0.c": x} -> {"a": {"b": {"0": {"c": x}}}} (the tree Orbax saves; its array dirs are the flat names)."""
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def dequantize_fp8(q: jax.Array, scale: jax.Array, p: Fp8Param, dtype) -> jax.Array:
+    """W = float32(q) x scale per 128x128 block of the [in, out] matmul view, in k2jax's layout."""
+    lead = q.shape[:p.n_lead]
+    w = q.reshape(lead + (p.in_dim, p.out_dim)).astype(jnp.float32)
+    s = jnp.repeat(jnp.repeat(scale, quant.BLOCK, axis=-2)[..., :p.in_dim, :], quant.BLOCK, axis=-1)[..., :p.out_dim]
+    return (w * s).reshape(q.shape).astype(dtype)
+
+
 def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
     """Saves the model's whole state (params and router biases) in cfg.param_dtype."""
     path = os.fspath(path)
     if os.path.exists(path):
         raise CheckpointError(f"{path}: already exists; refusing to overwrite")
-    state = nnx.to_pure_dict(nnx.state(model))
+    flat = _flat(nnx.to_pure_dict(nnx.state(model)))
     os.makedirs(path)
-    _checkpointer().save(os.path.join(path, STATE_DIR), state)
-    shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in _flat(state).items()}
+    _checkpointer().save(os.path.join(path, STATE_DIR), _nest(flat))
+    shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in flat.items()}
     _write_metadata(path, _metadata(model.cfg, model.cfg.param_dtype, shapes))
 
 
@@ -114,27 +175,42 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     to Sharding, or a function (name, shape) -> Sharding. Each device reads only its own shard from disk."""
     path = os.fspath(path)
     meta = read_metadata(path)
-    overrides = {"param_dtype": meta["dtype"], **config_overrides}
+    stored_dtype = meta["dtype"]
+    overrides = {"param_dtype": "bfloat16" if stored_dtype == "fp8" else stored_dtype, **config_overrides}
     cfg = K2Config.from_hf(meta["config"], **overrides)
     graphdef, state = abstract_state(cfg)
-    template = nnx.to_pure_dict(state)
-    flat = _flat(template)
-    stored = meta["params"]
-    if set(stored) != set(flat):
-        missing, extra = sorted(set(flat) - set(stored)), sorted(set(stored) - set(flat))
+    stored = stored_template(cfg, stored_dtype)
+    listed = meta["params"]
+    if set(listed) != set(stored):
+        missing, extra = sorted(set(stored) - set(listed)), sorted(set(listed) - set(stored))
         raise CheckpointError(f"{path}: parameters do not match the config: missing {missing[:3]}, "
                               f"unexpected {extra[:3]}")
-    targets = {}
-    for name, leaf in flat.items():
-        if tuple(stored[name]["shape"]) != tuple(leaf.shape):
-            raise CheckpointError(f"{path}: {name} has shape {stored[name]['shape']}, config implies "
+    targets, final_shardings = {}, {}
+    for name, leaf in stored.items():
+        if tuple(listed[name]["shape"]) != tuple(leaf.shape):
+            raise CheckpointError(f"{path}: {name} has shape {listed[name]['shape']}, config implies "
                                   f"{list(leaf.shape)}")
-        targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_for(name, leaf.shape, mesh,
-                                                                                           shardings))
-    target = _unflat_like(template, targets)
-    restored = _checkpointer().restore(os.path.join(path, STATE_DIR), args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-    nnx.replace_by_pure_dict(state, restored)
+        if name.startswith(SCALES + "."):  # small: every device gets all of them
+            sharding = _sharding_for(name, leaf.shape, mesh, None)
+        else:
+            sharding = final_shardings[name] = _sharding_for(name, leaf.shape, mesh, shardings)
+        targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    target = _nest(targets)
+    restored = _flat(_checkpointer().restore(os.path.join(path, STATE_DIR), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+    fp8 = fp8_params(cfg) if stored_dtype == "fp8" else {}
+    params = {}
+    for name, value in restored.items():
+        if name.startswith(SCALES + "."):
+            continue
+        if name in fp8:
+            value = jax.jit(dequantize_fp8, static_argnums=(2, 3), out_shardings=final_shardings[name])(
+                value, restored[f"{SCALES}.{name}"], fp8[name], jnp.dtype(cfg.param_dtype))
+        params[name] = value
+    template = nnx.to_pure_dict(state)
+    dtypes = _flat(template)
+    params = {n: v.astype(dtypes[n].dtype) if v.dtype != dtypes[n].dtype else v for n, v in params.items()}
+    nnx.replace_by_pure_dict(state, _unflat_like(template, params))
     return nnx.merge(graphdef, state)
 
 
@@ -168,15 +244,14 @@ class StreamingWriter:
 
     def __init__(self, path: str | os.PathLike, cfg: K2Config, dtype: str):
         self.path, self.cfg, self.dtype = os.fspath(path), cfg, dtype
-        _, state = abstract_state(cfg.replace(param_dtype=dtype))
-        self.template = nnx.to_pure_dict(state)
-        self.shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in _flat(self.template).items()}
+        template = stored_template(cfg, dtype)
+        self.shapes = {n: (tuple(a.shape), jnp.dtype(a.dtype).name) for n, a in template.items()}
         self.state_dir = os.path.join(self.path, STATE_DIR)
         self._arrays: dict[str, ts.TensorStore] = {}
         if not os.path.exists(self.state_dir):
             os.makedirs(self.path, exist_ok=True)
-            placeholders = jax.tree.map(lambda a: np.zeros((1,) * a.ndim, a.dtype), self.template)
-            _checkpointer().save(self.state_dir, placeholders)
+            placeholders = {n: np.zeros((1,) * len(a.shape), a.dtype) for n, a in template.items()}
+            _checkpointer().save(self.state_dir, _nest(placeholders))
 
     def _array(self, name: str, slot_ndim: int) -> ts.TensorStore:
         if name not in self._arrays:
@@ -212,3 +287,23 @@ class StreamingWriter:
             if not os.path.exists(os.path.join(self.state_dir, name, ".k2jax_full")):
                 raise CheckpointError(f"{self.path}: parameter {name} was never written")
         _write_metadata(self.path, _metadata(self.cfg, self.dtype, self.shapes))
+
+
+class CheckpointReader:
+    """Reads single slots of a k2jax checkpoint's arrays straight from disk (for streaming export)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.meta = read_metadata(self.path)
+        self.dtype = self.meta["dtype"]
+        self.cfg = K2Config.from_hf(self.meta["config"])
+        self._arrays: dict[str, ts.TensorStore] = {}
+
+    def slot(self, name: str, index: tuple[int, ...]) -> np.ndarray:
+        if name not in self.meta["params"]:
+            raise CheckpointError(f"{self.path}: has no parameter {name}")
+        if name not in self._arrays:
+            array_dir = os.path.join(self.path, STATE_DIR, name)
+            self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir}},
+                                         open=True).result()
+        return np.asarray(self._arrays[name][index].read().result())

@@ -1,7 +1,13 @@
-"""HF release (FP8 / BF16 safetensors) -> k2jax Orbax checkpoint, streamed tensor by tensor.
+"""HF release (FP8 / BF16 safetensors) <-> k2jax Orbax checkpoint, streamed tensor by tensor.
 
-    k2jax-convert --hf_dir=Kimi-K2-Instruct --out_dir=k2-bf16 [--dtype=bfloat16|float32] [--resume]
+    k2jax-convert --hf_dir=Kimi-K2-Instruct --out_dir=k2-bf16 [--dtype=bfloat16|float32|fp8] [--resume]
+    k2jax-convert --to_hf --ckpt_dir=k2-fp8 --out_dir=Kimi-K2-export [--dtype=fp8|bfloat16|float32]
     (or: python convert_checkpoint.py ...)
+
+--dtype fp8 keeps the release's e4m3 bytes and block scales (k2jax/checkpoint.py says how they are stored);
+bfloat16 / float32 dequantise (W = e4m3 x weight_scale_inv per 128x128 block). The export writes the release
+layout (config.json, index, shards): from an fp8 checkpoint with --dtype fp8 it reproduces the release's bytes
+exactly; from a bf16 / f32 checkpoint --dtype fp8 quantises (scale = block amax / 448).
 
 Memory: one release tensor at a time (the largest is the embedding or lm_head, 2.3 GB in BF16), written into its
 slot of the stacked parameter with tensorstore (`checkpoint.StreamingWriter`); nothing is assembled in RAM.
@@ -10,7 +16,8 @@ bad checkpoint fails in seconds, not hours in.
 
 Crash safety: the run writes into OUT_DIR.partial and records each finished tensor in
 OUT_DIR.partial/convert_progress.jsonl; `--resume` skips those and continues. OUT_DIR appears (by rename) only
-when every tensor is written and k2jax.json is in place.
+when every tensor is written and k2jax.json is in place. The export is all-or-nothing (no --resume): it builds
+OUT_DIR under a temporary name.
 """
 
 from __future__ import annotations
@@ -22,12 +29,11 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from k2jax.checkpoint import StreamingWriter, param_name
+from k2jax import quant
+from k2jax.checkpoint import DTYPES, SCALES, CheckpointReader, StreamingWriter, fp8_params, param_name
 from k2jax.config import ConfigError
-from k2jax.hf_checkpoint import HFCheckpoint
-from k2jax.hf_mapping import CheckpointError, hf_to_k2
-
-DTYPES = ("bfloat16", "float32")
+from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
+from k2jax.hf_mapping import CheckpointError, HFTensorSpec, hf_to_k2, k2_to_hf
 PROGRESS = "convert_progress.jsonl"
 
 
@@ -69,6 +75,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
     source = os.path.abspath(hf_dir)
     done = _done_tensors(partial, source, dtype) if resume else set()
     writer = StreamingWriter(partial, ckpt.config, dtype)
+    fp8 = fp8_params(ckpt.config) if dtype == "fp8" else {}
     specs = list(ckpt.specs.values())
     total = sum(ckpt.stored_nbytes(s.name) for s in specs)
     logging.info("converting %d tensors (%.2f GB) from %s to %s (%s); %d already done", len(specs), total / 1e9,
@@ -82,7 +89,12 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
             if spec.name not in done:
                 name = param_name(spec.path)
                 slot_shape = writer.shapes[name][0][len(spec.index):]
-                writer.write(name, spec.index, hf_to_k2(spec, ckpt.read(spec.name, np.float32), slot_shape))
+                if name in fp8:
+                    q, scale = _fp8_pair(ckpt, spec)
+                    writer.write(name, spec.index, hf_to_k2(spec, q, slot_shape))
+                    writer.write(f"{SCALES}.{name}", spec.index, scale.T)
+                else:
+                    writer.write(name, spec.index, hf_to_k2(spec, ckpt.read(spec.name, np.float32), slot_shape))
                 progress.write(json.dumps({"done": spec.name}) + "\n")
                 progress.flush()
                 os.fsync(progress.fileno())
@@ -94,21 +106,57 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
     logging.info("wrote %s", out_dir)
 
 
+def _fp8_pair(ckpt: HFCheckpoint, spec: HFTensorSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The release's (e4m3 weight, scale) as stored, or quantised now if the source holds it unquantised."""
+    raw = ckpt.read_raw(spec.name)
+    if raw.dtype == quant.E4M3:
+        return raw, ckpt.read_raw(spec.name + "_scale_inv").astype(np.float32)
+    return quant.quantize(raw.astype(np.float32), name=spec.name)
+
+
+def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str = "fp8") -> None:
+    """A k2jax checkpoint -> the release layout, one tensor in memory at a time."""
+    reader = CheckpointReader(ckpt_dir)
+    fp8 = fp8_params(reader.cfg) if reader.dtype == "fp8" else {}
+
+    def source(spec: HFTensorSpec):
+        name = param_name(spec.path)
+        slot = reader.slot(name, spec.index)
+        if name not in fp8:
+            return k2_to_hf(spec, slot).astype(np.float32)
+        q, scale = k2_to_hf(spec, slot), reader.slot(f"{SCALES}.{name}", spec.index).T
+        return (q, scale) if dtype == "fp8" else quant.dequantize(q, scale, np.float32, name=spec.name)
+
+    logging.info("exporting %s (%s) to %s as %s", ckpt_dir, reader.dtype, out_dir, dtype)
+    write_hf_checkpoint(out_dir, reader.cfg, source, dtype=dtype)
+    logging.info("wrote %s", out_dir)
+
+
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Directory of the HF release: config.json, "
                               "model.safetensors.index.json and the safetensors shards.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the k2jax (Orbax) checkpoint; must not exist.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Parameter dtype of the output (FP8 weights are "
-                           "dequantised: W = fp8 * weight_scale_inv per 128x128 block).")
+_CKPT_DIR = flags.DEFINE_string("ckpt_dir", None, "With --to_hf: the k2jax checkpoint to export.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the output (a k2jax checkpoint, or with --to_hf "
+                               "the release layout); must not exist.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Output dtype. bfloat16 / float32: FP8 weights are "
+                           "dequantised (W = fp8 * weight_scale_inv per 128x128 block); fp8: e4m3 weights and "
+                           "their scales are kept (or, exporting a bf16 / f32 checkpoint, quantised).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue an interrupted conversion found at OUT_DIR.partial.")
+_TO_HF = flags.DEFINE_bool("to_hf", False, "Export --ckpt_dir back to the HF release layout in --out_dir.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _HF_DIR.value or not _OUT_DIR.value:
-        raise app.UsageError("--hf_dir and --out_dir are required")
+    if _TO_HF.value:
+        if not _CKPT_DIR.value or not _OUT_DIR.value or _HF_DIR.value or _RESUME.value:
+            raise app.UsageError("--to_hf takes --ckpt_dir and --out_dir (and no --hf_dir or --resume)")
+    elif not _HF_DIR.value or not _OUT_DIR.value or _CKPT_DIR.value:
+        raise app.UsageError("--hf_dir and --out_dir are required (--ckpt_dir goes with --to_hf)")
     try:
-        convert_hf_to_orbax(_HF_DIR.value, _OUT_DIR.value, dtype=_DTYPE.value, resume=_RESUME.value)
+        if _TO_HF.value:
+            export_to_hf(_CKPT_DIR.value, _OUT_DIR.value, dtype=_DTYPE.value)
+        else:
+            convert_hf_to_orbax(_HF_DIR.value, _OUT_DIR.value, dtype=_DTYPE.value, resume=_RESUME.value)
     except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"convert_checkpoint: {e}") from None
 

@@ -22,15 +22,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
 from k2jax import quant
 from k2jax.config import K2Config
 from k2jax.hf_mapping import (CheckpointError, HFTensorSpec, check_names, from_hf_tensors, hf_tensor_specs,
                               release_dtype)
-from k2jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from k2jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors_streaming
 
 INDEX = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
@@ -202,40 +203,76 @@ def _shard_groups(specs: list[HFTensorSpec], num_shards: int) -> list[list[HFTen
     return [[s for g in groups[a:b] for s in g] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _stored(spec: HFTensorSpec, array: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray]]:
+def _layout(spec: HFTensorSpec, dtype: str) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what `spec` becomes on disk when writing with `dtype`."""
     kind = release_dtype(spec)
     if kind == "fp8" and dtype == "fp8":
-        q, s = quant.quantize(array, name=spec.name)
-        return [(spec.name, q), (_scale_name(spec.name), s)]
+        return [(spec.name, quant.E4M3, spec.shape),
+                (_scale_name(spec.name), np.dtype(np.float32), quant.scale_shape(spec.shape))]
     if kind == "float32" or (kind == "fp8" and dtype == "float32"):
-        return [(spec.name, np.asarray(array, np.float32))]
-    return [(spec.name, np.asarray(array, np.float32).astype(quant.ml_dtypes.bfloat16))]
+        return [(spec.name, np.dtype(np.float32), spec.shape)]
+    return [(spec.name, np.dtype(quant.ml_dtypes.bfloat16), spec.shape)]
 
 
-def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: K2Config, tensors: Mapping[str, np.ndarray], *,
+class _Producer:
+    """Turns source values into stored arrays one spec at a time; an FP8 weight's scale is produced right after
+    it, from the same quantisation."""
+
+    def __init__(self, specs, source, dtype):
+        self.specs, self.source, self.dtype = {s.name: s for s in specs}, source, dtype
+        self.pending_scale: tuple[str, np.ndarray] | None = None
+
+    def __call__(self, name: str) -> np.ndarray:
+        if self.pending_scale is not None and self.pending_scale[0] == name:
+            scale, self.pending_scale = self.pending_scale[1], None
+            return scale
+        spec = self.specs[name]
+        value = self.source(spec)
+        (_, stored_dtype, _), *scale = _layout(spec, self.dtype)
+        if isinstance(value, tuple):  # already (e4m3, scale): stored as they are
+            if not scale:
+                raise CheckpointError(f"tensor {name}: got FP8 data but it is written as {stored_dtype}")
+            q, s = value
+            self.pending_scale = (scale[0][0], np.asarray(s, np.float32))
+            return np.asarray(q)
+        value = np.asarray(value)
+        if value.shape != spec.shape:
+            raise CheckpointError(f"tensor {name}: expected shape {spec.shape}, got {value.shape}")
+        if scale:
+            q, s = quant.quantize(value, name=name)
+            self.pending_scale = (scale[0][0], s)
+            return q
+        return np.asarray(value, np.float32).astype(stored_dtype)
+
+
+def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: K2Config,
+                        tensors: Mapping[str, np.ndarray] | Callable[[HFTensorSpec], Any], *,
                         dtype: str = "fp8", num_shards: int | None = None) -> None:
-    """Writes release-named float tensors in the release layout (quantising matmuls when dtype="fp8").
-    `out_dir` must not exist; it appears only once complete."""
+    """Writes the release layout. `tensors` maps release names to float arrays, or is a function
+    spec -> float array, or -> (e4m3 array, scale) for a weight already in FP8 (stored bit for bit). With
+    dtype="fp8" matmuls are quantised (scale = block amax / 448); "bfloat16" / "float32" store them as they are.
+    One tensor is in memory at a time; `out_dir` must not exist and appears only once complete."""
     if dtype not in _STORE_DTYPES:
         raise CheckpointError(f"write_hf_checkpoint: dtype must be one of {_STORE_DTYPES}, got {dtype!r}")
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir):
         raise CheckpointError(f"{out_dir}: already exists; refusing to overwrite")
     specs = hf_tensor_specs(cfg)
-    check_names(cfg, tensors.keys(), specs)
-    for spec in specs:
-        if tuple(np.shape(tensors[spec.name])) != spec.shape:
-            raise CheckpointError(f"tensor {spec.name}: expected shape {spec.shape}, got {np.shape(tensors[spec.name])}")
+    if isinstance(tensors, Mapping):
+        check_names(cfg, tensors.keys(), specs)
+        mapping = tensors
+        tensors = lambda spec: mapping[spec.name]  # noqa: E731
+    produce = _Producer(specs, tensors, dtype)
     shards = _shard_groups(specs, num_shards or cfg.num_hidden_layers + 1)
     tmp = f"{out_dir}.partial-{os.getpid()}"
     os.makedirs(tmp)
     try:
         weight_map, total = {}, 0
-        for i, group in enumerate(shards, start=1):
+        for i, group in enumerate(tqdm(shards, desc="write shards", unit="shard", disable=len(shards) < 8), 1):
             file = f"model-{i:05d}-of-{len(shards):06d}.safetensors"
-            items = [item for spec in group for item in _stored(spec, tensors[spec.name], dtype)]
-            total += write_safetensors(os.path.join(tmp, file), items, metadata={"format": "pt"})
-            weight_map.update({name: file for name, _ in items})
+            layout = [entry for spec in group for entry in _layout(spec, dtype)]
+            total += write_safetensors_streaming(os.path.join(tmp, file), layout, produce, metadata={"format": "pt"})
+            weight_map.update({name: file for name, _, _ in layout})
         hf_config = cfg.to_hf()
         if dtype == "fp8":
             hf_config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -121,15 +121,27 @@ class SafetensorsFile:
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
                       metadata: Mapping[str, str] | None = None) -> int:
     """Writes tensors (in the given order) to `path` atomically. Returns the number of data bytes."""
+    items = dict(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    layout = [(name, a.dtype, a.shape) for name, a in items.items()]
+    return write_safetensors_streaming(path, layout, items.__getitem__, metadata)
+
+
+def write_safetensors_streaming(path: str | os.PathLike, layout: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+                                produce: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None
+                                ) -> int:
+    """Writes a file whose tensors are known by (name, dtype, shape) up front and produced one at a time by
+    `produce(name)`, in layout order: memory stays at one tensor. Atomic (temp file + rename). Returns the
+    number of data bytes."""
     path = os.fspath(path)
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    layout = [(name, np.dtype(dtype), tuple(shape)) for name, dtype, shape in layout]
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for name, a in items:
-        if a.dtype not in _NAMES:
-            raise SafetensorsError(f"{path}: tensor {name}: dtype {a.dtype} cannot be stored")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for name, dtype, shape in layout:
+        if dtype not in _NAMES:
+            raise SafetensorsError(f"{path}: tensor {name}: dtype {dtype} cannot be stored")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -137,7 +149,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for _, a in items:
+            for name, dtype, shape in layout:
+                a = np.asarray(produce(name))
+                if a.dtype != dtype or a.shape != shape:
+                    raise SafetensorsError(f"{path}: tensor {name}: produced {a.dtype}{list(a.shape)}, the header "
+                                           f"says {dtype}{list(shape)}")
                 f.write(np.ascontiguousarray(a).tobytes())
             f.flush()
             os.fsync(f.fileno())
