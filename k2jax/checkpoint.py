@@ -264,22 +264,25 @@ class StreamingWriter:
                         "metadata": {"shape": list(shape), "data_type": dtype, "fill_value": 0,
                                      "chunk_grid": {"name": "regular",
                                                     "configuration": {"chunk_shape": chunk_shape(shape, slot_ndim)}},
-                                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                                {"name": "zstd", "configuration": {"level": 1}}]}}
+                                     # raw bytes: trained weights barely compress and zstd would
+                                     # cost more time than the whole rest of the conversion
+                                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}}
                 ts.open(spec, create=True).result()
                 open(marker, "w").close()
             self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir}},
                                          open=True).result()
         return self._arrays[name]
 
-    def write(self, name: str, index: tuple[int, ...], slot: np.ndarray) -> None:
-        """Writes one slot (the parameter at leading `index`) and waits until it is on disk."""
+    def write(self, name: str, index: tuple[int, ...], slot: np.ndarray, *, wait: bool = True):
+        """Writes one slot (the parameter at leading `index`). With wait=False returns the tensorstore future
+        instead of waiting for it (the caller must keep `slot` alive and `.result()` it)."""
         shape, dtype = self.shapes[name]
         if tuple(slot.shape) != shape[len(index):]:
             raise CheckpointError(f"{name}{list(index)}: slot shape {list(slot.shape)}, expected "
                                   f"{list(shape[len(index):])}")
         array = self._array(name, len(shape) - len(index))
-        array[index].write(np.asarray(slot).astype(jnp.dtype(dtype))).result()
+        future = array[index].write(np.ascontiguousarray(slot, dtype=jnp.dtype(dtype)))  # one pass: cast + layout
+        return future.result() if wait else future
 
     def finish(self) -> None:
         """Writes k2jax.json: from here on the checkpoint counts as complete."""

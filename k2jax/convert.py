@@ -22,9 +22,14 @@ OUT_DIR under a temporary name.
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
@@ -81,36 +86,79 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
     logging.info("converting %d tensors (%.2f GB) from %s to %s (%s); %d already done", len(specs), total / 1e9,
                  hf_dir, out_dir, dtype, len(done))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not show_progress)
+    loop_start = time.perf_counter()
+    in_flight: collections.deque = collections.deque()  # (write futures, release name, slots kept alive)
+
+    def land_oldest(progress):
+        futures, name, _ = in_flight.popleft()
+        for f in futures:
+            f.result()
+        progress.write(json.dumps({"done": name}) + "\n")
+        progress.flush()
+        os.fsync(progress.fileno())
+
     with open(os.path.join(partial, PROGRESS), "a") as progress:
         if not done:
             progress.write(json.dumps({"source": source, "dtype": dtype}) + "\n")
         for spec in specs:
-            size = ckpt.stored_nbytes(spec.name)
             if spec.name not in done:
                 name = param_name(spec.path)
                 slot_shape = writer.shapes[name][0][len(spec.index):]
-                if name in fp8:
-                    q, scale = _fp8_pair(ckpt, spec)
-                    writer.write(name, spec.index, hf_to_k2(spec, q, slot_shape))
-                    writer.write(f"{SCALES}.{name}", spec.index, scale.T)
-                else:
-                    writer.write(name, spec.index, hf_to_k2(spec, ckpt.read(spec.name, np.float32), slot_shape))
-                progress.write(json.dumps({"done": spec.name}) + "\n")
-                progress.flush()
-                os.fsync(progress.fileno())
-            bar.update(size)
+                writes = _k2_slots(ckpt, spec, name, slot_shape, writer.shapes[name][1], name in fp8)
+                futures = [writer.write(n, spec.index, slot, wait=False) for n, slot in writes]
+                in_flight.append((futures, spec.name, writes))
+                while len(in_flight) > 1:  # one write overlaps the next tensor's read and transform
+                    land_oldest(progress)
+            bar.update(ckpt.stored_nbytes(spec.name))
+        while in_flight:
+            land_oldest(progress)
     bar.close()
+    seconds = time.perf_counter() - loop_start
+    logging.info("streamed %.3f GB in %.1f s: %.3f GB/s", total / 1e9, seconds, total / 1e9 / max(seconds, 1e-9))
     writer.finish()
     os.remove(os.path.join(partial, PROGRESS))
     os.rename(partial, out_dir)
     logging.info("wrote %s", out_dir)
 
 
+@functools.partial(jax.jit, static_argnames=("linear", "dtype"))
+def _dequantize_to_k2(q_OI, scale_XY, *, linear: bool, dtype: str):
+    """Release e4m3 + block scale -> float in k2jax's [in, out] orientation, one XLA pass (bit-identical to
+    quant.dequantize, and ~5x faster than NumPy for the transpose)."""
+    O, I = q_OI.shape
+    X, Y = scale_XY.shape
+    b = quant.BLOCK
+    w = jnp.pad(q_OI.astype(jnp.float32), ((0, X * b - O), (0, Y * b - I))).reshape(X, b, Y, b)
+    w = (w * scale_XY[:, None, :, None]).reshape(X * b, Y * b)[:O, :I]
+    return (w.T if linear else w).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _transpose_to(x, *, dtype: str):
+    return x.T.astype(dtype)
+
+
+def _k2_slots(ckpt: HFCheckpoint, spec: HFTensorSpec, name: str, slot_shape, target: str, keep_fp8: bool):
+    """[(parameter name, slot array)] to write for one release tensor; `target` is the parameter's stored dtype."""
+    if keep_fp8:
+        q, scale = _fp8_pair(ckpt, spec)
+        return [(name, np.ascontiguousarray(q.T).reshape(slot_shape)), (f"{SCALES}.{name}", scale.T)]
+    raw = ckpt.read_raw(spec.name)
+    if raw.dtype == quant.E4M3:
+        scale = ckpt.read_scale(spec.name, raw.shape)
+        out = _dequantize_to_k2(raw, scale, linear=spec.linear, dtype=target)
+    elif spec.linear:
+        out = _transpose_to(raw.astype(np.float32), dtype=target)
+    else:
+        out = raw.astype(np.float32).astype(jnp.dtype(target))
+    return [(name, np.asarray(out).reshape(slot_shape))]
+
+
 def _fp8_pair(ckpt: HFCheckpoint, spec: HFTensorSpec) -> tuple[np.ndarray, np.ndarray]:
     """The release's (e4m3 weight, scale) as stored, or quantised now if the source holds it unquantised."""
     raw = ckpt.read_raw(spec.name)
     if raw.dtype == quant.E4M3:
-        return raw, ckpt.read_raw(spec.name + "_scale_inv").astype(np.float32)
+        return raw, ckpt.read_scale(spec.name, raw.shape)
     return quant.quantize(raw.astype(np.float32), name=spec.name)
 
 

@@ -114,12 +114,18 @@ class HFCheckpoint:
         for name, spec in self.specs.items():
             scale = _scale_name(name)
             if scale in self.weight_map:
-                s = self._file_of(scale).read(scale).astype(np.float32)
-                bad = ~(np.isfinite(s) & (s > 0))
-                if bad.any():
-                    i, j = map(int, np.argwhere(bad)[0])
-                    raise CheckpointError(f"{self._file_of(scale).path}: tensor {scale}: block [{i}, {j}] is "
-                                          f"{float(s[i, j])}; scales must be finite and > 0")
+                self.read_scale(name, spec.shape)
+
+    def read_scale(self, name: str, weight_shape: tuple[int, int]) -> np.ndarray:
+        """The float32 block scale of FP8 weight `name`, checked (shape, finite, > 0)."""
+        scale = _scale_name(name)
+        if scale not in self.weight_map:
+            raise CheckpointError(f"{self._file_of(name).path}: tensor {name} is float8 but {scale} is missing")
+        f = self._file_of(scale)
+        try:
+            return quant.check_scale(f.read(scale), weight_shape, name=name)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{f.path}: tensor {e}") from None
 
     def _is_mtp(self, name: str) -> bool:
         parts = name.split(".")
@@ -152,13 +158,7 @@ class HFCheckpoint:
         shard = self._file_of(name)
         array = shard.read(name)
         if array.dtype == quant.E4M3:
-            scale = _scale_name(name)
-            if scale not in self.weight_map:
-                raise CheckpointError(f"{shard.path}: tensor {name} is float8 but {scale} is missing")
-            try:
-                return quant.dequantize(array, self._file_of(scale).read(scale), dtype, name=name)
-            except quant.QuantError as e:
-                raise CheckpointError(f"{self._file_of(scale).path}: {e}") from None
+            return quant.dequantize(array, self.read_scale(name, array.shape), dtype, name=name)
         return array.astype(dtype)
 
     def stored_nbytes(self, name: str) -> int:

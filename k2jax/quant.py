@@ -36,6 +36,24 @@ def scale_shape(weight_shape: tuple[int, ...], block: int = BLOCK) -> tuple[int,
     return -(-out // block), -(-in_ // block)
 
 
+# float32 value of each of the 256 e4m3 bit patterns: a table lookup is ~10x faster than ml_dtypes' cast.
+_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
+
+
+def _blockwise_scale(values_OI: np.ndarray, scale_XY: np.ndarray, block: int) -> np.ndarray:
+    """values * scale per block, in place on a float32 array, without building a full-size scale."""
+    O, I = values_OI.shape
+    X, Y = scale_XY.shape
+    full_o, full_i = (O // block) * block, (I // block) * block
+    body = values_OI[:full_o, :full_i].reshape(full_o // block, block, full_i // block, block)
+    body *= scale_XY[:full_o // block, None, :full_i // block, None]
+    if full_i < I:  # ragged last block column: one scale per block row
+        values_OI[:full_o, full_i:] *= np.repeat(scale_XY[:full_o // block, Y - 1], block)[:, None]
+    if full_o < O:  # ragged last block row
+        values_OI[full_o:] *= np.repeat(scale_XY[X - 1], block)[:I]
+    return values_OI
+
+
 def _expand(scale_XY: np.ndarray, shape: tuple[int, int], block: int) -> np.ndarray:
     """The per-element view of a block scale grid, cropped to the weight's (possibly ragged) shape."""
     return np.repeat(np.repeat(scale_XY, block, axis=0), block, axis=1)[: shape[0], : shape[1]]
@@ -47,9 +65,18 @@ def dequantize(weight_OI: np.ndarray, scale_inv_XY: np.ndarray, dtype=np.float32
     weight_OI, scale_inv_XY = np.asarray(weight_OI), np.asarray(scale_inv_XY)
     if weight_OI.dtype != E4M3 or weight_OI.ndim != 2:
         raise QuantError(f"{name}: expected a 2-D float8_e4m3fn weight, got {weight_OI.dtype}{list(weight_OI.shape)}")
-    want = scale_shape(weight_OI.shape, block)
+    scale32 = check_scale(scale_inv_XY, weight_OI.shape, name=name, block=block)
+    out = _blockwise_scale(_E4M3_TO_F32[weight_OI.view(np.uint8)], scale32, block)
+    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+
+
+def check_scale(scale_inv_XY: np.ndarray, weight_shape: tuple[int, int], *, name: str = "weight",
+                block: int = BLOCK) -> np.ndarray:
+    """The scale as float32, after checking its grid shape and that every block is finite and > 0."""
+    scale_inv_XY = np.asarray(scale_inv_XY)
+    want = scale_shape(weight_shape, block)
     if scale_inv_XY.shape != want:
-        raise QuantError(f"{name}_scale_inv: expected shape {list(want)} for weight {list(weight_OI.shape)}, "
+        raise QuantError(f"{name}_scale_inv: expected shape {list(want)} for weight {list(weight_shape)}, "
                          f"got {list(scale_inv_XY.shape)}")
     if not np.issubdtype(scale_inv_XY.dtype, np.floating):
         raise QuantError(f"{name}_scale_inv: expected a float scale, got {scale_inv_XY.dtype}")
@@ -58,8 +85,7 @@ def dequantize(weight_OI: np.ndarray, scale_inv_XY: np.ndarray, dtype=np.float32
     if bad.any():
         i, j = map(int, np.argwhere(bad)[0])
         raise QuantError(f"{name}_scale_inv: block [{i}, {j}] is {float(scale32[i, j])}; scales must be finite and > 0")
-    out = weight_OI.astype(np.float32) * _expand(scale32, weight_OI.shape, block)
-    return out.astype(dtype)
+    return scale32
 
 
 def quantize(weight_OI: np.ndarray, *, name: str = "weight", block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,96 @@
+"""Conversion throughput and memory on a synthetic checkpoint with one full-width Kimi K2 MoE layer.
+
+    python benchmarks/convert.py [--experts=16] [--dtype=bfloat16] [--workdir=/tmp/k2bench] [--keep]
+
+Writes a release-layout FP8 checkpoint (hidden 7168, 64 heads, q_lora 1536, kv_lora 512, expert FFN 2048, one
+MoE layer with --experts routed experts + 1 shared; 384 experts is the full layer, about 17 GB), then in the
+same run measures:
+  - raw read speed of its files (`cat FILES > /dev/null`),
+  - the converter (convert_checkpoint.py, a separate process) end to end, and its peak RSS.
+Prints conversion GB/s / raw read GB/s (goal >= 0.5) and peak RSS / the layer's size on disk (goal <= 2).
+Both runs read files the page cache holds (the checkpoint was just written); a cold-cache figure needs a
+machine where caches can be dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from k2jax.config import kimi_k2  # noqa: E402
+from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint  # noqa: E402
+
+_EXPERTS = flags.DEFINE_integer("experts", 16, "Routed experts in the MoE layer (384 = a full K2 layer, ~17 GB).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "fp8"], "Converter output dtype.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where to put the files (default: a temporary directory).")
+_KEEP = flags.DEFINE_bool("keep", False, "Keep the generated files.")
+
+
+def bench_config(experts: int):
+    return kimi_k2(vocab_size=2048, num_hidden_layers=1, first_k_dense_replace=0, n_routed_experts=experts,
+                   num_experts_per_tok=min(8, experts))
+
+
+def main(argv):
+    del argv
+    cfg = bench_config(_EXPERTS.value)
+    work = _WORKDIR.value or tempfile.mkdtemp(prefix="k2bench-")
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "k2")
+    for path in (hf, out, out + ".partial"):
+        shutil.rmtree(path, ignore_errors=True)
+    rng = np.random.default_rng(0)
+
+    def random_tensor(spec):
+        if len(spec.shape) == 1:
+            return np.ones(spec.shape, np.float32)
+        return rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(spec.shape[1] ** -0.5)
+
+    start = time.perf_counter()
+    write_hf_checkpoint(hf, cfg, random_tensor, dtype="fp8", num_shards=4)
+    generate_s = time.perf_counter() - start
+    files = [os.path.join(hf, f) for f in sorted(os.listdir(hf))]
+    size = sum(os.path.getsize(f) for f in files)
+    ckpt = HFCheckpoint(hf)
+    layer = sum(ckpt.stored_nbytes(n) for n in ckpt.specs if n.startswith("model.layers.0."))
+
+    start = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    read_s = time.perf_counter() - start
+
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                        "convert_checkpoint.py"), f"--hf_dir={hf}", f"--out_dir={out}",
+           f"--dtype={_DTYPE.value}"]
+    start = time.perf_counter()
+    log = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    convert_s = time.perf_counter() - start
+    streamed = re.search(r"streamed ([\d.]+) GB in ([\d.]+) s", log.stderr)
+    stream_gbs = float(streamed.group(1)) / float(streamed.group(2))
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child: the converter
+
+    print(f"synthetic K2 MoE layer: hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts x FFN "
+          f"{cfg.moe_intermediate_size} + shared, FP8 files {size / 1e9:.2f} GB (layer {layer / 1e9:.2f} GB), "
+          f"generated in {generate_s:.0f} s")
+    print(f"raw read (cat, warm cache): {size / read_s / 1e9:.2f} GB/s")
+    read_gbs = size / read_s / 1e9
+    print(f"convert to {_DTYPE.value}: {convert_s:.1f} s end to end ({size / convert_s / 1e9:.3f} GB/s, start-up and "
+          f"validation included); streaming {stream_gbs:.3f} GB/s -> {stream_gbs / read_gbs:.3f} of raw read "
+          f"(goal >= 0.5)")
+    print(f"converter peak RSS {peak_rss / 1e9:.2f} GB -> {peak_rss / layer:.2f} x the layer (goal <= 2; includes "
+          f"~1 GB of fixed Python/JAX runtime, which a full 17 GB layer makes negligible)")
+    if not _KEEP.value and not _WORKDIR.value:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
