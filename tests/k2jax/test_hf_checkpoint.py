@@ -102,7 +102,8 @@ def _drop(name):
     return lambda t: t.pop(name)
 
 
-@pytest.mark.parametrize("damage, match", [
+# (damage to a copy of the checkpoint, the error it must produce)
+DAMAGE = [
     (lambda p: os.remove(_shard_of(p, KV_A)), "missing shard"),
     (lambda p: open(_shard_of(p, KV_A), "r+b").truncate(os.path.getsize(_shard_of(p, KV_A)) - 10), "truncated"),
     (lambda p: open(_shard_of(p, KV_A), "r+b").write(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"), "corrupt header"),
@@ -113,7 +114,10 @@ def _drop(name):
     (lambda p: _rewrite_shard(p, KV_A, lambda t: t.__setitem__(KV_A, t[KV_A][:100])), "shape \\[100, 160\\]"),
     (lambda p: _rewrite_shard(p, "model.norm.weight", lambda t: t.__setitem__(
         "model.norm.weight", t["model.norm.weight"].astype(np.float32).astype(np.int32))), "not a float"),
-])
+]
+
+
+@pytest.mark.parametrize("damage, match", DAMAGE)
 def test_damaged_checkpoints_fail_naming_file_and_tensor(broken, damage, match):
     damage(broken)
     with pytest.raises(CheckpointError, match=match):
@@ -152,3 +156,13 @@ def test_missing_scale_for_fp8_weight(broken):
     _edit_index(broken, lambda m: m.pop(KV_A + "_scale_inv"))
     with pytest.raises(CheckpointError, match=f"{KV_A} is float8 but {KV_A}_scale_inv is missing"):
         load_hf_checkpoint(broken)
+
+
+@pytest.mark.parametrize("damage, match", DAMAGE)
+def test_converter_stops_on_damage_before_writing(broken, damage, match, tmp_path):
+    from k2jax.convert import convert_hf_to_orbax
+    damage(broken)
+    out = tmp_path / "converted"
+    with pytest.raises(CheckpointError, match=match):
+        convert_hf_to_orbax(broken, str(out), show_progress=False)
+    assert not out.exists() and not (tmp_path / "converted.partial").exists()
