@@ -180,34 +180,38 @@ def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str = "fp8") -> None:
     logging.info("wrote %s", out_dir)
 
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Directory of the HF release: config.json, "
-                              "model.safetensors.index.json and the safetensors shards.")
-_CKPT_DIR = flags.DEFINE_string("ckpt_dir", None, "With --to_hf: the k2jax checkpoint to export.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the output (a k2jax checkpoint, or with --to_hf "
-                               "the release layout); must not exist.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Output dtype. bfloat16 / float32: FP8 weights are "
-                           "dequantised (W = fp8 * weight_scale_inv per 128x128 block); fp8: e4m3 weights and "
-                           "their scales are kept (or, exporting a bf16 / f32 checkpoint, quantised).")
-_RESUME = flags.DEFINE_bool("resume", False, "Continue an interrupted conversion found at OUT_DIR.partial.")
-_TO_HF = flags.DEFINE_bool("to_hf", False, "Export --ckpt_dir back to the HF release layout in --out_dir.")
+def _define_flags() -> None:
+    """Flags exist only for the command line (defining them at import would clash with other entry points)."""
+    flags.DEFINE_string("hf_dir", None, "Directory of the HF release: config.json, model.safetensors.index.json "
+                        "and the safetensors shards.")
+    flags.DEFINE_string("ckpt_dir", None, "With --to_hf: the k2jax checkpoint to export.")
+    flags.DEFINE_string("out_dir", None, "Where to write the output (a k2jax checkpoint, or with --to_hf the "
+                        "release layout); must not exist.")
+    flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Output dtype. bfloat16 / float32: FP8 weights are "
+                      "dequantised (W = fp8 * weight_scale_inv per 128x128 block); fp8: e4m3 weights and their "
+                      "scales are kept (or, exporting a bf16 / f32 checkpoint, quantised).")
+    flags.DEFINE_bool("resume", False, "Continue an interrupted conversion found at OUT_DIR.partial.")
+    flags.DEFINE_bool("to_hf", False, "Export --ckpt_dir back to the HF release layout in --out_dir.")
 
 
 def main(argv):
+    FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _TO_HF.value:
-        if not _CKPT_DIR.value or not _OUT_DIR.value or _HF_DIR.value or _RESUME.value:
+    if FLAGS.to_hf:
+        if not FLAGS.ckpt_dir or not FLAGS.out_dir or FLAGS.hf_dir or FLAGS.resume:
             raise app.UsageError("--to_hf takes --ckpt_dir and --out_dir (and no --hf_dir or --resume)")
-    elif not _HF_DIR.value or not _OUT_DIR.value or _CKPT_DIR.value:
+    elif not FLAGS.hf_dir or not FLAGS.out_dir or FLAGS.ckpt_dir:
         raise app.UsageError("--hf_dir and --out_dir are required (--ckpt_dir goes with --to_hf)")
     try:
-        if _TO_HF.value:
-            export_to_hf(_CKPT_DIR.value, _OUT_DIR.value, dtype=_DTYPE.value)
+        if FLAGS.to_hf:
+            export_to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, dtype=FLAGS.dtype)
         else:
-            convert_hf_to_orbax(_HF_DIR.value, _OUT_DIR.value, dtype=_DTYPE.value, resume=_RESUME.value)
+            convert_hf_to_orbax(FLAGS.hf_dir, FLAGS.out_dir, dtype=FLAGS.dtype, resume=FLAGS.resume)
     except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"convert_checkpoint: {e}") from None
 
 
 def cli():
+    _define_flags()
     app.run(main)

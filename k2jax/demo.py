@@ -25,12 +25,14 @@ import k2jax
 from k2jax import config as k2config
 from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
 
-_PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny"], "Model preset to instantiate (CPU-sized presets only).")
-_BATCH = flags.DEFINE_integer("batch", 2, "Number of sequences.", lower_bound=1)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 48, "Tokens per sequence.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and tokens.")
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "A release-layout checkpoint directory to run instead of a generated "
-                              "one (it is read whole into memory: small models only).")
+def _define_flags() -> None:
+    """Flags exist only for the command line (defining them at import would clash with other entry points)."""
+    flags.DEFINE_enum("preset", "tiny", ["tiny"], "Model preset to instantiate (CPU-sized presets only).")
+    flags.DEFINE_integer("batch", 2, "Number of sequences.", lower_bound=1)
+    flags.DEFINE_integer("seq_len", 48, "Tokens per sequence.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Seed for weights and tokens.")
+    flags.DEFINE_string("hf_dir", None, "A release-layout checkpoint directory to run instead of a generated one "
+                        "(it is read whole into memory: small models only).")
 
 
 def run(preset: str, batch: int, seq_len: int, seed: int, hf_dir: str | None = None) -> dict:
@@ -58,14 +60,15 @@ def run(preset: str, batch: int, seq_len: int, seed: int, hf_dir: str | None = N
 
 
 def main(argv=None):
+    FLAGS = flags.FLAGS
     if argv is not None and len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    r = run(_PRESET.value, _BATCH.value, _SEQ_LEN.value, _SEED.value, _HF_DIR.value)
+    r = run(FLAGS.preset, FLAGS.batch, FLAGS.seq_len, FLAGS.seed, FLAGS.hf_dir)
     cfg, aux = r["cfg"], r["aux"]
-    source = _HF_DIR.value or f"preset {_PRESET.value} written as an FP8 release-layout checkpoint and loaded"
+    source = FLAGS.hf_dir or f"preset {FLAGS.preset} written as an FP8 release-layout checkpoint and loaded"
     print(f"k2jax demo: {source}; {cfg.num_params():,} parameters "
           f"({cfg.num_active_params():,} active per token), {jax.devices()[0].platform} backend")
-    print(f"forward of {_BATCH.value} x {_SEQ_LEN.value} tokens: logits {tuple(r['logits'].shape)} "
+    print(f"forward of {FLAGS.batch} x {FLAGS.seq_len} tokens: logits {tuple(r['logits'].shape)} "
           f"{r['logits'].dtype}, compile+run {r['compile_s']:.2f}s, run {r['step_s'] * 1e3:.1f} ms")
     print(f"greedy next token per sequence: {r['next_tokens'].tolist()}")
     print("max pre-softmax logit per layer (over heads):",
@@ -81,6 +84,7 @@ def main(argv=None):
 
 
 def cli():
+    _define_flags()
     app.run(main)
 
 

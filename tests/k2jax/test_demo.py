@@ -28,3 +28,15 @@ def test_demo_runs_a_given_checkpoint(tmp_path):
 def test_demo_rejects_too_long_sequences():
     with pytest.raises(ValueError, match="seq_len"):
         demo.run("tiny", batch=1, seq_len=10_000, seed=0)
+
+
+def test_demo_command_line():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-m", "k2jax.demo", "--seq_len=8", "--batch=1"], capture_output=True,
+                            text=True, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "written as an FP8 release-layout checkpoint and loaded" in result.stdout
+    assert "1,026,408,232,448 parameters" in result.stdout
