@@ -12,6 +12,7 @@ of the full Kimi K2 configuration from `jax.eval_shape` (no memory used).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 
@@ -85,6 +86,8 @@ def main(argv=None):
 
 def cli():
     _define_flags()
+    for name in ['preset', 'batch', 'seq_len', 'seed', 'hf_dir']:  # so --help lists them under the running script
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
     app.run(main)
 
 
