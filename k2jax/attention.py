@@ -44,7 +44,7 @@ class MLAttention(nnx.Module):
         self.kv_b_proj = weight(rngs, (C, N, cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 ("kv_lora", "heads", "kv_head_dim"), cfg)
         self.o_proj = weight(rngs, (N, cfg.v_head_dim, D), ("heads", "v_head_dim", "embed"), cfg,
-                             fan_in=N * cfg.v_head_dim)
+                             fan_in=N * cfg.v_head_dim, n_in=2)
         self.dtype = jnp.dtype(cfg.dtype)
         self.scale = softmax_scale(cfg)
 

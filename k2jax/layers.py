@@ -18,17 +18,23 @@ from flax import nnx
 from k2jax.config import K2Config
 
 
-def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: K2Config, *, fan_in: int | None = None
-           ) -> nnx.Param:
+def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: K2Config, *, fan_in: int | None = None,
+           n_batch: int = 0, n_in: int = 1) -> nnx.Param:
     """A matmul weight, N(0, initializer_range) truncated at 2 sigma (scaled down for fan_in > hidden when
-    given), in cfg.param_dtype, tagged with its logical axes."""
+    given), in cfg.param_dtype, tagged with its logical axes and `matrix_axes` = (n_in, n_out): its last
+    n_in + n_out axes are the matrix [in..., out...] (leading axes, like experts or stacked layers, are batch
+    axes). The optimizer reads fan-in / fan-out from this."""
     if len(shape) != len(axes):
         raise ValueError(f"weight shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
+    n_out = len(shape) - n_batch - n_in
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"weight {tuple(axes)}: n_batch={n_batch}, n_in={n_in} leave no output axis")
     std = cfg.initializer_range
     if fan_in is not None and fan_in > cfg.hidden_size:
         std *= math.sqrt(cfg.hidden_size / fan_in)
     init = jax.nn.initializers.truncated_normal(std)
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype)), logical_axes=tuple(axes))
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype)), logical_axes=tuple(axes),
+                     matrix_axes=(n_in, n_out))
 
 
 def ones(shape: Sequence[int], axes: Sequence[str], cfg: K2Config) -> nnx.Param:

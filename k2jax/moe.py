@@ -65,9 +65,9 @@ def _keep_top_groups(choice_TE: jnp.ndarray, n_group: int, topk_group: int) -> j
 class RoutedExperts(nnx.Module):
     def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg)
-        self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg)
-        self.down_proj = weight(rngs, (E, F, D), ("expert", "moe_mlp", "embed"), cfg, fan_in=F)
+        self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg, n_batch=1)
+        self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg, n_batch=1)
+        self.down_proj = weight(rngs, (E, F, D), ("expert", "moe_mlp", "embed"), cfg, fan_in=F, n_batch=1)
         self.dtype = jnp.dtype(cfg.dtype)
         self.impl = cfg.moe_impl
 

@@ -1,0 +1,210 @@
+"""MuonClip (Kimi K2): Muon on hidden matrices, AdamW on the rest, then per-head QK-Clip.
+
+    rules = param_rules(model)                    # which rule each parameter gets (print(rules_table(rules)))
+    tx = muon_clip(3e-4, rules=rules, cfg=model.cfg)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    logits, aux = model(tokens, return_aux=True)  # inside the loss; aux["attn_max_logits"] [num_layers, N]
+    opt.update(model, grads, attn_max_logits=aux["attn_max_logits"])
+
+Muon (Moonlight / K2 form), per matrix, with stacked-layer and expert axes as batch axes:
+    M_t = mu M_{t-1} + G_t                        (no bias correction)
+    O_t = NS5(G_t + mu M_t)  (nesterov) or NS5(M_t)
+    W_t = W_{t-1} - lr (0.2 sqrt(max(fan_in, fan_out)) O_t + wd W_{t-1})
+NS5 is Newton-Schulz with the coefficients (3.4445, -4.7750, 2.0315) after Frobenius normalisation (optax's
+`orthogonalize_via_newton_schulz`, batched by its dimension numbers); fan-in / fan-out and the batch axes come
+from each weight's `matrix_axes` metadata, not from its shape.
+
+AdamW (b1, b2, decoupled weight decay) for embeddings, lm_head, norms and every other parameter.
+
+QK-Clip, after the update, as an update (it composes with whatever came before): for layer l, head h with
+S = attn_max_logits[l, h] > tau, gamma = tau / S; q_nope columns of q_b_proj (or q_proj) x sqrt(gamma), q_rope
+columns x gamma, k_nope columns of kv_b_proj x sqrt(gamma). kv_a (the shared rope key), values and heads at or
+under tau are untouched. Every logit of the head is then scaled by exactly gamma.
+
+Letter legend: L layers, N heads, P nope dim, R rope dim, V value dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from optax.contrib import MuonDimensionNumbers
+from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
+
+from k2jax.config import K2Config
+
+K2_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+MUON_RMS = 0.2  # update scaled to 0.2 sqrt(max(fan_in, fan_out)): AdamW's typical update RMS
+
+
+class ParamRule(NamedTuple):
+    rule: str  # "muon" | "adamw"
+    dims: MuonDimensionNumbers | None  # matrix axes for muon; the other axes are batch axes
+    fan_in: int
+    fan_out: int
+
+
+def leaf_name(path) -> str:
+    """'moe_blocks.self_attn.q_b_proj' for a tree path (dict keys and indices; attribute keys like .value are
+    skipped), the same names whether the tree is an nnx.State or a plain dict."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+    return ".".join(parts)
+
+
+def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
+    """The one place that decides each parameter's rule: Muon for every weight whose metadata names a matrix
+    (`matrix_axes`) unless it touches the vocabulary (embeddings, lm_head); AdamW for everything else."""
+    rules = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        meta = var.get_metadata()
+        matrix, axes = meta.get("matrix_axes"), tuple(meta.get("logical_axes", ()))
+        if matrix is None or "vocab" in axes:
+            rules[name] = ParamRule("adamw", None, 0, 0)
+            continue
+        n_in, n_out = matrix
+        ndim = len(var.shape)
+        ins = tuple(range(ndim - n_in - n_out, ndim - n_out))
+        outs = tuple(range(ndim - n_out, ndim))
+        fan_in = int(jnp.prod(jnp.array([var.shape[i] for i in ins])))
+        fan_out = int(jnp.prod(jnp.array([var.shape[i] for i in outs])))
+        rules[name] = ParamRule("muon", MuonDimensionNumbers(ins, outs), fan_in, fan_out)
+    return rules
+
+
+def rules_table(rules: dict[str, ParamRule]) -> str:
+    """A printable table: parameter, rule, matrix axes, fan-in, fan-out, update scale."""
+    rows = [f"{'parameter':48s} {'rule':6s} {'in axes':10s} {'out axes':10s} {'fan_in':>7s} {'fan_out':>7s} scale"]
+    for name, r in rules.items():
+        if r.rule == "muon":
+            scale = MUON_RMS * max(r.fan_in, r.fan_out) ** 0.5
+            rows.append(f"{name:48s} muon   {str(r.dims.reduction_axis):10s} {str(r.dims.output_axis):10s} "
+                        f"{r.fan_in:7d} {r.fan_out:7d} {scale:.2f}")
+        else:
+            rows.append(f"{name:48s} adamw")
+    return "\n".join(rows)
+
+
+def _by_name(tree: Any, fn) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(leaf_name(path), x), tree)
+
+
+class MomentumState(NamedTuple):
+    mu: Any
+
+
+def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nesterov: bool = True,
+                     ns_steps: int = 5, ns_dtype: str = "float32") -> optax.GradientTransformation:
+    """Momentum (no bias correction) then batched Newton-Schulz orthogonalisation, for the muon leaves."""
+    coeffs = jnp.asarray(K2_NS_COEFFS, jnp.float32)
+
+    def init(params):
+        return MomentumState(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: momentum * m + g.astype(jnp.float32), state.mu, updates)
+        direction = jax.tree.map(lambda m, g: g.astype(jnp.float32) + momentum * m, mu, updates) if nesterov else mu
+
+        def orthogonalise(name, d):
+            out = orthogonalize_via_newton_schulz(d.astype(ns_dtype), coeffs.astype(ns_dtype), ns_steps,
+                                                  dimension_numbers=rules[name].dims)
+            return out.astype(jnp.float32)
+
+        return _by_name(direction, orthogonalise), MomentumState(mu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def qk_clip(cfg: K2Config, tau: float) -> optax.GradientTransformationExtraArgs:
+    """Rescales q_b / q_proj and kv_b_proj per head after the update so no head's max logit exceeds tau."""
+    P = cfg.qk_nope_head_dim
+    k = cfg.num_dense_layers
+
+    def factors(name: str, shape, gamma_LN):
+        """The per-element multiplier for parameter `name` (None if QK-Clip leaves it alone)."""
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in ("q_b_proj", "q_proj", "kv_b_proj"):
+            return None
+        if name.startswith("dense_blocks."):
+            gamma_N = gamma_LN[int(name.split(".")[1])]
+        else:
+            gamma_N = gamma_LN[k:]
+        sqrt_g = jnp.sqrt(gamma_N)
+        H = shape[-1]
+        if kind == "kv_b_proj":
+            rest = jnp.ones(gamma_N.shape + (H - P,), jnp.float32)  # values untouched
+        else:
+            rest = jnp.broadcast_to(gamma_N[..., None], gamma_N.shape + (H - P,))  # q_rope x gamma
+        nope = jnp.broadcast_to(sqrt_g[..., None], sqrt_g.shape + (P,))
+        f_NH = jnp.concatenate([nope, rest], axis=-1)  # [(L,) N, H]
+        if gamma_N.ndim == 2:  # stacked MoE blocks: [L, in, N, H]
+            return f_NH[:, None]
+        return f_NH[None]
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, attn_max_logits=None, **extra):
+        del extra
+        if attn_max_logits is None:
+            raise ValueError("qk_clip: update(...) needs attn_max_logits=aux['attn_max_logits'] [num_layers, heads]")
+        if params is None:
+            raise ValueError("qk_clip: update(...) needs params")
+        S = jnp.asarray(attn_max_logits, jnp.float32)
+        if S.shape != (cfg.num_hidden_layers, cfg.num_attention_heads):
+            raise ValueError(f"qk_clip: attn_max_logits must be [{cfg.num_hidden_layers}, "
+                             f"{cfg.num_attention_heads}], got {S.shape}")
+        gamma_LN = jnp.where(S > tau, tau / S, 1.0)
+
+        def clip(path, u, p):
+            f = factors(leaf_name(path), p.shape, gamma_LN)
+            if f is None:
+                return u
+            new = p.astype(jnp.float32) + u.astype(jnp.float32)
+            return (new * f - p.astype(jnp.float32)).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(clip, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def muon_clip(learning_rate: optax.ScalarOrSchedule, *, rules: dict[str, ParamRule], cfg: K2Config | None = None,
+              weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+              ns_dtype: str = "float32", adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
+              qk_clip_tau: float | None = 100.0) -> optax.GradientTransformationExtraArgs:
+    """MuonClip as one optax transformation (see the module docstring). `rules` from `param_rules(model)`;
+    `cfg` is needed for QK-Clip (qk_clip_tau=None turns it off)."""
+    if qk_clip_tau is not None and cfg is None:
+        raise ValueError("muon_clip: QK-Clip needs cfg= (the model's K2Config); pass qk_clip_tau=None to disable it")
+
+    def labels(params):
+        return _by_name(params, lambda name, _: rules[name].rule if name in rules else _missing(name))
+
+    def dims(params):
+        return _by_name(params, lambda name, _: rules[name].dims)
+
+    muon = optax.chain(
+        scale_by_muon_k2(rules, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype),
+        scale_by_shape(weight_dimension_numbers=dims, consistent_rms=MUON_RMS),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate))
+    adamw = optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay)
+    parts = [optax.partition({"muon": muon, "adamw": adamw}, labels)]
+    if qk_clip_tau is not None:
+        parts.append(qk_clip(cfg, qk_clip_tau))
+    return optax.chain(*parts)
+
+
+def _missing(name: str):
+    raise ValueError(f"muon_clip: parameter {name} has no rule; build rules with param_rules(model)")

@@ -1,0 +1,177 @@
+"""MuonClip: Newton-Schulz vs SVD, Muon vs a NumPy reference, QK-Clip's exact per-head effect, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import k2jax
+from k2jax.config import tiny
+from k2jax.optim.muon_clip import K2_NS_COEFFS, MUON_RMS, muon_clip, param_rules, qk_clip, rules_table
+from optax.contrib import MuonDimensionNumbers
+from optax.contrib._muon import orthogonalize_via_newton_schulz
+from tests.oracle import random_release_tensors
+
+CFG = tiny()
+
+
+def _ns(x, dims=None):
+    return orthogonalize_via_newton_schulz(jnp.asarray(x), jnp.asarray(K2_NS_COEFFS, jnp.float32), 5,
+                                           dimension_numbers=dims)
+
+
+def _numpy_ns(g):
+    a, b, c = K2_NS_COEFFS
+    x = g / (np.linalg.norm(g) + 1e-8)
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    for _ in range(5):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if transposed else x
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (64, 24)])
+def test_newton_schulz_keeps_singular_vectors_and_lands_in_band(shape):
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))
+    v, _ = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))
+    k = min(shape)
+    s = rng.uniform(0.2, 1.0, k)
+    g = (u[:, :k] * s) @ v[:, :k].T
+    out = np.asarray(_ns(g.astype(np.float32)), np.float64)
+    core = u[:, :k].T @ out @ v[:, :k]  # diagonal if singular vectors are kept
+    off = core - np.diag(np.diag(core))
+    assert np.max(np.abs(off)) < 1e-4
+    assert np.all((np.diag(core) > 0.6) & (np.diag(core) < 1.3)), np.diag(core)
+    np.testing.assert_allclose(out, _numpy_ns(g), atol=2e-5)
+
+
+def test_newton_schulz_batches_over_expert_and_layer_axes():
+    g = np.random.default_rng(1).standard_normal((2, 3, 16, 24)).astype(np.float32)
+    out = np.asarray(_ns(g, MuonDimensionNumbers((2,), (3,))))
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_allclose(out[i, j], _numpy_ns(g[i, j].astype(np.float64)), atol=2e-5)
+
+
+def test_rules_come_from_matrix_axes():
+    rules = param_rules(k2jax.Transformer(CFG, rngs=nnx.Rngs(0)))
+    assert rules["embed_tokens"].rule == "adamw" and rules["lm_head"].rule == "adamw"
+    assert rules["moe_blocks.input_layernorm.weight"].rule == "adamw"
+    experts = rules["moe_blocks.mlp.experts.down_proj"]  # [L, E, F, D]: L and E are batch axes
+    assert experts.rule == "muon" and experts.dims == MuonDimensionNumbers((2,), (3,))
+    assert (experts.fan_in, experts.fan_out) == (CFG.moe_intermediate_size, CFG.hidden_size)
+    o_proj = rules["moe_blocks.self_attn.o_proj"]  # [L, N, V, D]: in = N x V
+    assert o_proj.dims == MuonDimensionNumbers((1, 2), (3,))
+    assert o_proj.fan_in == CFG.num_attention_heads * CFG.v_head_dim
+    assert rules["moe_blocks.mlp.gate.weight"].rule == "muon"  # the router gate is a hidden matrix
+    assert "moe_blocks.mlp.experts.down_proj" in rules_table(rules)
+
+
+def test_one_muon_step_equals_numpy_reference():
+    model = k2jax.Transformer(CFG, rngs=nnx.Rngs(1))
+    rules = param_rules(model)
+    lr, wd, mom = 0.02, 0.1, 0.95
+    tx = muon_clip(lr, rules=rules, weight_decay=wd, momentum=mom, qk_clip_tau=None)
+    params = nnx.state(model, nnx.Param)
+    state = tx.init(params)
+    rng = np.random.default_rng(2)
+    name = "moe_blocks.self_attn.q_b_proj"  # [L, Q, N, H]: matrix Q x (N H), batched over L
+    w0 = np.asarray(params["moe_blocks"]["self_attn"]["q_b_proj"][...], np.float64)
+    m = np.zeros_like(w0)
+    w = w0.copy()
+    for _ in range(2):  # two steps: momentum matters in the second
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        g = np.asarray(grads["moe_blocks"]["self_attn"]["q_b_proj"][...], np.float64)
+        m = mom * m + g
+        d = g + mom * m
+        L, Q, N, H = w.shape
+        o = np.stack([_numpy_ns(d[l].reshape(Q, N * H)).reshape(Q, N, H) for l in range(L)])
+        w = w - lr * (MUON_RMS * np.sqrt(max(Q, N * H)) * o + wd * w)
+    got = np.asarray(params["moe_blocks"]["self_attn"]["q_b_proj"][...])
+    np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5 * np.max(np.abs(w)))
+    assert rules[name].rule == "muon"
+
+
+def _scaled_model(factor_layer0):
+    """A model whose layer-0 heads have far larger logits than any other layer's (q_b and kv_b scaled)."""
+    t = random_release_tensors(CFG, seed=4)
+    t["model.layers.0.self_attn.q_b_proj.weight"] = t["model.layers.0.self_attn.q_b_proj.weight"] * factor_layer0
+    t["model.layers.0.self_attn.kv_b_proj.weight"] = t["model.layers.0.self_attn.kv_b_proj.weight"] * factor_layer0
+    return k2jax.from_hf_tensors(CFG, t)
+
+
+def test_qk_clip_scales_exactly_the_heads_over_tau():
+    model = _scaled_model(6.0)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 40)))
+    _, aux = model(tokens, return_aux=True)
+    S = np.asarray(aux["attn_max_logits"])
+    tau = float(np.sort(S[0])[1]) + 1e-3  # two or three of layer 0's heads above tau
+    assert S[1:].max() < tau < S[0].max()
+    over = S[0] > tau
+    params = nnx.state(model, nnx.Param)
+    before = jax.tree.map(np.asarray, params)
+    tx = qk_clip(CFG, tau)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params, attn_max_logits=aux["attn_max_logits"])
+    nnx.update(model, optax.apply_updates(params, updates))
+    _, aux2 = model(tokens, return_aux=True)
+    S2 = np.asarray(aux2["attn_max_logits"])
+    np.testing.assert_allclose(S2[0][over], tau, rtol=1e-4)  # every logit of a clipped head scales by gamma
+    np.testing.assert_array_equal(S2[0][~over], S[0][~over])
+    after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    q_b0, q_b1 = before["dense_blocks"][0]["self_attn"]["q_b_proj"], after["dense_blocks"][0]["self_attn"]["q_b_proj"]
+    np.testing.assert_array_equal(q_b1[:, ~over], q_b0[:, ~over])  # heads under tau: bit-identical
+    P = CFG.qk_nope_head_dim
+    kv0, kv1 = before["dense_blocks"][0]["self_attn"]["kv_b_proj"], after["dense_blocks"][0]["self_attn"]["kv_b_proj"]
+    np.testing.assert_array_equal(kv1[..., P:], kv0[..., P:])  # values untouched
+    for name in ("kv_a_proj_with_mqa", "o_proj", "q_a_proj"):
+        np.testing.assert_array_equal(after["dense_blocks"][0]["self_attn"][name],
+                                      before["dense_blocks"][0]["self_attn"][name])
+    np.testing.assert_array_equal(after["moe_blocks"]["self_attn"]["q_b_proj"],
+                                  before["moe_blocks"]["self_attn"]["q_b_proj"])
+    gamma = tau / S[0][over]
+    np.testing.assert_allclose(q_b1[:, over, P:], q_b0[:, over, P:] * gamma[:, None], rtol=1e-6)
+    np.testing.assert_allclose(q_b1[:, over, :P], q_b0[:, over, :P] * np.sqrt(gamma)[:, None], rtol=1e-6)
+
+
+def test_qk_clip_needs_the_max_logits():
+    model = k2jax.Transformer(CFG, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    tx = muon_clip(1e-3, rules=param_rules(model), cfg=CFG)
+    with pytest.raises(ValueError, match="attn_max_logits"):
+        tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    with pytest.raises(ValueError, match="cfg="):
+        muon_clip(1e-3, rules=param_rules(model))
+
+
+@pytest.mark.parametrize("kind", ["muon_clip", "adamw"])
+def test_training_lowers_the_loss(kind):
+    model = k2jax.Transformer(CFG, rngs=nnx.Rngs(3))
+    tx = (muon_clip(3e-3, rules=param_rules(model), cfg=CFG) if kind == "muon_clip"
+          else optax.adamw(3e-3, b1=0.9, b2=0.95, weight_decay=0.1))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, CFG.vocab_size, (8, 33)))
+
+    def loss_fn(m):
+        logits, aux = m(tokens[:, :-1], return_aux=True)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1)), aux
+
+    @nnx.jit
+    def step(m, o):
+        (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
+        if kind == "muon_clip":
+            o.update(m, grads, attn_max_logits=aux["attn_max_logits"])
+        else:
+            o.update(m, grads)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(60)]
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
