@@ -77,6 +77,7 @@ class K2Config:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
     moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled
+    router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -115,6 +116,8 @@ class K2Config:
         need(self.param_dtype in _DTYPES, f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
         need(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         need(self.moe_impl in _MOE_IMPLS, f"moe_impl must be one of {_MOE_IMPLS}, got {self.moe_impl!r}")
+        need(self.router_bias_update_rate >= 0,
+             f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
 
     # ---- derived shapes -------------------------------------------------------------------------------------
     @property
@@ -200,7 +203,7 @@ class K2Config:
         return d
 
 
-_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl")
+_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "router_bias_update_rate")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({
