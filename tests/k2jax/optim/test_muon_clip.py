@@ -9,7 +9,8 @@ from flax import nnx
 
 import k2jax
 from k2jax.config import tiny
-from k2jax.optim.muon_clip import K2_NS_COEFFS, MUON_RMS, muon_clip, param_rules, qk_clip, rules_table
+from k2jax.optim.muon_clip import (K2_NS_COEFFS, MUON_RMS, leaf_name, muon_clip, param_rules, qk_clip,
+                                   rules_table)
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 from tests.oracle import random_release_tensors
@@ -175,3 +176,40 @@ def test_training_lowers_the_loss(kind):
 
     losses = [float(step(model, opt)) for _ in range(60)]
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_qk_clip_in_a_jitted_step_on_8_devices_uses_the_global_max():
+    model = _scaled_model(6.0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, CFG.vocab_size, (8, 24)))
+    tau = 1e-3  # every head clips: the result depends on each head's global max
+
+    rules = param_rules(model)
+    tx = muon_clip(1e-2, rules=rules, cfg=CFG, qk_clip_tau=tau)
+
+    def step(params, opt_state, tokens):
+        def loss_fn(p):
+            logits, aux = nnx.merge(graphdef, p, rest)(tokens, return_aux=True)
+            return jnp.mean(jax.nn.logsumexp(logits, -1)), aux
+
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, attn_max_logits=aux["attn_max_logits"])
+        return optax.apply_updates(params, updates), aux["attn_max_logits"]
+
+    single_params, single_S = jax.jit(step)(params, tx.init(params), tokens)
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    p_mesh = jax.device_put(params, replicated)
+    sharded_params, sharded_S = jax.jit(step)(p_mesh, tx.init(p_mesh), jax.device_put(tokens, by_row))
+    assert len(sharded_S.sharding.device_set) == 8
+
+    _, shard0_aux = model(tokens[:1], return_aux=True)  # what a per-shard max would have used
+    assert np.any(np.asarray(shard0_aux["attn_max_logits"]) < np.asarray(single_S))
+    np.testing.assert_allclose(np.asarray(sharded_S), np.asarray(single_S), rtol=1e-5)  # f32, other partitioning
+    # Muon-ruled weights (q_b / kv_b, which QK-Clip rescales, among them) agree to f32 rounding. AdamW's first
+    # step, g / (|g| + eps), amplifies rounding in near-zero gradients, so those are not compared.
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(single_params)[0], jax.tree.leaves(sharded_params)):
+        if rules[leaf_name(path)].rule == "muon":
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=str(path))
