@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,30 +23,12 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import k2jax  # noqa: E402
-from k2jax.config import YarnScaling, tiny  # noqa: E402
+from benchmarks.common import BENCH_CFG, best_time  # noqa: E402
 from tests.oracle import oracle_model, random_release_tensors  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations per measurement (after one warm-up).")
-
-# Compute-dominated small K2: hidden 512, 4 layers (1 dense), 32 experts top-4.
-BENCH_CFG = tiny(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=512,
-                 num_hidden_layers=4, num_attention_heads=8, n_routed_experts=32, num_experts_per_tok=4,
-                 q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-                 max_position_embeddings=1024,
-                 rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=256))
-
-
-def best_time(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
 
 def matmul_peak_flops(iters: int) -> float:
     a = jnp.ones((2048, 2048), jnp.float32)
