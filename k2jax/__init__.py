@@ -5,12 +5,15 @@
     logits = model(tokens_BT)                        # [B, T, V] float32
     model = k2jax.from_hf_tensors(cfg, tensors)      # {release tensor name: dequantised array}
     model = k2jax.load_hf_checkpoint("dir/")         # a small checkpoint in the release's on-disk layout
+    model = k2jax.load_checkpoint("k2-bf16", mesh=mesh, shardings=fn)   # a converted (Orbax) checkpoint
 """
 
+from k2jax.checkpoint import load_checkpoint, save_checkpoint
 from k2jax.config import ConfigError, K2Config, YarnScaling
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, from_hf_tensors, to_hf_tensors
 from k2jax.model import Transformer
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
-           "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint"]
+           "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",
+           "save_checkpoint"]

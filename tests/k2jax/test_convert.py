@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from k2jax import load_checkpoint, save_checkpoint
+from k2jax.checkpoint import read_metadata
 from k2jax.config import ConfigError, tiny
 from k2jax.convert import PROGRESS, convert_hf_to_orbax, export_to_hf
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
