@@ -12,8 +12,8 @@ from k2jax.checkpoint import load_checkpoint, save_checkpoint
 from k2jax.config import ConfigError, K2Config, YarnScaling
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, from_hf_tensors, to_hf_tensors
-from k2jax.model import Transformer
+from k2jax.model import Transformer, param_info
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",
-           "save_checkpoint"]
+           "save_checkpoint", "param_info"]

@@ -144,3 +144,10 @@ class Transformer(nnx.Module):
             "router_topk_ids": moe_aux["topk_ids"] if moe_aux else jnp.zeros((0, B, T, K), jnp.int32),
         }
         return logits_BTV, aux
+
+
+def param_info(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], object, tuple[str, ...]]]:
+    """{name: (shape, dtype, logical axes)} for every variable of a model (concrete or from nnx.eval_shape),
+    named as in checkpoints ("moe_blocks.mlp.experts.down_proj"). sharding.rules turns it into shardings."""
+    return {".".join(str(p) for p in path): (tuple(var.shape), var.dtype, tuple(var.get_metadata()["logical_axes"]))
+            for path, var in nnx.to_flat_state(nnx.state(model))}

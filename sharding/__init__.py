@@ -1,6 +1,7 @@
 """Meshes, logical-axis rules, expert and pipeline parallelism over jax.sharding. Knows nothing of K2's modules.
 
-Logical axis names k2jax parameters carry (`logical_axes` metadata on every nnx.Param):
+Logical axis names k2jax parameters carry (`logical_axes` metadata on every variable). mesh.py builds meshes,
+rules.py maps these names to mesh axes per strategy (the one table); expert and pipeline parallelism are to come.
 """
 
 LOGICAL_AXES = (

@@ -1,0 +1,68 @@
+"""Meshes and the logical-axis rules table, on the 8 fake devices and on an abstract pod-sized mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import k2jax
+from k2jax.config import kimi_k2, tiny
+from sharding.mesh import MeshError, abstract_mesh, make_mesh, resolve_axis_sizes
+from sharding.rules import STRATEGIES, param_shardings, partition_spec, sharding_table, total_bytes_per_device
+
+
+def test_mesh_sizes_and_errors():
+    mesh = make_mesh({"expert": 4, "fsdp": -1})
+    assert dict(mesh.shape) == {"fsdp": 2, "expert": 4}
+    with pytest.raises(MeshError, match="has 6 devices, but 8"):
+        make_mesh({"expert": 3, "fsdp": 2})
+    with pytest.raises(MeshError, match="not k2jax axes"):
+        make_mesh({"model": 8})
+    with pytest.raises(MeshError, match="only one mesh axis may be -1"):
+        resolve_axis_sizes({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(MeshError, match="do not divide"):
+        resolve_axis_sizes({"expert": 3, "data": -1}, 8)
+
+
+def test_partition_specs_follow_the_table():
+    shape, axes = (2, 16, 64, 32), ("layers", "expert", "embed", "moe_mlp")
+    mesh_shape = {"fsdp": 2, "expert": 4, "stage": 2}
+    assert partition_spec(shape, axes, mesh_shape, "ep_fsdp") == jax.sharding.PartitionSpec(None, "expert", "fsdp", None)
+    assert partition_spec(shape, axes, mesh_shape, "ep_pp") == jax.sharding.PartitionSpec("stage", "expert", "fsdp", None)
+    assert partition_spec(shape, axes, mesh_shape, "fsdp") == jax.sharding.PartitionSpec(None, None, "fsdp", None)
+    # a dimension the mesh axis does not divide is replicated
+    assert partition_spec((2, 6, 64, 32), axes, mesh_shape, "ep_fsdp")[1] is None
+    with pytest.raises(ValueError, match="unknown sharding strategy"):
+        partition_spec(shape, axes, mesh_shape, "zero3")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_restore_with_each_strategy_matches_unsharded(tmp_path, strategy):
+    model = k2jax.Transformer(tiny(), rngs=nnx.Rngs(0))
+    k2jax.save_checkpoint(str(tmp_path / "c"), model)
+    mesh = make_mesh({"fsdp": 2, "expert": 2, "tensor": 2} if strategy != "ep_pp" else {"fsdp": 2, "expert": 2, "stage": 2})
+    shardings = param_shardings(k2jax.param_info(model), mesh, strategy)
+    sharded = k2jax.load_checkpoint(str(tmp_path / "c"), shardings=lambda name, shape: shardings[name])
+    experts = sharded.moe_blocks.mlp.experts.gate_proj[...]
+    assert experts.sharding.spec == shardings["moe_blocks.mlp.experts.gate_proj"].spec
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
+    a, b = np.asarray(model(tokens)), np.asarray(sharded(tokens))
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))
+
+
+def test_kimi_k2_params_on_a_256_chip_pod_slice():
+    """The 1T model's parameters (bf16) under EP 64 x FSDP 4, planned with eval_shape: nothing is allocated."""
+    cfg = kimi_k2(param_dtype="bfloat16")
+    info = k2jax.param_info(nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0))))
+    mesh = abstract_mesh({"expert": 64, "fsdp": 4}, 256)
+    per_device = total_bytes_per_device(info, dict(mesh.shape), "ep_fsdp")
+    table = sharding_table(info, dict(mesh.shape), "ep_fsdp")
+    print(table.splitlines()[-1])
+    for name, (shape, _, axes) in info.items():
+        spec = partition_spec(shape, axes, dict(mesh.shape), "ep_fsdp")
+        assert any(a is not None for a in spec), f"{name} {shape} {axes} would be replicated on every chip"
+    experts = partition_spec(*[info["moe_blocks.mlp.experts.gate_proj"][i] for i in (0, 2)], dict(mesh.shape),
+                             "ep_fsdp")
+    assert experts == jax.sharding.PartitionSpec(None, "expert", "fsdp", None)  # 1T of weights split 256 ways
+    assert per_device < 95 * 2**30
