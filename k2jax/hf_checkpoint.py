@@ -30,7 +30,7 @@ from tqdm import tqdm
 from k2jax import quant
 from k2jax.config import K2Config
 from k2jax.hf_mapping import (CheckpointError, HFTensorSpec, check_names, from_hf_tensors, hf_tensor_specs,
-                              release_dtype)
+                              is_mtp_tensor, release_dtype)
 from k2jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors_streaming
 
 INDEX = "model.safetensors.index.json"
@@ -96,7 +96,7 @@ class HFCheckpoint:
         expected = set(self.specs)
         scales = {n for n in self.weight_map if n.endswith(SCALE_SUFFIX)}
         missing = sorted(expected - set(self.weight_map))
-        unexpected = sorted(n for n in set(self.weight_map) - expected - scales if not self._is_mtp(n))
+        unexpected = sorted(n for n in set(self.weight_map) - expected - scales if not is_mtp_tensor(n, self.config))
         if missing:
             raise CheckpointError(f"{self.path}: missing {len(missing)} tensor(s) config.json needs, e.g. "
                                   f"{missing[:3]}")
@@ -105,7 +105,7 @@ class HFCheckpoint:
                                   f"{unexpected[:3]} (config/weights mismatch?)")
         for spec in self.specs.values():
             self._check_tensor(spec)
-        orphans = sorted(s for s in scales if s[: -len(SCALE_SUFFIX)] not in self.specs and not self._is_mtp(s))
+        orphans = sorted(s for s in scales if s[: -len(SCALE_SUFFIX)] not in self.specs and not is_mtp_tensor(s, self.config))
         if orphans:
             raise CheckpointError(f"{self.path}: scale(s) for no known weight, e.g. {orphans[:3]}")
 
@@ -126,11 +126,6 @@ class HFCheckpoint:
             return quant.check_scale(f.read(scale), weight_shape, name=name)
         except quant.QuantError as e:
             raise CheckpointError(f"{f.path}: tensor {e}") from None
-
-    def _is_mtp(self, name: str) -> bool:
-        parts = name.split(".")
-        return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
-                and int(parts[2]) >= self.config.num_hidden_layers)
 
     def _check_tensor(self, spec: HFTensorSpec) -> None:
         shard = self._file_of(spec.name)

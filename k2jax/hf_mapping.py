@@ -119,7 +119,7 @@ def k2_to_hf(spec: HFTensorSpec, slot: np.ndarray) -> np.ndarray:
     return slot.reshape(in_, out).T
 
 
-def _mtp_layer(name: str, cfg: K2Config) -> bool:
+def is_mtp_tensor(name: str, cfg: K2Config) -> bool:
     """Names of multi-token-prediction layers (index >= num_hidden_layers): not part of the model k2jax builds."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
     return bool(m) and cfg.num_hidden_layers <= int(m.group(1)) < cfg.num_hidden_layers + cfg.num_nextn_predict_layers
@@ -136,7 +136,7 @@ def check_names(cfg: K2Config, names: Iterable[str], specs: list[HFTensorSpec] |
                               f"dequantise first (k2jax.quant) or use convert_checkpoint.py")
     expected = {s.name for s in specs}
     missing = sorted(expected - names)
-    unexpected = sorted(n for n in names - expected if not _mtp_layer(n, cfg))
+    unexpected = sorted(n for n in names - expected if not is_mtp_tensor(n, cfg))
     if missing:
         raise CheckpointError(f"{source}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
     if unexpected:

@@ -166,3 +166,17 @@ def test_converter_stops_on_damage_before_writing(broken, damage, match, tmp_pat
     with pytest.raises(CheckpointError, match=match):
         convert_hf_to_orbax(broken, str(out), show_progress=False)
     assert not out.exists() and not (tmp_path / "converted.partial").exists()
+
+
+def test_mtp_layers_are_skipped_only_when_the_config_declares_them(broken):
+    extra = os.path.join(broken, "mtp.safetensors")
+    write_safetensors(extra, {"model.layers.3.eh_proj.weight": np.zeros((4, 4), np.float32)})
+    _edit_index(broken, lambda m: m.update({"model.layers.3.eh_proj.weight": "mtp.safetensors"}))
+    with pytest.raises(CheckpointError, match="does not describe.*model.layers.3.eh_proj"):
+        HFCheckpoint(broken).check()
+    with open(os.path.join(broken, "config.json")) as f:
+        config = json.load(f)
+    config["num_nextn_predict_layers"] = 1
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        json.dump(config, f)
+    HFCheckpoint(broken).check()
