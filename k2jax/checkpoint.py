@@ -41,7 +41,7 @@ from flax import nnx
 from k2jax import quant
 from k2jax.config import K2Config
 from k2jax.hf_mapping import CheckpointError, hf_tensor_specs, release_dtype
-from k2jax.model import Transformer
+from k2jax.model import Transformer, param_name
 
 FORMAT = "k2jax-orbax-v1"
 METADATA = "k2jax.json"
@@ -57,24 +57,17 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
 
 
-def param_name(path: tuple) -> str:
-    """'moe_blocks.mlp.experts.down_proj' for the state path (moe_blocks, mlp, experts, down_proj)."""
-    return ".".join(str(k) for k in path)
-
-
 def abstract_state(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    return {param_name(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _unflat_like(template: Any, values: Mapping[str, Any]) -> Any:
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [param_name(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)) for p, _ in paths]
-    return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
+    return jax.tree_util.tree_unflatten(treedef, [values[param_name(p)] for p, _ in paths])
 
 
 def _metadata(cfg: K2Config, dtype: str, shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> dict:

@@ -36,10 +36,12 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from k2jax import quant
-from k2jax.checkpoint import DTYPES, SCALES, CheckpointReader, StreamingWriter, fp8_params, param_name
+from k2jax.checkpoint import DTYPES, SCALES, CheckpointReader, StreamingWriter, fp8_params
 from k2jax.config import ConfigError
 from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, HFTensorSpec, hf_to_k2, k2_to_hf
+from k2jax.model import param_name
+
 PROGRESS = "convert_progress.jsonl"
 
 

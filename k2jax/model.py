@@ -146,8 +146,23 @@ class Transformer(nnx.Module):
         return logits_BTV, aux
 
 
+def param_name(path) -> str:
+    """'moe_blocks.mlp.experts.down_proj': the name a parameter goes by in checkpoints, optimizer rules and
+    sharding tables. `path` is an nnx state path (strings and ints) or a jax tree path (dict keys and indices;
+    attribute keys such as a Variable's .value are skipped)."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif not isinstance(key, (jax.tree_util.GetAttrKey, jax.tree_util.FlattenedIndexKey)):
+            parts.append(str(key))
+    return ".".join(parts)
+
+
 def param_info(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], object, tuple[str, ...]]]:
     """{name: (shape, dtype, logical axes)} for every variable of a model (concrete or from nnx.eval_shape),
     named as in checkpoints ("moe_blocks.mlp.experts.down_proj"). sharding.rules turns it into shardings."""
-    return {".".join(str(p) for p in path): (tuple(var.shape), var.dtype, tuple(var.get_metadata()["logical_axes"]))
+    return {param_name(path): (tuple(var.shape), var.dtype, tuple(var.get_metadata()["logical_axes"]))
             for path, var in nnx.to_flat_state(nnx.state(model))}

@@ -36,6 +36,7 @@ from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
 
 from k2jax.config import K2Config
+from k2jax.model import param_name
 
 K2_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 MUON_RMS = 0.2  # update scaled to 0.2 sqrt(max(fan_in, fan_out)): AdamW's typical update RMS
@@ -48,24 +49,12 @@ class ParamRule(NamedTuple):
     fan_out: int
 
 
-def leaf_name(path) -> str:
-    """'moe_blocks.self_attn.q_b_proj' for a tree path (dict keys and indices; attribute keys like .value are
-    skipped), the same names whether the tree is an nnx.State or a plain dict."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-    return ".".join(parts)
-
-
 def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
     """The one place that decides each parameter's rule: Muon for every weight whose metadata names a matrix
     (`matrix_axes`) unless it touches the vocabulary (embeddings, lm_head); AdamW for everything else."""
     rules = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = ".".join(str(p) for p in path)
+        name = param_name(path)
         meta = var.get_metadata()
         matrix, axes = meta.get("matrix_axes"), tuple(meta.get("logical_axes", ()))
         if matrix is None or "vocab" in axes:
@@ -95,7 +84,7 @@ def rules_table(rules: dict[str, ParamRule]) -> str:
 
 
 def _by_name(tree: Any, fn) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda path, x: fn(leaf_name(path), x), tree)
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(param_name(path), x), tree)
 
 
 class MomentumState(NamedTuple):
@@ -168,7 +157,7 @@ def qk_clip(cfg: K2Config, tau: float) -> optax.GradientTransformationExtraArgs:
         gamma_LN = jnp.where(S > tau, tau / S, 1.0)
 
         def clip(path, u, p):
-            f = factors(leaf_name(path), p.shape, gamma_LN)
+            f = factors(param_name(path), p.shape, gamma_LN)
             if f is None:
                 return u
             new = p.astype(jnp.float32) + u.astype(jnp.float32)

@@ -9,8 +9,8 @@ from flax import nnx
 
 import k2jax
 from k2jax.config import tiny
-from k2jax.optim.muon_clip import (K2_NS_COEFFS, MUON_RMS, leaf_name, muon_clip, param_rules, qk_clip,
-                                   rules_table)
+from k2jax.model import param_name
+from k2jax.optim.muon_clip import K2_NS_COEFFS, MUON_RMS, muon_clip, param_rules, qk_clip, rules_table
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 from tests.oracle import random_release_tensors
@@ -211,5 +211,5 @@ def test_qk_clip_in_a_jitted_step_on_8_devices_uses_the_global_max():
     # Muon-ruled weights (q_b / kv_b, which QK-Clip rescales, among them) agree to f32 rounding. AdamW's first
     # step, g / (|g| + eps), amplifies rounding in near-zero gradients, so those are not compared.
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(single_params)[0], jax.tree.leaves(sharded_params)):
-        if rules[leaf_name(path)].rule == "muon":
+        if rules[param_name(path)].rule == "muon":
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=str(path))
