@@ -83,16 +83,15 @@ K2_TOKENS_PER_STEP = 67e6  # the K2 report's global batch
 def ns_flops(cfg, steps: int = 5) -> float:
     """FLOPs of Newton-Schulz over every Muon matrix of the model, per optimizer step (m <= n after the
     transpose): each iteration forms X Xᵀ (2 m² n), A A (2 m³) and B X (2 m² n)."""
-    rules = param_rules(nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0))))
-    abstract = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0))),
-                                                  nnx.Param)))
+    abstract = nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0)))
+    rules = param_rules(abstract)
     total = 0.0
-    for path, var in abstract.items():
-        rule = rules[".".join(str(p) for p in path)]
-        if rule.rule != "muon":
+    for name, (shape, _, _) in k2jax.param_info(abstract).items():
+        rule = rules.get(name)  # None for the router bias (not a Param)
+        if rule is None or rule.rule != "muon":
             continue
         m, n = sorted((rule.fan_in, rule.fan_out))
-        batch = int(np.prod(var.shape)) // (m * n)
+        batch = int(np.prod(shape)) // (m * n)
         total += batch * steps * (4 * m * m * n + 2 * m ** 3)
     return total
 
