@@ -116,12 +116,16 @@ class HFCheckpoint:
             if scale in self.weight_map:
                 self.read_scale(name, spec.shape)
 
-    def read_scale(self, name: str, weight_shape: tuple[int, int]) -> np.ndarray:
-        """The float32 block scale of FP8 weight `name`, checked (shape, finite, > 0)."""
+    def _scale_file(self, name: str) -> tuple[str, SafetensorsFile]:
+        """(scale tensor name, its shard) for FP8 weight `name`; an error naming both if the scale is missing."""
         scale = _scale_name(name)
         if scale not in self.weight_map:
             raise CheckpointError(f"{self._file_of(name).path}: tensor {name} is float8 but {scale} is missing")
-        f = self._file_of(scale)
+        return scale, self._file_of(scale)
+
+    def read_scale(self, name: str, weight_shape: tuple[int, int]) -> np.ndarray:
+        """The float32 block scale of FP8 weight `name`, checked (shape, finite, > 0)."""
+        scale, f = self._scale_file(name)
         try:
             return quant.check_scale(f.read(scale), weight_shape, name=name)
         except quant.QuantError as e:
@@ -137,10 +141,7 @@ class HFCheckpoint:
             if release_dtype(spec) != "fp8":
                 raise CheckpointError(f"{shard.path}: tensor {spec.name}: float8 where the release stores "
                                       f"{release_dtype(spec)}")
-            scale = _scale_name(spec.name)
-            if scale not in self.weight_map:
-                raise CheckpointError(f"{shard.path}: tensor {spec.name} is float8 but {scale} is missing")
-            scale_file = self._file_of(scale)
+            scale, scale_file = self._scale_file(spec.name)
             want = quant.scale_shape(spec.shape)
             if scale_file.shape(scale) != want:
                 raise CheckpointError(f"{scale_file.path}: tensor {scale}: shape {list(scale_file.shape(scale))}, "
