@@ -247,7 +247,8 @@ def _from_hf(cls, path_or_dict, overrides) -> K2Config:
         if key in raw and raw[key] not in allowed:
             fail(f"{key}={raw[key]!r} is not supported (k2jax implements {key}={allowed[0]!r})")
     qc = raw.get("quantization_config")
-    if qc is not None and (qc.get("quant_method") != "fp8" or list(qc.get("weight_block_size", [128, 128])) != [128, 128]):
+    if qc is not None and (qc.get("quant_method") != "fp8"
+                           or list(qc.get("weight_block_size", [128, 128])) != [128, 128]):
         fail(f"quantization_config {qc!r} is not supported (expected fp8 with weight_block_size [128, 128])")
 
     fields = {f.name for f in dataclasses.fields(cls)} - set(_RUN_OPTIONS)

@@ -217,6 +217,6 @@ def main(argv):
 
 def cli():
     _define_flags()
-    for name in ['hf_dir', 'ckpt_dir', 'out_dir', 'dtype', 'resume', 'to_hf']:  # so --help lists them under the running script
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    for name in ["hf_dir", "ckpt_dir", "out_dir", "dtype", "resume", "to_hf"]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
     app.run(main)

@@ -86,8 +86,8 @@ def main(argv=None):
 
 def cli():
     _define_flags()
-    for name in ['preset', 'batch', 'seq_len', 'seed', 'hf_dir']:  # so --help lists them under the running script
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    for name in ["preset", "batch", "seq_len", "seed", "hf_dir"]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
     app.run(main)
 
 

@@ -96,7 +96,8 @@ class HFCheckpoint:
         expected = set(self.specs)
         scales = {n for n in self.weight_map if n.endswith(SCALE_SUFFIX)}
         missing = sorted(expected - set(self.weight_map))
-        unexpected = sorted(n for n in set(self.weight_map) - expected - scales if not is_mtp_tensor(n, self.config))
+        unexpected = sorted(n for n in set(self.weight_map) - expected - scales
+                            if not is_mtp_tensor(n, self.config))
         if missing:
             raise CheckpointError(f"{self.path}: missing {len(missing)} tensor(s) config.json needs, e.g. "
                                   f"{missing[:3]}")
@@ -105,7 +106,8 @@ class HFCheckpoint:
                                   f"{unexpected[:3]} (config/weights mismatch?)")
         for spec in self.specs.values():
             self._check_tensor(spec)
-        orphans = sorted(s for s in scales if s[: -len(SCALE_SUFFIX)] not in self.specs and not is_mtp_tensor(s, self.config))
+        orphans = sorted(s for s in scales
+                         if s[: -len(SCALE_SUFFIX)] not in self.specs and not is_mtp_tensor(s, self.config))
         if orphans:
             raise CheckpointError(f"{self.path}: scale(s) for no known weight, e.g. {orphans[:3]}")
 

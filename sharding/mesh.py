@@ -36,7 +36,8 @@ def resolve_axis_sizes(axis_sizes: Mapping[str, int], n_devices: int) -> dict[st
     known = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if n_devices % known:
-            raise MeshError(f"{n_devices} devices do not divide into {sizes} (the fixed axes need a multiple of {known})")
+            raise MeshError(f"{n_devices} devices do not divide into {sizes} "
+                            f"(the fixed axes need a multiple of {known})")
         sizes[free[0]] = n_devices // known
     if math.prod(sizes.values()) != n_devices:
         raise MeshError(f"mesh {sizes} has {math.prod(sizes.values())} devices, but {n_devices} are available")
