@@ -5,13 +5,16 @@
     kv_b(norm(c)) = per head [k_nope | v]
     logits = (q_nope·k_nope + rope(q_rope)·rope(k_rope)) · softmax_scale
 
-`latent(x)` returns exactly what a decode cache stores (normed c and roped k_rope, C + R values per token), and
-`attend_latent` expands it; the absorbed decode path (k2jax/generate.py) reuses `queries`/`latent` and the same
-weights. The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real
+`latent(x)` returns exactly what a decode cache stores (normed c and roped k_rope, C + R values per token).
+Two ways to attend over it, same weights:
+  attend_latent    expands c into per-head k_nope and v with kv_b (training and prefill: T is large)
+  attend_absorbed  folds kv_b into the query and the output instead (decode: q_nope.W_UK gives a query in latent
+                   space, attention runs over the C + R cached values shared by all heads, then W_UV)
+`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, C + R] and attends over it. The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real
 tokens, which QK-Clip needs.
 
 Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, V value),
-Q q_lora, C kv_lora.
+Q q_lora, C kv_lora, X = C + R (one cache slot), L layers.
 """
 
 from __future__ import annotations
@@ -95,7 +98,45 @@ class MLAttention(nnx.Module):
         out_BNTV = jnp.matmul(probs_BNTS, v_BNSV)
         return project(out_BNTV.transpose(0, 2, 1, 3), self._w(self.o_proj), n_in=2), max_logit_N
 
+    def attend_absorbed(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS) -> jnp.ndarray:
+        """attend_latent's result computed without expanding the latent: logits = (q_nope.W_UK).c + q_rope.k_rope,
+        out = (probs.c).W_UV. Per new token it reads C + R values per cached token instead of N (P + V)."""
+        P = self.cfg.qk_nope_head_dim
+        f32 = jnp.float32
+        w_CNH = self._w(self.kv_b_proj)
+        q_lat_BNTC = jnp.einsum("btnp,cnp->bntc", q_nope_BTNP, w_CNH[..., :P], preferred_element_type=f32)
+        logits_BNTS = (jnp.einsum("bntc,bsc->bnts", q_lat_BNTC.astype(self.dtype), c_BSC, preferred_element_type=f32)
+                       + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR, preferred_element_type=f32))
+        logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS * self.scale, -jnp.inf)
+        probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
+        o_lat_BTNC = jnp.einsum("bnts,bsc->btnc", probs_BNTS, c_BSC, preferred_element_type=f32).astype(self.dtype)
+        out_BTNV = jnp.einsum("btnc,cnv->btnv", o_lat_BTNC, w_CNH[..., P:])
+        return project(out_BTNV, self._w(self.o_proj), n_in=2)
+
     def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, query_valid_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
         q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
         c, k_rope = self.latent(x_BTD, cos_BTK, sin_BTK)
         return self.attend_latent(q_nope, q_rope, c, k_rope, mask_BTS, query_valid_BT)
+
+    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, cache_LBSX, layer, *, absorbed: bool,
+               window: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """T new tokens per row at `positions` (= their cache slots) attending over cache_LBSX[layer].
+
+        Writes the tokens' latents into slots cache[layer, b, positions[b, t]] (slots past S are dropped), then
+        each token attends to slots s <= its position, so a row's stale slots beyond its length never leak.
+        absorbed picks attend_absorbed (decode) over attend_latent (prefill); window (static) limits the keys to
+        the first `window` slots (a prefill from an empty cache needs only its own T). -> (out [B, T, D], cache)"""
+        C = self.cfg.kv_lora_rank
+        B, T = positions_BT.shape
+        q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
+        c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTK, sin_BTK)
+        new_BTX = jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype)
+        cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
+        S = cache_LBSX.shape[2] if window is None else window
+        keys_BSX = jax.lax.dynamic_index_in_dim(cache_LBSX, layer, axis=0, keepdims=False)[:, :S].astype(self.dtype)
+        c_BSC, k_rope_BSR = keys_BSX[..., :C], keys_BSX[..., C:]
+        mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+        if absorbed:
+            return self.attend_absorbed(q_nope, q_rope, c_BSC, k_rope_BSR, mask_BTS), cache_LBSX
+        out_BTD, _ = self.attend_latent(q_nope, q_rope, c_BSC, k_rope_BSR, mask_BTS, jnp.ones((B, T), bool))
+        return out_BTD, cache_LBSX

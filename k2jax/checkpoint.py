@@ -183,10 +183,13 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         if tuple(listed[name]["shape"]) != tuple(leaf.shape):
             raise CheckpointError(f"{path}: {name} has shape {listed[name]['shape']}, config implies "
                                   f"{list(leaf.shape)}")
-        if name.startswith(SCALES + "."):  # small: every device gets all of them
-            sharding = _sharding_for(name, leaf.shape, mesh, None)
+        if not name.startswith(SCALES + "."):
+            final_shardings[name] = _sharding_for(name, leaf.shape, mesh, shardings)
+    for name, leaf in stored.items():
+        if name.startswith(SCALES + "."):  # small: every device of its weight's sharding gets all of it
+            sharding = _replicated_like(final_shardings[name[len(SCALES) + 1:]])
         else:
-            sharding = final_shardings[name] = _sharding_for(name, leaf.shape, mesh, shardings)
+            sharding = final_shardings[name]
         targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
     target = _nest(targets)
     restored = _flat(_checkpointer().restore(os.path.join(path, STATE_DIR), args=ocp.args.PyTreeRestore(
@@ -205,6 +208,15 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     params = {n: v.astype(dtypes[n].dtype) if v.dtype != dtypes[n].dtype else v for n, v in params.items()}
     nnx.replace_by_pure_dict(state, _unflat_like(template, params))
     return nnx.merge(graphdef, state)
+
+
+def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if len(sharding.device_set) == 1:
+        return sharding
+    raise CheckpointError(f"load_checkpoint: FP8 weights need NamedSharding or single-device shardings, got "
+                          f"{type(sharding).__name__}")
 
 
 def _sharding_for(name, shape, mesh, shardings) -> jax.sharding.Sharding:

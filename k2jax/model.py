@@ -40,14 +40,23 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, valid_BT) -> tuple[jnp.ndarray, dict]:
         attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, mask_BTS, valid_BT)
-        h_BTD = x_BTD + attn_BTD
-        aux = {"attn_max_logits": max_logit_N}
+        out_BTD, aux = self.ffn(x_BTD + attn_BTD, valid_BT)
+        return out_BTD, {"attn_max_logits": max_logit_N, **aux}
+
+    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, cache_LBSX, layer, **attend
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The generation path: attention through MLAttention.cached (see there for `attend`)."""
+        attn_BTD, cache_LBSX = self.self_attn.cached(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, positions_BT,
+                                                     cache_LBSX, layer, **attend)
+        out_BTD, _ = self.ffn(x_BTD + attn_BTD, valid_BT)
+        return out_BTD, cache_LBSX
+
+    def ffn(self, h_BTD, valid_BT) -> tuple[jnp.ndarray, dict]:
+        """h + ffn(norm(h)), and the MoE's aux (empty for a dense block)."""
         if self.is_moe:
-            ffn_BTD, moe_aux = self.mlp(self.post_attention_layernorm(h_BTD), valid_BT)
-            aux.update(moe_aux)
-        else:
-            ffn_BTD = self.mlp(self.post_attention_layernorm(h_BTD))
-        return h_BTD + ffn_BTD, aux
+            ffn_BTD, aux = self.mlp(self.post_attention_layernorm(h_BTD), valid_BT)
+            return h_BTD + ffn_BTD, aux
+        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), {}
 
 
 def _stacked_moe_blocks(cfg: K2Config, rngs: nnx.Rngs) -> DecoderBlock:
@@ -116,34 +125,53 @@ class Transformer(nnx.Module):
         valid_BT = segment_ids > 0
         mask_BTS = attention_mask(segment_ids)
         cos_BTK, sin_BTK = rope_tables(cfg, positions)
-        x_BTD = self.embed_tokens[...][tokens_BT].astype(cfg.dtype)
 
-        max_logits = []
-        for block in self.dense_blocks:
+        def layer(block, x_BTD, carry, _):
             x_BTD, aux = block(x_BTD, cos_BTK, sin_BTK, mask_BTS, valid_BT)
-            max_logits.append(aux["attn_max_logits"])
+            return x_BTD, carry, aux
 
-        moe_aux = None
-        if self.moe_blocks is not None:
-            graphdef, state = nnx.split(self.moe_blocks)
-
-            def layer(x, layer_state):
-                return nnx.merge(graphdef, layer_state)(x, cos_BTK, sin_BTK, mask_BTS, valid_BT)
-
-            x_BTD, moe_aux = jax.lax.scan(layer, x_BTD, state)
-            max_logits.append(moe_aux["attn_max_logits"])
-
-        x_BTD = self.norm(x_BTD)
-        logits_BTV = project(x_BTD, self.lm_head[...].astype(cfg.dtype), preferred_element_type=jnp.float32)
+        x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer, None)
+        logits_BTV = self.logits(x_BTD)
         if not return_aux:
             return logits_BTV
         N, E, K = cfg.num_attention_heads, cfg.n_routed_experts, cfg.num_experts_per_tok
         aux = {
-            "attn_max_logits": jnp.concatenate([jnp.reshape(m, (-1, N)) for m in max_logits], axis=0),
+            "attn_max_logits": jnp.concatenate([jnp.reshape(a["attn_max_logits"], (-1, N))
+                                                for a in dense_aux + ([moe_aux] if moe_aux else [])], axis=0),
             "expert_load": moe_aux["expert_load"] if moe_aux else jnp.zeros((0, E), jnp.int32),
             "router_topk_ids": moe_aux["topk_ids"] if moe_aux else jnp.zeros((0, B, T, K), jnp.int32),
         }
         return logits_BTV, aux
+
+    def embed(self, tokens_BT: jnp.ndarray) -> jnp.ndarray:
+        return self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype)
+
+    def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        """Final norm and lm_head: [B, T, D] -> [B, T, V] float32."""
+        return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32)
+
+    def run_layers(self, x_BTD: jnp.ndarray, layer_fn, carry):
+        """Runs every decoder block in order: x, carry, out = layer_fn(block, x, carry, layer_index). The dense
+        blocks run in a Python loop (static index), the stacked MoE blocks in one scan (traced index). The index
+        counts all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the MoE
+        blocks' outs stacked along a leading layer axis, or None without MoE blocks)."""
+        dense_outs = []
+        for i, block in enumerate(self.dense_blocks):
+            x_BTD, carry, out = layer_fn(block, x_BTD, carry, i)
+            dense_outs.append(out)
+        moe_outs = None
+        if self.moe_blocks is not None:
+            graphdef, state = nnx.split(self.moe_blocks)
+
+            def step(x_carry, xs):
+                layer_state, index = xs
+                x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, index)
+                return (x, c), out
+
+            first = self.cfg.num_dense_layers
+            indices = jnp.arange(first, first + self.cfg.num_moe_layers, dtype=jnp.int32)
+            (x_BTD, carry), moe_outs = jax.lax.scan(step, (x_BTD, carry), (state, indices))
+        return x_BTD, carry, dense_outs, moe_outs
 
 
 def param_name(path) -> str:
