@@ -5,7 +5,9 @@
     logits = model(tokens_BT)                        # [B, T, V] float32
     model = k2jax.from_hf_tensors(cfg, tensors)      # {release tensor name: dequantised array}
     model = k2jax.load_hf_checkpoint("dir/")         # a small checkpoint in the release's on-disk layout
-    model = k2jax.load_checkpoint("k2-bf16", mesh=mesh, shardings=fn)   # a converted (Orbax) checkpoint
+    model = k2jax.load_checkpoint("k2-bf16", mesh=mesh, shardings="ep_fsdp")   # a converted (Orbax) checkpoint
+    outs = k2jax.Generator(model).generate(prompts, max_new_tokens=64, sampling=k2jax.Sampling(temperature=0.6))
+    chat = k2jax.Chat(model, k2jax.Tokenizer.from_dir("Kimi-K2-Instruct")); chat.send("Hello")
 """
 
 from k2jax.checkpoint import load_checkpoint, save_checkpoint
@@ -13,7 +15,11 @@ from k2jax.config import ConfigError, K2Config, YarnScaling
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, from_hf_tensors, to_hf_tensors
 from k2jax.model import Transformer, param_info
+from k2jax.generate import Completion, Generator, LatentCache, Sampling, generate
+from k2jax.tokenizer import Tokenizer, TokenizerError
+from k2jax.chat import Chat
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",
-           "save_checkpoint", "param_info"]
+           "save_checkpoint", "param_info", "Generator", "Sampling", "LatentCache", "Completion", "generate",
+           "Tokenizer", "TokenizerError", "Chat"]

@@ -41,7 +41,8 @@ from flax import nnx
 from k2jax import quant
 from k2jax.config import K2Config
 from k2jax.hf_mapping import CheckpointError, hf_tensor_specs, release_dtype
-from k2jax.model import Transformer, param_name
+from k2jax.model import Transformer, param_info, param_name
+from sharding.rules import param_shardings
 
 FORMAT = "k2jax-orbax-v1"
 METADATA = "k2jax.json"
@@ -50,7 +51,8 @@ SCALES = "fp8_scales"
 DTYPES = ("bfloat16", "float32", "fp8")
 _CHUNK_BYTES = 64 * 2 ** 20
 
-ShardingSpec = Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | Mapping[str, jax.sharding.Sharding] | None
+ShardingSpec = (Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | Mapping[str, jax.sharding.Sharding] | str
+                | None)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -164,14 +166,19 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
                     **config_overrides) -> Transformer:
     """Restores a k2jax checkpoint as a Transformer.
 
-    shardings: None (with a mesh: replicated on it; without: the default device), a mapping from parameter name
-    to Sharding, or a function (name, shape) -> Sharding. Each device reads only its own shard from disk."""
+    shardings: None (with a mesh: replicated on it; without: the default device), a strategy name from
+    sharding.rules (e.g. "ep_fsdp"; needs the mesh), a mapping from parameter name to Sharding, or a function
+    (name, shape) -> Sharding. Each device reads only its own shard from disk."""
     path = os.fspath(path)
     meta = read_metadata(path)
     stored_dtype = meta["dtype"]
     overrides = {"param_dtype": "bfloat16" if stored_dtype == "fp8" else stored_dtype, **config_overrides}
     cfg = K2Config.from_hf(meta["config"], **overrides)
     graphdef, state = abstract_state(cfg)
+    if isinstance(shardings, str):
+        if mesh is None:
+            raise ValueError(f"load_checkpoint: shardings={shardings!r} names a strategy; pass the mesh too")
+        shardings = param_shardings(param_info(nnx.merge(graphdef, state)), mesh, shardings)
     stored = stored_template(cfg, stored_dtype)
     listed = meta["params"]
     if set(listed) != set(stored):
@@ -274,8 +281,10 @@ class StreamingWriter:
                                      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}}
                 ts.open(spec, create=True).result()
                 open(marker, "w").close()
-            self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir}},
-                                         open=True).result()
+            # all-zero slots (a fresh router bias, a zeroed expert) must be written too: Orbax's reader treats a
+            # missing chunk as an error rather than as the fill value
+            self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir},
+                                          "store_data_equal_to_fill_value": True}, open=True).result()
         return self._arrays[name]
 
     def write(self, name: str, index: tuple[int, ...], slot: np.ndarray, *, wait: bool = True):
@@ -312,6 +321,8 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: has no parameter {name}")
         if name not in self._arrays:
             array_dir = os.path.join(self.path, STATE_DIR, name)
-            self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir}},
-                                         open=True).result()
+            # all-zero slots (a fresh router bias, a zeroed expert) must be written too: Orbax's reader treats a
+            # missing chunk as an error rather than as the fill value
+            self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir},
+                                          "store_data_equal_to_fill_value": True}, open=True).result()
         return np.asarray(self._arrays[name][index].read().result())

@@ -11,6 +11,8 @@ of the full Kimi K2 configuration from `jax.eval_shape` (no memory used).
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import sys
 import tempfile
@@ -25,6 +27,33 @@ from flax import nnx
 import k2jax
 from k2jax import config as k2config
 from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
+from k2jax.tokenizer import SPECIAL_TOKENS, train_bpe, write_bpe_ranks
+
+_CORPUS_MODULES = ("attention", "model", "moe", "rope", "generate", "tokenizer", "chat", "checkpoint", "convert",
+                   "quant", "config", "hf_checkpoint", "hf_mapping", "layers")
+
+
+def write_tiny_release(path: str | os.PathLike, *, vocab_size: int = 1024, seed: int = 0) -> k2config.K2Config:
+    """A random `tiny` K2 in the release's directory layout, tokenizer included: FP8 shards with 128x128 scales,
+    index, config.json, tiktoken.model (a byte-level BPE trained on k2jax's own docstrings, so English text takes
+    few tokens) and tokenizer_config.json naming the special tokens. For notebooks and tests without the 1 TB
+    release; the weights are random, so replies are gibberish."""
+    path = os.fspath(path)
+    num_ranks = vocab_size - 256
+    corpus = [importlib.import_module(f"k2jax.{m}").__doc__ for m in _CORPUS_MODULES]
+    ranks = train_bpe(corpus, num_ranks)
+    if len(ranks) != num_ranks:
+        raise RuntimeError(f"the BPE corpus gave {len(ranks)} ranks, {num_ranks} were asked for")
+    cfg = k2config.tiny(vocab_size=vocab_size, max_position_embeddings=1024, bos_token_id=num_ranks,
+                        eos_token_id=num_ranks + 1)
+    model = k2jax.Transformer(cfg, rngs=nnx.Rngs(seed))
+    write_hf_checkpoint(path, cfg, k2jax.to_hf_tensors(model), dtype="fp8")
+    write_bpe_ranks(os.path.join(path, "tiktoken.model"), ranks)
+    added = {str(num_ranks + off): {"content": name, "special": True} for off, name in SPECIAL_TOKENS.items()}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"added_tokens_decoder": added, "bos_token": "[BOS]", "eos_token": "[EOS]"}, f, indent=1)
+    return cfg
+
 
 def _define_flags() -> None:
     """Flags exist only for the command line (defining them at import would clash with other entry points)."""

@@ -199,3 +199,19 @@ def test_export_from_float32_checkpoint(converted, hf_dir, tmp_path):
         np.testing.assert_array_equal(exported.read(name), original.read(name).astype(ml_dtypes.bfloat16).astype(np.float32))
     np.testing.assert_array_equal(exported.read("model.layers.1.mlp.gate.e_score_correction_bias"),
                                   original.read("model.layers.1.mlp.gate.e_score_correction_bias"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "fp8"])
+def test_all_zero_tensors_are_stored(tmp_path, dtype):
+    """A fresh model's router bias is all zeros, as can be an expert: zarr must still store those chunks."""
+    tensors = random_release_tensors(CFG, seed=4)
+    for name in tensors:
+        if name.endswith("e_score_correction_bias") or ".experts.3." in name:
+            tensors[name] = np.zeros_like(tensors[name])
+    hf, out = str(tmp_path / "hf"), str(tmp_path / "out")
+    write_hf_checkpoint(hf, CFG, tensors, dtype="fp8")
+    convert_hf_to_orbax(hf, out, dtype=dtype, show_progress=False)
+    model = load_checkpoint(out)
+    assert not np.any(np.asarray(model.moe_blocks.mlp.gate.e_score_correction_bias[...]))
+    assert not np.any(np.asarray(model.moe_blocks.mlp.experts.down_proj[...][:, 3]))
+    assert np.all(np.asarray(model.moe_blocks.mlp.experts.down_proj[...][:, 2]) != 0)

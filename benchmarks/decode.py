@@ -1,0 +1,152 @@
+"""Decode step with the MLA latent cache vs a naive cache of full per-head keys and values, one run.
+
+    python benchmarks/decode.py [--batch=8 --context=4096 --iters=10]
+
+Both decode one token per row over `context` cached tokens of the same model (K2's attention shapes: kv_lora
+512, rope 64, nope 128, v 128, with 16 heads and 2 layers so it fits a CPU). The latent path is
+k2jax.Generator.decode (absorbed attention over C + R = 576 values per token per layer). The naive path caches
+k = [k_nope | k_rope] and v per head, N (P + R + V) values per token per layer, and runs standard attention;
+it is written here, next to its only use, and shares every other piece of the model. Prints step times, their
+ratio (goal <= 0.5) and the cache bytes per token of each, also for the full Kimi K2 config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import k2jax  # noqa: E402
+from benchmarks.common import best_time  # noqa: E402
+from k2jax.config import kimi_k2, tiny  # noqa: E402
+from k2jax.generate import Generator, LatentCache  # noqa: E402
+from k2jax.layers import project  # noqa: E402
+from k2jax.rope import rope_tables  # noqa: E402
+
+_BATCH = flags.DEFINE_integer("batch", 8, "Rows decoded per step.")
+_CONTEXT = flags.DEFINE_integer("context", 4096, "Tokens already in the cache.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed steps per path (best is reported).")
+
+DECODE_CFG = tiny(vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256,
+                  num_hidden_layers=2, num_attention_heads=16, n_routed_experts=16, num_experts_per_tok=4,
+                  q_lora_rank=384, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  max_position_embeddings=8192)
+
+
+def full_values_per_token(cfg) -> int:
+    return cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+
+
+def naive_decode(model, tokens_B, k_LBNSH, v_LBNSV, lengths_B):
+    """One token per row with a full per-head K/V cache, head-major so both products are plain batched matmuls;
+    returns (logits [B, V], k cache, v cache)."""
+    cfg = model.cfg
+    B = tokens_B.shape[0]
+    P, N = cfg.qk_nope_head_dim, cfg.num_attention_heads
+    positions_B1 = lengths_B[:, None]
+    cos, sin = rope_tables(cfg, positions_B1)
+    rows = jnp.arange(B)
+
+    def layer(block, x_B1D, caches, index):
+        k_cache, v_cache = caches
+        attn = block.self_attn
+        h = block.input_layernorm(x_B1D)
+        q_nope, q_rope = attn.queries(h, cos, sin)
+        c, k_rope = attn.latent(h, cos, sin)
+        kv_B1NH = project(c, attn._w(attn.kv_b_proj))
+        k_new = jnp.concatenate([kv_B1NH[..., :P], jnp.broadcast_to(k_rope[:, :, None], (B, 1, N, k_rope.shape[-1]))],
+                                axis=-1)
+        heads = jnp.arange(N)[None, :]
+        k_cache = k_cache.at[index, rows[:, None], heads, lengths_B[:, None]].set(k_new[:, 0])
+        v_cache = v_cache.at[index, rows[:, None], heads, lengths_B[:, None]].set(kv_B1NH[:, 0, :, P:])
+        k_BNSH, v_BNSV = k_cache[index], v_cache[index]
+        q_BNH = jnp.concatenate([q_nope, q_rope], axis=-1)[:, 0]
+        logits_BNS = jnp.einsum("bnh,bnsh->bns", q_BNH, k_BNSH) * attn.scale
+        visible = jnp.arange(k_BNSH.shape[2])[None, None, :] <= lengths_B[:, None, None]
+        probs = jax.nn.softmax(jnp.where(visible, logits_BNS, -jnp.inf), axis=-1)
+        out_BNV = jnp.einsum("bns,bnsv->bnv", probs, v_BNSV)
+        attn_B1D = project(out_BNV[:, None], attn._w(attn.o_proj), n_in=2)
+        x_B1D, _ = block.ffn(x_B1D + attn_B1D, jnp.ones((B, 1), bool))
+        return x_B1D, (k_cache, v_cache), None
+
+    x, (k_LBNSH, v_LBNSV), _, _ = model.run_layers(model.embed(tokens_B[:, None]), layer, (k_LBNSH, v_LBNSV))
+    return model.logits(x)[:, 0], k_LBNSH, v_LBNSV
+
+
+def expand_latent_cache(model, kv_LBSX):
+    """The full per-head K/V cache holding the same keys and values as a latent cache."""
+    C, P, N = model.cfg.kv_lora_rank, model.cfg.qk_nope_head_dim, model.cfg.num_attention_heads
+    L, B, S, _ = kv_LBSX.shape
+
+    def layer(block, x, caches, index):
+        attn = block.self_attn
+        latent_BSX = kv_LBSX[index]
+        kv_BSNH = project(latent_BSX[..., :C], attn._w(attn.kv_b_proj))
+        k_rope = jnp.broadcast_to(latent_BSX[:, :, None, C:], (B, S, N, latent_BSX.shape[-1] - C))
+        k_cache, v_cache = caches
+        k_BNSH = jnp.concatenate([kv_BSNH[..., :P], k_rope], axis=-1).transpose(0, 2, 1, 3)
+        k_cache = k_cache.at[index].set(k_BNSH)
+        return x, (k_cache, v_cache.at[index].set(kv_BSNH[..., P:].transpose(0, 2, 1, 3))), None
+
+    empty = (jnp.zeros((L, B, N, S, model.cfg.qk_head_dim), kv_LBSX.dtype),
+             jnp.zeros((L, B, N, S, model.cfg.v_head_dim), kv_LBSX.dtype))
+    return model.run_layers(jnp.zeros((B, 1, model.cfg.hidden_size)), layer, empty)[1]
+
+
+def main(argv):
+    del argv
+    cfg, B, S = DECODE_CFG, _BATCH.value, _CONTEXT.value
+    model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    tokens_B = jnp.asarray(rng.integers(0, cfg.vocab_size, B), jnp.int32)
+    L, N, X = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+    # a cache filled with `context` tokens (random latents: the timing does not depend on the values), and the
+    # full per-head K/V cache holding the same keys and values
+    gen = Generator(model)
+    latent = jnp.asarray(rng.standard_normal((L, B, S + 8, X)), jnp.float32)
+    graphdef, params = nnx.split(model)
+    k, v = jax.jit(lambda p, c: expand_latent_cache(nnx.merge(graphdef, p), c))(params, latent)
+    state = {"cache": LatentCache(latent, jnp.full((B,), S, jnp.int32)), "k": k, "v": v}
+    naive = jax.jit(lambda p, t, k, v, n: naive_decode(nnx.merge(graphdef, p), t, k, v, n), donate_argnums=(2, 3))
+    lengths = jnp.full((B,), S, jnp.int32)
+
+    def latent_step():
+        logits, state["cache"] = gen.decode(tokens_B, state["cache"])
+        state["cache"].lengths_B = jnp.full((B,), S, jnp.int32)  # stay at `context`
+        return logits.block_until_ready()
+
+    def naive_step():
+        logits, state["k"], state["v"] = naive(params, tokens_B, state["k"], state["v"], lengths)
+        return logits.block_until_ready()
+
+    a, b = np.asarray(latent_step()), np.asarray(naive_step())
+    err = np.max(np.abs(a - b)) / np.max(np.abs(b))
+    print(f"same logits from both paths: max |diff| / max |logit| = {err:.1e}")
+    assert err < 1e-4, err
+    t_latent, t_naive = [], []
+    for _ in range(3):  # interleaved rounds: both paths see the same machine state
+        t_latent.append(best_time(latent_step, _ITERS.value))
+        t_naive.append(best_time(naive_step, _ITERS.value))
+    latent_s, naive_s = min(t_latent), min(t_naive)
+    f32 = 4
+    print(f"decode step, batch {B}, context {S}, {L} layers, {N} heads, fp32 on {jax.devices()[0].platform}:")
+    print(f"  latent cache (absorbed MLA)   {latent_s * 1e3:8.2f} ms   {L * X * f32:>9,} cache bytes/token")
+    print(f"  full per-head K/V cache       {naive_s * 1e3:8.2f} ms   {full_values_per_token(cfg) * f32:>9,} "
+          f"cache bytes/token")
+    print(f"  ratio latent / full: {latent_s / naive_s:.3f} (goal <= 0.5)")
+    k2 = kimi_k2()
+    print(f"Kimi K2 (61 layers, 64 heads), bf16 cache bytes per token: latent "
+          f"{LatentCache.values_per_token(k2) * 2:,}, full K/V {full_values_per_token(k2) * 2:,} "
+          f"({full_values_per_token(k2) / LatentCache.values_per_token(k2):.1f}x)")
+
+
+if __name__ == "__main__":
+    app.run(main)
