@@ -9,11 +9,15 @@ Router (per token, float32):
 
 Routed experts are dropless: the T·K (token, expert) pairs are sorted by expert and run through one grouped
 expert FFN (`pallas_kernels.grouped_matmul.grouped_ffn`), then unsorted and combined with the router weights.
+When a mesh with an `expert` axis is set (`with jax.set_mesh(mesh):`), the experts run expert-parallel instead:
+`sharding.expert_parallel` sends each row to the device owning its expert with a ragged all-to-all (shard_map).
 
 Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M = T·K routed rows, G groups.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,7 @@ from flax import nnx
 from k2jax.config import K2Config
 from k2jax.layers import MLP, weight
 from pallas_kernels.grouped_matmul import grouped_ffn
+from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
 
 
 class RouterBias(nnx.Variable):
@@ -74,11 +79,14 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray) -> jnp.ndarray:
         T, K = ids_TK.shape
         E = self.gate_proj.shape[0]
+        w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        if expert_parallel_enabled(jax.sharding.get_abstract_mesh(), E):
+            ffn = functools.partial(grouped_ffn, impl=self.impl)
+            return expert_parallel_ffn(x_TD.astype(self.dtype), weights_TK, ids_TK, *w, ffn=ffn).astype(self.dtype)
         flat_ids_M = ids_TK.reshape(-1)
         order_M = jnp.argsort(flat_ids_M, stable=True)
         group_sizes_E = jnp.bincount(flat_ids_M, length=E).astype(jnp.int32)
         x_MD = x_TD.astype(self.dtype)[order_M // K]
-        w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         y_MD = grouped_ffn(x_MD, *w, group_sizes_E, impl=self.impl)
         y_TKD = y_MD[jnp.argsort(order_M)].reshape(T, K, -1)  # back to (token, choice) order
         out_TD = jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(y_TKD.dtype),

@@ -1,0 +1,137 @@
+"""Dropless expert parallelism with `jax.shard_map`: tokens travel to the devices that own their experts.
+
+    with jax.set_mesh(mesh):                  # a mesh with an `expert` axis (see sharding/mesh.py)
+        out_TD = expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD, ffn=ffn)
+
+Tokens are split over every batch-like mesh axis (data, fsdp and expert); the E experts over `expert` (device
+j of the expert axis owns experts [j E_loc, (j + 1) E_loc)). Per device:
+
+  1. sort its T x K (token, choice) rows by expert;
+  2. exchange row counts (an all_gather of [E] int32 per device: tiny) so every device knows every
+     (source, destination, expert) count, hence all offsets;
+  3. ragged all-to-all the rows to their experts' devices; re-sort the received rows by local expert;
+  4. `ffn(rows, w_gate, w_up, w_down, group_sizes)` on the local experts (a grouped matmul);
+  5. the reverse ragged all-to-all brings the results back to the rows' sources, which un-sort them and
+     combine each token's K results with its routing weights.
+
+Nothing is dropped: a device's receive buffer has room for every row of every source (uneven loads and experts
+with no rows need no capacity factor). `jax.lax.ragged_all_to_all` is native on TPU and GPU; XLA:CPU has no
+kernel for it, so on CPU `ragged_all_to_all` below runs the same exchange as an `all_to_all` of fixed-size
+chunks (same results, more bytes moved). This module knows nothing of K2: it works on arrays and a callable.
+
+Letter legend: T tokens (per device inside shard_map), K choices per token, M = T K rows, E experts, L experts
+per device (E_loc), D hidden, F ffn, n expert-axis size, s source, j destination.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+EXPERT_AXIS = "expert"
+TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes the tokens are split over (those present in the mesh)
+IMPLS = ("auto", "native", "all_to_all")
+
+
+def _exclusive_cumsum(x, axis=0):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                      axis_name: str, max_send: int | None = None, impl: str = "auto"):
+    """jax.lax.ragged_all_to_all's contract: rows [input_offsets[j], + send_sizes[j]) of `operand` go to device
+    j of `axis_name`, landing at rows [output_offsets[j], ...) of j's `output`; recv_sizes[i] rows arrive
+    from device i. impl "native" is jax.lax.ragged_all_to_all (TPU/GPU); "all_to_all" sends a fixed chunk of
+    max_send rows (static; default all of operand) to every device and scatters the valid rows; "auto" picks
+    native except on CPU."""
+    if impl == "auto":
+        impl = "all_to_all" if jax.default_backend() == "cpu" else "native"
+    if impl == "native":
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name=axis_name)
+    if impl != "all_to_all":
+        raise ValueError(f"ragged_all_to_all: impl must be one of {IMPLS}, got {impl!r}")
+    C = operand.shape[0] if max_send is None else max_send
+    padded = jnp.concatenate([operand, jnp.zeros((C,) + operand.shape[1:], operand.dtype)])
+    chunks_nC = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(padded, start, C))(input_offsets)
+    n = chunks_nC.shape[0]
+    got_nC = jax.lax.all_to_all(chunks_nC.reshape((n * C,) + operand.shape[1:]), axis_name, 0, 0, tiled=True)
+    offsets_n = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where source i's rows go here
+    rows_nC = offsets_n[:, None] + jnp.arange(C)[None, :]
+    valid_nC = jnp.arange(C)[None, :] < recv_sizes[:, None]
+    rows_nC = jnp.where(valid_nC, rows_nC, output.shape[0])  # out of range: dropped
+    return output.at[rows_nC.reshape(-1)].set(got_nC.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
+def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *, ffn: Callable,
+                      expert_axis: str, impl: str):
+    """One device's part (inside shard_map)."""
+    n = jax.lax.axis_size(expert_axis)
+    me = jax.lax.axis_index(expert_axis)
+    T, K = ids_TK.shape
+    L = w_gate_LDF.shape[0]
+    M = T * K
+    # 1. this device's rows sorted by expert, hence by destination device
+    flat_M = ids_TK.reshape(-1)
+    order_M = jnp.argsort(flat_M, stable=True)
+    x_MD = x_TD[order_M // K]
+    sizes_E = jnp.bincount(flat_M, length=n * L).astype(jnp.int32)
+    # 2. every device's counts: [source, destination, local expert]
+    sizes_snl = jax.lax.all_gather(sizes_E, expert_axis).reshape(n, n, L)
+    pair_sn = sizes_snl.sum(-1)                        # rows from source s to destination j
+    send_n, recv_n = pair_sn[me], pair_sn[:, me]
+    src_offsets_sn = _exclusive_cumsum(pair_sn, axis=1)   # where source s keeps its rows for j
+    dst_offsets_sn = _exclusive_cumsum(pair_sn, axis=0)   # where destination j puts source s's rows
+    # 3. rows to their experts' devices, laid out by source, then by local expert
+    recv_RD = ragged_all_to_all(x_MD, jnp.zeros((n * M, x_MD.shape[1]), x_MD.dtype), src_offsets_sn[me], send_n,
+                                dst_offsets_sn[me], recv_n, axis_name=expert_axis, max_send=M, impl=impl)
+    segment_ends = jnp.cumsum(sizes_snl[:, me, :].reshape(-1))    # (source, local expert) segments in order
+    segment_R = jnp.searchsorted(segment_ends, jnp.arange(n * M), side="right")
+    local_R = jnp.where(segment_R < n * L, segment_R % L, L)         # empty buffer rows sort last
+    by_expert_R = jnp.argsort(local_R, stable=True)
+    # 4. the local experts
+    y_RD = ffn(recv_RD[by_expert_R], w_gate_LDF, w_up_LDF, w_down_LFD, sizes_snl[:, me, :].sum(0))
+    y_RD = y_RD[jnp.argsort(by_expert_R)]
+    # 5. back to the sources, un-sorted, combined
+    back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, y_RD.shape[1]), y_RD.dtype), dst_offsets_sn[:, me], recv_n,
+                                src_offsets_sn[:, me], send_n, axis_name=expert_axis, max_send=M, impl=impl)
+    y_TKD = back_MD[jnp.argsort(order_M)].reshape(T, K, -1)
+    return jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(y_TKD.dtype), preferred_element_type=jnp.float32)
+
+
+def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AXIS) -> bool:
+    """True when `mesh` (e.g. jax.sharding.get_abstract_mesh()) has an expert axis > 1 dividing num_experts."""
+    if mesh is None or mesh.empty or expert_axis not in mesh.axis_names:
+        return False
+    n = dict(mesh.shape)[expert_axis]
+    return n > 1 and num_experts % n == 0
+
+
+def expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, ffn: Callable,
+                        mesh=None, expert_axis: str = EXPERT_AXIS, token_axes: tuple[str, ...] = TOKEN_AXES,
+                        impl: str = "auto") -> jax.Array:
+    """sum_k weights[t, k] * ffn_{ids[t, k]}(x[t]) -> [T, D] float32, with experts split over `expert_axis` of
+    `mesh` (default: the mesh set with jax.set_mesh). T is padded to a multiple of the token-axis devices."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    E = w_gate_EDF.shape[0]
+    if not expert_parallel_enabled(mesh, E, expert_axis):
+        raise ValueError(f"expert_parallel_ffn: the mesh {dict(mesh.shape) if mesh is not None else None} needs an "
+                         f"'{expert_axis}' axis > 1 that divides the {E} experts")
+    axes = tuple(a for a in token_axes if a in mesh.axis_names and dict(mesh.shape)[a] > 1)
+    shards = 1
+    for a in axes:
+        shards *= dict(mesh.shape)[a]
+    T = x_TD.shape[0]
+    pad = -T % shards
+    if pad:  # padding rows get weight 0 (they still travel, a few rows at most)
+        x_TD = jnp.pad(x_TD, ((0, pad), (0, 0)))
+        weights_TK = jnp.pad(weights_TK, ((0, pad), (0, 0)))
+        ids_TK = jnp.pad(ids_TK, ((0, pad), (0, 0)))
+    tok = P(axes or None)
+    local = jax.shard_map(
+        lambda *a: _local_expert_ffn(*a, ffn=ffn, expert_axis=expert_axis, impl=impl), mesh=mesh,
+        in_specs=(tok, tok, tok, P(expert_axis), P(expert_axis), P(expert_axis)), out_specs=tok, check_vma=False)
+    return local(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD)[:T]
