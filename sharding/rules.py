@@ -4,7 +4,8 @@
     model = k2jax.load_checkpoint(path, shardings=lambda name, shape: shardings[name])
     print(sharding_table(params_by_name, mesh, "ep_fsdp"))        # every parameter, its spec, bytes per device
 
-`params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Strategies:
+`params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Optimizer state
+follows its parameter and is split further over `data` (ZeRO-1): `optimizer_state_specs`. Strategies:
   fsdp     every weight split along its hidden ("embed", or q_lora / kv_lora) axis over fsdp; experts whole
   ep_fsdp  experts split over `expert`, the rest as fsdp                       (K2's EP + ZeRO)
   ep_pp    as ep_fsdp, stacked MoE layers split over `stage`                    (K2's PP16 x EP16)
@@ -86,3 +87,46 @@ def sharding_table(params: Mapping[str, ParamInfo], mesh_shape: Mapping[str, int
 def total_bytes_per_device(params: Mapping[str, ParamInfo], mesh_shape: Mapping[str, int], strategy: str) -> int:
     return sum(bytes_per_device(shape, dtype, partition_spec(shape, axes, mesh_shape, strategy), mesh_shape)
                for shape, dtype, axes in params.values())
+
+
+ZERO1_AXIS = "data"
+
+
+def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[str, int],
+               axis: str = ZERO1_AXIS) -> PartitionSpec:
+    """ZeRO-1: optimizer state is split further over the data-parallel axis, on the first dimension the
+    parameter's spec leaves whole and the axis divides. Parameters themselves stay replicated over it."""
+    size = mesh_shape.get(axis, 1)
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    if size <= 1 or axis in entries:
+        return PartitionSpec(*entries)
+    for i, (dim, entry) in enumerate(zip(shape, entries)):
+        if entry is None and dim % size == 0:
+            entries[i] = axis
+            break
+    return PartitionSpec(*entries)
+
+
+def optimizer_state_specs(opt_state, params: Mapping[str, ParamInfo], mesh_shape: Mapping[str, int], strategy: str,
+                          name_of, *, zero1: bool = True):
+    """A PartitionSpec for every leaf of an optimizer state (concrete or from jax.eval_shape). A leaf that
+    mirrors a parameter (its tree path ends in the parameter's path: momentum, Adam moments) gets the
+    parameter's spec, plus ZeRO-1 over `data` when `zero1`; anything else (step counts) is replicated.
+    name_of(path) turns a tree path into a parameter name (k2jax.model.param_name)."""
+    def spec_for(path, leaf):
+        shape = tuple(np.shape(leaf))
+        for start in range(len(path)):
+            info = params.get(name_of(path[start:]))
+            if info is not None and tuple(info[0]) == shape:
+                spec = partition_spec(shape, info[2], mesh_shape, strategy)
+                return zero1_spec(spec, shape, mesh_shape) if zero1 else spec
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec_for, opt_state)
+
+
+def tree_bytes_per_device(tree, specs, mesh_shape: Mapping[str, int]) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `specs` (same structure)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return sum(bytes_per_device(tuple(np.shape(a)), a.dtype, s, mesh_shape) for a, s in zip(leaves, spec_leaves))

@@ -162,8 +162,9 @@ def test_bad_inputs_fail_clearly(gen):
 
 
 def test_sharded_fp8_converted_checkpoint_generates_the_same(tmp_path):
-    """HF FP8 release layout -> Orbax fp8 -> loaded with expert-parallel shardings on 8 devices: the same greedy
-    tokens and logits as the unsharded model read straight from the release files."""
+    """HF FP8 release layout -> Orbax fp8 -> loaded with expert-parallel shardings on 8 devices, run with GSPMD
+    and with shard_map expert parallelism: the same greedy tokens and logits as the unsharded model read straight
+    from the release files."""
     cfg = tiny(hidden_size=160, q_lora_rank=144, kv_lora_rank=136)  # ragged 128x128 scale blocks
     hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "k2-fp8")
     write_hf_checkpoint(hf_dir, cfg, random_release_tensors(cfg, seed=8), dtype="fp8")
@@ -176,6 +177,8 @@ def test_sharded_fp8_converted_checkpoint_generates_the_same(tmp_path):
     want = Generator(reference).generate(PROMPTS, max_new_tokens=20)
     g = Generator(sharded)
     assert g.generate(PROMPTS, max_new_tokens=20) == want
+    with jax.set_mesh(mesh):  # experts run expert-parallel (shard_map + all-to-all) in prefill and decode
+        assert Generator(sharded).generate(PROMPTS, max_new_tokens=20) == want
     cache = g.new_cache(len(PROMPTS), 32)
     got, _ = g.prefill(PROMPTS, cache, all_logits=True)
     ref, _ = Generator(reference).prefill(PROMPTS, Generator(reference).new_cache(len(PROMPTS), 32), all_logits=True)
