@@ -78,6 +78,7 @@ class K2Config:
     dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
     moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled
     router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
+    pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -116,6 +117,8 @@ class K2Config:
         need(self.param_dtype in _DTYPES, f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
         need(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         need(self.moe_impl in _MOE_IMPLS, f"moe_impl must be one of {_MOE_IMPLS}, got {self.moe_impl!r}")
+        need(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
+             f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
         need(self.router_bias_update_rate >= 0,
              f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
 
@@ -203,7 +206,7 @@ class K2Config:
         return d
 
 
-_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "router_bias_update_rate")
+_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "router_bias_update_rate", "pipeline_microbatches")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

@@ -25,6 +25,7 @@ from k2jax.config import K2Config
 from k2jax.layers import MLP, RMSNorm, project, weight
 from k2jax.moe import MoE
 from k2jax.rope import rope_tables
+from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
 
 
 class DecoderBlock(nnx.Module):
@@ -71,6 +72,12 @@ def _stacked_moe_blocks(cfg: K2Config, rngs: nnx.Rngs) -> DecoderBlock:
         if isinstance(var, nnx.Variable) and var.has_metadata("logical_axes"):
             var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata("logical_axes")))
     return blocks
+
+
+def _layer_inputs(cfg: K2Config, segment_ids_BT, positions_BT):
+    """What every block needs besides x: rope tables, attention mask, and which tokens are real."""
+    cos_BTK, sin_BTK = rope_tables(cfg, positions_BT)
+    return cos_BTK, sin_BTK, attention_mask(segment_ids_BT), segment_ids_BT > 0
 
 
 def segment_positions(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
@@ -122,15 +129,17 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = segment_positions(segment_ids)
 
-        valid_BT = segment_ids > 0
-        mask_BTS = attention_mask(segment_ids)
-        cos_BTK, sin_BTK = rope_tables(cfg, positions)
+        inputs = _layer_inputs(cfg, segment_ids, positions)
 
         def layer(block, x_BTD, carry, _):
-            x_BTD, aux = block(x_BTD, cos_BTK, sin_BTK, mask_BTS, valid_BT)
+            x_BTD, aux = block(x_BTD, *inputs)
             return x_BTD, carry, aux
 
-        x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer, None)
+        mesh = jax.sharding.get_abstract_mesh()
+        if pipeline_enabled(mesh) and self.moe_blocks is not None:
+            x_BTD, dense_aux, moe_aux = self._run_pipelined(self.embed(tokens_BT), layer, segment_ids, positions, mesh)
+        else:
+            x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer, None)
         logits_BTV = self.logits(x_BTD)
         if not return_aux:
             return logits_BTV
@@ -142,6 +151,27 @@ class Transformer(nnx.Module):
             "router_topk_ids": moe_aux["topk_ids"] if moe_aux else jnp.zeros((0, B, T, K), jnp.int32),
         }
         return logits_BTV, aux
+
+    def _run_pipelined(self, x_BTD, layer, segment_ids, positions, mesh):
+        """Dense blocks as usual, the stacked MoE blocks through sharding.pipeline over the `stage` axis (the
+        per-example inputs travel with the activations); aux reduced over microbatches as an unsplit batch would
+        give it."""
+        dense_aux = []
+        for i, block in enumerate(self.dense_blocks):
+            x_BTD, _, aux = layer(block, x_BTD, None, i)
+            dense_aux.append(aux)
+        graphdef, moe_state = nnx.split(self.moe_blocks)
+
+        def moe_layer(state, layer_state):
+            x, seg, pos = state
+            x, aux = nnx.merge(graphdef, layer_state)(x, *_layer_inputs(self.cfg, seg, pos))
+            return (x, seg, pos), aux
+
+        M = self.cfg.pipeline_microbatches or dict(mesh.shape)[STAGE_AXIS]
+        (x_BTD, _, _), aux = pipeline_scan(moe_layer, moe_state, (x_BTD, segment_ids, positions), num_microbatches=M)
+        moe_aux = {"attn_max_logits": aux["attn_max_logits"].max(0), "expert_load": aux["expert_load"].sum(0),
+                   "topk_ids": jnp.concatenate(list(aux["topk_ids"]), axis=1)}  # [M, L, b, T, K] -> [L, B, T, K]
+        return x_BTD, dense_aux, moe_aux
 
     def embed(self, tokens_BT: jnp.ndarray) -> jnp.ndarray:
         return self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype)
