@@ -18,8 +18,9 @@ from k2jax.model import Transformer, param_info
 from k2jax.generate import Completion, Generator, LatentCache, Sampling, generate
 from k2jax.tokenizer import Tokenizer, TokenizerError
 from k2jax.chat import Chat
+from k2jax.placement import init_sharded, shard_model
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",
            "save_checkpoint", "param_info", "Generator", "Sampling", "LatentCache", "Completion", "generate",
-           "Tokenizer", "TokenizerError", "Chat"]
+           "Tokenizer", "TokenizerError", "Chat", "init_sharded", "shard_model"]

@@ -26,6 +26,7 @@ from k2jax.layers import MLP, RMSNorm, project, weight
 from k2jax.moe import MoE
 from k2jax.rope import rope_tables
 from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
+from sharding.rules import ACTIVATION_BTD, constrain
 
 
 class DecoderBlock(nnx.Module):
@@ -133,7 +134,7 @@ class Transformer(nnx.Module):
 
         def layer(block, x_BTD, carry, _):
             x_BTD, aux = block(x_BTD, *inputs)
-            return x_BTD, carry, aux
+            return constrain(x_BTD, ACTIVATION_BTD), carry, aux
 
         mesh = jax.sharding.get_abstract_mesh()
         if pipeline_enabled(mesh) and self.moe_blocks is not None:
@@ -174,7 +175,7 @@ class Transformer(nnx.Module):
         return x_BTD, dense_aux, moe_aux
 
     def embed(self, tokens_BT: jnp.ndarray) -> jnp.ndarray:
-        return self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype)
+        return constrain(self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype), ACTIVATION_BTD)
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         """Final norm and lm_head: [B, T, D] -> [B, T, V] float32."""

@@ -3,6 +3,7 @@
     shardings = param_shardings(params_by_name, mesh, "ep_fsdp")   # {name: NamedSharding}
     model = k2jax.load_checkpoint(path, shardings=lambda name, shape: shardings[name])
     print(sharding_table(params_by_name, mesh, "ep_fsdp"))        # every parameter, its spec, bytes per device
+    x_BTD = constrain(x_BTD, ACTIVATION_BTD)                      # activations: batch over data, fsdp, expert
 
 `params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Optimizer state
 follows its parameter and is split further over `data` (ZeRO-1): `optimizer_state_specs`. Strategies:
@@ -90,6 +91,31 @@ def total_bytes_per_device(params: Mapping[str, ParamInfo], mesh_shape: Mapping[
 
 
 ZERO1_AXIS = "data"
+
+# Activations: the batch is split over every batch-like axis (tokens travel to experts only inside EP), the rest
+# stays whole. The one place activation layouts are decided.
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp", "expert")}
+ACTIVATION_BTD = ("batch", None, None)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """with_sharding_constraint from logical activation axes, against the mesh set with jax.set_mesh (a no-op
+    without one). A dimension takes every listed mesh axis that exists and, together, divides it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    sizes = dict(mesh.shape)
+    manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual}
+    spec = []
+    for dim, axis in zip(x.shape, logical_axes):
+        chosen, split = [], 1
+        for mesh_axis in ACTIVATION_RULES.get(axis, ()) if axis else ():
+            n = sizes.get(mesh_axis, 1)
+            if n > 1 and mesh_axis not in manual and dim % (split * n) == 0:
+                chosen.append(mesh_axis)
+                split *= n
+        spec.append(tuple(chosen) if chosen else None)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[str, int],

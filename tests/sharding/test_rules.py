@@ -66,3 +66,14 @@ def test_kimi_k2_params_on_a_256_chip_pod_slice():
                              "ep_fsdp")
     assert experts == jax.sharding.PartitionSpec(None, "expert", "fsdp", None)  # 1T of weights split 256 ways
     assert per_device < 95 * 2**30
+
+
+def test_constrain_splits_the_batch_over_batch_like_axes():
+    from sharding.rules import ACTIVATION_BTD, constrain
+    x = jnp.zeros((8, 3, 4))
+    assert constrain(x, ACTIVATION_BTD) is x  # no mesh set: untouched
+    with jax.set_mesh(make_mesh({"data": 2, "expert": 2, "tensor": 2})):
+        y = jax.jit(lambda a: constrain(a * 2, ACTIVATION_BTD))(x)
+        assert y.sharding.spec[0] == ("data", "expert")
+        odd = jax.jit(lambda a: constrain(a, ACTIVATION_BTD))(jnp.zeros((2, 3, 4)))  # 2 rows: only data divides
+        assert odd.sharding.spec[0] in ("data", ("data",))
