@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_IMPLS = ("auto", "ragged_dot", "tiled")
+_REMAT = ("none", "full", "dots")
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,7 @@ class K2Config:
     moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled
     router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
     pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
+    remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -119,6 +121,7 @@ class K2Config:
         need(self.moe_impl in _MOE_IMPLS, f"moe_impl must be one of {_MOE_IMPLS}, got {self.moe_impl!r}")
         need(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
              f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
+        need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
         need(self.router_bias_update_rate >= 0,
              f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
 
@@ -206,7 +209,7 @@ class K2Config:
         return d
 
 
-_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "router_bias_update_rate", "pipeline_microbatches")
+_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "router_bias_update_rate", "pipeline_microbatches", "remat")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

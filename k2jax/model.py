@@ -199,6 +199,11 @@ class Transformer(nnx.Module):
                 x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, index)
                 return (x, c), out
 
+            if self.cfg.remat != "none":  # recompute each block's activations in the backward pass
+                policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.cfg.remat == "dots"
+                          else jax.checkpoint_policies.nothing_saveable)
+                step = jax.checkpoint(step, policy=policy)
+
             first = self.cfg.num_dense_layers
             indices = jnp.arange(first, first + self.cfg.num_moe_layers, dtype=jnp.int32)
             (x_BTD, carry), moe_outs = jax.lax.scan(step, (x_BTD, carry), (state, indices))

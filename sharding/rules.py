@@ -98,16 +98,13 @@ ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp", "exper
 ACTIVATION_BTD = ("batch", None, None)
 
 
-def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    """with_sharding_constraint from logical activation axes, against the mesh set with jax.set_mesh (a no-op
-    without one). A dimension takes every listed mesh axis that exists and, together, divides it."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return x
+def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh) -> PartitionSpec:
+    """The spec ACTIVATION_RULES give an activation on `mesh`: a dimension takes every listed mesh axis that
+    exists (and is not manual) and, together, divides it."""
     sizes = dict(mesh.shape)
     manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual}
     spec = []
-    for dim, axis in zip(x.shape, logical_axes):
+    for dim, axis in zip(shape, logical_axes):
         chosen, split = [], 1
         for mesh_axis in ACTIVATION_RULES.get(axis, ()) if axis else ():
             n = sizes.get(mesh_axis, 1)
@@ -115,7 +112,15 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
                 chosen.append(mesh_axis)
                 split *= n
         spec.append(tuple(chosen) if chosen else None)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """with_sharding_constraint by activation_spec against the mesh set with jax.set_mesh (no-op without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, logical_axes, mesh))
 
 
 def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[str, int],

@@ -1,0 +1,17 @@
+"""Kimi K2 on a v5p-2048 slice (1024 chips): data 4 x EP 64 x FSDP 4 with ZeRO-1 optimizer state, MuonClip.
+
+    python train.py --config=configs/k2_v5p_1024.py --workdir=gs://BUCKET/k2-run \
+        --config.init_from=gs://BUCKET/k2-bf16 --config.data.source=array_record:/data/k2-tokens.arrayrecord
+
+Run the same command on every host. Per chip: 25.5 GiB of fp32 parameters + 6.9 GiB of MuonClip state split
+over data (tests/sharding/test_optimizer_state.py).
+"""
+
+from configs.k2_v5p_256 import get_config as _k2_256
+
+
+def get_config():
+    config = _k2_256()
+    config.global_batch = 1024
+    config.mesh.axes = {"data": 4, "expert": 64, "fsdp": 4}
+    return config

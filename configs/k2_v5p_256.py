@@ -1,0 +1,30 @@
+"""Kimi K2 (1.03T, 61 layers, 384 experts) on a v5p-512 slice (256 chips): EP 64 x FSDP 4, MuonClip.
+
+    python train.py --config=configs/k2_v5p_256.py --workdir=gs://BUCKET/k2-run \
+        --config.init_from=gs://BUCKET/k2-bf16 --config.data.source=array_record:/data/k2-tokens.arrayrecord
+
+Run the same command on every host of the slice (jax.distributed picks up the TPU topology itself). Per chip:
+25.5 GiB of fp32 parameters + 27.7 GiB of MuonClip state (planned in tests/sharding/test_optimizer_state.py);
+activations (4K tokens x 1 row per chip, full remat) are not measured yet.
+"""
+
+from k2jax.training.loop import base_config
+
+
+def get_config():
+    config = base_config()
+    config.model.preset = "kimi_k2"
+    config.model.overrides = {"param_dtype": "float32", "dtype": "bfloat16", "remat": "full"}
+    config.steps = 100_000
+    config.seq_len = 4096
+    config.global_batch = 256
+    config.grad_accum = 1
+    config.optimizer.lr = 2e-4
+    config.optimizer.warmup_steps = 500
+    config.mesh.axes = {"expert": 64, "fsdp": 4}
+    config.mesh.strategy = "ep_fsdp"
+    config.checkpoint.every = 500
+    config.checkpoint.keep = 3
+    config.metrics.every = 10
+    config.metrics.peak_tflops_per_device = 459.0  # v5p bf16
+    return config

@@ -1,0 +1,111 @@
+"""The train step: next-token loss on packed rows, gradient accumulation, MuonClip, router-bias update, NaN guard.
+
+    state = TrainState.create(model, tx)
+    step_fn = make_train_step(state.graphdef, tx, grad_accum=2)
+    state, metrics = jax.jit(step_fn, donate_argnums=0)(state, batch)   # batch leaves [b, T + 1]
+
+The batch's rows are split into `grad_accum` microbatches run one after another (a scan), gradients summed
+weighted by their target-token counts, so the update equals one big batch's. The QK-Clip statistics are the max
+over microbatches; expert loads are summed. A step whose loss or gradients are not finite changes nothing
+(`metrics["finite"]` is False): the caller stops before saving it.
+
+Letter legend: A accumulation microbatches, b rows per microbatch, T tokens per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from k2jax.optim.router_bias import router_bias_update
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any      # nnx.State of nnx.Param
+    rest: Any        # nnx.State of everything else (router biases)
+    opt_state: Any
+    graphdef: Any = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> "TrainState":
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return cls(jnp.zeros((), jnp.int32), params, rest, tx.init(params), graphdef)
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def next_token_loss(model, batch) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """Summed cross-entropy of each token's successor within its segment, the number of such targets, aux.
+    batch: tokens, segment_ids, positions [b, T + 1] int32; optional loss_scale [b]."""
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    logits, aux = model(tokens[:, :-1], segment_ids=seg[:, :-1], positions=pos[:, :-1], return_aux=True)
+    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    if "loss_scale" in batch:  # per row; the loop uses it to plant a NaN in tests (debug_nan_step)
+        nll = nll * batch["loss_scale"][:, None]
+    return jnp.sum(nll * mask), (jnp.sum(mask), aux)
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.global_norm(jax.tree.leaves(tree))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad_accum: int = 1,
+                    router_bias_rate: float | None = None):
+    def grads_of(params, rest, micro):
+        def loss_fn(p):
+            return next_token_loss(nnx.merge(graphdef, p, rest), micro)
+
+        (loss_sum, (count, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss_sum, count, aux, grads
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        rows = batch["tokens"].shape[0]
+        if rows % grad_accum:
+            raise ValueError(f"train step: {rows} rows per step do not split into grad_accum={grad_accum}")
+        micro = jax.tree.map(lambda a: a.reshape((grad_accum, rows // grad_accum) + a.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            loss_sum, count, max_logits, load, grads = carry
+            l, c, aux, g = grads_of(state.params, state.rest, mb)
+            return (loss_sum + l, count + c, jnp.maximum(max_logits, aux["attn_max_logits"]),
+                    load + aux["expert_load"], jax.tree.map(jnp.add, grads, g)), None
+
+        shapes = jax.eval_shape(grads_of, state.params, state.rest, jax.tree.map(lambda a: a[0], micro))
+        zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.full(shapes[2]["attn_max_logits"].shape, -jnp.inf),
+                 jnp.zeros(shapes[2]["expert_load"].shape, jnp.int32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss_sum, count, max_logits, load, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        loss = loss_sum / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, attn_max_logits=max_logits)
+        params = optax.apply_updates(state.params, updates)
+        rest = state.rest
+        model = nnx.merge(graphdef, params, rest)
+        if model.moe_blocks is not None:
+            rate = model.cfg.router_bias_update_rate if router_bias_rate is None else router_bias_rate
+            bias = model.moe_blocks.mlp.gate.e_score_correction_bias
+            bias[...] = router_bias_update(bias[...], load, rate)
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+        grad_norm = _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = TrainState(state.step + 1, params, rest, opt_state, graphdef)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)  # a bad step changes nothing
+        load_f = load.astype(jnp.float32)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": _global_norm(updates),
+                   "param_norm": _global_norm(params), "tokens": count, "finite": finite,
+                   "attn_max_logit": max_logits,  # [layers, heads]
+                   "expert_load_max_over_mean": jnp.max(load_f, -1) / jnp.maximum(jnp.mean(load_f, -1), 1e-9)}
+        return new, metrics
+
+    return step
