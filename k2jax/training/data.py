@@ -1,7 +1,7 @@
 """Training data with Grain: token sources, per-host sharding, sequence packing, a checkpointable iterator.
 
-    it = make_iterator(config.data, seq_len=T, batch_size=per_host_batch, seed=0)
-    batch = next(it)      # {"tokens", "segment_ids", "positions"}: int32 [b, T + 1] (inputs and next-token targets)
+    it = make_iterator(config.data, seq_len=T, global_batch=R, vocab_size=V, seed=0)
+    batch = next(it)      # this host's rows {"tokens", "segment_ids", "positions"}: int32 [R / hosts, T + 1]
     it.get_state() / it.set_state(state)                 # saved with every checkpoint (grain.checkpoint)
 
 Sources (`config.data.source`):
@@ -10,11 +10,12 @@ Sources (`config.data.source`):
                                 the tokenizer in `config.data.tokenizer_dir` (the release's tiktoken.model)
   array_record:PATH[,PATH...]   records of little-endian int32 token ids, one document per record
 
-Pipeline: documents -> repeated epochs -> global shuffle (seeded, per epoch) -> this host's slice (every
-process_count-th document) -> tokenise -> end-of-document token -> concatenate and split into rows of T + 1
-tokens with segment ids / positions (no padding waste; a document cut in two continues in the next row) -> batch
--> prefetch in a background thread. The same seed gives the same batches, and restoring the iterator state
-resumes exactly where the checkpoint was taken.
+Pipeline: documents -> global shuffle (seeded; every epoch a new permutation) -> row r of every global batch (of R rows)
+is its own stream of documents r, r + R, r + 2R, ..., tokenised, ended with an end-of-document token, packed end
+to end into rows of T + 1 tokens with segment ids / positions (no padding; a document cut in two continues in
+that row of the next batch) -> a host interleaves the streams of its own rows -> batch -> prefetch (a thread).
+So the global batch is the same whatever the number of hosts, the same seed gives the same batches, and
+restoring the iterator state resumes exactly where the checkpoint was taken.
 """
 
 from __future__ import annotations
@@ -99,15 +100,16 @@ def _source(data_cfg, vocab_size: int, seed: int):
     raise DataError(f"data.source must be synthetic, jsonl:PATHS or array_record:PATHS, got {data_cfg.source!r}")
 
 
-def make_iterator(data_cfg, *, seq_len: int, batch_size: int, vocab_size: int, seed: int,
+def make_iterator(data_cfg, *, seq_len: int, global_batch: int, vocab_size: int, seed: int,
                   process_index: int | None = None, process_count: int | None = None):
-    """The grain iterator of this host's batches (see the module docstring)."""
+    """The grain iterator of this host's rows of each global batch (see the module docstring)."""
     source, tokenizer = _source(data_cfg, vocab_size, seed)
     eod = int(data_cfg.get("eod_token_id", -1))
     if tokenizer is not None and eod < 0:
         eod = tokenizer.special("[EOS]")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    batch_size = global_batch // process_count
 
     def to_tokens(doc) -> dict:
         if tokenizer is not None:
@@ -122,12 +124,20 @@ def make_iterator(data_cfg, *, seq_len: int, batch_size: int, vocab_size: int, s
             ids = np.append(ids, np.int32(eod))
         return {"tokens": ids}
 
-    ds = grain.MapDataset.source(source).repeat(None).shuffle(seed=seed)
-    ds = ds[process_index::process_count].map(to_tokens)
-    ds = ds.filter(lambda ex: ex["tokens"].size > 0).to_iter_dataset()
-    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-    ds = ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
-                            "positions": ex["tokens_positions"]})
+    if global_batch % process_count:
+        raise DataError(f"global batch {global_batch} does not split over {process_count} processes")
+    documents = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)  # each epoch: a new permutation
+
+    def row_stream(row: int):
+        """Global row `row` of every batch: documents row, row + R, row + 2R, ... packed end to end."""
+        ds = documents[row::global_batch].map(to_tokens).filter(lambda ex: ex["tokens"].size > 0)
+        ds = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+        return ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
+                                  "positions": ex["tokens_positions"]})
+
+    rows = range(process_index * batch_size, (process_index + 1) * batch_size)  # this host's rows
+    ds = grain.experimental.InterleaveIterDataset(grain.MapDataset.source(list(rows)).map(row_stream),
+                                                  cycle_length=batch_size)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(data_cfg.get("prefetch", 2)))
     return iter(ds)

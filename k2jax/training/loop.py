@@ -77,10 +77,19 @@ def model_config(config) -> K2Config:
 
 
 def maybe_initialize_distributed(config) -> None:
+    """jax.distributed.initialize for multi-process jobs: from config.distributed when num_processes > 1 (CPU
+    or GPU clusters; CPU collectives then go over gloo), or with no arguments when the platform says so (TPU pod
+    slices and SLURM/Open MPI launches report their own topology)."""
     d = config.distributed
-    if d.num_processes > 1 and not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    if d.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                                    process_id=d.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID") or os.environ.get(
+            "OMPI_COMM_WORLD_SIZE"):
+        jax.distributed.initialize()
 
 
 def _schedule(config):
@@ -140,7 +149,7 @@ def train(config, workdir: str) -> dict:
         shardings = _state_shardings(shapes, cfg, mesh, config.mesh.strategy)
         ckpts = TrainCheckpoints(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every,
                                  async_save=config.checkpoint.async_save)
-        data = make_iterator(config.data, seq_len=config.seq_len, batch_size=config.global_batch // n_proc,
+        data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
                              vocab_size=cfg.vocab_size, seed=config.seed)
         latest = ckpts.latest_step()
         if latest is not None:

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +122,25 @@ def test_every_config_loads(path):
     cfg = model_config(config)
     assert config.global_batch % config.grad_accum == 0 and cfg.num_params() > 0
     assert "python train.py --config=" in module.__doc__
+
+
+def test_two_processes_train_like_one(straight, tmp_path):
+    """jax.distributed with 2 local CPU processes x 4 devices (coordinator on 127.0.0.1) against 1 x 8."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = str(tmp_path / "two")
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+         *FAST, "--config.steps=12", "--config.checkpoint.every=4",
+         f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+         f"--config.distributed.process_id={i}"], env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    got, want = _losses(workdir), _losses(straight)
+    assert sorted(got) == list(range(12))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    assert _steps(workdir) == [4, 8, 12]
