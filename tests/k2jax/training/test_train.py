@@ -144,3 +144,19 @@ def test_two_processes_train_like_one(straight, tmp_path):
     for step in got:
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
     assert _steps(workdir) == [4, 8, 12]
+
+
+def test_init_from_a_converted_checkpoint(straight, tmp_path):
+    """init_from loads parameters only: a checkpoint of the same weights the fresh run drew gives its loss."""
+    from flax import nnx
+
+    import k2jax
+    from k2jax.config import tiny
+    k2jax.save_checkpoint(str(tmp_path / "k2"), k2jax.Transformer(tiny(num_hidden_layers=2), rngs=nnx.Rngs(0)))
+    workdir = str(tmp_path / "init")
+    _train(workdir, "--config.steps=2", f"--config.init_from={tmp_path / 'k2'}")
+    assert _losses(workdir)[0] == _losses(straight)[0]
+    other = str(tmp_path / "other")
+    k2jax.save_checkpoint(str(tmp_path / "k2b"), k2jax.Transformer(tiny(num_hidden_layers=2), rngs=nnx.Rngs(5)))
+    _train(other, "--config.steps=2", f"--config.init_from={tmp_path / 'k2b'}")
+    assert _losses(other)[0] != _losses(straight)[0]
