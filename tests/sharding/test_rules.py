@@ -77,3 +77,20 @@ def test_constrain_splits_the_batch_over_batch_like_axes():
         assert y.sharding.spec[0] == ("data", "expert")
         odd = jax.jit(lambda a: constrain(a, ACTIVATION_BTD))(jnp.zeros((2, 3, 4)))  # 2 rows: only data divides
         assert odd.sharding.spec[0] in ("data", ("data",))
+
+
+def test_multi_slice_mesh_keeps_ici_axes_inside_a_slice():
+    devices = jax.devices()
+    mesh = make_mesh({"fsdp": 2, "expert": 2}, dcn={"data": 2}, num_slices=2)  # 2 slices of 4 devices
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 2}
+    slice_of = {d: i // 4 for i, d in enumerate(devices)}
+    grid = mesh.devices
+    for data in range(2):  # every ICI sub-grid lies in one slice, the data axis crosses slices
+        assert {slice_of[d] for d in grid[data].reshape(-1)} == {data}
+    mixed = make_mesh({"expert": 2}, dcn={"expert": 2, "data": 2}, num_slices=4)  # an axis spanning ICI and DCN
+    assert dict(mixed.shape) == {"data": 2, "expert": 4}
+    for data in range(2):
+        column = [slice_of_4 for slice_of_4 in (devices.index(d) // 2 for d in mixed.devices[data])]
+        assert column[0] == column[1] and column[2] == column[3] and column[0] != column[2]  # dcn outer
+    with pytest.raises(MeshError, match="equal slices"):
+        make_mesh({"fsdp": 1}, dcn={"data": 3}, num_slices=3)
