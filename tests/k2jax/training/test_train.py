@@ -160,3 +160,24 @@ def test_init_from_a_converted_checkpoint(straight, tmp_path):
     k2jax.save_checkpoint(str(tmp_path / "k2b"), k2jax.Transformer(tiny(num_hidden_layers=2), rngs=nnx.Rngs(5)))
     _train(other, "--config.steps=2", f"--config.init_from={tmp_path / 'k2b'}")
     assert _losses(other)[0] != _losses(straight)[0]
+
+
+def test_sigterm_saves_and_the_restart_continues(straight, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+           *FAST, "--config.steps=12", "--config.checkpoint.every=100"]
+    proc = subprocess.Popen(cmd, env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(read_metrics(workdir)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # a preemption notice
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    saved = _steps(workdir)
+    assert len(saved) == 1 and 2 <= saved[0] < 12, saved  # saved where it stopped, not on the schedule
+    _train(workdir, "--config.steps=12", "--config.checkpoint.every=100")
+    got, want = _losses(workdir), _losses(straight)
+    for step in range(saved[0], 12):
+        assert got[step] == want[step], step

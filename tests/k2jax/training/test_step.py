@@ -1,0 +1,74 @@
+"""The train step: gradient accumulation equals one big batch, remat changes nothing, a bad step changes
+nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import k2jax
+from k2jax.config import tiny
+from k2jax.optim.muon_clip import muon_clip, param_rules
+from k2jax.training.step import TrainState, make_train_step
+
+CFG = tiny(num_hidden_layers=2)
+
+
+def _batch(rows=4, T=17, seed=0):
+    rng = np.random.default_rng(seed)
+    seg = np.ones((rows, T), np.int32)
+    seg[0, 9:], seg[2, 12:] = 2, 0  # packed and padded rows
+    pos = np.concatenate([np.arange(9), np.arange(8)])[None].repeat(rows, 0).astype(np.int32)
+    pos[1:] = np.arange(T)
+    return {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (rows, T)), jnp.int32),
+            "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos)}
+
+
+def _run(cfg, grad_accum, batch, steps=2, **extra):
+    model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
+    tx = muon_clip(1e-2, rules=param_rules(model), cfg=cfg, adam_eps=1e-3)
+    state = TrainState.create(model, tx)
+    step = jax.jit(make_train_step(state.graphdef, tx, grad_accum=grad_accum))
+    out = []
+    for _ in range(steps):
+        state, metrics = step(state, {**batch, **extra})
+        out.append(metrics)
+    return state, out
+
+
+def _close(a, b, rel=1e-5):
+    for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert np.max(np.abs(x - y)) <= rel * max(np.max(np.abs(y)), 1e-30), jax.tree_util.keystr(p)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batch = _batch()
+    one, m1 = _run(CFG, 1, batch)
+    two, m2 = _run(CFG, 2, batch)
+    for a, b in zip(m1, m2):
+        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-5 * abs(float(a["loss"]))
+        assert int(a["tokens"]) == int(b["tokens"]) == 4 * 16 - 1 - 5  # segment boundary and padding masked
+        np.testing.assert_allclose(np.asarray(a["attn_max_logit"]), np.asarray(b["attn_max_logit"]), rtol=1e-5)
+    _close(two.params, one.params)
+    _close(two.rest, one.rest)  # router biases moved by the summed expert loads
+    with pytest.raises(ValueError, match="grad_accum"):
+        _run(CFG, 3, batch)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_nothing(remat):
+    batch = _batch()
+    plain, _ = _run(CFG, 1, batch, steps=1)
+    rematted, _ = _run(CFG.replace(remat=remat), 1, batch, steps=1)
+    _close(rematted.params, plain.params)
+
+
+def test_a_non_finite_step_changes_nothing():
+    batch = _batch()
+    state, metrics = _run(CFG, 1, batch, steps=1, loss_scale=jnp.full((4,), jnp.nan))
+    fresh = TrainState.create(k2jax.Transformer(CFG, rngs=nnx.Rngs(0)), muon_clip(
+        1e-2, rules=param_rules(k2jax.Transformer(CFG, rngs=nnx.Rngs(0))), cfg=CFG))
+    assert not bool(metrics[0]["finite"]) and int(state.step) == 0
+    _close(state.params, fresh.params, rel=0)
