@@ -2,7 +2,7 @@
 
     it = make_iterator(config.data, seq_len=T, global_batch=R, vocab_size=V, seed=0)
     batch = next(it)      # this host's rows {"tokens", "segment_ids", "positions"}: int32 [R / hosts, T + 1]
-    it.get_state() / it.set_state(state)                 # saved with every checkpoint (grain.checkpoint)
+    it.get_state() / it.set_state(state)                 # bytes; saved with every checkpoint (grain.checkpoint)
 
 Sources (`config.data.source`):
   synthetic                     random documents from the seed (smoke runs and tests)
@@ -140,4 +140,54 @@ def make_iterator(data_cfg, *, seq_len: int, global_batch: int, vocab_size: int,
                                                   cycle_length=batch_size)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(data_cfg.get("prefetch", 2)))
-    return iter(ds)
+    return DataIterator(iter(ds))
+
+
+class DataIterator:
+    """The pipeline's iterator with its state as exact bytes. Grain's own checkpoint form is plain JSON, which
+    turns the packer's tuples into lists that it then misreads on restore (batches after a resume would differ);
+    here tuples are tagged so the state round-trips exactly. grain.checkpoint.CheckpointSave/Restore accept it."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def get_state(self) -> bytes:
+        return json.dumps(_tag_tuples(self._iterator.get_state())).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(_untag_tuples(json.loads(state)))
+
+    def start_prefetch(self) -> None:  # grain's checkpoint handler calls this after a restore
+        start = getattr(self._iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+
+
+def _tag_tuples(x):
+    if isinstance(x, tuple):
+        return {"__tuple__": [_tag_tuples(v) for v in x]}
+    if isinstance(x, list):
+        return [_tag_tuples(v) for v in x]
+    if isinstance(x, dict):
+        if any(not isinstance(k, str) for k in x):
+            return {"__items__": [[_tag_tuples(k), _tag_tuples(v)] for k, v in x.items()]}
+        return {k: _tag_tuples(v) for k, v in x.items()}
+    return x
+
+
+def _untag_tuples(x):
+    if isinstance(x, list):
+        return [_untag_tuples(v) for v in x]
+    if isinstance(x, dict):
+        if set(x) == {"__tuple__"}:
+            return tuple(_untag_tuples(v) for v in x["__tuple__"])
+        if set(x) == {"__items__"}:
+            return {_untag_tuples(k): _untag_tuples(v) for k, v in x["__items__"]}
+        return {k: _untag_tuples(v) for k, v in x.items()}
+    return x
