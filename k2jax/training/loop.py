@@ -193,7 +193,11 @@ def train(config, workdir: str) -> dict:
                 pending = (step, metrics)
                 done = step + 1
                 if ckpts.should_save(done) or preemption.requested or done == config.steps:
-                    _check_finite(pending, ckpts)
+                    # this step's metrics first (they also check it is finite): a checkpoint never gets ahead
+                    # of the metrics log
+                    last = _report(pending, ckpts, writer, schedule, flops_per_step, config, t0, t0_step,
+                                   force=True)
+                    pending, t0, t0_step = None, time.perf_counter(), done
                     ckpts.save(done, state, data, force=True)
                 if preemption.requested:
                     logging.warning("SIGTERM: saved step %d, exiting", done)
