@@ -53,7 +53,7 @@ def _check(got, want):
         assert np.max(np.abs(g - w)) <= 1e-5 * max(np.max(np.abs(w)), 1e-30), path
 
 
-@pytest.mark.parametrize("stages, microbatches", [(2, 1), (2, 4), (4, 8)])
+@pytest.mark.parametrize("stages, microbatches", [(2, 4), (4, 8)])
 def test_pipeline_equals_unsharded(reference, stages, microbatches):
     model, tokens, segments, want = reference
     mesh = make_mesh({"stage": stages, "fsdp": -1})
