@@ -54,16 +54,13 @@ class Chat:
         steps = self.generator.stream([new_ids], max_new_tokens=self.max_new_tokens, sampling=self.sampling,
                                       stop_tokens=[tok.eos_id], seed=self.seed + self._turn, cache=cache,
                                       max_len=self.max_context)
-        for step in steps:
+        for step in steps:  # one row: the generator ends by itself after the stop token, handing back the cache
             last = int(step[0])
-            if last == tok.eos_id:
-                break
-            reply_ids.append(last)
-            piece = decoder.push(last)
-            if piece:
-                yield piece
-        for _ in steps:  # finish the generator so it hands back the cache
-            pass
+            if last != tok.eos_id:
+                reply_ids.append(last)
+                piece = decoder.push(last)
+                if piece:
+                    yield piece
         tail = decoder.flush()
         if tail:
             yield tail
