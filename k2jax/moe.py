@@ -25,7 +25,7 @@ from flax import nnx
 
 from k2jax.config import K2Config
 from k2jax.layers import MLP, weight
-from pallas_kernels.grouped_matmul import grouped_ffn
+from pallas_kernels.grouped_matmul import combine_sorted, grouped_ffn, sort_by_group
 from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
 
 
@@ -77,21 +77,15 @@ class RoutedExperts(nnx.Module):
         self.impl = cfg.moe_impl
 
     def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray) -> jnp.ndarray:
-        T, K = ids_TK.shape
+        K = ids_TK.shape[1]
         E = self.gate_proj.shape[0]
         w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if expert_parallel_enabled(jax.sharding.get_abstract_mesh(), E):
             ffn = functools.partial(grouped_ffn, impl=self.impl)
             return expert_parallel_ffn(x_TD.astype(self.dtype), weights_TK, ids_TK, *w, ffn=ffn).astype(self.dtype)
-        flat_ids_M = ids_TK.reshape(-1)
-        order_M = jnp.argsort(flat_ids_M, stable=True)
-        group_sizes_E = jnp.bincount(flat_ids_M, length=E).astype(jnp.int32)
-        x_MD = x_TD.astype(self.dtype)[order_M // K]
-        y_MD = grouped_ffn(x_MD, *w, group_sizes_E, impl=self.impl)
-        y_TKD = y_MD[jnp.argsort(order_M)].reshape(T, K, -1)  # back to (token, choice) order
-        out_TD = jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(y_TKD.dtype),
-                            preferred_element_type=jnp.float32)
-        return out_TD.astype(self.dtype)
+        order_M, group_sizes_E = sort_by_group(ids_TK, E)
+        y_MD = grouped_ffn(x_TD.astype(self.dtype)[order_M // K], *w, group_sizes_E, impl=self.impl)
+        return combine_sorted(y_MD, order_M, weights_TK).astype(self.dtype)
 
 
 class MoE(nnx.Module):

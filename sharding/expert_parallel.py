@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.grouped_matmul import combine_sorted, sort_by_group
+
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes the tokens are split over (those present in the mesh)
 IMPLS = ("auto", "native", "all_to_all")
@@ -75,10 +77,8 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD
     L = w_gate_LDF.shape[0]
     M = T * K
     # 1. this device's rows sorted by expert, hence by destination device
-    flat_M = ids_TK.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True)
+    order_M, sizes_E = sort_by_group(ids_TK, n * L)
     x_MD = x_TD[order_M // K]
-    sizes_E = jnp.bincount(flat_M, length=n * L).astype(jnp.int32)
     # 2. every device's counts: [source, destination, local expert]
     sizes_snl = jax.lax.all_gather(sizes_E, expert_axis).reshape(n, n, L)
     pair_sn = sizes_snl.sum(-1)                        # rows from source s to destination j
@@ -98,8 +98,7 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD
     # 5. back to the sources, un-sorted, combined
     back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, y_RD.shape[1]), y_RD.dtype), dst_offsets_sn[:, me], recv_n,
                                 src_offsets_sn[:, me], send_n, axis_name=expert_axis, max_send=M, impl=impl)
-    y_TKD = back_MD[jnp.argsort(order_M)].reshape(T, K, -1)
-    return jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(y_TKD.dtype), preferred_element_type=jnp.float32)
+    return combine_sorted(back_MD, order_M, weights_TK)
 
 
 def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AXIS) -> bool:
