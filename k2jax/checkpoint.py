@@ -41,8 +41,8 @@ from flax import nnx
 from k2jax import quant
 from k2jax.config import K2Config
 from k2jax.hf_mapping import CheckpointError, hf_tensor_specs, release_dtype
-from k2jax.model import Transformer, param_name
-from k2jax.placement import param_shardings_for
+from k2jax.model import Transformer, param_info, param_name
+from sharding.rules import param_shardings
 
 FORMAT = "k2jax-orbax-v1"
 METADATA = "k2jax.json"
@@ -178,7 +178,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     if isinstance(shardings, str):
         if mesh is None:
             raise ValueError(f"load_checkpoint: shardings={shardings!r} names a strategy; pass the mesh too")
-        shardings = param_shardings_for(cfg, mesh, shardings)
+        shardings = param_shardings(param_info(nnx.merge(graphdef, state)), mesh, shardings)
     stored = stored_template(cfg, stored_dtype)
     listed = meta["params"]
     if set(listed) != set(stored):

@@ -28,8 +28,9 @@ def _state_shardings(state: nnx.State, by_name: dict) -> nnx.State:
 
 def init_sharded(cfg: K2Config, mesh: jax.sharding.Mesh, strategy: str, *, seed: int = 0) -> Transformer:
     """A random Transformer created directly in its shards (jit with out_shardings: no full copy anywhere)."""
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
-    shardings = _state_shardings(abstract_state, param_shardings_for(cfg, mesh, strategy))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = _state_shardings(abstract_state, param_shardings(param_info(abstract), mesh, strategy))
     state = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 

@@ -62,7 +62,6 @@ class TrainCheckpoints:
         self.manager.close()
 
 
-def abstract_like(state_fn, shardings) -> TrainState:
-    """jax.eval_shape of state_fn() with each leaf given its target sharding."""
-    shapes = jax.eval_shape(state_fn)
+def with_shardings(shapes: TrainState, shardings: TrainState) -> TrainState:
+    """A restore target: each ShapeDtypeStruct of `shapes` (jax.eval_shape of the state) with its sharding."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -31,13 +31,12 @@ from k2jax.checkpoint import load_checkpoint
 from k2jax.config import K2Config, preset
 from k2jax.model import Transformer, param_info, param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
-from k2jax.placement import param_shardings_for
-from k2jax.training.checkpoints import TrainCheckpoints, abstract_like
+from k2jax.training.checkpoints import TrainCheckpoints, with_shardings
 from k2jax.training.data import make_iterator
 from k2jax.training.metrics import MetricWriter
 from k2jax.training.step import TrainState, make_train_step
 from sharding.mesh import make_mesh
-from sharding.rules import activation_spec, optimizer_state_specs
+from sharding.rules import activation_spec, optimizer_state_specs, param_shardings
 
 
 class NonFiniteError(FloatingPointError):
@@ -99,9 +98,10 @@ def _schedule(config):
                                               end_value=o.lr * o.min_lr_ratio)
 
 
-def _state_shardings(abstract: TrainState, cfg: K2Config, mesh, strategy: str):
-    info = param_info(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    by_name = param_shardings_for(cfg, mesh, strategy)
+def _state_shardings(abstract: TrainState, info: dict, mesh, strategy: str):
+    """Parameters per the strategy's rules, optimizer state per its parameter plus ZeRO-1, step replicated.
+    info: param_info of the model."""
+    by_name = param_shardings(info, mesh, strategy)
 
     def for_params(tree):
         return jax.tree_util.tree_map_with_path(lambda path, _: by_name[param_name(path)], tree)
@@ -138,7 +138,8 @@ def train(config, workdir: str) -> dict:
     with jax.set_mesh(mesh):
         abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed)))
         o = config.optimizer
-        tx = muon_clip(_schedule(config), rules=param_rules(abstract_model), cfg=cfg, weight_decay=o.weight_decay,
+        schedule = _schedule(config)
+        tx = muon_clip(schedule, rules=param_rules(abstract_model), cfg=cfg, weight_decay=o.weight_decay,
                        momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps, ns_dtype=o.ns_dtype,
                        adam_b1=o.adam_b1, adam_b2=o.adam_b2, qk_clip_tau=o.qk_clip_tau or None)
 
@@ -146,14 +147,14 @@ def train(config, workdir: str) -> dict:
             return TrainState.create(Transformer(cfg, rngs=nnx.Rngs(config.seed)), tx)
 
         shapes = jax.eval_shape(fresh_state)
-        shardings = _state_shardings(shapes, cfg, mesh, config.mesh.strategy)
+        shardings = _state_shardings(shapes, param_info(abstract_model), mesh, config.mesh.strategy)
         ckpts = TrainCheckpoints(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every,
                                  async_save=config.checkpoint.async_save)
         data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
                              vocab_size=cfg.vocab_size, seed=config.seed)
         latest = ckpts.latest_step()
         if latest is not None:
-            state = ckpts.restore(latest, abstract_like(fresh_state, shardings), data)
+            state = ckpts.restore(latest, with_shardings(shapes, shardings), data)
             logging.info("resumed from %s at step %d", ckpts.directory, latest)
         else:
             state = jax.jit(fresh_state, out_shardings=shardings)()
@@ -166,12 +167,10 @@ def train(config, workdir: str) -> dict:
                 logging.info("initialised parameters from %s", config.init_from)
         step_fn = jax.jit(make_train_step(state.graphdef, tx, grad_accum=config.grad_accum),
                           donate_argnums=0, out_shardings=(shardings, None))
-        batch_sharding = NamedSharding(mesh, activation_spec((config.global_batch, config.seq_len + 1),
-                                                             ("batch", None), mesh))
+        rows = NamedSharding(mesh, activation_spec((config.global_batch,), ("batch",), mesh))  # batch leaves' rows
         writer = MetricWriter(workdir, enabled=proc == 0, tensorboard=config.metrics.tensorboard)
         flops_per_step = cfg.flops_per_token(config.seq_len) * config.global_batch * config.seq_len
         preemption = _Preemption()
-        schedule = _schedule(config)
         start = int(state.step)
         pending, last = None, {"step": start}
         t0, t0_step = time.perf_counter(), start
@@ -182,8 +181,7 @@ def train(config, workdir: str) -> dict:
                 local = next(data)
                 local["loss_scale"] = np.full((local["tokens"].shape[0],),
                                               np.nan if step == config.debug_nan_step else 1.0, np.float32)
-                batch = {k: jax.make_array_from_process_local_data(
-                    NamedSharding(mesh, PartitionSpec(batch_sharding.spec[0])), v) for k, v in local.items()}
+                batch = {k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()}
                 state, metrics = step_fn(state, batch)
                 if config.profile.start_step >= 0 and step == config.profile.start_step + config.profile.num_steps - 1:
                     jax.profiler.stop_trace()
