@@ -1,0 +1,83 @@
+"""The one dispatch rule every kernel in pallas_kernels/ follows, and what the Pallas launches share.
+
+    backend="xla"        the XLA reference in the kernel's module (plain jax.numpy; runs anywhere)
+    backend="pallas"     the Pallas kernel, compiled for the platform it runs on: Mosaic on TPU, Triton on GPU
+    backend="interpret"  the same Pallas kernel run by the Pallas interpreter (CPU tests)
+    backend="auto"       "pallas" on TPU and GPU, "xla" on CPU
+
+`platform` ("tpu" | "gpu", default: the default backend's) picks the compiler parameters of a "pallas" launch;
+naming it explicitly lets a CPU-only machine lower a kernel for TPU or GPU (`jax.export` with platforms=[...]),
+which the tests use to check that every kernel lowers through Mosaic and Triton.
+
+Kernels pad their row axes up to a whole number of blocks. The padded rows are filled with `pad_value()`
+(0); the tests set it to NaN to prove that padding never reaches a result.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "xla", "pallas", "interpret")
+_PAD = {"value": 0.0}
+
+
+def resolve(backend: str) -> str:
+    """"auto" -> "pallas" on TPU/GPU, "xla" on CPU; anything else is checked and returned."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return backend
+
+
+def platform_of(platform: str | None) -> str:
+    """"tpu" or "gpu" for a Pallas launch ("cuda" / "rocm" count as "gpu")."""
+    p = platform or jax.default_backend()
+    p = "gpu" if p in ("cuda", "rocm", "gpu") else p
+    if p not in ("tpu", "gpu"):
+        raise ValueError(f"backend='pallas' needs a TPU or GPU (platform {p!r}); use backend='interpret' or 'xla'")
+    return p
+
+
+def launch_options(backend: str, platform: str | None, num_grid_dims: int, *, num_warps: int = 4,
+                   num_stages: int = 2) -> dict:
+    """The pallas_call keyword arguments for a backend: interpret=True, or the platform's compiler params (every
+    grid dimension independent: the kernels accumulate inside one program, never across grid steps)."""
+    if backend == "interpret":
+        return {"interpret": True}
+    if platform_of(platform) == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        return {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)}
+    from jax.experimental.pallas import triton as pltriton
+    return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
+def pad_value() -> float:
+    return _PAD["value"]
+
+
+def set_pad_value(value: float) -> float:
+    """Sets what padded rows are filled with; returns the previous value (a test hook)."""
+    old, _PAD["value"] = _PAD["value"], value
+    return old
+
+
+def pad_axis(x: jax.Array, axis: int, multiple: int, value=None) -> jax.Array:
+    """x padded at the end of `axis` to a multiple of `multiple` (with `value`, default pad_value())."""
+    n = x.shape[axis]
+    extra = -n % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    fill = pad_value() if value is None else value
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        fill = 0 if value is None else value
+    return jnp.pad(x, widths, constant_values=jnp.asarray(fill, x.dtype))
+
+
+def rows_below(x: jax.Array, first_row, limit) -> jax.Array:
+    """x [P, ...] (rows first_row .. first_row + P - 1 of an array) with rows >= limit set to 0."""
+    rows = first_row + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.where(rows < limit, x, jnp.zeros_like(x))

@@ -1,0 +1,281 @@
+"""Flash attention for MLA's train / prefill path, forward and backward, with each query's max logit.
+
+    out[b, n, t]    = sum_s softmax_s(logit[b, n, t, s]) v[b, n, s]       over visible s
+    logit[b,n,t,s]  = (q_nope[b,n,t] . k_nope[b,n,s] + q_rope[b,n,t] . k_rope[b,s]) * scale
+    visible(t, s)   = s <= t and segment_ids[b, t] == segment_ids[b, s]    (causal self-attention, packed rows)
+    rowmax[b, n, t] = max over visible s of logit[b, n, t, s]             (-inf if none)
+
+MLA's rope key is one [S, R] per row shared by all heads, so it is read once per (b, s) block instead of being
+broadcast to N heads. rowmax is the online softmax's running max at the end of the key loop: QK-Clip's max logit
+per head (max of rowmax over valid queries) comes at no extra pass over memory. It carries no gradient.
+
+    mla_attention(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, scale=...,
+                  backend="auto") -> (out_BNTV in q's dtype, rowmax_BNT float32)
+
+Kernels (grid over batch x heads x query blocks, or key blocks for dk/dv; the other sequence axis is a loop inside
+the program, so nothing is accumulated across grid steps and one kernel body lowers on both Mosaic and Triton):
+  forward  online softmax in float32, keys only up to the causal diagonal; saves logsumexp for the backward
+  dq       recomputes the probabilities from the logsumexp: ds = p (dO.v - delta) with delta = rowsum(dO * out)
+  dk, dv   the same per key block over the query blocks at or after the diagonal; dk_rope per head, summed over
+           heads outside the kernel
+Padding: T is padded to whole blocks; padded keys lie after every real query (never visible) and their rows are
+zeroed before any product with probabilities, padded queries are zeroed in the dk/dv loop, padded outputs dropped.
+
+Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, V value dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend as kb
+
+F32 = jnp.float32
+
+
+# ---- XLA reference -------------------------------------------------------------------------------------------
+def visibility(segment_ids_BT: jax.Array) -> jax.Array:
+    """[B, T, S] bool: s <= t and the same segment."""
+    T = segment_ids_BT.shape[1]
+    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    return causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+
+
+def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, *, scale: float):
+    """The XLA reference: materialised [B, N, T, S] logits, float32 softmax."""
+    logits_BNTS = (jnp.einsum("bntp,bnsp->bnts", q_nope_BNTP, k_nope_BNSP, preferred_element_type=F32)
+                   + jnp.einsum("bntr,bsr->bnts", q_rope_BNTR, k_rope_BSR, preferred_element_type=F32)) * scale
+    logits_BNTS = jnp.where(visibility(segment_ids_BT)[:, None], logits_BNTS, -jnp.inf)
+    rowmax_BNT = jnp.max(logits_BNTS, axis=-1)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BNSV.dtype)
+    out_BNTV = jnp.einsum("bnts,bnsv->bntv", probs_BNTS, v_BNSV, preferred_element_type=F32)
+    return out_BNTV.astype(q_nope_BNTP.dtype), jax.lax.stop_gradient(rowmax_BNT)
+
+
+# ---- kernel helpers ------------------------------------------------------------------------------------------
+def _nt(a, b):
+    """a @ b.T in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+
+
+def _tn(a, b):
+    """a.T @ b in float32."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def _nn(a, b):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def _iota(n, start):
+    return start + jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _div(a, b):
+    """a // b for non-negative traced ints (truncating division: floor division's sign fix-up has no Mosaic
+    lowering on every TPU generation)."""
+    return jax.lax.div(a, jnp.int32(b))
+
+
+def _logits(qn, qr, kn, kr, scale):
+    return (_nt(qn, kn) + _nt(qr, kr)) * scale
+
+
+def _visible(q_start, bq, k_start, bk, seg_q, seg_k):
+    """[bq, bk] from query segment ids [bq, 1] and key segment ids [1, bk]."""
+    causal = _iota(bq, q_start)[:, None] >= _iota(bk, k_start)[None, :]
+    return causal & (seg_q == seg_k)
+
+
+# ---- forward kernel ------------------------------------------------------------------------------------------
+def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, max_ref, *,
+                    scale, bq, bk, n_real):
+    i = pl.program_id(2)
+    qn, qr, seg_q = qn_ref[...], qr_ref[...], segq_ref[...]
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        s = _logits(qn, qr, kn_ref[ks, :], kr_ref[ks, :], scale)
+        s = jnp.where(_visible(i * bq, bq, j * bk, bk, seg_q, segk_ref[:, ks]), s, -jnp.inf)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen nothing yet
+        p = jnp.exp(s - m_safe)
+        corr = jnp.exp(m_prev - m_safe)
+        v = kb.rows_below(v_ref[ks, :], j * bk, n_real)
+        acc = corr * acc + _nn(p.astype(v.dtype), v)
+        return acc, m_new, corr * l_prev + jnp.sum(p, axis=1, keepdims=True)
+
+    n_blocks = jnp.minimum(_div((i + 1) * bq + bk - 1, bk), kn_ref.shape[0] // bk)  # up to the causal diagonal
+    init = (jnp.zeros((bq, v_ref.shape[1]), F32), jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32))
+    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    l_safe = jnp.where(l == 0, 1.0, l)
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l == 0, 0.0, m + jnp.log(l_safe))
+    max_ref[...] = m
+
+
+# ---- backward kernels ----------------------------------------------------------------------------------------
+def _dq_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+               dqn_ref, dqr_ref, *, scale, bq, bk, n_real):
+    i = pl.program_id(2)
+    qn, qr, seg_q, do = qn_ref[...], qr_ref[...], segq_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+
+    def body(j, carry):
+        dqn, dqr = carry
+        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        kn, kr, v = (kb.rows_below(r[ks, :], j * bk, n_real) for r in (kn_ref, kr_ref, v_ref))
+        visible = _visible(i * bq, bq, j * bk, bk, seg_q, segk_ref[:, ks])
+        p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
+        ds = (p * (_nt(do, v) - delta) * scale).astype(kn.dtype)
+        return dqn + _nn(ds, kn), dqr + _nn(ds, kr)
+
+    n_blocks = jnp.minimum(_div((i + 1) * bq + bk - 1, bk), kn_ref.shape[0] // bk)
+    dqn, dqr = jax.lax.fori_loop(0, n_blocks, body, (jnp.zeros(qn.shape, F32), jnp.zeros(qr.shape, F32)))
+    dqn_ref[...] = dqn.astype(dqn_ref.dtype)
+    dqr_ref[...] = dqr.astype(dqr_ref.dtype)
+
+
+def _dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+                dkn_ref, dkr_ref, dv_ref, *, scale, bq, bk, n_real):
+    j = pl.program_id(2)
+    kn, kr, v, seg_k = kn_ref[...], kr_ref[...], v_ref[...], segk_ref[...]
+
+    def body(i, carry):
+        dkn, dkr, dv = carry
+        qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
+        qn, qr, do = (kb.rows_below(r[qs, :], i * bq, n_real) for r in (qn_ref, qr_ref, do_ref))
+        lse, delta = (kb.rows_below(r[qs, :], i * bq, n_real) for r in (lse_ref, delta_ref))
+        visible = _visible(i * bq, bq, j * bk, bk, segq_ref[qs, :], seg_k)
+        visible = visible & (_iota(bq, i * bq) < n_real)[:, None]
+        p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
+        dv = dv + _tn(p.astype(do.dtype), do)
+        ds = (p * (_nt(do, v) - delta) * scale).astype(qn.dtype)
+        return dkn + _tn(ds, qn), dkr + _tn(ds, qr), dv
+
+    first = _div(j * bk, bq)  # query blocks before the diagonal see none of these keys
+    init = (jnp.zeros(kn.shape, F32), jnp.zeros(kr.shape, F32), jnp.zeros(v.shape, F32))
+    dkn, dkr, dv = jax.lax.fori_loop(first, qn_ref.shape[0] // bq, body, init)
+    dkn_ref[...] = dkn.astype(dkn_ref.dtype)
+    dkr_ref[...] = dkr
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ---- launches ------------------------------------------------------------------------------------------------
+# Layouts the kernels see: per-query vectors (logsumexp, rowmax, delta) as [B, N, T, 1] and segment ids as
+# [B, T, 1] (query side) and [B, 1, T] (key side), so every block's last two dims are whole or (8, 128)-aligned
+# (Mosaic's rule) and a row statistic broadcasts against a [rows, keys] tile without a relayout.
+def _q_specs(Tp, blk, dims, *, blocked: bool):
+    """Specs for per-head query-side arrays [B, N, T, d] (d in dims), blocked along T or whole rows."""
+    rows = blk if blocked else Tp
+    at = (lambda b, n, i: (b, n, i, 0)) if blocked else (lambda b, n, i: (b, n, 0, 0))
+    return [pl.BlockSpec((None, None, rows, d), at) for d in dims]
+
+
+def _k_specs(Tp, blk, P, R, V, *, blocked: bool):
+    """Specs for k_nope [B,N,S,P], k_rope [B,S,R], v [B,N,S,V]."""
+    rows = blk if blocked else Tp
+    at = (lambda i: i) if blocked else (lambda i: 0)
+    return [pl.BlockSpec((None, None, rows, P), lambda b, n, i: (b, n, at(i), 0)),
+            pl.BlockSpec((None, rows, R), lambda b, n, i: (b, at(i), 0)),
+            pl.BlockSpec((None, None, rows, V), lambda b, n, i: (b, n, at(i), 0))]
+
+
+def _seg_specs(Tp, bq, bk, *, q_blocked: bool):
+    """Specs for the query-side [B, T, 1] and key-side [B, 1, S] segment ids; one side blocked, the other whole."""
+    if q_blocked:
+        return [pl.BlockSpec((None, bq, 1), lambda b, n, i: (b, i, 0)),
+                pl.BlockSpec((None, 1, Tp), lambda b, n, i: (b, 0, 0))]
+    return [pl.BlockSpec((None, Tp, 1), lambda b, n, i: (b, 0, 0)),
+            pl.BlockSpec((None, 1, bk), lambda b, n, i: (b, 0, i))]
+
+
+def _shape(a, dtype=None):
+    return jax.ShapeDtypeStruct(a.shape if hasattr(a, "shape") else a, dtype or a.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(qn, qr, kn, kr, v, seg, cfg):
+    return _flash_forward(qn, qr, kn, kr, v, seg, cfg)[:2]
+
+
+def _flash_forward(qn, qr, kn, kr, v, seg, cfg):
+    scale, bq, bk, n_real, backend, platform = cfg
+    B, N, Tp, P = qn.shape
+    R, V = qr.shape[-1], v.shape[-1]
+    vec = (B, N, Tp, 1)
+    out, lse, rowmax = pl.pallas_call(
+        functools.partial(_forward_kernel, scale=scale, bq=bq, bk=bk, n_real=n_real), grid=(B, N, Tp // bq),
+        in_specs=[*_q_specs(Tp, bq, (P, R), blocked=True), *_k_specs(Tp, bk, P, R, V, blocked=False),
+                  *_seg_specs(Tp, bq, bk, q_blocked=True)],
+        out_specs=_q_specs(Tp, bq, (V, 1, 1), blocked=True),
+        out_shape=[_shape((B, N, Tp, V), qn.dtype), _shape(vec, F32), _shape(vec, F32)],
+        **kb.launch_options(backend, platform, 3))(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
+    return out, rowmax[..., 0], lse
+
+
+def _flash_fwd(qn, qr, kn, kr, v, seg, cfg):
+    out, rowmax, lse = _flash_forward(qn, qr, kn, kr, v, seg, cfg)
+    return (out, rowmax), (qn, qr, kn, kr, v, seg, out, lse)
+
+
+def _flash_bwd(cfg, res, cotangents):
+    scale, bq, bk, n_real, backend, platform = cfg
+    qn, qr, kn, kr, v, seg, out, lse = res
+    do = cotangents[0].astype(out.dtype)  # rowmax carries no gradient
+    delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1, keepdims=True)
+    B, N, Tp, P = qn.shape
+    R, V = qr.shape[-1], v.shape[-1]
+    args = (qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :], do, lse, delta)
+    opts = kb.launch_options(backend, platform, 3)
+    kw = dict(scale=scale, bq=bq, bk=bk, n_real=n_real)
+
+    def in_specs(q_blocked):
+        qn_s, qr_s, do_s, lse_s, delta_s = _q_specs(Tp, bq, (P, R, V, 1, 1), blocked=q_blocked)
+        return [qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=not q_blocked),
+                *_seg_specs(Tp, bq, bk, q_blocked=q_blocked), do_s, lse_s, delta_s]
+
+    dqn, dqr = pl.pallas_call(
+        functools.partial(_dq_kernel, **kw), grid=(B, N, Tp // bq), in_specs=in_specs(True),
+        out_specs=_q_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)], **opts)(*args)
+    dkn, dkr_BNSR, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, **kw), grid=(B, N, Tp // bk), in_specs=in_specs(False),
+        out_specs=_q_specs(Tp, bk, (P, R, V), blocked=True),  # per-head key blocks: dk_rope summed below
+        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], **opts)(*args)
+    return dqn, dqr, dkn, jnp.sum(dkr_BNSR, axis=1).astype(kr.dtype), dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------------
+def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: jax.Array, k_rope_BSR: jax.Array,
+                  v_BNSV: jax.Array, segment_ids_BT: jax.Array, *, scale: float, backend: str = "auto",
+                  platform: str | None = None, block_q: int = 128, block_k: int = 128
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Causal, segment-masked MLA attention -> (out [B, N, T, V] in q's dtype, rowmax [B, N, T] float32).
+    Differentiable in q, k and v (rowmax is a statistic: no gradient). See the module docstring."""
+    B, N, T, P = q_nope_BNTP.shape
+    R, V = q_rope_BNTR.shape[-1], v_BNSV.shape[-1]
+    expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, T, P), "k_rope": (B, T, R), "v": (B, N, T, V),
+              "segment_ids": (B, T)}
+    got = {"q_rope": q_rope_BNTR.shape, "k_nope": k_nope_BNSP.shape, "k_rope": k_rope_BSR.shape,
+           "v": v_BNSV.shape, "segment_ids": segment_ids_BT.shape}
+    bad = [f"{k} {got[k]} (expected {v})" for k, v in expect.items() if tuple(got[k]) != v]
+    if bad:
+        raise ValueError(f"mla_attention: q_nope {q_nope_BNTP.shape} and " + ", ".join(bad))
+    backend = kb.resolve(backend)
+    if backend == "xla":
+        return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, scale=scale)
+    multiple = math.lcm(block_q, block_k)
+    pad = functools.partial(kb.pad_axis, axis=2, multiple=multiple)
+    args = (pad(q_nope_BNTP), pad(q_rope_BNTR), pad(k_nope_BNSP), kb.pad_axis(k_rope_BSR, 1, multiple),
+            pad(v_BNSV), kb.pad_axis(segment_ids_BT.astype(jnp.int32), 1, multiple, value=-1))
+    out, rowmax = _flash(*args, (float(scale), block_q, block_k, T, backend, platform))
+    return out[:, :, :T], rowmax[:, :, :T]
