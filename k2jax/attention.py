@@ -10,8 +10,13 @@ Two ways to attend over it, same weights:
   attend_latent    expands c into per-head k_nope and v with kv_b (training and prefill: T is large)
   attend_absorbed  folds kv_b into the query and the output instead (decode: q_nope.W_UK gives a query in latent
                    space, attention runs over the C + R cached values shared by all heads, then W_UV)
-`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, C + R] and attends over it. The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real
-tokens, which QK-Clip needs.
+`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, C + R] and attends over it.
+The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real tokens, which
+QK-Clip needs.
+
+cfg.attention_impl picks how: "xla" runs the materialised-logits forms below; "pallas" / "interpret" run the
+train / prefill attention as `pallas_kernels.mla_attention` (flash attention, max logits from its running max) and
+absorbed decode as `pallas_kernels.mla_decode` (split-K over the latent cache); "auto" is pallas on TPU / GPU.
 
 Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, V value),
 Q q_lora, C kv_lora, X = C + R (one cache slot), L layers.
@@ -26,6 +31,9 @@ from flax import nnx
 from k2jax.config import K2Config
 from k2jax.layers import RMSNorm, project, weight
 from k2jax.rope import apply_rope, softmax_scale
+from pallas_kernels import backend as kernel_backend
+from pallas_kernels.mla_attention import mla_attention, visibility
+from pallas_kernels.mla_decode import mla_decode
 
 # q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
@@ -50,6 +58,7 @@ class MLAttention(nnx.Module):
                              fan_in=N * cfg.v_head_dim, n_in=2)
         self.dtype = jnp.dtype(cfg.dtype)
         self.scale = softmax_scale(cfg)
+        self.impl = cfg.attention_impl
 
     def _w(self, p: nnx.Param) -> jnp.ndarray:
         return p[...].astype(self.dtype)
@@ -98,25 +107,50 @@ class MLAttention(nnx.Module):
         out_BNTV = jnp.matmul(probs_BNTS, v_BNSV)
         return project(out_BNTV.transpose(0, 2, 1, 3), self._w(self.o_proj), n_in=2), max_logit_N
 
+    def attend_flash(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, backend: str
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """attend_latent's result (causal, same-segment self-attention) by the flash attention kernel."""
+        P = self.cfg.qk_nope_head_dim
+        kv_BNTH = project(c_BTC, self._w(self.kv_b_proj)).transpose(0, 2, 1, 3)
+        heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+        out_BNTV, rowmax_BNT = mla_attention(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), kv_BNTH[..., :P],
+                                             k_rope_BTR, kv_BNTH[..., P:], segment_ids_BT, scale=self.scale,
+                                             backend=backend)
+        max_logit_N = jnp.max(jnp.where((segment_ids_BT > 0)[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
+        return project(out_BNTV.transpose(0, 2, 1, 3), self._w(self.o_proj), n_in=2), max_logit_N
+
+    def _absorb_query(self, q_nope_BTNP) -> jnp.ndarray:
+        """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype)."""
+        w_CNH = self._w(self.kv_b_proj)
+        return jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_CNH[..., :self.cfg.qk_nope_head_dim],
+                          preferred_element_type=jnp.float32).astype(self.dtype)
+
+    def _expand_output(self, o_lat_BTNC) -> jnp.ndarray:
+        """(attention-weighted latent) . W_UV, then o_proj -> [B, T, D]."""
+        w_CNH = self._w(self.kv_b_proj)
+        out_BTNV = jnp.einsum("btnc,cnv->btnv", o_lat_BTNC.astype(self.dtype), w_CNH[..., self.cfg.qk_nope_head_dim:])
+        return project(out_BTNV, self._w(self.o_proj), n_in=2)
+
     def attend_absorbed(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS) -> jnp.ndarray:
         """attend_latent's result computed without expanding the latent: logits = (q_nope.W_UK).c + q_rope.k_rope,
         out = (probs.c).W_UV. Per new token it reads C + R values per cached token instead of N (P + V)."""
-        P = self.cfg.qk_nope_head_dim
         f32 = jnp.float32
-        w_CNH = self._w(self.kv_b_proj)
-        q_lat_BNTC = jnp.einsum("btnp,cnp->bntc", q_nope_BTNP, w_CNH[..., :P], preferred_element_type=f32)
-        logits_BNTS = (jnp.einsum("bntc,bsc->bnts", q_lat_BNTC.astype(self.dtype), c_BSC, preferred_element_type=f32)
+        q_lat_BTNC = self._absorb_query(q_nope_BTNP)
+        logits_BNTS = (jnp.einsum("btnc,bsc->bnts", q_lat_BTNC, c_BSC, preferred_element_type=f32)
                        + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR, preferred_element_type=f32))
         logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS * self.scale, -jnp.inf)
         probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
-        o_lat_BTNC = jnp.einsum("bnts,bsc->btnc", probs_BNTS, c_BSC, preferred_element_type=f32).astype(self.dtype)
-        out_BTNV = jnp.einsum("btnc,cnv->btnv", o_lat_BTNC, w_CNH[..., P:])
-        return project(out_BTNV, self._w(self.o_proj), n_in=2)
+        return self._expand_output(jnp.einsum("bnts,bsc->btnc", probs_BNTS, c_BSC, preferred_element_type=f32))
 
-    def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, query_valid_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, x_BTD, cos_BTK, sin_BTK, segment_ids_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Causal self-attention within segments (segment_ids > 0 real tokens, 0 padding) -> (out [B, T, D], max
+        pre-softmax logit per head [N] over visible pairs of real queries)."""
         q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
         c, k_rope = self.latent(x_BTD, cos_BTK, sin_BTK)
-        return self.attend_latent(q_nope, q_rope, c, k_rope, mask_BTS, query_valid_BT)
+        backend = kernel_backend.resolve(self.impl)
+        if backend != "xla":
+            return self.attend_flash(q_nope, q_rope, c, k_rope, segment_ids_BT, backend)
+        return self.attend_latent(q_nope, q_rope, c, k_rope, visibility(segment_ids_BT), segment_ids_BT > 0)
 
     def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, cache_LBSX, layer, *, absorbed: bool,
                window: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -134,6 +168,11 @@ class MLAttention(nnx.Module):
         cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
         S = cache_LBSX.shape[2] if window is None else window
         keys_BSX = jax.lax.dynamic_index_in_dim(cache_LBSX, layer, axis=0, keepdims=False)[:, :S].astype(self.dtype)
+        backend = kernel_backend.resolve(self.impl)
+        if absorbed and backend != "xla":
+            o_lat_BTNC = mla_decode(self._absorb_query(q_nope), q_rope, keys_BSX, positions_BT, scale=self.scale,
+                                    backend=backend)
+            return self._expand_output(o_lat_BTNC), cache_LBSX
         c_BSC, k_rope_BSR = keys_BSX[..., :C], keys_BSX[..., C:]
         mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
         if absorbed:

@@ -19,7 +19,8 @@ import os
 from typing import Any, Mapping
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_MOE_IMPLS = ("auto", "ragged_dot", "tiled")
+_MOE_IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
+_ATTENTION_IMPLS = ("auto", "xla", "pallas", "interpret")
 _REMAT = ("none", "full", "dots")
 
 
@@ -77,7 +78,10 @@ class K2Config:
     # k2jax run options
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
-    moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled
+    moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled |
+    #                        pallas | interpret (pallas_kernels.fp8_grouped_matmul)
+    attention_impl: str = "auto"  # train/prefill flash attention and absorbed decode: auto (pallas on TPU/GPU,
+    #                              xla on CPU) | xla | pallas | interpret (pallas_kernels.mla_attention / mla_decode)
     router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
     pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
     remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
@@ -119,6 +123,8 @@ class K2Config:
         need(self.param_dtype in _DTYPES, f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
         need(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         need(self.moe_impl in _MOE_IMPLS, f"moe_impl must be one of {_MOE_IMPLS}, got {self.moe_impl!r}")
+        need(self.attention_impl in _ATTENTION_IMPLS,
+             f"attention_impl must be one of {_ATTENTION_IMPLS}, got {self.attention_impl!r}")
         need(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
              f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
@@ -209,7 +215,8 @@ class K2Config:
         return d
 
 
-_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "router_bias_update_rate", "pipeline_microbatches", "remat")
+_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate", "pipeline_microbatches",
+                "remat")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

@@ -40,9 +40,9 @@ class DecoderBlock(nnx.Module):
         self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
         self.is_moe = moe
 
-    def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, valid_BT) -> tuple[jnp.ndarray, dict]:
-        attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, mask_BTS, valid_BT)
-        out_BTD, aux = self.ffn(x_BTD + attn_BTD, valid_BT)
+    def __call__(self, x_BTD, cos_BTK, sin_BTK, segment_ids_BT) -> tuple[jnp.ndarray, dict]:
+        attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, segment_ids_BT)
+        out_BTD, aux = self.ffn(x_BTD + attn_BTD, segment_ids_BT > 0)
         return out_BTD, {"attn_max_logits": max_logit_N, **aux}
 
     def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, cache_LBSX, layer, **attend
@@ -76,9 +76,9 @@ def _stacked_moe_blocks(cfg: K2Config, rngs: nnx.Rngs) -> DecoderBlock:
 
 
 def _layer_inputs(cfg: K2Config, segment_ids_BT, positions_BT):
-    """What every block needs besides x: rope tables, attention mask, and which tokens are real."""
+    """What every block needs besides x: rope tables and the segment ids (attention mask, real tokens)."""
     cos_BTK, sin_BTK = rope_tables(cfg, positions_BT)
-    return cos_BTK, sin_BTK, attention_mask(segment_ids_BT), segment_ids_BT > 0
+    return cos_BTK, sin_BTK, segment_ids_BT
 
 
 def segment_positions(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
@@ -89,14 +89,6 @@ def segment_positions(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
                                  segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
     run_start_BT = jax.lax.cummax(jnp.where(starts_BT, idx_BT, 0), axis=1)
     return idx_BT - run_start_BT
-
-
-def attention_mask(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
-    """[B, T, S] bool: key s is visible to query t when s <= t and both are in the same segment."""
-    T = segment_ids_BT.shape[1]
-    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return causal_TS[None] & same_BTS
 
 
 class Transformer(nnx.Module):

@@ -16,6 +16,8 @@ One dispatch point, `impl=`:
     [M, F] intermediate in memory on the forward; under differentiation it keeps the gate/up pre-activations).
     Both have explicit VJPs: dx by the same loop against the transposed weights, dw accumulated per group in
     float32 with rows outside the group masked.
+  - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode), compiled
+    or run by the Pallas interpreter.
   - "auto": "tiled" on CPU, "ragged_dot" elsewhere.
 
 Letter legend: M rows, K contraction dim, N output dim, F ffn dim, G groups, P rows per tile.
@@ -29,7 +31,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "ragged_dot", "tiled")
+from pallas_kernels.fp8_grouped_matmul import fp8_grouped_matmul
+
+IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
 BIG_TILE = 128
 SMALL_TILE = 16
 
@@ -84,8 +88,11 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
                    ) -> jax.Array:
     """[M, K] rows sorted by group, [G, K, N] weights, [G] sizes -> [M, N] in x's dtype."""
     _check(x_MK, (w_GKN,), group_sizes_G)
-    if _resolve(impl) == "ragged_dot":
+    impl = _resolve(impl)
+    if impl == "ragged_dot":
         return reference(x_MK, w_GKN, group_sizes_G)
+    if impl in ("pallas", "interpret"):
+        return fp8_grouped_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G, backend=impl)
     return _tiled_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
 
 
@@ -95,8 +102,12 @@ def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_d
     _check(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
     if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
         raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
-    if _resolve(impl) == "ragged_dot":
+    impl = _resolve(impl)
+    if impl == "ragged_dot":
         return reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+    if impl in ("pallas", "interpret"):
+        mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl)
+        return mm(jax.nn.silu(mm(x_MK, w_gate_GKF)) * mm(x_MK, w_up_GKF), w_down_GFK)
     dt = x_MK.dtype
     return _tiled_ffn(x_MK, w_gate_GKF.astype(dt), w_up_GKF.astype(dt), w_down_GFK.astype(dt),
                       group_sizes_G.astype(jnp.int32))

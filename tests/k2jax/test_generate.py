@@ -65,6 +65,24 @@ def test_cached_logits_equal_the_full_forward_at_every_position(model, gen):
         _close(jnp.stack(seen[b]), model(jnp.asarray([row]))[0])
 
 
+def test_decode_kernel_matches_the_xla_decode(tensors, gen):
+    """attention_impl="interpret": decode and a ragged extend by the absorbed-decode kernel over the latent cache
+    give the XLA generator's logits (prefill attends in the expanded form either way)."""
+    kernels = Generator(k2jax.from_hf_tensors(CFG.replace(attention_impl="interpret"), tensors))
+    extend = [[3, 4], [5], [6, 7, 8]]
+    results = []
+    for g in (gen, kernels):
+        cache = g.new_cache(len(PROMPTS), 32)
+        prefill_BTV, cache = g.prefill(PROMPTS, cache, all_logits=True)
+        decode_BV, cache = g.decode(np.array([11, 12, 13]), cache)
+        extend_BTV, cache = g.extend(extend, cache, all_logits=True)
+        results.append((prefill_BTV, decode_BV, extend_BTV))
+    for b, p in enumerate(PROMPTS):
+        _close(results[1][0][b, :len(p)], results[0][0][b, :len(p)])
+        _close(results[1][2][b, :len(extend[b])], results[0][2][b, :len(extend[b])])
+    _close(results[1][1], results[0][1])
+
+
 def test_the_cache_holds_only_the_latent(model, gen):
     cache = gen.new_cache(2, 32)
     X = CFG.kv_lora_rank + CFG.qk_rope_head_dim

@@ -114,3 +114,17 @@ def test_bf16_no_worse_than_oracle_bf16():
           f"mean KL ours {ours_kl:.3e} oracle-bf16 {oracle_kl:.3e}")
     assert ours_agree >= oracle_agree
     assert ours_kl <= oracle_kl
+
+
+def test_pallas_kernels_in_interpret_mode_match_oracle():
+    """attention_impl / moe_impl = "interpret": flash attention and the grouped-matmul kernel inside the model meet
+    the same bar as the XLA path (logits, expert choices, per-head max logits)."""
+    cfg = CONFIGS["k2"].replace(attention_impl="interpret", moe_impl="interpret")
+    tensors = random_release_tensors(cfg, seed=7)
+    tokens = _tokens(cfg, seed=3)
+    oracle = oracle_forward(oracle_model(cfg, tensors), tokens)
+    logits, aux = k2jax.from_hf_tensors(cfg, tensors)(jnp.asarray(tokens), return_aux=True)
+    err = np.max(np.abs(np.asarray(logits) - oracle["logits"]))
+    assert err <= 1e-5 * np.max(np.abs(oracle["logits"]))
+    np.testing.assert_array_equal(np.sort(np.asarray(aux["router_topk_ids"]), axis=-1), oracle["topk_ids"])
+    np.testing.assert_allclose(np.asarray(aux["attn_max_logits"]), oracle["max_logits"], rtol=1e-5, atol=1e-6)
