@@ -23,7 +23,7 @@ def _loss_and_grads(backend, args, segment_ids, **blocks):
     def loss(*a):
         out, rowmax = mla_attention(*a, segment_ids, scale=SCALE, backend=backend, **blocks)
         return jnp.sum(jnp.sin(out.astype(jnp.float32))), (out, rowmax)
-    (_, (out, rowmax)), grads = jax.value_and_grad(loss, argnums=range(5), has_aux=True)(*args)
+    (_, (out, rowmax)), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*args)
     return out, rowmax, grads
 
 
@@ -31,12 +31,11 @@ def _loss_and_grads(backend, args, segment_ids, **blocks):
 SEGMENTS = np.array([[1] * 10 + [2] * 20 + [3] * 7, [5] * 37], np.int32)
 
 
-@pytest.mark.parametrize("blocks", [dict(block_q=16, block_k=8), dict(block_q=8, block_k=16)])
-def test_matches_reference_f32_with_nan_padding(blocks):
-    args = _inputs(2, 3, 37)
+def test_matches_reference_f32_with_nan_padding():
+    args = _inputs(2, 2, 37)
     want_out, want_max, want_grads = _loss_and_grads("xla", args, SEGMENTS)
     with nan_padding():
-        out, rowmax, grads = _loss_and_grads("interpret", args, SEGMENTS, **blocks)
+        out, rowmax, grads = _loss_and_grads("interpret", args, SEGMENTS, block_q=16, block_k=8)
     assert rel_err(out, want_out) <= 1e-5
     # the max itself is exact; the logits under it differ from XLA's by dot-product rounding (~1 ulp of max|logit|)
     assert rel_err(rowmax, want_max) <= 1e-6
@@ -46,10 +45,11 @@ def test_matches_reference_f32_with_nan_padding(blocks):
 
 
 def test_bf16_within_1e2():
+    """Also the other block order (query blocks smaller than key blocks)."""
     args = _inputs(1, 2, 40, dtype=jnp.bfloat16, seed=1)
     seg = np.ones((1, 40), np.int32)
     want_out, want_max, want_grads = _loss_and_grads("xla", args, seg)
-    out, rowmax, grads = _loss_and_grads("interpret", args, seg, block_q=16, block_k=16)
+    out, rowmax, grads = _loss_and_grads("interpret", args, seg, block_q=8, block_k=16)
     assert out.dtype == jnp.bfloat16 and rel_err(out, want_out) <= 1e-2
     assert rel_err(rowmax, want_max) <= 1e-2
     for g, want in zip(grads, want_grads):
