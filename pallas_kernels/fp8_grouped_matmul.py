@@ -6,20 +6,25 @@
 Rows past sum(group_sizes) come out as zeros. Empty groups are allowed. Without `scales` the weights are used as
 they are (the bf16-weight mode). Activations are bf16 or f32, accumulation is f32, the output has x's dtype.
 
-The kernel: one program per (128-row tile, 128-column tile). A tile's rows may belong to several groups; the
-program walks the groups that overlap it (a per-tile [first, last] group table computed outside the kernel; empty
-groups skipped), and for each accumulates x_tile @ dequant(w[g] block) over 128-deep blocks of the contraction
-dim, the FP8 block cast to the activation dtype in VMEM / registers and its scale applied to the f32 block product
-after the dot (TPU v5p has no FP8 MXU; on GPU the same dequantise-then-dot form runs on the bf16 tensor cores).
-The group's rows of the tile take that result (a select, so other rows' values, NaN included, never mix in).
+Every form multiplies 128-row tiles by 128x128 weight blocks: the FP8 block is cast to the activation dtype in
+VMEM / registers and its scale applied to the f32 block product after the dot (TPU v5p has no FP8 MXU; on GPU the
+same dequantise-then-dot form runs on the bf16 tensor cores). A tile's rows may belong to several groups: each
+group's product is taken by its own rows only (a select, so other rows' values, NaN included, never mix in).
+Two launch forms, picked by platform:
+  "gpu" (Triton; also the default interpreted form): one program per (row tile, column tile) walks the groups
+        overlapping its tile (a per-tile [first, last] table; empty groups skipped) and loops over the contraction
+        blocks inside, reading weights through a whole-array ref (a pointer on GPU).
+  "tpu" (Mosaic): a visit schedule computed outside the kernel lists the (row tile, group) pairs in order, at most
+        tiles + G - 1 of them, and is scalar-prefetched into SMEM; the grid is (column tile, visit, contraction
+        block), and the BlockSpec index maps read the schedule, so only the visited group's [128, 128] weight
+        block is DMA'd into VMEM (megablox-style). The contraction accumulates in a VMEM scratch; consecutive
+        visits of a tile keep its output block resident, the first zeroes it.
 
 Gradients: d/dx runs the same kernel against the transposed weights (the scales read transposed); d/dw (bf16 /
 f32 weights only: FP8 weights are frozen) is XLA's ragged_dot transpose.
 
-Known limit: each program reads its weight column block through a whole-array ref. On GPU (Triton) that is a
-pointer; on TPU it puts [G, K, 128] of weights in VMEM, which fits tiny expert counts only: K2-sized expert weights
-on TPU need a scalar-prefetch schedule that DMAs only the visited group's block (megablox-style). Until then
-`backend="auto"` on TPU should stay on ragged_dot for bf16 weights.
+Both forms run in the Pallas interpreter in the tests (platform="tpu" | "gpu" with backend="interpret") and lower
+for their platform; neither has been compiled or timed on a device yet.
 
 Letter legend: M rows, K contraction dim, N output dim, G groups, Kb / Nb scale blocks (128 each).
 """
@@ -103,6 +108,83 @@ def _tables(group_sizes_G, num_tiles):
     return first, last, starts, ends
 
 
+def _visit_schedule(group_sizes_G, num_tiles):
+    """The (row tile, group) pairs the TPU form visits, in order, padded to the static bound tiles + G - 1:
+    tile [V], group [V], active [V] (0 on padding visits, which repeat the last pair so nothing is re-fetched),
+    first [V] (1 on a tile's first visit)."""
+    first, last, _, _ = _tables(group_sizes_G, num_tiles)
+    counts = last - first + 1  # every tile gets >= 1 visit, so rows past the groups are written (zeros)
+    ends = jnp.cumsum(counts)
+    V = num_tiles + group_sizes_G.shape[0] - 1
+    v = jnp.arange(V, dtype=jnp.int32)
+    tile = jnp.minimum(jnp.searchsorted(ends, v, side="right"), num_tiles - 1).astype(jnp.int32)
+    active = v < ends[-1]
+    group = jnp.where(active, first[tile] + v - (ends - counts)[tile], last[-1]).astype(jnp.int32)
+    first_visit = active & (v == (ends - counts)[tile])
+    return tile, group, active.astype(jnp.int32), first_visit.astype(jnp.int32)
+
+
+def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, x_ref, w_ref, s_ref, o_ref,
+                acc_ref, *, transpose_w, has_scales):
+    v, c = pl.program_id(1), pl.program_id(2)
+    tm, to = o_ref.shape
+
+    @pl.when(c == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(active_ref[v] == 1)
+    def _():
+        x_blk = x_ref[...]
+        w_blk = w_ref[...].astype(x_blk.dtype)
+        dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+        prod = jax.lax.dot_general(x_blk, w_blk, dims, preferred_element_type=F32)
+        acc_ref[...] += prod * s_ref[...] if has_scales else prod
+
+    @pl.when(c == pl.num_programs(2) - 1)
+    def _():
+        g = group_ref[v]
+        rows = tile_ref[v] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+        take = (rows >= start_ref[g]) & (rows < end_ref[g]) & (active_ref[v] == 1)
+        kept = jnp.where(first_ref[v] == 1, 0.0, o_ref[...].astype(F32))  # a tile's first visit starts from 0
+        o_ref[...] = jnp.where(take, acc_ref[...], kept).astype(o_ref.dtype)
+
+
+def _launch_tpu_form(x, w, scales_rows, group_sizes_G, *, transpose_w, opts):
+    from jax.experimental.pallas import tpu as pltpu
+    G = w.shape[0]
+    C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    Mp = x.shape[0]
+    num_tiles = Mp // BLOCK
+    _, _, starts, ends = _tables(group_sizes_G, num_tiles)
+    schedule = _visit_schedule(group_sizes_G, num_tiles)
+    has_scales = scales_rows is not None
+    # scales [G, C / 128, 1, O]: a (1, 128) row block per visit, Mosaic's (8, 128) rule met by the unit dim
+    s = (scales_rows[:, :, None, :] if has_scales else jnp.zeros((G, 1, 1, BLOCK), F32))
+    w_spec = (pl.BlockSpec((None, BLOCK, BLOCK), lambda o, v, c, tile, group, *_: (group[v], o, c)) if transpose_w
+              else pl.BlockSpec((None, BLOCK, BLOCK), lambda o, v, c, tile, group, *_: (group[v], c, o)))
+    s_spec = (pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, tile, group, *_: (group[v], c, 0, o))
+              if has_scales else pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, *_: (0, 0, 0, 0)))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=6, grid=(O // BLOCK, schedule[0].shape[0], C // BLOCK),
+        in_specs=[pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], c)), w_spec, s_spec],
+        out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], o)),
+        scratch_shapes=[pltpu.VMEM((BLOCK, BLOCK), F32)])
+    if "compiler_params" in opts:  # visits of a tile and the contraction accumulate: only columns are parallel
+        opts = {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"))}
+    return pl.pallas_call(
+        functools.partial(_tpu_kernel, transpose_w=transpose_w, has_scales=has_scales), grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((Mp, O), x.dtype), **opts)(*schedule, starts, ends, x, w, s)
+
+
+def _form(backend, platform) -> str:
+    """"tpu" or "gpu": the launch form (see the module docstring). Interpreted runs use the form of `platform`
+    when one is named, else the gpu form."""
+    if backend == "interpret":
+        return "tpu" if platform == "tpu" else "gpu"
+    return kb.platform_of(platform)
+
+
 def _scalar_spec(backend, platform):
     if backend == "pallas" and kb.platform_of(platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -117,6 +199,10 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
     C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     x = kb.pad_axis(x_MC, 0, BLOCK)
     Mp = x.shape[0]
+    if _form(backend, platform) == "tpu":
+        out = _launch_tpu_form(x, w, scales_rows, group_sizes_G, transpose_w=transpose_w,
+                               opts=kb.launch_options(backend, platform, 3))
+        return out[:x_MC.shape[0]]
     tables = _tables(group_sizes_G, Mp // BLOCK)
     has_scales = scales_rows is not None
     if not has_scales:

@@ -1,6 +1,7 @@
 """Block-FP8 / plain-weight grouped matmul (interpret mode) against its XLA reference (dequantise + ragged_dot):
 ragged K and N (scale blocks cut short), empty groups, all rows in one group, rows past the last group (NaN there
-and in the kernel's padding must not leak; those rows come out 0), gradients, bf16, and TPU / GPU lowering."""
+and in the kernel's padding must not leak; those rows come out 0), gradients, bf16, and TPU / GPU lowering.
+Both launch forms run: "gpu" (per-tile group walk) and "tpu" (scalar-prefetched visit schedule)."""
 
 import jax
 import jax.numpy as jnp
@@ -33,30 +34,33 @@ def _poison_tail(x, sizes):
     return x.at[int(sizes.sum()):].set(jnp.nan)
 
 
+@pytest.mark.parametrize("form", ["gpu", "tpu"])
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "f32_weights"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference(case, fp8):
+def test_matches_reference(case, fp8, form):
     x, w, sizes, scales = _inputs(case, fp8)
     x = _poison_tail(x, sizes)
     n = int(sizes.sum())
     want = reference(x, w, sizes, scales)
     with nan_padding():
-        got = fp8_grouped_matmul(x, w, sizes, scales, backend="interpret")
+        got = jax.jit(lambda a: fp8_grouped_matmul(a, w, sizes, scales, backend="interpret", platform=form))(x)
     assert got.shape == want.shape and got.dtype == x.dtype
     assert rel_err(got[:n], want[:n]) <= 1e-5
     np.testing.assert_array_equal(np.asarray(got[n:]), 0)
 
 
+@pytest.mark.parametrize("form", ["gpu", "tpu"])
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "f32_weights"])
-def test_gradients(fp8):
+def test_gradients(fp8, form):
     """d/dx by the kernel against transposed weights; d/dw (plain weights) by XLA; FP8 weights get none."""
     x, w, sizes, scales = _inputs("ragged_k_and_n_with_empty_groups", fp8)
     n = int(sizes.sum())
     dy = jnp.asarray(np.random.default_rng(3).standard_normal((x.shape[0], w.shape[2])), jnp.float32)
 
     def grads(backend):
-        loss = lambda a, b: jnp.sum(fp8_grouped_matmul(a, b, sizes, scales, backend=backend)[:n] * dy[:n])  # noqa: E731
-        return jax.grad(loss, argnums=(0, 1) if not fp8 else 0)(x, w)
+        loss = lambda a, b: jnp.sum(  # noqa: E731
+            fp8_grouped_matmul(a, b, sizes, scales, backend=backend, platform=form)[:n] * dy[:n])
+        return jax.jit(jax.grad(loss, argnums=(0, 1) if not fp8 else 0))(x, w)
 
     with nan_padding():
         got = grads("interpret")
