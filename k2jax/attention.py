@@ -59,6 +59,7 @@ class MLAttention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.scale = softmax_scale(cfg)
         self.impl = cfg.attention_impl
+        self.kernel_dims = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
 
     def _w(self, p: nnx.Param) -> jnp.ndarray:
         return p[...].astype(self.dtype)
@@ -147,7 +148,7 @@ class MLAttention(nnx.Module):
         pre-softmax logit per head [N] over visible pairs of real queries)."""
         q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
         c, k_rope = self.latent(x_BTD, cos_BTK, sin_BTK)
-        backend = kernel_backend.resolve(self.impl)
+        backend = kernel_backend.resolve(self.impl, self.kernel_dims)
         if backend != "xla":
             return self.attend_flash(q_nope, q_rope, c, k_rope, segment_ids_BT, backend)
         return self.attend_latent(q_nope, q_rope, c, k_rope, visibility(segment_ids_BT), segment_ids_BT > 0)
@@ -168,7 +169,7 @@ class MLAttention(nnx.Module):
         cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
         S = cache_LBSX.shape[2] if window is None else window
         keys_BSX = jax.lax.dynamic_index_in_dim(cache_LBSX, layer, axis=0, keepdims=False)[:, :S].astype(self.dtype)
-        backend = kernel_backend.resolve(self.impl)
+        backend = kernel_backend.resolve(self.impl, self.kernel_dims)
         if absorbed and backend != "xla":
             o_lat_BTNC = mla_decode(self._absorb_query(q_nope), q_rope, keys_BSX, positions_BT, scale=self.scale,
                                     backend=backend)

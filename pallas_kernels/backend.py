@@ -3,7 +3,8 @@
     backend="xla"        the XLA reference in the kernel's module (plain jax.numpy; runs anywhere)
     backend="pallas"     the Pallas kernel, compiled for the platform it runs on: Mosaic on TPU, Triton on GPU
     backend="interpret"  the same Pallas kernel run by the Pallas interpreter (CPU tests)
-    backend="auto"       "pallas" on TPU and GPU, "xla" on CPU
+    backend="auto"       "pallas" on TPU and GPU when the kernel's feature dims are powers of two >= 16 (what
+                         Triton's tiles need; K2's are), else "xla"; "xla" on CPU
 
 `platform` ("tpu" | "gpu", default: the default backend's) picks the compiler parameters of a "pallas" launch;
 naming it explicitly lets a CPU-only machine lower a kernel for TPU or GPU (`jax.export` with platforms=[...]),
@@ -22,12 +23,14 @@ BACKENDS = ("auto", "xla", "pallas", "interpret")
 _PAD = {"value": 0.0}
 
 
-def resolve(backend: str) -> str:
-    """"auto" -> "pallas" on TPU/GPU, "xla" on CPU; anything else is checked and returned."""
+def resolve(backend: str, dims: tuple[int, ...] = ()) -> str:
+    """"auto" -> "pallas" on TPU/GPU if every one of `dims` is a power of two >= 16, else "xla"; anything else is
+    checked and returned as it is."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
+        fits = all(d >= 16 and d & (d - 1) == 0 for d in dims)
+        return "pallas" if jax.default_backend() != "cpu" and fits else "xla"
     return backend
 
 

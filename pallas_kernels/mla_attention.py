@@ -270,7 +270,7 @@ def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: j
     bad = [f"{k} {got[k]} (expected {v})" for k, v in expect.items() if tuple(got[k]) != v]
     if bad:
         raise ValueError(f"mla_attention: q_nope {q_nope_BNTP.shape} and " + ", ".join(bad))
-    backend = kb.resolve(backend)
+    backend = kb.resolve(backend, (P, R, V))
     if backend == "xla":
         return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, scale=scale)
     multiple = math.lcm(block_q, block_k)

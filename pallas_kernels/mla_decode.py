@@ -110,7 +110,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
                          f"{cache_BSX.shape} do not agree (cache slots hold kv_lora + rope = C + R values)")
     if positions_BT.shape != (B, T):
         raise ValueError(f"mla_decode: positions must be [B, T] = {(B, T)}, got {positions_BT.shape}")
-    backend = kb.resolve(backend)
+    backend = kb.resolve(backend, (C, R))
     if backend == "xla":
         return reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=scale)
 
