@@ -6,6 +6,12 @@
 Rows past sum(group_sizes) come out as zeros. Empty groups are allowed. Without `scales` the weights are used as
 they are (the bf16-weight mode). Activations are bf16 or f32, accumulation is f32, the output has x's dtype.
 
+`fp8_activations=True` (FP8 weights only) is the FP8 tensor-core mode for GPUs that have them (H100 and later):
+the activations are quantised to e4m3 per row and 128-column block (scale = amax / 448, as DeepSeek-V3 / K2 run
+inference), the kernel multiplies e4m3 by e4m3 with f32 accumulation and applies both scales to each block
+product. Every backend (the XLA reference included) quantises the same way, so they agree to f32 rounding; the
+gradient passes the quantisation straight through.
+
 Every form multiplies 128-row tiles by 128x128 weight blocks: the FP8 block is cast to the activation dtype in
 VMEM / registers and its scale applied to the f32 block product after the dot (TPU v5p has no FP8 MXU; on GPU the
 same dequantise-then-dot form runs on the bf16 tensor cores). A tile's rows may belong to several groups: each
@@ -54,17 +60,36 @@ def dequantize(w_GKN: jax.Array, scales_GKbNb: jax.Array | None, dtype=F32) -> j
     return (w_GKN.astype(F32) * s).astype(dtype)
 
 
-def reference(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, scales_GKbNb: jax.Array | None = None
-              ) -> jax.Array:
-    """The XLA reference: dequantise, then jax.lax.ragged_dot (f32 accumulation), rows past the groups zeroed."""
+def quantize_activations(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row and 128-column block: scale = amax / 448 (1 for an all-zero block), values / scale rounded to
+    e4m3 -> (x e4m3 [M, K], scales float32 [M, ceil(K/128)])."""
+    M, K = x_MK.shape
+    xb = kb.pad_axis(x_MK.astype(F32), 1, BLOCK, value=0).reshape(M, -1, BLOCK)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    scales = jnp.where(amax > 0, amax / float(jnp.finfo(FP8).max), 1.0)
+    q = (xb / scales[..., None]).astype(FP8).reshape(M, -1)[:, :K]
+    return q, scales
+
+
+def dequantize_activations(q_MK: jax.Array, scales_MKb: jax.Array, dtype) -> jax.Array:
+    K = q_MK.shape[1]
+    return (q_MK.astype(F32) * jnp.repeat(scales_MKb, BLOCK, axis=1)[:, :K]).astype(dtype)
+
+
+def reference(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, scales_GKbNb: jax.Array | None = None,
+              fp8_activations: bool = False) -> jax.Array:
+    """The XLA reference: (quantise the activations,) dequantise, then jax.lax.ragged_dot (f32 accumulation)."""
+    if fp8_activations:
+        return reference(dequantize_activations(*quantize_activations(x_MK), F32), w_GKN, group_sizes_G,
+                         scales_GKbNb).astype(x_MK.dtype)
     w = dequantize(w_GKN, scales_GKbNb, x_MK.dtype)
     y = jax.lax.ragged_dot(x_MK, w, group_sizes_G.astype(jnp.int32), preferred_element_type=F32)
     return y.astype(x_MK.dtype)
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------
-def _kernel(first_ref, last_ref, start_ref, end_ref, x_ref, w_ref, s_ref, o_ref, *, transpose_w, n_contract,
-            has_scales):
+def _kernel(first_ref, last_ref, start_ref, end_ref, x_ref, w_ref, s_ref, xs_ref, o_ref, *, transpose_w, n_contract,
+            has_scales, has_x_scales):
     """o[tile] = sum over the tile's groups g of rows_in(g) ? x_tile @ W[g] block : (previous value)."""
     m, o = pl.program_id(0), pl.program_id(1)
     tm, to = o_ref.shape
@@ -82,6 +107,8 @@ def _kernel(first_ref, last_ref, start_ref, end_ref, x_ref, w_ref, s_ref, o_ref,
                 prod = jax.lax.dot_general(x_blk, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=F32)
             if has_scales:  # the block's scale, expanded along the output columns: [1, to]
                 prod = prod * s_ref[g, pl.ds(c, 1), :]
+            if has_x_scales:  # the activation rows' scales for this block: [tm, 1]
+                prod = prod * xs_ref[c]
             return acc + prod
         return jax.lax.fori_loop(0, n_contract, step, jnp.zeros((tm, to), F32))
 
@@ -124,8 +151,8 @@ def _visit_schedule(group_sizes_G, num_tiles):
     return tile, group, active.astype(jnp.int32), first_visit.astype(jnp.int32)
 
 
-def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, x_ref, w_ref, s_ref, o_ref,
-                acc_ref, *, transpose_w, has_scales):
+def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, x_ref, w_ref, s_ref, xs_ref, o_ref,
+                acc_ref, *, transpose_w, has_scales, has_x_scales):
     v, c = pl.program_id(1), pl.program_id(2)
     tm, to = o_ref.shape
 
@@ -139,7 +166,11 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
         w_blk = w_ref[...].astype(x_blk.dtype)
         dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
         prod = jax.lax.dot_general(x_blk, w_blk, dims, preferred_element_type=F32)
-        acc_ref[...] += prod * s_ref[...] if has_scales else prod
+        if has_scales:
+            prod = prod * s_ref[...]
+        if has_x_scales:
+            prod = prod * xs_ref[...]
+        acc_ref[...] += prod
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _():
@@ -150,7 +181,7 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
         o_ref[...] = jnp.where(take, acc_ref[...], kept).astype(o_ref.dtype)
 
 
-def _launch_tpu_form(x, w, scales_rows, group_sizes_G, *, transpose_w, opts):
+def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w, out_dtype, opts):
     from jax.experimental.pallas import tpu as pltpu
     G = w.shape[0]
     C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
@@ -165,16 +196,21 @@ def _launch_tpu_form(x, w, scales_rows, group_sizes_G, *, transpose_w, opts):
               else pl.BlockSpec((None, BLOCK, BLOCK), lambda o, v, c, tile, group, *_: (group[v], c, o)))
     s_spec = (pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, tile, group, *_: (group[v], c, 0, o))
               if has_scales else pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, *_: (0, 0, 0, 0)))
+    has_x_scales = x_scales is not None
+    xs = x_scales if has_x_scales else jnp.ones((1, BLOCK, 1), F32)
+    xs_spec = (pl.BlockSpec((None, BLOCK, 1), lambda o, v, c, tile, *_: (c, tile[v], 0)) if has_x_scales
+               else pl.BlockSpec((None, BLOCK, 1), lambda o, v, c, *_: (0, 0, 0)))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=6, grid=(O // BLOCK, schedule[0].shape[0], C // BLOCK),
-        in_specs=[pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], c)), w_spec, s_spec],
+        in_specs=[pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], c)), w_spec, s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], o)),
         scratch_shapes=[pltpu.VMEM((BLOCK, BLOCK), F32)])
     if "compiler_params" in opts:  # visits of a tile and the contraction accumulate: only columns are parallel
         opts = {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"))}
     return pl.pallas_call(
-        functools.partial(_tpu_kernel, transpose_w=transpose_w, has_scales=has_scales), grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((Mp, O), x.dtype), **opts)(*schedule, starts, ends, x, w, s)
+        functools.partial(_tpu_kernel, transpose_w=transpose_w, has_scales=has_scales, has_x_scales=has_x_scales),
+        grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype), **opts)(
+        *schedule, starts, ends, x, w, s, xs)
 
 
 def _form(backend, platform) -> str:
@@ -192,16 +228,21 @@ def _scalar_spec(backend, platform):
     return pl.BlockSpec()
 
 
-def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform):
+def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
+            out_dtype=None):
     """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ), C and O already multiples of BLOCK. scales_rows is
-    [G, C / BLOCK, O] (each block scale repeated along its output columns) or None."""
+    [G, C / BLOCK, O] (each block scale repeated along its output columns) or None; x_scales [C / BLOCK, M, 1]
+    the FP8 activations' block scales or None."""
+    out_dtype = out_dtype or x_MC.dtype
     G = w.shape[0]
     C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     x = kb.pad_axis(x_MC, 0, BLOCK)
     Mp = x.shape[0]
+    if x_scales is not None:
+        x_scales = kb.pad_axis(x_scales, 1, BLOCK, value=1.0)
     if _form(backend, platform) == "tpu":
-        out = _launch_tpu_form(x, w, scales_rows, group_sizes_G, transpose_w=transpose_w,
-                               opts=kb.launch_options(backend, platform, 3))
+        out = _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, transpose_w=transpose_w,
+                               out_dtype=out_dtype, opts=kb.launch_options(backend, platform, 3))
         return out[:x_MC.shape[0]]
     tables = _tables(group_sizes_G, Mp // BLOCK)
     has_scales = scales_rows is not None
@@ -211,15 +252,19 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
               else pl.BlockSpec((G, C, BLOCK), lambda m, o: (0, 0, o)))
     s_spec = (pl.BlockSpec((G, C // BLOCK, BLOCK), lambda m, o: (0, 0, o)) if has_scales
               else pl.BlockSpec((G, 1, BLOCK), lambda m, o: (0, 0, 0)))
+    has_x_scales = x_scales is not None
+    xs = x_scales if has_x_scales else jnp.ones((1, BLOCK, 1), F32)
+    xs_spec = pl.BlockSpec((xs.shape[0], BLOCK, 1), (lambda m, o: (0, m, 0)) if has_x_scales else (lambda m, o: (0, 0, 0)))
     out = pl.pallas_call(
-        functools.partial(_kernel, transpose_w=transpose_w, n_contract=C // BLOCK, has_scales=has_scales),
+        functools.partial(_kernel, transpose_w=transpose_w, n_contract=C // BLOCK, has_scales=has_scales,
+                          has_x_scales=has_x_scales),
         grid=(Mp // BLOCK, O // BLOCK),
         in_specs=[_scalar_spec(backend, platform)] * 4 + [pl.BlockSpec((BLOCK, C), lambda m, o: (m, 0)), w_spec,
-                                                          s_spec],
+                                                          s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda m, o: (m, o)),
-        out_shape=jax.ShapeDtypeStruct((Mp, O), x_MC.dtype),
+        out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
         **kb.launch_options(backend, platform, 2),
-    )(*tables, x, w, scales_rows)
+    )(*tables, x, w, scales_rows, xs)
     return out[:x_MC.shape[0]]
 
 
@@ -242,12 +287,17 @@ def _gmm(x_MK, w_GKN, scales, group_sizes_G, opts):
 
 
 def _forward(x_MK, w_GKN, scales, group_sizes_G, opts):
-    backend, platform = opts
+    backend, platform, fp8_activations = opts
     K, N = w_GKN.shape[1:]
     x = _pad_to_blocks(x_MK, [1])
     w = _pad_to_blocks(w_GKN, [1, 2])
     s = None if scales is None else kb.pad_axis(_scale_rows(scales, N, along_n=True), 2, BLOCK, value=0)
-    out = _launch(x, w, s, group_sizes_G, transpose_w=False, backend=backend, platform=platform)
+    x_scales = None
+    if fp8_activations:
+        x, x_scales_MKb = quantize_activations(x)
+        x_scales = x_scales_MKb.T[:, :, None]  # [Kb, M, 1]: one [rows, 1] column per contraction block
+    out = _launch(x, w, s, group_sizes_G, transpose_w=False, backend=backend, platform=platform,
+                  x_scales=x_scales, out_dtype=x_MK.dtype)
     return out[:, :N]
 
 
@@ -256,7 +306,7 @@ def _gmm_fwd(x_MK, w_GKN, scales, group_sizes_G, opts):
 
 
 def _gmm_bwd(opts, res, dy_MN):
-    backend, platform = opts
+    backend, platform, _ = opts  # FP8 activations: the quantisation's gradient is taken as the identity
     x_MK, w_GKN, scales, group_sizes_G = res
     K, N = w_GKN.shape[1:]
     dy = _pad_to_blocks(dy_MN.astype(x_MK.dtype), [1])
@@ -277,10 +327,10 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
-                       scales_GKbNb: jax.Array | None = None, *, backend: str = "auto", platform: str | None = None
-                       ) -> jax.Array:
+                       scales_GKbNb: jax.Array | None = None, *, fp8_activations: bool = False,
+                       backend: str = "auto", platform: str | None = None) -> jax.Array:
     """[M, K] rows sorted by group, [G, K, N] weights (float8_e4m3fn with [G, ceil(K/128), ceil(N/128)] scales,
-    or bf16 / f32 without), [G] group sizes -> [M, N] in x's dtype."""
+    or bf16 / f32 without), [G] group sizes -> [M, N] in x's dtype. fp8_activations: see the module docstring."""
     if x_MK.ndim != 2 or w_GKN.ndim != 3 or group_sizes_G.shape != w_GKN.shape[:1] or x_MK.shape[1] != w_GKN.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x_MK.shape}, "
                          f"w {w_GKN.shape}, group_sizes {group_sizes_G.shape}")
@@ -294,7 +344,9 @@ def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
             raise ValueError(f"fp8_grouped_matmul: scales given but w is {w_GKN.dtype}, not float8_e4m3fn")
     elif w_GKN.dtype == FP8:
         raise ValueError("fp8_grouped_matmul: float8_e4m3fn weights need their block scales")
+    if fp8_activations and scales_GKbNb is None:
+        raise ValueError("fp8_grouped_matmul: fp8_activations needs FP8 weights (with their scales)")
     backend = kb.resolve(backend)
     if backend == "xla":
-        return reference(x_MK, w_GKN, group_sizes_G, scales_GKbNb)
-    return _gmm(x_MK, w_GKN, scales_GKbNb, group_sizes_G.astype(jnp.int32), (backend, platform))
+        return reference(x_MK, w_GKN, group_sizes_G, scales_GKbNb, fp8_activations)
+    return _gmm(x_MK, w_GKN, scales_GKbNb, group_sizes_G.astype(jnp.int32), (backend, platform, fp8_activations))

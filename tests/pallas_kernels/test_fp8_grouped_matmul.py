@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fp8_grouped_matmul import FP8, fp8_grouped_matmul, reference
+from pallas_kernels.fp8_grouped_matmul import (FP8, dequantize_activations, fp8_grouped_matmul, quantize_activations,
+                                               reference)
 from tests.pallas_kernels.kernel_checks import kernel_call_count, lowered_kernels, nan_padding, rel_err
 
 CASES = {  # M, K, N, group sizes
@@ -79,6 +80,33 @@ def test_bf16_activations_within_1e2():
     assert got.dtype == jnp.bfloat16 and rel_err(got, want) <= 1e-2
 
 
+@pytest.mark.parametrize("form", ["gpu", "tpu"])
+def test_fp8_activations_match_the_quantised_reference(form):
+    """FP8 x FP8 products with both scales applied per block equal the XLA reference on the same quantised
+    activations; the quantisation itself stays within e4m3's rounding (half an ulp); the gradient passes it
+    straight through (dx as without it)."""
+    x, w, sizes, scales = _inputs("ragged_k_and_n_with_empty_groups", True, seed=2)
+    x = _poison_tail(x, sizes)
+    n = int(sizes.sum())
+    q, q_scales = quantize_activations(x[:n])
+    assert q.dtype == FP8 and q_scales.shape == (n, 2)
+    # round to nearest: half a unit in the last place, 2^-4 |x| for normal e4m3, 2^-10 x scale below 2^-6 x scale
+    per_col_scale = np.repeat(np.asarray(q_scales), 128, axis=1)[:, :x.shape[1]]
+    err = np.abs(np.asarray(dequantize_activations(q, q_scales, jnp.float32)) - np.asarray(x[:n]))
+    assert np.all(err <= np.maximum(2.0 ** -4 * np.abs(np.asarray(x[:n])), 2.0 ** -10 * per_col_scale) * (1 + 1e-6))
+    want = reference(x, w, sizes, scales, fp8_activations=True)
+    with nan_padding():
+        got = jax.jit(lambda a: fp8_grouped_matmul(a, w, sizes, scales, fp8_activations=True, backend="interpret",
+                                                   platform=form))(x)
+    assert rel_err(got[:n], want[:n]) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(got[n:]), 0)
+    dy = jnp.asarray(np.random.default_rng(4).standard_normal(got.shape), jnp.float32)
+    dx = [jax.grad(lambda a, f=f: jnp.sum(fp8_grouped_matmul(a, w, sizes, scales, fp8_activations=f,
+                                                              backend="interpret", platform=form)[:n] * dy[:n]))(x)
+          for f in (True, False)]
+    np.testing.assert_array_equal(np.asarray(dx[0]), np.asarray(dx[1]))
+
+
 def test_bad_inputs_are_named():
     x, w, sizes, scales = _inputs("all_in_one_group", True)
     with pytest.raises(ValueError, match="one per 128x128 block"):
@@ -87,6 +115,8 @@ def test_bad_inputs_are_named():
         fp8_grouped_matmul(x, w, sizes, None, backend="interpret")
     with pytest.raises(ValueError, match="group_sizes"):
         fp8_grouped_matmul(x, w, sizes[:2], scales, backend="interpret")
+    with pytest.raises(ValueError, match="fp8_activations needs FP8 weights"):
+        fp8_grouped_matmul(x, w.astype(jnp.float32), sizes, None, fp8_activations=True, backend="interpret")
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
@@ -102,3 +132,15 @@ def test_forward_and_input_gradient_lower(platform):
     hlo = lowered_kernels(fwd_and_dx, platform, sd((256, 7168), jnp.bfloat16), sd((4, 7168, 2048), FP8),
                           sd((4,), jnp.int32), sd((4, 56, 16), jnp.float32))
     assert kernel_call_count(hlo, platform) == 2
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_fp8_activation_mode_lowers(platform):
+    """e4m3 x e4m3 dots (FP8 tensor cores on H100) at K2's expert down-projection shape (2048 -> 7168)."""
+    sd = jax.ShapeDtypeStruct
+    hlo = lowered_kernels(
+        lambda x, w, sizes, scales: fp8_grouped_matmul(x, w, sizes, scales, fp8_activations=True, backend="pallas",
+                                                       platform=platform),
+        platform, sd((256, 2048), jnp.bfloat16), sd((4, 2048, 7168), FP8), sd((4,), jnp.int32),
+        sd((4, 16, 56), jnp.float32))
+    assert kernel_call_count(hlo, platform) == 1
