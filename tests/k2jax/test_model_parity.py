@@ -7,6 +7,7 @@ bf16: top-k agreement and KL against the fp32 oracle no worse than the oracle's 
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,14 +117,13 @@ def test_bf16_no_worse_than_oracle_bf16():
     assert ours_kl <= oracle_kl
 
 
-def test_pallas_kernels_in_interpret_mode_match_oracle():
+def test_pallas_kernels_in_interpret_mode_match_oracle(case):
     """attention_impl / moe_impl = "interpret": flash attention and the grouped-matmul kernel inside the model meet
-    the same bar as the XLA path (logits, expert choices, per-head max logits)."""
-    cfg = CONFIGS["k2"].replace(attention_impl="interpret", moe_impl="interpret")
-    tensors = random_release_tensors(cfg, seed=7)
-    tokens = _tokens(cfg, seed=3)
-    oracle = oracle_forward(oracle_model(cfg, tensors), tokens)
-    logits, aux = k2jax.from_hf_tensors(cfg, tensors)(jnp.asarray(tokens), return_aux=True)
+    the same bar as the XLA path (logits, expert choices, per-head max logits), on every config."""
+    cfg = case["cfg"].replace(attention_impl="interpret", moe_impl="interpret")
+    oracle = case["oracle"]
+    model = k2jax.from_hf_tensors(cfg, case["tensors"])
+    logits, aux = jax.jit(lambda t: model(t, return_aux=True))(jnp.asarray(case["tokens"]))
     err = np.max(np.abs(np.asarray(logits) - oracle["logits"]))
     assert err <= 1e-5 * np.max(np.abs(oracle["logits"]))
     np.testing.assert_array_equal(np.sort(np.asarray(aux["router_topk_ids"]), axis=-1), oracle["topk_ids"])
