@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.common import best_time  # noqa: E402
-from pallas_kernels.fp8_grouped_matmul import FP8, fp8_grouped_matmul  # noqa: E402
+from pallas_kernels.fp8_grouped_matmul import FP8, dequantize, fp8_grouped_matmul  # noqa: E402
 from pallas_kernels.mla_attention import mla_attention  # noqa: E402
 from pallas_kernels.mla_decode import mla_decode  # noqa: E402
 
@@ -114,7 +114,6 @@ def bench_gmm(backend, peaks, small):
     w = jnp.asarray(rng.standard_normal((G, K, N)) * 30, FP8)
     scales = jnp.asarray(rng.uniform(0.001, 0.01, (G, K // 128, N // 128)), jnp.float32)
     sizes = jnp.asarray(np.full(G, M // G), jnp.int32)
-    from pallas_kernels.fp8_grouped_matmul import dequantize
     w_bf16 = dequantize(w, scales, jnp.bfloat16)
     flops = 2 * M * K * N
     bytes_ = x.size * 2 + w.size + M * N * 2

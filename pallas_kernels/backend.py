@@ -12,12 +12,16 @@ which the tests use to check that every kernel lowers through Mosaic and Triton.
 
 Kernels pad their row axes up to a whole number of blocks. The padded rows are filled with `pad_value()`
 (0); the tests set it to NaN to prove that padding never reaches a result.
+
+Also shared by the kernel bodies: 2-D dots with float32 accumulation in the three orientations they need, the
+online-softmax step of the attention kernels, and the spec of a scalar table (SMEM on TPU).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
 _PAD = {"value": 0.0}
@@ -43,17 +47,28 @@ def platform_of(platform: str | None) -> str:
     return p
 
 
-def launch_options(backend: str, platform: str | None, num_grid_dims: int, *, num_warps: int = 4,
-                   num_stages: int = 2) -> dict:
-    """The pallas_call keyword arguments for a backend: interpret=True, or the platform's compiler params (every
-    grid dimension independent: the kernels accumulate inside one program, never across grid steps)."""
+def launch_options(backend: str, platform: str | None, num_grid_dims: int, *, sequential: tuple[int, ...] = (),
+                   num_warps: int = 4, num_stages: int = 2) -> dict:
+    """The pallas_call keyword arguments for a backend: interpret=True, or the platform's compiler params. Grid
+    dimensions are independent ("parallel" on TPU) except those listed in `sequential`, whose steps accumulate
+    into the same output block ("arbitrary")."""
     if backend == "interpret":
         return {"interpret": True}
     if platform_of(platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
-        return {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)}
+        semantics = tuple("arbitrary" if d in sequential else "parallel" for d in range(num_grid_dims))
+        return {"compiler_params": pltpu.CompilerParams(dimension_semantics=semantics)}
     from jax.experimental.pallas import triton as pltriton
     return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
+def scalar_table_spec(backend: str, platform: str | None):
+    """A small int table the kernel indexes with program ids, read as scalars: SMEM on TPU, a plain whole-array
+    ref elsewhere."""
+    if backend == "pallas" and platform_of(platform) == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    return pl.BlockSpec()
 
 
 def pad_value() -> float:
@@ -84,3 +99,33 @@ def rows_below(x: jax.Array, first_row, limit) -> jax.Array:
     """x [P, ...] (rows first_row .. first_row + P - 1 of an array) with rows >= limit set to 0."""
     rows = first_row + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
     return jnp.where(rows < limit, x, jnp.zeros_like(x))
+
+
+# ---- inside kernels ------------------------------------------------------------------------------------------
+_F32 = jnp.float32
+
+
+def dot_nn(a, b):
+    """a @ b, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def dot_nt(a, b):
+    """a @ b.T without materialising the transpose, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+
+
+def dot_tn(a, b):
+    """a.T @ b, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def online_softmax_step(s, values, acc, m_prev, l_prev):
+    """One key block of an online softmax: masked logits s [rows, keys] (-inf where not visible), values
+    [keys, d] (zeroed where they may hold garbage), the running (acc [rows, d], max [rows, 1], sum [rows, 1]) ->
+    the updated three. A row that has seen nothing yet keeps max -inf, sum 0."""
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    corr = jnp.exp(m_prev - m_safe)
+    return corr * acc + dot_nn(p.astype(values.dtype), values), m_new, corr * l_prev + jnp.sum(p, axis=1, keepdims=True)

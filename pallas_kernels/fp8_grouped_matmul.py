@@ -100,11 +100,9 @@ def _kernel(first_ref, last_ref, start_ref, end_ref, x_ref, w_ref, s_ref, xs_ref
             cs = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
             x_blk = x_ref[:, cs]
             if transpose_w:  # W[g]ᵀ: weights stored [G, O, C] for this product
-                w_blk = w_ref[g, :, cs].astype(x_blk.dtype)
-                prod = jax.lax.dot_general(x_blk, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+                prod = kb.dot_nt(x_blk, w_ref[g, :, cs].astype(x_blk.dtype))
             else:
-                w_blk = w_ref[g, cs, :].astype(x_blk.dtype)
-                prod = jax.lax.dot_general(x_blk, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+                prod = kb.dot_nn(x_blk, w_ref[g, cs, :].astype(x_blk.dtype))
             if has_scales:  # the block's scale, expanded along the output columns: [1, to]
                 prod = prod * s_ref[g, pl.ds(c, 1), :]
             if has_x_scales:  # the activation rows' scales for this block: [tm, 1]
@@ -135,14 +133,14 @@ def _tables(group_sizes_G, num_tiles):
     return first, last, starts, ends
 
 
-def _visit_schedule(group_sizes_G, num_tiles):
-    """The (row tile, group) pairs the TPU form visits, in order, padded to the static bound tiles + G - 1:
-    tile [V], group [V], active [V] (0 on padding visits, which repeat the last pair so nothing is re-fetched),
-    first [V] (1 on a tile's first visit)."""
-    first, last, _, _ = _tables(group_sizes_G, num_tiles)
+def _visit_schedule(first, last, num_groups):
+    """The (row tile, group) pairs the TPU form visits, in order, from each tile's first and last group (see
+    _tables), padded to the static bound tiles + G - 1: tile [V], group [V], active [V] (0 on padding visits, which
+    repeat the last pair so nothing is re-fetched), first [V] (1 on a tile's first visit)."""
+    num_tiles = first.shape[0]
     counts = last - first + 1  # every tile gets >= 1 visit, so rows past the groups are written (zeros)
     ends = jnp.cumsum(counts)
-    V = num_tiles + group_sizes_G.shape[0] - 1
+    V = num_tiles + num_groups - 1
     v = jnp.arange(V, dtype=jnp.int32)
     tile = jnp.minimum(jnp.searchsorted(ends, v, side="right"), num_tiles - 1).astype(jnp.int32)
     active = v < ends[-1]
@@ -163,9 +161,7 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
     @pl.when(active_ref[v] == 1)
     def _():
         x_blk = x_ref[...]
-        w_blk = w_ref[...].astype(x_blk.dtype)
-        dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
-        prod = jax.lax.dot_general(x_blk, w_blk, dims, preferred_element_type=F32)
+        prod = (kb.dot_nt if transpose_w else kb.dot_nn)(x_blk, w_ref[...].astype(x_blk.dtype))
         if has_scales:
             prod = prod * s_ref[...]
         if has_x_scales:
@@ -186,9 +182,8 @@ def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w,
     G = w.shape[0]
     C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     Mp = x.shape[0]
-    num_tiles = Mp // BLOCK
-    _, _, starts, ends = _tables(group_sizes_G, num_tiles)
-    schedule = _visit_schedule(group_sizes_G, num_tiles)
+    first, last, starts, ends = _tables(group_sizes_G, Mp // BLOCK)
+    schedule = _visit_schedule(first, last, G)
     has_scales = scales_rows is not None
     # scales [G, C / 128, 1, O]: a (1, 128) row block per visit, Mosaic's (8, 128) rule met by the unit dim
     s = (scales_rows[:, :, None, :] if has_scales else jnp.zeros((G, 1, 1, BLOCK), F32))
@@ -205,8 +200,6 @@ def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w,
         in_specs=[pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], c)), w_spec, s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], o)),
         scratch_shapes=[pltpu.VMEM((BLOCK, BLOCK), F32)])
-    if "compiler_params" in opts:  # visits of a tile and the contraction accumulate: only columns are parallel
-        opts = {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"))}
     return pl.pallas_call(
         functools.partial(_tpu_kernel, transpose_w=transpose_w, has_scales=has_scales, has_x_scales=has_x_scales),
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype), **opts)(
@@ -219,13 +212,6 @@ def _form(backend, platform) -> str:
     if backend == "interpret":
         return "tpu" if platform == "tpu" else "gpu"
     return kb.platform_of(platform)
-
-
-def _scalar_spec(backend, platform):
-    if backend == "pallas" and kb.platform_of(platform) == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-        return pl.BlockSpec(memory_space=pltpu.SMEM)
-    return pl.BlockSpec()
 
 
 def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
@@ -241,8 +227,10 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
     if x_scales is not None:
         x_scales = kb.pad_axis(x_scales, 1, BLOCK, value=1.0)
     if _form(backend, platform) == "tpu":
+        # visits of a tile and the contraction blocks accumulate into one output block: only columns are parallel
+        opts = kb.launch_options(backend, platform, 3, sequential=(1, 2))
         out = _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, transpose_w=transpose_w,
-                               out_dtype=out_dtype, opts=kb.launch_options(backend, platform, 3))
+                               out_dtype=out_dtype, opts=opts)
         return out[:x_MC.shape[0]]
     tables = _tables(group_sizes_G, Mp // BLOCK)
     has_scales = scales_rows is not None
@@ -259,7 +247,7 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
         functools.partial(_kernel, transpose_w=transpose_w, n_contract=C // BLOCK, has_scales=has_scales,
                           has_x_scales=has_x_scales),
         grid=(Mp // BLOCK, O // BLOCK),
-        in_specs=[_scalar_spec(backend, platform)] * 4 + [pl.BlockSpec((BLOCK, C), lambda m, o: (m, 0)), w_spec,
+        in_specs=[kb.scalar_table_spec(backend, platform)] * 4 + [pl.BlockSpec((BLOCK, C), lambda m, o: (m, 0)), w_spec,
                                                           s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda m, o: (m, o)),
         out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
@@ -318,7 +306,7 @@ def _gmm_bwd(opts, res, dy_MN):
         dw = pullback(dy_MN.astype(x_MK.dtype))[0]
         ds = None
     else:  # FP8 weights are frozen: no gradient flows to them or their scales
-        dw, ds = jnp.zeros_like(w_GKN, dtype=F32).astype(w_GKN.dtype), jnp.zeros_like(scales)
+        dw, ds = jnp.zeros_like(w_GKN), jnp.zeros_like(scales)
     return dx, dw, ds, None
 
 

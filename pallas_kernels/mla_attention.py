@@ -58,20 +58,6 @@ def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment
 
 
 # ---- kernel helpers ------------------------------------------------------------------------------------------
-def _nt(a, b):
-    """a @ b.T in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-
-
-def _tn(a, b):
-    """a.T @ b in float32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
-
-
-def _nn(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
-
-
 def _iota(n, start):
     return start + jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
 
@@ -83,7 +69,7 @@ def _div(a, b):
 
 
 def _logits(qn, qr, kn, kr, scale):
-    return (_nt(qn, kn) + _nt(qr, kr)) * scale
+    return (kb.dot_nt(qn, kn) + kb.dot_nt(qr, kr)) * scale
 
 
 def _visible(q_start, bq, k_start, bk, seg_q, seg_k):
@@ -99,17 +85,10 @@ def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o
     qn, qr, seg_q = qn_ref[...], qr_ref[...], segq_ref[...]
 
     def body(j, carry):
-        acc, m_prev, l_prev = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
         s = _logits(qn, qr, kn_ref[ks, :], kr_ref[ks, :], scale)
         s = jnp.where(_visible(i * bq, bq, j * bk, bk, seg_q, segk_ref[:, ks]), s, -jnp.inf)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen nothing yet
-        p = jnp.exp(s - m_safe)
-        corr = jnp.exp(m_prev - m_safe)
-        v = kb.rows_below(v_ref[ks, :], j * bk, n_real)
-        acc = corr * acc + _nn(p.astype(v.dtype), v)
-        return acc, m_new, corr * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        return kb.online_softmax_step(s, kb.rows_below(v_ref[ks, :], j * bk, n_real), *carry)
 
     n_blocks = jnp.minimum(_div((i + 1) * bq + bk - 1, bk), kn_ref.shape[0] // bk)  # up to the causal diagonal
     init = (jnp.zeros((bq, v_ref.shape[1]), F32), jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32))
@@ -133,8 +112,8 @@ def _dq_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref
         kn, kr, v = (kb.rows_below(r[ks, :], j * bk, n_real) for r in (kn_ref, kr_ref, v_ref))
         visible = _visible(i * bq, bq, j * bk, bk, seg_q, segk_ref[:, ks])
         p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
-        ds = (p * (_nt(do, v) - delta) * scale).astype(kn.dtype)
-        return dqn + _nn(ds, kn), dqr + _nn(ds, kr)
+        ds = (p * (kb.dot_nt(do, v) - delta) * scale).astype(kn.dtype)
+        return dqn + kb.dot_nn(ds, kn), dqr + kb.dot_nn(ds, kr)
 
     n_blocks = jnp.minimum(_div((i + 1) * bq + bk - 1, bk), kn_ref.shape[0] // bk)
     dqn, dqr = jax.lax.fori_loop(0, n_blocks, body, (jnp.zeros(qn.shape, F32), jnp.zeros(qr.shape, F32)))
@@ -155,9 +134,9 @@ def _dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_re
         visible = _visible(i * bq, bq, j * bk, bk, segq_ref[qs, :], seg_k)
         visible = visible & (_iota(bq, i * bq) < n_real)[:, None]
         p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
-        dv = dv + _tn(p.astype(do.dtype), do)
-        ds = (p * (_nt(do, v) - delta) * scale).astype(qn.dtype)
-        return dkn + _tn(ds, qn), dkr + _tn(ds, qr), dv
+        dv = dv + kb.dot_tn(p.astype(do.dtype), do)
+        ds = (p * (kb.dot_nt(do, v) - delta) * scale).astype(qn.dtype)
+        return dkn + kb.dot_tn(ds, qn), dkr + kb.dot_tn(ds, qr), dv
 
     first = _div(j * bk, bq)  # query blocks before the diagonal see none of these keys
     init = (jnp.zeros(kn.shape, F32), jnp.zeros(kr.shape, F32), jnp.zeros(v.shape, F32))

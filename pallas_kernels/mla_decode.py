@@ -51,10 +51,6 @@ def reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, *, scale: float)
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------
-def _nt(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-
-
 def _decode_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, *, scale, bs, C, R, chunk):
     b, split = pl.program_id(0), pl.program_id(1)
     ql, qr, pos = ql_ref[...], qr_ref[...], pos_ref[...]  # [M, C], [M, R], [M, 1]
@@ -62,20 +58,12 @@ def _decode_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref,
     base = split * chunk
 
     def body(j, carry):
-        acc, m_prev, l_prev = carry
         rows = pl.ds(pl.multiple_of(j * bs, bs), bs)
         c = kb.rows_below(cache_ref[rows, pl.ds(0, C)], base + j * bs, last + 1)
         kr = cache_ref[rows, pl.ds(C, R)]
-        s = (_nt(ql, c) + _nt(qr, kr)) * scale  # [M, bs]
+        s = (kb.dot_nt(ql, c) + kb.dot_nt(qr, kr)) * scale  # [M, bs]
         slot = base + j * bs + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(slot <= pos, s, -jnp.inf)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe)
-        corr = jnp.exp(m_prev - m_safe)
-        acc = corr * acc + jax.lax.dot_general(p.astype(c.dtype), c, (((1,), (0,)), ((), ())),
-                                               preferred_element_type=F32)
-        return acc, m_new, corr * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        return kb.online_softmax_step(jnp.where(slot <= pos, s, -jnp.inf), c, *carry)
 
     M = ql.shape[0]
     init = (jnp.zeros((M, C), F32), jnp.full((M, 1), -jnp.inf, F32), jnp.zeros((M, 1), F32))
@@ -83,14 +71,6 @@ def _decode_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref,
     l_safe = jnp.where(l == 0, 1.0, l)
     o_ref[...] = acc / l_safe
     lse_ref[...] = jnp.where(l == 0, -jnp.inf, m + jnp.log(l_safe))
-
-
-def _table_spec(backend: str, platform: str | None):
-    """The [B, splits] block-count table, read as scalars: SMEM on TPU, a plain whole-array ref elsewhere."""
-    if backend == "pallas" and kb.platform_of(platform) == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-        return pl.BlockSpec(memory_space=pltpu.SMEM)
-    return pl.BlockSpec()
 
 
 def default_splits(num_slots: int, block_s: int) -> int:
@@ -130,7 +110,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     o_BKMC, lse_BKM1 = pl.pallas_call(
         functools.partial(_decode_kernel, scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk),
         grid=(B, splits),
-        in_specs=[_table_spec(backend, platform), row(C), row(R), row(1),
+        in_specs=[kb.scalar_table_spec(backend, platform), row(C), row(R), row(1),
                   pl.BlockSpec((None, chunk, X), lambda b, k: (b, k, 0))],
         out_specs=[part(C), part(1)],
         out_shape=[jax.ShapeDtypeStruct((B, splits, M, C), F32), jax.ShapeDtypeStruct((B, splits, M, 1), F32)],
