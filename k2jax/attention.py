@@ -88,11 +88,9 @@ class MLAttention(nnx.Module):
                       ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Expands the latent into per-head keys and values and attends. Returns (o_proj output [B, T, D],
         max pre-softmax logit per head [N] over visible pairs of valid queries; -inf if there are none)."""
-        P = self.cfg.qk_nope_head_dim
         B, T, N, _ = q_nope_BTNP.shape
         # Head-major layouts so both products are plain batched matmuls (2x faster than the einsums on CPU).
-        kv_BNSH = project(c_BSC, self._w(self.kv_b_proj)).transpose(0, 2, 1, 3)
-        k_nope_BNSP, v_BNSV = kv_BNSH[..., :P], kv_BNSH[..., P:]
+        k_nope_BNSP, v_BNSV = self._keys_values(c_BSC)
         f32 = jnp.float32
         nope_BNTS = jnp.matmul(q_nope_BTNP.transpose(0, 2, 1, 3), k_nope_BNSP.swapaxes(-1, -2),
                                preferred_element_type=f32)
@@ -105,20 +103,27 @@ class MLAttention(nnx.Module):
         counted = visible_B1TS & query_valid_BT[:, None, :, None]
         max_logit_N = jnp.max(jnp.where(counted, logits_BNTS, -jnp.inf), axis=(0, 2, 3))
         probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
-        out_BNTV = jnp.matmul(probs_BNTS, v_BNSV)
-        return project(out_BNTV.transpose(0, 2, 1, 3), self._w(self.o_proj), n_in=2), max_logit_N
+        return self._output(jnp.matmul(probs_BNTS, v_BNSV).transpose(0, 2, 1, 3)), max_logit_N
 
     def attend_flash(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, backend: str
                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """attend_latent's result (causal, same-segment self-attention) by the flash attention kernel."""
-        P = self.cfg.qk_nope_head_dim
-        kv_BNTH = project(c_BTC, self._w(self.kv_b_proj)).transpose(0, 2, 1, 3)
+        k_nope_BNTP, v_BNTV = self._keys_values(c_BTC)
         heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
-        out_BNTV, rowmax_BNT = mla_attention(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), kv_BNTH[..., :P],
-                                             k_rope_BTR, kv_BNTH[..., P:], segment_ids_BT, scale=self.scale,
-                                             backend=backend)
+        out_BNTV, rowmax_BNT = mla_attention(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNTP,
+                                             k_rope_BTR, v_BNTV, segment_ids_BT, scale=self.scale, backend=backend)
         max_logit_N = jnp.max(jnp.where((segment_ids_BT > 0)[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
-        return project(out_BNTV.transpose(0, 2, 1, 3), self._w(self.o_proj), n_in=2), max_logit_N
+        return self._output(heads_first(out_BNTV)), max_logit_N
+
+    def _keys_values(self, c_BSC) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """kv_b expansion of the latent, head-major: k_nope [B, N, S, P] and v [B, N, S, V]."""
+        kv_BNSH = project(c_BSC, self._w(self.kv_b_proj)).transpose(0, 2, 1, 3)
+        P = self.cfg.qk_nope_head_dim
+        return kv_BNSH[..., :P], kv_BNSH[..., P:]
+
+    def _output(self, out_BTNV) -> jnp.ndarray:
+        """Per-head attention outputs through o_proj -> [B, T, D]."""
+        return project(out_BTNV, self._w(self.o_proj), n_in=2)
 
     def _absorb_query(self, q_nope_BTNP) -> jnp.ndarray:
         """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype)."""
@@ -129,8 +134,8 @@ class MLAttention(nnx.Module):
     def _expand_output(self, o_lat_BTNC) -> jnp.ndarray:
         """(attention-weighted latent) . W_UV, then o_proj -> [B, T, D]."""
         w_CNH = self._w(self.kv_b_proj)
-        out_BTNV = jnp.einsum("btnc,cnv->btnv", o_lat_BTNC.astype(self.dtype), w_CNH[..., self.cfg.qk_nope_head_dim:])
-        return project(out_BTNV, self._w(self.o_proj), n_in=2)
+        return self._output(jnp.einsum("btnc,cnv->btnv", o_lat_BTNC.astype(self.dtype),
+                                       w_CNH[..., self.cfg.qk_nope_head_dim:]))
 
     def attend_absorbed(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS) -> jnp.ndarray:
         """attend_latent's result computed without expanding the latent: logits = (q_nope.W_UK).c + q_rope.k_rope,
