@@ -16,7 +16,8 @@ QK-Clip needs.
 
 cfg.attention_impl picks how: "xla" runs the materialised-logits forms below; "pallas" / "interpret" run the
 train / prefill attention as `pallas_kernels.mla_attention` (flash attention, max logits from its running max) and
-absorbed decode as `pallas_kernels.mla_decode` (split-K over the latent cache); "auto" is pallas on TPU / GPU.
+absorbed decode as `pallas_kernels.mla_decode` (split-K over the latent cache); "auto" is pallas on TPU / GPU when
+the head dims suit the kernels' tiles (powers of two >= 16, as K2's are), xla otherwise.
 
 Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, V value),
 Q q_lora, C kv_lora, X = C + R (one cache slot), L layers.

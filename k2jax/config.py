@@ -80,8 +80,8 @@ class K2Config:
     dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
     moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled |
     #                        pallas | interpret (pallas_kernels.fp8_grouped_matmul)
-    attention_impl: str = "auto"  # train/prefill flash attention and absorbed decode: auto (pallas on TPU/GPU,
-    #                              xla on CPU) | xla | pallas | interpret (pallas_kernels.mla_attention / mla_decode)
+    attention_impl: str = "auto"  # train/prefill flash attention and absorbed decode: auto (pallas on TPU/GPU for
+    #     head dims that are powers of two >= 16, else xla) | xla | pallas | interpret (pallas_kernels.mla_*)
     router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
     pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
     remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
