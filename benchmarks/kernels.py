@@ -20,7 +20,9 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repo root replaces this script's directory on the path (which would let benchmarks/kernels.py shadow
+# the `kernels` package that transformers probes for)
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end, as a user runs them (`python benchmarks/X.py`), at their smallest sizes.
+
+Only that they run and print their comparison: the figures themselves are not asserted (machines are noisy).
+optimizer.py and parallel.py take a minute or more even at their smallest and are left to their users.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(script, *flags):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags], cwd="/",
+                            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("script,flags,expect", [
+    # run from another directory, with transformers importing: benchmarks/kernels.py once shadowed the `kernels`
+    # package transformers probes for, and the script died on a duplicate flag
+    ("forward_vs_torch.py", ["--batch=1", "--seq_len=16", "--iters=1"], ["k2jax / transformers =", "roofline"]),
+    ("decode.py", ["--batch=1", "--context=32", "--iters=1"], ["ratio latent / full"]),
+    ("kernels.py", ["--smoke", "--iters=1"], ["dequantise+ragged_dot / pallas"]),
+])
+def test_benchmark_runs_and_prints_its_comparison(script, flags, expect):
+    out = _run(script, *flags)
+    for text in expect:
+        assert text in out, out
