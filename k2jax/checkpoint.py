@@ -10,7 +10,8 @@ path in `nnx.state(Transformer)` ("moe_blocks.mlp.experts.down_proj"). Parameter
 `StreamingWriter` builds the same checkpoint without ever holding a whole parameter: Orbax writes the tree's
 skeleton with 1-element placeholders, then each parameter is created at full size with tensorstore and filled
 slot by slot (a (layer, expert) slot is one chunk), so memory stays at about one slot. Orbax restores such a
-checkpoint like any other.
+checkpoint like any other. Its writes are not fsynced one by one (that made each 29 MB slot write 4x slower):
+`sync()` makes everything written so far durable at once, and `finish()` calls it before the metadata.
 
 FP8 checkpoints (dtype "fp8", written by the converter) keep the release's bytes: every FP8 matmul weight is
 stored as e4m3 in k2jax's layout (a pure transpose / reshape of the release tensor) with its block scales
@@ -260,6 +261,7 @@ class StreamingWriter:
         self.shapes = {n: (tuple(a.shape), jnp.dtype(a.dtype).name) for n, a in template.items()}
         self.state_dir = os.path.join(self.path, STATE_DIR)
         self._arrays: dict[str, ts.TensorStore] = {}
+        self._context = ts.Context({"file_io_sync": False})  # durability comes from sync()
         if not os.path.exists(self.state_dir):
             os.makedirs(self.path, exist_ok=True)
             placeholders = {n: np.zeros((1,) * len(a.shape), a.dtype) for n, a in template.items()}
@@ -284,8 +286,14 @@ class StreamingWriter:
             # all-zero slots (a fresh router bias, a zeroed expert) must be written too: Orbax's reader treats a
             # missing chunk as an error rather than as the fill value
             self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir},
-                                          "store_data_equal_to_fill_value": True}, open=True).result()
+                                          "store_data_equal_to_fill_value": True}, open=True,
+                                         context=self._context).result()
         return self._arrays[name]
+
+    @staticmethod
+    def sync() -> None:
+        """Blocks until every slot whose write has completed is on disk (not only in the page cache)."""
+        os.sync()
 
     def write(self, name: str, index: tuple[int, ...], slot: np.ndarray, *, wait: bool = True):
         """Writes one slot (the parameter at leading `index`). With wait=False returns the tensorstore future
@@ -299,10 +307,11 @@ class StreamingWriter:
         return future.result() if wait else future
 
     def finish(self) -> None:
-        """Writes k2jax.json: from here on the checkpoint counts as complete."""
+        """Writes k2jax.json once every slot is durable: from here on the checkpoint counts as complete."""
         for name in self.shapes:
             if not os.path.exists(os.path.join(self.state_dir, name, ".k2jax_full")):
                 raise CheckpointError(f"{self.path}: parameter {name} was never written")
+        self.sync()
         _write_metadata(self.path, _metadata(self.cfg, self.dtype, self.shapes))
 
 

@@ -1,5 +1,6 @@
 """convert_checkpoint: HF FP8 release layout -> k2jax Orbax checkpoint, restore on meshes, crash + resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from flax import nnx
 from k2jax import load_checkpoint, save_checkpoint
 from k2jax.checkpoint import read_metadata
 from k2jax.config import ConfigError, tiny
-from k2jax.convert import PROGRESS, convert_hf_to_orbax, export_to_hf
+from k2jax.convert import PROGRESS, _ProgressLog, convert_hf_to_orbax, export_to_hf
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, hf_tensor_specs
 from tests.oracle import oracle_forward, oracle_model, random_release_tensors
@@ -140,7 +141,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     write_hf_checkpoint(hf, cfg, random_release_tensors(cfg, seed=8))
     out = str(tmp_path / "out")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    proc = subprocess.Popen(_convert_cmd(hf, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # --sync_gb=0: every tensor is recorded as soon as it is durable, so the log grows while we watch
+    proc = subprocess.Popen(_convert_cmd(hf, out, "--sync_gb=0"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     progress = os.path.join(out + ".partial", PROGRESS)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -215,3 +218,23 @@ def test_all_zero_tensors_are_stored(tmp_path, dtype):
     assert not np.any(np.asarray(model.moe_blocks.mlp.gate.e_score_correction_bias[...]))
     assert not np.any(np.asarray(model.moe_blocks.mlp.experts.down_proj[...][:, 3]))
     assert np.all(np.asarray(model.moe_blocks.mlp.experts.down_proj[...][:, 2]) != 0)
+
+
+def test_progress_log_records_a_tensor_only_after_the_sync_that_makes_it_durable(tmp_path):
+    path = str(tmp_path / PROGRESS)
+    events = []
+
+    class Writer:
+        def sync(self):
+            events.append(("sync", open(path).read().count("done")))
+
+    log = _ProgressLog(path, {"source": "s", "dtype": "float32"}, Writer(), sync_bytes=100)
+    log.landed("a", 60)
+    assert log.syncing is None  # 60 bytes pending: below the batch size, nothing synced or recorded
+    log.landed("b", 60)  # 120 >= 100: one background sync, then "a" and "b" are recorded
+    log.syncing.result()
+    log.landed("c", 10)
+    log.close()  # the rest: synced, then recorded
+    assert events == [("sync", 0), ("sync", 2)]
+    lines = [json.loads(line) for line in open(path)]
+    assert lines == [{"source": "s", "dtype": "float32"}, {"done": "a"}, {"done": "b"}, {"done": "c"}]
