@@ -4,8 +4,11 @@
     model = load_checkpoint("ckpt/", mesh=mesh, shardings=fn)   # onto any mesh, each device reads its shard
 
 Layout: Orbax's PyTreeCheckpointHandler with one zarr3 array per parameter (no OCDBT), named by the parameter's
-path in `nnx.state(Transformer)` ("moe_blocks.mlp.experts.down_proj"). Parameters are stored in k2jax's layout
-([in, ...out], stacked MoE layers first).
+path in `nnx.state(Transformer)` ("moe_blocks.mlp.experts.down_proj"), stacked MoE layers (and experts) first.
+Each slot of a parameter holds its release tensor exactly as the release stores it: matmul weights [out, in]
+(`Matmul`), not k2jax's [in, ...out]; `load_checkpoint` transposes and reshapes them on the devices, where it
+costs next to nothing, and `save_checkpoint` does the reverse there. So converting the release is a copy (plus a
+dequantisation for bf16 / f32): no host transpose, which cost more than everything else in a conversion.
 
 `StreamingWriter` builds the same checkpoint without ever holding a whole parameter: Orbax writes the tree's
 skeleton with 1-element placeholders, then each parameter is created at full size with tensorstore and filled
@@ -14,10 +17,10 @@ checkpoint like any other. Its writes are not fsynced one by one (that made each
 `sync()` makes everything written so far durable at once, and `finish()` calls it before the metadata.
 
 FP8 checkpoints (dtype "fp8", written by the converter) keep the release's bytes: every FP8 matmul weight is
-stored as e4m3 in k2jax's layout (a pure transpose / reshape of the release tensor) with its block scales
-under `fp8_scales.<name>`, shaped [..., ceil(in/128), ceil(out/128)] (the release's grid, transposed like the
-weight); embeddings, norms and the router stay BF16 and the router bias F32, as released. `load_checkpoint`
-dequantises them on the devices (W = e4m3 x scale per block), into cfg.param_dtype (default bfloat16).
+stored as its e4m3 release tensor with its block scales under `fp8_scales.<name>` ([..., ceil(out/128),
+ceil(in/128)], the release's grid); embeddings, norms and the router stay BF16 and the router bias F32, as
+released. `load_checkpoint` dequantises them on the devices (W = e4m3 x scale per block), into cfg.param_dtype
+(default bfloat16).
 
 `k2jax.json` holds {"format", "config" (HF config.json dict), "dtype" (bfloat16 | float32 | fp8), "params"
 {name: {"shape", "dtype"}}}. A checkpoint directory is complete when `k2jax.json` is in it: writers put it there
@@ -45,7 +48,7 @@ from k2jax.hf_mapping import CheckpointError, hf_tensor_specs, release_dtype
 from k2jax.model import Transformer, param_info, param_name
 from sharding.rules import param_shardings
 
-FORMAT = "k2jax-orbax-v1"
+FORMAT = "k2jax-orbax-v2"  # v2: matmul weights in the release's [out, in] orientation
 METADATA = "k2jax.json"
 STATE_DIR = "state"
 SCALES = "fp8_scales"
@@ -99,35 +102,50 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-class Fp8Param(NamedTuple):
+class Matmul(NamedTuple):
+    """A matmul weight as checkpoints store it: [*lead, out, in], the release's 2-D tensor per stacked slot; in
+    k2jax's model it is [*lead, *in axes, *out axes] (`from_stored`)."""
     n_lead: int  # stacked (layer / expert) axes in front of the matmul
     in_dim: int
     out_dim: int
 
 
-def fp8_params(cfg: K2Config) -> dict[str, Fp8Param]:
-    """The parameters the release stores in FP8, with their matmul shape."""
-    out = {}
-    for spec in hf_tensor_specs(cfg):
-        if release_dtype(spec) == "fp8":
-            out[param_name(spec.path)] = Fp8Param(len(spec.index), spec.shape[1], spec.shape[0])
-    return out
+def matmul_params(cfg: K2Config) -> dict[str, Matmul]:
+    """Every matmul weight (the release's [out, in] linear layers), with its matmul shape."""
+    return {param_name(s.path): Matmul(len(s.index), s.shape[1], s.shape[0]) for s in hf_tensor_specs(cfg) if s.linear}
+
+
+def fp8_params(cfg: K2Config) -> dict[str, Matmul]:
+    """The matmul weights the release stores in FP8."""
+    fp8 = {param_name(s.path) for s in hf_tensor_specs(cfg) if release_dtype(s) == "fp8"}
+    return {n: m for n, m in matmul_params(cfg).items() if n in fp8}
+
+
+def to_stored(w, m: Matmul):
+    """k2jax's layout -> the stored [*lead, out, in] (NumPy or JAX arrays)."""
+    return w.reshape(w.shape[:m.n_lead] + (m.in_dim, m.out_dim)).swapaxes(-1, -2)
+
+
+def from_stored(w, m: Matmul, shape: tuple[int, ...]):
+    """The stored [*lead, out, in] -> k2jax's layout of `shape`."""
+    return w.swapaxes(-1, -2).reshape(shape)
 
 
 def stored_template(cfg: K2Config, dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
     """{name: shape and dtype as stored} for a checkpoint of `dtype`, fp8 scales included."""
     if dtype not in DTYPES:
         raise CheckpointError(f"checkpoint dtype must be one of {DTYPES}, got {dtype!r}")
-    if dtype != "fp8":
-        _, state = abstract_state(cfg.replace(param_dtype=dtype))
-        return {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in _flat(nnx.to_pure_dict(state)).items()}
-    _, state = abstract_state(cfg.replace(param_dtype="bfloat16"))
+    _, state = abstract_state(cfg.replace(param_dtype="bfloat16" if dtype == "fp8" else dtype))
     template = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in _flat(nnx.to_pure_dict(state)).items()}
-    for name, p in fp8_params(cfg).items():
-        shape = template[name].shape
-        template[name] = jax.ShapeDtypeStruct(shape, quant.E4M3)
-        grid = quant.scale_shape((p.in_dim, p.out_dim))
-        template[f"{SCALES}.{name}"] = jax.ShapeDtypeStruct(shape[:p.n_lead] + grid, jnp.float32)
+    for name, m in matmul_params(cfg).items():
+        template[name] = jax.ShapeDtypeStruct(template[name].shape[:m.n_lead] + (m.out_dim, m.in_dim),
+                                              template[name].dtype)
+    if dtype == "fp8":
+        for name, m in fp8_params(cfg).items():
+            lead = template[name].shape[:m.n_lead]
+            template[name] = jax.ShapeDtypeStruct(template[name].shape, quant.E4M3)
+            template[f"{SCALES}.{name}"] = jax.ShapeDtypeStruct(lead + quant.scale_shape((m.out_dim, m.in_dim)),
+                                                                jnp.float32)
     return template
 
 
@@ -143,20 +161,22 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
-def dequantize_fp8(q: jax.Array, scale: jax.Array, p: Fp8Param, dtype) -> jax.Array:
-    """W = float32(q) x scale per 128x128 block of the [in, out] matmul view, in k2jax's layout."""
-    lead = q.shape[:p.n_lead]
-    w = q.reshape(lead + (p.in_dim, p.out_dim)).astype(jnp.float32)
-    s = jnp.repeat(jnp.repeat(scale, quant.BLOCK, axis=-2)[..., :p.in_dim, :], quant.BLOCK, axis=-1)[..., :p.out_dim]
-    return (w * s).reshape(q.shape).astype(dtype)
+def dequantize_fp8(q_OI: jax.Array, scale_XY: jax.Array, dtype) -> jax.Array:
+    """W = float32(q) x scale per 128x128 block of the stored [..., out, in] weight (JAX, on the devices)."""
+    O, I = q_OI.shape[-2:]
+    s = jnp.repeat(jnp.repeat(scale_XY, quant.BLOCK, axis=-2)[..., :O, :], quant.BLOCK, axis=-1)[..., :I]
+    return (q_OI.astype(jnp.float32) * s).astype(dtype)
 
 
 def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
-    """Saves the model's whole state (params and router biases) in cfg.param_dtype."""
+    """Saves the model's whole state (params and router biases) in cfg.param_dtype. The matmul weights are
+    transposed to the stored layout on their devices first (a transient copy of each)."""
     path = os.fspath(path)
     if os.path.exists(path):
         raise CheckpointError(f"{path}: already exists; refusing to overwrite")
     flat = _flat(nnx.to_pure_dict(nnx.state(model)))
+    for name, m in matmul_params(model.cfg).items():
+        flat[name] = jax.jit(to_stored, static_argnums=1)(flat[name], m)
     os.makedirs(path)
     _checkpointer().save(os.path.join(path, STATE_DIR), _nest(flat))
     shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in flat.items()}
@@ -186,36 +206,65 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         missing, extra = sorted(set(stored) - set(listed)), sorted(set(listed) - set(stored))
         raise CheckpointError(f"{path}: parameters do not match the config: missing {missing[:3]}, "
                               f"unexpected {extra[:3]}")
+    abstract = _flat(nnx.to_pure_dict(state))
+    param_shapes = {n: tuple(a.shape) for n, a in abstract.items()}
+    matmuls = matmul_params(cfg)
+    fp8 = fp8_params(cfg) if stored_dtype == "fp8" else {}
     targets, final_shardings = {}, {}
     for name, leaf in stored.items():
         if tuple(listed[name]["shape"]) != tuple(leaf.shape):
             raise CheckpointError(f"{path}: {name} has shape {listed[name]['shape']}, config implies "
                                   f"{list(leaf.shape)}")
         if not name.startswith(SCALES + "."):
-            final_shardings[name] = _sharding_for(name, leaf.shape, mesh, shardings)
+            final_shardings[name] = _sharding_for(name, param_shapes[name], mesh, shardings)
     for name, leaf in stored.items():
         if name.startswith(SCALES + "."):  # small: every device of its weight's sharding gets all of it
             sharding = _replicated_like(final_shardings[name[len(SCALES) + 1:]])
+        elif name in matmuls:
+            sharding = _stored_sharding(final_shardings[name], matmuls[name], param_shapes[name])
         else:
             sharding = final_shardings[name]
         targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
     target = _nest(targets)
     restored = _flat(_checkpointer().restore(os.path.join(path, STATE_DIR), args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
-    fp8 = fp8_params(cfg) if stored_dtype == "fp8" else {}
     params = {}
     for name, value in restored.items():
         if name.startswith(SCALES + "."):
             continue
-        if name in fp8:
-            value = jax.jit(dequantize_fp8, static_argnums=(2, 3), out_shardings=final_shardings[name])(
-                value, restored[f"{SCALES}.{name}"], fp8[name], jnp.dtype(cfg.param_dtype))
-        params[name] = value
+        if name in matmuls:  # dequantise (FP8) and transpose on the devices, straight into the final sharding
+            scale = restored.get(f"{SCALES}.{name}") if name in fp8 else None
+            value = jax.jit(_stored_to_param, static_argnums=(2, 3, 4), out_shardings=final_shardings[name])(
+                value, scale, matmuls[name], param_shapes[name], jnp.dtype(abstract[name].dtype))
+            restored[name] = None  # the stored copy can go as soon as the parameter exists
+        params[name] = value.astype(abstract[name].dtype) if value.dtype != abstract[name].dtype else value
     template = nnx.to_pure_dict(state)
-    dtypes = _flat(template)
-    params = {n: v.astype(dtypes[n].dtype) if v.dtype != dtypes[n].dtype else v for n, v in params.items()}
     nnx.replace_by_pure_dict(state, _unflat_like(template, params))
     return nnx.merge(graphdef, state)
+
+
+def _stored_to_param(w, scale, m: Matmul, shape: tuple[int, ...], dtype) -> jax.Array:
+    if scale is not None:
+        w = dequantize_fp8(w, scale, dtype)
+    return from_stored(w.astype(dtype), m, shape)
+
+
+def _stored_sharding(sharding: jax.sharding.Sharding, m: Matmul, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+    """A parameter's sharding carried over to its stored [*lead, out, in] form, so each device reads about the
+    part it keeps: the lead axes keep their mesh axes; the out / in axis takes those of the first model axis it
+    merges (a split of the major axis is the same split of the merged one) when the others are unsharded, and is
+    unsharded otherwise (the transpose then reshards)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return _replicated_like(sharding)
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    lead, rest = spec[:m.n_lead], spec[m.n_lead:]
+    n_in = next(k for k in range(1, len(rest) + 1) if math.prod(shape[m.n_lead:m.n_lead + k]) == m.in_dim)
+
+    def merged(axes):
+        return axes[0] if all(a is None for a in axes[1:]) else None
+
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        *lead, merged(rest[n_in:]), merged(rest[:n_in])))
 
 
 def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:

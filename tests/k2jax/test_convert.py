@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from k2jax import load_checkpoint, save_checkpoint
-from k2jax.checkpoint import read_metadata
+from k2jax.checkpoint import Matmul, _stored_sharding, read_metadata
 from k2jax.config import ConfigError, tiny
 from k2jax.convert import PROGRESS, _ProgressLog, convert_hf_to_orbax, export_to_hf
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
@@ -88,6 +88,36 @@ def test_restore_onto_two_meshes(converted):
     la = jax.device_put(a(tokens), cpu)
     lb = jax.device_put(b(tokens), cpu)
     assert np.max(np.abs(np.asarray(la) - np.asarray(lb))) <= 1e-5 * np.max(np.abs(np.asarray(la)))
+
+
+def test_stored_sharding_keeps_each_devices_part_of_the_release_oriented_weight():
+    mesh = jax.make_mesh((2, 4), ("expert", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    P = jax.sharding.PartitionSpec
+
+    def stored(spec, m, shape):
+        return _stored_sharding(jax.sharding.NamedSharding(mesh, spec), m, shape).spec
+
+    # experts [L, E, D, F] -> stored [L, E, F, D]: lead axes kept, in / out swapped
+    assert stored(P(None, "expert", None, "model"), Matmul(2, 64, 32), (3, 8, 64, 32)) == P(None, "expert", "model", None)
+    # q_b [Q, N, H] heads split -> stored [N*H, Q]: the merged out axis split like its major (head) axis
+    assert stored(P(None, "model", None), Matmul(0, 48, 8 * 24), (48, 8, 24)) == P("model", None)
+    # o_proj [N, V, D] heads split -> stored [D, N*V]
+    assert stored(P("model", None, None), Matmul(0, 8 * 16, 64), (8, 16, 64)) == P(None, "model")
+    # a minor merged axis split cannot be expressed on the merged axis: unsharded there (the transpose reshards)
+    assert stored(P(None, None, "model"), Matmul(0, 48, 8 * 24), (48, 8, 24)) == P(None, None)
+
+
+@pytest.mark.parametrize("strategy,axes", [("ep_fsdp", ("expert", "fsdp")), ("tensor", ("fsdp", "tensor"))])
+def test_restore_with_a_sharding_strategy(converted, strategy, axes):
+    mesh = jax.make_mesh((2, 4), axes, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    model = load_checkpoint(converted, mesh=mesh, shardings=strategy)
+    if strategy == "ep_fsdp":
+        assert model.moe_blocks.mlp.experts.down_proj[...].sharding.spec[1] == "expert"
+    else:
+        assert "tensor" in model.moe_blocks.self_attn.q_b_proj[...].sharding.spec  # heads split
+    ref = _params(load_checkpoint(converted))
+    for k, v in _params(model).items():
+        np.testing.assert_array_equal(v, ref[k])
 
 
 def test_save_checkpoint_round_trip(tmp_path):
