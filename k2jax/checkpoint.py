@@ -98,7 +98,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, this k2jax reads {FORMAT!r}")
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, this k2jax reads {FORMAT!r} (convert the "
+                              f"release again with this version)")
     return meta
 
 
