@@ -101,8 +101,10 @@ class MLAttention(nnx.Module):
         logits_BNTS = (nope_BNTS + rope_BNTS) * self.scale
         visible_B1TS = mask_BTS[:, None]
         logits_BNTS = jnp.where(visible_B1TS, logits_BNTS, -jnp.inf)
-        counted = visible_B1TS & query_valid_BT[:, None, :, None]
-        max_logit_N = jnp.max(jnp.where(counted, logits_BNTS, -jnp.inf), axis=(0, 2, 3))
+        # each query's max over its visible keys, then over valid queries: a [B, N, T] reduction the softmax's own
+        # row max shares (masking a second [B, N, T, S] copy by query validity cost as much as the softmax)
+        rowmax_BNT = jnp.max(logits_BNTS, axis=-1)
+        max_logit_N = jnp.max(jnp.where(query_valid_BT[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
         probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
         return self._output(jnp.matmul(probs_BNTS, v_BNSV).transpose(0, 2, 1, 3)), max_logit_N
 

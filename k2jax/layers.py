@@ -8,6 +8,7 @@ Letter legend: B batch, T tokens, D hidden, F ffn.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -59,14 +60,42 @@ def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.silu(gate) * up
 
 
-def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, **dot_kwargs) -> jnp.ndarray:
+def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, *, preferred_element_type=None) -> jnp.ndarray:
     """Contracts the last `n_in` axes of x with the first `n_in` of w: [..., *in] x [*in, *out] -> [..., *out].
 
     Done as one 2-D matmul over all leading (token) axes: XLA's CPU backward of a 2-D matmul is about 1.5x faster
     than that of the equivalent multi-axis einsum, and on TPU/GPU it is the same op."""
     lead, inner = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1), **dot_kwargs)
+    x_MK, w_KN = x.reshape(-1, inner), w.reshape(inner, -1)
+    if jax.default_backend() == "cpu":
+        y = _cpu_matmul(x_MK, w_KN, preferred_element_type)
+    else:
+        y = jnp.dot(x_MK, w_KN, preferred_element_type=preferred_element_type)
     return y.reshape(lead + w.shape[n_in:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_matmul(x_MK, w_KN, out_dtype):
+    """jnp.dot whose weight gradient xᵀ·g multiplies an explicitly transposed x: XLA:CPU runs a matmul with a
+    transposed left operand at half speed (a [1024, 512]ᵀ x [1024, 8192] lm_head gradient: 94 ms vs 50 ms with
+    the 2 MB transpose done first; the barrier keeps XLA from folding it back into the dot)."""
+    return jnp.dot(x_MK, w_KN, preferred_element_type=out_dtype)
+
+
+def _cpu_matmul_fwd(x_MK, w_KN, out_dtype):
+    return _cpu_matmul(x_MK, w_KN, out_dtype), (x_MK, w_KN)
+
+
+def _cpu_matmul_bwd(out_dtype, res, g_MN):
+    x_MK, w_KN = res
+    g_MN = g_MN.astype(jnp.promote_types(x_MK.dtype, w_KN.dtype))
+    f32 = jnp.float32
+    dx = jax.lax.dot_general(g_MN, w_KN, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+    dw = jnp.dot(jax.lax.optimization_barrier(x_MK.T), g_MN, preferred_element_type=f32)
+    return dx.astype(x_MK.dtype), dw.astype(w_KN.dtype)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 class MLP(nnx.Module):

@@ -10,8 +10,8 @@ One dispatch point, `impl=`:
   - "ragged_dot": `jax.lax.ragged_dot`, native on TPU and GPU, and the XLA reference the other paths are tested
     against. On CPU it lowers to a dense form that multiplies every row by every group's matrix (G x the work).
   - "tiled": the CPU path. A scan over groups slices each group's weights once; an inner loop walks the group's
-    contiguous rows in tiles (`BIG_TILE` rows, then `SMALL_TILE` rows for the remainder) and multiplies only
-    those. Groups run in order, so the rows a group's last tile computes past its end are overwritten by the
+    contiguous rows in tiles (`BIG_TILE` rows, then `SMALL_TILE` rows for a remainder of up to three of them,
+    else one more big tile) and multiplies only those. Groups run in order, so the rows a group's last tile computes past its end are overwritten by the
     next group: nothing is masked on the forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no
     [M, F] intermediate in memory on the forward; under differentiation it keeps the gate/up pre-activations).
     Both have explicit VJPs: dx by the same loop against the transposed weights, dw accumulated per group in
@@ -36,6 +36,7 @@ from pallas_kernels.fp8_grouped_matmul import fp8_grouped_matmul
 IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
 BIG_TILE = 128
 SMALL_TILE = 16
+SMALL_TILES_MAX = 3  # on CPU a 128-row matmul costs about as much as three 16-row ones
 
 
 def _resolve(impl: str) -> str:
@@ -116,7 +117,8 @@ def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_d
 # ---- the tile loop -------------------------------------------------------------------------------------------
 def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, out_init, acc_init: Callable):
     """For each group g in order: ctx = prepare(g); then over its rows in tiles (BIG_TILE rows while a whole one
-    fits, then SMALL_TILE rows) (out, acc) = tile_fn(ctx, r0, P, n_valid, out, acc), where P is the static tile
+    fits, then SMALL_TILE rows, or one more BIG_TILE for a larger remainder) (out, acc) = tile_fn(ctx, r0, P,
+    n_valid, out, acc), where P is the static tile
     height, r0 its first row and n_valid how many of its rows belong to g (the rest run into the next group or
     the padding). Returns (out, accs stacked over groups)."""
     ends_G = jnp.cumsum(group_sizes_G)
@@ -131,10 +133,14 @@ def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, o
                 return tile_fn(ctx, r0, rows, start + size - r0, *st)
             return jax.lax.fori_loop(0, count, body, state)
 
-        n_big = size // BIG_TILE
+        # a remainder of more than SMALL_TILES_MAX small tiles' rows takes one more big tile instead (it runs
+        # past the group's end; those rows are masked or overwritten): fewer, faster matmuls
+        rest = size % BIG_TILE
+        n_small = (rest + SMALL_TILE - 1) // SMALL_TILE
+        big_rest = n_small > SMALL_TILES_MAX
+        n_big = size // BIG_TILE + big_rest
         state = tiles(BIG_TILE, start, n_big, (out, acc_init()))
-        rest = size - n_big * BIG_TILE
-        return tiles(SMALL_TILE, start + n_big * BIG_TILE, (rest + SMALL_TILE - 1) // SMALL_TILE, state)
+        return tiles(SMALL_TILE, start + n_big * BIG_TILE, jnp.where(big_rest, 0, n_small), state)
 
     return jax.lax.scan(per_group, out_init, jnp.arange(group_sizes_G.shape[0]))
 

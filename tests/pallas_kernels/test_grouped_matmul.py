@@ -1,14 +1,15 @@
 """grouped_matmul / grouped_ffn: the tiled CPU path against the XLA reference (jax.lax.ragged_dot).
 
-Sizes straddle both tile heights (BIG_TILE rows, then SMALL_TILE rows), including groups that are empty, groups
-that end mid-tile before a short group, and rows past the last group."""
+Sizes straddle both tile heights (BIG_TILE rows, then SMALL_TILE rows, or one more BIG_TILE for a remainder of more
+than SMALL_TILES_MAX small tiles), including groups that are empty, groups that end mid-tile before a short group,
+remainder big tiles that run over the next groups' rows, and rows past the last group."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import BIG_TILE, SMALL_TILE, grouped_ffn, grouped_matmul, reference, reference_ffn
+from pallas_kernels.grouped_matmul import BIG_TILE, SMALL_TILE, SMALL_TILES_MAX, grouped_ffn, grouped_matmul, reference, reference_ffn
 
 CASES = {
     "odd_sizes": (37, 13, 11, [5, 0, 17, 1, 0, 14]),
@@ -17,7 +18,10 @@ CASES = {
     "tile_multiples": (2 * BIG_TILE + 2 * SMALL_TILE, 8, 8, [BIG_TILE + SMALL_TILE, 0, BIG_TILE + SMALL_TILE]),
     "big_then_ragged": (BIG_TILE + 61, 12, 7, [BIG_TILE + 3, 2, 1, 55]),
     "rows_past_the_groups": (40, 8, 5, [7, 0, 20]),  # 13 trailing rows belong to no group
+    # 100 and 60 rows end in a big tile each, running over the 30- and 5-row groups after them
+    "big_remainders": (200, 10, 6, [100, 30, 60, 5]),
 }
+assert SMALL_TILES_MAX * SMALL_TILE < 60 < BIG_TILE  # 60 (and 100) rows need more small tiles than allowed
 
 
 def _inputs(m, k, n, sizes, dtype=jnp.float32, seed=0):
@@ -37,7 +41,7 @@ def test_tiled_matches_reference(case):
     np.testing.assert_array_equal(np.asarray(got[tail:]), 0)
 
 
-@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged"])
+@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged", "big_remainders"])
 def test_gradients_match_reference(case):
     x, w, sizes = _inputs(*CASES[case])
     dy = jnp.asarray(np.random.default_rng(1).standard_normal((x.shape[0], w.shape[2])), jnp.float32)
@@ -108,7 +112,8 @@ def test_ffn_matches_reference(case):
     np.testing.assert_array_equal(np.asarray(got[int(sizes.sum()):]), 0)
 
 
-@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged", "empty_first_and_last"])
+@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged", "empty_first_and_last",
+                                  "big_remainders"])
 def test_ffn_gradients_match_reference(case):
     x, wg, wu, wd, sizes = _ffn_inputs(case)
     tail = int(sizes.sum())
