@@ -268,3 +268,23 @@ def test_progress_log_records_a_tensor_only_after_the_sync_that_makes_it_durable
     assert events == [("sync", 0), ("sync", 2)]
     lines = [json.loads(line) for line in open(path)]
     assert lines == [{"source": "s", "dtype": "float32"}, {"done": "a"}, {"done": "b"}, {"done": "c"}]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8"])
+def test_a_bf16_release_converts(tmp_path, dtype):
+    """A release stored in BF16 (no FP8 tensors): kept as it is, or quantised to the FP8 layout on the way."""
+    hf, out = str(tmp_path / "hf"), str(tmp_path / "out")
+    write_hf_checkpoint(hf, CFG, random_release_tensors(CFG, seed=6), dtype="bfloat16")
+    convert_hf_to_orbax(hf, out, dtype=dtype, show_progress=False)
+    direct = _params(load_hf_checkpoint(hf, param_dtype="bfloat16"))
+    loaded = _params(load_checkpoint(out))
+    for k, v in direct.items():
+        if dtype == "bfloat16":
+            np.testing.assert_array_equal(loaded[k], v, err_msg=str(k))
+        else:  # e4m3's 3 mantissa bits: half a step is 2^-4 relative, plus the BF16 rounding on load (2^-9);
+            # atol covers e4m3 subnormals (steps of amax * 2^-9 / 448 in a block)
+            v32, got = v.astype(np.float32), loaded[k].astype(np.float32)
+            np.testing.assert_allclose(got, v32, rtol=2 ** -4 + 2 ** -8, atol=1e-5 * np.max(np.abs(v32)),
+                                       err_msg=str(k))
+    if dtype == "fp8":
+        assert read_metadata(out)["params"]["moe_blocks.mlp.experts.down_proj"]["dtype"] == "float8_e4m3fn"
