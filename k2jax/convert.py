@@ -19,8 +19,8 @@ Crash safety: the run writes into OUT_DIR.partial and records finished tensors i
 OUT_DIR.partial/convert_progress.jsonl once they are on disk: written tensors are made durable together every
 --sync_gb GB of output (one sync in the background, instead of an fsync per file, which made writes 4x slower),
 so a crash loses at most that much work; `--resume` skips the recorded tensors and continues. OUT_DIR appears
-(by rename) only when every tensor is durable and k2jax.json is in place. The export is all-or-nothing (no --resume): it builds
-OUT_DIR under a temporary name.
+(by rename) only when every tensor is durable and k2jax.json is in place. The export is all-or-nothing (no
+--resume): it builds OUT_DIR under a temporary name.
 """
 
 from __future__ import annotations
@@ -55,10 +55,14 @@ class _ProgressLog:
     landed are made durable in batches of `sync_bytes` by a background `writer.sync()` and only then recorded, so
     the log never names a tensor a power cut could lose."""
 
-    def __init__(self, path: str, header: dict | None, writer: StreamingWriter, sync_bytes: float):
-        self.file = open(path, "a")
-        if header is not None:
-            self.file.write(json.dumps(header) + "\n")
+    def __init__(self, path: str, header: dict, writer: StreamingWriter, sync_bytes: float):
+        self.file = open(path, "a+b")
+        if self.file.tell() > 0:  # resumed: drop a last line a crash cut short, keep the header and records
+            self.file.seek(0)
+            self.file.truncate(self.file.read().rfind(b"\n") + 1)
+            self.file.seek(0, os.SEEK_END)
+        if self.file.tell() == 0:
+            self.file.write(json.dumps(header).encode() + b"\n")
             self._flush()
         self.writer, self.sync_bytes = writer, sync_bytes
         self.pending: list[str] = []
@@ -72,7 +76,7 @@ class _ProgressLog:
 
     def _record(self, names: list[str]) -> None:
         self.writer.sync()
-        self.file.writelines(json.dumps({"done": n}) + "\n" for n in names)
+        self.file.writelines(json.dumps({"done": n}).encode() + b"\n" for n in names)
         self._flush()
 
     def landed(self, name: str, nbytes: int) -> None:
@@ -139,8 +143,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not show_progress)
     loop_start = time.perf_counter()
     in_flight: collections.deque = collections.deque()  # (write futures, release name, slots kept alive)
-    log = _ProgressLog(os.path.join(partial, PROGRESS), None if done else {"source": source, "dtype": dtype},
-                       writer, sync_gb * 1e9)
+    log = _ProgressLog(os.path.join(partial, PROGRESS), {"source": source, "dtype": dtype}, writer, sync_gb * 1e9)
 
     def land_oldest():
         futures, name, slots = in_flight.popleft()

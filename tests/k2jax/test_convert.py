@@ -17,7 +17,7 @@ from flax import nnx
 from k2jax import load_checkpoint, save_checkpoint
 from k2jax.checkpoint import Matmul, _stored_sharding, read_metadata
 from k2jax.config import ConfigError, tiny
-from k2jax.convert import PROGRESS, _ProgressLog, convert_hf_to_orbax, export_to_hf
+from k2jax.convert import PROGRESS, _done_tensors, _ProgressLog, convert_hf_to_orbax, export_to_hf
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, hf_tensor_specs
 from tests.oracle import oracle_forward, oracle_model, random_release_tensors
@@ -268,6 +268,24 @@ def test_progress_log_records_a_tensor_only_after_the_sync_that_makes_it_durable
     assert events == [("sync", 0), ("sync", 2)]
     lines = [json.loads(line) for line in open(path)]
     assert lines == [{"source": "s", "dtype": "float32"}, {"done": "a"}, {"done": "b"}, {"done": "c"}]
+    # resumed before anything was recorded, and after a crash cut a record short: one header, whole lines, so
+    # every record after them still counts
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    path = str(partial / PROGRESS)
+    header = {"source": "s", "dtype": "float32"}
+    with open(path, "w") as f:
+        f.write('{"sour')  # even the header was cut
+    _ProgressLog(path, header, Writer(), sync_bytes=100).close()
+    log = _ProgressLog(path, header, Writer(), sync_bytes=100)
+    log.landed("a", 1)
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"done": "b')  # cut by the crash
+    log = _ProgressLog(path, header, Writer(), sync_bytes=100)
+    log.landed("c", 1)
+    log.close()
+    assert _done_tensors(str(partial), "s", "float32") == {"a", "c"}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "fp8"])
