@@ -26,6 +26,7 @@ from flax import nnx  # noqa: E402
 
 import k2jax  # noqa: E402
 from benchmarks.common import BENCH_CFG, best_time  # noqa: E402
+from k2jax.training.step import token_nll  # noqa: E402
 from tests.oracle import oracle_model, random_release_tensors  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
@@ -50,8 +51,7 @@ def main(argv):
 
     def loss_fn(p, t):
         logits = nnx.merge(graphdef, p, rest)(t)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1))
+        return jnp.mean(token_nll(logits[:, :-1], t[:, 1:]))
 
     fwd = jax.jit(lambda p, t: nnx.merge(graphdef, p, rest)(t))
     fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))

@@ -30,6 +30,7 @@ import k2jax  # noqa: E402
 from benchmarks.common import best_time  # noqa: E402
 from k2jax.config import tiny  # noqa: E402
 from k2jax.placement import shard_model  # noqa: E402
+from k2jax.training.step import token_nll  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 from sharding.pipeline import bubble_fraction  # noqa: E402
 
@@ -71,9 +72,7 @@ def collective_bytes(hlo_text: str) -> Counter:
 
 def _train_step(model, tokens):
     def loss_fn(m):
-        logits = m(tokens[:, :-1])
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+        return jnp.mean(token_nll(m(tokens[:, :-1]), tokens[:, 1:]))
 
     return nnx.value_and_grad(loss_fn)(model)
 

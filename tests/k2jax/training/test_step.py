@@ -10,7 +10,7 @@ from flax import nnx
 import k2jax
 from k2jax.config import tiny
 from k2jax.optim.muon_clip import muon_clip, param_rules
-from k2jax.training.step import TrainState, make_train_step
+from k2jax.training.step import TrainState, make_train_step, token_nll
 
 CFG = tiny(num_hidden_layers=2)
 
@@ -70,3 +70,20 @@ def test_a_non_finite_step_changes_nothing():
         1e-2, rules=param_rules(k2jax.Transformer(CFG, rngs=nnx.Rngs(0))), cfg=CFG))
     assert not bool(metrics[0]["finite"]) and int(state.step) == 0
     _close(state.params, fresh.params, rel=0)
+
+
+def test_token_nll_and_its_gradient_equal_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((2, 7, 33)) * 5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 33, (2, 7)))
+
+    def reference(l):
+        return -jnp.take_along_axis(jax.nn.log_softmax(l, axis=-1), targets[..., None], axis=-1)[..., 0]
+
+    np.testing.assert_allclose(np.asarray(token_nll(logits, targets)), np.asarray(reference(logits)),
+                               rtol=1e-6, atol=1e-6)
+    weights = jnp.asarray(rng.standard_normal((2, 7)), jnp.float32)
+    got = jax.grad(lambda l: jnp.sum(token_nll(l, targets) * weights))(logits)
+    want = jax.grad(lambda l: jnp.sum(reference(l) * weights))(logits)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert token_nll(logits.astype(jnp.bfloat16), targets).dtype == jnp.float32
