@@ -214,11 +214,15 @@ def test_fp8_round_trip_is_bit_exact(hf_dir, tmp_path):
     for name, a in original.items():
         assert a.dtype == again[name].dtype and a.tobytes() == again[name].tobytes(), name
     # dequantised on load: the same weights as reading the release directly
-    direct = load_hf_checkpoint(hf_dir, param_dtype="bfloat16")
+    direct = _params(load_hf_checkpoint(hf_dir, param_dtype="bfloat16"))
     loaded = load_checkpoint(k2)
     assert loaded.cfg.param_dtype == "bfloat16"
-    for k, v in _params(direct).items():
-        np.testing.assert_array_equal(_params(loaded)[k], v, err_msg=str(k))
+    mesh = jax.make_mesh((2, 4), ("expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded = load_checkpoint(k2, mesh=mesh, shardings="tensor")  # dequantised and transposed on 8 devices
+    assert len(sharded.moe_blocks.mlp.experts.down_proj[...].sharding.device_set) == 8
+    for got in (_params(loaded), _params(sharded)):
+        for k, v in direct.items():
+            np.testing.assert_array_equal(got[k], v, err_msg=str(k))
 
 
 def test_export_from_float32_checkpoint(converted, hf_dir, tmp_path):
