@@ -11,8 +11,8 @@ One dispatch point, `impl=`:
     against. On CPU it lowers to a dense form that multiplies every row by every group's matrix (G x the work).
   - "tiled": the CPU path. A scan over groups slices each group's weights once; an inner loop walks the group's
     contiguous rows in tiles (`BIG_TILE` rows, then `SMALL_TILE` rows for a remainder of up to three of them,
-    else one more big tile) and multiplies only those. Groups run in order, so the rows a group's last tile computes past its end are overwritten by the
-    next group: nothing is masked on the forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no
+    else one more big tile) and multiplies only those. Groups run in order, so the rows a group's last tile
+    computes past its end are overwritten by the next group: nothing is masked on the forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no
     [M, F] intermediate in memory on the forward; under differentiation it keeps the gate/up pre-activations).
     Both have explicit VJPs: dx by the same loop against the transposed weights, dw accumulated per group in
     float32 with rows outside the group masked.

@@ -98,7 +98,8 @@ def test_stored_sharding_keeps_each_devices_part_of_the_release_oriented_weight(
         return _stored_sharding(jax.sharding.NamedSharding(mesh, spec), m, shape).spec
 
     # experts [L, E, D, F] -> stored [L, E, F, D]: lead axes kept, in / out swapped
-    assert stored(P(None, "expert", None, "model"), Matmul(2, 64, 32), (3, 8, 64, 32)) == P(None, "expert", "model", None)
+    assert (stored(P(None, "expert", None, "model"), Matmul(2, 64, 32), (3, 8, 64, 32))
+            == P(None, "expert", "model", None))
     # q_b [Q, N, H] heads split -> stored [N*H, Q]: the merged out axis split like its major (head) axis
     assert stored(P(None, "model", None), Matmul(0, 48, 8 * 24), (48, 8, 24)) == P("model", None)
     # o_proj [N, V, D] heads split -> stored [D, N*V]

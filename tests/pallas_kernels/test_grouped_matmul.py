@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import BIG_TILE, SMALL_TILE, SMALL_TILES_MAX, grouped_ffn, grouped_matmul, reference, reference_ffn
+from pallas_kernels.grouped_matmul import (BIG_TILE, SMALL_TILE, SMALL_TILES_MAX, grouped_ffn, grouped_matmul, reference,
+                                            reference_ffn)
 
 CASES = {
     "odd_sizes": (37, 13, 11, [5, 0, 17, 1, 0, 14]),
