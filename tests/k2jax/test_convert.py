@@ -131,6 +131,12 @@ def test_save_checkpoint_round_trip(tmp_path):
         np.testing.assert_array_equal(_params(back)[k], v)
     with pytest.raises(CheckpointError, match="already exists"):
         save_checkpoint(str(tmp_path / "c"), m)
+    # a checkpoint of the first layout (matmul weights stored [in, out]) is refused, not misread
+    meta_path = tmp_path / "c" / "k2jax.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format": "k2jax-orbax-v1"}))
+    with pytest.raises(CheckpointError, match="k2jax-orbax-v1.*convert the release again"):
+        load_checkpoint(str(tmp_path / "c"))
 
 
 def test_bad_inputs_leave_no_complete_output(hf_dir, converted, tmp_path):
