@@ -26,6 +26,7 @@ def _run(script, *flags):
     ("forward_vs_torch.py", ["--batch=1", "--seq_len=16", "--iters=1"], ["k2jax / transformers =", "roofline"]),
     ("decode.py", ["--batch=1", "--context=32", "--iters=1"], ["ratio latent / full"]),
     ("kernels.py", ["--smoke", "--iters=1"], ["dequantise+ragged_dot / pallas"]),
+    ("convert.py", ["--experts=1", "--dtype=fp8"], ["/ raw read from disk:", "peak RSS"]),
 ])
 def test_benchmark_runs_and_prints_its_comparison(script, flags, expect):
     out = _run(script, *flags)
