@@ -164,6 +164,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
     while in_flight:
         land_oldest()
     sync_start = time.perf_counter()
+    logging.info("all tensors written; waiting for the disk to take the last %.2f GB", log.pending_bytes / 1e9)
     log.close()
     bar.close()
     seconds, sync_s = time.perf_counter() - loop_start, time.perf_counter() - sync_start
