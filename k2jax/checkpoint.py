@@ -163,7 +163,8 @@ def _nest(flat: Mapping[str, Any]) -> dict:
 
 
 def dequantize_fp8(q_OI: jax.Array, scale_XY: jax.Array, dtype) -> jax.Array:
-    """W = float32(q) x scale per 128x128 block of the stored [..., out, in] weight (JAX, on the devices)."""
+    """W = float32(q) x scale per 128x128 block of the stored [..., out, in] weight, in JAX: on the devices at
+    load, on the host in the converter (bit-identical to quant.dequantize)."""
     O, I = q_OI.shape[-2:]
     s = jnp.repeat(jnp.repeat(scale_XY, quant.BLOCK, axis=-2)[..., :O, :], quant.BLOCK, axis=-1)[..., :I]
     return (q_OI.astype(jnp.float32) * s).astype(dtype)

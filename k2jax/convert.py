@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from k2jax import quant
-from k2jax.checkpoint import DTYPES, SCALES, CheckpointReader, StreamingWriter, fp8_params
+from k2jax.checkpoint import DTYPES, SCALES, CheckpointReader, StreamingWriter, dequantize_fp8, fp8_params
 from k2jax.config import ConfigError
 from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, HFTensorSpec
@@ -181,14 +180,8 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
     logging.info("wrote %s", out_dir)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _dequantize(q_OI, scale_XY, *, dtype: str):
-    """Release e4m3 + block scale -> float, one XLA pass (bit-identical to quant.dequantize, ~4x faster)."""
-    O, I = q_OI.shape
-    X, Y = scale_XY.shape
-    b = quant.BLOCK
-    w = jnp.pad(q_OI.astype(jnp.float32), ((0, X * b - O), (0, Y * b - I))).reshape(X, b, Y, b)
-    return (w * scale_XY[:, None, :, None]).reshape(X * b, Y * b)[:O, :I].astype(dtype)
+# the load path's dequantisation, on the host (bit-identical to quant.dequantize, ~5x faster than NumPy)
+_dequantize = jax.jit(dequantize_fp8, static_argnums=2)
 
 
 def _stored_slots(ckpt: HFCheckpoint, spec: HFTensorSpec, name: str, slot_shape, target: str, keep_fp8: bool):
@@ -199,7 +192,7 @@ def _stored_slots(ckpt: HFCheckpoint, spec: HFTensorSpec, name: str, slot_shape,
         return [(name, q.reshape(slot_shape)), (f"{SCALES}.{name}", scale)]
     raw = ckpt.read_raw(spec.name)
     if raw.dtype == quant.E4M3:
-        out = np.asarray(_dequantize(raw, ckpt.read_scale(spec.name, raw.shape), dtype=target))
+        out = np.asarray(_dequantize(raw, ckpt.read_scale(spec.name, raw.shape), jnp.dtype(target)))
     else:
         out = raw.astype(jnp.dtype(target))
     return [(name, out.reshape(slot_shape))]
