@@ -242,7 +242,8 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
               else pl.BlockSpec((G, 1, BLOCK), lambda m, o: (0, 0, 0)))
     has_x_scales = x_scales is not None
     xs = x_scales if has_x_scales else jnp.ones((1, BLOCK, 1), F32)
-    xs_spec = pl.BlockSpec((xs.shape[0], BLOCK, 1), (lambda m, o: (0, m, 0)) if has_x_scales else (lambda m, o: (0, 0, 0)))
+    xs_spec = pl.BlockSpec((xs.shape[0], BLOCK, 1),
+                           (lambda m, o: (0, m, 0)) if has_x_scales else (lambda m, o: (0, 0, 0)))
     out = pl.pallas_call(
         functools.partial(_kernel, transpose_w=transpose_w, n_contract=C // BLOCK, has_scales=has_scales,
                           has_x_scales=has_x_scales),

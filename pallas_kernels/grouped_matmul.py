@@ -12,8 +12,9 @@ One dispatch point, `impl=`:
   - "tiled": the CPU path. A scan over groups slices each group's weights once; an inner loop walks the group's
     contiguous rows in tiles (`BIG_TILE` rows, then `SMALL_TILE` rows for a remainder of up to three of them,
     else one more big tile) and multiplies only those. Groups run in order, so the rows a group's last tile
-    computes past its end are overwritten by the next group: nothing is masked on the forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no
-    [M, F] intermediate in memory on the forward; under differentiation it keeps the gate/up pre-activations).
+    computes past its end are overwritten by the next group: nothing is masked on the forward. `grouped_ffn`
+    fuses gate, up, SwiGLU and down per tile (no [M, F] intermediate in memory on the forward; under
+    differentiation it keeps the gate/up pre-activations).
     Both have explicit VJPs: dx by the same loop against the transposed weights, dw accumulated per group in
     float32 with rows outside the group masked.
   - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode), compiled
@@ -118,9 +119,8 @@ def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_d
 def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, out_init, acc_init: Callable):
     """For each group g in order: ctx = prepare(g); then over its rows in tiles (BIG_TILE rows while a whole one
     fits, then SMALL_TILE rows, or one more BIG_TILE for a larger remainder) (out, acc) = tile_fn(ctx, r0, P,
-    n_valid, out, acc), where P is the static tile
-    height, r0 its first row and n_valid how many of its rows belong to g (the rest run into the next group or
-    the padding). Returns (out, accs stacked over groups)."""
+    n_valid, out, acc), where P is the static tile height, r0 its first row and n_valid how many of its rows
+    belong to g (the rest run into the next group or the padding). Returns (out, accs stacked over groups)."""
     ends_G = jnp.cumsum(group_sizes_G)
     starts_G = ends_G - group_sizes_G
 
