@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax import load_checkpoint, save_checkpoint
+from k2jax import load_checkpoint, quant, save_checkpoint
 from k2jax.checkpoint import Matmul, _stored_sharding, read_metadata
 from k2jax.config import ConfigError, tiny
 from k2jax.convert import PROGRESS, _done_tensors, _ProgressLog, convert_hf_to_orbax, export_to_hf
@@ -305,15 +305,25 @@ def test_a_bf16_release_converts(tmp_path, dtype):
     hf, out = str(tmp_path / "hf"), str(tmp_path / "out")
     write_hf_checkpoint(hf, CFG, random_release_tensors(CFG, seed=6), dtype="bfloat16")
     convert_hf_to_orbax(hf, out, dtype=dtype, show_progress=False)
-    direct = _params(load_hf_checkpoint(hf, param_dtype="bfloat16"))
     loaded = _params(load_checkpoint(out))
-    for k, v in direct.items():
-        if dtype == "bfloat16":
+    if dtype == "bfloat16":
+        for k, v in _params(load_hf_checkpoint(hf, param_dtype="bfloat16")).items():
             np.testing.assert_array_equal(loaded[k], v, err_msg=str(k))
-        else:  # e4m3's 3 mantissa bits: half a step is 2^-4 relative, plus the BF16 rounding on load (2^-9);
-            # atol covers e4m3 subnormals (steps of amax * 2^-9 / 448 in a block)
-            v32, got = v.astype(np.float32), loaded[k].astype(np.float32)
-            np.testing.assert_allclose(got, v32, rtol=2 ** -4 + 2 ** -8, atol=1e-5 * np.max(np.abs(v32)),
-                                       err_msg=str(k))
-    if dtype == "fp8":
+    else:  # exactly the release's quantisation of each BF16 weight (quant.quantize), and loads as its dequantisation
+        back = str(tmp_path / "back")
+        export_to_hf(out, back, dtype="fp8")
+        source, exported = HFCheckpoint(hf), HFCheckpoint(back)
+        n_fp8 = 0
+        for name in source.specs:
+            raw = exported.read_raw(name)
+            if raw.dtype == quant.E4M3:
+                n_fp8 += 1
+                q, scale = quant.quantize(source.read_raw(name).astype(np.float32), name=name)
+                assert raw.tobytes() == q.tobytes(), name
+                np.testing.assert_array_equal(exported.read_scale(name, raw.shape), scale, err_msg=name)
+            else:
+                assert raw.tobytes() == source.read_raw(name).tobytes(), name
+        assert n_fp8 > 0
+        for k, v in _params(load_hf_checkpoint(back, param_dtype="bfloat16")).items():
+            np.testing.assert_array_equal(loaded[k], v, err_msg=str(k))
         assert read_metadata(out)["params"]["moe_blocks.mlp.experts.down_proj"]["dtype"] == "float8_e4m3fn"
