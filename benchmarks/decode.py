@@ -29,6 +29,7 @@ import k2jax  # noqa: E402
 from benchmarks.common import best_time  # noqa: E402
 from k2jax.config import kimi_k2, tiny  # noqa: E402
 from k2jax.generate import Generator, LatentCache  # noqa: E402
+from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
 from k2jax.layers import project  # noqa: E402
 from k2jax.rope import rope_tables  # noqa: E402
 
@@ -104,6 +105,7 @@ def expand_latent_cache(model, kv_LBSX):
 
 def main(argv):
     del argv
+    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
     cfg, B, S = DECODE_CFG, _BATCH.value, _CONTEXT.value
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

@@ -26,6 +26,7 @@ from flax import nnx  # noqa: E402
 
 import k2jax  # noqa: E402
 from benchmarks.common import BENCH_CFG, best_time  # noqa: E402
+from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
 from k2jax.training.step import token_nll  # noqa: E402
 from tests.oracle import oracle_model, random_release_tensors  # noqa: E402
 
@@ -41,6 +42,7 @@ def matmul_peak_flops(iters: int) -> float:
 
 def main(argv):
     del argv
+    kept = keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
     cfg, B, T, iters = BENCH_CFG, _BATCH.value, _SEQ_LEN.value, _ITERS.value
     tensors = random_release_tensors(cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
@@ -79,7 +81,7 @@ def main(argv):
     n_tok = B * T
     print(f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts "
           f"top-{cfg.num_experts_per_tok}, batch {B} x {T} tokens, fp32; {jax.device_count()} {jax.devices()[0].platform} "
-          f"device(s), torch threads {torch.get_num_threads()}")
+          f"device(s), torch threads {torch.get_num_threads()}; host malloc keeps freed memory: {kept}")
     print(f"fp32 matmul peak (jnp.dot 2048²): {peak / 1e9:.1f} GFLOP/s")
     for label, training, ours, theirs in (("forward", False, jax_fwd, hf_fwd), ("forward+backward", True, jax_train, hf_train)):
         useful = cfg.flops_per_token(T, training=training) * n_tok

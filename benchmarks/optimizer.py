@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 import k2jax  # noqa: E402
 from benchmarks.common import BENCH_CFG, best_time  # noqa: E402
 from k2jax.config import kimi_k2  # noqa: E402
+from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
 from k2jax.optim.muon_clip import muon_clip, param_rules  # noqa: E402
 from k2jax.training.step import TrainState, make_train_step, next_token_loss  # noqa: E402
 
@@ -39,6 +40,7 @@ _ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations per measurement (aft
 
 def main(argv):
     del argv
+    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
     cfg = BENCH_CFG
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     rows, T = _BATCH.value * _ACCUM.value, _SEQ_LEN.value

@@ -29,6 +29,7 @@ from flax import nnx  # noqa: E402
 import k2jax  # noqa: E402
 from benchmarks.common import best_time  # noqa: E402
 from k2jax.config import tiny  # noqa: E402
+from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
 from k2jax.placement import shard_model  # noqa: E402
 from k2jax.training.step import token_nll  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
@@ -79,6 +80,7 @@ def _train_step(model, tokens):
 
 def main(argv):
     del argv
+    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, PARALLEL_CFG.vocab_size, (_BATCH.value,
                                                                                          _SEQ_LEN.value + 1)))
     base = k2jax.Transformer(PARALLEL_CFG, rngs=nnx.Rngs(0))

@@ -10,6 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from k2jax.host_memory import keep_freed_memory_on_cpu
 from k2jax.training.loop import train
 
 
@@ -25,6 +26,7 @@ def _define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    keep_freed_memory_on_cpu()  # on CPU, a step reuses the host pages the last one freed (k2jax/host_memory.py)
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     print(f"finished at step {result['step'] + 1}: loss {result.get('loss', float('nan')):.4f}")
 
