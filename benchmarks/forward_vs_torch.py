@@ -131,7 +131,8 @@ def main(argv):
 
     n_tok = B * T
     print(f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts "
-          f"top-{cfg.num_experts_per_tok}, batch {B} x {T} tokens, fp32; {jax.device_count()} {jax.devices()[0].platform} "
+          f"top-{cfg.num_experts_per_tok}, batch {B} x {T} tokens, fp32; "
+          f"{jax.device_count()} {jax.devices()[0].platform} "
           f"device(s), torch threads {torch.get_num_threads()}; host malloc keeps freed memory: {kept}")
     print(f"fp32 matmul peak (jnp.dot 2048²): {peak / 1e9:.1f} GFLOP/s")
     if abs(ceiling_flops - cfg.flops_per_token(T, training=False) * n_tok) > 1e-6 * ceiling_flops:

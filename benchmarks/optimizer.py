@@ -73,7 +73,8 @@ def main(argv):
     print(f"MuonClip / AdamW: update {um / ua:.2f}x, train step {sm / sa:.2f}x (goal <= 1.3) "
           f"[{cfg.num_params():,} params, {tokens_here:,} tokens per step = {_ACCUM.value} x {_BATCH.value} x {T}, "
           f"{jax.devices()[0].platform}]")
-    print(f"Newton-Schulz FLOPs / model FLOPs per step: here {ns_flops(cfg) / (cfg.flops_per_token(T) * tokens_here):.1%}"
+    here = ns_flops(cfg) / (cfg.flops_per_token(T) * tokens_here)
+    print(f"Newton-Schulz FLOPs / model FLOPs per step: here {here:.1%}"
           f" ({tokens_here} tokens per step); Kimi K2 at 4K context and {K2_TOKENS_PER_STEP / 1e6:.0f}M tokens per "
           f"step: {ns_flops(kimi_k2()) / (kimi_k2().flops_per_token(4096) * K2_TOKENS_PER_STEP):.2%}")
 
