@@ -23,7 +23,7 @@ from flax import nnx
 from k2jax.attention import MLAttention
 from k2jax.config import K2Config
 from k2jax.layers import MLP, RMSNorm, project, weight
-from k2jax.moe import MoE
+from k2jax.moe import MoE, scanned_expert_stacks
 from k2jax.rope import rope_tables
 from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
 from sharding.rules import ACTIVATION_BTD, constrain
@@ -185,10 +185,15 @@ class Transformer(nnx.Module):
         moe_outs = None
         if self.moe_blocks is not None:
             graphdef, state = nnx.split(self.moe_blocks)
+            first = self.cfg.num_dense_layers
+            experts = self.moe_blocks.mlp.experts
+            stacks = tuple(jax.lax.stop_gradient(p[...]) for p in (experts.gate_proj, experts.up_proj,
+                                                                   experts.down_proj))
 
             def step(x_carry, xs):
                 layer_state, index = xs
-                x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, index)
+                with scanned_expert_stacks(stacks, index - first):  # read in place, not sliced (k2jax/moe.py)
+                    x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, index)
                 return (x, c), out
 
             if self.cfg.remat != "none":  # recompute each block's activations in the backward pass
@@ -196,7 +201,6 @@ class Transformer(nnx.Module):
                           else jax.checkpoint_policies.nothing_saveable)
                 step = jax.checkpoint(step, policy=policy)
 
-            first = self.cfg.num_dense_layers
             indices = jnp.arange(first, first + self.cfg.num_moe_layers, dtype=jnp.int32)
             (x_BTD, carry), moe_outs = jax.lax.scan(step, (x_BTD, carry), (state, indices))
         return x_BTD, carry, dense_outs, moe_outs

@@ -17,6 +17,8 @@ Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -27,6 +29,24 @@ from k2jax.config import K2Config
 from k2jax.layers import MLP, weight
 from pallas_kernels.grouped_matmul import combine_sorted, grouped_ffn, sort_by_group
 from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
+
+
+# While model.run_layers traces a scanned MoE block: the (gate, up, down) weight stacks of all scanned blocks
+# ([L, E, ...], gradient stopped) and the scan's layer index. The routed experts hand them to grouped_ffn, whose
+# CPU path then reads each expert's weights straight from the stacks: the layer's own slices would be copied out
+# of the stacks first (XLA materialises a dynamic slice feeding a loop: ~10 ms per layer in the CPU benchmark,
+# forward and again backward). The slices still take the gradient.
+_EXPERT_STACKS = contextvars.ContextVar("k2jax_expert_stacks", default=None)
+
+
+@contextlib.contextmanager
+def scanned_expert_stacks(stacks: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray], layer: jnp.ndarray):
+    """Within: RoutedExperts take their weights from `stacks` at `layer` (see _EXPERT_STACKS)."""
+    token = _EXPERT_STACKS.set((*stacks, layer))
+    try:
+        yield
+    finally:
+        _EXPERT_STACKS.reset(token)
 
 
 class RouterBias(nnx.Variable):
@@ -84,7 +104,8 @@ class RoutedExperts(nnx.Module):
             ffn = functools.partial(grouped_ffn, impl=self.impl)
             return expert_parallel_ffn(x_TD.astype(self.dtype), weights_TK, ids_TK, *w, ffn=ffn).astype(self.dtype)
         order_M, group_sizes_E = sort_by_group(ids_TK, E)
-        y_MD = grouped_ffn(x_TD.astype(self.dtype)[order_M // K], *w, group_sizes_E, impl=self.impl)
+        y_MD = grouped_ffn(x_TD.astype(self.dtype)[order_M // K], *w, group_sizes_E, impl=self.impl,
+                           stacked=_EXPERT_STACKS.get())
         return combine_sorted(y_MD, order_M, weights_TK).astype(self.dtype)
 
 

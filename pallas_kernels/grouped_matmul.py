@@ -99,11 +99,22 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
 
 
 def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
-                group_sizes_G: jax.Array, *, impl: str = "auto") -> jax.Array:
-    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype."""
+                group_sizes_G: jax.Array, *, impl: str = "auto", stacked: tuple | None = None) -> jax.Array:
+    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype.
+
+    stacked: optional (w_gate_LGKF, w_up_LGKF, w_down_LGFK, layer), stacks of L layers' weights whose [layer]
+    are w_gate, w_up and w_down. The "tiled" path then reads each group's weights straight from the stacks
+    inside its loop: in a scan over layers, the layer's own slices would be copied out of the stacks first (XLA
+    materialises a dynamic slice that feeds a loop). Gradients still go to w_gate, w_up and w_down only; pass the
+    stacks through jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them. Other
+    impls ignore it."""
     _check(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
     if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
         raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
+    if stacked is not None and [s.shape[1:] for s in stacked[:3]] != [w_gate_GKF.shape, w_up_GKF.shape,
+                                                                       w_down_GFK.shape]:
+        raise ValueError(f"grouped_ffn: stacked {[s.shape for s in stacked[:3]]} are not stacks of "
+                         f"{[w.shape for w in (w_gate_GKF, w_up_GKF, w_down_GFK)]}")
     impl = _resolve(impl)
     if impl == "ragged_dot":
         return reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
@@ -111,8 +122,9 @@ def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_d
         mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl)
         return mm(jax.nn.silu(mm(x_MK, w_gate_GKF)) * mm(x_MK, w_up_GKF), w_down_GFK)
     dt = x_MK.dtype
+    stacks, layer = (None, None) if stacked is None else (tuple(stacked[:3]), jnp.asarray(stacked[3], jnp.int32))
     return _tiled_ffn(x_MK, w_gate_GKF.astype(dt), w_up_GKF.astype(dt), w_down_GFK.astype(dt),
-                      group_sizes_G.astype(jnp.int32))
+                      group_sizes_G.astype(jnp.int32), stacks, layer)
 
 
 # ---- the tile loop -------------------------------------------------------------------------------------------
@@ -220,10 +232,18 @@ def _tiled_matmul_bwd(res, dy_MN):
 _tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
-def _ffn_forward(x_MK, w_gate, w_up, w_down, group_sizes_G, *, keep_activations: bool):
+def _group_weights(weights, layer, dt) -> Callable:
+    """g -> group g's (gate, up, down) weights: weights[i][g] or, from [L, G, ...] stacks, weights[i][layer, g]
+    (cast to dt, one group at a time)."""
+    if layer is None:
+        return lambda g: tuple(w[g] for w in weights)
+    return lambda g: tuple(w[layer, g].astype(dt) for w in weights)
+
+
+def _ffn_forward(x_MK, weights, layer, group_sizes_G, *, keep_activations: bool):
     """-> (out [M, K], (gate, up) pre-activations [M, F] each if keep_activations else None)."""
     xp = _pad_rows(x_MK)
-    F = w_gate.shape[2]
+    F = weights[0].shape[-1]
 
     def tile(w, r0, rows, n_valid, out, acc):
         wg, wu, wd = w
@@ -235,29 +255,32 @@ def _ffn_forward(x_MK, w_gate, w_up, w_down, group_sizes_G, *, keep_activations:
         return out, acc
 
     init = (jnp.zeros_like(xp),) + ((jnp.zeros((xp.shape[0], F), xp.dtype),) * 2 if keep_activations else ())
-    out, _ = _tile_loop(group_sizes_G, lambda g: (w_gate[g], w_up[g], w_down[g]), tile, init, _no_acc)
+    out, _ = _tile_loop(group_sizes_G, _group_weights(weights, layer, xp.dtype), tile, init, _no_acc)
     y = _finish(out[0], group_sizes_G, x_MK.shape[0])
     return y, (out[1], out[2]) if keep_activations else None
 
 
 @jax.custom_vjp
-def _tiled_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G):
-    return _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, keep_activations=False)[0]
+def _tiled_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks, layer):
+    """The weights are read from `stacks` at [layer] when given (see grouped_ffn's `stacked`), else from w_*."""
+    weights = (w_gate_GKF, w_up_GKF, w_down_GFK) if stacks is None else stacks
+    return _ffn_forward(x_MK, weights, layer, group_sizes_G, keep_activations=False)[0]
 
 
-def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G):
-    out, (gate, up) = _ffn_forward(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, keep_activations=True)
-    return out, (x_MK, gate, up, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
+def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks, layer):
+    weights = (w_gate_GKF, w_up_GKF, w_down_GFK) if stacks is None else stacks
+    out, (gate, up) = _ffn_forward(x_MK, weights, layer, group_sizes_G, keep_activations=True)
+    return out, (x_MK, gate, up, weights, layer, group_sizes_G)
 
 
 def _tiled_ffn_bwd(res, dy_MK):
     """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down accumulated per group in
     float32. Rows of a tile outside its group get x, dy, gate and up = 0, so they add nothing (not even NaN) to
-    any gradient."""
-    x_MK, gate_MF, up_MF, w_gate, w_up, w_down, group_sizes_G = res
+    any gradient. The stacks get none."""
+    x_MK, gate_MF, up_MF, weights, layer, group_sizes_G = res
     dt = x_MK.dtype
     xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MK.astype(dt))
-    K, F = w_gate.shape[1:]
+    K, F = weights[0].shape[-2:]
     f32 = jnp.float32
 
     def tile(w, r0, rows, n_valid, dx, acc):
@@ -280,9 +303,10 @@ def _tiled_ffn_bwd(res, dy_MK):
     def zeros():
         return jnp.zeros((K, F), f32), jnp.zeros((K, F), f32), jnp.zeros((F, K), f32)
 
-    dx, (dwg, dwu, dwd) = _tile_loop(group_sizes_G, lambda g: (w_gate[g], w_up[g], w_down[g]), tile,
-                                     jnp.zeros_like(xp), zeros)
-    return (_finish(dx, group_sizes_G, x_MK.shape[0]), dwg.astype(dt), dwu.astype(dt), dwd.astype(dt), None)
+    dx, (dwg, dwu, dwd) = _tile_loop(group_sizes_G, _group_weights(weights, layer, dt), tile, jnp.zeros_like(xp),
+                                     zeros)
+    return (_finish(dx, group_sizes_G, x_MK.shape[0]), dwg.astype(dt), dwu.astype(dt), dwd.astype(dt), None, None,
+            None)
 
 
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)

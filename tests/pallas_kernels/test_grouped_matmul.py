@@ -132,3 +132,38 @@ def test_ffn_gradients_match_reference(case):
             g, r = g[:tail], r[:tail]
         assert np.all(np.isfinite(g)), name
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.max(np.abs(r)), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ffn_reading_weights_from_layer_stacks_inside_a_scan(dtype):
+    """`stacked`: a scan over 3 layers whose FFN reads each layer's weights from the float32 stacks (cast per
+    group) gives the outputs and gradients of the same scan over the layers' own slices."""
+    m, k, f, sizes = CASES["big_remainders"]
+    rng = np.random.default_rng(7)
+    stacks = [jnp.asarray(rng.standard_normal((3, len(sizes)) + s), jnp.float32) for s in ((k, f), (k, f), (f, k))]
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    sizes = jnp.asarray(sizes, jnp.int32)
+
+    def run(ws, use_stacks):
+        fixed = [jax.lax.stop_gradient(w) for w in ws]
+
+        def layer(h, xs):
+            *w, index = xs
+            stacked = (*fixed, index) if use_stacks else None
+            return jnp.tanh(grouped_ffn(h, *(a.astype(dtype) for a in w), sizes, impl="tiled", stacked=stacked)), None
+
+        return jnp.sum(jax.lax.scan(layer, x, (*ws, jnp.arange(3)))[0].astype(jnp.float32))
+
+    for use_stacks in (False, True):
+        value, grads = jax.jit(jax.value_and_grad(run), static_argnums=1)(stacks, use_stacks)
+        if not use_stacks:
+            want_value, want_grads = value, grads
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6)
+    for g, want in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6, atol=1e-6 * np.max(np.abs(want)))
+
+
+def test_stacked_must_hold_the_weights_shapes():
+    x, wg, wu, wd, sizes = _ffn_inputs("odd_sizes")
+    with pytest.raises(ValueError, match="are not stacks of"):
+        grouped_ffn(x, wg, wu, wd, sizes, impl="tiled", stacked=(wg[None], wu[None], wg[None], 0))
