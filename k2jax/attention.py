@@ -38,6 +38,10 @@ from pallas_kernels.mla_decode import mla_decode
 
 # q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
+# attend_latent(causal=True): query blocks of at least this many rows, at most this many blocks (smaller blocks'
+# matmuls run slower on CPU than the skipped work saves; more blocks only add compile time)
+CAUSAL_BLOCK = 128
+MAX_CAUSAL_BLOCKS = 8
 
 
 class MLAttention(nnx.Module):
@@ -85,13 +89,35 @@ class MLAttention(nnx.Module):
         k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
         return c_BTC, k_rope_BTR
 
-    def attend_latent(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS, query_valid_BT
-                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def attend_latent(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS, query_valid_BT, *,
+                      causal: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Expands the latent into per-head keys and values and attends. Returns (o_proj output [B, T, D],
-        max pre-softmax logit per head [N] over visible pairs of valid queries; -inf if there are none)."""
+        max pre-softmax logit per head [N] over visible pairs of valid queries; -inf if there are none).
+
+        causal: the mask hides every key s > query t (self-attention, S == T). The queries then go in blocks of at
+        least CAUSAL_BLOCK rows (at most MAX_CAUSAL_BLOCKS), each against the keys up to its own end: the
+        upper triangle's blocks are never multiplied (T = 256: 2 blocks, 3/4 of the work, forward 33 % faster)."""
+        k_nope_BNSP, v_BNSV = self._keys_values(c_BSC)
+        T, S = q_nope_BTNP.shape[1], k_nope_BNSP.shape[2]
+        n_blocks = max(1, min(MAX_CAUSAL_BLOCKS, T // CAUSAL_BLOCK)) if causal else 1
+        edges = [T * i // n_blocks for i in range(n_blocks + 1)]
+        outs, maxes = [], []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            keys = hi if causal else S
+            out_BTNV, max_logit_N = self._attend_heads(
+                q_nope_BTNP[:, lo:hi], q_rope_BTNR[:, lo:hi], k_nope_BNSP[:, :, :keys], k_rope_BSR[:, :keys],
+                v_BNSV[:, :, :keys], mask_BTS[:, lo:hi, :keys], query_valid_BT[:, lo:hi])
+            outs.append(out_BTNV)
+            maxes.append(max_logit_N)
+        out_BTNV = outs[0] if n_blocks == 1 else jnp.concatenate(outs, axis=1)
+        return self._output(out_BTNV), jnp.max(jnp.stack(maxes), axis=0)
+
+    def _attend_heads(self, q_nope_BTNP, q_rope_BTNR, k_nope_BNSP, k_rope_BSR, v_BNSV, mask_BTS, query_valid_BT
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Materialised attention of T queries over S keys: (per-head outputs [B, T, N, V], max logit per head
+        [N] over visible pairs of valid queries)."""
         B, T, N, _ = q_nope_BTNP.shape
         # Head-major layouts so both products are plain batched matmuls (2x faster than the einsums on CPU).
-        k_nope_BNSP, v_BNSV = self._keys_values(c_BSC)
         f32 = jnp.float32
         nope_BNTS = jnp.matmul(q_nope_BTNP.transpose(0, 2, 1, 3), k_nope_BNSP.swapaxes(-1, -2),
                                preferred_element_type=f32)
@@ -106,7 +132,7 @@ class MLAttention(nnx.Module):
         rowmax_BNT = jnp.max(logits_BNTS, axis=-1)
         max_logit_N = jnp.max(jnp.where(query_valid_BT[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
         probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
-        return self._output(jnp.matmul(probs_BNTS, v_BNSV).transpose(0, 2, 1, 3)), max_logit_N
+        return jnp.matmul(probs_BNTS, v_BNSV).transpose(0, 2, 1, 3), max_logit_N
 
     def attend_flash(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, backend: str
                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -159,7 +185,8 @@ class MLAttention(nnx.Module):
         backend = kernel_backend.resolve(self.impl, self.kernel_dims)
         if backend != "xla":
             return self.attend_flash(q_nope, q_rope, c, k_rope, segment_ids_BT, backend)
-        return self.attend_latent(q_nope, q_rope, c, k_rope, visibility(segment_ids_BT), segment_ids_BT > 0)
+        return self.attend_latent(q_nope, q_rope, c, k_rope, visibility(segment_ids_BT), segment_ids_BT > 0,
+                                  causal=True)
 
     def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, cache_LBSX, layer, *, absorbed: bool,
                window: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -124,6 +124,34 @@ def test_every_param_has_known_logical_axes(model):
             assert axes[0] == "layers"
 
 
+def test_causal_query_blocks_change_nothing(model, monkeypatch):
+    """XLA attention in causal query blocks (each against the keys up to its end) against one block over all keys,
+    on packed rows with padding: logits, per-head max logits and every parameter's gradient."""
+    from k2jax import attention
+
+    tokens = _tokens((2, 37), seed=3)
+    segment_ids = jnp.asarray([[1] * 9 + [2] * 20 + [0] * 8, [3] * 37])
+
+    def run(max_blocks):
+        monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)  # 37 queries: 4 blocks of 9-10
+        monkeypatch.setattr(attention, "MAX_CAUSAL_BLOCKS", max_blocks)
+
+        def loss(m):
+            logits, aux = m(tokens, segment_ids=segment_ids, return_aux=True)
+            return jnp.sum(jnp.where(segment_ids[..., None] > 0, jnp.sin(logits), 0.0)), (logits, aux)
+
+        grads, (logits, aux) = nnx.jit(nnx.grad(loss, has_aux=True))(model)  # traced anew: reads the patch
+        return np.asarray(logits), np.asarray(aux["attn_max_logits"]), nnx.to_flat_state(grads)
+
+    (want_logits, want_max, want_grads), (logits, max_logits, grads) = run(1), run(8)
+    real = np.asarray(segment_ids) > 0
+    assert np.max(np.abs(logits[real] - want_logits[real])) <= 1e-6 * np.max(np.abs(want_logits[real]))
+    np.testing.assert_allclose(max_logits, want_max, rtol=1e-6)
+    for (path, g), (_, want) in zip(grads, want_grads):  # summed over every token: f32 reassociation ~1e-6
+        g, want = np.asarray(g[...]), np.asarray(want[...])
+        assert np.max(np.abs(g - want)) <= 1e-5 * max(np.max(np.abs(want)), 1e-30), path
+
+
 def test_moe_impls_agree(model):
     tokens = _tokens((2, 16))
     ragged = k2jax.from_hf_tensors(CFG.replace(moe_impl="ragged_dot"), k2jax.to_hf_tensors(model))
