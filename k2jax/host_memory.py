@@ -8,7 +8,8 @@ time per training step (the step takes ~1.65 s of wall time on 2 cores); with `k
 and the step takes ~1.4 s. PyTorch's CPU allocator gains from it too.
 
 `keep_freed_memory()` sets glibc's malloc to serve every allocation from the one main heap (no mmap, one arena)
-and never to trim that heap: a step reuses the pages the previous step freed. The cost: the process keeps its
+and not to trim that heap (unless more than 2 GB at its top are free): a step reuses the pages the previous step
+freed. The cost: the process keeps its
 peak host memory until it exits (what TPU / GPU runtimes do with device memory anyway), and threads share one
 malloc arena. It has to run before JAX starts its CPU backend: XLA's worker threads pick their arena on their
 first allocation. `train.py` and the CPU benchmarks call `keep_freed_memory_on_cpu()` first thing: it applies
