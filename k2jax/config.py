@@ -85,6 +85,7 @@ class K2Config:
     router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
     pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
     remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
+    scan_unroll: int = 0  # MoE blocks per iteration of their scan: 0 = auto (all of them on CPU, 1 on TPU/GPU)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -128,6 +129,8 @@ class K2Config:
         need(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
              f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
+        need(isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool) and self.scan_unroll >= 0,
+             f"scan_unroll must be an int >= 0, got {self.scan_unroll!r}")
         need(self.router_bias_update_rate >= 0,
              f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
 
@@ -215,8 +218,8 @@ class K2Config:
         return d
 
 
-_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate", "pipeline_microbatches",
-                "remat")
+_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate",
+                "pipeline_microbatches", "remat", "scan_unroll")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

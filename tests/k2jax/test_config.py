@@ -99,6 +99,9 @@ def test_bad_run_options_fail():
         tiny(dtype="float8")
     with pytest.raises(ConfigError, match="moe_impl"):
         tiny(moe_impl="magic")
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match="scan_unroll"):
+            tiny(scan_unroll=bad)
 
 
 def _tree_counts(cfg):

@@ -152,6 +152,35 @@ def test_causal_query_blocks_change_nothing(model, monkeypatch):
         assert np.max(np.abs(g - want)) <= 1e-5 * max(np.max(np.abs(want)), 1e-30), path
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_unrolling_the_moe_scan_changes_nothing(unroll):
+    """The MoE blocks' scan rolled (1 block per iteration) or partly unrolled (2 of 3, a remainder) against the
+    CPU default (all unrolled): logits, aux and every parameter's gradient."""
+    cfg = tiny(num_hidden_layers=4)  # 3 MoE blocks
+    tensors = random_release_tensors(cfg, seed=13)
+    tokens = _tokens((2, 24), seed=5)
+
+    def run(scan_unroll):
+        model = k2jax.from_hf_tensors(cfg.replace(scan_unroll=scan_unroll), tensors)
+
+        def loss(m):
+            logits, aux = m(tokens, return_aux=True)
+            return jnp.sum(jnp.sin(logits)), (logits, aux)
+
+        grads, (logits, aux) = nnx.jit(nnx.grad(loss, has_aux=True))(model)
+        return np.asarray(logits), jax.tree.map(np.asarray, aux), nnx.to_flat_state(grads)
+
+    assert k2jax.Transformer(cfg, rngs=nnx.Rngs(0)).scan_unroll() == 3  # the default on CPU
+    (want_logits, want_aux, want_grads), (logits, aux, grads) = run(0), run(unroll)
+    assert np.max(np.abs(logits - want_logits)) <= 1e-6 * np.max(np.abs(want_logits))
+    np.testing.assert_array_equal(aux["router_topk_ids"], want_aux["router_topk_ids"])
+    np.testing.assert_array_equal(aux["expert_load"], want_aux["expert_load"])
+    np.testing.assert_allclose(aux["attn_max_logits"], want_aux["attn_max_logits"], rtol=1e-6)
+    for (path, g), (_, want) in zip(grads, want_grads):  # summed over every token: f32 reassociation ~1e-6
+        g, want = np.asarray(g[...]), np.asarray(want[...])
+        assert np.max(np.abs(g - want)) <= 1e-5 * max(np.max(np.abs(want)), 1e-30), path
+
+
 def test_moe_impls_agree(model):
     tokens = _tokens((2, 16))
     ragged = k2jax.from_hf_tensors(CFG.replace(moe_impl="ragged_dot"), k2jax.to_hf_tensors(model))
