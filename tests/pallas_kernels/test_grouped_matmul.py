@@ -1,16 +1,16 @@
 """grouped_matmul / grouped_ffn: the tiled CPU path against the XLA reference (jax.lax.ragged_dot).
 
-Sizes straddle both tile heights (BIG_TILE rows, then SMALL_TILE rows, or one more BIG_TILE for a remainder of more
-than SMALL_TILES_MAX small tiles), including groups that are empty, groups that end mid-tile before a short group,
-remainder big tiles that run over the next groups' rows, and rows past the last group."""
+Sizes straddle every tile height (BIG_TILE rows, then a remainder in SMALL_TILE rows, a MID_TILE and at most one
+small tile, or one more BIG_TILE), including groups that are empty, groups that end mid-tile before a short group,
+remainder mid and big tiles that run over the next groups' rows, and rows past the last group."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import (BIG_TILE, SMALL_TILE, SMALL_TILES_MAX, grouped_ffn, grouped_matmul, reference,
-                                            reference_ffn)
+from pallas_kernels.grouped_matmul import (BIG_TILE, MID_TILE, SMALL_TILE, SMALL_TILES_MAX, grouped_ffn, grouped_matmul,
+                                            reference, reference_ffn)
 
 CASES = {
     "odd_sizes": (37, 13, 11, [5, 0, 17, 1, 0, 14]),
@@ -19,10 +19,12 @@ CASES = {
     "tile_multiples": (2 * BIG_TILE + 2 * SMALL_TILE, 8, 8, [BIG_TILE + SMALL_TILE, 0, BIG_TILE + SMALL_TILE]),
     "big_then_ragged": (BIG_TILE + 61, 12, 7, [BIG_TILE + 3, 2, 1, 55]),
     "rows_past_the_groups": (40, 8, 5, [7, 0, 20]),  # 13 trailing rows belong to no group
-    # 100 and 60 rows end in a big tile each, running over the 30- and 5-row groups after them
+    # 100 rows end in a big tile, running over the 30-row group after it; 60 in a mid tile over the 5 rows after it
     "big_remainders": (200, 10, 6, [100, 30, 60, 5]),
+    # BIG_TILE + 40 rows: a big tile, then a mid tile over the next group; 70: a mid and a small tile; 33: a mid tile
+    "mid_remainders": (2 * BIG_TILE + 40, 9, 5, [BIG_TILE + 40, 3, 70, 33]),
 }
-assert SMALL_TILES_MAX * SMALL_TILE < 60 < BIG_TILE  # 60 (and 100) rows need more small tiles than allowed
+assert SMALL_TILES_MAX * SMALL_TILE < 33 < 60 < MID_TILE < 70 <= MID_TILE + SMALL_TILE < 100 < BIG_TILE
 
 
 def _inputs(m, k, n, sizes, dtype=jnp.float32, seed=0):
@@ -42,7 +44,8 @@ def test_tiled_matches_reference(case):
     np.testing.assert_array_equal(np.asarray(got[tail:]), 0)
 
 
-@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged", "big_remainders"])
+@pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged", "big_remainders",
+                                  "mid_remainders"])
 def test_gradients_match_reference(case):
     x, w, sizes = _inputs(*CASES[case])
     dy = jnp.asarray(np.random.default_rng(1).standard_normal((x.shape[0], w.shape[2])), jnp.float32)
@@ -114,7 +117,7 @@ def test_ffn_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", ["odd_sizes", "rows_past_the_groups", "big_then_ragged", "empty_first_and_last",
-                                  "big_remainders"])
+                                  "big_remainders", "mid_remainders"])
 def test_ffn_gradients_match_reference(case):
     x, wg, wu, wd, sizes = _ffn_inputs(case)
     tail = int(sizes.sum())
