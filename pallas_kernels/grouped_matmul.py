@@ -133,11 +133,11 @@ def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_d
 
 
 # ---- the tile loop -------------------------------------------------------------------------------------------
-def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, out_init, acc_init: Callable):
+def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, out_init):
     """For each group g in order: ctx = prepare(g); then over its rows in tiles (BIG_TILE rows while a whole one
-    fits, then the remainder as MID_TILE says) (out, acc) = tile_fn(ctx, r0, P,
-    n_valid, out, acc), where P is the static tile height, r0 its first row and n_valid how many of its rows
-    belong to g (the rest run into the next group or the padding). Returns (out, accs stacked over groups)."""
+    fits, then the remainder as MID_TILE says) out = tile_fn(ctx, r0, P, n_valid, out), where P is the static
+    tile height, r0 its first row and n_valid how many of its rows belong to g (the rest run into the next group
+    or the padding). Returns out."""
     ends_G = jnp.cumsum(group_sizes_G)
     starts_G = ends_G - group_sizes_G
 
@@ -147,7 +147,7 @@ def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, o
         def tiles(rows, first, count, state):
             def body(i, st):
                 r0 = first + i * rows
-                return tile_fn(ctx, r0, rows, start + size - r0, *st)
+                return tile_fn(ctx, r0, rows, start + size - r0, st)
             return jax.lax.fori_loop(0, count, body, state)
 
         # the remainder (see MID_TILE): a tile may run past the group's end; those rows are masked or overwritten
@@ -156,12 +156,12 @@ def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, o
         n_mid = jnp.where(~big_rest & (rest > SMALL_TILES_MAX * SMALL_TILE), 1, 0)
         small_rows = jnp.where(big_rest, 0, jnp.maximum(rest - n_mid * MID_TILE, 0))
         n_big = size // BIG_TILE + big_rest
-        state = tiles(BIG_TILE, start, n_big, (out, acc_init()))
+        state = tiles(BIG_TILE, start, n_big, out)
         state = tiles(MID_TILE, start + n_big * BIG_TILE, n_mid, state)
         return tiles(SMALL_TILE, start + n_big * BIG_TILE + n_mid * MID_TILE, (small_rows + SMALL_TILE - 1) //
-                     SMALL_TILE, state)
+                     SMALL_TILE, state), None
 
-    return jax.lax.scan(per_group, out_init, jnp.arange(group_sizes_G.shape[0]))
+    return jax.lax.scan(per_group, out_init, jnp.arange(group_sizes_G.shape[0]))[0]
 
 
 def _pad_rows(a_MX: jax.Array) -> jax.Array:
@@ -187,37 +187,31 @@ def _masked(rows_PX, n_valid, rows):
     return jnp.where((jnp.arange(rows) < n_valid)[:, None], rows_PX, 0)
 
 
-def _no_acc():
-    return ()
-
-
 def _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w: bool):
     """out = x @ w[g] (or x @ w[g].T) per group, by the tile loop."""
     xp = _pad_rows(x_MK)
     n_out = w_GKN.shape[1] if transpose_w else w_GKN.shape[2]
 
-    def tile(w, r0, rows, n_valid, out, acc):
+    def tile(w, r0, rows, n_valid, out):
         x_t = _rows(xp, r0, rows)
         y_t = _dot_t(x_t, w) if transpose_w else x_t @ w
-        return jax.lax.dynamic_update_slice_in_dim(out, y_t, r0, 0), acc
+        return jax.lax.dynamic_update_slice_in_dim(out, y_t, r0, 0)
 
-    out, _ = _tile_loop(group_sizes_G, lambda g: w_GKN[g], tile, jnp.zeros((xp.shape[0], n_out), x_MK.dtype),
-                        _no_acc)
+    out = _tile_loop(group_sizes_G, lambda g: w_GKN[g], tile, jnp.zeros((xp.shape[0], n_out), x_MK.dtype))
     return _finish(out, group_sizes_G, x_MK.shape[0])
 
 
 def _weight_grad(x_MK, dy_MN, group_sizes_G):
     """dw[g] = x_gᵀ dy_g, accumulated in float32 over the group's tiles (rows outside the group masked)."""
     xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MN)
-    shape = (x_MK.shape[1], dy_MN.shape[1])
 
-    def tile(_, r0, rows, n_valid, out, acc):
+    def tile(g, r0, rows, n_valid, dw):
         x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
         dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
-        return out, acc + jnp.dot(x_t.T, dy_t, preferred_element_type=jnp.float32)
+        return dw.at[g].add(jnp.dot(x_t.T, dy_t, preferred_element_type=jnp.float32))
 
-    _, dw = _tile_loop(group_sizes_G, lambda g: (), tile, (), lambda: jnp.zeros(shape, jnp.float32))
-    return dw.astype(x_MK.dtype)
+    shape = (group_sizes_G.shape[0], x_MK.shape[1], dy_MN.shape[1])
+    return _tile_loop(group_sizes_G, lambda g: g, tile, jnp.zeros(shape, jnp.float32)).astype(x_MK.dtype)
 
 
 @jax.custom_vjp
@@ -252,17 +246,16 @@ def _ffn_forward(x_MK, weights, layer, group_sizes_G, *, keep_activations: bool)
     xp = _pad_rows(x_MK)
     F = weights[0].shape[-1]
 
-    def tile(w, r0, rows, n_valid, out, acc):
+    def tile(w, r0, rows, n_valid, out):
         wg, wu, wd = w
         x_t = _rows(xp, r0, rows)
         gate_t, up_t = x_t @ wg, x_t @ wu
         y_t = (jax.nn.silu(gate_t) * up_t) @ wd
-        out = tuple(jax.lax.dynamic_update_slice_in_dim(o, v, r0, 0)
-                    for o, v in zip(out, (y_t, gate_t, up_t) if keep_activations else (y_t,)))
-        return out, acc
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, v, r0, 0)
+                     for o, v in zip(out, (y_t, gate_t, up_t) if keep_activations else (y_t,)))
 
     init = (jnp.zeros_like(xp),) + ((jnp.zeros((xp.shape[0], F), xp.dtype),) * 2 if keep_activations else ())
-    out, _ = _tile_loop(group_sizes_G, _group_weights(weights, layer, xp.dtype), tile, init, _no_acc)
+    out = _tile_loop(group_sizes_G, _group_weights(weights, layer, xp.dtype), tile, init)
     y = _finish(out[0], group_sizes_G, x_MK.shape[0])
     return y, (out[1], out[2]) if keep_activations else None
 
@@ -281,8 +274,8 @@ def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks
 
 
 def _tiled_ffn_bwd(res, dy_MK):
-    """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down accumulated per group in
-    float32. Rows of a tile outside its group get x, dy, gate and up = 0, so they add nothing (not even NaN) to
+    """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down added in float32 into
+    their [G, ...] gradients in place (no per-group accumulator to copy out). Rows of a tile outside its group get x, dy, gate and up = 0, so they add nothing (not even NaN) to
     any gradient. The stacks get none."""
     x_MK, gate_MF, up_MF, weights, layer, group_sizes_G = res
     dt = x_MK.dtype
@@ -290,9 +283,9 @@ def _tiled_ffn_bwd(res, dy_MK):
     K, F = weights[0].shape[-2:]
     f32 = jnp.float32
 
-    def tile(w, r0, rows, n_valid, dx, acc):
-        wg, wu, wd = w
-        dwg, dwu, dwd = acc
+    def tile(g_w, r0, rows, n_valid, out):
+        g, (wg, wu, wd) = g_w
+        dx, dwg, dwu, dwd = out
         x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
         dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
         gate, up = (_masked(_rows(a, r0, rows), n_valid, rows) for a in (gate_MF, up_MF))
@@ -301,17 +294,16 @@ def _tiled_ffn_bwd(res, dy_MK):
         dh = _dot_t(dy_t, wd)
         d_up = dh * silu
         d_gate = dh * up * sig * (1 + gate * (1 - sig))
-        dwd = dwd + jnp.dot((silu * up).T, dy_t, preferred_element_type=f32)
-        dwg = dwg + jnp.dot(x_t.T, d_gate, preferred_element_type=f32)
-        dwu = dwu + jnp.dot(x_t.T, d_up, preferred_element_type=f32)
+        dwd = dwd.at[g].add(jnp.dot((silu * up).T, dy_t, preferred_element_type=f32))
+        dwg = dwg.at[g].add(jnp.dot(x_t.T, d_gate, preferred_element_type=f32))
+        dwu = dwu.at[g].add(jnp.dot(x_t.T, d_up, preferred_element_type=f32))
         dx_t = _dot_t(d_gate, wg) + _dot_t(d_up, wu)
-        return jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), (dwg, dwu, dwd)
+        return jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), dwg, dwu, dwd
 
-    def zeros():
-        return jnp.zeros((K, F), f32), jnp.zeros((K, F), f32), jnp.zeros((F, K), f32)
-
-    dx, (dwg, dwu, dwd) = _tile_loop(group_sizes_G, _group_weights(weights, layer, dt), tile, jnp.zeros_like(xp),
-                                     zeros)
+    group_weights = _group_weights(weights, layer, dt)
+    G = group_sizes_G.shape[0]
+    dx, dwg, dwu, dwd = _tile_loop(group_sizes_G, lambda g: (g, group_weights(g)), tile, (
+        jnp.zeros_like(xp), jnp.zeros((G, K, F), f32), jnp.zeros((G, K, F), f32), jnp.zeros((G, F, K), f32)))
     return (_finish(dx, group_sizes_G, x_MK.shape[0]), dwg.astype(dt), dwu.astype(dt), dwd.astype(dt), None, None,
             None)
 
