@@ -11,12 +11,12 @@ One dispatch point, `impl=`:
     against. On CPU it lowers to a dense form that multiplies every row by every group's matrix (G x the work).
   - "tiled": the CPU path. A scan over groups slices each group's weights once; an inner loop walks the group's
     contiguous rows in tiles (`BIG_TILE` rows, then the remainder in up to two `SMALL_TILE`s, or a `MID_TILE`
-    and at most one small tile, or one more big tile) and multiplies only those. Groups run in order, so the rows a group's last tile
-    computes past its end are overwritten by the next group: nothing is masked on the forward. `grouped_ffn`
-    fuses gate, up, SwiGLU and down per tile (no [M, F] intermediate in memory on the forward; under
-    differentiation it keeps the gate/up pre-activations).
-    Both have explicit VJPs: dx by the same loop against the transposed weights, dw accumulated per group in
-    float32 with rows outside the group masked.
+    and at most one small tile, or one more big tile) and multiplies only those. Groups run in order, so the rows
+    a group's last tile computes past its end are overwritten by the next group: nothing is masked on the
+    forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no [M, F] intermediate in memory on the
+    forward; under differentiation it keeps the gate/up pre-activations).
+    Both have explicit VJPs: dx by the same loop against the transposed weights, dw added per tile in float32
+    into the [G, ...] gradient, with rows outside the group masked.
   - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode), compiled
     or run by the Pallas interpreter.
   - "auto": "tiled" on CPU, "ragged_dot" elsewhere.
@@ -275,8 +275,8 @@ def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks
 
 def _tiled_ffn_bwd(res, dy_MK):
     """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down added in float32 into
-    their [G, ...] gradients in place (no per-group accumulator to copy out). Rows of a tile outside its group get x, dy, gate and up = 0, so they add nothing (not even NaN) to
-    any gradient. The stacks get none."""
+    their [G, ...] gradients in place (no per-group accumulator to copy out). Rows of a tile outside its group get
+    x, dy, gate and up = 0, so they add nothing (not even NaN) to any gradient. The stacks get none."""
     x_MK, gate_MF, up_MF, weights, layer, group_sizes_G = res
     dt = x_MK.dtype
     xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MK.astype(dt))
