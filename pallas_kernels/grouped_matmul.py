@@ -187,6 +187,11 @@ def _masked(rows_PX, n_valid, rows):
     return jnp.where((jnp.arange(rows) < n_valid)[:, None], rows_PX, 0)
 
 
+def _add_weight_grad(dw_GXY, g, a_PX, b_PY):
+    """dw[g] += aᵀ b in float32, in place in the [G, X, Y] gradient."""
+    return dw_GXY.at[g].add(jnp.dot(a_PX.T, b_PY, preferred_element_type=jnp.float32))
+
+
 def _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w: bool):
     """out = x @ w[g] (or x @ w[g].T) per group, by the tile loop."""
     xp = _pad_rows(x_MK)
@@ -208,7 +213,7 @@ def _weight_grad(x_MK, dy_MN, group_sizes_G):
     def tile(g, r0, rows, n_valid, dw):
         x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
         dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
-        return dw.at[g].add(jnp.dot(x_t.T, dy_t, preferred_element_type=jnp.float32))
+        return _add_weight_grad(dw, g, x_t, dy_t)
 
     shape = (group_sizes_G.shape[0], x_MK.shape[1], dy_MN.shape[1])
     return _tile_loop(group_sizes_G, lambda g: g, tile, jnp.zeros(shape, jnp.float32)).astype(x_MK.dtype)
@@ -294,9 +299,9 @@ def _tiled_ffn_bwd(res, dy_MK):
         dh = _dot_t(dy_t, wd)
         d_up = dh * silu
         d_gate = dh * up * sig * (1 + gate * (1 - sig))
-        dwd = dwd.at[g].add(jnp.dot((silu * up).T, dy_t, preferred_element_type=f32))
-        dwg = dwg.at[g].add(jnp.dot(x_t.T, d_gate, preferred_element_type=f32))
-        dwu = dwu.at[g].add(jnp.dot(x_t.T, d_up, preferred_element_type=f32))
+        dwd = _add_weight_grad(dwd, g, silu * up, dy_t)
+        dwg = _add_weight_grad(dwg, g, x_t, d_gate)
+        dwu = _add_weight_grad(dwu, g, x_t, d_up)
         dx_t = _dot_t(d_gate, wg) + _dot_t(d_up, wu)
         return jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), dwg, dwu, dwd
 
