@@ -1,0 +1,244 @@
+"""The weight gradient of a grouped matmul ("tgmm"), as a Pallas kernel.
+
+The forward grouped matmul is out[i] = x[i] @ w[g(i)], rows sorted by group: rows [start_g, start_g + sizes[g])
+belong to group g, rows past sum(sizes) to none. Its weight gradient is, per group,
+
+    dw[g] = x[rows of g]ᵀ @ dy[rows of g]          x [M, K], dy [M, N] -> dw [G, K, N]
+
+with float32 accumulation and the result in `out_dtype` (default: x's dtype). An empty group's dw is zeros. Rows
+past the groups (and the kernel's own padding) never reach a result: every row outside a group is removed with a
+select before the product, so a NaN or Inf there cannot leak in (0 * NaN would).
+
+The XLA reference (`reference`) is `jax.lax.ragged_dot_general` with the ragged dimension contracted: exactly the
+op that `jax.vjp` of `jax.lax.ragged_dot` emits for the weights, called directly so that bf16 inputs accumulate in
+float32. Compiled for H100 and for TPU v5p (XLA of jax 0.10.2) it is a dense fallback: x and dy are selected into
+[G, M, K] and [G, M, N] copies and one batched dot runs over all M rows for every group, G x the work (seen in the
+compiled HLO; tests/pallas_kernels/test_grouped_weight_grad.py checks it). Hence this kernel.
+
+dw is computed in 128 x 128 tiles along K and N (block_k x block_n; K and N padded to multiples of them with
+`backend.pad_axis`); rows are read in `block_m`-row blocks (M padded to a multiple of block_m). f32 inputs use the
+dot's default precision (TF32 tensor cores on H100, as XLA's own f32 dots there). Two launch forms, by platform:
+  "gpu" (Triton; also the default interpreted form): grid (G, K / 128, N / 128). A program owns one [128, 128]
+        block of dw[g]: it walks the aligned row blocks that overlap group g's rows (none for an empty group),
+        reads x and dy blocks through whole-column refs (pointers on GPU), selects the group's rows and
+        accumulates x_blkᵀ @ dy_blk in an f32 [128, 128] register tile. Total work: the routed rows plus at most
+        one partial block per group edge, never G x M.
+  "tpu" (Mosaic; megablox's tgmm): a visit schedule computed outside the kernel lists (row block, group) pairs in
+        group order, every group's overlapping blocks (an empty group gets one visit that only zeroes its output),
+        at most M / block_m + G - 1 visits, and is scalar-prefetched into SMEM. The grid is (K / 128, N / 128,
+        visit); the BlockSpec index maps read the schedule, so only the visited row block of x and dy is DMA'd into
+        VMEM, and the output block dw[g] stays resident across the group's consecutive visits, accumulated in a
+        VMEM f32 scratch (zeroed on a group's first visit, stored on its last).
+
+Launch options (`**launch`): block_m (rows per step; 128 by default on TPU and for 16-bit inputs on GPU, 64 for
+f32 on GPU), block_k / block_n (the dw tile, 128 by default; powers of two), num_warps / num_stages (Triton;
+GPU_DEFAULTS). A Triton stage holds an x and a dy block ([P, 128] each); the GPU defaults (3 stages of 64 KiB, an f32
+[128, 128] accumulator in registers over 8 warps) compile for H100 (227 KiB of shared memory per block; 128-row f32
+blocks or 4 bf16 stages do not) at K2's expert shapes (x [1024, 7168], dy [1024, 2048] and the transposed pair,
+G = 8) in bf16 and f32; the TPU form compiles for v5p at the same shapes (deviceless compiles in
+tests/pallas_kernels/test_grouped_weight_grad.py). Neither has been run or timed on a device yet: with 128 tiles the
+TPU form takes (K/128)(N/128)(M/128 + G - 1) grid steps, so larger block_m / block_k / block_n (e.g. 512) are the
+first thing to try there. Both forms run in the Pallas interpreter on CPU (backend="interpret", platform="gpu" |
+"tpu").
+
+Dispatch (backend.py's rule): "xla" the reference, "pallas" the kernel for the target platform, "interpret" the
+kernel in the interpreter, "auto" "pallas" when compiling for GPU or TPU (K and N are padded, so any sizes fit),
+"xla" on CPU.
+
+Letter legend: M rows, K x's feature dim (the forward's contraction), N dy's feature dim (the forward's output),
+G groups, P rows per block (block_m).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend as kb
+
+F32 = jnp.float32
+BLOCK = 128  # the default K and N tile
+LAUNCH_KEYS = ("block_m", "block_k", "block_n", "num_warps", "num_stages")
+# Triton settings per input width (bytes), chosen to compile for H100: a stage holds x and dy blocks [P, 128] each
+# (bf16 P = 128 or f32 P = 64: 64 KiB; 3 stages: 192 KiB of the 227), the f32 [128, 128] accumulator (64 KiB) lives
+# in registers over 8 warps.
+GPU_DEFAULTS = {2: {"block_m": 128, "num_warps": 8, "num_stages": 3},
+                4: {"block_m": 64, "num_warps": 8, "num_stages": 3}}
+TPU_BLOCK_M = 128
+
+
+# ---- XLA reference -------------------------------------------------------------------------------------------
+_RAGGED_CONTRACTION = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+
+
+def reference(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_G: jax.Array, out_dtype=None) -> jax.Array:
+    """dw [G, K, N] by XLA: ragged_dot_general contracting the ragged row axis (what ragged_dot's transpose emits
+    for its weights), float32 accumulation, cast to out_dtype (default x's dtype)."""
+    dw = jax.lax.ragged_dot_general(x_MK, dy_MN, group_sizes_G.astype(jnp.int32), _RAGGED_CONTRACTION,
+                                    preferred_element_type=F32)
+    return dw.astype(out_dtype or x_MK.dtype)
+
+
+# ---- kernels -------------------------------------------------------------------------------------------------
+def _group_rows(x, first_row, start, end):
+    """x [P, C] (rows first_row .. first_row + P - 1) with the rows outside [start, end) replaced by 0 (a select:
+    NaN there never leaks)."""
+    rows = first_row + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.where((rows >= start) & (rows < end), x, jnp.zeros_like(x))
+
+
+def _gpu_kernel(start_ref, end_ref, x_ref, dy_ref, o_ref, *, block_m):
+    """o = dw[g] block (k, n): sum over the row blocks overlapping group g of x_blkᵀ @ dy_blk, group rows only."""
+    g = pl.program_id(0)
+    start, end = start_ref[g], end_ref[g]
+    first = start // block_m
+    stop = jnp.where(end > start, (end + block_m - 1) // block_m, first)  # an empty group visits nothing
+
+    def step(t, acc):
+        r0 = pl.multiple_of(t * block_m, block_m)
+        x = _group_rows(x_ref[pl.ds(r0, block_m), :], r0, start, end)
+        dy = _group_rows(dy_ref[pl.ds(r0, block_m), :], r0, start, end)
+        return acc + kb.dot_tn(x, dy)
+
+    acc = jax.lax.fori_loop(first, stop, step, jnp.zeros(o_ref.shape, F32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, backend, platform, opts):
+    Mp, Kp = x.shape
+    Np = dy.shape[1]
+    return pl.pallas_call(
+        functools.partial(_gpu_kernel, block_m=block_m),
+        grid=(G, Kp // block_k, Np // block_n),
+        in_specs=[kb.scalar_table_spec(backend, platform)] * 2 + [
+            pl.BlockSpec((Mp, block_k), lambda g, k, n: (0, k)),
+            pl.BlockSpec((Mp, block_n), lambda g, k, n: (0, n))],
+        out_specs=pl.BlockSpec((None, block_k, block_n), lambda g, k, n: (g, k, n)),
+        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
+        **opts,
+    )(starts, ends, x, dy)
+
+
+def visit_schedule(starts_G, ends_G, num_blocks: int, block_m: int):
+    """The (row block, group) pairs the TPU form visits, in group order: every row block overlapping a group, one
+    visit for an empty group; padded to the static bound num_blocks + G - 1 by repeating the last pair.
+    -> block [V], group [V], active [V] (1: multiply; 0 on padding and empty groups' visits), first [V] / last [V]
+    (1 on a group's first / last visit), all int32."""
+    G = starts_G.shape[0]
+    V = num_blocks + G - 1
+    first_b = jnp.clip(starts_G // block_m, 0, num_blocks - 1)
+    nonempty = ends_G > starts_G
+    last_b = jnp.where(nonempty, jnp.clip((ends_G - 1) // block_m, 0, num_blocks - 1), first_b)
+    count = last_b - first_b + 1
+    cum = jnp.cumsum(count)
+    v = jnp.arange(V, dtype=jnp.int32)
+    real = v < cum[-1]
+    vv = jnp.minimum(v, cum[-1] - 1)
+    g = jnp.minimum(jnp.searchsorted(cum, vv, side="right"), G - 1).astype(jnp.int32)
+    offset = cum[g] - count[g]
+    flags = (real & nonempty[g], real & (vv == offset), real & (vv == cum[g] - 1))
+    return (first_b[g] + vv - offset).astype(jnp.int32), g, *(f.astype(jnp.int32) for f in flags)
+
+
+def _tpu_kernel(block_ref, group_ref, active_ref, first_ref, last_ref, start_ref, end_ref, x_ref, dy_ref, o_ref,
+                acc_ref):
+    v = pl.program_id(2)
+    block_m = x_ref.shape[0]
+
+    @pl.when(first_ref[v] == 1)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(active_ref[v] == 1)
+    def _():
+        g = group_ref[v]
+        r0 = block_ref[v] * block_m
+        x = _group_rows(x_ref[...], r0, start_ref[g], end_ref[g])
+        dy = _group_rows(dy_ref[...], r0, start_ref[g], end_ref[g])
+        acc_ref[...] += kb.dot_tn(x, dy)
+
+    @pl.when(last_ref[v] == 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def _launch_tpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, opts):
+    from jax.experimental.pallas import tpu as pltpu
+    Mp, Kp = x.shape
+    Np = dy.shape[1]
+    schedule = visit_schedule(starts, ends, Mp // block_m, block_m)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=7, grid=(Kp // block_k, Np // block_n, schedule[0].shape[0]),
+        in_specs=[pl.BlockSpec((block_m, block_k), lambda k, n, v, blk, *_: (blk[v], k)),
+                  pl.BlockSpec((block_m, block_n), lambda k, n, v, blk, *_: (blk[v], n))],
+        out_specs=pl.BlockSpec((None, block_k, block_n), lambda k, n, v, blk, grp, *_: (grp[v], k, n)),
+        scratch_shapes=[pltpu.VMEM((block_k, block_n), F32)])
+    return pl.pallas_call(_tpu_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
+                          **opts)(*schedule, starts, ends, x, dy)
+
+
+def _form(backend, platform) -> str:
+    """"tpu" or "gpu": the launch form. Interpreted runs use the form of `platform` when one is named "tpu", else
+    the gpu form."""
+    if backend == "interpret":
+        return "tpu" if platform == "tpu" else "gpu"
+    return kb.platform_of(platform)
+
+
+def _launch(x_MK, dy_MN, group_sizes_G, *, out_dtype, backend, platform, launch):
+    M, K = x_MK.shape
+    N = dy_MN.shape[1]
+    G = group_sizes_G.shape[0]
+    form = _form(backend, platform)
+    width = 2 if jnp.dtype(x_MK.dtype).itemsize <= 2 else 4
+    settings = {"block_k": BLOCK, "block_n": BLOCK}
+    settings.update(GPU_DEFAULTS[width] if form == "gpu" else {"block_m": TPU_BLOCK_M})
+    settings.update(launch)
+    block_m, block_k, block_n = (settings.pop(key) for key in ("block_m", "block_k", "block_n"))
+    ends = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), M)  # rows past M belong to no group
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    x = kb.pad_axis(kb.pad_axis(x_MK, 0, block_m), 1, block_k)
+    dy = kb.pad_axis(kb.pad_axis(dy_MN, 0, block_m), 1, block_n)
+    blocks = {"block_m": block_m, "block_k": block_k, "block_n": block_n}
+    if form == "tpu":
+        # a group's visits accumulate into one output block: only the K and N tiles are parallel
+        opts = kb.launch_options(backend, platform, 3, sequential=(2,))
+        out = _launch_tpu_form(x, dy, starts, ends, G=G, **blocks, out_dtype=out_dtype, opts=opts)
+    else:
+        opts = kb.launch_options(backend, platform, 3, **settings)
+        out = _launch_gpu_form(x, dy, starts, ends, G=G, **blocks, out_dtype=out_dtype, backend=backend,
+                               platform=platform, opts=opts)
+    return out[:, :K, :N]
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------------
+def grouped_weight_grad(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_G: jax.Array, *, out_dtype=None,
+                        backend: str = "auto", platform: str | None = None, **launch) -> jax.Array:
+    """dw [G, K, N] = per group x[rows of g]ᵀ @ dy[rows of g] (f32 accumulation, out_dtype default x's dtype).
+    x [M, K] and dy [M, N] rows sorted by group (dy is cast to x's dtype), group_sizes [G] int (rows past their
+    sum belong to no group). `launch`: block_m, block_k, block_n, num_warps, num_stages (see the module docstring)."""
+    if (x_MK.ndim != 2 or dy_MN.ndim != 2 or group_sizes_G.ndim != 1 or x_MK.shape[0] != dy_MN.shape[0]
+            or not jnp.issubdtype(group_sizes_G.dtype, jnp.integer)):
+        raise ValueError(f"grouped_weight_grad: expected x [M, K], dy [M, N], integer group_sizes [G]; got x "
+                         f"{x_MK.shape}, dy {dy_MN.shape}, group_sizes {group_sizes_G.shape} {group_sizes_G.dtype}")
+    if x_MK.shape[0] == 0 or group_sizes_G.shape[0] == 0:
+        raise ValueError(f"grouped_weight_grad: needs at least one row and one group; got x {x_MK.shape}, "
+                         f"group_sizes {group_sizes_G.shape}")
+    unknown = set(launch) - set(LAUNCH_KEYS)
+    if unknown:
+        raise ValueError(f"grouped_weight_grad: unknown launch options {sorted(unknown)}; expected {LAUNCH_KEYS}")
+    for key in ("block_m", "block_k", "block_n"):
+        size = launch.get(key, 16)
+        if not isinstance(size, int) or size < 16 or size & (size - 1):
+            raise ValueError(f"grouped_weight_grad: {key} must be a power of two >= 16, got {size!r}")
+    out_dtype = jnp.dtype(out_dtype or x_MK.dtype)
+    dy_MN = dy_MN.astype(x_MK.dtype)
+    backend = kb.resolve(backend, (), platform)
+    if backend == "xla":
+        return reference(x_MK, dy_MN, group_sizes_G, out_dtype)
+    return _launch(x_MK, dy_MN, group_sizes_G, out_dtype=out_dtype, backend=backend, platform=platform,
+                   launch=launch)
