@@ -27,10 +27,14 @@ Two launch forms, picked by platform:
         visits of a tile keep its output block resident, the first zeroes it.
 
 Gradients: d/dx runs the same kernel against the transposed weights (the scales read transposed); d/dw (bf16 /
-f32 weights only: FP8 weights are frozen) is XLA's ragged_dot transpose.
+f32 weights only: FP8 weights are frozen) is `pallas_kernels.grouped_weight_grad` (XLA's ragged_dot transpose
+compiles to a dense every-row-by-every-group product on TPU and GPU).
 
-Both forms run in the Pallas interpreter in the tests (platform="tpu" | "gpu" with backend="interpret") and lower
-for their platform; neither has been compiled or timed on a device yet.
+Both forms run in the Pallas interpreter in the tests (platform="tpu" | "gpu" with backend="interpret") and
+compile for their platform (TPU v5p, H100) at K2's expert shapes (7168 -> 2048 and 2048 -> 7168; FP8 weights with
+bf16 or FP8 activations, bf16 / f32 weights with their gradient), the gpu form with Triton's num_warps / num_stages
+from k2jax.target.KERNEL_LAUNCH (tests/pallas_kernels/test_compile.py); neither has been run or timed on a device
+yet.
 
 Letter legend: M rows, K contraction dim, N output dim, G groups, Kb / Nb scale blocks (128 each).
 """
@@ -44,6 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as kb
+from pallas_kernels.grouped_weight_grad import grouped_weight_grad
 
 F32 = jnp.float32
 BLOCK = 128  # the release's FP8 scale block, and the kernel's tile along every axis
@@ -91,7 +96,7 @@ def reference(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, scale
 def _kernel(first_ref, last_ref, start_ref, end_ref, x_ref, w_ref, s_ref, xs_ref, o_ref, *, transpose_w, n_contract,
             has_scales, has_x_scales):
     """o[tile] = sum over the tile's groups g of rows_in(g) ? x_tile @ W[g] block : (previous value)."""
-    m, o = pl.program_id(0), pl.program_id(1)
+    m = pl.program_id(0)
     tm, to = o_ref.shape
     rows = m * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
 
@@ -215,10 +220,10 @@ def _form(backend, platform) -> str:
 
 
 def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
-            out_dtype=None):
+            out_dtype=None, triton=(4, 2)):
     """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ), C and O already multiples of BLOCK. scales_rows is
     [G, C / BLOCK, O] (each block scale repeated along its output columns) or None; x_scales [C / BLOCK, M, 1]
-    the FP8 activations' block scales or None."""
+    the FP8 activations' block scales or None. triton: (num_warps, num_stages) of the gpu form."""
     out_dtype = out_dtype or x_MC.dtype
     G = w.shape[0]
     C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
@@ -252,7 +257,7 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
                                                           s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda m, o: (m, o)),
         out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
-        **kb.launch_options(backend, platform, 2),
+        **kb.launch_options(backend, platform, 2, num_warps=triton[0], num_stages=triton[1]),
     )(*tables, x, w, scales_rows, xs)
     return out[:x_MC.shape[0]]
 
@@ -276,7 +281,7 @@ def _gmm(x_MK, w_GKN, scales, group_sizes_G, opts):
 
 
 def _forward(x_MK, w_GKN, scales, group_sizes_G, opts):
-    backend, platform, fp8_activations = opts
+    backend, platform, fp8_activations, triton = opts
     K, N = w_GKN.shape[1:]
     x = _pad_to_blocks(x_MK, [1])
     w = _pad_to_blocks(w_GKN, [1, 2])
@@ -286,7 +291,7 @@ def _forward(x_MK, w_GKN, scales, group_sizes_G, opts):
         x, x_scales_MKb = quantize_activations(x)
         x_scales = x_scales_MKb.T[:, :, None]  # [Kb, M, 1]: one [rows, 1] column per contraction block
     out = _launch(x, w, s, group_sizes_G, transpose_w=False, backend=backend, platform=platform,
-                  x_scales=x_scales, out_dtype=x_MK.dtype)
+                  x_scales=x_scales, out_dtype=x_MK.dtype, triton=triton)
     return out[:, :N]
 
 
@@ -295,16 +300,17 @@ def _gmm_fwd(x_MK, w_GKN, scales, group_sizes_G, opts):
 
 
 def _gmm_bwd(opts, res, dy_MN):
-    backend, platform, _ = opts  # FP8 activations: the quantisation's gradient is taken as the identity
+    backend, platform, _, triton = opts  # FP8 activations: the quantisation's gradient is taken as the identity
     x_MK, w_GKN, scales, group_sizes_G = res
     K, N = w_GKN.shape[1:]
     dy = _pad_to_blocks(dy_MN.astype(x_MK.dtype), [1])
     w = _pad_to_blocks(w_GKN, [1, 2])
     s = None if scales is None else kb.pad_axis(_scale_rows(scales, K, along_n=False), 2, BLOCK, value=0)
-    dx = _launch(dy, w, s, group_sizes_G, transpose_w=True, backend=backend, platform=platform)[:, :K]
+    dx = _launch(dy, w, s, group_sizes_G, transpose_w=True, backend=backend, platform=platform,
+                 triton=triton)[:, :K]
     if scales is None:
-        _, pullback = jax.vjp(lambda w_: reference(x_MK, w_, group_sizes_G), w_GKN)
-        dw = pullback(dy_MN.astype(x_MK.dtype))[0]
+        dw = grouped_weight_grad(x_MK, dy_MN.astype(x_MK.dtype), group_sizes_G, out_dtype=w_GKN.dtype,
+                                 backend=backend, platform=platform)
         ds = None
     else:  # FP8 weights are frozen: no gradient flows to them or their scales
         dw, ds = jnp.zeros_like(w_GKN), jnp.zeros_like(scales)
@@ -317,9 +323,11 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
                        scales_GKbNb: jax.Array | None = None, *, fp8_activations: bool = False,
-                       backend: str = "auto", platform: str | None = None) -> jax.Array:
+                       backend: str = "auto", platform: str | None = None, num_warps: int = 4,
+                       num_stages: int = 2) -> jax.Array:
     """[M, K] rows sorted by group, [G, K, N] weights (float8_e4m3fn with [G, ceil(K/128), ceil(N/128)] scales,
-    or bf16 / f32 without), [G] group sizes -> [M, N] in x's dtype. fp8_activations: see the module docstring."""
+    or bf16 / f32 without), [G] group sizes -> [M, N] in x's dtype. fp8_activations: see the module docstring.
+    num_warps / num_stages: Triton's, for the gpu form (k2jax.target.KERNEL_LAUNCH holds them per dtype)."""
     if x_MK.ndim != 2 or w_GKN.ndim != 3 or group_sizes_G.shape != w_GKN.shape[:1] or x_MK.shape[1] != w_GKN.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x_MK.shape}, "
                          f"w {w_GKN.shape}, group_sizes {group_sizes_G.shape}")
@@ -335,7 +343,8 @@ def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
         raise ValueError("fp8_grouped_matmul: float8_e4m3fn weights need their block scales")
     if fp8_activations and scales_GKbNb is None:
         raise ValueError("fp8_grouped_matmul: fp8_activations needs FP8 weights (with their scales)")
-    backend = kb.resolve(backend)
+    backend = kb.resolve(backend, (), platform)
     if backend == "xla":
         return reference(x_MK, w_GKN, group_sizes_G, scales_GKbNb, fp8_activations)
-    return _gmm(x_MK, w_GKN, scales_GKbNb, group_sizes_G.astype(jnp.int32), (backend, platform, fp8_activations))
+    return _gmm(x_MK, w_GKN, scales_GKbNb, group_sizes_G.astype(jnp.int32),
+                (backend, platform, fp8_activations, (num_warps, num_stages)))

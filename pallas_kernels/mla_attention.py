@@ -13,13 +13,20 @@ per head (max of rowmax over valid queries) comes at no extra pass over memory. 
                   backend="auto") -> (out_BNTV in q's dtype, rowmax_BNT float32)
 
 Kernels (grid over batch x heads x query blocks, or key blocks for dk/dv; the other sequence axis is a loop inside
-the program, so nothing is accumulated across grid steps and one kernel body lowers on both Mosaic and Triton):
+the program, so nothing is accumulated across grid steps and one kernel body compiles on both Mosaic and Triton):
   forward  online softmax in float32, keys only up to the causal diagonal; saves logsumexp for the backward
   dq       recomputes the probabilities from the logsumexp: ds = p (dO.v - delta) with delta = rowsum(dO * out)
-  dk, dv   the same per key block over the query blocks at or after the diagonal; dk_rope per head, summed over
-           heads outside the kernel
+  dk, dv   the same per key block over the query blocks at or after the diagonal, on transposed [keys, queries]
+           tiles (per-query statistics as lane-dense rows); dk_rope per head, summed over heads outside the kernel
 Padding: T is padded to whole blocks; padded keys lie after every real query (never visible) and their rows are
 zeroed before any product with probabilities, padded queries are zeroed in the dk/dv loop, padded outputs dropped.
+
+Launch settings (block sizes, and Triton's warps / stages on GPU) are per platform and dtype in
+k2jax.target.KERNEL_LAUNCH; the backward may use blocks other than the forward's. With them the three kernels
+compile for TPU v5p and H100 at K2's head dims (nope 128, rope 64, value 128), 64 heads, 1K and 4K tokens, bf16
+and float32 (tests/pallas_kernels/test_compile.py); they have not been run or timed on a device yet. On TPU a
+program keeps a head's whole key / value rows (forward, dq) or query rows (dk/dv) in VMEM: 4K tokens take about a
+third (bf16) to a half (float32) of the 16 MiB scoped VMEM, so much longer sequences need a key-block grid axis.
 
 Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, V value dim.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,20 +54,50 @@ def visibility(segment_ids_BT: jax.Array) -> jax.Array:
     return causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
 
 
+# The reference runs the queries in causal blocks of at least this many rows (at most this many blocks), each
+# against the keys up to its own end, so most of the masked upper triangle is never multiplied (T = 256: 2 blocks,
+# 3/4 of the work; smaller blocks' matmuls run slower on CPU than the skipped work saves, more blocks only add
+# compile time).
+CAUSAL_BLOCK = 128
+MAX_CAUSAL_BLOCKS = 8
+
+
 def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, *, scale: float):
-    """The XLA reference: materialised [B, N, T, S] logits, float32 softmax."""
-    logits_BNTS = (jnp.einsum("bntp,bnsp->bnts", q_nope_BNTP, k_nope_BNSP, preferred_element_type=F32)
-                   + jnp.einsum("bntr,bsr->bnts", q_rope_BNTR, k_rope_BSR, preferred_element_type=F32)) * scale
-    logits_BNTS = jnp.where(visibility(segment_ids_BT)[:, None], logits_BNTS, -jnp.inf)
+    """The XLA form (the CPU path and what the kernels are tested against): materialised logits in float32 as
+    head-major batched matmuls (2x faster on CPU than the equivalent einsums), the shared rope key multiplied once
+    for all heads, float32 softmax, queries in causal blocks (CAUSAL_BLOCK)."""
+    T = q_nope_BNTP.shape[2]
+    n_blocks = max(1, min(MAX_CAUSAL_BLOCKS, T // CAUSAL_BLOCK))
+    edges = [T * i // n_blocks for i in range(n_blocks + 1)]
+    visible_BTS = visibility(segment_ids_BT)
+    outs, rowmaxes = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):  # queries [lo, hi) see keys [0, hi) at most
+        out_BNTV, rowmax_BNT = _attend_block(q_nope_BNTP[:, :, lo:hi], q_rope_BNTR[:, :, lo:hi],
+                                             k_nope_BNSP[:, :, :hi], k_rope_BSR[:, :hi], v_BNSV[:, :, :hi],
+                                             visible_BTS[:, lo:hi, :hi], scale)
+        outs.append(out_BNTV)
+        rowmaxes.append(rowmax_BNT)
+    join = (lambda xs: xs[0]) if n_blocks == 1 else (lambda xs: jnp.concatenate(xs, axis=2))  # noqa: E731
+    return join(outs).astype(q_nope_BNTP.dtype), jax.lax.stop_gradient(join(rowmaxes))
+
+
+def _attend_block(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, visible_BTS, scale):
+    """Materialised attention of T queries over S keys -> (out [B, N, T, V] float32, rowmax [B, N, T])."""
+    B, N, T, _ = q_nope_BNTP.shape
+    nope_BNTS = jnp.matmul(q_nope_BNTP, k_nope_BNSP.swapaxes(-1, -2), preferred_element_type=F32)
+    q_rope_BXR = q_rope_BNTR.reshape(B, N * T, -1)  # X = N T query rows against the one shared rope key
+    rope_BNTS = jnp.matmul(q_rope_BXR, k_rope_BSR.swapaxes(-1, -2), preferred_element_type=F32).reshape(
+        nope_BNTS.shape)
+    logits_BNTS = jnp.where(visible_BTS[:, None], (nope_BNTS + rope_BNTS) * scale, -jnp.inf)
     rowmax_BNT = jnp.max(logits_BNTS, axis=-1)
     probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BNSV.dtype)
-    out_BNTV = jnp.einsum("bnts,bnsv->bntv", probs_BNTS, v_BNSV, preferred_element_type=F32)
-    return out_BNTV.astype(q_nope_BNTP.dtype), jax.lax.stop_gradient(rowmax_BNT)
+    return jnp.matmul(probs_BNTS, v_BNSV, preferred_element_type=F32), rowmax_BNT
 
 
 # ---- kernel helpers ------------------------------------------------------------------------------------------
-def _iota(n, start):
-    return start + jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+def _iota(shape, dim, start):
+    """start + the index along `dim` of a 2-D int32 tile (built 2-D: Mosaic cannot reshape a 1-D mask to a column)."""
+    return start + jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
 def _div(a, b):
@@ -74,7 +112,7 @@ def _logits(qn, qr, kn, kr, scale):
 
 def _visible(q_start, bq, k_start, bk, seg_q, seg_k):
     """[bq, bk] from query segment ids [bq, 1] and key segment ids [1, bk]."""
-    causal = _iota(bq, q_start)[:, None] >= _iota(bk, k_start)[None, :]
+    causal = _iota((bq, bk), 0, q_start) >= _iota((bq, bk), 1, k_start)
     return causal & (seg_q == seg_k)
 
 
@@ -123,6 +161,8 @@ def _dq_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref
 
 def _dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
                 dkn_ref, dkr_ref, dv_ref, *, scale, bq, bk, n_real):
+    """Transposed tiles [keys, queries]: the per-query statistics and segment ids come as lane-dense rows [1, T]
+    (a [T, 1] column of a whole sequence would take 128x its bytes of VMEM), the key segment ids as a column."""
     j = pl.program_id(2)
     kn, kr, v, seg_k = kn_ref[...], kr_ref[...], v_ref[...], segk_ref[...]
 
@@ -130,13 +170,14 @@ def _dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_re
         dkn, dkr, dv = carry
         qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
         qn, qr, do = (kb.rows_below(r[qs, :], i * bq, n_real) for r in (qn_ref, qr_ref, do_ref))
-        lse, delta = (kb.rows_below(r[qs, :], i * bq, n_real) for r in (lse_ref, delta_ref))
-        visible = _visible(i * bq, bq, j * bk, bk, segq_ref[qs, :], seg_k)
-        visible = visible & (_iota(bq, i * bq) < n_real)[:, None]
-        p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
-        dv = dv + kb.dot_tn(p.astype(do.dtype), do)
-        ds = (p * (kb.dot_nt(do, v) - delta) * scale).astype(qn.dtype)
-        return dkn + kb.dot_tn(ds, qn), dkr + kb.dot_tn(ds, qr), dv
+        real_q = _iota((1, bq), 1, i * bq) < n_real
+        lse, delta = (jnp.where(real_q, r[:, qs], 0.0) for r in (lse_ref, delta_ref))  # [1, bq]
+        causal = _iota((bk, bq), 1, i * bq) >= _iota((bk, bq), 0, j * bk)
+        visible = causal & (seg_k == segq_ref[:, qs]) & real_q
+        p_t = jnp.where(visible, jnp.exp(_logits(kn, kr, qn, qr, scale) - lse), 0.0)  # [bk, bq]
+        dv = dv + kb.dot_nn(p_t.astype(do.dtype), do)
+        ds_t = (p_t * (kb.dot_nt(v, do) - delta) * scale).astype(qn.dtype)
+        return dkn + kb.dot_nn(ds_t, qn), dkr + kb.dot_nn(ds_t, qr), dv
 
     first = _div(j * bk, bq)  # query blocks before the diagonal see none of these keys
     init = (jnp.zeros(kn.shape, F32), jnp.zeros(kr.shape, F32), jnp.zeros(v.shape, F32))
@@ -147,9 +188,11 @@ def _dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_re
 
 
 # ---- launches ------------------------------------------------------------------------------------------------
-# Layouts the kernels see: per-query vectors (logsumexp, rowmax, delta) as [B, N, T, 1] and segment ids as
-# [B, T, 1] (query side) and [B, 1, T] (key side), so every block's last two dims are whole or (8, 128)-aligned
-# (Mosaic's rule) and a row statistic broadcasts against a [rows, keys] tile without a relayout.
+# Layouts the kernels see: for a block of queries (forward, dq), its per-query vectors (logsumexp, rowmax, delta)
+# as [B, N, T, 1] columns and segment ids as [B, T, 1] (query side) and [B, 1, T] (key side), so a row statistic
+# broadcasts against a [queries, keys] tile without a relayout. The dk/dv kernel works on [keys, queries] tiles
+# and reads all queries of a head: its per-query vectors come as [B, N, 1, T] rows, the segment ids swapped.
+# Every block's last two dims are whole or (8, 128)-aligned (Mosaic's rule).
 def _q_specs(Tp, blk, dims, *, blocked: bool):
     """Specs for per-head query-side arrays [B, N, T, d] (d in dims), blocked along T or whole rows."""
     rows = blk if blocked else Tp
@@ -166,17 +209,26 @@ def _k_specs(Tp, blk, P, R, V, *, blocked: bool):
             pl.BlockSpec((None, None, rows, V), lambda b, n, i: (b, n, at(i), 0))]
 
 
-def _seg_specs(Tp, bq, bk, *, q_blocked: bool):
-    """Specs for the query-side [B, T, 1] and key-side [B, 1, S] segment ids; one side blocked, the other whole."""
-    if q_blocked:
-        return [pl.BlockSpec((None, bq, 1), lambda b, n, i: (b, i, 0)),
-                pl.BlockSpec((None, 1, Tp), lambda b, n, i: (b, 0, 0))]
-    return [pl.BlockSpec((None, Tp, 1), lambda b, n, i: (b, 0, 0)),
-            pl.BlockSpec((None, 1, bk), lambda b, n, i: (b, 0, i))]
+def _seg_specs(Tp, blk):
+    """Specs for segment ids [B, T, 1] blocked along T and [B, 1, T] whole: the forward and dq kernels read the
+    query side blocked and the key side whole, the dk/dv kernel the other way round."""
+    return [pl.BlockSpec((None, blk, 1), lambda b, n, i: (b, i, 0)),
+            pl.BlockSpec((None, 1, Tp), lambda b, n, i: (b, 0, 0))]
 
 
 def _shape(a, dtype=None):
     return jax.ShapeDtypeStruct(a.shape if hasattr(a, "shape") else a, dtype or a.dtype)
+
+
+class _Launch(NamedTuple):
+    """One pass's launch: query / key block rows and, on GPU, Triton's warps and pipeline stages."""
+    bq: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+    def options(self, backend, platform):
+        return kb.launch_options(backend, platform, 3, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -185,17 +237,18 @@ def _flash(qn, qr, kn, kr, v, seg, cfg):
 
 
 def _flash_forward(qn, qr, kn, kr, v, seg, cfg):
-    scale, bq, bk, n_real, backend, platform = cfg
+    scale, n_real, backend, platform, launch, _ = cfg
+    bq, bk = launch.bq, launch.bk
     B, N, Tp, P = qn.shape
     R, V = qr.shape[-1], v.shape[-1]
     vec = (B, N, Tp, 1)
     out, lse, rowmax = pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, bq=bq, bk=bk, n_real=n_real), grid=(B, N, Tp // bq),
         in_specs=[*_q_specs(Tp, bq, (P, R), blocked=True), *_k_specs(Tp, bk, P, R, V, blocked=False),
-                  *_seg_specs(Tp, bq, bk, q_blocked=True)],
+                  *_seg_specs(Tp, bq)],
         out_specs=_q_specs(Tp, bq, (V, 1, 1), blocked=True),
         out_shape=[_shape((B, N, Tp, V), qn.dtype), _shape(vec, F32), _shape(vec, F32)],
-        **kb.launch_options(backend, platform, 3))(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
+        **launch.options(backend, platform))(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
     return out, rowmax[..., 0], lse
 
 
@@ -205,28 +258,33 @@ def _flash_fwd(qn, qr, kn, kr, v, seg, cfg):
 
 
 def _flash_bwd(cfg, res, cotangents):
-    scale, bq, bk, n_real, backend, platform = cfg
+    scale, n_real, backend, platform, _, launch = cfg
+    bq, bk = launch.bq, launch.bk
     qn, qr, kn, kr, v, seg, out, lse = res
     do = cotangents[0].astype(out.dtype)  # rowmax carries no gradient
     delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1, keepdims=True)
     B, N, Tp, P = qn.shape
     R, V = qr.shape[-1], v.shape[-1]
-    args = (qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :], do, lse, delta)
-    opts = kb.launch_options(backend, platform, 3)
+    opts = launch.options(backend, platform)
     kw = dict(scale=scale, bq=bq, bk=bk, n_real=n_real)
+    seg_col, seg_row = seg[:, :, None], seg[:, None, :]
 
-    def in_specs(q_blocked):
-        qn_s, qr_s, do_s, lse_s, delta_s = _q_specs(Tp, bq, (P, R, V, 1, 1), blocked=q_blocked)
-        return [qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=not q_blocked),
-                *_seg_specs(Tp, bq, bk, q_blocked=q_blocked), do_s, lse_s, delta_s]
-
+    qn_s, qr_s, do_s, lse_s, delta_s = _q_specs(Tp, bq, (P, R, V, 1, 1), blocked=True)
     dqn, dqr = pl.pallas_call(
-        functools.partial(_dq_kernel, **kw), grid=(B, N, Tp // bq), in_specs=in_specs(True),
-        out_specs=_q_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)], **opts)(*args)
+        functools.partial(_dq_kernel, **kw), grid=(B, N, Tp // bq),
+        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=False), *_seg_specs(Tp, bq), do_s, lse_s, delta_s],
+        out_specs=_q_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)], **opts,
+    )(qn, qr, kn, kr, v, seg_col, seg_row, do, lse, delta)
+
+    qn_s, qr_s, do_s = _q_specs(Tp, bq, (P, R, V), blocked=False)
+    row = pl.BlockSpec((None, None, 1, Tp), lambda b, n, i: (b, n, 0, 0))
+    segk_s, segq_s = _seg_specs(Tp, bk)
     dkn, dkr_BNSR, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **kw), grid=(B, N, Tp // bk), in_specs=in_specs(False),
+        functools.partial(_dkv_kernel, **kw), grid=(B, N, Tp // bk),
+        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=True), segq_s, segk_s, do_s, row, row],
         out_specs=_q_specs(Tp, bk, (P, R, V), blocked=True),  # per-head key blocks: dk_rope summed below
-        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], **opts)(*args)
+        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], **opts,
+    )(qn, qr, kn, kr, v, seg_row, seg_col, do, lse.reshape(B, N, 1, Tp), delta.reshape(B, N, 1, Tp))
     return dqn, dqr, dkn, jnp.sum(dkr_BNSR, axis=1).astype(kr.dtype), dv, None
 
 
@@ -236,10 +294,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: jax.Array, k_rope_BSR: jax.Array,
                   v_BNSV: jax.Array, segment_ids_BT: jax.Array, *, scale: float, backend: str = "auto",
-                  platform: str | None = None, block_q: int = 128, block_k: int = 128
+                  platform: str | None = None, block_q: int = 128, block_k: int = 128, num_warps: int = 4,
+                  num_stages: int = 2, bwd_block_q: int | None = None, bwd_block_k: int | None = None,
+                  bwd_num_warps: int | None = None, bwd_num_stages: int | None = None
                   ) -> tuple[jax.Array, jax.Array]:
     """Causal, segment-masked MLA attention -> (out [B, N, T, V] in q's dtype, rowmax [B, N, T] float32).
-    Differentiable in q, k and v (rowmax is a statistic: no gradient). See the module docstring."""
+    Differentiable in q, k and v (rowmax is a statistic: no gradient). See the module docstring.
+
+    Launch settings (k2jax.target.KERNEL_LAUNCH holds them per platform and dtype): block_q / block_k rows per
+    query / key block and, on GPU, Triton's num_warps / num_stages, for the forward kernel; the bwd_* ones for
+    the dq and dk/dv kernels (default: the forward's). Every block size divides the padded length."""
     B, N, T, P = q_nope_BNTP.shape
     R, V = q_rope_BNTR.shape[-1], v_BNSV.shape[-1]
     expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, T, P), "k_rope": (B, T, R), "v": (B, N, T, V),
@@ -249,12 +313,15 @@ def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: j
     bad = [f"{k} {got[k]} (expected {v})" for k, v in expect.items() if tuple(got[k]) != v]
     if bad:
         raise ValueError(f"mla_attention: q_nope {q_nope_BNTP.shape} and " + ", ".join(bad))
-    backend = kb.resolve(backend, (P, R, V))
+    backend = kb.resolve(backend, (P, R, V), platform)
     if backend == "xla":
         return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, scale=scale)
-    multiple = math.lcm(block_q, block_k)
+    fwd = _Launch(block_q, block_k, num_warps, num_stages)
+    bwd = _Launch(bwd_block_q or block_q, bwd_block_k or block_k, bwd_num_warps or num_warps,
+                  bwd_num_stages or num_stages)
+    multiple = math.lcm(fwd.bq, fwd.bk, bwd.bq, bwd.bk)
     pad = functools.partial(kb.pad_axis, axis=2, multiple=multiple)
     args = (pad(q_nope_BNTP), pad(q_rope_BNTR), pad(k_nope_BNSP), kb.pad_axis(k_rope_BSR, 1, multiple),
             pad(v_BNSV), kb.pad_axis(segment_ids_BT.astype(jnp.int32), 1, multiple, value=-1))
-    out, rowmax = _flash(*args, (float(scale), block_q, block_k, T, backend, platform))
+    out, rowmax = _flash(*args, (float(scale), T, backend, platform, fwd, bwd))
     return out[:, :, :T], rowmax[:, :, :T]

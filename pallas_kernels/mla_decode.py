@@ -15,10 +15,25 @@ a [T·N, C + R] x [C + R, block] product, the shape FlashMLA uses.
 
 Split-K ("flash decoding"): the S slots are cut into `num_splits` chunks, one program per (row, chunk) writes a
 partial softmax (normalised output and logsumexp) and the chunks are merged outside the kernel, so a batch of
-one long context still fills the device. Ragged rows: a program runs only over the blocks holding slots up to its
-row's last position (a per-(row, chunk) block count computed outside the kernel), so a short row costs little in a
-batch of long ones; slots past a row's last position are masked and zeroed (stale or uninitialised cache memory
-never reaches a result, NaN included).
+one long context still fills the device. Ragged rows: only the blocks holding slots up to a row's last position
+are read, so a short row costs little in a batch of long ones; slots past a row's last position are masked and
+zeroed (stale or uninitialised cache memory never reaches a result, NaN included).
+
+Two launch forms, picked by platform (one block step, `_block_step`, shared):
+  "tpu" (Mosaic): the grid is (row, chunk, block of `block_s` slots), the last axis sequential with the running
+        softmax in VMEM scratch; the cache's BlockSpec copies one [block_s, C + R] block per step, and the blocks
+        past a row's last position map to its last needed block, so they are never copied (a scalar-prefetched
+        table of last blocks). VMEM holds a block, not the chunk: a 128K-slot cache compiles.
+  "gpu" (Triton; also the default interpreted form): one program per (row, chunk, `block_m` of the T·N query
+        rows) loops over its chunk's blocks up to the row's last position (a per-(row, chunk) block count
+        computed outside the kernel), loading them through the chunk's ref. Fewer query rows per program keep the
+        [block_m, C] float32 accumulator in registers and the [block_m + block_s, C] operands in shared memory;
+        the programs of one chunk read the same cache blocks (from L2 after the first).
+
+Both forms compile for their platform (TPU v5p, H100) at K2's sizes (64 heads, C = 512, R = 64, 4K and 128K
+slots, 1 and 4 new tokens, bf16 and float32) with the launch settings in k2jax.target.KERNEL_LAUNCH
+(tests/pallas_kernels/test_compile.py), and run in the Pallas interpreter in the tests; they have not been run
+or timed on a device yet.
 
 Letter legend: B batch, T new tokens per row, N heads, S cache slots, C kv_lora, R rope dim, X = C + R, M = T·N.
 """
@@ -50,27 +65,63 @@ def reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, *, scale: float)
     return jnp.einsum("btns,bsc->btnc", probs_BTNS.astype(c_BSC.dtype), c_BSC, preferred_element_type=F32)
 
 
-# ---- kernel --------------------------------------------------------------------------------------------------
-def _decode_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, *, scale, bs, C, R, chunk):
-    b, split = pl.program_id(0), pl.program_id(1)
-    ql, qr, pos = ql_ref[...], qr_ref[...], pos_ref[...]  # [M, C], [M, R], [M, 1]
-    last = jnp.max(pos, axis=0, keepdims=True)  # [1, 1]: the row's last visible slot
-    base = split * chunk
+# ---- kernels ---------------------------------------------------------------------------------------------------
+def _block_step(ql, qr, pos, c, kr, first_slot, carry, *, scale):
+    """One block of slots [first_slot, first_slot + bs) for query rows ql [M', C], qr [M', R] at positions pos
+    [M', 1]: the running (acc [M', C], max [M', 1], sum [M', 1]) -> updated. The block's latent rows past the
+    rows' last position are zeroed (stale or uninitialised slots may hold NaN)."""
+    c = kb.rows_below(c, first_slot, jnp.max(pos, axis=0, keepdims=True) + 1)
+    s = (kb.dot_nt(ql, c) + kb.dot_nt(qr, kr)) * scale  # [M', bs]
+    slot = first_slot + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    return kb.online_softmax_step(jnp.where(slot <= pos, s, -jnp.inf), c, *carry)
 
-    def body(j, carry):
-        rows = pl.ds(pl.multiple_of(j * bs, bs), bs)
-        c = kb.rows_below(cache_ref[rows, pl.ds(0, C)], base + j * bs, last + 1)
-        kr = cache_ref[rows, pl.ds(C, R)]
-        s = (kb.dot_nt(ql, c) + kb.dot_nt(qr, kr)) * scale  # [M, bs]
-        slot = base + j * bs + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        return kb.online_softmax_step(jnp.where(slot <= pos, s, -jnp.inf), c, *carry)
 
-    M = ql.shape[0]
-    init = (jnp.zeros((M, C), F32), jnp.full((M, 1), -jnp.inf, F32), jnp.zeros((M, 1), F32))
-    acc, m, l = jax.lax.fori_loop(0, nblk_ref[b, split], body, init)
+def _finish(acc, m, l, o_ref, lse_ref):
     l_safe = jnp.where(l == 0, 1.0, l)
     o_ref[...] = acc / l_safe
     lse_ref[...] = jnp.where(l == 0, -jnp.inf, m + jnp.log(l_safe))
+
+
+def _loop_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, *, scale, bs, C, R, chunk):
+    """GPU form: one program per (row, chunk, query-row block) loops over the chunk's blocks up to the row's last
+    position, reading them through the chunk's ref (a pointer on GPU)."""
+    b, split = pl.program_id(0), pl.program_id(1)
+    ql, qr, pos = ql_ref[...], qr_ref[...], pos_ref[...]  # [M', C], [M', R], [M', 1]
+
+    def body(j, carry):
+        rows = pl.ds(pl.multiple_of(j * bs, bs), bs)
+        return _block_step(ql, qr, pos, cache_ref[rows, pl.ds(0, C)], cache_ref[rows, pl.ds(C, R)],
+                           split * chunk + j * bs, carry, scale=scale)
+
+    M = ql.shape[0]
+    init = (jnp.zeros((M, C), F32), jnp.full((M, 1), -jnp.inf, F32), jnp.zeros((M, 1), F32))
+    _finish(*jax.lax.fori_loop(0, nblk_ref[b, split], body, init), o_ref, lse_ref)
+
+
+def _grid_kernel(last_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, scale,
+                 bs, C, R, chunk):
+    """TPU form: one grid step per block of slots (the innermost, sequential grid axis), the running softmax in
+    VMEM scratch. Blocks past the row's last position are skipped, and their index map repeats the last needed
+    block, so they are not even copied in."""
+    b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    first_slot = split * chunk + j * bs
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+
+    @pl.when(first_slot <= last_ref[b])
+    def _():
+        carry = (acc_ref[...], m_ref[...], l_ref[...])
+        acc, m, l = _block_step(ql_ref[...], qr_ref[...], pos_ref[...], cache_ref[:, pl.ds(0, C)],
+                                cache_ref[:, pl.ds(C, R)], first_slot, carry, scale=scale)
+        acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _():
+        _finish(acc_ref[...], m_ref[...], l_ref[...], o_ref, lse_ref)
 
 
 def default_splits(num_slots: int, block_s: int) -> int:
@@ -78,10 +129,24 @@ def default_splits(num_slots: int, block_s: int) -> int:
     return max(1, min(16, -(-num_slots // max(1024, block_s))))
 
 
+def _form(backend, platform) -> str:
+    """"tpu" (grid over slot blocks) or "gpu" (loop over slot blocks): by platform; interpreted runs use the form
+    of `platform` when one is named, else the gpu form."""
+    if backend == "interpret":
+        return "tpu" if platform == "tpu" else "gpu"
+    return kb.platform_of(platform)
+
+
 def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Array, positions_BT: jax.Array, *,
                scale: float, backend: str = "auto", platform: str | None = None, block_s: int = 128,
-               num_splits: int | None = None) -> jax.Array:
-    """-> o_lat [B, T, N, C] float32. See the module docstring."""
+               num_splits: int | None = None, block_m: int | None = None, num_warps: int = 4,
+               num_stages: int = 2) -> jax.Array:
+    """-> o_lat [B, T, N, C] float32. See the module docstring.
+
+    Launch settings (k2jax.target.KERNEL_LAUNCH holds them per platform and dtype): block_s slots per block (on
+    TPU one grid step and one DMA each), num_splits chunks per row (default: default_splits), and on GPU block_m
+    query rows (of the T·N) per program (default all: one program reads each cache block once; fewer keep the
+    [block_m, C] float32 accumulator in registers) with Triton's num_warps / num_stages."""
     B, T, N, C = q_lat_BTNC.shape
     R = q_rope_BTNR.shape[-1]
     S, X = cache_BSX.shape[1:]
@@ -90,7 +155,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
                          f"{cache_BSX.shape} do not agree (cache slots hold kv_lora + rope = C + R values)")
     if positions_BT.shape != (B, T):
         raise ValueError(f"mla_decode: positions must be [B, T] = {(B, T)}, got {positions_BT.shape}")
-    backend = kb.resolve(backend, (C, R))
+    backend = kb.resolve(backend, (C, R), platform)
     if backend == "xla":
         return reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=scale)
 
@@ -99,24 +164,50 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     chunk = cache.shape[1] // splits
     M = T * N
     pos_BT = positions_BT.astype(jnp.int32)
-    pos_BM1 = jnp.repeat(pos_BT, N, axis=1)[..., None]  # row m = t * N + n
+    last_B1 = pos_BT.max(axis=1, keepdims=True)  # each row's last visible slot
+    q_lat, q_rope = q_lat_BTNC.reshape(B, M, C), q_rope_BTNR.reshape(B, M, R)  # row m = t * N + n
+    pos_BM1 = jnp.repeat(pos_BT, N, axis=1)[..., None]
+    kw = dict(scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk)
+    out_shape = [jax.ShapeDtypeStruct((B, splits, M, C), F32), jax.ShapeDtypeStruct((B, splits, M, 1), F32)]
+
+    if _form(backend, platform) == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        per_chunk = chunk // block_s
+
+        def cache_at(b, k, j, last):  # blocks past the row's last needed one repeat it: no new copy
+            return b, jnp.minimum(k * per_chunk + j, jax.lax.div(jnp.maximum(last[b], 0), block_s)), 0
+
+        row = lambda d: pl.BlockSpec((None, M, d), lambda b, k, j, _: (b, 0, 0))  # noqa: E731
+        part = lambda d: pl.BlockSpec((None, None, M, d), lambda b, k, j, _: (b, k, 0, 0))  # noqa: E731
+        grid_spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(B, splits, per_chunk),
+            in_specs=[row(C), row(R), row(1), pl.BlockSpec((None, block_s, X), cache_at)],
+            out_specs=[part(C), part(1)],
+            scratch_shapes=[pltpu.VMEM((M, C), F32), pltpu.VMEM((M, 1), F32), pltpu.VMEM((M, 1), F32)])
+        o_BKMC, lse_BKM1 = pl.pallas_call(
+            functools.partial(_grid_kernel, **kw), grid_spec=grid_spec, out_shape=out_shape,
+            **kb.launch_options(backend, platform, 3, sequential=(2,)),
+        )(last_B1[:, 0], q_lat, q_rope, pos_BM1, cache)
+        return merge_splits(o_BKMC, lse_BKM1).reshape(B, T, N, C)
+
+    bm = block_m or M
+    Mp = -(-M // bm) * bm  # padded query rows: position -1 sees no slot, and their outputs are dropped
+    q_lat, q_rope = (kb.pad_axis(a, 1, bm, value=0) for a in (q_lat, q_rope))
+    pos_BM1 = kb.pad_axis(pos_BM1, 1, bm, value=-1)
     # blocks of each chunk holding slots <= the row's last position
-    last_B1 = pos_BT.max(axis=1, keepdims=True)
     starts = jnp.arange(splits, dtype=jnp.int32)[None, :] * chunk
     nblk_BK = jnp.clip((last_B1 + 1 - starts + block_s - 1) // block_s, 0, chunk // block_s).astype(jnp.int32)
-
-    row = lambda d: pl.BlockSpec((None, M, d), lambda b, k: (b, 0, 0))  # noqa: E731
-    part = lambda d: pl.BlockSpec((None, None, M, d), lambda b, k: (b, k, 0, 0))  # noqa: E731
+    row = lambda d: pl.BlockSpec((None, bm, d), lambda b, k, i: (b, i, 0))  # noqa: E731
+    part = lambda d: pl.BlockSpec((None, None, bm, d), lambda b, k, i: (b, k, i, 0))  # noqa: E731
     o_BKMC, lse_BKM1 = pl.pallas_call(
-        functools.partial(_decode_kernel, scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk),
-        grid=(B, splits),
+        functools.partial(_loop_kernel, **kw), grid=(B, splits, Mp // bm),
         in_specs=[kb.scalar_table_spec(backend, platform), row(C), row(R), row(1),
-                  pl.BlockSpec((None, chunk, X), lambda b, k: (b, k, 0))],
+                  pl.BlockSpec((None, chunk, X), lambda b, k, i: (b, k, 0))],
         out_specs=[part(C), part(1)],
-        out_shape=[jax.ShapeDtypeStruct((B, splits, M, C), F32), jax.ShapeDtypeStruct((B, splits, M, 1), F32)],
-        **kb.launch_options(backend, platform, 2),
-    )(nblk_BK, q_lat_BTNC.reshape(B, M, C), q_rope_BTNR.reshape(B, M, R), pos_BM1, cache)
-    return merge_splits(o_BKMC, lse_BKM1).reshape(B, T, N, C)
+        out_shape=[jax.ShapeDtypeStruct((B, splits, Mp, C), F32), jax.ShapeDtypeStruct((B, splits, Mp, 1), F32)],
+        **kb.launch_options(backend, platform, 3, num_warps=num_warps, num_stages=num_stages),
+    )(nblk_BK, q_lat, q_rope, pos_BM1, cache)
+    return merge_splits(o_BKMC[:, :, :M], lse_BKM1[:, :, :M]).reshape(B, T, N, C)
 
 
 def merge_splits(o_BKMC: jax.Array, lse_BKM1: jax.Array) -> jax.Array:

@@ -1,17 +1,16 @@
-"""What every kernel test needs: NaN-poisoned padding, relative error, and a CPU-only check that a kernel lowers
-for TPU (Mosaic) and GPU (Triton)."""
+"""What every kernel test needs: NaN-poisoned padding, relative error, and a CPU-only compile of a program for one
+deviceless TPU v5p chip (Mosaic) or H100 (Triton + ptxas), which runs every check a device compile runs (layouts,
+VMEM and shared-memory limits)."""
 
 import contextlib
+import functools
 
 import jax
 import numpy as np
-from jax import export
 
 from pallas_kernels import backend as kb
-
-# jax.export refuses custom calls without a stability guarantee; a lowering check serialises nothing.
-_UNCHECKED = [export.DisabledSafetyCheck.custom_call(name) for name in ("tpu_custom_call", "__gpu$xla.gpu.triton")]
-PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}
+from tests import compile_targets
+from tests.compile_targets import abstract, gpu_mesh, tpu_mesh
 
 
 @contextlib.contextmanager
@@ -29,12 +28,20 @@ def rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-def lowered_kernels(fn, platform: str, *arg_shapes) -> str:
-    """Lowers jit(fn) for `platform` ("tpu" | "gpu") on this CPU machine; returns the StableHLO text. Mosaic /
-    Triton lowering runs in full (block shapes, layouts, unsupported ops raise); device compilation does not."""
-    exported = export.export(jax.jit(fn), platforms=[PLATFORMS[platform]], disabled_checks=_UNCHECKED)(*arg_shapes)
-    return exported.mlir_module()
+@functools.cache
+def one_chip(platform: str) -> jax.sharding.Mesh:
+    """A one-device mesh of a deviceless TPU v5p chip ("tpu") or H100 ("gpu")."""
+    return tpu_mesh({"x": 1}) if platform == "tpu" else gpu_mesh({"x": 1})
 
 
-def kernel_call_count(hlo: str, platform: str) -> int:
-    return hlo.count("tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton")
+def compile_for(platform: str, fn, *args: tuple[tuple[int, ...], object]) -> jax.stages.Compiled:
+    """jit(fn) compiled for one chip of `platform` ("tpu" | "gpu") on this CPU machine; args are (shape, dtype)
+    pairs. The kernels see the platform through the mesh (kb.target_platform)."""
+    mesh = one_chip(platform)
+    with jax.set_mesh(mesh):
+        return jax.jit(fn).lower(*(abstract(shape, dtype, mesh) for shape, dtype in args)).compile()
+
+
+def kernel_calls(compiled: jax.stages.Compiled, platform: str) -> int:
+    """How many Pallas kernel launches the compiled program holds."""
+    return compile_targets.kernel_calls(compiled.as_text(), platform)

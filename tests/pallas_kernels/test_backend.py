@@ -1,5 +1,6 @@
-"""The one backend rule: names checked, "auto" by platform and by whether the kernel's dims suit its tiles, the
-launch options per backend, and row padding."""
+"""The one backend rule: the target platform (named, the mesh's, else the default device's: never the host's
+guess), names checked, "auto" by platform and by whether the kernel's dims suit its tiles, the launch options per
+backend, and row padding."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import backend as kb
+from tests.compile_targets import gpu_mesh, tpu_mesh
 
 
 def test_auto_is_xla_on_cpu_and_names_are_checked():
@@ -16,11 +18,29 @@ def test_auto_is_xla_on_cpu_and_names_are_checked():
         kb.resolve("triton")
 
 
-def test_auto_on_an_accelerator_needs_tile_friendly_dims(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert kb.resolve("auto", (128, 64, 128)) == "pallas"  # K2's head dims
-    assert kb.resolve("auto", (16, 8, 16)) == "xla"  # a tiny test config's rope dim: below a Triton tile
-    assert kb.resolve("auto", (192,)) == "xla"  # not a power of two
+def test_the_target_platform_is_named_or_the_meshs():
+    assert kb.target_platform() == "cpu"  # no mesh: the default device
+    assert kb.target_platform("tpu") == "tpu" and kb.target_platform("cuda") == "gpu"
+    assert kb.target_platform("auto") == "cpu"
+    with pytest.raises(ValueError, match="platform must be one of"):
+        kb.target_platform("metal")
+    for mesh, want in ((tpu_mesh({"x": 4}), "tpu"), (gpu_mesh({"x": 2}), "gpu"),
+                       (jax.make_mesh((8,), ("x",)), "cpu")):
+        with jax.set_mesh(mesh):
+            assert kb.target_platform() == want
+            seen = []  # while tracing (the abstract mesh)
+            jax.jit(lambda: seen.append(kb.target_platform()) or jnp.zeros(())).trace()
+            assert seen == [want]
+        assert kb.target_platform() == "cpu"
+
+
+def test_auto_on_an_accelerator_needs_tile_friendly_dims():
+    for platform in ("gpu", "tpu"):
+        assert kb.resolve("auto", (128, 64, 128), platform) == "pallas"  # K2's head dims
+        assert kb.resolve("auto", (16, 8, 16), platform) == "xla"  # a tiny test config's rope dim: below a tile
+        assert kb.resolve("auto", (192,), platform) == "xla"  # not a power of two
+    with jax.set_mesh(tpu_mesh({"x": 1})):
+        assert kb.resolve("auto", (128, 64, 128)) == "pallas"
 
 
 def test_launch_options_per_backend():
