@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.common import best_time  # noqa: E402
+from pallas_kernels.backend import target_platform  # noqa: E402
 from pallas_kernels.fp8_grouped_matmul import FP8, dequantize, fp8_grouped_matmul  # noqa: E402
 from pallas_kernels.mla_attention import mla_attention  # noqa: E402
 from pallas_kernels.mla_decode import mla_decode  # noqa: E402
@@ -133,7 +134,7 @@ def bench_gmm(backend, peaks, small):
 
 
 def main(_):
-    platform = jax.default_backend()
+    platform = target_platform()  # the device this runs on (no mesh is set)
     if platform == "cpu" and not SMOKE.value:
         print("benchmarks/kernels.py: no accelerator (platform cpu); nothing to measure. "
               "Run it on a TPU or GPU, or with --smoke to check the script in the Pallas interpreter.")

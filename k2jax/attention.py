@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (MLA), the train / prefill path.
+"""Multi-head Latent Attention (MLA): the layer, its train / prefill attention and its absorbed decode.
 
     q  = q_b(norm(q_a(x)))            (or q_proj(x) without q_lora)      -> per head [nope | rope]
     kv_a(x) = [c | k_rope]            c: kv_lora latent, k_rope: one rope key shared by all heads
@@ -6,24 +6,27 @@
     logits = (q_nope·k_nope + rope(q_rope)·rope(k_rope)) · softmax_scale
 
 `latent(x)` returns exactly what a decode cache stores (normed c and roped k_rope, C + R values per token).
-Two ways to attend over it, same weights:
-  attend_latent    expands c into per-head k_nope and v with kv_b (training and prefill: T is large)
-  attend_absorbed  folds kv_b into the query and the output instead (decode: q_nope.W_UK gives a query in latent
-                   space, attention runs over the C + R cached values shared by all heads, then W_UV)
-`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, C + R] and attends over it.
+Two ways to attend over it, same weights; the model owns no attention math, each is one kernel module's op:
+  attend        expands c into per-head k_nope and v with kv_b, then causal self-attention within segments
+                (`pallas_kernels.mla_attention`; training and prefill: T is large)
+  attend_cache  folds kv_b into the query and the output instead (`pallas_kernels.mla_decode`; decode: q_nope.W_UK
+                gives a query in latent space, attention runs over the C + R cached values shared by all heads,
+                then W_UV)
+`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, C + R] and attends.
 The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real tokens, which
 QK-Clip needs.
 
-cfg.attention_impl picks how: "xla" runs the materialised-logits forms below; "pallas" / "interpret" run the
-train / prefill attention as `pallas_kernels.mla_attention` (flash attention, max logits from its running max) and
-absorbed decode as `pallas_kernels.mla_decode` (split-K over the latent cache); "auto" is pallas on TPU / GPU when
-the head dims suit the kernels' tiles (powers of two >= 16, as K2's are), xla otherwise.
+Each op runs with the backend k2jax.target picks (cfg.attention_impl overrides it): "pallas" on TPU / GPU (the
+kernel, under `sharding.per_shard`: per example and head / per row on every device of the mesh, with the
+platform's block sizes), "xla" on CPU (the kernel module's XLA reference), or "interpret" (tests).
 
 Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, V value),
 Q q_lora, C kv_lora, X = C + R (one cache slot), L layers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +35,13 @@ from flax import nnx
 from k2jax.config import K2Config
 from k2jax.layers import RMSNorm, project, weight
 from k2jax.rope import apply_rope, softmax_scale
-from pallas_kernels import backend as kernel_backend
-from pallas_kernels.mla_attention import mla_attention, visibility
+from k2jax.target import Target
+from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import mla_decode
+from sharding.per_shard import per_shard
 
 # q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
-# attend_latent(causal=True): query blocks of at least this many rows, at most this many blocks (smaller blocks'
-# matmuls run slower on CPU than the skipped work saves; more blocks only add compile time)
-CAUSAL_BLOCK = 128
-MAX_CAUSAL_BLOCKS = 8
 
 
 class MLAttention(nnx.Module):
@@ -63,20 +63,21 @@ class MLAttention(nnx.Module):
                              fan_in=N * cfg.v_head_dim, n_in=2)
         self.dtype = jnp.dtype(cfg.dtype)
         self.scale = softmax_scale(cfg)
-        self.impl = cfg.attention_impl
-        self.kernel_dims = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
 
     def _w(self, p: nnx.Param) -> jnp.ndarray:
         return p[...].astype(self.dtype)
+
+    def _project(self, x, p: nnx.Param, n_in: int = 1) -> jnp.ndarray:
+        return project(x, self._w(p), n_in, cpu_form=Target.of(self.cfg).cpu_matmul)
 
     def queries(self, x_BTD, cos_BTK, sin_BTK) -> tuple[jnp.ndarray, jnp.ndarray]:
         """q_nope [B, T, N, P] and roped q_rope [B, T, N, R]."""
         x = x_BTD.astype(self.dtype)
         if self.cfg.q_lora_rank is None:
-            q_BTNH = project(x, self._w(self.q_proj))
+            q_BTNH = self._project(x, self.q_proj)
         else:
-            q_BTQ = self.q_a_layernorm(project(x, self._w(self.q_a_proj)))
-            q_BTNH = project(q_BTQ, self._w(self.q_b_proj))
+            q_BTQ = self.q_a_layernorm(self._project(x, self.q_a_proj))
+            q_BTNH = self._project(q_BTQ, self.q_b_proj)
         P = self.cfg.qk_nope_head_dim
         q_rope = apply_rope(q_BTNH[..., P:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
         return q_BTNH[..., :P], q_rope
@@ -84,75 +85,52 @@ class MLAttention(nnx.Module):
     def latent(self, x_BTD, cos_BTK, sin_BTK) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The per-token cacheable state: normed latent c [B, T, C] and roped shared key k_rope [B, T, R]."""
         C = self.cfg.kv_lora_rank
-        kv_BTX = project(x_BTD.astype(self.dtype), self._w(self.kv_a_proj_with_mqa))
+        kv_BTX = self._project(x_BTD.astype(self.dtype), self.kv_a_proj_with_mqa)
         c_BTC = self.kv_a_layernorm(kv_BTX[..., :C])
         k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
         return c_BTC, k_rope_BTR
 
-    def attend_latent(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS, query_valid_BT, *,
-                      causal: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Expands the latent into per-head keys and values and attends. Returns (o_proj output [B, T, D],
-        max pre-softmax logit per head [N] over visible pairs of valid queries; -inf if there are none).
-
-        causal: the mask hides every key s > query t (self-attention, S == T). The queries then go in blocks of at
-        least CAUSAL_BLOCK rows (at most MAX_CAUSAL_BLOCKS), each against the keys up to its own end: the
-        upper triangle's blocks are never multiplied (T = 256: 2 blocks, 3/4 of the work, forward 33 % faster)."""
-        k_nope_BNSP, v_BNSV = self._keys_values(c_BSC)
-        T, S = q_nope_BTNP.shape[1], k_nope_BNSP.shape[2]
-        n_blocks = max(1, min(MAX_CAUSAL_BLOCKS, T // CAUSAL_BLOCK)) if causal else 1
-        edges = [T * i // n_blocks for i in range(n_blocks + 1)]
-        outs, maxes = [], []
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            keys = hi if causal else S
-            out_BTNV, max_logit_N = self._attend_heads(
-                q_nope_BTNP[:, lo:hi], q_rope_BTNR[:, lo:hi], k_nope_BNSP[:, :, :keys], k_rope_BSR[:, :keys],
-                v_BNSV[:, :, :keys], mask_BTS[:, lo:hi, :keys], query_valid_BT[:, lo:hi])
-            outs.append(out_BTNV)
-            maxes.append(max_logit_N)
-        out_BTNV = outs[0] if n_blocks == 1 else jnp.concatenate(outs, axis=1)
-        return self._output(out_BTNV), jnp.max(jnp.stack(maxes), axis=0)
-
-    def _attend_heads(self, q_nope_BTNP, q_rope_BTNR, k_nope_BNSP, k_rope_BSR, v_BNSV, mask_BTS, query_valid_BT
-                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Materialised attention of T queries over S keys: (per-head outputs [B, T, N, V], max logit per head
-        [N] over visible pairs of valid queries)."""
-        B, T, N, _ = q_nope_BTNP.shape
-        # Head-major layouts so both products are plain batched matmuls (2x faster than the einsums on CPU).
-        f32 = jnp.float32
-        nope_BNTS = jnp.matmul(q_nope_BTNP.transpose(0, 2, 1, 3), k_nope_BNSP.swapaxes(-1, -2),
-                               preferred_element_type=f32)
-        q_rope_BXR = q_rope_BTNR.transpose(0, 2, 1, 3).reshape(B, N * T, -1)  # the rope key is shared by heads
-        rope_BNTS = jnp.matmul(q_rope_BXR, k_rope_BSR.swapaxes(-1, -2), preferred_element_type=f32).reshape(
-            nope_BNTS.shape)
-        logits_BNTS = (nope_BNTS + rope_BNTS) * self.scale
-        visible_B1TS = mask_BTS[:, None]
-        logits_BNTS = jnp.where(visible_B1TS, logits_BNTS, -jnp.inf)
-        # each query's max over its visible keys, then over valid queries: a [B, N, T] reduction the softmax's own
-        # row max shares (masking a second [B, N, T, S] copy by query validity cost as much as the softmax)
-        rowmax_BNT = jnp.max(logits_BNTS, axis=-1)
-        max_logit_N = jnp.max(jnp.where(query_valid_BT[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
-        probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
-        return jnp.matmul(probs_BNTS, v_BNSV).transpose(0, 2, 1, 3), max_logit_N
-
-    def attend_flash(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, backend: str
-                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """attend_latent's result (causal, same-segment self-attention) by the flash attention kernel."""
+    def attend(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, target: Target
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Causal self-attention within segments (`pallas_kernels.mla_attention`, the target's backend): expands
+        the latent into per-head keys and values. -> (o_proj output [B, T, D], max pre-softmax logit per head [N]
+        over visible pairs of real queries (segment > 0); -inf if there are none)."""
         k_nope_BNTP, v_BNTV = self._keys_values(c_BTC)
         heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
-        out_BNTV, rowmax_BNT = mla_attention(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNTP,
-                                             k_rope_BTR, v_BNTV, segment_ids_BT, scale=self.scale, backend=backend)
+        kernel = functools.partial(mla_attention, scale=self.scale, backend=target.attention,
+                                   **target.launch("mla_attention", self.dtype))
+        if target.attention != "xla":  # a kernel runs per device: each device's examples and heads
+            per_head, shared = ("batch", "heads", None, None), ("batch", None, None)
+            kernel = per_shard(kernel, in_axes=(per_head, per_head, per_head, shared, per_head, ("batch", None)),
+                               out_axes=(per_head, ("batch", "heads", None)))
+        out_BNTV, rowmax_BNT = kernel(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNTP, k_rope_BTR,
+                                      v_BNTV, segment_ids_BT)
         max_logit_N = jnp.max(jnp.where((segment_ids_BT > 0)[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
         return self._output(heads_first(out_BNTV)), max_logit_N
 
+    def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_BSX, positions_BT, target: Target) -> jnp.ndarray:
+        """Absorbed attention over a latent cache (`pallas_kernels.mla_decode`, the target's backend): the query
+        goes to latent space (q_nope . W_UK), attends over the C + R cached values per slot shared by all heads
+        (slots <= each token's position), and comes back through W_UV and o_proj -> [B, T, D]. Per new token it
+        reads C + R values per cached token instead of N (P + V)."""
+        kernel = functools.partial(mla_decode, scale=self.scale, backend=target.attention,
+                                   **target.launch("mla_decode", self.dtype))
+        if target.attention != "xla":  # a kernel runs per device: each device's rows (and heads)
+            per_head = ("batch", None, "heads", None)
+            kernel = per_shard(kernel, in_axes=(per_head, per_head, ("batch", None, None), ("batch", None)),
+                               out_axes=per_head)
+        o_lat_BTNC = kernel(self._absorb_query(q_nope_BTNP), q_rope_BTNR, cache_BSX, positions_BT)
+        return self._expand_output(o_lat_BTNC)
+
     def _keys_values(self, c_BSC) -> tuple[jnp.ndarray, jnp.ndarray]:
         """kv_b expansion of the latent, head-major: k_nope [B, N, S, P] and v [B, N, S, V]."""
-        kv_BNSH = project(c_BSC, self._w(self.kv_b_proj)).transpose(0, 2, 1, 3)
+        kv_BNSH = self._project(c_BSC, self.kv_b_proj).transpose(0, 2, 1, 3)
         P = self.cfg.qk_nope_head_dim
         return kv_BNSH[..., :P], kv_BNSH[..., P:]
 
     def _output(self, out_BTNV) -> jnp.ndarray:
         """Per-head attention outputs through o_proj -> [B, T, D]."""
-        return project(out_BTNV, self._w(self.o_proj), n_in=2)
+        return self._project(out_BTNV, self.o_proj, n_in=2)
 
     def _absorb_query(self, q_nope_BTNP) -> jnp.ndarray:
         """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype)."""
@@ -166,52 +144,30 @@ class MLAttention(nnx.Module):
         return self._output(jnp.einsum("btnc,cnv->btnv", o_lat_BTNC.astype(self.dtype),
                                        w_CNH[..., self.cfg.qk_nope_head_dim:]))
 
-    def attend_absorbed(self, q_nope_BTNP, q_rope_BTNR, c_BSC, k_rope_BSR, mask_BTS) -> jnp.ndarray:
-        """attend_latent's result computed without expanding the latent: logits = (q_nope.W_UK).c + q_rope.k_rope,
-        out = (probs.c).W_UV. Per new token it reads C + R values per cached token instead of N (P + V)."""
-        f32 = jnp.float32
-        q_lat_BTNC = self._absorb_query(q_nope_BTNP)
-        logits_BNTS = (jnp.einsum("btnc,bsc->bnts", q_lat_BTNC, c_BSC, preferred_element_type=f32)
-                       + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR, preferred_element_type=f32))
-        logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS * self.scale, -jnp.inf)
-        probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(self.dtype)
-        return self._expand_output(jnp.einsum("bnts,bsc->btnc", probs_BNTS, c_BSC, preferred_element_type=f32))
-
     def __call__(self, x_BTD, cos_BTK, sin_BTK, segment_ids_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Causal self-attention within segments (segment_ids > 0 real tokens, 0 padding) -> (out [B, T, D], max
         pre-softmax logit per head [N] over visible pairs of real queries)."""
         q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
         c, k_rope = self.latent(x_BTD, cos_BTK, sin_BTK)
-        backend = kernel_backend.resolve(self.impl, self.kernel_dims)
-        if backend != "xla":
-            return self.attend_flash(q_nope, q_rope, c, k_rope, segment_ids_BT, backend)
-        return self.attend_latent(q_nope, q_rope, c, k_rope, visibility(segment_ids_BT), segment_ids_BT > 0,
-                                  causal=True)
+        return self.attend(q_nope, q_rope, c, k_rope, segment_ids_BT, Target.of(self.cfg))
 
-    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, cache_LBSX, layer, *, absorbed: bool,
-               window: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """T new tokens per row at `positions` (= their cache slots) attending over cache_LBSX[layer].
+    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, cache_LBSX, layer, *, prefill: bool
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The generation path: T new tokens per row at `positions` (= their cache slots) -> (out [B, T, D], cache).
 
-        Writes the tokens' latents into slots cache[layer, b, positions[b, t]] (slots past S are dropped), then
-        each token attends to slots s <= its position, so a row's stale slots beyond its length never leak.
-        absorbed picks attend_absorbed (decode) over attend_latent (prefill); window (static) limits the keys to
-        the first `window` slots (a prefill from an empty cache needs only its own T). -> (out [B, T, D], cache)"""
-        C = self.cfg.kv_lora_rank
+        Writes the tokens' latents into slots cache[layer, b, positions[b, t]] (slots past S are dropped).
+        prefill (the cache is empty, positions are 0 .. T-1): the tokens attend causally to each other in the
+        expanded form, as in training (compute-bound). Otherwise each token attends in the absorbed form to the
+        slots s <= its position (decode, or extending a filled cache), so a row's stale slots beyond its length
+        never leak."""
         B, T = positions_BT.shape
         q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
         c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTK, sin_BTK)
         new_BTX = jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype)
         cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
-        S = cache_LBSX.shape[2] if window is None else window
-        keys_BSX = jax.lax.dynamic_index_in_dim(cache_LBSX, layer, axis=0, keepdims=False)[:, :S].astype(self.dtype)
-        backend = kernel_backend.resolve(self.impl, self.kernel_dims)
-        if absorbed and backend != "xla":
-            o_lat_BTNC = mla_decode(self._absorb_query(q_nope), q_rope, keys_BSX, positions_BT, scale=self.scale,
-                                    backend=backend)
-            return self._expand_output(o_lat_BTNC), cache_LBSX
-        c_BSC, k_rope_BSR = keys_BSX[..., :C], keys_BSX[..., C:]
-        mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
-        if absorbed:
-            return self.attend_absorbed(q_nope, q_rope, c_BSC, k_rope_BSR, mask_BTS), cache_LBSX
-        out_BTD, _ = self.attend_latent(q_nope, q_rope, c_BSC, k_rope_BSR, mask_BTS, jnp.ones((B, T), bool))
-        return out_BTD, cache_LBSX
+        target = Target.of(self.cfg)
+        if prefill:
+            out_BTD, _ = self.attend(q_nope, q_rope, c_BTC, k_rope_BTR, jnp.ones((B, T), jnp.int32), target)
+            return out_BTD, cache_LBSX
+        keys_BSX = jax.lax.dynamic_index_in_dim(cache_LBSX, layer, axis=0, keepdims=False).astype(self.dtype)
+        return self.attend_cache(q_nope, q_rope, keys_BSX, positions_BT, target), cache_LBSX

@@ -22,6 +22,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
 _ATTENTION_IMPLS = ("auto", "xla", "pallas", "interpret")
 _REMAT = ("none", "full", "dots")
+_PLATFORMS = ("auto", "cpu", "tpu", "gpu")
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,8 @@ class K2Config:
     pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
     remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
     scan_unroll: int = 0  # MoE blocks per iteration of their scan: 0 = auto (all of them on CPU, 1 on TPU/GPU)
+    platform: str = "auto"  # what the program is compiled for: auto (the mesh's devices, else the default
+    #                         device) | cpu | tpu | gpu; every per-platform choice follows it (k2jax/target.py)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -128,6 +131,7 @@ class K2Config:
              f"attention_impl must be one of {_ATTENTION_IMPLS}, got {self.attention_impl!r}")
         need(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
              f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
+        need(self.platform in _PLATFORMS, f"platform must be one of {_PLATFORMS}, got {self.platform!r}")
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
         need(isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool) and self.scan_unroll >= 0,
              f"scan_unroll must be an int >= 0, got {self.scan_unroll!r}")
@@ -219,7 +223,7 @@ class K2Config:
 
 
 _RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate",
-                "pipeline_microbatches", "remat", "scan_unroll")
+                "pipeline_microbatches", "remat", "scan_unroll", "platform")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

@@ -36,6 +36,7 @@ from flax import nnx
 from k2jax.config import K2Config
 from k2jax.model import Transformer
 from k2jax.rope import rope_tables
+from sharding.rules import activation_spec
 
 FINISHED = -1  # what stream() yields for a row that has already stopped
 
@@ -100,11 +101,12 @@ class LatentCache:
 
 
 def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cache: LatentCache, *,
-           absorbed: bool, window: int | None = None, all_logits: bool = False
-           ) -> tuple[jnp.ndarray, LatentCache]:
+           prefill: bool, all_logits: bool = False) -> tuple[jnp.ndarray, LatentCache]:
     """Runs row b's first n_new_B[b] tokens of tokens_BT at positions lengths_B[b], lengths_B[b] + 1, ...,
     writing their latents into the cache. Returns the logits of each row's last new token [B, V] (all_logits:
-    of every token [B, T, V]; entries past n_new_B are junk) and the cache with lengths_B + n_new_B."""
+    of every token [B, T, V]; entries past n_new_B are junk) and the cache with lengths_B + n_new_B.
+    prefill: the cache is empty (attention in the expanded form over the new tokens only); otherwise absorbed
+    attention over the whole cache."""
     B, T = tokens_BT.shape
     positions_BT = cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
@@ -112,7 +114,7 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
 
     def layer(block, x_BTD, kv_LBSX, index):
         x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, kv_LBSX, index,
-                                      absorbed=absorbed, window=window)
+                                      prefill=prefill)
         return x_BTD, kv_LBSX, None
 
     x_BTD, kv_LBSX, _, _ = model.run_layers(model.embed(tokens_BT), layer, cache.kv_LBSX)
@@ -139,12 +141,12 @@ class Generator:
     def __init__(self, model: Transformer):
         self.cfg = model.cfg
         self._graphdef, self._state = nnx.split(model)
-        self._extend = jax.jit(self._extend_fn, static_argnames=("absorbed", "window", "all_logits"),
+        self._extend = jax.jit(self._extend_fn, static_argnames=("prefill", "all_logits"),
                                donate_argnames=("cache",))
         self._sample = jax.jit(sample, static_argnames=("sampling",))
 
-    def _extend_fn(self, state, tokens_BT, n_new_B, cache, *, absorbed, window, all_logits):
-        return extend(nnx.merge(self._graphdef, state), tokens_BT, n_new_B, cache, absorbed=absorbed, window=window,
+    def _extend_fn(self, state, tokens_BT, n_new_B, cache, *, prefill, all_logits):
+        return extend(nnx.merge(self._graphdef, state), tokens_BT, n_new_B, cache, prefill=prefill,
                       all_logits=all_logits)
 
     def new_cache(self, batch: int, max_len: int) -> LatentCache:
@@ -180,8 +182,8 @@ class Generator:
             if lengths.max() > cache.max_len:
                 raise ValueError(f"prompt of {lengths.max()} tokens does not fit a cache of {cache.max_len}")
             tokens = tokens[:, :cache.max_len]
-        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, absorbed=False,
-                            window=tokens.shape[1], all_logits=all_logits)
+        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, prefill=True,
+                            all_logits=all_logits)
 
     def extend(self, rows: Sequence[Sequence[int]], cache: LatentCache, *, all_logits: bool = False
                ) -> tuple[jnp.ndarray, LatentCache]:
@@ -190,17 +192,43 @@ class Generator:
         free = cache.max_len - int(np.asarray(cache.lengths_B).max())
         if lengths.max() > free:
             raise ValueError(f"extend: {lengths.max()} new tokens do not fit: the cache has {free} free slots")
-        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, absorbed=True,
-                            window=None, all_logits=all_logits)
+        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, prefill=False,
+                            all_logits=all_logits)
 
     def decode(self, tokens_B: jnp.ndarray, cache: LatentCache) -> tuple[jnp.ndarray, LatentCache]:
         """One token per row -> (logits [B, V], cache). No host sync: the caller makes sure slots are left."""
         tokens_B = jnp.asarray(tokens_B, jnp.int32)
-        return self._extend(self._state, tokens_B[:, None], jnp.ones_like(tokens_B), cache, absorbed=True,
-                            window=None, all_logits=False)
+        return self._extend(self._state, tokens_B[:, None], jnp.ones_like(tokens_B), cache, prefill=False,
+                            all_logits=False)
 
     def sample(self, logits_BV: jnp.ndarray, sampling: Sampling, key: jax.Array) -> jnp.ndarray:
         return self._sample(logits_BV, key, sampling)
+
+    def lower(self, step: str, *, batch: int, max_len: int, prompt_len: int = 0) -> jax.stages.Lowered:
+        """The jitted step for abstract inputs, ready to .compile() ahead of time: "prefill" (prompts of
+        prompt_len tokens into an empty cache of max_len slots, as `prefill`) or "decode" (one token per row, as
+        `decode`). The model may be abstract (`k2jax.placement.abstract_model`: no memory for weights); its
+        shardings are kept. Under `jax.set_mesh(mesh)` the tokens and the cache are split over the batch as
+        activations are (sharding.rules.activation_spec)."""
+        if step not in ("prefill", "decode"):
+            raise ValueError(f"Generator.lower: step must be 'prefill' or 'decode', got {step!r}")
+        T = _bucket(prompt_len) if step == "prefill" else 1
+        if step == "prefill" and not 0 < prompt_len <= max_len:
+            raise ValueError(f"Generator.lower: prompt_len must be in [1, max_len={max_len}], got {prompt_len}")
+        mesh = jax.sharding.get_mesh()
+
+        def arg(shape, dtype, axes):
+            sharding = (None if mesh.empty else
+                        jax.sharding.NamedSharding(mesh, activation_spec(shape, axes, mesh)))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        X = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+        cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.dtype),
+                                (None, "batch", None, None)), arg((batch,), jnp.int32, ("batch",)))
+        tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                             self._state)
+        return self._extend.lower(state, tokens, n_new, cache, prefill=step == "prefill", all_logits=False)
 
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_tokens: Sequence[int] = (), seed: int = 0, max_len: int | None = None,

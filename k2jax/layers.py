@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import K2Config
+from k2jax.cpu_matmul import cpu_matmul
+from k2jax.target import Target
 
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: K2Config, *, fan_in: int | None = None,
@@ -60,42 +62,20 @@ def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.silu(gate) * up
 
 
-def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, *, preferred_element_type=None) -> jnp.ndarray:
+def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, *, preferred_element_type=None,
+            cpu_form: bool = False) -> jnp.ndarray:
     """Contracts the last `n_in` axes of x with the first `n_in` of w: [..., *in] x [*in, *out] -> [..., *out].
 
     Done as one 2-D matmul over all leading (token) axes: XLA's CPU backward of a 2-D matmul is about 1.5x faster
-    than that of the equivalent multi-axis einsum, and on TPU/GPU it is the same op."""
+    than that of the equivalent multi-axis einsum, and on TPU/GPU it is the same op. cpu_form (k2jax.target's
+    choice on CPU): `k2jax.cpu_matmul`, whose weight gradient suits XLA:CPU."""
     lead, inner = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     x_MK, w_KN = x.reshape(-1, inner), w.reshape(inner, -1)
-    if jax.default_backend() == "cpu":
-        y = _cpu_matmul(x_MK, w_KN, preferred_element_type)
+    if cpu_form:
+        y = cpu_matmul(x_MK, w_KN, preferred_element_type)
     else:
         y = jnp.dot(x_MK, w_KN, preferred_element_type=preferred_element_type)
     return y.reshape(lead + w.shape[n_in:])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cpu_matmul(x_MK, w_KN, out_dtype):
-    """jnp.dot whose weight gradient xᵀ·g multiplies an explicitly transposed x: XLA:CPU runs a matmul with a
-    transposed left operand at half speed (a [1024, 512]ᵀ x [1024, 8192] lm_head gradient: 94 ms vs 50 ms with
-    the 2 MB transpose done first; the barrier keeps XLA from folding it back into the dot)."""
-    return jnp.dot(x_MK, w_KN, preferred_element_type=out_dtype)
-
-
-def _cpu_matmul_fwd(x_MK, w_KN, out_dtype):
-    return _cpu_matmul(x_MK, w_KN, out_dtype), (x_MK, w_KN)
-
-
-def _cpu_matmul_bwd(out_dtype, res, g_MN):
-    x_MK, w_KN = res
-    g_MN = g_MN.astype(jnp.promote_types(x_MK.dtype, w_KN.dtype))
-    f32 = jnp.float32
-    dx = jax.lax.dot_general(g_MN, w_KN, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-    dw = jnp.dot(jax.lax.optimization_barrier(x_MK.T), g_MN, preferred_element_type=f32)
-    return dx.astype(x_MK.dtype), dw.astype(w_KN.dtype)
-
-
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 class MLP(nnx.Module):
@@ -106,10 +86,11 @@ class MLP(nnx.Module):
         self.gate_proj = weight(rngs, (D, ffn_dim), ("embed", "mlp"), cfg)
         self.up_proj = weight(rngs, (D, ffn_dim), ("embed", "mlp"), cfg)
         self.down_proj = weight(rngs, (ffn_dim, D), ("mlp", "embed"), cfg, fan_in=ffn_dim)
+        self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         x = x_BTD.astype(self.dtype)
-        h_BTF = swiglu(project(x, self.gate_proj[...].astype(self.dtype)),
-                       project(x, self.up_proj[...].astype(self.dtype)))
-        return project(h_BTF, self.down_proj[...].astype(self.dtype))
+        mm = functools.partial(project, cpu_form=Target.of(self.cfg).cpu_matmul)
+        h_BTF = swiglu(mm(x, self.gate_proj[...].astype(self.dtype)), mm(x, self.up_proj[...].astype(self.dtype)))
+        return mm(h_BTF, self.down_proj[...].astype(self.dtype))

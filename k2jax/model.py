@@ -25,6 +25,7 @@ from k2jax.config import K2Config
 from k2jax.layers import MLP, RMSNorm, project, weight
 from k2jax.moe import MoE, scanned_expert_stacks
 from k2jax.rope import rope_tables
+from k2jax.target import Target
 from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
 from sharding.rules import ACTIVATION_BTD, constrain
 
@@ -45,11 +46,11 @@ class DecoderBlock(nnx.Module):
         out_BTD, aux = self.ffn(x_BTD + attn_BTD, segment_ids_BT > 0)
         return out_BTD, {"attn_max_logits": max_logit_N, **aux}
 
-    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, cache_LBSX, layer, **attend
+    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, cache_LBSX, layer, *, prefill: bool
                ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """The generation path: attention through MLAttention.cached (see there for `attend`)."""
+        """The generation path: attention through MLAttention.cached (see there for `prefill`)."""
         attn_BTD, cache_LBSX = self.self_attn.cached(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, positions_BT,
-                                                     cache_LBSX, layer, **attend)
+                                                     cache_LBSX, layer, prefill=prefill)
         out_BTD, _ = self.ffn(x_BTD + attn_BTD, valid_BT)
         return out_BTD, cache_LBSX
 
@@ -171,17 +172,8 @@ class Transformer(nnx.Module):
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         """Final norm and lm_head: [B, T, D] -> [B, T, V] float32."""
-        return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32)
-
-    def scan_unroll(self) -> int:
-        """MoE blocks per iteration of their scan: cfg.scan_unroll, or auto: all of them on CPU (forward +
-        backward 7 % faster in benchmarks/forward_vs_torch.py than a rolled loop, which moves each block's saved
-        activations and weight gradients through the loop's stacked buffers; its step takes 721 MB of XLA
-        temporaries instead of 581: set 1 where memory matters more), 1 on TPU/GPU (compile time grows with every
-        block unrolled, and K2 has 60)."""
-        if self.cfg.scan_unroll:
-            return self.cfg.scan_unroll
-        return max(1, self.cfg.num_moe_layers) if jax.default_backend() == "cpu" else 1
+        return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32,
+                       cpu_form=Target.of(self.cfg).cpu_matmul)
 
     def run_layers(self, x_BTD: jnp.ndarray, layer_fn, carry):
         """Runs every decoder block in order: x, carry, out = layer_fn(block, x, carry, layer_index). The dense
@@ -196,13 +188,16 @@ class Transformer(nnx.Module):
         if self.moe_blocks is not None:
             graphdef, state = nnx.split(self.moe_blocks)
             first = self.cfg.num_dense_layers
-            experts = self.moe_blocks.mlp.experts
-            stacks = tuple(jax.lax.stop_gradient(p[...]) for p in (experts.gate_proj, experts.up_proj,
-                                                                   experts.down_proj))
+            target = Target.of(self.cfg)
+            stacks = None
+            if target.moe_impl == "tiled":  # the CPU grouped FFN reads the expert stacks in place (k2jax/moe.py)
+                experts = self.moe_blocks.mlp.experts
+                stacks = tuple(jax.lax.stop_gradient(p[...]) for p in (experts.gate_proj, experts.up_proj,
+                                                                       experts.down_proj))
 
             def step(x_carry, xs):
                 layer_state, index = xs
-                with scanned_expert_stacks(stacks, index - first):  # read in place, not sliced (k2jax/moe.py)
+                with scanned_expert_stacks(stacks, index - first):
                     x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, index)
                 return (x, c), out
 
@@ -213,7 +208,7 @@ class Transformer(nnx.Module):
 
             indices = jnp.arange(first, first + self.cfg.num_moe_layers, dtype=jnp.int32)
             (x_BTD, carry), moe_outs = jax.lax.scan(step, (x_BTD, carry), (state, indices),
-                                                    unroll=self.scan_unroll())
+                                                    unroll=target.scan_unroll)
         return x_BTD, carry, dense_outs, moe_outs
 
 

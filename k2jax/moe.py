@@ -8,8 +8,10 @@ Router (per token, float32):
     weights = scores[ids] (/ their sum if norm_topk_prob) · routed_scaling_factor
 
 Routed experts are dropless: the T·K (token, expert) pairs are sorted by expert and run through one grouped
-expert FFN (`pallas_kernels.grouped_matmul.grouped_ffn`), then unsorted and combined with the router weights.
-When a mesh with an `expert` axis is set (`with jax.set_mesh(mesh):`), the experts run expert-parallel instead:
+expert FFN (`pallas_kernels.grouped_matmul.grouped_ffn`, in the form k2jax.target picks: ragged_dot on TPU / GPU,
+the tiled CPU loop on CPU), then unsorted and combined with the router weights. Under a mesh
+(`with jax.set_mesh(mesh):`) each device routes its own tokens (`sharding.per_shard`: no global sort, and a
+Pallas grouped matmul runs per device); with an `expert` axis the experts run expert-parallel instead:
 `sharding.expert_parallel` sends each row to the device owning its expert with a ragged all-to-all (shard_map).
 
 Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M = T·K routed rows, G groups.
@@ -27,8 +29,10 @@ from flax import nnx
 
 from k2jax.config import K2Config
 from k2jax.layers import MLP, weight
+from k2jax.target import Target
 from pallas_kernels.grouped_matmul import combine_sorted, grouped_ffn, sort_by_group
 from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
+from sharding.per_shard import per_shard
 
 
 # While model.run_layers traces a scanned MoE block: the (gate, up, down) weight stacks of all scanned blocks
@@ -40,9 +44,9 @@ _EXPERT_STACKS = contextvars.ContextVar("k2jax_expert_stacks", default=None)
 
 
 @contextlib.contextmanager
-def scanned_expert_stacks(stacks: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray], layer: jnp.ndarray):
-    """Within: RoutedExperts take their weights from `stacks` at `layer` (see _EXPERT_STACKS)."""
-    token = _EXPERT_STACKS.set((*stacks, layer))
+def scanned_expert_stacks(stacks: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None, layer: jnp.ndarray):
+    """Within: RoutedExperts take their weights from `stacks` at `layer` (see _EXPERT_STACKS); None: not."""
+    token = _EXPERT_STACKS.set(None if stacks is None else (*stacks, layer))
     try:
         yield
     finally:
@@ -93,20 +97,30 @@ class RoutedExperts(nnx.Module):
         self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg, n_batch=1)
         self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg, n_batch=1)
         self.down_proj = weight(rngs, (E, F, D), ("expert", "moe_mlp", "embed"), cfg, fan_in=F, n_batch=1)
+        self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
-        self.impl = cfg.moe_impl
 
     def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray) -> jnp.ndarray:
-        K = ids_TK.shape[1]
         E = self.gate_proj.shape[0]
+        target = Target.of(self.cfg)
+        ffn = functools.partial(grouped_ffn, impl=target.moe_impl,
+                                launch=target.launch("fp8_grouped_matmul", self.dtype))
         w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        if expert_parallel_enabled(jax.sharding.get_abstract_mesh(), E):
-            ffn = functools.partial(grouped_ffn, impl=self.impl)
-            return expert_parallel_ffn(x_TD.astype(self.dtype), weights_TK, ids_TK, *w, ffn=ffn).astype(self.dtype)
-        order_M, group_sizes_E = sort_by_group(ids_TK, E)
-        y_MD = grouped_ffn(x_TD.astype(self.dtype)[order_M // K], *w, group_sizes_E, impl=self.impl,
-                           stacked=_EXPERT_STACKS.get())
-        return combine_sorted(y_MD, order_M, weights_TK).astype(self.dtype)
+        x_TD = x_TD.astype(self.dtype)
+        mesh = jax.sharding.get_abstract_mesh()
+        if expert_parallel_enabled(mesh, E):
+            return expert_parallel_ffn(x_TD, weights_TK, ids_TK, *w, ffn=ffn, impl=target.ep_exchange
+                                       ).astype(self.dtype)
+        stacked = _EXPERT_STACKS.get() if mesh.empty else None  # (the stacks are not per-shard arrays)
+
+        def route_and_run(x_TD, weights_TK, ids_TK, *w):
+            order_M, group_sizes_E = sort_by_group(ids_TK, E)
+            y_MD = ffn(x_TD[order_M // ids_TK.shape[1]], *w, group_sizes_E, stacked=stacked)
+            return combine_sorted(y_MD, order_M, weights_TK)
+
+        tokens, whole = ("batch", None), (None, None, None)
+        return per_shard(route_and_run, in_axes=(tokens,) * 3 + (whole,) * 3, out_axes=tokens)(
+            x_TD, weights_TK, ids_TK, *w).astype(self.dtype)
 
 
 class MoE(nnx.Module):

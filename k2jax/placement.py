@@ -3,6 +3,7 @@
     model = init_sharded(cfg, mesh, "ep_fsdp", seed=0)     # random init, each device builds only its shards
     model = shard_model(model, mesh, "ep_fsdp")            # an existing model, moved onto the mesh
     shardings = param_shardings_for(cfg, mesh, "ep_fsdp")  # {parameter name: NamedSharding}
+    model = abstract_model(cfg, mesh, "ep_fsdp")           # no memory: ShapeDtypeStructs with their shardings
 
 Converted checkpoints load straight onto a mesh with `k2jax.load_checkpoint(path, mesh=mesh, shardings=...)`.
 """
@@ -32,6 +33,16 @@ def init_sharded(cfg: K2Config, mesh: jax.sharding.Mesh, strategy: str, *, seed:
     graphdef, abstract_state = nnx.split(abstract)
     shardings = _state_shardings(abstract_state, param_shardings(param_info(abstract), mesh, strategy))
     state = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def abstract_model(cfg: K2Config, mesh: jax.sharding.Mesh, strategy: str) -> Transformer:
+    """A Transformer whose variables are ShapeDtypeStructs carrying their NamedShardings per `strategy`: what an
+    ahead-of-time compile lowers the model's programs for (any size, no memory; mesh devices may be deviceless)."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shardings = _state_shardings(state, param_shardings(param_info(abstract), mesh, strategy))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
     return nnx.merge(graphdef, state)
 
 

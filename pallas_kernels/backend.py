@@ -6,9 +6,11 @@
     backend="auto"       "pallas" on TPU and GPU when the kernel's feature dims are powers of two >= 16 (what
                          Triton's tiles need; K2's are), else "xla"; "xla" on CPU
 
-`platform` ("tpu" | "gpu", default: the default backend's) picks the compiler parameters of a "pallas" launch;
-naming it explicitly lets a CPU-only machine lower a kernel for TPU or GPU (`jax.export` with platforms=[...]),
-which the tests use to check that every kernel lowers through Mosaic and Triton.
+The platform is the one the program is compiled for (`target_platform`): named explicitly ("cpu" | "tpu" |
+"gpu"), else that of the mesh in context (`jax.set_mesh`; inside jit and shard_map its abstract mesh carries the
+devices' platform), else that of the default device (a program with no mesh runs there). It is never guessed from
+the host: a CPU-only machine compiles the TPU or GPU program by setting a mesh of deviceless TPU / GPU devices
+(see tests/compile_targets.py). `platform` also picks the compiler parameters of a "pallas" launch.
 
 Kernels pad their row axes up to a whole number of blocks. The padded rows are filled with `pad_value()`
 (0); the tests set it to NaN to prove that padding never reaches a result.
@@ -27,21 +29,38 @@ BACKENDS = ("auto", "xla", "pallas", "interpret")
 _PAD = {"value": 0.0}
 
 
-def resolve(backend: str, dims: tuple[int, ...] = ()) -> str:
-    """"auto" -> "pallas" on TPU/GPU if every one of `dims` is a power of two >= 16, else "xla"; anything else is
-    checked and returned as it is."""
+PLATFORMS = ("cpu", "tpu", "gpu")
+
+
+def target_platform(platform: str | None = None) -> str:
+    """"cpu" | "tpu" | "gpu": the platform a program being traced now is compiled for. `platform` when given
+    ("auto" counts as not given; "cuda" / "rocm" as "gpu"); else the platform of the mesh set with jax.set_mesh
+    (inside jit / shard_map: of its abstract mesh); else of the default device."""
+    if platform not in (None, "auto"):
+        p = "gpu" if platform in ("cuda", "rocm") else platform
+        if p not in PLATFORMS:
+            raise ValueError(f"platform must be one of {('auto',) + PLATFORMS}, got {platform!r}")
+        return p
+    mesh = jax.sharding.get_abstract_mesh()
+    p = mesh.abstract_device.platform if not mesh.empty and mesh.abstract_device is not None else None
+    p = p or jax.devices()[0].platform
+    return "gpu" if p in ("cuda", "rocm") else p
+
+
+def resolve(backend: str, dims: tuple[int, ...] = (), platform: str | None = None) -> str:
+    """"auto" -> "pallas" when compiling for TPU/GPU (target_platform(platform)) if every one of `dims` is a power
+    of two >= 16, else "xla"; anything else is checked and returned as it is."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         fits = all(d >= 16 and d & (d - 1) == 0 for d in dims)
-        return "pallas" if jax.default_backend() != "cpu" and fits else "xla"
+        return "pallas" if target_platform(platform) != "cpu" and fits else "xla"
     return backend
 
 
 def platform_of(platform: str | None) -> str:
-    """"tpu" or "gpu" for a Pallas launch ("cuda" / "rocm" count as "gpu")."""
-    p = platform or jax.default_backend()
-    p = "gpu" if p in ("cuda", "rocm", "gpu") else p
+    """"tpu" or "gpu" for a Pallas launch (target_platform(platform); an error on CPU)."""
+    p = target_platform(platform)
     if p not in ("tpu", "gpu"):
         raise ValueError(f"backend='pallas' needs a TPU or GPU (platform {p!r}); use backend='interpret' or 'xla'")
     return p

@@ -17,9 +17,9 @@ One dispatch point, `impl=`:
     forward; under differentiation it keeps the gate/up pre-activations).
     Both have explicit VJPs: dx by the same loop against the transposed weights, dw added per tile in float32
     into the [G, ...] gradient, with rows outside the group masked.
-  - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode), compiled
-    or run by the Pallas interpreter.
-  - "auto": "tiled" on CPU, "ragged_dot" elsewhere.
+  - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode; its weight
+    gradient by `pallas_kernels.grouped_weight_grad`), compiled or run by the Pallas interpreter.
+  - "auto": "tiled" when compiling for CPU, "ragged_dot" for TPU / GPU (`backend.target_platform`).
 
 Letter legend: M rows, K contraction dim, N output dim, F ffn dim, G groups, P rows per tile.
 """
@@ -32,6 +32,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import target_platform
 from pallas_kernels.fp8_grouped_matmul import fp8_grouped_matmul
 
 IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
@@ -47,7 +48,7 @@ SMALL_TILES_MAX = 2
 
 def _resolve(impl: str) -> str:
     if impl == "auto":
-        return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+        return "tiled" if target_platform() == "cpu" else "ragged_dot"
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul: impl must be one of {IMPLS}, got {impl!r}")
     return impl
@@ -91,20 +92,22 @@ def reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G) -> jax.
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
-def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, impl: str = "auto"
-                   ) -> jax.Array:
-    """[M, K] rows sorted by group, [G, K, N] weights, [G] sizes -> [M, N] in x's dtype."""
+def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, impl: str = "auto",
+                   launch: dict | None = None) -> jax.Array:
+    """[M, K] rows sorted by group, [G, K, N] weights, [G] sizes -> [M, N] in x's dtype. launch: keyword
+    arguments of the Pallas kernel (platform, Triton settings: k2jax.target.Target.launch) for impl "pallas"."""
     _check(x_MK, (w_GKN,), group_sizes_G)
     impl = _resolve(impl)
     if impl == "ragged_dot":
         return reference(x_MK, w_GKN, group_sizes_G)
     if impl in ("pallas", "interpret"):
-        return fp8_grouped_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G, backend=impl)
+        return fp8_grouped_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G, backend=impl, **(launch or {}))
     return _tiled_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
 
 
 def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
-                group_sizes_G: jax.Array, *, impl: str = "auto", stacked: tuple | None = None) -> jax.Array:
+                group_sizes_G: jax.Array, *, impl: str = "auto", stacked: tuple | None = None,
+                launch: dict | None = None) -> jax.Array:
     """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype.
 
     stacked: optional (w_gate_LGKF, w_up_LGKF, w_down_LGFK, layer), stacks of L layers' weights whose [layer]
@@ -112,7 +115,7 @@ def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_d
     inside its loop: in a scan over layers, the layer's own slices would be copied out of the stacks first (XLA
     materialises a dynamic slice that feeds a loop). Gradients still go to w_gate, w_up and w_down only; pass the
     stacks through jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them. Other
-    impls ignore it."""
+    impls ignore it. launch: see grouped_matmul."""
     _check(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
     if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
         raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
@@ -124,7 +127,7 @@ def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_d
     if impl == "ragged_dot":
         return reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
     if impl in ("pallas", "interpret"):
-        mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl)
+        mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl, launch=launch)
         return mm(jax.nn.silu(mm(x_MK, w_gate_GKF)) * mm(x_MK, w_up_GKF), w_down_GFK)
     dt = x_MK.dtype
     stacks, layer = (None, None) if stacked is None else (tuple(stacked[:3]), jnp.asarray(stacked[3], jnp.int32))

@@ -17,7 +17,8 @@ j of the expert axis owns experts [j E_loc, (j + 1) E_loc)). Per device:
 Nothing is dropped: a device's receive buffer has room for every row of every source (uneven loads and experts
 with no rows need no capacity factor). `jax.lax.ragged_all_to_all` is native on TPU and GPU; XLA:CPU has no
 kernel for it, so on CPU `ragged_all_to_all` below runs the same exchange as an `all_to_all` of fixed-size
-chunks (same results, more bytes moved). This module knows nothing of K2: it works on arrays and a callable.
+chunks (same results, more bytes moved); `impl` picks, by default by the platform compiled for. This module
+knows nothing of K2: it works on arrays and a callable.
 
 Letter legend: T tokens (per device inside shard_map), K choices per token, M = T K rows, E experts, L experts
 per device (E_loc), D hidden, F ffn, n expert-axis size, s source, j destination.
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.backend import target_platform
 from pallas_kernels.grouped_matmul import combine_sorted, sort_by_group
 
 EXPERT_AXIS = "expert"
@@ -48,9 +50,9 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
     j of `axis_name`, landing at rows [output_offsets[j], ...) of j's `output`; recv_sizes[i] rows arrive
     from device i. impl "native" is jax.lax.ragged_all_to_all (TPU/GPU); "all_to_all" sends a fixed chunk of
     max_send rows (static; default all of operand) to every device and scatters the valid rows; "auto" picks
-    native except on CPU."""
+    native except when compiling for CPU."""
     if impl == "auto":
-        impl = "all_to_all" if jax.default_backend() == "cpu" else "native"
+        impl = "all_to_all" if target_platform() == "cpu" else "native"
     if impl == "native":
         return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                          axis_name=axis_name)

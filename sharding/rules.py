@@ -92,9 +92,9 @@ def total_bytes_per_device(params: Mapping[str, ParamInfo], mesh_shape: Mapping[
 
 ZERO1_AXIS = "data"
 
-# Activations: the batch is split over every batch-like axis (tokens travel to experts only inside EP), the rest
-# stays whole. The one place activation layouts are decided.
-ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp", "expert")}
+# Activations: the batch is split over every batch-like axis (tokens travel to experts only inside EP), attention
+# heads over tensor, the rest stays whole. The one place activation layouts are decided.
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp", "expert"), "heads": ("tensor",)}
 ACTIVATION_BTD = ("batch", None, None)
 
 

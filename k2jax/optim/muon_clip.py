@@ -26,6 +26,7 @@ Letter legend: L layers, N heads, P nope dim, R rope dim, V value dim.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -64,8 +65,8 @@ def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
         ndim = len(var.shape)
         ins = tuple(range(ndim - n_in - n_out, ndim - n_out))
         outs = tuple(range(ndim - n_out, ndim))
-        fan_in = int(jnp.prod(jnp.array([var.shape[i] for i in ins])))
-        fan_out = int(jnp.prod(jnp.array([var.shape[i] for i in outs])))
+        fan_in = math.prod(var.shape[i] for i in ins)  # host arithmetic: no device (the mesh may be deviceless)
+        fan_out = math.prod(var.shape[i] for i in outs)
         rules[name] = ParamRule("muon", MuonDimensionNumbers(ins, outs), fan_in, fan_out)
     return rules
 
@@ -94,8 +95,6 @@ class MomentumState(NamedTuple):
 def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nesterov: bool = True,
                      ns_steps: int = 5, ns_dtype: str = "float32") -> optax.GradientTransformation:
     """Momentum (no bias correction) then batched Newton-Schulz orthogonalisation, for the muon leaves."""
-    coeffs = jnp.asarray(K2_NS_COEFFS, jnp.float32)
-
     def init(params):
         return MomentumState(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
 
@@ -105,7 +104,8 @@ def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nes
         direction = jax.tree.map(lambda m, g: g.astype(jnp.float32) + momentum * m, mu, updates) if nesterov else mu
 
         def orthogonalise(name, d):
-            out = orthogonalize_via_newton_schulz(d.astype(ns_dtype), coeffs.astype(ns_dtype), ns_steps,
+            coeffs = jnp.asarray(K2_NS_COEFFS, ns_dtype)  # made while tracing: no device (it may be deviceless)
+            out = orthogonalize_via_newton_schulz(d.astype(ns_dtype), coeffs, ns_steps,
                                                   dimension_numbers=rules[name].dims)
             return out.astype(jnp.float32)
 

@@ -14,9 +14,11 @@ TensorBoard; they are fetched one step late so the host never waits on the devic
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,54 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
     c.debug_nan_step = -1          # tests: poison the loss at this step
     return c
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """What train() compiles and runs, built without touching a device (so it also compiles ahead of time for a
+    deviceless TPU mesh). state_shapes: the TrainState as ShapeDtypeStructs; shardings: its layout on the mesh;
+    step_fn: the jitted train step (state donated); batch_rows: the sharding of every batch leaf [rows, T + 1]."""
+    cfg: K2Config
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    fresh_state: Callable[[], TrainState]
+    state_shapes: TrainState
+    shardings: TrainState
+    step_fn: Callable
+    batch_rows: NamedSharding
+
+    def abstract_state(self) -> TrainState:
+        """The state as ShapeDtypeStructs carrying their shardings: the first argument of step_fn.lower()."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.state_shapes,
+                            self.shardings)
+
+    def abstract_batch(self, global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """A batch as ShapeDtypeStructs: the second argument of step_fn.lower()."""
+        rows = lambda dtype: jax.ShapeDtypeStruct((global_batch, seq_len + 1), dtype, sharding=self.batch_rows)  # noqa: E731
+        return {"tokens": rows(jnp.int32), "segment_ids": rows(jnp.int32), "positions": rows(jnp.int32),
+                "loss_scale": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=self.batch_rows)}
+
+
+def train_program(config, mesh) -> TrainProgram:
+    """The model, MuonClip, the sharded state's shapes and the jitted step for `config` on `mesh`. Call under
+    `jax.set_mesh(mesh)`."""
+    cfg = model_config(config)
+    abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed)))
+    o = config.optimizer
+    schedule = _schedule(config)
+    tx = muon_clip(schedule, rules=param_rules(abstract_model), cfg=cfg, weight_decay=o.weight_decay,
+                   momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps, ns_dtype=o.ns_dtype,
+                   adam_b1=o.adam_b1, adam_b2=o.adam_b2, qk_clip_tau=o.qk_clip_tau or None)
+
+    def fresh_state():
+        return TrainState.create(Transformer(cfg, rngs=nnx.Rngs(config.seed)), tx)
+
+    shapes = jax.eval_shape(fresh_state)
+    shardings = _state_shardings(shapes, param_info(abstract_model), mesh, config.mesh.strategy)
+    step_fn = jax.jit(make_train_step(shapes.graphdef, tx, grad_accum=config.grad_accum), donate_argnums=0,
+                      out_shardings=(shardings, None))
+    rows = NamedSharding(mesh, activation_spec((config.global_batch,), ("batch",), mesh))
+    return TrainProgram(cfg, tx, schedule, fresh_state, shapes, shardings, step_fn, rows)
 
 
 def model_config(config) -> K2Config:
@@ -128,7 +178,6 @@ class _Preemption:
 
 def train(config, workdir: str) -> dict:
     maybe_initialize_distributed(config)
-    cfg = model_config(config)
     mesh = make_mesh(dict(config.mesh.axes))
     n_proc, proc = jax.process_count(), jax.process_index()
     if config.global_batch % (n_proc * config.grad_accum):
@@ -136,18 +185,9 @@ def train(config, workdir: str) -> dict:
                          f"({n_proc} x {config.grad_accum})")
     os.makedirs(workdir, exist_ok=True)
     with jax.set_mesh(mesh):
-        abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed)))
-        o = config.optimizer
-        schedule = _schedule(config)
-        tx = muon_clip(schedule, rules=param_rules(abstract_model), cfg=cfg, weight_decay=o.weight_decay,
-                       momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps, ns_dtype=o.ns_dtype,
-                       adam_b1=o.adam_b1, adam_b2=o.adam_b2, qk_clip_tau=o.qk_clip_tau or None)
-
-        def fresh_state():
-            return TrainState.create(Transformer(cfg, rngs=nnx.Rngs(config.seed)), tx)
-
-        shapes = jax.eval_shape(fresh_state)
-        shardings = _state_shardings(shapes, param_info(abstract_model), mesh, config.mesh.strategy)
+        program = train_program(config, mesh)
+        cfg, tx, schedule = program.cfg, program.tx, program.schedule
+        shapes, shardings = program.state_shapes, program.shardings
         ckpts = TrainCheckpoints(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every,
                                  async_save=config.checkpoint.async_save)
         data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
@@ -157,7 +197,7 @@ def train(config, workdir: str) -> dict:
             state = ckpts.restore(latest, with_shardings(shapes, shardings), data)
             logging.info("resumed from %s at step %d", ckpts.directory, latest)
         else:
-            state = jax.jit(fresh_state, out_shardings=shardings)()
+            state = jax.jit(program.fresh_state, out_shardings=shardings)()
             if config.init_from:
                 loaded = load_checkpoint(config.init_from, mesh=mesh, shardings=config.mesh.strategy,
                                          param_dtype=cfg.param_dtype)
@@ -165,9 +205,7 @@ def train(config, workdir: str) -> dict:
                 state = TrainState(state.step, params, rest, jax.jit(tx.init, out_shardings=shardings.opt_state)(
                     params), state.graphdef)
                 logging.info("initialised parameters from %s", config.init_from)
-        step_fn = jax.jit(make_train_step(state.graphdef, tx, grad_accum=config.grad_accum),
-                          donate_argnums=0, out_shardings=(shardings, None))
-        rows = NamedSharding(mesh, activation_spec((config.global_batch,), ("batch",), mesh))  # batch leaves' rows
+        step_fn, rows = program.step_fn, program.batch_rows
         writer = MetricWriter(workdir, enabled=proc == 0, tensorboard=config.metrics.tensorboard)
         flops_per_step = cfg.flops_per_token(config.seq_len) * config.global_batch * config.seq_len
         preemption = _Preemption()

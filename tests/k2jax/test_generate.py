@@ -66,8 +66,8 @@ def test_cached_logits_equal_the_full_forward_at_every_position(model, gen):
 
 
 def test_decode_kernel_matches_the_xla_decode(tensors, gen):
-    """attention_impl="interpret": decode and a ragged extend by the absorbed-decode kernel over the latent cache
-    give the XLA generator's logits (prefill attends in the expanded form either way)."""
+    """attention_impl="interpret": prefill by the flash-attention kernel, decode and a ragged extend by the
+    absorbed-decode kernel over the latent cache give the XLA generator's logits."""
     kernels = Generator(k2jax.from_hf_tensors(CFG.replace(attention_impl="interpret"), tensors))
     extend = [[3, 4], [5], [6, 7, 8]]
     results = []

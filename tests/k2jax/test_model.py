@@ -10,6 +10,7 @@ import k2jax
 import sharding
 from k2jax.config import tiny
 from k2jax.model import segment_positions
+from k2jax.target import Target
 from tests.oracle import random_release_tensors
 
 CFG = tiny()
@@ -37,7 +38,10 @@ def test_changing_a_future_token_changes_no_past_logit(model):
     cut = 20
     changed = tokens.at[:, cut].set((tokens[:, cut] + 1) % CFG.vocab_size)
     a, b = np.asarray(model(tokens)), np.asarray(model(changed))
-    np.testing.assert_array_equal(a[:, :cut], b[:, :cut])
+    # Past logits equal up to float32 reassociation: the changed token's routing changes the expert groups' sizes,
+    # hence how the CPU grouped FFN tiles the other rows (16/64/128-row matmuls round differently on some CPUs).
+    # A leak from the future moves them by far more (the change moves future logits by > 1e-3).
+    assert np.max(np.abs(a[:, :cut] - b[:, :cut])) <= 1e-6 * np.max(np.abs(a))
     assert np.max(np.abs(a[:, cut:] - b[:, cut:])) > 1e-3
 
 
@@ -135,14 +139,14 @@ def test_every_param_has_known_logical_axes(model):
 def test_causal_query_blocks_change_nothing(model, monkeypatch):
     """XLA attention in causal query blocks (each against the keys up to its end) against one block over all keys,
     on packed rows with padding: logits, per-head max logits and every parameter's gradient."""
-    from k2jax import attention
+    from pallas_kernels import mla_attention
 
     tokens = _tokens((2, 37), seed=3)
     segment_ids = jnp.asarray([[1] * 9 + [2] * 20 + [0] * 8, [3] * 37])
 
     def run(max_blocks):
-        monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)  # 37 queries: 4 blocks of 9-10
-        monkeypatch.setattr(attention, "MAX_CAUSAL_BLOCKS", max_blocks)
+        monkeypatch.setattr(mla_attention, "CAUSAL_BLOCK", 8)  # 37 queries: 4 blocks of 9-10
+        monkeypatch.setattr(mla_attention, "MAX_CAUSAL_BLOCKS", max_blocks)
 
         def loss(m):
             logits, aux = m(tokens, segment_ids=segment_ids, return_aux=True)
@@ -176,7 +180,7 @@ def test_unrolling_the_moe_scan_changes_nothing(unroll):
         grads, (logits, aux) = nnx.jit(nnx.grad(loss, has_aux=True))(model)
         return np.asarray(logits), jax.tree.map(np.asarray, aux), nnx.to_flat_state(grads)
 
-    assert k2jax.Transformer(cfg, rngs=nnx.Rngs(0)).scan_unroll() == 3  # the default on CPU
+    assert Target.of(cfg).scan_unroll == 3  # the default on CPU
     (want_logits, want_aux, want_grads), (logits, aux, grads) = run(0), run(unroll)
     assert np.max(np.abs(logits - want_logits)) <= 1e-6 * np.max(np.abs(want_logits))
     np.testing.assert_array_equal(aux["router_topk_ids"], want_aux["router_topk_ids"])

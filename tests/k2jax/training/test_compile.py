@@ -1,0 +1,59 @@
+"""The train step of a reduced Kimi K2 (K2's head dims and MLA ranks, see tests/compile_targets.reduced_k2)
+compiled for deviceless TPU v5p slices and H100s, as train.py builds it (MuonClip, router-bias update, the
+config's mesh and strategy): the Pallas attention kernels run per device under shard_map, expert parallelism
+exchanges rows with the native ragged all-to-all, and the program fits in memory. Minutes of libtpu compile on 2
+cores: one program per test."""
+
+import jax
+import pytest
+
+from k2jax.training.loop import base_config, train_program
+from tests.compile_targets import gpu_mesh, kernel_calls, reduced_k2, tpu_mesh
+
+ATTENTION_KERNELS = 3  # forward, dq, dk/dv: once for the dense block, once in the MoE blocks' scan body
+GROUPED_MATMUL_KERNELS = 3 * 3  # gate, up, down: forward, dx and dw each (once, in the MoE blocks' scan body)
+
+
+def _config(axes: dict, strategy: str, **model):
+    config = base_config()
+    config.model.preset = "kimi_k2"
+    cfg = reduced_k2(**model)
+    config.model.overrides = {f: getattr(cfg, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
+                                                           "moe_intermediate_size", "num_hidden_layers",
+                                                           "num_attention_heads", "n_routed_experts",
+                                                           "num_experts_per_tok", "param_dtype", "dtype", "remat")}
+    config.seq_len, config.global_batch = 256, 8
+    config.mesh.axes, config.mesh.strategy = axes, strategy
+    return config
+
+
+def _compile(config, mesh):
+    with jax.set_mesh(mesh):
+        program = train_program(config, mesh)
+        lowered = program.step_fn.lower(program.abstract_state(),
+                                        program.abstract_batch(config.global_batch, config.seq_len))
+        return lowered.compile()
+
+
+@pytest.mark.parametrize("axes,strategy,remat", [
+    ({"fsdp": 2, "expert": 4}, "ep_fsdp", "full"),   # 8 chips: EP inside FSDP, full remat
+    ({"fsdp": 4}, "fsdp", "none"),                    # 4 chips: FSDP only
+    ({"expert": 2, "stage": 2}, "ep_pp", "none"),     # 4 chips: 2 pipeline stages, EP inside each
+], ids=["ep8", "fsdp4", "pp4"])
+def test_train_step_compiles_for_tpu_v5p(axes, strategy, remat):
+    compiled = _compile(_config(axes, strategy, remat=remat), tpu_mesh(axes))
+    text = compiled.as_text()
+    assert kernel_calls(text, "tpu") >= ATTENTION_KERNELS + GROUPED_MATMUL_KERNELS
+    assert ("ragged-all-to-all" in text) == ("expert" in axes)
+    assert "ragged-dot" not in text  # XLA's ragged_dot: its weight gradient is a dense every-row-by-every-expert dot
+    memory = compiled.memory_analysis()
+    assert 0 < memory.temp_size_in_bytes + memory.argument_size_in_bytes < 95 * 2**30
+    assert compiled.cost_analysis()["flops"] > 0
+
+
+def test_train_step_compiles_for_h100():
+    axes = {"fsdp": 1}
+    compiled = _compile(_config(axes, "fsdp"), gpu_mesh(axes))
+    text = compiled.as_text()
+    assert kernel_calls(text, "gpu") >= ATTENTION_KERNELS + GROUPED_MATMUL_KERNELS
+    assert 0 < compiled.memory_analysis().temp_size_in_bytes < 80 * 2**30
