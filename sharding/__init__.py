@@ -1,7 +1,8 @@
 """Meshes, logical-axis rules, expert and pipeline parallelism over jax.sharding. Knows nothing of K2's modules.
 
 Logical axis names k2jax parameters carry (`logical_axes` metadata on every variable). mesh.py builds meshes,
-rules.py maps these names to mesh axes per strategy (the one table); expert and pipeline parallelism are to come.
+rules.py maps these names to mesh axes per strategy (the one table), expert_parallel.py and pipeline.py run EP and
+PP with shard_map, per_shard.py runs kernels and other per-device code under shard_map.
 """
 
 LOGICAL_AXES = (
