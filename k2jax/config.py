@@ -79,8 +79,8 @@ class K2Config:
     # k2jax run options
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
-    moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled |
-    #                        pallas | interpret (pallas_kernels.fp8_grouped_matmul)
+    moe_impl: str = "auto"  # grouped matmul: auto (pallas on TPU/GPU, tiled on CPU) | ragged_dot | tiled
+    #                        (k2jax.cpu_grouped_ffn) | pallas | interpret (pallas_kernels.grouped_matmul)
     attention_impl: str = "auto"  # train/prefill flash attention and absorbed decode: auto (pallas on TPU/GPU for
     #     head dims that are powers of two >= 16, else xla) | xla | pallas | interpret (pallas_kernels.mla_*)
     router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)

@@ -23,7 +23,8 @@ from flax import nnx
 from k2jax.attention import MLAttention
 from k2jax.config import K2Config
 from k2jax.layers import MLP, RMSNorm, project, weight
-from k2jax.moe import MoE, scanned_expert_stacks
+from k2jax.cpu_grouped_ffn import scanned_expert_stacks
+from k2jax.moe import MoE
 from k2jax.rope import rope_tables
 from k2jax.target import Target
 from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
@@ -190,7 +191,7 @@ class Transformer(nnx.Module):
             first = self.cfg.num_dense_layers
             target = Target.of(self.cfg)
             stacks = None
-            if target.moe_impl == "tiled":  # the CPU grouped FFN reads the expert stacks in place (k2jax/moe.py)
+            if target.moe_impl == "tiled":  # the CPU grouped FFN reads the expert stacks in place (cpu_grouped_ffn)
                 experts = self.moe_blocks.mlp.experts
                 stacks = tuple(jax.lax.stop_gradient(p[...]) for p in (experts.gate_proj, experts.up_proj,
                                                                        experts.down_proj))

@@ -8,8 +8,8 @@ Router (per token, float32):
     weights = scores[ids] (/ their sum if norm_topk_prob) · routed_scaling_factor
 
 Routed experts are dropless: the T·K (token, expert) pairs are sorted by expert and run through one grouped
-expert FFN (`pallas_kernels.grouped_matmul.grouped_ffn`, in the form k2jax.target picks: ragged_dot on TPU / GPU,
-the tiled CPU loop on CPU), then unsorted and combined with the router weights. Under a mesh
+expert FFN in the form k2jax.target picks (`pallas_kernels.grouped_matmul.grouped_ffn`'s Pallas kernels on TPU /
+GPU, `k2jax.cpu_grouped_ffn` on CPU), then unsorted and combined with the router weights. Under a mesh
 (`with jax.set_mesh(mesh):`) each device routes its own tokens (`sharding.per_shard`: no global sort, and a
 Pallas grouped matmul runs per device); with an `expert` axis the experts run expert-parallel instead:
 `sharding.expert_parallel` sends each row to the device owning its expert with a ragged all-to-all (shard_map).
@@ -19,8 +19,6 @@ Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import jax
@@ -28,29 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import K2Config
+from k2jax.cpu_grouped_ffn import cpu_grouped_ffn, current_stacks
 from k2jax.layers import MLP, weight
 from k2jax.target import Target
 from pallas_kernels.grouped_matmul import combine_sorted, grouped_ffn, sort_by_group
 from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
 from sharding.per_shard import per_shard
-
-
-# While model.run_layers traces a scanned MoE block: the (gate, up, down) weight stacks of all scanned blocks
-# ([L, E, ...], gradient stopped) and the scan's layer index. The routed experts hand them to grouped_ffn, whose
-# CPU path then reads each expert's weights straight from the stacks: the layer's own slices would be copied out
-# of the stacks first (XLA materialises a dynamic slice feeding a loop: ~10 ms per layer in the CPU benchmark,
-# forward and again backward). The slices still take the gradient.
-_EXPERT_STACKS = contextvars.ContextVar("k2jax_expert_stacks", default=None)
-
-
-@contextlib.contextmanager
-def scanned_expert_stacks(stacks: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None, layer: jnp.ndarray):
-    """Within: RoutedExperts take their weights from `stacks` at `layer` (see _EXPERT_STACKS); None: not."""
-    token = _EXPERT_STACKS.set(None if stacks is None else (*stacks, layer))
-    try:
-        yield
-    finally:
-        _EXPERT_STACKS.reset(token)
 
 
 class RouterBias(nnx.Variable):
@@ -103,19 +84,21 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray) -> jnp.ndarray:
         E = self.gate_proj.shape[0]
         target = Target.of(self.cfg)
-        ffn = functools.partial(grouped_ffn, impl=target.moe_impl,
-                                launch=target.launch("fp8_grouped_matmul", self.dtype))
+        mesh = jax.sharding.get_abstract_mesh()
+        if target.moe_impl == "tiled":  # the CPU form; unsharded, it reads a scanned layer's stacks in place
+            ffn = functools.partial(cpu_grouped_ffn, stacked=current_stacks() if mesh.empty else None)
+        else:
+            ffn = functools.partial(grouped_ffn, impl=target.moe_impl,
+                                    launch=target.launch("fp8_grouped_matmul", self.dtype))
         w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         x_TD = x_TD.astype(self.dtype)
-        mesh = jax.sharding.get_abstract_mesh()
         if expert_parallel_enabled(mesh, E):
             return expert_parallel_ffn(x_TD, weights_TK, ids_TK, *w, ffn=ffn, impl=target.ep_exchange
                                        ).astype(self.dtype)
-        stacked = _EXPERT_STACKS.get() if mesh.empty else None  # (the stacks are not per-shard arrays)
 
         def route_and_run(x_TD, weights_TK, ids_TK, *w):
             order_M, group_sizes_E = sort_by_group(ids_TK, E)
-            y_MD = ffn(x_TD[order_M // ids_TK.shape[1]], *w, group_sizes_E, stacked=stacked)
+            y_MD = ffn(x_TD[order_M // ids_TK.shape[1]], *w, group_sizes_E)
             return combine_sorted(y_MD, order_M, weights_TK)
 
         tokens, whole = ("batch", None), (None, None, None)

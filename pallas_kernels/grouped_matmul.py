@@ -7,27 +7,20 @@
 where rows [start_g, start_g + sizes[g]) belong to group g; rows past sum(sizes) come out as zeros.
 
 One dispatch point, `impl=`:
-  - "ragged_dot": `jax.lax.ragged_dot`, native on TPU and GPU, and the XLA reference the other paths are tested
-    against. On CPU it lowers to a dense form that multiplies every row by every group's matrix (G x the work).
-  - "tiled": the CPU path. A scan over groups slices each group's weights once; an inner loop walks the group's
-    contiguous rows in tiles (`BIG_TILE` rows, then the remainder in up to two `SMALL_TILE`s, or a `MID_TILE`
-    and at most one small tile, or one more big tile) and multiplies only those. Groups run in order, so the rows
-    a group's last tile computes past its end are overwritten by the next group: nothing is masked on the
-    forward. `grouped_ffn` fuses gate, up, SwiGLU and down per tile (no [M, F] intermediate in memory on the
-    forward; under differentiation it keeps the gate/up pre-activations).
-    Both have explicit VJPs: dx by the same loop against the transposed weights, dw added per tile in float32
-    into the [G, ...] gradient, with rows outside the group masked.
+  - "ragged_dot": `jax.lax.ragged_dot`, the XLA reference every other form is tested against. Its forward is native
+    on TPU; its weight gradient compiles to a dense form that multiplies every row by every group's matrix (G x the
+    work) on TPU and GPU, and on CPU and GPU so does its forward.
   - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode; its weight
     gradient by `pallas_kernels.grouped_weight_grad`), compiled or run by the Pallas interpreter.
-  - "auto": "tiled" when compiling for CPU, "ragged_dot" for TPU / GPU (`backend.target_platform`).
+  - "auto": "pallas" when compiling for TPU / GPU, "ragged_dot" for CPU (`backend.target_platform`).
+The CPU form that does only the routed work is `k2jax.cpu_grouped_ffn` (the model picks it through k2jax.target).
 
-Letter legend: M rows, K contraction dim, N output dim, F ffn dim, G groups, P rows per tile.
+Letter legend: M rows, K contraction dim, N output dim, F ffn dim, G groups.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,26 +28,19 @@ import jax.numpy as jnp
 from pallas_kernels.backend import target_platform
 from pallas_kernels.fp8_grouped_matmul import fp8_grouped_matmul
 
-IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
-# Tile heights of the CPU path. On 2 CPU cores a SwiGLU tile (K = F = 512, forward + backward) costs about
-# 1.0 ms at 16 rows, 2.9 at 64 and 4.8 at 128: after the whole big tiles, a group's remainder of r rows runs as
-# up to SMALL_TILES_MAX small tiles (r <= 32), else one mid tile and at most one small tile (r <= 80), else one
-# more big tile.
-BIG_TILE = 128
-MID_TILE = 64
-SMALL_TILE = 16
-SMALL_TILES_MAX = 2
+IMPLS = ("auto", "ragged_dot", "pallas", "interpret")
 
 
 def _resolve(impl: str) -> str:
     if impl == "auto":
-        return "tiled" if target_platform() == "cpu" else "ragged_dot"
+        return "ragged_dot" if target_platform() == "cpu" else "pallas"
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul: impl must be one of {IMPLS}, got {impl!r}")
     return impl
 
 
-def _check(x_MK, ws, group_sizes_G):
+def check_shapes(x_MK, ws, group_sizes_G):
+    """x [M, K], weights [G, K, .] and group_sizes [G] agree, or one line says how they do not."""
     if x_MK.ndim != 2 or group_sizes_G.ndim != 1 or any(w.ndim != 3 for w in ws):
         raise ValueError(f"grouped matmul: expected x [M, K], weights [G, ., .], group_sizes [G]; got "
                          f"{x_MK.shape}, {[w.shape for w in ws]}, {group_sizes_G.shape}")
@@ -96,224 +82,21 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
                    launch: dict | None = None) -> jax.Array:
     """[M, K] rows sorted by group, [G, K, N] weights, [G] sizes -> [M, N] in x's dtype. launch: keyword
     arguments of the Pallas kernel (platform, Triton settings: k2jax.target.Target.launch) for impl "pallas"."""
-    _check(x_MK, (w_GKN,), group_sizes_G)
+    check_shapes(x_MK, (w_GKN,), group_sizes_G)
     impl = _resolve(impl)
     if impl == "ragged_dot":
         return reference(x_MK, w_GKN, group_sizes_G)
-    if impl in ("pallas", "interpret"):
-        return fp8_grouped_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G, backend=impl, **(launch or {}))
-    return _tiled_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
+    return fp8_grouped_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G, backend=impl, **(launch or {}))
 
 
 def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
-                group_sizes_G: jax.Array, *, impl: str = "auto", stacked: tuple | None = None,
-                launch: dict | None = None) -> jax.Array:
-    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype.
-
-    stacked: optional (w_gate_LGKF, w_up_LGKF, w_down_LGFK, layer), stacks of L layers' weights whose [layer]
-    are w_gate, w_up and w_down. The "tiled" path then reads each group's weights straight from the stacks
-    inside its loop: in a scan over layers, the layer's own slices would be copied out of the stacks first (XLA
-    materialises a dynamic slice that feeds a loop). Gradients still go to w_gate, w_up and w_down only; pass the
-    stacks through jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them. Other
-    impls ignore it. launch: see grouped_matmul."""
-    _check(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
+                group_sizes_G: jax.Array, *, impl: str = "auto", launch: dict | None = None) -> jax.Array:
+    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype. launch: see grouped_matmul."""
+    check_shapes(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
     if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
         raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
-    if stacked is not None and [s.shape[1:] for s in stacked[:3]] != [w_gate_GKF.shape, w_up_GKF.shape,
-                                                                       w_down_GFK.shape]:
-        raise ValueError(f"grouped_ffn: stacked {[s.shape for s in stacked[:3]]} are not stacks of "
-                         f"{[w.shape for w in (w_gate_GKF, w_up_GKF, w_down_GFK)]}")
     impl = _resolve(impl)
     if impl == "ragged_dot":
         return reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
-    if impl in ("pallas", "interpret"):
-        mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl, launch=launch)
-        return mm(jax.nn.silu(mm(x_MK, w_gate_GKF)) * mm(x_MK, w_up_GKF), w_down_GFK)
-    dt = x_MK.dtype
-    stacks, layer = (None, None) if stacked is None else (tuple(stacked[:3]), jnp.asarray(stacked[3], jnp.int32))
-    return _tiled_ffn(x_MK, w_gate_GKF.astype(dt), w_up_GKF.astype(dt), w_down_GFK.astype(dt),
-                      group_sizes_G.astype(jnp.int32), stacks, layer)
-
-
-# ---- the tile loop -------------------------------------------------------------------------------------------
-def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, out_init):
-    """For each group g in order: ctx = prepare(g); then over its rows in tiles (BIG_TILE rows while a whole one
-    fits, then the remainder as MID_TILE says) out = tile_fn(ctx, r0, P, n_valid, out), where P is the static
-    tile height, r0 its first row and n_valid how many of its rows belong to g (the rest run into the next group
-    or the padding). Returns out."""
-    ends_G = jnp.cumsum(group_sizes_G)
-    starts_G = ends_G - group_sizes_G
-
-    def per_group(out, g):
-        ctx, start, size = prepare(g), starts_G[g], group_sizes_G[g]
-
-        def tiles(rows, first, count, state):
-            def body(i, st):
-                r0 = first + i * rows
-                return tile_fn(ctx, r0, rows, start + size - r0, st)
-            return jax.lax.fori_loop(0, count, body, state)
-
-        # the remainder (see MID_TILE): a tile may run past the group's end; those rows are masked or overwritten
-        rest = size % BIG_TILE
-        big_rest = rest > MID_TILE + SMALL_TILE
-        n_mid = jnp.where(~big_rest & (rest > SMALL_TILES_MAX * SMALL_TILE), 1, 0)
-        small_rows = jnp.where(big_rest, 0, jnp.maximum(rest - n_mid * MID_TILE, 0))
-        n_big = size // BIG_TILE + big_rest
-        state = tiles(BIG_TILE, start, n_big, out)
-        state = tiles(MID_TILE, start + n_big * BIG_TILE, n_mid, state)
-        return tiles(SMALL_TILE, start + n_big * BIG_TILE + n_mid * MID_TILE, (small_rows + SMALL_TILE - 1) //
-                     SMALL_TILE, state), None
-
-    return jax.lax.scan(per_group, out_init, jnp.arange(group_sizes_G.shape[0]))[0]
-
-
-def _pad_rows(a_MX: jax.Array) -> jax.Array:
-    """BIG_TILE zero rows appended, so a tile starting at any row < M stays in bounds."""
-    return jnp.concatenate([a_MX, jnp.zeros((BIG_TILE, a_MX.shape[1]), a_MX.dtype)])
-
-
-def _rows(a, r0, rows):
-    return jax.lax.dynamic_slice_in_dim(a, r0, rows)
-
-
-def _finish(out_padded, group_sizes_G, m):
-    """Drops the padding and zeroes rows past the last group (written by the last group's overrun)."""
-    return jnp.where((jnp.arange(m) < jnp.sum(group_sizes_G))[:, None], out_padded[:m], 0)
-
-
-def _dot_t(a, b):
-    """a @ b.T without materialising the transpose."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
-
-
-def _masked(rows_PX, n_valid, rows):
-    return jnp.where((jnp.arange(rows) < n_valid)[:, None], rows_PX, 0)
-
-
-def _add_weight_grad(dw_GXY, g, a_PX, b_PY):
-    """dw[g] += aᵀ b in float32, in place in the [G, X, Y] gradient."""
-    return dw_GXY.at[g].add(jnp.dot(a_PX.T, b_PY, preferred_element_type=jnp.float32))
-
-
-def _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w: bool):
-    """out = x @ w[g] (or x @ w[g].T) per group, by the tile loop."""
-    xp = _pad_rows(x_MK)
-    n_out = w_GKN.shape[1] if transpose_w else w_GKN.shape[2]
-
-    def tile(w, r0, rows, n_valid, out):
-        x_t = _rows(xp, r0, rows)
-        y_t = _dot_t(x_t, w) if transpose_w else x_t @ w
-        return jax.lax.dynamic_update_slice_in_dim(out, y_t, r0, 0)
-
-    out = _tile_loop(group_sizes_G, lambda g: w_GKN[g], tile, jnp.zeros((xp.shape[0], n_out), x_MK.dtype))
-    return _finish(out, group_sizes_G, x_MK.shape[0])
-
-
-def _weight_grad(x_MK, dy_MN, group_sizes_G):
-    """dw[g] = x_gᵀ dy_g, accumulated in float32 over the group's tiles (rows outside the group masked)."""
-    xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MN)
-
-    def tile(g, r0, rows, n_valid, dw):
-        x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
-        dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
-        return _add_weight_grad(dw, g, x_t, dy_t)
-
-    shape = (group_sizes_G.shape[0], x_MK.shape[1], dy_MN.shape[1])
-    return _tile_loop(group_sizes_G, lambda g: g, tile, jnp.zeros(shape, jnp.float32)).astype(x_MK.dtype)
-
-
-@jax.custom_vjp
-def _tiled_matmul(x_MK, w_GKN, group_sizes_G):
-    return _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w=False)
-
-
-def _tiled_matmul_fwd(x_MK, w_GKN, group_sizes_G):
-    return _tiled_matmul(x_MK, w_GKN, group_sizes_G), (x_MK, w_GKN, group_sizes_G)
-
-
-def _tiled_matmul_bwd(res, dy_MN):
-    x_MK, w_GKN, group_sizes_G = res
-    dy_MN = dy_MN.astype(x_MK.dtype)
-    dx = _matmul_rows(dy_MN, w_GKN, group_sizes_G, transpose_w=True)
-    return dx, _weight_grad(x_MK, dy_MN, group_sizes_G), None
-
-
-_tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
-
-
-def _group_weights(weights, layer, dt) -> Callable:
-    """g -> group g's (gate, up, down) weights: weights[i][g] or, from [L, G, ...] stacks, weights[i][layer, g]
-    (cast to dt, one group at a time)."""
-    if layer is None:
-        return lambda g: tuple(w[g] for w in weights)
-    return lambda g: tuple(w[layer, g].astype(dt) for w in weights)
-
-
-def _ffn_forward(x_MK, weights, layer, group_sizes_G, *, keep_activations: bool):
-    """-> (out [M, K], (gate, up) pre-activations [M, F] each if keep_activations else None)."""
-    xp = _pad_rows(x_MK)
-    F = weights[0].shape[-1]
-
-    def tile(w, r0, rows, n_valid, out):
-        wg, wu, wd = w
-        x_t = _rows(xp, r0, rows)
-        gate_t, up_t = x_t @ wg, x_t @ wu
-        y_t = (jax.nn.silu(gate_t) * up_t) @ wd
-        return tuple(jax.lax.dynamic_update_slice_in_dim(o, v, r0, 0)
-                     for o, v in zip(out, (y_t, gate_t, up_t) if keep_activations else (y_t,)))
-
-    init = (jnp.zeros_like(xp),) + ((jnp.zeros((xp.shape[0], F), xp.dtype),) * 2 if keep_activations else ())
-    out = _tile_loop(group_sizes_G, _group_weights(weights, layer, xp.dtype), tile, init)
-    y = _finish(out[0], group_sizes_G, x_MK.shape[0])
-    return y, (out[1], out[2]) if keep_activations else None
-
-
-@jax.custom_vjp
-def _tiled_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks, layer):
-    """The weights are read from `stacks` at [layer] when given (see grouped_ffn's `stacked`), else from w_*."""
-    weights = (w_gate_GKF, w_up_GKF, w_down_GFK) if stacks is None else stacks
-    return _ffn_forward(x_MK, weights, layer, group_sizes_G, keep_activations=False)[0]
-
-
-def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks, layer):
-    weights = (w_gate_GKF, w_up_GKF, w_down_GFK) if stacks is None else stacks
-    out, (gate, up) = _ffn_forward(x_MK, weights, layer, group_sizes_G, keep_activations=True)
-    return out, (x_MK, gate, up, weights, layer, group_sizes_G)
-
-
-def _tiled_ffn_bwd(res, dy_MK):
-    """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down added in float32 into
-    their [G, ...] gradients in place (no per-group accumulator to copy out). Rows of a tile outside its group get
-    x, dy, gate and up = 0, so they add nothing (not even NaN) to any gradient. The stacks get none."""
-    x_MK, gate_MF, up_MF, weights, layer, group_sizes_G = res
-    dt = x_MK.dtype
-    xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MK.astype(dt))
-    K, F = weights[0].shape[-2:]
-    f32 = jnp.float32
-
-    def tile(g_w, r0, rows, n_valid, out):
-        g, (wg, wu, wd) = g_w
-        dx, dwg, dwu, dwd = out
-        x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
-        dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
-        gate, up = (_masked(_rows(a, r0, rows), n_valid, rows) for a in (gate_MF, up_MF))
-        sig = jax.nn.sigmoid(gate)
-        silu = gate * sig
-        dh = _dot_t(dy_t, wd)
-        d_up = dh * silu
-        d_gate = dh * up * sig * (1 + gate * (1 - sig))
-        dwd = _add_weight_grad(dwd, g, silu * up, dy_t)
-        dwg = _add_weight_grad(dwg, g, x_t, d_gate)
-        dwu = _add_weight_grad(dwu, g, x_t, d_up)
-        dx_t = _dot_t(d_gate, wg) + _dot_t(d_up, wu)
-        return jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), dwg, dwu, dwd
-
-    group_weights = _group_weights(weights, layer, dt)
-    G = group_sizes_G.shape[0]
-    dx, dwg, dwu, dwd = _tile_loop(group_sizes_G, lambda g: (g, group_weights(g)), tile, (
-        jnp.zeros_like(xp), jnp.zeros((G, K, F), f32), jnp.zeros((G, K, F), f32), jnp.zeros((G, F, K), f32)))
-    return (_finish(dx, group_sizes_G, x_MK.shape[0]), dwg.astype(dt), dwu.astype(dt), dwd.astype(dt), None, None,
-            None)
-
-
-_tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)
+    mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl, launch=launch)
+    return mm(jax.nn.silu(mm(x_MK, w_gate_GKF)) * mm(x_MK, w_up_GKF), w_down_GFK)

@@ -51,9 +51,11 @@ def test_train_step_compiles_for_tpu_v5p(axes, strategy, remat):
     assert compiled.cost_analysis()["flops"] > 0
 
 
-def test_train_step_compiles_for_h100():
-    axes = {"fsdp": 1}
-    compiled = _compile(_config(axes, "fsdp"), gpu_mesh(axes))
+@pytest.mark.parametrize("axes,strategy", [({"fsdp": 1}, "fsdp"), ({"expert": 8}, "ep_fsdp")], ids=["h100", "h100x8"])
+def test_train_step_compiles_for_h100(axes, strategy):
+    compiled = _compile(_config(axes, strategy), gpu_mesh(axes))
     text = compiled.as_text()
     assert kernel_calls(text, "gpu") >= ATTENTION_KERNELS + GROUPED_MATMUL_KERNELS
+    assert ("ragged-all-to-all" in text) == ("expert" in axes)
+    assert "ragged-dot" not in text and "ragged_dot" not in text
     assert 0 < compiled.memory_analysis().temp_size_in_bytes < 80 * 2**30
