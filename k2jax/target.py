@@ -12,7 +12,7 @@ without being told.
     t.moe_impl                  # grouped matmul of the routed experts
     t.ep_exchange               # expert-parallel row exchange
     t.scan_unroll               # MoE blocks per iteration of their scan
-    t.cpu_matmul                # dense projections use the CPU matmul form (k2jax.cpu)
+    t.cpu_matmul                # dense projections use the CPU matmul form (k2jax.cpu_matmul)
     t.launch("mla_attention", dtype)   # the kernel's block sizes and launch settings on this platform
 
 What each platform gets, and why:
@@ -20,8 +20,8 @@ What each platform gets, and why:
                   two >= 16); CPU: the kernels' XLA references.
   routed experts  TPU / GPU: the Pallas grouped matmul, forward, dx and the grouped weight gradient
                   (`jax.lax.ragged_dot`'s weight gradient compiles to a dense every-row-by-every-expert product on
-                  TPU v5p and H100, E x the work; on H100 its forward too); CPU: the tiled grouped FFN (only the
-                  routed work; ragged_dot has no CPU kernel either).
+                  TPU v5p and H100, E x the work; on H100 its forward too); CPU: `k2jax.cpu_grouped_ffn`, a
+                  tiled loop over the routed rows only (ragged_dot has no CPU kernel either).
   EP exchange     TPU / GPU: native `ragged_all_to_all`; CPU: fixed-size `all_to_all` chunks (no CPU kernel).
   MoE scan        TPU / GPU: rolled (compile time grows with every unrolled block; K2 has 60); CPU: unrolled
                   (forward + backward 7 % faster).

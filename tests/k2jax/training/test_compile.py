@@ -1,8 +1,8 @@
 """The train step of a reduced Kimi K2 (K2's head dims and MLA ranks, see tests/compile_targets.reduced_k2)
 compiled for deviceless TPU v5p slices and H100s, as train.py builds it (MuonClip, router-bias update, the
 config's mesh and strategy): the Pallas attention kernels run per device under shard_map, expert parallelism
-exchanges rows with the native ragged all-to-all, and the program fits in memory. Minutes of libtpu compile on 2
-cores: one program per test."""
+exchanges rows with the native ragged all-to-all, and the program fits in memory. About a minute of compile per
+test on 2 cores; the FSDP-only and single-H100 programs are in the slow set (`-m slow`)."""
 
 import jax
 import pytest
@@ -37,7 +37,7 @@ def _compile(config, mesh):
 
 @pytest.mark.parametrize("axes,strategy,remat", [
     ({"fsdp": 2, "expert": 4}, "ep_fsdp", "full"),   # 8 chips: EP inside FSDP, full remat
-    ({"fsdp": 4}, "fsdp", "none"),                    # 4 chips: FSDP only
+    pytest.param({"fsdp": 4}, "fsdp", "none", marks=pytest.mark.slow),  # 4 chips: FSDP only (ep8 has FSDP too)
     ({"expert": 2, "stage": 2}, "ep_pp", "none"),     # 4 chips: 2 pipeline stages, EP inside each
 ], ids=["ep8", "fsdp4", "pp4"])
 def test_train_step_compiles_for_tpu_v5p(axes, strategy, remat):
@@ -51,7 +51,8 @@ def test_train_step_compiles_for_tpu_v5p(axes, strategy, remat):
     assert compiled.cost_analysis()["flops"] > 0
 
 
-@pytest.mark.parametrize("axes,strategy", [({"fsdp": 1}, "fsdp"), ({"expert": 8}, "ep_fsdp")], ids=["h100", "h100x8"])
+@pytest.mark.parametrize("axes,strategy", [pytest.param({"fsdp": 1}, "fsdp", marks=pytest.mark.slow),
+                                           ({"expert": 8}, "ep_fsdp")], ids=["h100", "h100x8"])
 def test_train_step_compiles_for_h100(axes, strategy):
     compiled = _compile(_config(axes, strategy), gpu_mesh(axes))
     text = compiled.as_text()
