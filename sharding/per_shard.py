@@ -43,12 +43,17 @@ def per_shard(fn: Callable, in_axes: Sequence[Axes], out_axes: Axes | Sequence[A
         mesh = jax.sharding.get_abstract_mesh()
         if mesh is None or mesh.empty or not _auto_axes(mesh):
             return fn(*args)
-        outs = jax.eval_shape(fn, *args)
         in_specs = tuple(activation_spec(a.shape, ax, mesh) for a, ax in zip(args, in_axes))
-        if multi_out:
-            out_specs = tuple(activation_spec(o.shape, ax, mesh) for o, ax in zip(outs, out_axes))
-        else:
-            out_specs = activation_spec(outs.shape, out_axes, mesh)
+        # an output dimension's split follows from the size its logical axis has in the arguments
+        size_of = {name: dim for a, ax in zip(args, in_axes) for dim, name in zip(a.shape, ax) if name}
+
+        def out_spec(axes):
+            missing = [name for name in axes if name and name not in size_of]
+            if missing:
+                raise ValueError(f"per_shard: output axes {missing} name no argument's axis")
+            return activation_spec(tuple(size_of.get(name, 1) for name in axes), axes, mesh)
+
+        out_specs = tuple(out_spec(ax) for ax in out_axes) if multi_out else out_spec(out_axes)
         return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names=_auto_axes(mesh),
                              check_vma=False)(*args)
 

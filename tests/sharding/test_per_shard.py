@@ -45,6 +45,10 @@ def test_per_shard_checks_its_arguments():
     with pytest.raises(ValueError, match="2 arguments but 1 in_axes"):
         per_shard(_rowwise, in_axes=(("batch", None, None),), out_axes=("batch",))(jnp.ones((2, 2, 2)),
                                                                                   jnp.ones((2, 2)))
+    f = per_shard(_rowwise, in_axes=(("batch", None, None), ("batch", None)),
+                  out_axes=(("batch", "heads", None), ("batch", None)))
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 4})), pytest.raises(ValueError, match="name no argument"):
+        f(jnp.ones((2, 2, 2)), jnp.ones((2, 2)))
 
 
 def test_model_kernels_under_a_mesh_equal_unsharded():
