@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3, "async_save": True})
     c.metrics = ml_collections.ConfigDict({"every": 10, "tensorboard": True, "peak_tflops_per_device": 0.0})
     c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 3})
+    # inference shapes the Generator is compiled for ahead of time (k2jax-aot --step=prefill|decode): rows,
+    # cache slots per row, prompt tokens per prefill
+    c.infer = ml_collections.ConfigDict({"batch": 8, "max_len": 4096, "prompt_len": 1024})
     c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
     c.debug_nan_step = -1          # tests: poison the loss at this step
     return c
