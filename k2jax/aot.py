@@ -1,0 +1,472 @@
+"""Ahead-of-time compile of a k2jax job for a TPU slice, on a machine without one: does it fit, and what it costs.
+
+    k2jax-aot --config=configs/k2_v5p_256.py                       # the train step, for the slice the mesh needs
+    k2jax-aot --config=configs/k2_infer_v5p.py --step=decode --report=decode.json
+    k2jax-aot --config=configs/tiny.py --topology=v5p-8 --config.mesh.axes='{"fsdp": 4}'
+
+    report = compile_report(config, step="train", topology="v5p-512")   # the same from Python: a dict
+
+libtpu builds the slice's devices without the chips (`jax.experimental.topologies`, as MaxText's train_compile);
+the config's mesh is laid over them, the state is abstract (ShapeDtypeStructs with their shardings: no memory
+for weights anywhere), and the very functions train.py and the Generator jit are lowered and compiled by XLA:TPU
+(Mosaic compiles the Pallas kernels, the memory planner runs). The report, per chip:
+
+  memory      parameters, optimizer state, batch (or latent cache), temporaries (activations and workspace),
+              outputs not aliased to inputs, generated code; their total against the chip's HBM, and `fits`
+  flops       XLA's cost analysis of the compiled program (Pallas kernels count through their
+              pl.CostEstimate) next to the useful FLOPs (cfg.flops_per_token x tokens per chip; x 4/3 under
+              full remat, whose forward runs twice)
+  hbm bytes   bytes the program reads and writes in HBM (cost analysis); for decode, the bound this puts on
+              tokens/s at the chip's bandwidth
+  collectives every all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute: executions per
+              step (loop trip counts applied) and bytes moved per chip
+
+A program that does not fit (the compiler's HBM check, or the total above the chip's HBM) exits 1 with what to
+change. `--report` writes the dict as JSON (keys in README.md, "Compile ahead of time").
+
+TPU generations (name counts as in `gcloud`: TensorCores for v4 / v5p, chips for v5e / v6e) are in TPUS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """A TPU generation as libtpu names it, and what one chip has."""
+    libtpu_name: str        # topology prefix for get_topology_desc ("v5p:4x8x8")
+    hbm_bytes: float        # HBM per chip the compiler may use
+    peak_bf16_flops: float  # per chip
+    hbm_bandwidth: float    # bytes/s per chip
+    cores_per_chip: int     # TensorCores per chip: what the slice name counts for v4 / v5p (megacore)
+    dims: int               # torus dimensions (3: v4 / v5p, 2: v5e / v6e)
+
+    @property
+    def chip_config(self) -> str:
+        return "megacore" if self.cores_per_chip == 2 else "default"
+
+
+# Public per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm); v5p's HBM is what libtpu's
+# memory planner reports as available (95.74 GiB of the 96).
+TPUS: dict[str, TpuGeneration] = {
+    "v4": TpuGeneration("v4", 32 * GiB, 275e12, 1.2e12, 2, 3),
+    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3),
+    "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, 0.819e12, 1, 2),
+    "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, 1.64e12, 1, 2),
+}
+_ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
+STEPS = ("train", "prefill", "decode")
+
+
+class AotError(ValueError):
+    """A topology, config or step that cannot be compiled as asked; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    generation: str
+    shape: tuple[int, ...]  # chips along each torus dimension
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def spec(self) -> TpuGeneration:
+        return TPUS[self.generation]
+
+    @property
+    def name(self) -> str:
+        """The slice's usual name (v5p-512: 512 TensorCores = 256 chips)."""
+        return f"{self.generation}-{self.chips * self.spec.cores_per_chip}"
+
+    def devices(self) -> list:
+        """The slice's chips as deviceless jax devices (one per chip: megacore on v4 / v5p)."""
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+        from jax.experimental import topologies
+        libtpu_name = f"{self.spec.libtpu_name}:{'x'.join(map(str, self.shape))}"
+        per_host = tuple(min(2, s) for s in self.shape[:2]) + (1,)
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
+                                            chip_config_name=self.spec.chip_config,
+                                            chips_per_host_bounds=per_host, num_slices=1)
+        return list(topo.devices)
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+    """The usual slice shape for a power-of-two chip count: dimensions doubled in turn from 1 (v5p-512 -> 4x8x8,
+    v5e-32 -> 4x8)."""
+    if chips < 1 or chips & (chips - 1):
+        raise AotError(f"no standard TPU slice has {chips} chips (a power of two); name the shape, e.g. v5p:4x4x12")
+    shape = [1] * dims
+    while math.prod(shape) < chips:
+        i = min(range(dims), key=lambda d: (shape[d], -d))  # the smallest dimension, the last of equals
+        shape[i] *= 2
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> Topology:
+    """"v5p-512" (gcloud's name: TensorCores on v4 / v5p, chips on v5e / v6e), or "v5p:4x8x8" (chips per
+    dimension, libtpu's form). Generations: TPUS."""
+    m = re.fullmatch(r"(v\w+?)(?:litepod)?([-:])([\dx]+)", name.strip())
+    if not m:
+        raise AotError(f"topology {name!r}: expected e.g. v5p-512 or v5p:4x8x8")
+    gen = _ALIASES.get(m.group(1), m.group(1))
+    if "litepod" in name:
+        gen = "v5e"
+    if gen not in TPUS:
+        raise AotError(f"topology {name!r}: unknown TPU generation {gen!r} (have {sorted(TPUS)})")
+    spec = TPUS[gen]
+    if m.group(2) == ":":
+        shape = tuple(int(s) for s in m.group(3).split("x"))
+        if len(shape) != spec.dims or min(shape) < 1:
+            raise AotError(f"topology {name!r}: a {gen} slice has {spec.dims} dimensions")
+        return Topology(gen, shape)
+    cores = int(m.group(3))
+    if cores % spec.cores_per_chip:
+        raise AotError(f"topology {name!r}: {gen} slices count {spec.cores_per_chip} cores per chip")
+    return Topology(gen, _torus(cores // spec.cores_per_chip, spec.dims))
+
+
+def default_topology(axes: dict, generation: str = "v5p") -> Topology:
+    """The smallest standard slice the mesh axes need (their product; no -1 axis)."""
+    if any(int(s) < 1 for s in axes.values()):
+        raise AotError(f"mesh axes {dict(axes)} have a -1: give --topology (the slice fills it in)")
+    return Topology(generation, _torus(math.prod(int(s) for s in axes.values()), TPUS[generation].dims))
+
+
+# ---- the compiled program's collectives -------------------------------------------------------------------------
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+                "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"=\s*(\(?[^=]*?\)?)\s+([\w\-]+)\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_CALLEES = re.compile(r"(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _shape_bytes(text: str) -> list[int]:
+    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+            for dtype, dims in _SHAPE.findall(text) if dtype in _DTYPE_BYTES]
+
+
+def collectives(hlo_text: str) -> list[dict]:
+    """[{op, count, bytes}] of an optimized HLO module's collectives: `count` executions per run of the program
+    (an op inside a while loop of known trip count n counts n times), `bytes` the result bytes of all of them
+    per device. Async pairs count once (at their -start)."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m and "=" not in line.split("(")[0]:
+            current = m.group(1)
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif current is not None and line.strip() not in ("}", ""):
+            comps[current].append(line)
+    calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
+    for comp, lines in comps.items():
+        for line in lines:
+            trips = _TRIP_COUNT.search(line)
+            for kind, callee in _CALLEES.findall(line):
+                calls[comp].append((callee, int(trips.group(1)) if trips and kind == "body" else 1))
+            for group in _BRANCHES.findall(line):
+                calls[comp] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+    times = {c: 0 for c in comps}
+
+    def visit(comp: str, n: int, depth: int = 0) -> None:
+        if comp not in times or depth > 64:
+            return
+        times[comp] += n
+        for callee, k in calls[comp]:
+            visit(callee, n * k, depth + 1)
+
+    visit(entry or next(iter(comps), ""), 1)
+    found: dict[str, list[int]] = {}
+    for comp, lines in comps.items():
+        for line in lines:
+            m = _INSTRUCTION.search(line)
+            if not m:
+                continue
+            op = m.group(2).removesuffix("-start")
+            if op not in _COLLECTIVES or m.group(2).endswith("-done"):
+                continue
+            sizes = _shape_bytes(m.group(1))
+            n = times[comp] or 1  # a computation not reached from the entry (none expected) counts once
+            row = found.setdefault(op, [0, 0])
+            row[0] += n
+            row[1] += n * (sizes[-1] if sizes else 0)
+    return [{"op": op, "count": c, "bytes": b} for op, (c, b) in sorted(found.items())]
+
+
+# ---- compiling a job ------------------------------------------------------------------------------------------
+
+def _per_chip_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+class _Heartbeat:
+    """Prints "compiling ... N s" every `every` seconds until stopped (a compile takes minutes on 2 cores)."""
+
+    def __init__(self, what: str, log: Callable[[str], None], every: float = 30.0):
+        self.what, self.log, self.every = what, log, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.start = time.perf_counter()
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.log(f"  {self.what}: {time.perf_counter() - self.start:.0f} s")
+
+    def __enter__(self):
+        self.log(f"{self.what} ...")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.seconds = time.perf_counter() - self.start
+
+
+def _lower(config, step: str, mesh):
+    """(lowered program, {memory part: per-chip bytes of the arguments}, useful FLOPs of one run, tokens)."""
+    from k2jax.training.loop import model_config, train_program
+    if step == "train":
+        program = train_program(config, mesh)
+        state, batch = program.abstract_state(), program.abstract_batch(config.global_batch, config.seq_len)
+        tokens = config.global_batch * config.seq_len
+        useful = program.cfg.flops_per_token(config.seq_len) * tokens
+        if program.cfg.remat == "full":
+            useful *= 4 / 3
+        parts = {"parameters": _per_chip_bytes(state.params) + _per_chip_bytes(state.rest),
+                 "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
+        return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg
+    from flax import nnx
+
+    from k2jax.generate import Generator, LatentCache
+    from k2jax.placement import abstract_model
+    cfg = model_config(config)
+    infer = config.infer
+    if infer.max_len > cfg.max_position_embeddings:
+        raise AotError(f"infer.max_len {infer.max_len} exceeds the model's max_position_embeddings "
+                       f"{cfg.max_position_embeddings}")
+    model = abstract_model(cfg, mesh, config.mesh.strategy)
+    weights = _per_chip_bytes(nnx.state(model))
+    lowered = Generator(model).lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
+    cache_bytes = LatentCache.values_per_token(cfg) * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
+    if step == "prefill":
+        tokens = infer.batch * infer.prompt_len
+        useful = cfg.flops_per_token(infer.prompt_len, training=False) * tokens
+    else:
+        tokens = infer.batch
+        useful = cfg.flops_per_token(infer.max_len, training=False, causal=False) * tokens
+    return lowered, {"parameters": weights, "cache": cache_bytes // _batch_shards(infer.batch, mesh)}, useful, \
+        tokens, cfg
+
+
+def _batch_shards(batch: int, mesh) -> int:
+    """Devices a batch of `batch` rows is split over (as the Generator's tokens and cache are)."""
+    from sharding.rules import activation_spec
+    spec = activation_spec((batch,), ("batch",), mesh)
+    axes = spec[0] if len(spec) else None
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(dict(mesh.shape)[a] for a in axes)
+
+
+def _advice(report: dict) -> str:
+    m = report["memory"]
+    big = max(("parameters", "optimizer_state", "temporaries", "cache"), key=lambda k: m.get(k, 0))
+    tips = {
+        "parameters": "more chips on the fsdp / expert axes, or bfloat16 parameters (model.overrides.param_dtype)",
+        "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",
+        "temporaries": "model.overrides.remat='full', more grad_accum microbatches, fewer tokens per chip, or a "
+                       "smaller expert-parallel buffer (model.overrides.ep_capacity_factor)",
+        "cache": "a smaller infer.batch or infer.max_len, or more chips on the batch axes",
+    }
+    return f"the largest part is {big.replace('_', ' ')} ({m.get(big, 0) / GiB:.1f} GiB): try {tips[big]}"
+
+
+def compile_report(config, *, step: str = "train", topology: str | None = None,
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Compiles `step` of the job `config` (base_config() + a configs/ file) for a deviceless TPU slice and
+    returns the report (module docstring). topology: a name for parse_topology; default: the smallest v5p
+    slice the config's mesh needs. Never raises for a program that does not fit: report["fits"] is False."""
+    from sharding.mesh import MeshError, make_mesh
+    if step not in STEPS:
+        raise AotError(f"step must be one of {STEPS}, got {step!r}")
+    jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are deviceless
+    topo = parse_topology(topology) if topology else default_topology(dict(config.mesh.axes))
+    devices = topo.devices()
+    try:
+        mesh = make_mesh(dict(config.mesh.axes), devices)
+    except MeshError as e:
+        raise AotError(f"the config's mesh does not fit {topo.name} ({topo.chips} chips): {e}") from None
+    hbm = topo.spec.hbm_bytes
+    report = {"step": step, "topology": topo.name, "chips": topo.chips, "mesh": dict(mesh.shape),
+              "strategy": config.mesh.strategy, "hbm_per_chip": hbm, "libtpu": _libtpu_version(),
+              "jax": jax.__version__}
+    log(f"k2jax-aot: {step} step on {topo.name} ({topo.chips} chips, mesh {dict(mesh.shape)}, "
+        f"strategy {config.mesh.strategy})")
+    with jax.set_mesh(mesh):
+        with _Heartbeat("tracing and lowering", log) as hb:
+            lowered, parts, useful, tokens, cfg = _lower(config, step, mesh)
+        report["lower_seconds"] = round(hb.seconds, 1)
+        report["model"] = {"layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts,
+                           "params": cfg.num_params(), "param_dtype": cfg.param_dtype, "dtype": cfg.dtype,
+                           "remat": cfg.remat}
+        try:
+            with _Heartbeat("compiling for TPU (minutes for a large model on 2 cores)", log) as hb:
+                compiled = lowered.compile()
+        except Exception as e:  # XLA's HBM check raises at compile time (RESOURCE_EXHAUSTED)
+            message = str(e)
+            if "memory" not in message.lower() and "RESOURCE_EXHAUSTED" not in message:
+                raise
+            report.update(fits=False, compile_seconds=round(time.perf_counter() - hb.start, 1),
+                          error=message.strip().splitlines()[0][:500], memory=dict(parts))
+            report["advice"] = _advice(report)
+            return report
+    report["compile_seconds"] = round(hb.seconds, 1)
+    mem = compiled.memory_analysis()
+    memory = dict(parts)
+    memory.update(arguments=mem.argument_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+                  outputs_not_aliased=max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0),
+                  generated_code=mem.generated_code_size_in_bytes)
+    total = (memory["arguments"] + memory["temporaries"] + memory["outputs_not_aliased"]
+             + memory["generated_code"])
+    memory["total"] = total
+    report["memory"] = memory
+    report["fits"] = total <= hbm
+    report["hbm_margin"] = (hbm - total) / hbm
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    hbm_bytes = float(cost.get("bytes accessed", 0.0))
+    useful_per_chip = useful / topo.chips
+    report["flops"] = {"compiled_per_chip": flops, "useful_per_chip": useful_per_chip,
+                       "compiled_over_useful": flops / useful_per_chip if useful_per_chip else None}
+    report["hbm_bytes_accessed_per_chip"] = hbm_bytes
+    seconds_bound = max(flops / topo.spec.peak_bf16_flops, hbm_bytes / topo.spec.hbm_bandwidth)
+    report["step_seconds_lower_bound"] = seconds_bound
+    report["tokens_per_step"] = tokens
+    report["tokens_per_second_bound"] = tokens / seconds_bound if seconds_bound else None
+    if step == "decode":
+        report["hbm_bytes_per_generated_token"] = hbm_bytes * topo.chips / tokens
+    report["collectives"] = collectives(compiled.as_text())
+    if not report["fits"]:
+        report["advice"] = _advice(report)
+    return report
+
+
+def _libtpu_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("libtpu")
+    except Exception:
+        return None
+
+
+def format_report(r: dict) -> str:
+    """The report as the table the CLI prints."""
+    lines = [f"{r['step']} step, {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, strategy {r['strategy']}"
+             f"  [libtpu {r['libtpu']}, jax {r['jax']}]"]
+    if "model" in r:
+        m = r["model"]
+        lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {m["params"] / 1e9:.3g}B params, "
+                     f"{m['param_dtype']} params / {m['dtype']} compute, remat {m['remat']}")
+    lines.append("memory per chip (GiB):")
+    for k, v in r["memory"].items():
+        lines.append(f"  {k.replace('_', ' '):<22}{v / GiB:>9.2f}")
+    hbm = r["hbm_per_chip"] / GiB
+    if "total" in r["memory"]:
+        lines.append(f"  {'of HBM':<22}{hbm:>9.2f}   {'fits' if r['fits'] else 'DOES NOT FIT'}"
+                     f" (margin {100 * r['hbm_margin']:.1f} %)")
+    else:
+        lines.append(f"  does not fit {hbm:.2f} GiB: {r['error']}")
+    if "compile_seconds" in r:
+        lines.append(f"compile: {r['compile_seconds']:.0f} s (lowering {r['lower_seconds']:.0f} s)")
+    if "flops" in r:
+        f = r["flops"]
+        ratio = f["compiled_over_useful"]
+        lines.append(f"FLOPs per chip: compiled {f['compiled_per_chip']:.3e}, useful {f['useful_per_chip']:.3e}"
+                     + (f" (compiled / useful {ratio:.2f})" if ratio else ""))
+        lines.append(f"HBM bytes accessed per chip: {r['hbm_bytes_accessed_per_chip']:.3e}; step >= "
+                     f"{r['step_seconds_lower_bound'] * 1e3:.2f} ms, <= {r['tokens_per_second_bound']:.0f} tokens/s")
+        if "hbm_bytes_per_generated_token" in r:
+            lines.append(f"HBM bytes per generated token (all chips): {r['hbm_bytes_per_generated_token']:.3e}")
+        lines.append("collectives per step (count, bytes per chip):")
+        for c in r["collectives"]:
+            lines.append(f"  {c['op']:<20}{c['count']:>8}  {c['bytes'] / GiB:>9.3f} GiB")
+    if "advice" in r:
+        lines.append(f"to fit: {r['advice']}")
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (its get_config()); override any field "
+                                    "with --config.FIELD=VALUE.", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU slice to compile for: v5p-512 (gcloud's name) or v5p:4x8x8; "
+                        f"generations {', '.join(TPUS)}. Default: the smallest v5p slice the config's mesh needs.")
+    flags.DEFINE_enum("step", "train", list(STEPS), "train: the train step as train.py runs it; prefill / "
+                      "decode: the Generator's, at config.infer's batch, max_len and prompt_len.")
+    flags.DEFINE_string("report", None, "Also write the report as JSON to this file.")
+    flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> int:
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    try:
+        report = compile_report(FLAGS.config, step=FLAGS.step, topology=FLAGS.topology)
+    except AotError as e:
+        print(f"k2jax-aot: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if FLAGS.report:
+        with open(FLAGS.report, "w") as f:
+            json.dump(report, f, indent=1)
+    if not report["fits"]:
+        print(f"k2jax-aot: the {report['step']} step does not fit {report['topology']}: {report['advice']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli():
+    from absl import app, flags
+    _define_flags()
+    for name in ["config", "topology", "step", "report"]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    cli()
