@@ -394,7 +394,7 @@ def format_report(r: dict) -> str:
              f"  [libtpu {r['libtpu']}, jax {r['jax']}]"]
     if "model" in r:
         m = r["model"]
-        lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {m["params"] / 1e9:.3g}B params, "
+        lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {m['params'] / 1e9:.3g}B params, "
                      f"{m['param_dtype']} params / {m['dtype']} compute, remat {m['remat']}")
     lines.append("memory per chip (GiB):")
     for k, v in r["memory"].items():
