@@ -8,6 +8,7 @@
     model = k2jax.load_checkpoint("k2-bf16", mesh=mesh, shardings="ep_fsdp")   # a converted (Orbax) checkpoint
     outs = k2jax.Generator(model).generate(prompts, max_new_tokens=64, sampling=k2jax.Sampling(temperature=0.6))
     chat = k2jax.Chat(model, k2jax.Tokenizer.from_dir("Kimi-K2-Instruct")); chat.send("Hello")
+    reply = k2jax.parse_tool_calls(outs[0], tokenizer)   # K2 tool calls in generated ids or text
 """
 
 from k2jax.checkpoint import load_checkpoint, save_checkpoint
@@ -17,10 +18,13 @@ from k2jax.hf_mapping import CheckpointError, from_hf_tensors, to_hf_tensors
 from k2jax.model import Transformer, param_info
 from k2jax.generate import Completion, Generator, LatentCache, Sampling, generate
 from k2jax.tokenizer import Tokenizer, TokenizerError
+from k2jax.chat_template import ChatTemplateError
+from k2jax.tool_calls import ParsedReply, ToolCall, ToolCallParser, parse_tool_calls
 from k2jax.chat import Chat
 from k2jax.placement import init_sharded, shard_model
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",
            "save_checkpoint", "param_info", "Generator", "Sampling", "LatentCache", "Completion", "generate",
-           "Tokenizer", "TokenizerError", "Chat", "init_sharded", "shard_model"]
+           "Tokenizer", "TokenizerError", "ChatTemplateError", "parse_tool_calls", "ToolCallParser", "ToolCall",
+           "ParsedReply", "Chat", "init_sharded", "shard_model"]

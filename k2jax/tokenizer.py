@@ -1,23 +1,26 @@
-"""The Kimi K2 tokenizer on tiktoken, and the K2 chat template.
+"""The Kimi K2 tokenizer on tiktoken, with the release's own chat template.
 
-    tok = Tokenizer.from_dir("Kimi-K2-Instruct")      # reads tiktoken.model (+ tokenizer_config.json if present)
+    tok = Tokenizer.from_dir("Kimi-K2-Instruct")      # tiktoken.model, tokenizer_config.json, chat_template.jinja
     ids = tok.encode("Hello")                         # special-token text in user strings stays plain text
     text = tok.decode(ids)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tools=tools)   # the release's prompt ids
+    text = tok.apply_chat_template(messages, tokenize=False)                         # ... or its text
+    tok.chat_template.source                          # which file the template came from
     tok.eos_id                                        # <|im_end|>: where an assistant turn ends
 
 The release's `tiktoken.model` holds one "base64(token bytes) rank" line per BPE token (163,584 of them); the
 special tokens follow the BPE ranks: 256 ids starting at the number of ranks, named by the release's
 tokenizer_config.json ("added_tokens_decoder") when the directory has one, otherwise by SPECIAL_TOKENS below (the
-release's names and offsets), the rest `<|reserved_token_{id}|>`.
+release's names and offsets), the rest `<|reserved_token_{id}|>`. Text is split with the release's pattern
+(PAT_STR, from tokenization_kimi.py) and long runs are cut as the release cuts them.
 
-The chat template reproduces the release's (chat_template in tokenizer_config.json) for text messages, tool
-declarations, assistant tool calls and tool results:
-
-    <|im_system|>system<|im_middle|>You are Kimi, ...<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|>
-    <|im_assistant|>assistant<|im_middle|>
-
-Special tokens are inserted as ids, never parsed out of message text, so a user cannot forge a turn.
+`apply_chat_template` renders the directory's own chat template (k2jax.chat_template: chat_template.jinja, else
+tokenizer_config.json's chat_template, rendered as transformers renders it; a directory without one gets
+k2jax's built-in K2 template, and from_dir logs a warning saying so). The ids are the template's special tokens
+as their ids and everything else encoded as text, which for ordinary messages is what the release's
+tokenization_kimi.py gives (tiktoken with every special token allowed). Special-token text inside messages, tools
+and template variables stays text by default, so a message cannot forge a turn; special_tokens_in_content=True
+encodes it as special ids, as the release's tokenizer does.
 `train_bpe` builds a small tokenizer file (tests and the notebook use it; the real one comes with the release).
 """
 
@@ -31,6 +34,9 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import tiktoken
+from absl import logging
+
+from k2jax.chat_template import ChatTemplate, special_pattern, split_rendered
 
 # The release's pre-tokenisation pattern (tokenization_kimi.py): Han runs, words with case and contractions,
 # up to 3 digits, punctuation runs, newlines, spaces.
@@ -55,9 +61,6 @@ SPECIAL_TOKENS = {
     15: "<|tool_call_end|>", 17: "<|im_middle|>", 254: "[UNK]", 255: "[PAD]",
 }
 CHAT_TOKENS = ("<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>")
-DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
-ROLES = {"system": ("<|im_system|>", "system"), "user": ("<|im_user|>", "user"),
-         "assistant": ("<|im_assistant|>", "assistant"), "tool": ("<|im_system|>", "tool")}
 # tiktoken's Rust splitter is slow on very long runs of one character class; the release cuts text likewise.
 _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
@@ -125,21 +128,29 @@ def special_tokens_for(num_ranks: int, names_by_id: Mapping[int, str] | None = N
 
 
 class Tokenizer:
-    def __init__(self, ranks: Mapping[bytes, int], special_tokens: Mapping[str, int], *, name: str = "k2"):
+    """tiktoken with the release's ranks, pattern and special tokens, plus its chat template (`chat_template`: a
+    k2jax.chat_template.ChatTemplate; the built-in one when none is given)."""
+
+    def __init__(self, ranks: Mapping[bytes, int], special_tokens: Mapping[str, int], *, name: str = "k2",
+                 chat_template: ChatTemplate | None = None):
         missing = [t for t in CHAT_TOKENS if t not in special_tokens]
         if missing:
             raise TokenizerError(f"tokenizer: special tokens {missing} are missing (the chat template needs them)")
         self.special_tokens = dict(special_tokens)
         self._special_names = {i: s for s, i in self.special_tokens.items()}
+        self._special_re = special_pattern(list(self.special_tokens))
         self._enc = tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=dict(ranks),
                                       special_tokens=self.special_tokens)
         self.num_ranks = len(ranks)
         self.vocab_size = self.num_ranks + len(self.special_tokens)
         self.eos_id = self.special_tokens["<|im_end|>"]
+        self.chat_template = chat_template if chat_template is not None else ChatTemplate()
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
-        """A release directory: tiktoken.model, and tokenizer_config.json's special-token names if present."""
+        """A release directory: tiktoken.model; tokenizer_config.json's special-token names if present; its chat
+        template (chat_template.jinja, else tokenizer_config.json's chat_template), else the built-in one with a
+        warning."""
         path = os.fspath(path)
         ranks = read_bpe_ranks(os.path.join(path, "tiktoken.model"))
         names = None
@@ -152,19 +163,26 @@ class Tokenizer:
                     names = {int(i): entry["content"] for i, entry in added.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise TokenizerError(f"{config_path}: unreadable added_tokens_decoder ({e})") from None
-        return cls(ranks, special_tokens_for(len(ranks), names), name=os.path.basename(path.rstrip("/")) or "k2")
+        template = ChatTemplate.from_dir(path)
+        if template.builtin:
+            logging.warning("%s has no chat template (chat_template.jinja or tokenizer_config.json's "
+                            "chat_template): using %s", path, template.source)
+        return cls(ranks, special_tokens_for(len(ranks), names), name=os.path.basename(path.rstrip("/")) or "k2",
+                   chat_template=template)
 
     def special(self, name: str) -> int:
         if name not in self.special_tokens:
             raise TokenizerError(f"no special token {name!r}")
         return self.special_tokens[name]
 
-    def encode(self, text: str) -> list[int]:
-        """Plain text -> ids. Special-token names in the text are encoded as ordinary text."""
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Text -> ids. Special-token names in the text are encoded as ordinary text, unless allow_special: then
+        they become their special ids (the release's TikTokenTokenizer.encode, allow_special_tokens=True)."""
+        allowed = "all" if allow_special else set()
         ids: list[int] = []
         for start in range(0, len(text), _MAX_ENCODE_CHARS):
             for piece in _split_long_runs(text[start:start + _MAX_ENCODE_CHARS]):
-                ids += self._enc.encode(piece, disallowed_special=(), allowed_special=set())
+                ids += self._enc.encode(piece, disallowed_special=(), allowed_special=allowed)
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -183,61 +201,33 @@ class Tokenizer:
         """ids -> text (special tokens by name; invalid UTF-8 replaced)."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                            tools: Sequence[Mapping[str, Any]] | None = None, continuation: bool = False
-                            ) -> list[int]:
-        """Messages ({"role": system|user|assistant|tool, "content": str or [{"type": "text", "text": ...}],
-        assistant "tool_calls", tool "tool_call_id"}) -> ids, as the release's chat template renders them. A
-        conversation that does not start with a system message gets the default system prompt, unless
-        `continuation` says these messages continue an already rendered conversation."""
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True,
+                            tokenize: bool = True, *, documents: Sequence[Mapping[str, Any]] | None = None,
+                            chat_template: str | None = None, special_tokens_in_content: bool = False,
+                            **kwargs: Any) -> list[int] | str:
+        """One conversation through the release's chat template, as transformers' apply_chat_template: the ids
+        (tokenize=True) or the text (tokenize=False) of the prompt.
+
+        messages: [{"role": "system" | "user" | "assistant" | "tool", "content": str or [{"type": "text",
+        "text": str}, ...], assistant "tool_calls": [{"id", "type": "function", "function": {"name",
+        "arguments"}}], tool "tool_call_id" and optional "name"}, ...]. tools: JSON schemas. chat_template: the
+        name of one of the directory's templates, or a template's text. Extra keywords are template variables.
+        Special-token names inside messages, tools, documents and extra keywords are encoded as plain text,
+        unless special_tokens_in_content (then anywhere in the rendered text they are special ids, as the
+        release's own tokenizer encodes). Raises ChatTemplateError for malformed messages or a template that
+        fails on them."""
+        render_args = dict(tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+                           chat_template=chat_template, **kwargs)
+        if not tokenize:
+            return self.chat_template.render(messages, **render_args)
+        if special_tokens_in_content:
+            return self.encode(self.chat_template.render(messages, **render_args), allow_special=True)
         ids: list[int] = []
-        sp = self.special
-        if tools:
-            ids += [sp("<|im_system|>"), *self.encode("tool_declare"), sp("<|im_middle|>"),
-                    *self.encode(json.dumps(list(tools), ensure_ascii=False)), sp("<|im_end|>")]
-        for n, message in enumerate(messages):
-            role, content = _check_message(n, message)
-            if n == 0 and role != "system" and not continuation:
-                ids += [sp("<|im_system|>"), *self.encode("system"), sp("<|im_middle|>"),
-                        *self.encode(DEFAULT_SYSTEM_PROMPT), sp("<|im_end|>")]
-            start, role_name = ROLES[role]
-            ids += [sp(start), *self.encode(role_name), sp("<|im_middle|>")]
-            if role == "assistant" and message.get("tool_calls"):
-                ids += self.encode(content)
-                ids.append(sp("<|tool_calls_section_begin|>"))
-                for call in message["tool_calls"]:
-                    args = call["function"]["arguments"]
-                    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-                    ids += [sp("<|tool_call_begin|>"), *self.encode(str(call["id"])),
-                            sp("<|tool_call_argument_begin|>"), *self.encode(args), sp("<|tool_call_end|>")]
-                ids.append(sp("<|tool_calls_section_end|>"))
-            elif role == "tool":
-                ids += self.encode(f"## Return of {message.get('tool_call_id')}\n{content}")
-            else:
-                ids += self.encode(content)
-            ids.append(sp("<|im_end|>"))
-        if add_generation_prompt:
-            ids += [sp("<|im_assistant|>"), *self.encode("assistant"), sp("<|im_middle|>")]
+        for piece, special in split_rendered(self.chat_template.render(messages, mark=self._special_re,
+                                                                       **render_args), self._special_re):
+            ids += [self.special_tokens[piece]] if special else self.encode(piece)
         return ids
-
-
-def _check_message(n: int, message: Mapping[str, Any]) -> tuple[str, str]:
-    """-> (role, content as text); one clear error for anything the template cannot render."""
-    if not isinstance(message, Mapping) or "role" not in message:
-        raise TokenizerError(f"message {n}: expected a dict with 'role' and 'content', got {message!r:.80}")
-    role = message["role"]
-    if role not in ROLES:
-        raise TokenizerError(f"message {n}: role {role!r} is not one of {sorted(ROLES)}")
-    content = message.get("content")
-    if content is None:
-        return role, ""
-    if isinstance(content, str):
-        return role, content
-    if isinstance(content, Sequence) and all(isinstance(p, Mapping) and p.get("type", "text") == "text"
-                                             and isinstance(p.get("text"), str) for p in content):
-        return role, "".join(p["text"] for p in content)
-    raise TokenizerError(f"message {n}: content must be a string or a list of {{'type': 'text', 'text': str}} "
-                         f"parts, got {content!r:.80}")
 
 
 def _split_long_runs(text: str) -> Iterable[str]:

@@ -1,14 +1,21 @@
-"""The tiktoken-based K2 tokenizer and chat template, on a small BPE file the test trains itself."""
+"""The tiktoken-based K2 tokenizer, on a small BPE file the test trains itself, and the release's file layout at
+its real size. The chat template's tests are in test_chat_template.py."""
 
 import base64
 import json
+import logging
 import os
+import shutil
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
+import tiktoken.load
 
-from k2jax.tokenizer import (DEFAULT_SYSTEM_PROMPT, SPECIAL_TOKENS, StreamDecoder, Tokenizer, TokenizerError,
-                             read_bpe_ranks, special_tokens_for, train_bpe, write_bpe_ranks)
+from k2jax.chat_template import BUILTIN_SOURCE
+from k2jax.tokenizer import (SPECIAL_TOKENS, StreamDecoder, Tokenizer, TokenizerError, read_bpe_ranks,
+                             special_tokens_for, train_bpe, write_bpe_ranks)
 
 CORPUS = ["The quick brown fox jumps over the lazy dog. It's 2026; we've 12345 tokens.\n\n",
           "Kimi K2 uses multi-head latent attention. 你好，世界！ Ünïcödé wörds and CamelCaseWords.\n"] * 20
@@ -43,39 +50,16 @@ def test_special_token_text_in_user_content_stays_text(tok):
     assert tok.decode(ids) == "<|im_end|><|im_user|>"
 
 
-def test_chat_template_matches_the_release_rendering(tok):
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": [{"type": "text", "text": "Why"}, {"type": "text", "text": "?"}]}]
-    ids = tok.apply_chat_template(msgs)
-    assert tok.decode(ids) == (
-        f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM_PROMPT}<|im_end|>"
-        "<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>Hello!<|im_end|>"
-        "<|im_user|>user<|im_middle|>Why?<|im_end|><|im_assistant|>assistant<|im_middle|>")
-    assert ids.count(tok.eos_id) == 4
-    own = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, msgs[0]], add_generation_prompt=False)
-    assert tok.decode(own) == ("<|im_system|>system<|im_middle|>Be brief.<|im_end|>"
-                               "<|im_user|>user<|im_middle|>Hi<|im_end|>")
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-    calls = [{"role": "assistant", "content": "",
-              "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
-                              "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-             {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"}]
-    text = tok.decode(tok.apply_chat_template([msgs[0]] + calls, tools=tools))
-    assert text.startswith(f"<|im_system|>tool_declare<|im_middle|>{json.dumps(tools)}<|im_end|><|im_system|>system")
-    assert ("<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|><|tool_call_begin|>"
-            'functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
-            "<|tool_calls_section_end|><|im_end|><|im_system|>tool<|im_middle|>## Return of "
-            "functions.get_weather:0\nsunny<|im_end|>") in text
-    # a continuation renders only its own turns (no default system prompt)
-    assert tok.decode(tok.apply_chat_template([msgs[0]], continuation=True)).startswith("<|im_user|>")
-
-
-@pytest.mark.parametrize("message, match", [
-    ({"content": "x"}, "role"), ({"role": "robot", "content": "x"}, "not one of"),
-    ({"role": "user", "content": [{"type": "image"}]}, "content must be"), ("hi", "expected a dict")])
-def test_bad_messages(tok, message, match):
-    with pytest.raises(TokenizerError, match=match):
-        tok.apply_chat_template([message])
+def test_a_directory_without_a_template_uses_the_builtin_one_and_says_so(tok_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        tok = Tokenizer.from_dir(tok_dir)
+    assert tok.chat_template.builtin and tok.chat_template.source == BUILTIN_SOURCE
+    assert "has no chat template" in caplog.text and BUILTIN_SOURCE in caplog.text
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert tok.decode(ids) == ("<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot "
+                               "AI.<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant"
+                               "<|im_middle|>")
+    assert tok.encode("<|im_end|>", allow_special=True) == [tok.eos_id]
 
 
 def test_stream_decoder_holds_partial_characters(tok):
@@ -120,3 +104,40 @@ def test_malformed_bpe_files_fail_clearly(tok_dir, tmp_path, damage, match):
             Tokenizer.from_dir(tmp_path)
     with pytest.raises(TokenizerError, match="cannot read"):
         read_bpe_ranks(os.path.join(tmp_path, "nope.model"))
+
+
+RELEASE_RANKS = 163_584  # lines in the release's tiktoken.model (2,795,286 bytes)
+
+
+def test_release_sized_bpe_file_speed_memory_and_a_corrupt_line(tmp_path):
+    """A tiktoken.model laid out like the release's: 163,584 "base64 rank" lines. It loads about as fast as
+    tiktoken's own (unchecked) loader, in tens of MB; with the release's tokenizer_config.json the special ids are
+    the release's; a corrupt line deep in the file is named by its number."""
+    lines = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
+    lines += [base64.b64encode(b"k2" + rank.to_bytes(3, "big") * (1 + rank % 3)) + b" %d" % rank
+              for rank in range(256, RELEASE_RANKS)]
+    path = tmp_path / "tiktoken.model"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    start = time.perf_counter()
+    ranks = read_bpe_ranks(path)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    assert ranks == tiktoken.load.load_tiktoken_bpe(str(path))
+    theirs = time.perf_counter() - start
+    assert ours < 3 * theirs + 1.0, (ours, theirs)
+    tracemalloc.start()
+    try:
+        read_bpe_ranks(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * path.stat().st_size, peak  # ~11x the file's size, measured
+    shutil.copy(os.path.join(os.path.dirname(__file__), "chat_templates", "k2_instruct_0905",
+                             "tokenizer_config.json"), tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert (tok.vocab_size, tok.eos_id, tok.special("<|im_middle|>"), tok.special("<|tool_calls_section_begin|>")) == (
+        163_840, 163_586, 163_601, 163_595)
+    lines[123_456] = b"k2!! 123456"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(TokenizerError, match=r"tiktoken.model:123457: bad base64 token or rank"):
+        read_bpe_ranks(path)
