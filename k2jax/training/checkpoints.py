@@ -7,7 +7,9 @@
 
 A checkpoint is committed only when complete (Orbax writes a temporary directory and renames it), so a job
 killed mid-save resumes from the previous one. The abstract state passed to `restore` decides where arrays land:
-restoring onto a mesh different from the one that saved is a matter of passing other shardings.
+restoring onto a mesh different from the one that saved is a matter of passing other shardings. A checkpoint that
+cannot be read back (a missing or damaged file, a different model) is a CheckpointError in one line naming the
+checkpoint and the first array that failed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from k2jax.commands import one_line
+from k2jax.hf_mapping import CheckpointError
 from k2jax.training.step import TrainState
 
 
@@ -42,9 +46,15 @@ class TrainCheckpoints:
             force=force)
 
     def restore(self, step: int, abstract_state: TrainState, data_iterator) -> TrainState:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_tree(abstract_state)),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_tree(abstract_state)),
+                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        except Exception as e:  # Orbax / tensorstore raise many types; every one means this checkpoint is unusable
+            raise CheckpointError(
+                f"{os.path.join(self.directory, str(step))}: cannot restore it: {_first_cause(e)}. The checkpoint is "
+                f"damaged or was written for another model: move it out of {self.directory} to resume from the one "
+                f"before it") from e
         tree = restored["state"]
         return TrainState(tree["step"], tree["params"], tree["rest"], tree["opt_state"], abstract_state.graphdef)
 
@@ -60,6 +70,13 @@ class TrainCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_cause(error: BaseException) -> str:
+    """The innermost error's message (tensorstore names the array and chunk it could not read), on one line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return one_line(error)[:400]
 
 
 def with_shardings(shapes: TrainState, shardings: TrainState) -> TrainState:

@@ -2,14 +2,19 @@
 
     from k2jax.training.loop import base_config, train
     config = base_config(); config.steps = 20
-    result = train(config, workdir="/tmp/run")        # {"step": ..., "loss": ...}
+    result = train(config, workdir="/tmp/run")  # {"status": "done" | "already_done" | "preempted", "step", "loss"}
 
-Every `checkpoint.every` steps the state and the data iterators' positions are saved (async, keep-last-N); a
-restart with the same workdir resumes from the latest checkpoint automatically and continues with exactly the
-batches an uninterrupted run would have seen. SIGTERM (a TPU preemption notice) saves at the next step and
-exits. A step whose loss or gradients are not finite leaves the state unchanged and stops the job with
-NonFiniteError before anything after it is saved. Metrics every `metrics.every` steps go to metrics.jsonl and
-TensorBoard; they are fetched one step late so the host never waits on the device for them.
+The config is checked before anything is built (`check_config`: one line naming the field, TrainConfigError).
+The step is compiled ahead of time ("compiling the train step ..."), and a step that would not fit in the
+devices' memory stops there with a TrainConfigError naming the sizes to change. Every `checkpoint.every` steps the
+state and the data iterators' positions are saved (async, keep-last-N); a restart with the same workdir resumes
+from the latest checkpoint automatically and continues with exactly the batches an uninterrupted run would have
+seen, and a workdir already at `steps` returns "already_done" without training. SIGTERM (a TPU preemption
+notice) saves at the next step and returns "preempted" (train.py exits 75: run it again to resume). A step
+whose loss or gradients are not finite leaves the state unchanged and stops the job with NonFiniteError before
+anything after it is saved. Metrics every `metrics.every` steps go to metrics.jsonl and TensorBoard (a resumed
+run first drops what the earlier run logged after its checkpoint); they are fetched one step late so the host
+never waits on the device for them. Process 0 prints a banner, then a line per logged step.
 """
 
 from __future__ import annotations
@@ -25,24 +30,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from k2jax.checkpoint import load_checkpoint
-from k2jax.config import K2Config, preset
+from k2jax.commands import UsageError, one_line
+from k2jax.config import ConfigError, K2Config, preset
 from k2jax.model import Transformer, param_info, param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from k2jax.training.checkpoints import TrainCheckpoints, with_shardings
 from k2jax.training.data import make_iterator
-from k2jax.training.metrics import MetricWriter
+from k2jax.training.metrics import MetricWriter, Throughput
 from k2jax.training.step import TrainState, make_train_step
-from sharding.mesh import make_mesh
-from sharding.rules import activation_spec, optimizer_state_specs, param_shardings
+from sharding.mesh import MeshError, make_mesh, resolve_axis_sizes
+from sharding.rules import STRATEGIES, activation_spec, optimizer_state_specs, param_shardings
 
 
 class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss or gradient."""
+
+
+class TrainConfigError(UsageError):
+    """A config that cannot run here; the message names the field and what to change (train.py exits 2)."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -166,7 +175,7 @@ def _state_shardings(abstract: TrainState, info: dict, mesh, strategy: str):
 
 
 class _Preemption:
-    """SIGTERM -> save at the next step and exit."""
+    """SIGTERM -> save at the next step and stop."""
 
     def __init__(self):
         self.requested = False
@@ -179,79 +188,202 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config, workdir: str) -> dict:
+def check_config(config, workdir: str) -> K2Config:
+    """Everything about `config` and `workdir` that can be checked before anything is built, each problem one line
+    naming the field to change (TrainConfigError): the model, steps, batch split, seq_len against the model's
+    max_position_embeddings, the mesh against the devices, the workdir. Returns the model config."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise TrainConfigError(message)
+
+    need(not os.path.exists(workdir) or os.path.isdir(workdir),
+         f"--workdir={workdir} is a file, not a directory: pass a new directory or an earlier run's workdir")
+    try:
+        cfg = model_config(config)
+    except (ConfigError, TypeError, ValueError, OSError) as e:
+        raise TrainConfigError(f"config.model: {one_line(e)}") from None
+    need(config.steps >= 1, f"config.steps={config.steps}: must be at least 1")
+    need(config.seq_len >= 1, f"config.seq_len={config.seq_len}: must be at least 1")
+    need(config.seq_len <= cfg.max_position_embeddings,
+         f"config.seq_len={config.seq_len} is longer than the model's max_position_embeddings "
+         f"({cfg.max_position_embeddings}): lower config.seq_len")
+    need(config.grad_accum >= 1, f"config.grad_accum={config.grad_accum}: must be at least 1")
+    n_proc = jax.process_count()
+    need(config.global_batch >= 1 and config.global_batch % (n_proc * config.grad_accum) == 0,
+         f"config.global_batch={config.global_batch} must be a positive multiple of processes x grad_accum "
+         f"({n_proc} x {config.grad_accum})")
+    need(config.mesh.strategy in STRATEGIES,
+         f"config.mesh.strategy={config.mesh.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    try:
+        resolve_axis_sizes(dict(config.mesh.axes), jax.device_count())
+    except MeshError as e:
+        raise TrainConfigError(f"config.mesh.axes: {e}") from None
+    need(config.checkpoint.every >= 1, f"config.checkpoint.every={config.checkpoint.every}: must be at least 1")
+    need(config.metrics.every >= 1, f"config.metrics.every={config.metrics.every}: must be at least 1")
+    return cfg
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_memory() -> tuple[int, str] | None:
+    """(bytes one device can hold, what that is), or None when unknown: the accelerator's own limit, or on CPU
+    the host's available memory shared by its CPU devices."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    available = _mem_available() if device.platform == "cpu" else None
+    if available:
+        n = jax.local_device_count()
+        return available // n, f"available host memory / {n} CPU device{'s' if n > 1 else ''}"
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_fits(compiled, config) -> int:
+    """Bytes per device the compiled step needs (its arguments, outputs not aliased to them, temporaries); a
+    TrainConfigError naming what to change when that is more than a device holds."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    limit = device_memory()
+    if limit is not None and need > limit[0]:
+        raise TrainConfigError(
+            f"the train step needs {_gib(need)} per device, more than the {_gib(limit[0])} of {limit[1]} "
+            f"(config.seq_len={config.seq_len}, config.global_batch={config.global_batch}): lower seq_len or "
+            f"global_batch, raise grad_accum, use more devices, or set config.model.overrides.remat='full'")
+    return need
+
+
+def _say(message: str) -> None:
+    """A line of the job's own output (process 0; library logs stay at WARNING unless --verbosity asks)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _banner(config, cfg: K2Config, mesh, workdir: str, start: int, origin: str, config_source: str) -> None:
+    tokens = config.global_batch * config.seq_len
+    if config_source:
+        _say(f"config: {config_source}")
+    axes = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
+    device = mesh.devices.flat[0]
+    _say(f"model: {config.model.hf_config or 'preset ' + config.model.preset}, {cfg.num_hidden_layers} layers, "
+         f"{cfg.num_params():,} parameters ({cfg.num_active_params():,} active per token), {cfg.param_dtype}")
+    _say(f"mesh: {axes} over {mesh.size} {device.platform} devices in {jax.process_count()} "
+         f"process{'es' if jax.process_count() > 1 else ''}; parameters sharded by {config.mesh.strategy!r}")
+    _say(f"batch: {config.global_batch} rows x {config.seq_len} tokens = {tokens:,} tokens per step"
+         f"{f' in {config.grad_accum} microbatches' if config.grad_accum > 1 else ''}; data {config.data.source}")
+    _say(f"run: steps {start} -> {config.steps} ({origin}), checkpoints every {config.checkpoint.every} steps in "
+         f"{os.path.join(os.path.abspath(workdir), 'checkpoints')}")
+
+
+def train(config, workdir: str, *, config_source: str = "") -> dict:
+    """Runs (or resumes) the job. Returns {"status": "done" | "already_done" | "preempted", "step": steps
+    completed, "loss": the last step's loss (None when no step ran)}. config_source: how the config was made
+    (e.g. its file and overrides), for the banner."""
     maybe_initialize_distributed(config)
+    cfg = check_config(config, workdir)
     mesh = make_mesh(dict(config.mesh.axes))
-    n_proc, proc = jax.process_count(), jax.process_index()
-    if config.global_batch % (n_proc * config.grad_accum):
-        raise ValueError(f"global_batch {config.global_batch} must divide by processes x grad_accum "
-                         f"({n_proc} x {config.grad_accum})")
-    os.makedirs(workdir, exist_ok=True)
-    with jax.set_mesh(mesh):
-        program = train_program(config, mesh)
-        cfg, tx, schedule = program.cfg, program.tx, program.schedule
-        shapes, shardings = program.state_shapes, program.shardings
-        ckpts = TrainCheckpoints(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every,
-                                 async_save=config.checkpoint.async_save)
-        data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
-                             vocab_size=cfg.vocab_size, seed=config.seed)
-        latest = ckpts.latest_step()
-        if latest is not None:
-            state = ckpts.restore(latest, with_shardings(shapes, shardings), data)
-            logging.info("resumed from %s at step %d", ckpts.directory, latest)
-        else:
-            state = jax.jit(program.fresh_state, out_shardings=shardings)()
-            if config.init_from:
-                loaded = load_checkpoint(config.init_from, mesh=mesh, shardings=config.mesh.strategy,
-                                         param_dtype=cfg.param_dtype)
-                _, params, rest = nnx.split(loaded, nnx.Param, ...)
-                state = TrainState(state.step, params, rest, jax.jit(tx.init, out_shardings=shardings.opt_state)(
-                    params), state.graphdef)
-                logging.info("initialised parameters from %s", config.init_from)
-        step_fn, rows = program.step_fn, program.batch_rows
-        writer = MetricWriter(workdir, enabled=proc == 0, tensorboard=config.metrics.tensorboard)
-        flops_per_step = cfg.flops_per_token(config.seq_len) * config.global_batch * config.seq_len
-        preemption = _Preemption()
-        start = int(state.step)
-        pending, last = None, {"step": start}
-        t0, t0_step = time.perf_counter(), start
-        try:
-            for step in range(start, config.steps):
-                if step == config.profile.start_step:
-                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                local = next(data)
-                local["loss_scale"] = np.full((local["tokens"].shape[0],),
-                                              np.nan if step == config.debug_nan_step else 1.0, np.float32)
-                batch = {k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()}
-                state, metrics = step_fn(state, batch)
-                if config.profile.start_step >= 0 and step == config.profile.start_step + config.profile.num_steps - 1:
-                    jax.profiler.stop_trace()
-                if pending is not None:  # the previous step's metrics: ready by now, no stall
-                    last = _report(pending, ckpts, writer, schedule, flops_per_step, config, t0, t0_step)
-                    t0, t0_step = time.perf_counter(), pending[0] + 1
-                pending = (step, metrics)
-                done = step + 1
-                if ckpts.should_save(done) or preemption.requested or done == config.steps:
-                    # this step's metrics first (they also check it is finite): a checkpoint never gets ahead
-                    # of the metrics log
-                    last = _report(pending, ckpts, writer, schedule, flops_per_step, config, t0, t0_step,
-                                   force=True)
-                    pending, t0, t0_step = None, time.perf_counter(), done
-                    ckpts.save(done, state, data, force=True)
-                if preemption.requested:
-                    logging.warning("SIGTERM: saved step %d, exiting", done)
-                    break
-            if pending is not None:
-                last = _report(pending, ckpts, writer, schedule, flops_per_step, config, t0, t0_step, force=True)
-        finally:
-            preemption.restore()
-            ckpts.close()
-            writer.close()
-    return last
+    proc = jax.process_index()
+    preemption = _Preemption()  # from here on SIGTERM stops the job cleanly (saving what it has)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with jax.set_mesh(mesh):
+            ckpts = TrainCheckpoints(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every,
+                                     async_save=config.checkpoint.async_save)
+            try:
+                return _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source)
+            finally:
+                ckpts.close()
+    finally:
+        preemption.restore()
 
 
-def _check_finite(pending, ckpts) -> None:
-    step, metrics = pending
+def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -> dict:
+    latest = ckpts.latest_step()
+    if latest is not None and latest >= config.steps:
+        return {"status": "already_done", "step": latest, "loss": None}
+    program = train_program(config, mesh)
+    tx, schedule, shardings = program.tx, program.schedule, program.shardings
+    origin = (f"resumed from the checkpoint of step {latest}" if latest is not None else
+              f"parameters from {config.init_from}" if config.init_from else "fresh")
+    _banner(config, cfg, mesh, workdir, latest or 0, origin, config_source)
+    _say("compiling the train step ...")
+    t = time.perf_counter()
+    step_fn = program.step_fn.lower(program.abstract_state(),
+                                    program.abstract_batch(config.global_batch, config.seq_len)).compile()
+    need = check_fits(step_fn, config)
+    _say(f"compiled in {time.perf_counter() - t:.1f} s" + (f"; it needs {_gib(need)} per device" if need else ""))
+    data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
+                         vocab_size=cfg.vocab_size, seed=config.seed)
+    if latest is not None:
+        state = ckpts.restore(latest, with_shardings(program.state_shapes, shardings), data)
+    else:
+        state = jax.jit(program.fresh_state, out_shardings=shardings)()
+        if config.init_from:
+            loaded = load_checkpoint(config.init_from, mesh=mesh, shardings=config.mesh.strategy,
+                                     param_dtype=cfg.param_dtype)
+            _, params, rest = nnx.split(loaded, nnx.Param, ...)
+            state = TrainState(state.step, params, rest, jax.jit(tx.init, out_shardings=shardings.opt_state)(
+                params), state.graphdef)
+    state = jax.device_put(state, shardings)  # exactly the compiled step's input layout (a no-op when it is)
+    rows = program.batch_rows
+    start = int(state.step)
+    writer = MetricWriter(workdir, enabled=proc == 0, tensorboard=config.metrics.tensorboard, start_step=start)
+    flops_per_step = cfg.flops_per_token(config.seq_len) * config.global_batch * config.seq_len
+    report = _Reporter(config, ckpts, writer, schedule, flops_per_step)
+    pending, result = None, {"status": "done", "step": start, "loss": None}
+    try:
+        for step in range(start, config.steps):
+            if preemption.requested:  # before the first step: nothing new to save
+                result["status"] = "preempted"
+                break
+            if step == config.profile.start_step:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            local = next(data)
+            local["loss_scale"] = np.full((local["tokens"].shape[0],),
+                                          np.nan if step == config.debug_nan_step else 1.0, np.float32)
+            batch = {k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()}
+            state, metrics = step_fn(state, batch)
+            if config.profile.start_step >= 0 and step == config.profile.start_step + config.profile.num_steps - 1:
+                jax.profiler.stop_trace()
+            if pending is not None:  # the previous step's metrics: ready by now, no stall
+                result["loss"] = report(*pending, next_metrics=metrics)
+            pending = (step, metrics)
+            done = step + 1
+            if ckpts.should_save(done) or preemption.requested or done == config.steps:
+                # this step's metrics first (they also check it is finite): a checkpoint never gets ahead of the
+                # metrics log
+                result["loss"] = report(*pending, force=True)
+                pending = None
+                writer.flush()  # everything logged so far survives a kill once this checkpoint exists
+                ckpts.save(done, state, data, force=True)
+                report.speed.mark_after_pause(time.perf_counter(), done)  # a save is not a step
+            result["step"] = done
+            if preemption.requested and done < config.steps:
+                result["status"] = "preempted"
+                break
+        if pending is not None:
+            result["loss"] = report(*pending, force=True)
+    finally:
+        writer.close()
+    return result
+
+
+def _check_finite(step, metrics, ckpts) -> None:
     if not bool(metrics["finite"]):
         ckpts.wait()
         raise NonFiniteError(f"step {step}: loss {float(metrics['loss'])}, gradient norm "
@@ -259,20 +391,50 @@ def _check_finite(pending, ckpts) -> None:
                              f"Last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}")
 
 
-def _report(pending, ckpts, writer, schedule, flops_per_step, config, t0, t0_step, force=False) -> dict:
-    step, metrics = pending
-    metrics = jax.device_get(metrics)
-    _check_finite((step, metrics), ckpts)
-    out = {"step": step, "loss": float(metrics["loss"])}
-    if force or step % config.metrics.every == 0:
-        seconds = max(time.perf_counter() - t0, 1e-9)
-        steps = max(step + 1 - t0_step, 1)
-        tflops = flops_per_step * steps / seconds / jax.device_count() / 1e12
-        peak = config.metrics.peak_tflops_per_device
+class _Reporter:
+    """Fetches a step's metrics, checks the step was finite, and every `metrics.every` steps (or when forced)
+    writes a row and prints a line. Throughput counts only finished steps between two rows (`Throughput`):
+    never compilation, a checkpoint save or the first step's warm-up (the first row has none)."""
+
+    def __init__(self, config, ckpts, writer, schedule, flops_per_step):
+        self.config, self.ckpts, self.writer, self.schedule = config, ckpts, writer, schedule
+        self.flops_per_step = flops_per_step
+        self.speed = Throughput()
+        self.started = False
+
+    def __call__(self, step: int, metrics, *, next_metrics=None, force: bool = False) -> float:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        _check_finite(step, metrics, self.ckpts)
+        loss = float(metrics["loss"])
+        row = force or step % self.config.metrics.every == 0
+        window = None
+        if self.started and row:
+            window = self.speed.mark(now, self._done(step, next_metrics))
+        if row:
+            self._write(step, metrics, loss, window)
+        if not self.started:  # the clock starts after the first step and its row (one-time costs: warm-up)
+            self.speed.mark(time.perf_counter(), self._done(step, next_metrics))
+            self.started = True
+        return loss
+
+    @staticmethod
+    def _done(step: int, next_metrics) -> int:
+        """Steps known finished: this one, and the next if it already ran (CPU dispatch often runs it inline)."""
+        return step + 1 + int(next_metrics is not None and next_metrics["loss"].is_ready())
+
+    def _write(self, step: int, metrics: dict, loss: float, window: tuple[int, float] | None) -> None:
         scalars = {k: v for k, v in metrics.items() if k != "finite"}
-        scalars.update(lr=float(schedule(step)), tokens_per_s=float(metrics["tokens"]) * steps / seconds,
-                       tflops_per_device=tflops, **({"mfu": tflops / peak} if peak else {}))
-        writer.write(step, scalars)
-        logging.info("step %d loss %.4f grad_norm %.3f %.0f tok/s", step, out["loss"], metrics["grad_norm"],
-                     scalars["tokens_per_s"])
-    return out
+        scalars["lr"] = float(self.schedule(step))
+        line = f"step {step}/{self.config.steps}: loss {loss:.4f}, grad_norm {float(metrics['grad_norm']):.3f}"
+        if window is not None:
+            steps, seconds = window
+            tflops = self.flops_per_step * steps / seconds / jax.device_count() / 1e12
+            peak = self.config.metrics.peak_tflops_per_device
+            scalars.update(tokens_per_s=float(metrics["tokens"]) * steps / seconds, tflops_per_device=tflops,
+                           **({"mfu": tflops / peak} if peak else {}))
+            line += f", {scalars['tokens_per_s']:,.0f} tok/s, {tflops:.3g} TFLOP/s per device"
+            if peak:
+                line += f", MFU {scalars['mfu']:.1%}"
+        self.writer.write(step, scalars)
+        _say(line)

@@ -1,29 +1,47 @@
 """Training metrics to JSON lines and TensorBoard event files (process 0 writes; others are silent).
 
-    w = MetricWriter(workdir)
+    w = MetricWriter(workdir, start_step=0)
     w.write(step, {"loss": 2.3, "tokens_per_s": 1e5, ...})   # scalars; [layers, heads]-shaped values are
     w.close()                                                 # summarised (max) for TensorBoard, kept in JSONL
+
+A run resumed from the checkpoint of step S passes start_step=S: the rows and TensorBoard events the earlier run
+wrote for steps >= S (between that checkpoint and the kill) are dropped first, so a resumed run's metrics read
+as one run, each step once.
+
+`Throughput` turns the times at which the loop learns that steps are done into steps per second without
+counting compilation, checkpoint saves or a step still running.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import struct
+import time
 
 import numpy as np
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
+        """start_step: the step this run starts from (0, or the step of the checkpoint it resumed from); what an
+        earlier run logged for that step and later ones is dropped."""
         self.enabled = enabled
         self._jsonl = self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_jsonl_rows_from(path, start_step)
+            self._jsonl = open(path, "a", buffering=1)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                logdir = os.path.join(workdir, "tensorboard")
+                _drop_events_from(logdir, start_step)
+                # purge_step also tells TensorBoard itself to drop events >= start_step it may still cache; the
+                # file name has the time in seconds: the suffix (in ns) keeps files of the same second apart, in order
+                self._tb = SummaryWriter(logdir, purge_step=start_step, filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -37,6 +55,13 @@ class MetricWriter:
                                     int(step))
         self._jsonl.write(json.dumps(row) + "\n")
 
+    def flush(self) -> None:
+        """Rows and events written so far to the files (the loop calls this before each checkpoint)."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
@@ -45,6 +70,109 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """Every row of workdir/metrics.jsonl (a resumed run appends; later rows for a step win)."""
+    """Every row of workdir/metrics.jsonl, in step order (one row per logged step, resumed runs included)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _drop_jsonl_rows_from(path: str, step: int) -> None:
+    """Keeps the rows of steps < `step` (and drops a last line a kill cut short)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row["step"] < step:
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    if keep != lines:
+        _atomic_write(path, b"".join(keep))
+
+
+def _records(path: str) -> tuple[list[bytes], bool]:
+    """The records of a TFRecord file (TensorBoard's event files), and whether the file ends with a record a kill
+    cut short (dropped)."""
+    out = []
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        end = pos + 12 + length + 4
+        if end > len(data):
+            break
+        out.append(data[pos + 12:pos + 12 + length])
+        pos = end
+    return out, pos != len(data)
+
+
+def _record(data: bytes) -> bytes:
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("<Q", len(data))
+    return (header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
+
+
+def _events(path: str) -> tuple[list, bool]:
+    from tensorboardX.proto.event_pb2 import Event
+
+    records, cut = _records(path)
+    return [Event.FromString(r) for r in records], cut
+
+
+def _drop_events_from(logdir: str, step: int) -> None:
+    """Rewrites each event file under `logdir` without the summaries of steps >= `step`."""
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        events, cut = _events(path)
+        keep = [e for e in events if not (e.HasField("summary") and e.step >= step)]
+        if cut or len(keep) != len(events):
+            _atomic_write(path, b"".join(_record(e.SerializeToString()) for e in keep))
+
+
+def read_tensorboard(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of every scalar in workdir/tensorboard, in the order written."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+        for event in _events(path)[0]:
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+class Throughput:
+    """Steps per second over the steps finished between two moments the loop knows how many are done.
+
+        t = Throughput()
+        t.mark(now, done)      # first call: the start (after compilation, after the first step: no warm-up)
+        t.mark(now, done)      # -> (steps, seconds) since the previous mark, or None if no step finished
+        t.mark_after_pause(now, done)   # restart the clock (a checkpoint save is not a step)
+
+    `done` counts the steps known finished at `now`: the step whose metrics were just fetched, plus the next one
+    if its outputs are ready too (on CPU a dispatch often runs the step before returning). Counting it makes
+    windows of synchronous and asynchronous dispatch alike, and never reports the near-zero windows that gave
+    millions of tokens per second."""
+
+    def __init__(self):
+        self._since: tuple[float, int] | None = None
+
+    def mark(self, now: float, done: int) -> tuple[int, float] | None:
+        since, self._since = self._since, (now, done)
+        if since is None or done <= since[1] or now <= since[0]:
+            return None
+        return done - since[1], now - since[0]
+
+    def mark_after_pause(self, now: float, done: int) -> None:
+        self._since = (now, done)

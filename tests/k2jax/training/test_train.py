@@ -1,20 +1,25 @@
-"""train.py end to end in subprocesses (8 or 4 fake CPU devices): the loss falls, a SIGKILLed job resumes
-bit-identically, a job resumes onto a different mesh, a planted NaN stops the job and keeps the last good
-checkpoint, every config in configs/ loads."""
+"""train.py end to end in subprocesses (8 or 4 fake CPU devices): the loss falls, what it prints (banner,
+compiling, steps; no library logs), a preempted job exits 75 and a SIGKILLed one resumes bit-identically with each
+step logged once, a finished workdir is not trained again, a job resumes onto a different mesh, a planted NaN
+stops the job and keeps the last good checkpoint, bad configs and damaged checkpoints are one line, every config
+in configs/ loads."""
 
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
-from k2jax.training.metrics import read_metrics
+from k2jax.training.metrics import read_metrics, read_tensorboard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 FAST = ["--config.model.overrides={'num_hidden_layers': 2}", "--config.seq_len=32", "--config.global_batch=8",
@@ -47,13 +52,37 @@ def _steps(workdir) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())  # committed checkpoints only
 
 
+STRAIGHT = ("--config.steps=12", "--config.checkpoint.every=4", "--config.profile.start_step=2",
+            "--config.profile.num_steps=2")
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """An uninterrupted 12-step run, checkpoints every 4 steps, a profiler trace of steps 2-3."""
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    _train(workdir, "--config.steps=12", "--config.checkpoint.every=4", "--config.profile.start_step=2",
-           "--config.profile.num_steps=2")
+    """An uninterrupted 12-step run, checkpoints every 4 steps, a profiler trace of steps 2-3. Its stdout and
+    stderr are kept next to the workdir."""
+    workdir = str(tmp_path_factory.mktemp("straight") / "run")
+    r = _train(workdir, *STRAIGHT)
+    for name in ("stdout", "stderr"):
+        with open(os.path.join(os.path.dirname(workdir), name), "w") as f:
+            f.write(getattr(r, name))
     return workdir
+
+
+def _output(workdir, name):
+    with open(os.path.join(os.path.dirname(workdir), name)) as f:
+        return f.read()
+
+
+_LIBRARY_INFO = re.compile(r"^I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.M)  # absl's INFO lines (Orbax, ...)
+
+
+def _one_line_error(r, code):
+    """The run failed with `code` and told why in one line (no traceback)."""
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: "), r.stderr[-3000:]
+    return errors[0]
 
 
 def test_the_loss_falls_and_checkpoints_are_kept(straight):
@@ -65,6 +94,35 @@ def test_the_loss_falls_and_checkpoints_are_kept(straight):
     rows = read_metrics(straight)
     assert {"lr", "grad_norm", "update_norm", "tokens_per_s", "tflops_per_device", "attn_max_logit",
             "expert_load_max_over_mean"} <= set(rows[-1])
+
+
+def test_it_prints_a_banner_then_compiling_then_steps_and_no_library_logs(straight):
+    out, err = _output(straight, "stdout"), _output(straight, "stderr")
+    for line in ("config: ", "model: preset tiny, 2 layers, ", "mesh: fsdp 8 over 8 cpu devices in 1 process",
+                 "batch: 8 rows x 32 tokens = 256 tokens per step", "run: steps 0 -> 12 (fresh)"):
+        assert line in out, out
+    assert out.index("batch: ") < out.index("compiling the train step") < out.index("step 0/12: loss ")
+    assert "finished at step 12" in out
+    assert not _LIBRARY_INFO.search(err), _LIBRARY_INFO.search(err).group(0)  # Orbax logged ~60 INFO lines
+
+
+def test_throughput_leaves_out_compilation_and_warm_up(straight):
+    """The first step's window held the compilation (7 tok/s), and windows between fetches of steps that had
+    already run gave millions of tokens per second; now the first row has none and the rest agree."""
+    rows = read_metrics(straight)
+    assert "tokens_per_s" not in rows[0]
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    assert len(speeds) >= 8, rows
+    median = statistics.median(speeds)
+    assert all(median / 20 < v < median * 20 for v in speeds), speeds
+
+
+def test_rerunning_a_finished_workdir_trains_nothing(straight):
+    before = read_metrics(straight)
+    r = _train(straight, *STRAIGHT)
+    assert "already at step 12" in r.stdout and "nan" not in r.stdout, r.stdout
+    assert "compiling" not in r.stdout and read_metrics(straight) == before
+    assert _steps(straight) == [4, 8, 12]
 
 
 def _start(workdir, *args):
@@ -80,18 +138,20 @@ def _wait_for(proc, done, timeout=300):
 
 
 def test_preemption_and_sigkill_then_resume_bit_identically(straight, tmp_path):
-    """SIGTERM (a preemption notice) saves where the job is and exits cleanly; the restart is SIGKILLed right
-    after its step-8 checkpoint; the third run finishes. Every loss after the first save equals the
-    uninterrupted run's exactly (same parameters, same batches)."""
+    """SIGTERM (a preemption notice) saves where the job is and exits 75 ("run me again"); the restart is
+    SIGKILLed right after its step-8 checkpoint; the third run finishes. Every loss after the first save equals
+    the uninterrupted run's exactly (same parameters, same batches), and metrics.jsonl and TensorBoard hold each
+    step once, as if the job had never stopped."""
     workdir = str(tmp_path / "interrupted")
-    args = ("--config.steps=12", "--config.checkpoint.every=4")
+    args = ("--config.steps=12", "--config.checkpoint.every=4", "--config.metrics.tensorboard=True")
     proc = _start(workdir, *args)
     _wait_for(proc, lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(read_metrics(workdir)) >= 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 75, err[-2000:]  # not 0: a scheduler must restart the job
     first = _steps(workdir)
     assert first and 2 <= first[-1] < 8, first  # saved where it stopped, not only on the schedule
+    assert f"preempted (SIGTERM) at step {first[-1]}" in err and "run the same command again to resume" in err
     proc = _start(workdir, *args)
     _wait_for(proc, lambda: 8 in _steps(workdir))
     proc.send_signal(signal.SIGKILL)
@@ -101,6 +161,11 @@ def test_preemption_and_sigkill_then_resume_bit_identically(straight, tmp_path):
     want, got = _losses(straight), _losses(workdir)
     for step in range(first[-1], 12):
         assert got[step] == want[step], step
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(12))  # the steps between a checkpoint and a kill, once
+    board = read_tensorboard(workdir)["loss"]
+    assert [step for step, _ in board] == list(range(12))
+    assert all(abs(value - got[step]) <= 1e-6 * abs(got[step]) for step, value in board)
 
 
 def test_resume_onto_a_different_mesh(straight, tmp_path):
@@ -119,9 +184,66 @@ def test_resume_onto_a_different_mesh(straight, tmp_path):
 def test_a_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     r = _train(workdir, "--config.steps=12", "--config.checkpoint.every=4", "--config.debug_nan_step=6", check=False)
-    assert r.returncode != 0
-    assert "NonFiniteError: step 6: loss nan" in r.stderr and "Last good checkpoint: step 4" in r.stderr
+    error = _one_line_error(r, 1)
+    assert "step 6: loss nan" in error and "Last good checkpoint: step 4" in error
     assert _steps(workdir) == [4]  # steps 5 and 6 ran but nothing after the bad step was saved
+
+
+def test_bad_configs_fail_in_one_line_before_anything_runs(tmp_path):
+    """Each used to be a 20-55 line traceback (or, for seq_len, a silent run); --verbosity=1 still shows it."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    workdir = tmp_path / "never-created"
+    cases = {
+        ("--config.stepz=20",): "--config.stepz=20: the config has no field 'stepz' (Did you mean \"steps\"",
+        ("--config.mesh.axes={'fsdp': 3}",): "config.mesh.axes: mesh {'fsdp': 3} has 3 devices, but 8 are available",
+        ("--config.seq_len=200",): "config.seq_len=200 is longer than the model's max_position_embeddings (128)",
+        (f"--workdir={a_file}",): f"--workdir={a_file} is a file, not a directory",
+        ("--config.stepz=20", "--verbosity=1"): None,
+    }
+    procs = {args: subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+         *FAST, *args], env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in cases}
+    for args, want in cases.items():
+        out, err = procs[args].communicate(timeout=300)
+        r = subprocess.CompletedProcess(args, procs[args].returncode, out, err)
+        if want is None:
+            assert r.returncode != 0 and "Traceback" in err, err[-2000:]  # the debug view
+        else:
+            assert want in _one_line_error(r, 2), err[-2000:]
+    assert not workdir.exists()
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(straight, tmp_path):
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(straight, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+    for chunk in glob.glob(os.path.join(workdir, "checkpoints", "8", "state", "ocdbt.process_0", "d", "*")):
+        os.remove(chunk)  # the arrays' data files (any one may hold only data no array reads any more)
+    error = _one_line_error(_train(workdir, *STRAIGHT, check=False), 1)
+    assert f"{workdir}/checkpoints/8: cannot restore it: " in error and "move it out of" in error, error
+
+
+def test_a_step_too_big_for_the_devices_is_a_config_error(monkeypatch):
+    """seq_len=4096 on the tiny model used to run 99 s and be OOM-killed without a word: the compiled step's
+    memory is checked against the devices' before anything is allocated."""
+    from k2jax.training import loop
+
+    class Compiled:
+        def memory_analysis(self):
+            return types.SimpleNamespace(argument_size_in_bytes=2**30, output_size_in_bytes=2**30,
+                                         alias_size_in_bytes=2**30, temp_size_in_bytes=3 * 2**30)
+
+    config = loop.base_config()
+    monkeypatch.setattr(loop, "device_memory", lambda: (2 * 2**30, "test memory"))
+    with pytest.raises(loop.TrainConfigError, match=r"needs 4.00 GiB per device, more than the 2.00 GiB of test "
+                                                    r"memory \(config.seq_len=128, config.global_batch=8\): lower"):
+        loop.check_fits(Compiled(), config)
+    monkeypatch.setattr(loop, "device_memory", lambda: (8 * 2**30, "test memory"))
+    assert loop.check_fits(Compiled(), config) == 4 * 2**30
+    monkeypatch.undo()
+    limit, what = loop.device_memory()  # CPU: the host's available memory shared by the 8 devices
+    assert 0 < limit and what.endswith("/ 8 CPU devices")
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))

@@ -1,0 +1,38 @@
+"""Metrics: a resumed run's metrics.jsonl and TensorBoard read as one run; throughput counts finished steps only."""
+
+from k2jax.training.metrics import MetricWriter, Throughput, read_metrics, read_tensorboard
+
+
+def _log(workdir, steps, start_step, value):
+    w = MetricWriter(str(workdir), tensorboard=True, start_step=start_step)
+    for step in steps:
+        w.write(step, {"loss": value + step, "attn_max_logit": [[1.0, 2.0]]})
+    w.close()
+
+
+def test_a_resumed_run_replaces_what_was_logged_after_its_checkpoint(tmp_path):
+    _log(tmp_path, range(10), 0, 100.0)  # killed at step 9; its last checkpoint was step 6
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "lo')  # a row the kill cut short
+    _log(tmp_path, range(6, 12), 6, 200.0)  # the resumed run
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == list(range(12))
+    assert [r["loss"] for r in rows] == [100.0 + s for s in range(6)] + [200.0 + s for s in range(6, 12)]
+    board = read_tensorboard(str(tmp_path))
+    assert board["loss"] == [(s, 100.0 + s) for s in range(6)] + [(s, 200.0 + s) for s in range(6, 12)]
+    assert [s for s, _ in board["attn_max_logit/max"]] == list(range(12))
+    _log(tmp_path, range(0, 2), 0, 300.0)  # a fresh run in the same workdir (no checkpoint): only its own rows
+    assert [r["loss"] for r in read_metrics(str(tmp_path))] == [300.0, 301.0]
+    assert read_tensorboard(str(tmp_path))["loss"] == [(0, 300.0), (1, 301.0)]
+
+
+def test_throughput_counts_the_steps_finished_between_marks():
+    t = Throughput()
+    assert t.mark(10.0, 1) is None  # the clock starts (after the first step: no compilation, no warm-up)
+    assert t.mark(11.0, 3) == (2, 1.0)
+    # synchronous dispatch: step 4 had already run when step 3's metrics were fetched; the next fetch, of a step
+    # that had also already run, finds no step finished since: no window rather than a near-zero one
+    assert t.mark(11.5, 5) == (2, 0.5)
+    assert t.mark(11.5001, 5) is None
+    t.mark_after_pause(20.0, 5)  # a checkpoint save: its time is nobody's step
+    assert t.mark(21.0, 7) == (2, 1.0)
