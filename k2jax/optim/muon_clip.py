@@ -11,7 +11,9 @@ Muon (Moonlight / K2 form), per matrix, with stacked-layer and expert axes as ba
     O_t = NS5(G_t + mu M_t)  (nesterov) or NS5(M_t)
     W_t = W_{t-1} - lr (0.2 sqrt(max(fan_in, fan_out)) O_t + wd W_{t-1})
 NS5 is Newton-Schulz with the coefficients (3.4445, -4.7750, 2.0315) after Frobenius normalisation (optax's
-`orthogonalize_via_newton_schulz`, batched by its dimension numbers); fan-in / fan-out and the batch axes come
+`orthogonalize_via_newton_schulz` on one matrix, vmapped over each batch axis: optax's own batching flattens the
+batch axes into one, which a sharded expert axis next to an unsharded layer axis cannot keep, so XLA would gather
+every expert of every layer onto each device, 25 GB per K2 MoE layer); fan-in / fan-out and the batch axes come
 from each weight's `matrix_axes` metadata, not from its shape.
 
 AdamW (b1, b2, decoupled weight decay) for embeddings, lm_head, norms and every other parameter.
@@ -92,6 +94,30 @@ class MomentumState(NamedTuple):
     mu: Any
 
 
+def _axes(axis, ndim: int) -> tuple[int, ...]:
+    return tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
+
+
+def newton_schulz(x: jax.Array, coeffs: jax.Array, ns_steps: int, dims: MuonDimensionNumbers) -> jax.Array:
+    """NS5 of every matrix of x: reduction and output axes from `dims`, every other axis a batch axis kept as its
+    own vmapped axis (so each keeps its sharding)."""
+    red, out = _axes(dims.reduction_axis, x.ndim), _axes(dims.output_axis, x.ndim)
+    batch = tuple(a for a in range(x.ndim) if a not in red + out)
+    order = batch + red + out
+    moved = jnp.transpose(x, order)
+    batch_shape = moved.shape[:len(batch)]
+    matrix_shape = (math.prod(moved.shape[len(batch):len(batch) + len(red)]),
+                    math.prod(moved.shape[len(batch) + len(red):]))
+
+    def one(m):
+        return orthogonalize_via_newton_schulz(m, coeffs, ns_steps)
+
+    for _ in batch:
+        one = jax.vmap(one)
+    y = one(moved.reshape(batch_shape + matrix_shape)).reshape(moved.shape)
+    return jnp.transpose(y, tuple(sorted(range(x.ndim), key=lambda i: order[i])))
+
+
 def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nesterov: bool = True,
                      ns_steps: int = 5, ns_dtype: str = "float32") -> optax.GradientTransformation:
     """Momentum (no bias correction) then batched Newton-Schulz orthogonalisation, for the muon leaves."""
@@ -105,9 +131,7 @@ def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nes
 
         def orthogonalise(name, d):
             coeffs = jnp.asarray(K2_NS_COEFFS, ns_dtype)  # made while tracing: no device (it may be deviceless)
-            out = orthogonalize_via_newton_schulz(d.astype(ns_dtype), coeffs, ns_steps,
-                                                  dimension_numbers=rules[name].dims)
-            return out.astype(jnp.float32)
+            return newton_schulz(d.astype(ns_dtype), coeffs, ns_steps, rules[name].dims).astype(jnp.float32)
 
         return _by_name(direction, orthogonalise), MomentumState(mu)
 

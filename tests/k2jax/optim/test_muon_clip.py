@@ -10,7 +10,8 @@ from flax import nnx
 import k2jax
 from k2jax.config import tiny
 from k2jax.model import param_name
-from k2jax.optim.muon_clip import K2_NS_COEFFS, MUON_RMS, muon_clip, param_rules, qk_clip, rules_table
+from k2jax.optim.muon_clip import (K2_NS_COEFFS, MUON_RMS, muon_clip, newton_schulz, param_rules, qk_clip,
+                                   rules_table)
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 from tests.oracle import random_release_tensors
@@ -19,8 +20,10 @@ CFG = tiny()
 
 
 def _ns(x, dims=None):
-    return orthogonalize_via_newton_schulz(jnp.asarray(x), jnp.asarray(K2_NS_COEFFS, jnp.float32), 5,
-                                           dimension_numbers=dims)
+    coeffs = jnp.asarray(K2_NS_COEFFS, jnp.float32)
+    if dims is None:
+        return orthogonalize_via_newton_schulz(jnp.asarray(x), coeffs, 5)
+    return newton_schulz(jnp.asarray(x), coeffs, 5, dims)
 
 
 def _numpy_ns(g):
@@ -57,6 +60,24 @@ def test_newton_schulz_batches_over_expert_and_layer_axes():
     for i in range(2):
         for j in range(3):
             np.testing.assert_allclose(out[i, j], _numpy_ns(g[i, j].astype(np.float64)), atol=2e-5)
+
+
+def test_newton_schulz_keeps_a_sharded_expert_axis():
+    """[layers, experts, D, F] with experts split over 8 devices: each device orthogonalises its own experts (no
+    all-gather; optax's batching flattens layers x experts and gathers every expert everywhere) and the result
+    equals optax's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    g = np.random.default_rng(2).standard_normal((2, 8, 16, 24)).astype(np.float32)
+    dims = MuonDimensionNumbers((2,), (3,))
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P(None, "expert"))
+    f = jax.jit(lambda x: newton_schulz(x, jnp.asarray(K2_NS_COEFFS, jnp.float32), 5, dims),
+                in_shardings=sharding, out_shardings=sharding)
+    hlo = f.lower(jax.device_put(g, sharding)).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    want = orthogonalize_via_newton_schulz(jnp.asarray(g), jnp.asarray(K2_NS_COEFFS, jnp.float32), 5,
+                                           dimension_numbers=dims)
+    np.testing.assert_allclose(np.asarray(f(jax.device_put(g, sharding))), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_rules_come_from_matrix_axes():
