@@ -25,11 +25,17 @@ released. `load_checkpoint` dequantises them on the devices (W = e4m3 x scale pe
 `k2jax.json` holds {"format", "config" (HF config.json dict), "dtype" (bfloat16 | float32 | fp8), "params"
 {name: {"shape", "dtype"}}}. A checkpoint directory is complete when `k2jax.json` is in it: writers put it there
 last, after everything else is on disk.
+
+Readers (`load_checkpoint`, `CheckpointReader`, so `init_from` and the export too) first check that every chunk
+file of every array is there (`check_chunks`): tensorstore reads a missing chunk as the fill value, so a lost file
+would otherwise load or export as zeros. A missing chunk is a CheckpointError naming the array and the chunk.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from absl import logging as absl_logging
 from flax import nnx
 
 from k2jax import quant
@@ -61,6 +68,19 @@ ShardingSpec = (Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | Mappin
 
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
+
+
+def _save(path: str, tree: dict) -> None:
+    """Orbax's save, without its warning that there are no OCDBT files to merge (this format has none) unless
+    INFO logs were asked for."""
+    logger = absl_logging.get_absl_logger()
+    level = logger.level
+    if logger.getEffectiveLevel() >= logging.WARNING:
+        logger.setLevel(logging.ERROR)
+    try:
+        _checkpointer().save(path, tree)
+    finally:
+        logger.setLevel(level)
 
 
 def abstract_state(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -101,6 +121,31 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, this k2jax reads {FORMAT!r} (convert the "
                               f"release again with this version)")
     return meta
+
+
+def check_chunks(path: str | os.PathLike) -> None:
+    """Every chunk file of every array of the checkpoint at `path` exists; else a CheckpointError naming the
+    array and the chunk (tensorstore would read the missing chunk as zeros). Lists each array's files once."""
+    path = os.fspath(path)
+    for name in read_metadata(path)["params"]:
+        array_dir = os.path.join(path, STATE_DIR, name)
+        try:
+            with open(os.path.join(array_dir, "zarr.json")) as f:
+                zarr = json.load(f)
+            shape, chunk = zarr["shape"], zarr["chunk_grid"]["configuration"]["chunk_shape"]
+            encoding = zarr.get("chunk_key_encoding", {"name": "default"})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: array {name}: unreadable {os.path.join(array_dir, 'zarr.json')} "
+                                  f"({e!r}): the checkpoint is damaged") from None
+        separator = encoding.get("configuration", {}).get("separator", "/" if encoding["name"] == "default" else ".")
+        existing = {os.path.relpath(os.path.join(root, file), array_dir).replace(os.sep, "/")
+                    for root, _, files in os.walk(array_dir) for file in files}
+        for index in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunk))):
+            parts = [str(i) for i in index]
+            key = separator.join(["c", *parts]) if encoding["name"] == "default" else separator.join(parts) or "0"
+            if key not in existing:
+                raise CheckpointError(f"{path}: array {name}: chunk {list(index)} ({STATE_DIR}/{name}/{key}) is "
+                                      f"missing: the checkpoint is damaged (convert or save it again)")
 
 
 class Matmul(NamedTuple):
@@ -180,7 +225,7 @@ def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
     for name, m in matmul_params(model.cfg).items():
         flat[name] = jax.jit(to_stored, static_argnums=1)(flat[name], m)
     os.makedirs(path)
-    _checkpointer().save(os.path.join(path, STATE_DIR), _nest(flat))
+    _save(os.path.join(path, STATE_DIR), _nest(flat))
     shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in flat.items()}
     _write_metadata(path, _metadata(model.cfg, model.cfg.param_dtype, shapes))
 
@@ -194,6 +239,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     (name, shape) -> Sharding. Each device reads only its own shard from disk."""
     path = os.fspath(path)
     meta = read_metadata(path)
+    check_chunks(path)
     stored_dtype = meta["dtype"]
     overrides = {"param_dtype": "bfloat16" if stored_dtype == "fp8" else stored_dtype, **config_overrides}
     cfg = K2Config.from_hf(meta["config"], **overrides)
@@ -228,8 +274,14 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
             sharding = final_shardings[name]
         targets[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
     target = _nest(targets)
-    restored = _flat(_checkpointer().restore(os.path.join(path, STATE_DIR), args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+    try:
+        restored = _flat(_checkpointer().restore(os.path.join(path, STATE_DIR), args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+    except Exception as e:  # Orbax wraps tensorstore's read errors (a truncated chunk, ...) in bare Exceptions
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise CheckpointError(f"{path}: cannot read it: {' '.join(str(cause).split())[:400]}") from e
     params = {}
     for name, value in restored.items():
         if name.startswith(SCALES + "."):
@@ -316,7 +368,7 @@ class StreamingWriter:
         if not os.path.exists(self.state_dir):
             os.makedirs(self.path, exist_ok=True)
             placeholders = {n: np.zeros((1,) * len(a.shape), a.dtype) for n, a in template.items()}
-            _checkpointer().save(self.state_dir, _nest(placeholders))
+            _save(self.state_dir, _nest(placeholders))
 
     def _array(self, name: str, slot_ndim: int) -> ts.TensorStore:
         if name not in self._arrays:
@@ -367,11 +419,13 @@ class StreamingWriter:
 
 
 class CheckpointReader:
-    """Reads single slots of a k2jax checkpoint's arrays straight from disk (for streaming export)."""
+    """Reads single slots of a k2jax checkpoint's arrays straight from disk (for streaming export). Every chunk
+    is checked to exist when it opens (`check_chunks`), and reads never fill a missing one."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.meta = read_metadata(self.path)
+        check_chunks(self.path)
         self.dtype = self.meta["dtype"]
         self.cfg = K2Config.from_hf(self.meta["config"])
         self._arrays: dict[str, ts.TensorStore] = {}
@@ -384,5 +438,9 @@ class CheckpointReader:
             # all-zero slots (a fresh router bias, a zeroed expert) must be written too: Orbax's reader treats a
             # missing chunk as an error rather than as the fill value
             self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array_dir},
-                                          "store_data_equal_to_fill_value": True}, open=True).result()
-        return np.asarray(self._arrays[name][index].read().result())
+                                          "store_data_equal_to_fill_value": True,
+                                          "fill_missing_data_reads": False}, open=True).result()
+        try:
+            return np.asarray(self._arrays[name][index].read().result())
+        except ValueError as e:  # tensorstore: NOT_FOUND: chunk {...} stored at local file "..." is missing
+            raise CheckpointError(f"{self.path}: array {name}{list(index)}: {' '.join(str(e).split())}") from None

@@ -1,7 +1,7 @@
 """What k2jax's commands (k2jax-train / train.py, k2jax-convert / convert_checkpoint.py, k2jax-demo) share: exit
 codes, one-line errors, quiet library logs.
 
-    run(main, prog="k2jax-convert", errors={CheckpointError: FAILED, OSError: IO_ERROR})
+    run(main, errors={CheckpointError: FAILED, OutputError: IO_ERROR})   # errors print as "PROG: error: ..."
 
 Exit codes (the README's "Exit codes and failure behaviour" table):
 
@@ -20,6 +20,7 @@ Library INFO logs (Orbax, absl) are shown only when --verbosity is given (--verb
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Mapping
 
@@ -38,8 +39,8 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def fail(prog: str, message: str, code: int) -> None:
-    sys.stderr.write(f"{prog}: error: {message}\n")
+def fail(name: str, message: str, code: int) -> None:
+    sys.stderr.write(f"{name}: error: {message}\n")
     sys.stderr.flush()
     sys.exit(code)
 
@@ -60,7 +61,7 @@ def _verbosity_in(argv: list[str]) -> int | None:
     return None
 
 
-def parse_flags(prog: str, describe: Callable[[BaseException, list[str]], str] | None = None):
+def parse_flags(name: str, describe: Callable[[BaseException, list[str]], str] | None = None):
     """An absl flags_parser: a flag that does not parse is one line and exit 2 (absl's own parser exits 1 after a
     multi-line message, and lets some errors, e.g. ml_collections' unknown --config.FIELD, escape as tracebacks).
     `describe(error, argv)` may word an error better."""
@@ -68,20 +69,26 @@ def parse_flags(prog: str, describe: Callable[[BaseException, list[str]], str] |
     def parse(argv: list[str]) -> list[str]:
         try:
             return flags.FLAGS(argv)
-        except Exception as e:  # noqa: BLE001 - every parse error is a usage error
+        except Exception as e:  # every parse error is a usage error
             if (_verbosity_in(argv) or 0) >= 1:
                 raise
             message = describe(e, argv) if describe is not None else None
-            fail(prog, message or one_line(e), USAGE)
+            fail(name, message or one_line(e), USAGE)
 
     return parse
 
 
-def run(main: Callable[[list[str]], None], *, prog: str, errors: Mapping[type, int],
-        describe_flag_error: Callable[[BaseException, list[str]], str] | None = None) -> None:
+def command_name() -> str:
+    """The command's name as it was run (train.py, k2jax-train, convert_checkpoint.py, k2jax-convert, ...)."""
+    return os.path.basename(sys.argv[0]) or "k2jax"
+
+
+def run(main: Callable[[list[str]], None], *, errors: Mapping[type, int],
+        describe_flag_error: Callable[[BaseException, list[str]], str] | None = None, prog: str | None = None) -> None:
     """absl's app.run(main) with k2jax's exit codes: flag errors and UsageError are one line and exit 2, each
     exception of a type in `errors` (checked in order) one line and its exit code, library logs at WARNING
-    unless --verbosity is given."""
+    unless --verbosity is given. Errors read "PROG: error: ..." (default PROG: the command as it was run)."""
+    name = prog or command_name()
 
     def wrapped(argv):
         if not flags.FLAGS["verbosity"].present:
@@ -91,11 +98,11 @@ def run(main: Callable[[list[str]], None], *, prog: str, errors: Mapping[type, i
         except (UsageError, app.UsageError) as e:
             if debugging():
                 raise
-            fail(prog, one_line(e), USAGE)
+            fail(name, one_line(e), USAGE)
         except tuple(errors) as e:
             if debugging():
                 raise
             code = next(c for t, c in errors.items() if isinstance(e, t))
-            fail(prog, one_line(e), code)
+            fail(name, one_line(e), code)
 
-    app.run(wrapped, flags_parser=parse_flags(prog, describe_flag_error))
+    app.run(wrapped, flags_parser=parse_flags(name, describe_flag_error))

@@ -18,9 +18,16 @@ bad checkpoint fails in seconds, not hours in.
 Crash safety: the run writes into OUT_DIR.partial and records finished tensors in
 OUT_DIR.partial/convert_progress.jsonl once they are on disk: written tensors are made durable together every
 --sync_gb GB of output (one sync in the background, instead of an fsync per file, which made writes 4x slower),
-so a crash loses at most that much work; `--resume` skips the recorded tensors and continues. OUT_DIR appears
-(by rename) only when every tensor is durable and k2jax.json is in place. The export is all-or-nothing (no
---resume): it builds OUT_DIR under a temporary name.
+so a crash loses at most that much work; `--resume` skips the recorded tensors and continues (with the
+interrupted run's --dtype unless another is given). OUT_DIR appears (by rename) only when every tensor is durable
+and k2jax.json is in place. The export is all-or-nothing (no --resume): it builds OUT_DIR under a temporary name;
+it reads every chunk of the checkpoint (a missing one is an error naming it, never zeros).
+
+Without --dtype the conversion writes bfloat16 and the export writes the checkpoint's own dtype (fp8 stays
+fp8); the first line printed says which. Exit codes (k2jax/commands.py): 0 OUT_DIR is complete; 1 the input is
+missing, invalid or damaged, or OUT_DIR exists (one line naming the file, tensor or chunk; nothing complete is
+left); 2 a bad flag; 74 the output could not be written (disk full, read-only): OUT_DIR.partial is kept and
+`--resume` continues once that is fixed.
 """
 
 from __future__ import annotations
@@ -31,15 +38,18 @@ import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from tqdm import tqdm
 
-from k2jax import quant
-from k2jax.checkpoint import DTYPES, SCALES, CheckpointReader, StreamingWriter, dequantize_fp8, fp8_params
+from k2jax import commands, quant
+from k2jax.checkpoint import (DTYPES, SCALES, CheckpointReader, StreamingWriter, dequantize_fp8, fp8_params,
+                              read_metadata)
 from k2jax.config import ConfigError
 from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError, HFTensorSpec
@@ -47,6 +57,25 @@ from k2jax.model import param_name
 
 PROGRESS = "convert_progress.jsonl"
 SYNC_GB = 2.0
+
+
+class OutputError(OSError):
+    """The output could not be written (disk full, read-only, ...): k2jax-convert exits 74."""
+
+
+def _say(show: bool, message: str) -> None:
+    if show:
+        tqdm.write(message)
+
+
+def _writing(action: Callable[[], Any]) -> Any:
+    """Runs a write, reporting its failure (OSError, or tensorstore's ValueError) as an OutputError."""
+    try:
+        return action()
+    except OutputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise OutputError(commands.one_line(e)) from e
 
 
 class _ProgressLog:
@@ -96,6 +125,19 @@ class _ProgressLog:
         self.file.close()
 
 
+def _partial_header(partial: str) -> dict | None:
+    """The interrupted run's {"source", "dtype"}, or None if it recorded nothing (or not even its header)."""
+    path = os.path.join(partial, PROGRESS)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        first = f.readline()
+    try:
+        return json.loads(first)
+    except ValueError:
+        return None
+
+
 def _done_tensors(partial: str, source: str, dtype: str) -> set[str]:
     path = os.path.join(partial, PROGRESS)
     if not os.path.exists(path):
@@ -103,12 +145,16 @@ def _done_tensors(partial: str, source: str, dtype: str) -> set[str]:
     done = set()
     with open(path) as f:
         lines = f.read().splitlines()
-    if not lines:
+    header = _partial_header(partial)
+    if header is None:
         return done
-    header = json.loads(lines[0])
-    if header != {"source": source, "dtype": dtype}:
-        raise CheckpointError(f"{partial}: the partial run converted {header}, not {source} to {dtype}; "
-                              f"delete it or convert to another --out_dir")
+    if header.get("source") != source:
+        raise CheckpointError(f"{partial}: the interrupted conversion reads {header.get('source')}, not {source}: "
+                              f"pass --hf_dir={header.get('source')} to resume it, or delete it to start over")
+    if header.get("dtype") != dtype:
+        raise CheckpointError(f"{partial}: the interrupted conversion writes {header.get('dtype')}, not {dtype}: "
+                              f"add --dtype={header.get('dtype')} to resume it, or delete it to start over as "
+                              f"{dtype}")
     for line in lines[1:]:
         try:
             done.add(json.loads(line)["done"])
@@ -117,12 +163,19 @@ def _done_tensors(partial: str, source: str, dtype: str) -> set[str]:
     return done
 
 
-def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", resume: bool = False,
+def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None, resume: bool = False,
                         show_progress: bool = True, sync_gb: float = SYNC_GB) -> None:
-    if dtype not in DTYPES:
-        raise CheckpointError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    """dtype: bfloat16 | float32 | fp8; None: bfloat16, or with `resume` the interrupted run's. show_progress: a
+    progress bar and a line at the start and the end."""
     out_dir = os.path.abspath(out_dir)
     partial = out_dir + ".partial"
+    if dtype is None:
+        header = _partial_header(partial) if resume else None
+        dtype = header["dtype"] if header and header.get("dtype") in DTYPES else "bfloat16"
+    if dtype not in DTYPES:
+        raise commands.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not sync_gb >= 0:
+        raise commands.UsageError(f"--sync_gb must be >= 0 (GB between syncs; 0: after every tensor), got {sync_gb}")
     if os.path.exists(out_dir):
         raise CheckpointError(f"{out_dir}: already exists; refusing to overwrite")
     if os.path.exists(partial) and not resume:
@@ -130,46 +183,52 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
                               f"delete it")
     ckpt = HFCheckpoint(hf_dir)
     ckpt.check()
-    ckpt.check_scales()
+    ckpt.check_scales(dtype="bfloat16" if dtype == "fp8" else dtype)  # fp8 loads as bf16 by default
     source = os.path.abspath(hf_dir)
     done = _done_tensors(partial, source, dtype) if resume else set()
-    writer = StreamingWriter(partial, ckpt.config, dtype)
+    writer = _writing(lambda: StreamingWriter(partial, ckpt.config, dtype))
     fp8 = fp8_params(ckpt.config) if dtype == "fp8" else {}
     specs = list(ckpt.specs.values())
     total = sum(ckpt.stored_nbytes(s.name) for s in specs)
-    logging.info("converting %d tensors (%.2f GB) from %s to %s (%s); %d already done", len(specs), total / 1e9,
-                 hf_dir, out_dir, dtype, len(done))
+    _say(show_progress, f"converting {hf_dir} ({len(specs)} tensors, {total / 1e9:.2f} GB) to {out_dir} as {dtype}"
+         + (f"; {len(done)} tensors already done" if resume else ""))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not show_progress)
     loop_start = time.perf_counter()
     in_flight: collections.deque = collections.deque()  # (write futures, release name, slots kept alive)
-    log = _ProgressLog(os.path.join(partial, PROGRESS), {"source": source, "dtype": dtype}, writer, sync_gb * 1e9)
+    log = _writing(lambda: _ProgressLog(os.path.join(partial, PROGRESS), {"source": source, "dtype": dtype},
+                                        writer, sync_gb * 1e9))
 
     def land_oldest():
         futures, name, slots = in_flight.popleft()
         for f in futures:
-            f.result()
-        log.landed(name, sum(slot.nbytes for _, slot in slots))
+            _writing(f.result)
+        _writing(lambda: log.landed(name, sum(slot.nbytes for _, slot in slots)))
 
-    for spec in specs:
-        if spec.name not in done:
-            name = param_name(spec.path)
-            slot_shape = writer.shapes[name][0][len(spec.index):]
-            writes = _stored_slots(ckpt, spec, name, slot_shape, writer.shapes[name][1], name in fp8)
-            futures = [writer.write(n, spec.index, slot, wait=False) for n, slot in writes]
-            in_flight.append((futures, spec.name, writes))
-            while len(in_flight) > 1:  # one write overlaps the next tensor's read and transform
-                land_oldest()
-        bar.update(ckpt.stored_nbytes(spec.name))
-    while in_flight:
-        land_oldest()
-    sync_start = time.perf_counter()
-    logging.info("all tensors written; waiting for the disk to take the last %.2f GB", log.pending_bytes / 1e9)
-    log.close()
-    bar.close()
+    try:
+        for spec in specs:
+            if spec.name not in done:
+                name = param_name(spec.path)
+                slot_shape = writer.shapes[name][0][len(spec.index):]
+                writes = _stored_slots(ckpt, spec, name, slot_shape, writer.shapes[name][1], name in fp8)
+                futures = [_writing(lambda: writer.write(n, spec.index, slot, wait=False)) for n, slot in writes]
+                in_flight.append((futures, spec.name, writes))
+                while len(in_flight) > 1:  # one write overlaps the next tensor's read and transform
+                    land_oldest()
+            bar.update(ckpt.stored_nbytes(spec.name))
+        while in_flight:
+            land_oldest()
+        sync_start = time.perf_counter()
+        _writing(log.close)  # everything durable and recorded
+    finally:
+        bar.close()  # an error message then starts on its own line
     seconds, sync_s = time.perf_counter() - loop_start, time.perf_counter() - sync_start
-    logging.info("streamed %.3f GB in %.1f s: %.3f GB/s (the last %.1f s waiting for the disk to take the rest)",
-                 total / 1e9, seconds, total / 1e9 / max(seconds, 1e-9), sync_s)
-    writer.finish()
+    _writing(writer.finish)
+    _writing(lambda: _publish(partial, out_dir))
+    _say(show_progress, f"wrote {out_dir}: {total / 1e9:.3f} GB in {seconds:.1f} s, {total / 1e9 / max(seconds, 1e-9):.3f}"
+         f" GB/s (the last {sync_s:.1f} s waiting for the disk to take the rest)")
+
+
+def _publish(partial: str, out_dir: str) -> None:
     os.remove(os.path.join(partial, PROGRESS))
     os.rename(partial, out_dir)
     parent = os.open(os.path.dirname(out_dir), os.O_RDONLY)
@@ -177,7 +236,6 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", r
         os.fsync(parent)  # the rename itself survives a power cut
     finally:
         os.close(parent)
-    logging.info("wrote %s", out_dir)
 
 
 # the load path's dequantisation, on the host (bit-identical to quant.dequantize, ~5x faster than NumPy)
@@ -190,26 +248,34 @@ def _stored_slots(ckpt: HFCheckpoint, spec: HFTensorSpec, name: str, slot_shape,
     if keep_fp8:
         q, scale = _fp8_pair(ckpt, spec)
         return [(name, q.reshape(slot_shape)), (f"{SCALES}.{name}", scale)]
-    raw = ckpt.read_raw(spec.name)
-    if raw.dtype == quant.E4M3:
-        out = np.asarray(_dequantize(raw, ckpt.read_scale(spec.name, raw.shape), jnp.dtype(target)))
+    if ckpt.stored_dtype(spec.name) == quant.E4M3:
+        raw, scale = ckpt.read_fp8(spec.name, dtype=target)  # no NaN, scales that keep the weights finite
+        out = np.asarray(_dequantize(raw, scale, jnp.dtype(target)))
     else:
-        out = raw.astype(jnp.dtype(target))
+        out = ckpt.read_raw(spec.name).astype(jnp.dtype(target))
     return [(name, out.reshape(slot_shape))]
 
 
 def _fp8_pair(ckpt: HFCheckpoint, spec: HFTensorSpec) -> tuple[np.ndarray, np.ndarray]:
     """The release's (e4m3 weight, scale) as stored, or quantised now if the source holds it unquantised."""
-    raw = ckpt.read_raw(spec.name)
-    if raw.dtype == quant.E4M3:
-        return raw, ckpt.read_scale(spec.name, raw.shape)
-    return quant.quantize(raw.astype(np.float32), name=spec.name)
+    if ckpt.stored_dtype(spec.name) == quant.E4M3:
+        return ckpt.read_fp8(spec.name, dtype="bfloat16")  # what load_checkpoint dequantises to by default
+    return quant.quantize(ckpt.read_raw(spec.name).astype(np.float32), name=spec.name)
 
 
-def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str = "fp8") -> None:
-    """A k2jax checkpoint -> the release layout, one tensor in memory at a time."""
-    reader = CheckpointReader(ckpt_dir)
+def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None, show_progress: bool = True) -> None:
+    """A k2jax checkpoint -> the release layout, one tensor in memory at a time. dtype: fp8 | bfloat16 | float32;
+    None: the checkpoint's own (an fp8 checkpoint exports its e4m3 bytes and scales unchanged)."""
+    source_dtype = read_metadata(ckpt_dir)["dtype"]
+    chosen = dtype is not None
+    dtype = dtype or source_dtype
+    if dtype not in DTYPES:
+        raise commands.UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _say(show_progress, f"exporting {ckpt_dir} ({source_dtype} checkpoint) to {out_dir} as {dtype}"
+         + ("" if chosen else " (the checkpoint's dtype; --dtype chooses another)"))
+    reader = CheckpointReader(ckpt_dir)  # every chunk checked to be on disk
     fp8 = fp8_params(reader.cfg) if reader.dtype == "fp8" else {}
+    dequantized = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
 
     def source(spec: HFTensorSpec):  # a slot is the release tensor as it is (k2jax.checkpoint)
         name = param_name(spec.path)
@@ -217,11 +283,13 @@ def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str = "fp8") -> None:
         if name not in fp8:
             return slot.astype(np.float32)
         scale = reader.slot(f"{SCALES}.{name}", spec.index)
-        return (slot, scale) if dtype == "fp8" else quant.dequantize(slot, scale, np.float32, name=spec.name)
+        return (slot, scale) if dtype == "fp8" else quant.dequantize(slot, scale, dequantized, name=spec.name)
 
-    logging.info("exporting %s (%s) to %s as %s", ckpt_dir, reader.dtype, out_dir, dtype)
-    write_hf_checkpoint(out_dir, reader.cfg, source, dtype=dtype)
-    logging.info("wrote %s", out_dir)
+    try:
+        write_hf_checkpoint(out_dir, reader.cfg, source, dtype=dtype)
+    except OSError as e:
+        raise OutputError(commands.one_line(e)) from e
+    _say(show_progress, f"wrote {out_dir}")
 
 
 def _define_flags() -> None:
@@ -231,36 +299,46 @@ def _define_flags() -> None:
     flags.DEFINE_string("ckpt_dir", None, "With --to_hf: the k2jax checkpoint to export.")
     flags.DEFINE_string("out_dir", None, "Where to write the output (a k2jax checkpoint, or with --to_hf the "
                         "release layout); must not exist.")
-    flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Output dtype. bfloat16 / float32: FP8 weights are "
+    flags.DEFINE_enum("dtype", None, list(DTYPES), "Output dtype. bfloat16 / float32: FP8 weights are "
                       "dequantised (W = fp8 * weight_scale_inv per 128x128 block); fp8: e4m3 weights and their "
-                      "scales are kept (or, exporting a bf16 / f32 checkpoint, quantised).")
+                      "scales are kept (or, exporting a bf16 / f32 checkpoint, quantised). Default: bfloat16 "
+                      "(with --resume: the interrupted run's); with --to_hf the checkpoint's own dtype.")
     flags.DEFINE_bool("resume", False, "Continue an interrupted conversion found at OUT_DIR.partial.")
     flags.DEFINE_float("sync_gb", SYNC_GB, "Make written tensors durable (and resumable) every this many GB of "
-                       "output; a crash redoes at most that much. 0: after every tensor (slower).")
+                       "output; a crash redoes at most that much. 0: after every tensor (slower).", lower_bound=0)
     flags.DEFINE_bool("to_hf", False, "Export --ckpt_dir back to the HF release layout in --out_dir.")
 
 
 def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise commands.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.to_hf:
         if not FLAGS.ckpt_dir or not FLAGS.out_dir or FLAGS.hf_dir or FLAGS.resume:
-            raise app.UsageError("--to_hf takes --ckpt_dir and --out_dir (and no --hf_dir or --resume)")
+            raise commands.UsageError("--to_hf takes --ckpt_dir and --out_dir (and no --hf_dir or --resume)")
     elif not FLAGS.hf_dir or not FLAGS.out_dir or FLAGS.ckpt_dir:
-        raise app.UsageError("--hf_dir and --out_dir are required (--ckpt_dir goes with --to_hf)")
+        raise commands.UsageError("--hf_dir and --out_dir are required (--ckpt_dir goes with --to_hf)")
     try:
         if FLAGS.to_hf:
             export_to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, dtype=FLAGS.dtype)
         else:
             convert_hf_to_orbax(FLAGS.hf_dir, FLAGS.out_dir, dtype=FLAGS.dtype, resume=FLAGS.resume,
                                 sync_gb=FLAGS.sync_gb)
-    except (CheckpointError, ConfigError) as e:
-        raise SystemExit(f"convert_checkpoint: {e}") from None
+    except OutputError as e:
+        partial = os.path.abspath(FLAGS.out_dir) + ".partial"
+        if FLAGS.to_hf:
+            hint = f"nothing was left at {FLAGS.out_dir} (the export is all-or-nothing): fix that and run it again"
+        elif os.path.exists(partial):
+            hint = f"{partial} is kept: once that is fixed, run the same command with --resume to continue"
+        else:
+            hint = "nothing was written"
+        raise OutputError(f"cannot write the output: {e}; {hint}") from None
 
 
 def cli():
     _define_flags()
     for name in ["hf_dir", "ckpt_dir", "out_dir", "dtype", "resume", "sync_gb", "to_hf"]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
-    app.run(main)
+    commands.run(main, errors={
+        OutputError: commands.IO_ERROR, CheckpointError: commands.FAILED, ConfigError: commands.FAILED,
+        quant.QuantError: commands.FAILED})

@@ -13,8 +13,9 @@ e_score_correction_bias. `write_hf_checkpoint(dtype="bfloat16" | "float32")` sto
 
 Every problem is reported in one line naming the file and tensor: a missing shard, a truncated or corrupt
 header, a tensor the index lists but its shard lacks, a missing or unexpected tensor, a wrong shape or dtype, a
-missing, non-finite or non-positive scale, a config that does not match the weights. The writer builds the
-whole directory under a temporary name and renames it into place at the end.
+missing, non-finite, non-positive or too large scale (weights that would dequantise to inf), an e4m3 NaN, a
+config that does not match the weights. The writer builds the whole directory under a temporary name and renames
+it into place at the end.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def _scale_name(name: str) -> str:
 class HFCheckpoint:
     def __init__(self, path: str | os.PathLike, **config_overrides):
         self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise CheckpointError(f"{self.path}: no such directory")
         if not os.path.isdir(self.path):
-            raise CheckpointError(f"{self.path}: not a directory")
+            raise CheckpointError(f"{self.path}: not a directory (a release checkpoint is a directory with "
+                                  f"config.json, {INDEX} and the shards)")
         self.config = K2Config.from_hf(os.path.join(self.path, "config.json"), **config_overrides)
         self.weight_map = self._read_index()
         self._files: dict[str, SafetensorsFile] = {}
@@ -111,12 +115,13 @@ class HFCheckpoint:
         if orphans:
             raise CheckpointError(f"{self.path}: scale(s) for no known weight, e.g. {orphans[:3]}")
 
-    def check_scales(self) -> None:
-        """Reads every FP8 scale (about 1/16000 of the weights) and checks it is finite and positive."""
+    def check_scales(self, dtype=np.float32) -> None:
+        """Reads every FP8 scale (about 1/16000 of the weights) and checks it is finite, positive and small enough
+        that the weights it dequantises to `dtype` are finite (quant.check_scale)."""
         for name, spec in self.specs.items():
             scale = _scale_name(name)
             if scale in self.weight_map:
-                self.read_scale(name, spec.shape)
+                self.read_scale(name, spec.shape, dtype=dtype)
 
     def _scale_file(self, name: str) -> tuple[str, SafetensorsFile]:
         """(scale tensor name, its shard) for FP8 weight `name`; an error naming both if the scale is missing."""
@@ -125,11 +130,12 @@ class HFCheckpoint:
             raise CheckpointError(f"{self._file_of(name).path}: tensor {name} is float8 but {scale} is missing")
         return scale, self._file_of(scale)
 
-    def read_scale(self, name: str, weight_shape: tuple[int, int]) -> np.ndarray:
-        """The float32 block scale of FP8 weight `name`, checked (shape, finite, > 0)."""
+    def read_scale(self, name: str, weight_shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+        """The float32 block scale of FP8 weight `name`, checked (shape, finite, > 0, dequantises to finite values
+        of `dtype`)."""
         scale, f = self._scale_file(name)
         try:
-            return quant.check_scale(f.read(scale), weight_shape, name=name)
+            return quant.check_scale(f.read(scale), weight_shape, name=name, dtype=dtype)
         except quant.QuantError as e:
             raise CheckpointError(f"{f.path}: tensor {e}") from None
 
@@ -156,7 +162,8 @@ class HFCheckpoint:
         shard = self._file_of(name)
         array = shard.read(name)
         if array.dtype == quant.E4M3:
-            return quant.dequantize(array, self.read_scale(name, array.shape), dtype, name=name)
+            array, scale = self.read_fp8(name, dtype)
+            return quant.dequantize(array, scale, dtype, name=name)
         return array.astype(dtype)
 
     def stored_nbytes(self, name: str) -> int:
@@ -170,6 +177,21 @@ class HFCheckpoint:
     def read_raw(self, name: str) -> np.ndarray:
         """One tensor exactly as stored (FP8 stays FP8)."""
         return self._file_of(name).read(name)
+
+    def stored_dtype(self, name: str) -> np.dtype:
+        """A tensor's dtype on disk (header only)."""
+        return self._file_of(name).dtype(name)
+
+    def read_fp8(self, name: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """An FP8 weight exactly as stored and its block scale, both checked so that the weight dequantises to
+        finite values of `dtype`: no e4m3 NaN, every scale finite, > 0 and at most quant.max_scale(dtype)."""
+        shard = self._file_of(name)
+        raw = shard.read(name)
+        try:
+            quant.check_no_nan(raw, name=name)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{shard.path}: tensor {e}") from None
+        return raw, self.read_scale(name, raw.shape, dtype=dtype)
 
     def iter_tensors(self, dtype=np.float32) -> Iterator[tuple[HFTensorSpec, np.ndarray]]:
         """Every tensor the config needs, in file order, dequantised (one at a time: bounded memory)."""

@@ -9,8 +9,12 @@ The last row / column of blocks is ragged when a dimension is not a multiple of 
 kv_lora + rope = 576 rows): its scale covers only the rows and columns that exist.
 
 `quantize` follows the rule the release was made with: scale = amax(|block|) / 448 (the e4m3 maximum), values
-divided by it and rounded to nearest-even in e4m3. An all-zero block gets scale 1 (every stored scale is
-positive and finite, which `dequantize` checks).
+divided by it and rounded to nearest-even in e4m3. An all-zero block gets scale 1.
+
+`check_scale` (run by `dequantize`, the checkpoint reader and the converter's validation) makes sure every
+dequantised weight is finite: each scale is finite, > 0 and at most max_scale(dtype) = the largest value of the
+target dtype / 448 (so 448 x scale, the largest |W| a block can hold, still fits: 7.6e35 for float32 and
+bfloat16), and `dequantize` rejects the e4m3 NaN bit patterns.
 
 These run on the host (NumPy, ml_dtypes) because the converter streams tensors through them.
 
@@ -61,18 +65,26 @@ def _expand(scale_XY: np.ndarray, shape: tuple[int, int], block: int) -> np.ndar
 
 def dequantize(weight_OI: np.ndarray, scale_inv_XY: np.ndarray, dtype=np.float32, *, name: str = "weight",
                block: int = BLOCK) -> np.ndarray:
-    """float32(weight) * weight_scale_inv per block, computed in float32 and cast to `dtype`."""
+    """float32(weight) * weight_scale_inv per block, computed in float32 and cast to `dtype` (every value finite:
+    see check_scale)."""
     weight_OI, scale_inv_XY = np.asarray(weight_OI), np.asarray(scale_inv_XY)
     if weight_OI.dtype != E4M3 or weight_OI.ndim != 2:
         raise QuantError(f"{name}: expected a 2-D float8_e4m3fn weight, got {weight_OI.dtype}{list(weight_OI.shape)}")
-    scale32 = check_scale(scale_inv_XY, weight_OI.shape, name=name, block=block)
+    scale32 = check_scale(scale_inv_XY, weight_OI.shape, name=name, block=block, dtype=dtype)
+    check_no_nan(weight_OI, name=name)
     out = _blockwise_scale(_E4M3_TO_F32[weight_OI.view(np.uint8)], scale32, block)
     return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
 
+def max_scale(dtype=np.float32) -> float:
+    """The largest scale whose block still dequantises to finite values of `dtype`: max(dtype) / 448."""
+    return float(ml_dtypes.finfo(dtype).max) / E4M3_MAX
+
+
 def check_scale(scale_inv_XY: np.ndarray, weight_shape: tuple[int, int], *, name: str = "weight",
-                block: int = BLOCK) -> np.ndarray:
-    """The scale as float32, after checking its grid shape and that every block is finite and > 0."""
+                block: int = BLOCK, dtype=np.float32) -> np.ndarray:
+    """The scale as float32, after checking its grid shape and that every block is finite, > 0 and at most
+    max_scale(dtype) (so every weight it dequantises to `dtype` is finite)."""
     scale_inv_XY = np.asarray(scale_inv_XY)
     want = scale_shape(weight_shape, block)
     if scale_inv_XY.shape != want:
@@ -81,11 +93,32 @@ def check_scale(scale_inv_XY: np.ndarray, weight_shape: tuple[int, int], *, name
     if not np.issubdtype(scale_inv_XY.dtype, np.floating):
         raise QuantError(f"{name}_scale_inv: expected a float scale, got {scale_inv_XY.dtype}")
     scale32 = scale_inv_XY.astype(np.float32)
-    bad = ~(np.isfinite(scale32) & (scale32 > 0))
+    bound = max_scale(dtype)
+    bad = ~(np.isfinite(scale32) & (scale32 > 0) & (scale32 <= bound))
     if bad.any():
         i, j = map(int, np.argwhere(bad)[0])
-        raise QuantError(f"{name}_scale_inv: block [{i}, {j}] is {float(scale32[i, j])}; scales must be finite and > 0")
+        raise QuantError(f"{name}_scale_inv: block [{i}, {j}] is {float(scale32[i, j]):.7g}; scales must be finite, > 0 "
+                         f"and at most {bound:.3g} (448 x scale must fit in {np.dtype(dtype).name})")
     return scale32
+
+
+_LOW7, _ONES, _HIGH = (np.uint64(0x7F7F7F7F7F7F7F7F), np.uint64(0x0101010101010101),
+                       np.uint64(0x8080808080808080))
+
+
+def check_no_nan(weight: np.ndarray, *, name: str = "weight") -> None:
+    """No e4m3 NaN bit pattern (S.1111.111) in an FP8 weight: it would dequantise to NaN. Eight bytes at a time
+    (a byte's low 7 bits + 1 reach bit 7 only when they are all ones), ~3 GB/s: the converter runs it on every
+    FP8 tensor."""
+    weight = np.ascontiguousarray(weight)
+    flat = weight.reshape(-1).view(np.uint8)
+    whole = flat.size // 8 * 8
+    words = flat[:whole].view(np.uint64) & _LOW7
+    words += _ONES
+    words &= _HIGH
+    if words.any() or np.any((flat[whole:] & 0x7F) == 0x7F):
+        where = np.unravel_index(int(np.argmax((flat & 0x7F) == 0x7F)), weight.shape)
+        raise QuantError(f"{name}: element {list(map(int, where))} is an e4m3 NaN; an FP8 weight must be finite")
 
 
 def quantize(weight_OI: np.ndarray, *, name: str = "weight", block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:

@@ -22,9 +22,6 @@ from k2jax.host_memory import keep_freed_memory_on_cpu
 from k2jax.training.data import DataError
 from k2jax.training.loop import NonFiniteError, train
 
-PROG = "train.py"
-
-
 def _define_flags() -> None:
     """Flags exist only for the command line (defining them at import would clash with other entry points)."""
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file (its get_config()); override any field "
@@ -56,7 +53,7 @@ def main(argv):
     try:
         config = flags.FLAGS.config
         config.keys()  # a config file that failed to load raises here
-    except Exception as e:  # noqa: BLE001 - ml_collections defers a config file's load errors to here
+    except Exception as e:  # ml_collections defers a config file's load errors to here
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise commands.UsageError(f"--config={flags.FLAGS['config'].config_filename}: cannot load it: "
                                   f"{lines[-1] if lines else type(e).__name__}") from None
@@ -67,8 +64,8 @@ def main(argv):
         print(f"already at step {result['step']} (config.steps={config.steps}): nothing to train; raise "
               f"--config.steps to train further", flush=True)
     elif result["status"] == "preempted":
-        sys.stderr.write(f"{PROG}: preempted (SIGTERM) at step {result['step']}: saved in {flags.FLAGS.workdir}; "
-                         f"run the same command again to resume (exit {commands.PREEMPTED})\n")
+        sys.stderr.write(f"{commands.command_name()}: preempted (SIGTERM) at step {result['step']}: saved in "
+                         f"{flags.FLAGS.workdir}; run the same command again to resume (exit {commands.PREEMPTED})\n")
         sys.exit(commands.PREEMPTED)
     else:
         print(f"finished at step {result['step']}: loss {result['loss']:.4f}", flush=True)
@@ -78,6 +75,6 @@ def cli():
     _define_flags()
     for name in ["config", "workdir"]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
-    commands.run(main, prog=PROG, describe_flag_error=_describe_flag_error,
+    commands.run(main, describe_flag_error=_describe_flag_error,
                  errors={NonFiniteError: commands.FAILED, DataError: commands.FAILED,
                          CheckpointError: commands.FAILED})

@@ -1,7 +1,10 @@
-"""convert_checkpoint: HF FP8 release layout -> k2jax Orbax checkpoint, restore on meshes, crash + resume."""
+"""convert_checkpoint: HF FP8 release layout -> k2jax Orbax checkpoint, restore on meshes, crash + resume, a full
+disk, damaged checkpoints, the command line's exit codes and output."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,7 +175,28 @@ def _convert_cmd(hf, out, *extra):
             "--dtype=float32", *extra]
 
 
+_LIBRARY_INFO = re.compile(r"^I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.M)  # absl's INFO lines (Orbax, ...)
+
+
+def _one_line_error(r, code):
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("convert_checkpoint.py: error: "), r.stderr[-3000:]
+    return errors[0]
+
+
+def _on_a_small_disk(cmd):
+    """`cmd` where no file may grow past 20 KiB (writes past it fail with EFBIG, as on a full disk): bash's ulimit
+    and SIGXFSZ ignored, so no fork of this multithreaded process is needed."""
+    return ["bash", "-c", 'ulimit -f 20 && trap "" XFSZ && exec "$@"', "bash", *cmd]
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL mid-run, then: without --resume, one line saying to pass it; --resume with another --dtype, one
+    line saying which --dtype resumes; a full disk, exit 74 with OUT_DIR.partial kept; finally --resume (no
+    --dtype: the interrupted run's) completes, printing its own lines and no library logs, and equals an
+    uninterrupted conversion."""
     cfg = CFG.replace(n_routed_experts=64, num_hidden_layers=4)  # more tensors: a wider window to kill in
     hf = str(tmp_path / "hf")
     write_hf_checkpoint(hf, cfg, random_release_tensors(cfg, seed=8))
@@ -195,14 +219,73 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     done_before = sum(1 for _ in open(progress)) - 1
     assert 0 < done_before < len(hf_tensor_specs(cfg))  # killed part-way
     result = subprocess.run(_convert_cmd(hf, out), env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "--resume" in result.stderr
-    subprocess.run(_convert_cmd(hf, out, "--resume"), env=env, check=True, capture_output=True)
+    assert "pass --resume to continue it" in _one_line_error(result, 1)
+    with pytest.raises(CheckpointError, match="writes float32, not fp8: add --dtype=float32 to resume it"):
+        convert_hf_to_orbax(hf, out, dtype="fp8", resume=True, show_progress=False)  # it said "delete it"
+    resume = [sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), f"--hf_dir={hf}", f"--out_dir={out}",
+              "--resume"]
+    no_cache = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # its files are over 20 kB too
+    full = subprocess.run(_on_a_small_disk(resume), env=no_cache, capture_output=True, text=True)
+    error = _one_line_error(full, 74)
+    assert "cannot write the output: " in error and "File too large" in error, error
+    assert f"{out}.partial is kept: once that is fixed, run the same command with --resume to continue" in error
+    assert not os.path.exists(out) and os.path.exists(progress)
+    result = subprocess.run(resume, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"converting {hf} " in result.stdout and f" to {out} as float32; " in result.stdout
+    assert f"wrote {out}: " in result.stdout
+    assert not _LIBRARY_INFO.search(result.stderr), _LIBRARY_INFO.search(result.stderr).group(0)  # ~25 from Orbax
     clean = str(tmp_path / "clean")
     convert_hf_to_orbax(hf, clean, dtype="float32", show_progress=False)
     resumed, reference = _params(load_checkpoint(out)), _params(load_checkpoint(clean))
     assert resumed.keys() == reference.keys()
     for k in reference:
         np.testing.assert_array_equal(resumed[k], reference[k])
+
+
+def test_a_missing_chunk_is_an_error_naming_it(converted, tmp_path):
+    """tensorstore reads a missing chunk as zeros: the export wrote that expert's up_proj as zeros, exited 0, and
+    the result passed HFCheckpoint.check()."""
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(converted, damaged)
+    os.remove(os.path.join(damaged, "state", "moe_blocks.mlp.experts.up_proj", "c", "0", "3", "0", "0"))
+    want = ("array moe_blocks.mlp.experts.up_proj: chunk [0, 3, 0, 0] (state/moe_blocks.mlp.experts.up_proj/c/0/3/0/0) "
+            "is missing")
+    with pytest.raises(CheckpointError, match=re.escape(want)):
+        load_checkpoint(damaged)
+    out = str(tmp_path / "hf")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), "--to_hf",
+                        f"--ckpt_dir={damaged}", f"--out_dir={out}"], env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True)
+    assert want in _one_line_error(r, 1)
+    # without --dtype the export keeps the checkpoint's dtype, and says so (it silently wrote bfloat16)
+    assert f"exporting {damaged} (float32 checkpoint) to {out} as float32 (the checkpoint's dtype" in r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["damaged"]  # nothing half-written
+    with open(os.path.join(damaged, "state", "moe_blocks.mlp.experts.down_proj", "c", "1", "2", "0", "0"), "r+b") as f:
+        f.truncate(100)  # there, but cut short: the reader names it too
+    os.remove(os.path.join(damaged, "state", "moe_blocks.mlp.experts.up_proj", "zarr.json"))
+    with pytest.raises(CheckpointError, match="array moe_blocks.mlp.experts.up_proj: unreadable .*zarr.json"):
+        export_to_hf(damaged, out, show_progress=False)
+    shutil.rmtree(os.path.join(damaged, "state", "moe_blocks.mlp.experts.up_proj"))
+    shutil.copytree(os.path.join(converted, "state", "moe_blocks.mlp.experts.up_proj"),
+                    os.path.join(damaged, "state", "moe_blocks.mlp.experts.up_proj"))
+    with pytest.raises(CheckpointError, match=re.escape("array moe_blocks.mlp.experts.down_proj[1, 2]: ") + ".*Error "
+                                                "reading local file .*down_proj/c/1/2/0/0"):
+        export_to_hf(damaged, out, show_progress=False)
+    assert not os.path.exists(out)
+
+
+def test_command_line_errors_are_one_line(hf_dir, tmp_path):
+    cases = {(f"--hf_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'a'}"): (1, "missing: no such directory"),
+             (f"--hf_dir={hf_dir}", f"--out_dir={tmp_path / 'b'}", "--sync_gb=-1"): (2, "--sync_gb=-1"),  # accepted
+             (f"--hf_dir={hf_dir}",): (2, "--hf_dir and --out_dir are required")}
+    procs = {args: subprocess.Popen([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), *args],
+                                    env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for args in cases}
+    for args, (code, want) in cases.items():
+        out, err = procs[args].communicate(timeout=300)
+        assert want in _one_line_error(subprocess.CompletedProcess(args, procs[args].returncode, out, err), code)
+    assert os.listdir(tmp_path) == []
 
 
 def _raw_tensors(path):

@@ -102,6 +102,12 @@ def _drop(name):
     return lambda t: t.pop(name)
 
 
+def _with_nan(fp8):
+    bits = fp8.view(np.uint8).copy()
+    bits[3, 5] = 0xFF  # e4m3fn's NaN: S.1111.111
+    return bits.view(fp8.dtype)
+
+
 # (damage to a copy of the checkpoint, the error it must produce)
 DAMAGE = [
     (lambda p: os.remove(_shard_of(p, KV_A)), "missing shard"),
@@ -110,14 +116,21 @@ DAMAGE = [
     (lambda p: _rewrite_shard(p, KV_A, _drop(KV_A)), f"{KV_A} is listed in {INDEX} but absent"),
     (lambda p: _rewrite_shard(p, KV_A, _drop(KV_A + "_scale_inv")), "_scale_inv is listed"),
     (lambda p: _rewrite_shard(p, KV_A, lambda t: t.__setitem__(KV_A + "_scale_inv", -t[KV_A + "_scale_inv"])),
-     "finite and > 0"),
+     "finite, > 0"),
+    # finite, but 448 x 1e37 overflows float32: 1,789 inf weights and non-finite logits got through before
+    (lambda p: _rewrite_shard(p, KV_A, lambda t: t.__setitem__(KV_A + "_scale_inv", np.full_like(
+        t[KV_A + "_scale_inv"], 1e37))), f"{KV_A}_scale_inv: block \\[0, 0\\] is 1e\\+37.*at most 7.(57|6)e\\+35"),
     (lambda p: _rewrite_shard(p, KV_A, lambda t: t.__setitem__(KV_A, t[KV_A][:100])), "shape \\[100, 160\\]"),
     (lambda p: _rewrite_shard(p, "model.norm.weight", lambda t: t.__setitem__(
         "model.norm.weight", t["model.norm.weight"].astype(np.float32).astype(np.int32))), "not a float"),
 ]
+# damage only reading the weights finds (the converter streams them once: it stops at the tensor, OUT_DIR never
+# appears, and OUT_DIR.partial can be resumed once the input is fixed)
+NAN = (lambda p: _rewrite_shard(p, KV_A, lambda t: t.__setitem__(KV_A, _with_nan(t[KV_A]))),
+       f"{KV_A}: element \\[3, 5\\] is an e4m3 NaN")
 
 
-@pytest.mark.parametrize("damage, match", DAMAGE)
+@pytest.mark.parametrize("damage, match", DAMAGE + [NAN])
 def test_damaged_checkpoints_fail_naming_file_and_tensor(broken, damage, match):
     damage(broken)
     with pytest.raises(CheckpointError, match=match):
@@ -152,6 +165,28 @@ def test_config_weights_mismatch(broken):
         load_hf_checkpoint(broken)
 
 
+def test_a_missing_or_file_path_is_named_as_such(tmp_path):
+    with pytest.raises(CheckpointError, match="nope: no such directory"):
+        HFCheckpoint(str(tmp_path / "nope"))  # it said "not a directory"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="file: not a directory"):
+        HFCheckpoint(str(tmp_path / "file"))
+
+
+def test_scales_are_bounded_by_the_dtype_they_dequantise_to(broken):
+    """A scale under float32's bound (max / 448) can still overflow bfloat16, whose max is a little lower."""
+    from k2jax import quant
+    bound32, bound16 = quant.max_scale(np.float32), quant.max_scale("bfloat16")
+    assert bound16 < bound32 and bound32 * 448 <= np.finfo(np.float32).max
+    _rewrite_shard(broken, KV_A, lambda t: t.__setitem__(KV_A + "_scale_inv", np.full_like(
+        t[KV_A + "_scale_inv"], (bound16 + bound32) / 2)))
+    ckpt = HFCheckpoint(broken)
+    ckpt.check_scales(np.float32)
+    assert np.all(np.isfinite(ckpt.read(KV_A, np.float32)))
+    with pytest.raises(CheckpointError, match="at most 7.57e\\+35 \\(448 x scale must fit in bfloat16\\)"):
+        ckpt.check_scales("bfloat16")
+
+
 def test_missing_scale_for_fp8_weight(broken):
     _edit_index(broken, lambda m: m.pop(KV_A + "_scale_inv"))
     with pytest.raises(CheckpointError, match=f"{KV_A} is float8 but {KV_A}_scale_inv is missing"):
@@ -166,6 +201,16 @@ def test_converter_stops_on_damage_before_writing(broken, damage, match, tmp_pat
     with pytest.raises(CheckpointError, match=match):
         convert_hf_to_orbax(broken, str(out), show_progress=False)
     assert not out.exists() and not (tmp_path / "converted.partial").exists()
+
+
+def test_converter_stops_at_a_nan_weight(broken, tmp_path):
+    from k2jax.convert import convert_hf_to_orbax
+    NAN[0](broken)
+    for dtype in ("bfloat16", "fp8"):
+        out = tmp_path / dtype
+        with pytest.raises(CheckpointError, match=NAN[1]):
+            convert_hf_to_orbax(broken, str(out), dtype=dtype, show_progress=False)
+        assert not out.exists()
 
 
 def test_mtp_layers_are_skipped_only_when_the_config_declares_them(broken):

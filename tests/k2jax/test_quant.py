@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from k2jax.quant import BLOCK, E4M3, E4M3_MAX, QuantError, dequantize, quantize, scale_shape
+from k2jax.quant import BLOCK, E4M3, E4M3_MAX, QuantError, check_no_nan, dequantize, quantize, scale_shape
 
 SHAPES = [(576, 300), (128, 256), (1, 1), (129, 127), (200, 130)]  # 576 = kv_lora 512 + rope 64
 
@@ -62,12 +62,20 @@ def test_zero_blocks_get_a_positive_scale():
     np.testing.assert_array_equal(dequantize(q, s), w)
 
 
+def _with_nan(q, i, j):
+    bits = q.view(np.uint8).copy()
+    bits[i, j] = 0x7F  # e4m3fn's NaN (S.1111.111): it would dequantise to NaN
+    return bits.view(q.dtype)
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda q, s: (q.astype(np.float32), s), "float8_e4m3fn"),
     (lambda q, s: (q, s[:, :1]), "expected shape \\[5, 3\\]"),
     (lambda q, s: (q, np.where(np.arange(3) == 1, np.nan, s).astype(np.float32)), "block \\[0, 1\\] is nan"),
-    (lambda q, s: (q, -s), "finite and > 0"),
-    (lambda q, s: (q, np.zeros_like(s)), "finite and > 0"),
+    (lambda q, s: (q, -s), "finite, > 0"),
+    (lambda q, s: (q, np.zeros_like(s)), "finite, > 0"),
+    (lambda q, s: (q, np.full_like(s, 1e37)), "block \\[0, 0\\] is 1e\\+37; .* at most 7.6e\\+35"),  # 448 x 1e37 = inf
+    (lambda q, s: (_with_nan(q, 2, 7), s), "element \\[2, 7\\] is an e4m3 NaN"),
     (lambda q, s: (q, s.astype(np.int32)), "float scale"),
 ])
 def test_bad_fp8_inputs_fail_with_the_tensor_named(edit, match):
@@ -77,6 +85,19 @@ def test_bad_fp8_inputs_fail_with_the_tensor_named(edit, match):
         dequantize(q, s, name="model.layers.1.self_attn.kv_a_proj_with_mqa.weight")
     with pytest.raises(QuantError, match=match):
         dequantize(q, s)
+
+
+def test_the_nan_check_finds_every_nan_pattern_and_nothing_else():
+    """check_no_nan reads eight bytes at a time: every byte position, both NaN patterns, every other value."""
+    q = np.arange(256, dtype=np.uint8)
+    finite = q[(q & 0x7F) != 0x7F].view(E4M3)
+    check_no_nan(np.resize(finite, (31, 9)))  # odd sizes: a tail shorter than eight bytes
+    for nan in (0x7F, 0xFF):
+        for position in range(19):
+            bits = np.resize(finite.view(np.uint8), 19)
+            bits[position] = nan
+            with pytest.raises(QuantError, match=f"element \\[{position}\\] is an e4m3 NaN"):
+                check_no_nan(bits.view(E4M3))
 
 
 def test_quantize_rejects_non_finite():
