@@ -2,11 +2,17 @@
 
     k2jax-demo                            # tiny preset, random weights, 2 x 48 tokens
     k2jax-demo --preset=tiny --batch=4 --seq_len=64 --seed=1
+    k2jax-demo --keep_dir=tiny-release    # keep the checkpoint it writes (to convert, or run again with --hf_dir)
     k2jax-demo --hf_dir=DIR               # run a (small) release-layout checkpoint of your own instead
 
 It exercises the public API end to end (Transformer, to_hf_tensors, write_hf_checkpoint: FP8 e4m3 shards with
 128x128 scales, config.json and index; load_hf_checkpoint; aux outputs) and prints the exact parameter counts
-of the full Kimi K2 configuration from `jax.eval_shape` (no memory used).
+of the full Kimi K2 configuration from `jax.eval_shape` (no memory used). A bad --hf_dir or flag is one line on
+stderr (exit 1 / 2, k2jax/commands.py).
+
+`write_tiny_release(path)` writes a random tiny K2 *with a tokenizer* (tiktoken.model, tokenizer_config.json) in
+the release layout: what notebooks/inference.ipynb and the tests convert, load and chat with when the 1 TB release
+is not at hand.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 import k2jax
+from k2jax import commands
 from k2jax import config as k2config
+from k2jax.config import ConfigError
 from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
+from k2jax.hf_mapping import CheckpointError
 from k2jax.tokenizer import SPECIAL_TOKENS, train_bpe, write_bpe_ranks
 
 _CORPUS_MODULES = ("attention", "model", "moe", "rope", "generate", "tokenizer", "chat", "checkpoint", "convert",
@@ -63,19 +72,29 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed for weights and tokens.")
     flags.DEFINE_string("hf_dir", None, "A release-layout checkpoint directory to run instead of a generated one "
                         "(it is read whole into memory: small models only).")
+    flags.DEFINE_string("keep_dir", None, "Write the generated checkpoint here (a new directory) and keep it, e.g. to "
+                        "convert it with k2jax-convert or run it again with --hf_dir; by default it goes to a "
+                        "temporary directory that is deleted.")
 
 
-def run(preset: str, batch: int, seq_len: int, seed: int, hf_dir: str | None = None) -> dict:
+def run(preset: str, batch: int, seq_len: int, seed: int, hf_dir: str | None = None,
+        keep_dir: str | None = None) -> dict:
+    """Writes (unless hf_dir is given) and loads the checkpoint, runs it. keep_dir: where to write it and keep it
+    (must not exist)."""
+    if hf_dir is not None and keep_dir is not None:
+        raise commands.UsageError("--keep_dir keeps the checkpoint the demo generates; with --hf_dir there is none")
+    if keep_dir is not None and os.path.exists(keep_dir):
+        raise commands.UsageError(f"--keep_dir={keep_dir} already exists; pass a new directory")
     with tempfile.TemporaryDirectory() as tmp:
         if hf_dir is None:
             cfg = k2config.preset(preset)
-            hf_dir = os.path.join(tmp, f"{preset}-fp8")
+            hf_dir = keep_dir or os.path.join(tmp, f"{preset}-fp8")
             random_model = k2jax.Transformer(cfg, rngs=nnx.Rngs(seed))
             write_hf_checkpoint(hf_dir, cfg, k2jax.to_hf_tensors(random_model), dtype="fp8")
         model = load_hf_checkpoint(hf_dir)
     cfg = model.cfg
     if seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--seq_len={seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        raise commands.UsageError(f"--seq_len={seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     tokens = jax.random.randint(jax.random.key(seed + 1), (batch, seq_len), 0, cfg.vocab_size)
 
     forward = nnx.jit(lambda m, t: m(t, return_aux=True))
@@ -92,8 +111,8 @@ def run(preset: str, batch: int, seq_len: int, seed: int, hf_dir: str | None = N
 def main(argv=None):
     FLAGS = flags.FLAGS
     if argv is not None and len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    r = run(FLAGS.preset, FLAGS.batch, FLAGS.seq_len, FLAGS.seed, FLAGS.hf_dir)
+        raise commands.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    r = run(FLAGS.preset, FLAGS.batch, FLAGS.seq_len, FLAGS.seed, FLAGS.hf_dir, FLAGS.keep_dir)
     cfg, aux = r["cfg"], r["aux"]
     source = FLAGS.hf_dir or f"preset {FLAGS.preset} written as an FP8 release-layout checkpoint and loaded"
     print(f"k2jax demo: {source}; {cfg.num_params():,} parameters "
@@ -111,13 +130,16 @@ def main(argv=None):
     total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract))
     print(f"Kimi K2 (jax.eval_shape): {total:,} parameters, {k2.num_active_params():,} active per token, "
           f"{k2.flops_per_token(4096) / 1e9:.1f} GFLOP per training token at 4K context")
+    if FLAGS.keep_dir:
+        print(f"kept the checkpoint in {FLAGS.keep_dir}: run it again with k2jax-demo --hf_dir={FLAGS.keep_dir}, or "
+              f"convert it with k2jax-convert --hf_dir={FLAGS.keep_dir} --out_dir=DIR")
 
 
 def cli():
     _define_flags()
-    for name in ["preset", "batch", "seq_len", "seed", "hf_dir"]:
+    for name in ["preset", "batch", "seq_len", "seed", "hf_dir", "keep_dir"]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
-    app.run(main)
+    commands.run(main, errors={CheckpointError: commands.FAILED, ConfigError: commands.FAILED}, prog="k2jax-demo")
 
 
 if __name__ == "__main__":

@@ -30,13 +30,24 @@ def test_demo_rejects_too_long_sequences():
         demo.run("tiny", batch=1, seq_len=10_000, seed=0)
 
 
-def test_demo_command_line():
+def test_demo_command_line(tmp_path):
+    """It can keep the checkpoint it writes (--keep_dir); a bad --hf_dir is one line, not a traceback."""
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-m", "k2jax.demo", "--seq_len=8", "--batch=1"], capture_output=True,
-                            text=True, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    kept = tmp_path / "tiny-release"
+    bad = subprocess.Popen([sys.executable, "-m", "k2jax.demo", f"--hf_dir={tmp_path / 'nope'}"], cwd=root, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run([sys.executable, "-m", "k2jax.demo", "--seq_len=8", "--batch=1", f"--keep_dir={kept}"],
+                            capture_output=True, text=True, cwd=root, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "written as an FP8 release-layout checkpoint and loaded" in result.stdout
     assert "1,026,408,232,448 parameters" in result.stdout
+    assert f"kept the checkpoint in {kept}" in result.stdout
+    assert demo.load_hf_checkpoint(str(kept)).cfg.num_hidden_layers == 3  # the release layout, complete
+    _, err = bad.communicate(timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert [line for line in err.splitlines() if "error" in line] == [
+        f"k2jax-demo: error: {tmp_path / 'nope'}: no such directory"]

@@ -1,24 +1,53 @@
-"""notebooks/inference.ipynb runs top to bottom (it builds and converts a tiny release when K2_RELEASE is unset)."""
+"""notebooks/inference.ipynb runs top to bottom (it builds and converts a tiny release when K2_RELEASE is unset, and
+deletes it at the end); half its settings is one clear error."""
 
 import os
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_inference_notebook_runs(monkeypatch):
-    for var in ("K2_RELEASE", "K2_CHECKPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    # the kernel is a fresh process: give it the same 8 fake CPU devices as the tests
+def _kernel_env(monkeypatch, tmp_path):
+    # the kernel is a fresh process: give it the same 8 fake CPU devices as the tests, and its own temp dir
     monkeypatch.setenv("XLA_FLAGS", (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
+def _outputs(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []))
+
+
+def test_inference_notebook_runs(monkeypatch, tmp_path):
+    for var in ("K2_RELEASE", "K2_CHECKPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    _kernel_env(monkeypatch, tmp_path)
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "inference.ipynb"), as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in nb.cells if cell.cell_type == "code"]
-    assert "expert" in outputs[1] and "'expert'" in outputs[1]  # experts sharded over the expert axis
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert "expert" in _outputs(code[1]) and "'expert'" in _outputs(code[1])  # experts sharded over the expert axis
     assert all(not any(o.get("output_type") == "error" for o in c.get("outputs", [])) for c in nb.cells)
-    assert "finish_reason" not in outputs[-1] and outputs[-1].count("Sampling(") == 4
+    generated = _outputs(code[-2])
+    assert "finish_reason" not in generated and generated.count("Sampling(") == 4
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("k2jax-notebook-")]  # 4.5 MB were left per run
+
+
+def test_a_release_without_a_checkpoint_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("K2_RELEASE", str(tmp_path))
+    monkeypatch.delenv("K2_CHECKPOINT", raising=False)
+    _kernel_env(monkeypatch, tmp_path)
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "inference.ipynb"), as_version=4)
+    nb.cells = nb.cells[:2]  # the settings cell
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    except CellExecutionError:
+        pass
+    errors = [o for o in nb.cells[1].outputs if o.get("output_type") == "error"]
+    assert len(errors) == 1 and errors[0]["ename"] == "SystemExit", nb.cells[1].outputs
+    assert errors[0]["evalue"].startswith("set both K2_RELEASE (the release directory, for its tokenizer) and "
+                                          "K2_CHECKPOINT")
+    assert f"K2_RELEASE={str(tmp_path)!r}, K2_CHECKPOINT=None" in errors[0]["evalue"]
