@@ -87,6 +87,9 @@ class K2Config:
     pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
     remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
     scan_unroll: int = 0  # MoE blocks per iteration of their scan: 0 = auto (all of them on CPU, 1 on TPU/GPU)
+    ep_capacity_factor: float = 0.0  # expert parallelism: a device's receive buffer holds this many times a
+    #     balanced load of routed rows, and rows past it are dropped and counted (step metric ep_dropped_rows);
+    #     0 = dropless (room for every row of every device: n_expert_devices x the balanced load)
     platform: str = "auto"  # what the program is compiled for: auto (the mesh's devices, else the default
     #                         device) | cpu | tpu | gpu; every per-platform choice follows it (k2jax/target.py)
 
@@ -133,6 +136,8 @@ class K2Config:
              f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
         need(self.platform in _PLATFORMS, f"platform must be one of {_PLATFORMS}, got {self.platform!r}")
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
+        need(isinstance(self.ep_capacity_factor, (int, float)) and self.ep_capacity_factor >= 0,
+             f"ep_capacity_factor must be >= 0 (0: dropless), got {self.ep_capacity_factor!r}")
         need(isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool) and self.scan_unroll >= 0,
              f"scan_unroll must be an int >= 0, got {self.scan_unroll!r}")
         need(self.router_bias_update_rate >= 0,
@@ -223,7 +228,7 @@ class K2Config:
 
 
 _RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate",
-                "pipeline_microbatches", "remat", "scan_unroll", "platform")
+                "pipeline_microbatches", "remat", "scan_unroll", "ep_capacity_factor", "platform")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

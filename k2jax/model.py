@@ -110,6 +110,8 @@ class Transformer(nnx.Module):
                                                    that saw no valid token
           expert_load      [num_moe_layers, E]     int32 count of valid tokens routed to each expert
           router_topk_ids  [num_moe_layers, B, T, K] int32 chosen experts (unordered within K)
+          ep_dropped       [num_moe_layers]        int32 routed rows expert parallelism's receive buffers dropped
+                                                   (cfg.ep_capacity_factor; zeros when dropless)
         """
         cfg = self.cfg
         tokens_BT = jnp.asarray(tokens_BT)
@@ -144,6 +146,7 @@ class Transformer(nnx.Module):
                                                 for a in dense_aux + ([moe_aux] if moe_aux else [])], axis=0),
             "expert_load": moe_aux["expert_load"] if moe_aux else jnp.zeros((0, E), jnp.int32),
             "router_topk_ids": moe_aux["topk_ids"] if moe_aux else jnp.zeros((0, B, T, K), jnp.int32),
+            "ep_dropped": moe_aux["ep_dropped"] if moe_aux else jnp.zeros((0,), jnp.int32),
         }
         return logits_BTV, aux
 
@@ -165,6 +168,7 @@ class Transformer(nnx.Module):
         M = self.cfg.pipeline_microbatches or dict(mesh.shape)[STAGE_AXIS]
         (x_BTD, _, _), aux = pipeline_scan(moe_layer, moe_state, (x_BTD, segment_ids, positions), num_microbatches=M)
         moe_aux = {"attn_max_logits": aux["attn_max_logits"].max(0), "expert_load": aux["expert_load"].sum(0),
+                   "ep_dropped": aux["ep_dropped"].sum(0),
                    "topk_ids": jnp.concatenate(list(aux["topk_ids"]), axis=1)}  # [M, L, b, T, K] -> [L, B, T, K]
         return x_BTD, dense_aux, moe_aux
 

@@ -81,7 +81,10 @@ class RoutedExperts(nnx.Module):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """-> (sum of each token's routed experts' outputs [T, D], routed rows dropped by expert parallelism's
+        receive buffer (cfg.ep_capacity_factor; always 0 without EP or when dropless))."""
         E = self.gate_proj.shape[0]
         target = Target.of(self.cfg)
         mesh = jax.sharding.get_abstract_mesh()
@@ -93,8 +96,9 @@ class RoutedExperts(nnx.Module):
         w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         x_TD = x_TD.astype(self.dtype)
         if expert_parallel_enabled(mesh, E):
-            return expert_parallel_ffn(x_TD, weights_TK, ids_TK, *w, ffn=ffn, impl=target.ep_exchange
-                                       ).astype(self.dtype)
+            y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, *w, ffn=ffn, impl=target.ep_exchange,
+                                                capacity_factor=self.cfg.ep_capacity_factor)
+            return y_TD.astype(self.dtype), dropped
 
         def route_and_run(x_TD, weights_TK, ids_TK, *w):
             order_M, group_sizes_E = sort_by_group(ids_TK, E)
@@ -102,8 +106,9 @@ class RoutedExperts(nnx.Module):
             return combine_sorted(y_MD, order_M, weights_TK)
 
         tokens, whole = ("batch", None), (None, None, None)
-        return per_shard(route_and_run, in_axes=(tokens,) * 3 + (whole,) * 3, out_axes=tokens)(
+        y_TD = per_shard(route_and_run, in_axes=(tokens,) * 3 + (whole,) * 3, out_axes=tokens)(
             x_TD, weights_TK, ids_TK, *w).astype(self.dtype)
+        return y_TD, jnp.zeros((), jnp.int32)
 
 
 class MoE(nnx.Module):
@@ -114,13 +119,15 @@ class MoE(nnx.Module):
         self.num_experts = cfg.n_routed_experts
 
     def __call__(self, x_BTD: jnp.ndarray, valid_BT: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-        """-> (output [B, T, D], {"expert_load": [E] int32 routed count of valid tokens, "topk_ids": [B, T, K]})."""
+        """-> (output [B, T, D], {"expert_load": [E] int32 routed count of valid tokens, "topk_ids": [B, T, K],
+        "ep_dropped": int32 routed rows expert parallelism's receive buffers dropped})."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         weights_TK, ids_TK = self.gate(x_TD)
-        out_BTD = self.experts(x_TD, weights_TK, ids_TK).reshape(B, T, D)
+        out_TD, dropped = self.experts(x_TD, weights_TK, ids_TK)
+        out_BTD = out_TD.reshape(B, T, D)
         if self.shared_experts is not None:
             out_BTD = out_BTD + self.shared_experts(x_BTD)
         load_E = jnp.zeros((self.num_experts,), jnp.int32).at[ids_TK].add(
             valid_BT.reshape(B * T, 1).astype(jnp.int32))
-        return out_BTD, {"expert_load": load_E, "topk_ids": ids_TK.reshape(B, T, -1)}
+        return out_BTD, {"expert_load": load_E, "topk_ids": ids_TK.reshape(B, T, -1), "ep_dropped": dropped}

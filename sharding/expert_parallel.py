@@ -14,18 +14,24 @@ j of the expert axis owns experts [j E_loc, (j + 1) E_loc)). Per device:
   5. the reverse ragged all-to-all brings the results back to the rows' sources, which un-sort them and
      combine each token's K results with its routing weights.
 
-Nothing is dropped: a device's receive buffer has room for every row of every source (uneven loads and experts
-with no rows need no capacity factor). `jax.lax.ragged_all_to_all` is native on TPU and GPU; XLA:CPU has no
+The receive buffer: dropless by default (`capacity_factor=0`): room for every row of every source, n M rows per
+device (for K2 on EP 64 with 4K tokens per device that is 2M rows, 30 GB in bf16, and as much again for the
+results coming back). With `capacity_factor` c > 0 it holds ceil(c M) rows (c times a balanced load): each
+destination keeps its incoming rows in (source, local expert) order up to that bound, and the rows past it are
+dropped: they are never sent, their results are zero (the token keeps its other experts), and their number comes
+back with the output (`dropped`, summed over every device) so a caller can log it or fail the step. Expert loads
+balance (aux-loss-free bias) during training, so c = 2 drops nothing once balanced. `jax.lax.ragged_all_to_all` is native on TPU and GPU; XLA:CPU has no
 kernel for it, so on CPU `ragged_all_to_all` below runs the same exchange as an `all_to_all` of fixed-size
 chunks (same results, more bytes moved); `impl` picks, by default by the platform compiled for. This module
 knows nothing of K2: it works on arrays and a callable.
 
 Letter legend: T tokens (per device inside shard_map), K choices per token, M = T K rows, E experts, L experts
-per device (E_loc), D hidden, F ffn, n expert-axis size, s source, j destination.
+per device (E_loc), D hidden, F ffn, n expert-axis size, s source, j destination, R receive-buffer rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -70,37 +76,61 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
     return output.at[rows_nC.reshape(-1)].set(got_nC.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
+def receive_buffer_rows(rows_per_device: int, n: int, capacity_factor: float) -> int:
+    """Rows of a device's receive buffer: n M when dropless (capacity_factor 0), else ceil(c M), at most n M."""
+    if capacity_factor < 0:
+        raise ValueError(f"capacity_factor must be >= 0 (0: dropless), got {capacity_factor}")
+    if not capacity_factor:
+        return n * rows_per_device
+    return min(n * rows_per_device, max(1, math.ceil(capacity_factor * rows_per_device)))
+
+
+def _kept(sizes_snl, R: int):
+    """The rows each destination keeps of sizes_snl [source, destination, local expert] in a buffer of R rows,
+    filled in (source, local expert) order: a prefix of every (source, destination) segment."""
+    n, _, L = sizes_snl.shape
+    per_dest_jX = jnp.transpose(sizes_snl, (1, 0, 2)).reshape(n, n * L)
+    ends_jX = jnp.cumsum(per_dest_jX, axis=1)
+    kept_jX = jnp.clip(ends_jX, 0, R) - jnp.clip(ends_jX - per_dest_jX, 0, R)
+    return jnp.transpose(kept_jX.reshape(n, n, L), (1, 0, 2))
+
+
 def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *, ffn: Callable,
-                      expert_axis: str, impl: str):
-    """One device's part (inside shard_map)."""
+                      expert_axis: str, other_token_axes: tuple[str, ...], impl: str, capacity_factor: float):
+    """One device's part (inside shard_map) -> (combined output [T, D], rows dropped on every device)."""
     n = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     T, K = ids_TK.shape
     L = w_gate_LDF.shape[0]
     M = T * K
+    R = receive_buffer_rows(M, n, capacity_factor)
     # 1. this device's rows sorted by expert, hence by destination device
     order_M, sizes_E = sort_by_group(ids_TK, n * L)
     x_MD = x_TD[order_M // K]
-    # 2. every device's counts: [source, destination, local expert]
+    # 2. every device's counts: [source, destination, local expert], and what fits the destinations' buffers
     sizes_snl = jax.lax.all_gather(sizes_E, expert_axis).reshape(n, n, L)
-    pair_sn = sizes_snl.sum(-1)                        # rows from source s to destination j
+    kept_snl = _kept(sizes_snl, R) if R < n * M else sizes_snl
+    dropped = jnp.sum(sizes_snl - kept_snl)
+    if other_token_axes:
+        dropped = jax.lax.psum(dropped, other_token_axes)
+    pair_sn = kept_snl.sum(-1)                         # rows from source s to destination j
     send_n, recv_n = pair_sn[me], pair_sn[:, me]
-    src_offsets_sn = _exclusive_cumsum(pair_sn, axis=1)   # where source s keeps its rows for j
-    dst_offsets_sn = _exclusive_cumsum(pair_sn, axis=0)   # where destination j puts source s's rows
+    src_offsets_sn = _exclusive_cumsum(sizes_snl.sum(-1), axis=1)  # where source s keeps its rows for j
+    dst_offsets_sn = _exclusive_cumsum(pair_sn, axis=0)            # where destination j puts source s's rows
     # 3. rows to their experts' devices, laid out by source, then by local expert
-    recv_RD = ragged_all_to_all(x_MD, jnp.zeros((n * M, x_MD.shape[1]), x_MD.dtype), src_offsets_sn[me], send_n,
-                                dst_offsets_sn[me], recv_n, axis_name=expert_axis, max_send=M, impl=impl)
-    segment_ends = jnp.cumsum(sizes_snl[:, me, :].reshape(-1))    # (source, local expert) segments in order
-    segment_R = jnp.searchsorted(segment_ends, jnp.arange(n * M), side="right")
+    recv_RD = ragged_all_to_all(x_MD, jnp.zeros((R, x_MD.shape[1]), x_MD.dtype), src_offsets_sn[me], send_n,
+                                dst_offsets_sn[me], recv_n, axis_name=expert_axis, max_send=min(M, R), impl=impl)
+    segment_ends = jnp.cumsum(kept_snl[:, me, :].reshape(-1))    # (source, local expert) segments in order
+    segment_R = jnp.searchsorted(segment_ends, jnp.arange(R), side="right")
     local_R = jnp.where(segment_R < n * L, segment_R % L, L)         # empty buffer rows sort last
     by_expert_R = jnp.argsort(local_R, stable=True)
     # 4. the local experts
-    y_RD = ffn(recv_RD[by_expert_R], w_gate_LDF, w_up_LDF, w_down_LFD, sizes_snl[:, me, :].sum(0))
+    y_RD = ffn(recv_RD[by_expert_R], w_gate_LDF, w_up_LDF, w_down_LFD, kept_snl[:, me, :].sum(0))
     y_RD = y_RD[jnp.argsort(by_expert_R)]
-    # 5. back to the sources, un-sorted, combined
+    # 5. back to the sources, un-sorted, combined (dropped rows come back as the buffer's zeros)
     back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, y_RD.shape[1]), y_RD.dtype), dst_offsets_sn[:, me], recv_n,
-                                src_offsets_sn[:, me], send_n, axis_name=expert_axis, max_send=M, impl=impl)
-    return combine_sorted(back_MD, order_M, weights_TK)
+                                src_offsets_sn[:, me], send_n, axis_name=expert_axis, max_send=min(M, R), impl=impl)
+    return combine_sorted(back_MD, order_M, weights_TK), dropped
 
 
 def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AXIS) -> bool:
@@ -113,9 +143,10 @@ def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AX
 
 def expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, ffn: Callable,
                         mesh=None, expert_axis: str = EXPERT_AXIS, token_axes: tuple[str, ...] = TOKEN_AXES,
-                        impl: str = "auto") -> jax.Array:
-    """sum_k weights[t, k] * ffn_{ids[t, k]}(x[t]) -> [T, D] float32, with experts split over `expert_axis` of
-    `mesh` (default: the mesh set with jax.set_mesh). T is padded to a multiple of the token-axis devices."""
+                        impl: str = "auto", capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(sum_k weights[t, k] * ffn_{ids[t, k]}(x[t]) -> [T, D] float32, rows dropped: int32 scalar), with experts
+    split over `expert_axis` of `mesh` (default: the mesh set with jax.set_mesh). T is padded to a multiple of
+    the token-axis devices. capacity_factor: the receive buffer (module docstring); 0 drops nothing."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     E = w_gate_EDF.shape[0]
     if not expert_parallel_enabled(mesh, E, expert_axis):
@@ -132,7 +163,11 @@ def expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_E
         weights_TK = jnp.pad(weights_TK, ((0, pad), (0, 0)))
         ids_TK = jnp.pad(ids_TK, ((0, pad), (0, 0)))
     tok = P(axes or None)
+    others = tuple(a for a in axes if a != expert_axis)
     local = jax.shard_map(
-        lambda *a: _local_expert_ffn(*a, ffn=ffn, expert_axis=expert_axis, impl=impl), mesh=mesh,
-        in_specs=(tok, tok, tok, P(expert_axis), P(expert_axis), P(expert_axis)), out_specs=tok, check_vma=False)
-    return local(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD)[:T]
+        lambda *a: _local_expert_ffn(*a, ffn=ffn, expert_axis=expert_axis, other_token_axes=others, impl=impl,
+                                     capacity_factor=capacity_factor), mesh=mesh,
+        in_specs=(tok, tok, tok, P(expert_axis), P(expert_axis), P(expert_axis)), out_specs=(tok, P()),
+        check_vma=False)
+    out_TD, dropped = local(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return out_TD[:T], dropped

@@ -6,7 +6,8 @@
 
 The batch's rows are split into `grad_accum` microbatches run one after another (a scan), gradients summed
 weighted by their target-token counts, so the update equals one big batch's. The QK-Clip statistics are the max
-over microbatches; expert loads are summed. A step whose loss or gradients are not finite changes nothing
+over microbatches; expert loads and the routed rows dropped by expert parallelism's bounded receive buffers
+(`ep_dropped_rows`, 0 when dropless) are summed. A step whose loss or gradients are not finite changes nothing
 (`metrics["finite"]` is False): the caller stops before saving it.
 
 Letter legend: A accumulation microbatches, b rows per microbatch, T tokens per row.
@@ -84,15 +85,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
         micro = jax.tree.map(lambda a: a.reshape((grad_accum, rows // grad_accum) + a.shape[1:]), batch)
 
         def accumulate(carry, mb):
-            loss_sum, count, max_logits, load, grads = carry
+            loss_sum, count, max_logits, load, dropped, grads = carry
             l, c, aux, g = grads_of(state.params, state.rest, mb)
             return (loss_sum + l, count + c, jnp.maximum(max_logits, aux["attn_max_logits"]),
-                    load + aux["expert_load"], jax.tree.map(jnp.add, grads, g)), None
+                    load + aux["expert_load"], dropped + jnp.sum(aux["ep_dropped"]),
+                    jax.tree.map(jnp.add, grads, g)), None
 
         shapes = jax.eval_shape(grads_of, state.params, state.rest, jax.tree.map(lambda a: a[0], micro))
         zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.full(shapes[2]["attn_max_logits"].shape, -jnp.inf),
-                 jnp.zeros(shapes[2]["expert_load"].shape, jnp.int32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss_sum, count, max_logits, load, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+                 jnp.zeros(shapes[2]["expert_load"].shape, jnp.int32), jnp.zeros((), jnp.int32),
+                 jax.tree.map(jnp.zeros_like, state.params))
+        (loss_sum, count, max_logits, load, dropped, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         loss = loss_sum / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -113,6 +116,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
         metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": _global_norm(updates),
                    "param_norm": _global_norm(params), "tokens": count, "finite": finite,
                    "attn_max_logit": max_logits,  # [layers, heads]
+                   "ep_dropped_rows": dropped,  # routed rows EP receive buffers dropped (cfg.ep_capacity_factor)
                    "expert_load_max_over_mean": jnp.max(load_f, -1) / jnp.maximum(jnp.mean(load_f, -1), 1e-9)}
         return new, metrics
 

@@ -87,3 +87,72 @@ def test_init_sharded_builds_the_same_model_in_shards():
     assert w.addressable_shards[0].data.size == w.size // 8
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(nnx.state(plain))):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
+
+
+def _row_ffn(x_RD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L):
+    """A grouped SwiGLU FFN written per row (each row's expert found from the group sizes): the buffer's rows past
+    the groups get expert L, clamped; their output is never read."""
+    expert_R = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_L), jnp.arange(x_RD.shape[0]), side="right"),
+                           len(sizes_L) - 1)
+    g = jnp.einsum("rd,rdf->rf", x_RD, w_gate_LDF[expert_R])
+    u = jnp.einsum("rd,rdf->rf", x_RD, w_up_LDF[expert_R])
+    return jnp.einsum("rf,rfd->rd", jax.nn.silu(g) * u, w_down_LFD[expert_R])
+
+
+def _expected_with_buffer(x, w, ids, wg, wu, wd, n, R):
+    """numpy reading of the bounded receive buffer: device s holds tokens [s T/n, (s+1) T/n); destination j
+    keeps its incoming rows in (source, local expert, source's row order) order up to R rows."""
+    T, K = ids.shape
+    E = wg.shape[0]
+    L = E // n
+    kept = np.zeros((T, K), bool)
+    for j in range(n):
+        filled = 0
+        for s in range(n):
+            rows = [(t, k) for t in range(s * T // n, (s + 1) * T // n) for k in range(K) if ids[t, k] // L == j]
+            rows.sort(key=lambda tk: (ids[tk], tk[0] * K + tk[1]))  # the source's sort by expert (stable)
+            for t, k in rows:
+                kept[t, k] = filled < R
+                filled += 1
+    out = np.zeros(x.shape, np.float64)
+    for t in range(T):
+        for k in range(K):
+            if kept[t, k]:
+                e = ids[t, k]
+                h = (x[t] @ wg[e]) / (1 + np.exp(-(x[t] @ wg[e]))) * (x[t] @ wu[e])
+                out[t] += w[t, k] * (h @ wd[e])
+    return out, int((~kept).sum())
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5, 1.0, 8.0])
+def test_bounded_receive_buffer_drops_and_counts_the_overflow(capacity_factor):
+    """Herded routing (most rows to device 0's experts): with a buffer of c x the balanced load, the rows past it
+    are dropped exactly as documented (the rest of the result unchanged) and counted; c = 0 or >= n drops none."""
+    from sharding.expert_parallel import expert_parallel_ffn, receive_buffer_rows
+    n, T, K, E, D, F = 4, 32, 2, 8, 8, 16
+    rng = np.random.default_rng(0)
+    ids = np.where(rng.random((T, K)) < 0.7, rng.integers(0, 2, (T, K)), rng.integers(0, E, (T, K)))
+    ids[:, 1] = np.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % E, ids[:, 1])  # distinct choices per token
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    w = rng.random((T, K)).astype(np.float32)
+    wg, wu = (rng.standard_normal((E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
+    wd = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
+    M = T // n * K
+    R = receive_buffer_rows(M, n, capacity_factor)
+    want, want_dropped = _expected_with_buffer(x, w, ids, wg, wu, wd, n, R)
+    mesh = make_mesh({"expert": n}, devices=jax.devices()[:n])
+    with jax.set_mesh(mesh):
+        got, dropped = jax.jit(lambda *a: expert_parallel_ffn(*a, ffn=_row_ffn, capacity_factor=capacity_factor))(
+            x, w, ids.astype(np.int32), wg, wu, wd)
+    assert int(dropped) == want_dropped
+    assert (want_dropped > 0) == (0 < capacity_factor < 2), (capacity_factor, want_dropped)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_receive_buffer_rows():
+    from sharding.expert_parallel import receive_buffer_rows
+    assert receive_buffer_rows(100, 8, 0.0) == 800       # dropless: every row of every device
+    assert receive_buffer_rows(100, 8, 1.25) == 125
+    assert receive_buffer_rows(100, 8, 20.0) == 800      # never more than dropless needs
+    with pytest.raises(ValueError, match="capacity_factor"):
+        receive_buffer_rows(100, 8, -1.0)
