@@ -15,6 +15,9 @@ the host: a CPU-only machine compiles the TPU or GPU program by setting a mesh o
 Kernels pad their row axes up to a whole number of blocks. The padded rows are filled with `pad_value()`
 (0); the tests set it to NaN to prove that padding never reaches a result.
 
+Every launch declares its work with `cost(...)` (a pl.CostEstimate): XLA's cost analysis counts a kernel as 0
+FLOPs and 0 bytes otherwise, so a compiled program's totals (k2jax.aot) would leave out attention and experts.
+
 Also shared by the kernel bodies: 2-D dots with float32 accumulation in the three orientations they need, the
 online-softmax step of the attention kernels, and the spec of a scalar table (SMEM on TPU).
 """
@@ -30,6 +33,17 @@ _PAD = {"value": 0.0}
 
 
 PLATFORMS = ("cpu", "tpu", "gpu")
+
+
+def cost(*, flops, bytes_accessed, transcendentals=0) -> pl.CostEstimate:
+    """A launch's work for XLA's cost analysis (pallas_call(cost_estimate=...)): FLOPs of the blocks it visits
+    (2 per multiply-add), exp / log count, and HBM bytes of its operands and results read or written once."""
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed))
+
+
+def nbytes(*arrays) -> int:
+    """Bytes of arrays or ShapeDtypeStructs (their sum)."""
+    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays)
 
 
 def target_platform(platform: str | None = None) -> str:

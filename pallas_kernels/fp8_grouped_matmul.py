@@ -207,8 +207,17 @@ def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w,
         scratch_shapes=[pltpu.VMEM((BLOCK, BLOCK), F32)])
     return pl.pallas_call(
         functools.partial(_tpu_kernel, transpose_w=transpose_w, has_scales=has_scales, has_x_scales=has_x_scales),
-        grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype), **opts)(
+        grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
+        cost_estimate=_work(x, w, scales_rows, x_scales, Mp, C, O, out_dtype), **opts)(
         *schedule, starts, ends, x, w, s, xs)
+
+
+def _work(x, w, scales_rows, x_scales, out_rows, C, O, out_dtype):
+    """Every row times its group's [C, O] weight once (the extra visits of tiles a group boundary crosses, at most
+    G - 1 on TPU, are not counted); bytes: x, the weights and scales once, the output."""
+    extra = [a for a in (scales_rows, x_scales) if a is not None]
+    return kb.cost(flops=2 * x.shape[0] * C * O,
+                   bytes_accessed=kb.nbytes(x, w, *extra) + out_rows * O * jnp.dtype(out_dtype).itemsize)
 
 
 def _form(backend, platform) -> str:
@@ -257,6 +266,7 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
                                                           s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda m, o: (m, o)),
         out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
+        cost_estimate=_work(x, w, None if not has_scales else scales_rows, x_scales, Mp, C, O, out_dtype),
         **kb.launch_options(backend, platform, 2, num_warps=triton[0], num_stages=triton[1]),
     )(*tables, x, w, scales_rows, xs)
     return out[:x_MC.shape[0]]

@@ -108,6 +108,13 @@ def _gpu_kernel(start_ref, end_ref, x_ref, dy_ref, o_ref, *, block_m):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _work(x, dy, G, out_dtype):
+    """Every row's outer product x[m]ᵀ dy[m] once; bytes: x and dy once, the [G, K, N] result."""
+    Mp, Kp = x.shape
+    Np = dy.shape[1]
+    return kb.cost(flops=2 * Mp * Kp * Np, bytes_accessed=kb.nbytes(x, dy) + G * Kp * Np * jnp.dtype(out_dtype).itemsize)
+
+
 def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, backend, platform, opts):
     Mp, Kp = x.shape
     Np = dy.shape[1]
@@ -118,7 +125,7 @@ def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_d
             pl.BlockSpec((Mp, block_k), lambda g, k, n: (0, k)),
             pl.BlockSpec((Mp, block_n), lambda g, k, n: (0, n))],
         out_specs=pl.BlockSpec((None, block_k, block_n), lambda g, k, n: (g, k, n)),
-        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype), cost_estimate=_work(x, dy, G, out_dtype),
         **opts,
     )(starts, ends, x, dy)
 
@@ -178,7 +185,7 @@ def _launch_tpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_d
         out_specs=pl.BlockSpec((None, block_k, block_n), lambda k, n, v, blk, grp, *_: (grp[v], k, n)),
         scratch_shapes=[pltpu.VMEM((block_k, block_n), F32)])
     return pl.pallas_call(_tpu_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
-                          **opts)(*schedule, starts, ends, x, dy)
+                          cost_estimate=_work(x, dy, G, out_dtype), **opts)(*schedule, starts, ends, x, dy)
 
 
 def _form(backend, platform) -> str:

@@ -236,18 +236,32 @@ def _flash(qn, qr, kn, kr, v, seg, cfg):
     return _flash_forward(qn, qr, kn, kr, v, seg, cfg)[:2]
 
 
+def _visited_pairs(B, N, Tp, bq, bk, *, by_keys: bool) -> int:
+    """(query, key) pairs in the blocks a kernel visits: each query block up to the causal diagonal (forward,
+    dq), or each key block from its diagonal on (dk/dv)."""
+    if by_keys:
+        blocks = sum(Tp // bq - (j * bk) // bq for j in range(Tp // bk))
+    else:
+        blocks = sum(min(-(-(i + 1) * bq // bk), Tp // bk) for i in range(Tp // bq))
+    return B * N * blocks * bq * bk
+
+
 def _flash_forward(qn, qr, kn, kr, v, seg, cfg):
     scale, n_real, backend, platform, launch, _ = cfg
     bq, bk = launch.bq, launch.bk
     B, N, Tp, P = qn.shape
     R, V = qr.shape[-1], v.shape[-1]
     vec = (B, N, Tp, 1)
+    pairs = _visited_pairs(B, N, Tp, bq, bk, by_keys=False)
+    out_shape = [_shape((B, N, Tp, V), qn.dtype), _shape(vec, F32), _shape(vec, F32)]
+    work = kb.cost(flops=2 * pairs * (P + R + V), transcendentals=pairs,
+                   bytes_accessed=kb.nbytes(qn, qr, kn, kr, v, seg, *out_shape))
     out, lse, rowmax = pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, bq=bq, bk=bk, n_real=n_real), grid=(B, N, Tp // bq),
         in_specs=[*_q_specs(Tp, bq, (P, R), blocked=True), *_k_specs(Tp, bk, P, R, V, blocked=False),
                   *_seg_specs(Tp, bq)],
         out_specs=_q_specs(Tp, bq, (V, 1, 1), blocked=True),
-        out_shape=[_shape((B, N, Tp, V), qn.dtype), _shape(vec, F32), _shape(vec, F32)],
+        out_shape=out_shape, cost_estimate=work,
         **launch.options(backend, platform))(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
     return out, rowmax[..., 0], lse
 
@@ -268,12 +282,20 @@ def _flash_bwd(cfg, res, cotangents):
     opts = launch.options(backend, platform)
     kw = dict(scale=scale, bq=bq, bk=bk, n_real=n_real)
     seg_col, seg_row = seg[:, :, None], seg[:, None, :]
+    operands = kb.nbytes(qn, qr, kn, kr, v, seg, do, lse, delta)
+    pairs_q = _visited_pairs(B, N, Tp, bq, bk, by_keys=False)  # scores again, dp = do v^T, dq = ds k
+    dq_work = kb.cost(flops=2 * pairs_q * (2 * (P + R) + V), transcendentals=pairs_q,
+                      bytes_accessed=operands + kb.nbytes(qn, qr))
+    pairs_k = _visited_pairs(B, N, Tp, bq, bk, by_keys=True)  # scores, dp, dv = p^T do, dk = ds^T q
+    dkv_work = kb.cost(flops=2 * pairs_k * (2 * (P + R) + 2 * V), transcendentals=pairs_k,
+                       bytes_accessed=operands + kb.nbytes(kn, v) + B * N * Tp * R * 4)
 
     qn_s, qr_s, do_s, lse_s, delta_s = _q_specs(Tp, bq, (P, R, V, 1, 1), blocked=True)
     dqn, dqr = pl.pallas_call(
         functools.partial(_dq_kernel, **kw), grid=(B, N, Tp // bq),
         in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=False), *_seg_specs(Tp, bq), do_s, lse_s, delta_s],
-        out_specs=_q_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)], **opts,
+        out_specs=_q_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)],
+        cost_estimate=dq_work, **opts,
     )(qn, qr, kn, kr, v, seg_col, seg_row, do, lse, delta)
 
     qn_s, qr_s, do_s = _q_specs(Tp, bq, (P, R, V), blocked=False)
@@ -283,7 +305,7 @@ def _flash_bwd(cfg, res, cotangents):
         functools.partial(_dkv_kernel, **kw), grid=(B, N, Tp // bk),
         in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=True), segq_s, segk_s, do_s, row, row],
         out_specs=_q_specs(Tp, bk, (P, R, V), blocked=True),  # per-head key blocks: dk_rope summed below
-        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], **opts,
+        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], cost_estimate=dkv_work, **opts,
     )(qn, qr, kn, kr, v, seg_row, seg_col, do, lse.reshape(B, N, 1, Tp), delta.reshape(B, N, 1, Tp))
     return dqn, dqr, dkn, jnp.sum(dkr_BNSR, axis=1).astype(kr.dtype), dv, None
 

@@ -169,6 +169,10 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     pos_BM1 = jnp.repeat(pos_BT, N, axis=1)[..., None]
     kw = dict(scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk)
     out_shape = [jax.ShapeDtypeStruct((B, splits, M, C), F32), jax.ShapeDtypeStruct((B, splits, M, 1), F32)]
+    # every slot of the cache once per row (an upper bound: blocks past a row's last position are skipped):
+    # scores over the latent and the rope key, values over the latent
+    work = kb.cost(flops=2 * B * M * S * (2 * C + R), transcendentals=B * M * S,
+                   bytes_accessed=kb.nbytes(cache_BSX, q_lat_BTNC, q_rope_BTNR, *out_shape))
 
     if _form(backend, platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -185,7 +189,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
             out_specs=[part(C), part(1)],
             scratch_shapes=[pltpu.VMEM((M, C), F32), pltpu.VMEM((M, 1), F32), pltpu.VMEM((M, 1), F32)])
         o_BKMC, lse_BKM1 = pl.pallas_call(
-            functools.partial(_grid_kernel, **kw), grid_spec=grid_spec, out_shape=out_shape,
+            functools.partial(_grid_kernel, **kw), grid_spec=grid_spec, out_shape=out_shape, cost_estimate=work,
             **kb.launch_options(backend, platform, 3, sequential=(2,)),
         )(last_B1[:, 0], q_lat, q_rope, pos_BM1, cache)
         return merge_splits(o_BKMC, lse_BKM1).reshape(B, T, N, C)
@@ -205,7 +209,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
                   pl.BlockSpec((None, chunk, X), lambda b, k, i: (b, k, 0))],
         out_specs=[part(C), part(1)],
         out_shape=[jax.ShapeDtypeStruct((B, splits, Mp, C), F32), jax.ShapeDtypeStruct((B, splits, Mp, 1), F32)],
-        **kb.launch_options(backend, platform, 3, num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=work, **kb.launch_options(backend, platform, 3, num_warps=num_warps, num_stages=num_stages),
     )(nblk_BK, q_lat, q_rope, pos_BM1, cache)
     return merge_splits(o_BKMC[:, :, :M], lse_BKM1[:, :, :M]).reshape(B, T, N, C)
 
