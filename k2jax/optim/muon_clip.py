@@ -28,6 +28,7 @@ Letter legend: L layers, N heads, P nope dim, R rope dim, V value dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -50,6 +51,7 @@ class ParamRule(NamedTuple):
     dims: MuonDimensionNumbers | None  # matrix axes for muon; the other axes are batch axes
     fan_in: int
     fan_out: int
+    layers_axis: int | None = None  # the stacked-layers axis: Newton-Schulz runs one layer at a time along it
 
 
 def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
@@ -69,7 +71,8 @@ def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
         outs = tuple(range(ndim - n_out, ndim))
         fan_in = math.prod(var.shape[i] for i in ins)  # host arithmetic: no device (the mesh may be deviceless)
         fan_out = math.prod(var.shape[i] for i in outs)
-        rules[name] = ParamRule("muon", MuonDimensionNumbers(ins, outs), fan_in, fan_out)
+        layers = axes.index("layers") if "layers" in axes else None
+        rules[name] = ParamRule("muon", MuonDimensionNumbers(ins, outs), fan_in, fan_out, layers)
     return rules
 
 
@@ -98,11 +101,19 @@ def _axes(axis, ndim: int) -> tuple[int, ...]:
     return tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
 
 
-def newton_schulz(x: jax.Array, coeffs: jax.Array, ns_steps: int, dims: MuonDimensionNumbers) -> jax.Array:
+def newton_schulz(x: jax.Array, coeffs: jax.Array, ns_steps: int, dims: MuonDimensionNumbers,
+                  layers_axis: int | None = None) -> jax.Array:
     """NS5 of every matrix of x: reduction and output axes from `dims`, every other axis a batch axis kept as its
-    own vmapped axis (so each keeps its sharding)."""
+    own vmapped axis (so each keeps its sharding). `layers_axis` (a batch axis) runs as a loop instead, one layer
+    at a time: the iteration's [matrix x matrix] temporaries then exist for one layer, not all 60 (K2 on v5p-512:
+    ~6 GB per expert or attention weight otherwise)."""
     red, out = _axes(dims.reduction_axis, x.ndim), _axes(dims.output_axis, x.ndim)
     batch = tuple(a for a in range(x.ndim) if a not in red + out)
+    if layers_axis is not None:
+        layers_axis %= x.ndim
+        if layers_axis not in batch:
+            raise ValueError(f"newton_schulz: layers_axis {layers_axis} is a matrix axis of {dims}")
+        batch = (layers_axis,) + tuple(a for a in batch if a != layers_axis)
     order = batch + red + out
     moved = jnp.transpose(x, order)
     batch_shape = moved.shape[:len(batch)]
@@ -112,8 +123,10 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, ns_steps: int, dims: MuonDime
     def one(m):
         return orthogonalize_via_newton_schulz(m, coeffs, ns_steps)
 
-    for _ in batch:
+    for _ in batch[1:] if layers_axis is not None else batch:
         one = jax.vmap(one)
+    if layers_axis is not None:
+        one = functools.partial(jax.lax.map, one)
     y = one(moved.reshape(batch_shape + matrix_shape)).reshape(moved.shape)
     return jnp.transpose(y, tuple(sorted(range(x.ndim), key=lambda i: order[i])))
 
@@ -131,7 +144,9 @@ def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nes
 
         def orthogonalise(name, d):
             coeffs = jnp.asarray(K2_NS_COEFFS, ns_dtype)  # made while tracing: no device (it may be deviceless)
-            return newton_schulz(d.astype(ns_dtype), coeffs, ns_steps, rules[name].dims).astype(jnp.float32)
+            rule = rules[name]
+            return newton_schulz(d.astype(ns_dtype), coeffs, ns_steps, rule.dims, rule.layers_axis
+                                 ).astype(jnp.float32)
 
         return _by_name(direction, orthogonalise), MomentumState(mu)
 

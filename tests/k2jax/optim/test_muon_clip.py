@@ -78,6 +78,13 @@ def test_newton_schulz_keeps_a_sharded_expert_axis():
     want = orthogonalize_via_newton_schulz(jnp.asarray(g), jnp.asarray(K2_NS_COEFFS, jnp.float32), 5,
                                            dimension_numbers=dims)
     np.testing.assert_allclose(np.asarray(f(jax.device_put(g, sharding))), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # one layer at a time (a loop over the layers axis): the same result, and no all-gather either
+    by_layer = jax.jit(lambda x: newton_schulz(x, jnp.asarray(K2_NS_COEFFS, jnp.float32), 5, dims, layers_axis=0),
+                       in_shardings=sharding, out_shardings=sharding)
+    compiled = by_layer.lower(jax.device_put(g, sharding)).compile()
+    assert "all-gather" not in compiled.as_text() and "while" in compiled.as_text()
+    np.testing.assert_allclose(np.asarray(by_layer(jax.device_put(g, sharding))), np.asarray(want), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_rules_come_from_matrix_axes():
