@@ -107,13 +107,17 @@ class Topology:
 
 
 def _torus(chips: int, dims: int) -> tuple[int, ...]:
-    """The usual slice shape for a power-of-two chip count: dimensions doubled in turn from 1 (v5p-512 -> 4x8x8,
-    v5e-32 -> 4x8)."""
+    """The usual slice shape for a power-of-two chip count (as gcloud lays them out): up to one host's 2x2 chips,
+    then the last of the smallest dimensions doubled in turn (v5p: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ..., 4x8x8
+    for v5p-512; v5e: 2x2, 2x4, 4x4, 4x8, ..., 16x16)."""
     if chips < 1 or chips & (chips - 1):
         raise AotError(f"no standard TPU slice has {chips} chips (a power of two); name the shape, e.g. v5p:4x4x12")
-    shape = [1] * dims
+    small = {1: (1, 1), 2: (1, 2), 4: (2, 2)}
+    if chips in small:
+        return small[chips] + (1,) * (dims - 2)
+    shape = [2] * dims
     while math.prod(shape) < chips:
-        i = min(range(dims), key=lambda d: (shape[d], -d))  # the smallest dimension, the last of equals
+        i = max(d for d in range(dims) if shape[d] == min(shape))
         shape[i] *= 2
     return tuple(shape)
 
@@ -344,8 +348,13 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
             message = str(e)
             if "memory" not in message.lower() and "RESOURCE_EXHAUSTED" not in message:
                 raise
+            temporaries = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+            memory = dict(parts)
+            if temporaries:  # the compiler's figure, in its units (powers of 1024)
+                memory["temporaries"] = int(float(temporaries.group(1)) * 1024 ** "KMGT".index(
+                    temporaries.group(2)) * 1024)
             report.update(fits=False, compile_seconds=round(time.perf_counter() - hb.start, 1),
-                          error=message.strip().splitlines()[0][:500], memory=dict(parts))
+                          error=message.strip().splitlines()[0][:500], memory=memory)
             report["advice"] = _advice(report)
             return report
     report["compile_seconds"] = round(hb.seconds, 1)
