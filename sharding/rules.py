@@ -11,8 +11,9 @@ follows its parameter and is split further over `data` (ZeRO-1): `optimizer_stat
   ep_fsdp  experts split over `expert`, the rest as fsdp                       (K2's EP + ZeRO)
   ep_pp    as ep_fsdp, stacked MoE layers split over `stage`                    (K2's PP16 x EP16)
   tensor   heads / ffn / vocab over `tensor`, hidden over fsdp
-A logical axis maps to the first of its mesh axes that exists in the mesh, is not used by an earlier dimension
-of the same parameter, and divides the dimension; otherwise that dimension is replicated (the table shows it).
+A logical axis maps to the first of its candidates (a mesh axis, or a tuple of mesh axes split together) whose
+axes exist in the mesh, are not used by an earlier dimension of the same parameter, and together divide the
+dimension; otherwise that dimension is replicated (the table shows it).
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ from sharding import LOGICAL_AXES
 
 # hidden-side axes split over fsdp (ZeRO-style); q_b / kv_b have no embed axis, so their latent axis is used
 _FSDP = {"embed": ("fsdp",), "q_lora": ("fsdp",), "kv_lora": ("fsdp",)}
-RULES: dict[str, dict[str, tuple[str, ...]]] = {
+# with expert parallelism, the weights outside the experts (attention, shared expert, embeddings) split their hidden
+# axis over fsdp and expert together (ZeRO-3 over every chip: otherwise each of the n expert groups holds a copy,
+# 11 GB per chip of K2 on v5p-512, and as much again for momentum and gradients); an expert weight's expert axis
+# already takes `expert`, so its hidden axis falls back to fsdp alone
+_FSDP_EP = {axis: (("fsdp", "expert"), "fsdp") for axis in _FSDP}
+RULES: dict[str, dict[str, tuple[str | tuple[str, ...], ...]]] = {
     "fsdp": {**_FSDP},
-    "ep_fsdp": {**_FSDP, "expert": ("expert",)},
-    "ep_pp": {**_FSDP, "expert": ("expert",), "layers": ("stage",)},
+    "ep_fsdp": {**_FSDP_EP, "expert": ("expert",)},
+    "ep_pp": {**_FSDP_EP, "expert": ("expert",), "layers": ("stage",)},
     "tensor": {**_FSDP, "heads": ("tensor",), "mlp": ("tensor",), "moe_mlp": ("tensor",), "vocab": ("tensor",)},
 }
 STRATEGIES = tuple(RULES)
@@ -50,14 +56,22 @@ def partition_spec(shape: tuple[int, ...], logical_axes: tuple[str, ...], mesh_s
     spec = []
     for dim, axis in zip(shape, logical_axes):
         choice = None
-        for mesh_axis in RULES[strategy].get(axis, ()):
-            size = mesh_shape.get(mesh_axis, 1)
-            if size > 1 and mesh_axis not in used and dim % size == 0:
-                choice = mesh_axis
-                used.add(mesh_axis)
+        for candidate in RULES[strategy].get(axis, ()):
+            together = (candidate,) if isinstance(candidate, str) else tuple(candidate)
+            present = tuple(a for a in together if mesh_shape.get(a, 1) > 1)
+            if not present or used & set(together):
+                continue
+            if dim % math.prod(mesh_shape[a] for a in present) == 0:
+                choice = present[0] if len(present) == 1 else present
+                used.update(present)
                 break
         spec.append(choice)
     return PartitionSpec(*spec)
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def param_shardings(params: Mapping[str, ParamInfo], mesh: jax.sharding.Mesh, strategy: str
@@ -68,7 +82,7 @@ def param_shardings(params: Mapping[str, ParamInfo], mesh: jax.sharding.Mesh, st
 
 
 def bytes_per_device(shape: tuple[int, ...], dtype, spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
-    split = math.prod(mesh_shape[a] for a in spec if a is not None)
+    split = math.prod(mesh_shape[a] for entry in spec for a in _mesh_axes(entry))
     return math.prod(shape) * np.dtype(dtype).itemsize // split
 
 
@@ -129,7 +143,7 @@ def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[
     parameter's spec leaves whole and the axis divides. Parameters themselves stay replicated over it."""
     size = mesh_shape.get(axis, 1)
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    if size <= 1 or axis in entries:
+    if size <= 1 or any(axis in _mesh_axes(e) for e in entries):
         return PartitionSpec(*entries)
     for i, (dim, entry) in enumerate(zip(shape, entries)):
         if entry is None and dim % size == 0:
