@@ -40,9 +40,13 @@ def one_line(error: BaseException) -> str:
 
 
 def fail(name: str, message: str, code: int) -> None:
+    """Prints "NAME: error: MESSAGE" and exits with `code` at once (os._exit): the error's own cleanup (finally
+    blocks, closing the checkpoint manager) has run, and background threads of a failed read (tensorstore under
+    Orbax) would otherwise print "Event loop is closed" tracebacks while the interpreter shuts down."""
+    sys.stdout.flush()
     sys.stderr.write(f"{name}: error: {message}\n")
     sys.stderr.flush()
-    sys.exit(code)
+    os._exit(code)
 
 
 def debugging() -> bool:

@@ -64,8 +64,9 @@ class OutputError(OSError):
 
 
 def _say(show: bool, message: str) -> None:
+    """A progress line on stderr, next to the progress bar (stdout stays free for the caller)."""
     if show:
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr)
 
 
 def _writing(action: Callable[[], Any]) -> Any:
@@ -224,8 +225,8 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None, 
     seconds, sync_s = time.perf_counter() - loop_start, time.perf_counter() - sync_start
     _writing(writer.finish)
     _writing(lambda: _publish(partial, out_dir))
-    _say(show_progress, f"wrote {out_dir}: {total / 1e9:.3f} GB in {seconds:.1f} s, {total / 1e9 / max(seconds, 1e-9):.3f}"
-         f" GB/s (the last {sync_s:.1f} s waiting for the disk to take the rest)")
+    _say(show_progress, f"wrote {out_dir}: streamed {total / 1e9:.3f} GB in {seconds:.1f} s: "
+         f"{total / 1e9 / max(seconds, 1e-9):.3f} GB/s (the last {sync_s:.1f} s waiting for the disk to take the rest)")
 
 
 def _publish(partial: str, out_dir: str) -> None:

@@ -196,6 +196,9 @@ def check_config(config, workdir: str) -> K2Config:
         if not ok:
             raise TrainConfigError(message)
 
+    for name, path in (("--workdir", workdir), ("config.init_from", config.init_from)):
+        need("://" not in path, f"{name}={path}: k2jax reads and writes it with local file APIs; pass a local or "
+                                f"mounted path (e.g. a gcsfuse mount of the bucket)")
     need(not os.path.exists(workdir) or os.path.isdir(workdir),
          f"--workdir={workdir} is a file, not a directory: pass a new directory or an earlier run's workdir")
     try:
@@ -321,14 +324,14 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
     origin = (f"resumed from the checkpoint of step {latest}" if latest is not None else
               f"parameters from {config.init_from}" if config.init_from else "fresh")
     _banner(config, cfg, mesh, workdir, latest or 0, origin, config_source)
+    data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
+                         vocab_size=cfg.vocab_size, seed=config.seed)  # a missing data file fails before compiling
     _say("compiling the train step ...")
     t = time.perf_counter()
     step_fn = program.step_fn.lower(program.abstract_state(),
                                     program.abstract_batch(config.global_batch, config.seq_len)).compile()
     need = check_fits(step_fn, config)
     _say(f"compiled in {time.perf_counter() - t:.1f} s" + (f"; it needs {_gib(need)} per device" if need else ""))
-    data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
-                         vocab_size=cfg.vocab_size, seed=config.seed)
     if latest is not None:
         state = ckpts.restore(latest, with_shardings(program.state_shapes, shardings), data)
     else:
@@ -348,7 +351,7 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
     pending, result = None, {"status": "done", "step": start, "loss": None}
     try:
         for step in range(start, config.steps):
-            if preemption.requested:  # before the first step: nothing new to save
+            if step == start and preemption.requested:  # SIGTERM before the first step: nothing new to save
                 result["status"] = "preempted"
                 break
             if step == config.profile.start_step:
@@ -364,7 +367,8 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
                 result["loss"] = report(*pending, next_metrics=metrics)
             pending = (step, metrics)
             done = step + 1
-            if ckpts.should_save(done) or preemption.requested or done == config.steps:
+            stop = preemption.requested and done < config.steps  # read once (a later SIGTERM: the next step)
+            if ckpts.should_save(done) or stop or done == config.steps:
                 # this step's metrics first (they also check it is finite): a checkpoint never gets ahead of the
                 # metrics log
                 result["loss"] = report(*pending, force=True)
@@ -373,7 +377,7 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
                 ckpts.save(done, state, data, force=True)
                 report.speed.mark_after_pause(time.perf_counter(), done)  # a save is not a step
             result["step"] = done
-            if preemption.requested and done < config.steps:
+            if stop:
                 result["status"] = "preempted"
                 break
         if pending is not None:

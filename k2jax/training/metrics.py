@@ -35,28 +35,39 @@ class MetricWriter:
             _drop_jsonl_rows_from(path, start_step)
             self._jsonl = open(path, "a", buffering=1)
             if tensorboard:
-                from tensorboardX import SummaryWriter
+                from tensorboardX.event_file_writer import EventsWriter
+                from tensorboardX.proto.event_pb2 import Event, SessionLog
 
                 logdir = os.path.join(workdir, "tensorboard")
                 _drop_events_from(logdir, start_step)
-                # purge_step also tells TensorBoard itself to drop events >= start_step it may still cache; the
-                # file name has the time in seconds: the suffix (in ns) keeps files of the same second apart, in order
-                self._tb = SummaryWriter(logdir, purge_step=start_step, filename_suffix=f".{time.time_ns()}")
+                os.makedirs(logdir, exist_ok=True)
+                # written in this thread (tensorboardX's SummaryWriter queues events to a thread, and its flush()
+                # does not wait for them). The file name has the time in seconds: the suffix (ns) keeps files of
+                # the same second apart and in order.
+                self._tb = EventsWriter(os.path.join(logdir, "events"), f".{time.time_ns()}")
+                # a restart marker: TensorBoard itself drops events >= start_step it may still have cached
+                self._tb.write_event(Event(wall_time=time.time(), step=start_step,
+                                           session_log=SessionLog(status=SessionLog.START)))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step)}
+        row, values = {"step": int(step)}, []
         for name, value in metrics.items():
             a = np.asarray(value)
             row[name] = a.item() if a.ndim == 0 else a.tolist()
-            if self._tb is not None:
-                self._tb.add_scalar(name if a.ndim == 0 else f"{name}/max", float(np.max(a)) if a.size else 0.0,
-                                    int(step))
+            values.append((name if a.ndim == 0 else f"{name}/max", float(np.max(a)) if a.size else 0.0))
         self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.proto.summary_pb2 import Summary
+
+            self._tb.write_event(Event(wall_time=time.time(), step=int(step), summary=Summary(
+                value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values])))
 
     def flush(self) -> None:
-        """Rows and events written so far to the files (the loop calls this before each checkpoint)."""
+        """Rows and events written so far into the files (the loop calls this before each checkpoint, so a kill
+        after it loses none of them)."""
         if self._jsonl is not None:
             self._jsonl.flush()
         if self._tb is not None:

@@ -232,8 +232,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not os.path.exists(out) and os.path.exists(progress)
     result = subprocess.run(resume, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"converting {hf} " in result.stdout and f" to {out} as float32; " in result.stdout
-    assert f"wrote {out}: " in result.stdout
+    assert f"converting {hf} " in result.stderr and f" to {out} as float32; " in result.stderr
+    assert f"wrote {out}: streamed " in result.stderr  # (benchmarks/convert.py reads its figures)
     assert not _LIBRARY_INFO.search(result.stderr), _LIBRARY_INFO.search(result.stderr).group(0)  # ~25 from Orbax
     clean = str(tmp_path / "clean")
     convert_hf_to_orbax(hf, clean, dtype="float32", show_progress=False)
@@ -259,7 +259,7 @@ def test_a_missing_chunk_is_an_error_naming_it(converted, tmp_path):
                        capture_output=True, text=True)
     assert want in _one_line_error(r, 1)
     # without --dtype the export keeps the checkpoint's dtype, and says so (it silently wrote bfloat16)
-    assert f"exporting {damaged} (float32 checkpoint) to {out} as float32 (the checkpoint's dtype" in r.stdout
+    assert f"exporting {damaged} (float32 checkpoint) to {out} as float32 (the checkpoint's dtype" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["damaged"]  # nothing half-written
     with open(os.path.join(damaged, "state", "moe_blocks.mlp.experts.down_proj", "c", "1", "2", "0", "0"), "r+b") as f:
         f.truncate(100)  # there, but cut short: the reader names it too
@@ -275,17 +275,23 @@ def test_a_missing_chunk_is_an_error_naming_it(converted, tmp_path):
     assert not os.path.exists(out)
 
 
-def test_command_line_errors_are_one_line(hf_dir, tmp_path):
+def test_command_line_errors_are_one_line(hf_dir, converted, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "export"  # its parent is a file: every write fails, as on a read-only disk
     cases = {(f"--hf_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'a'}"): (1, "missing: no such directory"),
              (f"--hf_dir={hf_dir}", f"--out_dir={tmp_path / 'b'}", "--sync_gb=-1"): (2, "--sync_gb=-1"),  # accepted
-             (f"--hf_dir={hf_dir}",): (2, "--hf_dir and --out_dir are required")}
+             (f"--hf_dir={hf_dir}",): (2, "--hf_dir and --out_dir are required"),
+             ("--to_hf", f"--ckpt_dir={converted}", f"--out_dir={unwritable}"):
+                 (74, f"Not a directory: '{unwritable}.partial-"),  # and "nothing was left at" it (checked below)
+             (f"--hf_dir={hf_dir}", f"--out_dir={unwritable}"): (74, "; nothing was written")}
     procs = {args: subprocess.Popen([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), *args],
                                     env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for args in cases}
     for args, (code, want) in cases.items():
         out, err = procs[args].communicate(timeout=300)
-        assert want in _one_line_error(subprocess.CompletedProcess(args, procs[args].returncode, out, err), code)
-    assert os.listdir(tmp_path) == []
+        error = _one_line_error(subprocess.CompletedProcess(args, procs[args].returncode, out, err), code)
+        assert want in error and ("--to_hf" not in args or f"nothing was left at {unwritable}" in error), error
+    assert os.listdir(tmp_path) == ["a-file"]
 
 
 def _raw_tensors(path):

@@ -194,24 +194,28 @@ def test_bad_configs_fail_in_one_line_before_anything_runs(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     workdir = tmp_path / "never-created"
-    cases = {
-        ("--config.stepz=20",): "--config.stepz=20: the config has no field 'stepz' (Did you mean \"steps\"",
-        ("--config.mesh.axes={'fsdp': 3}",): "config.mesh.axes: mesh {'fsdp': 3} has 3 devices, but 8 are available",
-        ("--config.seq_len=200",): "config.seq_len=200 is longer than the model's max_position_embeddings (128)",
-        (f"--workdir={a_file}",): f"--workdir={a_file} is a file, not a directory",
-        ("--config.stepz=20", "--verbosity=1"): None,
+    cases = {  # arguments: (exit code, the error)
+        ("--config.stepz=20",): (2, "--config.stepz=20: the config has no field 'stepz' (Did you mean \"steps\""),
+        ("--config.mesh.axes={'fsdp': 3}",): (2, "config.mesh.axes: mesh {'fsdp': 3} has 3 devices, but 8 are available"),
+        ("--config.seq_len=200",): (2, "config.seq_len=200 is longer than the model's max_position_embeddings (128)"),
+        (f"--workdir={a_file}",): (2, f"--workdir={a_file} is a file, not a directory"),
+        ("--workdir=gs://bucket/run",): (2, "--workdir=gs://bucket/run: k2jax reads and writes it with local file APIs"),
+        ("--config.data.source=array_record:/no/such.arrayrecord", f"--workdir={tmp_path / 'data'}"):
+            (1, "missing files ['/no/such.arrayrecord']"),
+        ("--config.stepz=20", "--verbosity=1"): (None, None),
     }
     procs = {args: subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
          *FAST, *args], env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in cases}
-    for args, want in cases.items():
+    for args, (code, want) in cases.items():
         out, err = procs[args].communicate(timeout=300)
         r = subprocess.CompletedProcess(args, procs[args].returncode, out, err)
         if want is None:
             assert r.returncode != 0 and "Traceback" in err, err[-2000:]  # the debug view
         else:
-            assert want in _one_line_error(r, 2), err[-2000:]
-    assert not workdir.exists()
+            assert want in _one_line_error(r, code), err[-2000:]
+            assert "compiling" not in out
+    assert not workdir.exists()  # a config error writes nothing
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_it(straight, tmp_path):
