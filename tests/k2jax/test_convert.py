@@ -304,7 +304,10 @@ def test_fp8_round_trip_is_bit_exact(hf_dir, tmp_path):
     convert_hf_to_orbax(hf_dir, k2, dtype="fp8", show_progress=False)
     assert read_metadata(k2)["params"]["moe_blocks.mlp.experts.down_proj"]["dtype"] == "float8_e4m3fn"
     back = str(tmp_path / "hf-again")
-    export_to_hf(k2, back, dtype="fp8")
+    # the command line without --dtype: the checkpoint's own (fp8); it used to write bfloat16 without a word
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), "--to_hf", f"--ckpt_dir={k2}",
+                        f"--out_dir={back}"], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+    assert r.returncode == 0 and "as fp8 (the checkpoint's dtype" in r.stderr, r.stderr[-2000:]
     original, again = _raw_tensors(hf_dir), _raw_tensors(back)
     assert original.keys() == again.keys()
     for name, a in original.items():
