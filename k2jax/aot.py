@@ -303,11 +303,13 @@ def _batch_shards(batch: int, mesh) -> int:
 def _advice(report: dict) -> str:
     m = report["memory"]
     big = max(("parameters", "optimizer_state", "temporaries", "cache"), key=lambda k: m.get(k, 0))
+    train = report["step"] == "train"
     tips = {
         "parameters": "more chips on the fsdp / expert axes, or bfloat16 parameters (model.overrides.param_dtype)",
         "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",
-        "temporaries": "model.overrides.remat='full', more grad_accum microbatches, fewer tokens per chip, or a "
-                       "smaller expert-parallel buffer (model.overrides.ep_capacity_factor)",
+        "temporaries": ("model.overrides.remat='full', more grad_accum microbatches, fewer tokens per chip, or a "
+                        "smaller expert-parallel buffer (model.overrides.ep_capacity_factor)") if train else
+                       "a smaller infer.batch or infer.prompt_len, or more chips on the batch axes",
         "cache": "a smaller infer.batch or infer.max_len, or more chips on the batch axes",
     }
     return f"the largest part is {big.replace('_', ' ')} ({m.get(big, 0) / GiB:.1f} GiB): try {tips[big]}"

@@ -112,7 +112,8 @@ def _work(x, dy, G, out_dtype):
     """Every row's outer product x[m]ᵀ dy[m] once; bytes: x and dy once, the [G, K, N] result."""
     Mp, Kp = x.shape
     Np = dy.shape[1]
-    return kb.cost(flops=2 * Mp * Kp * Np, bytes_accessed=kb.nbytes(x, dy) + G * Kp * Np * jnp.dtype(out_dtype).itemsize)
+    return kb.cost(flops=2 * Mp * Kp * Np,
+                   bytes_accessed=kb.nbytes(x, dy) + G * Kp * Np * jnp.dtype(out_dtype).itemsize)
 
 
 def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, backend, platform, opts):

@@ -19,11 +19,13 @@ device (for K2 on EP 64 with 4K tokens per device that is 2M rows, 30 GB in bf16
 results coming back). With `capacity_factor` c > 0 it holds ceil(c M) rows (c times a balanced load): each
 destination keeps its incoming rows in (source, local expert) order up to that bound, and the rows past it are
 dropped: they are never sent, their results are zero (the token keeps its other experts), and their number comes
-back with the output (`dropped`, summed over every device) so a caller can log it or fail the step. Expert loads
-balance (aux-loss-free bias) during training, so c = 2 drops nothing once balanced. `jax.lax.ragged_all_to_all` is native on TPU and GPU; XLA:CPU has no
-kernel for it, so on CPU `ragged_all_to_all` below runs the same exchange as an `all_to_all` of fixed-size
-chunks (same results, more bytes moved); `impl` picks, by default by the platform compiled for. This module
-knows nothing of K2: it works on arrays and a callable.
+back with the output (`dropped`, summed over every device) so a caller can log it or fail the step. c = 2 leaves
+room for a destination receiving twice its balanced share (K2's aux-loss-free bias keeps loads near balanced).
+
+`jax.lax.ragged_all_to_all` is native on TPU and GPU; XLA:CPU has no kernel for it, so on CPU `ragged_all_to_all`
+below runs the same exchange as an `all_to_all` of fixed-size chunks (same results, more bytes moved); `impl`
+picks, by default by the platform compiled for. This module knows nothing of K2: it works on arrays and a
+callable.
 
 Letter legend: T tokens (per device inside shard_map), K choices per token, M = T K rows, E experts, L experts
 per device (E_loc), D hidden, F ffn, n expert-axis size, s source, j destination, R receive-buffer rows.

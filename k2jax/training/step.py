@@ -82,20 +82,27 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
         rows = batch["tokens"].shape[0]
         if rows % grad_accum:
             raise ValueError(f"train step: {rows} rows per step do not split into grad_accum={grad_accum}")
-        micro = jax.tree.map(lambda a: a.reshape((grad_accum, rows // grad_accum) + a.shape[1:]), batch)
 
-        def accumulate(carry, mb):
-            loss_sum, count, max_logits, load, dropped, grads = carry
+        def one(mb):
             l, c, aux, g = grads_of(state.params, state.rest, mb)
-            return (loss_sum + l, count + c, jnp.maximum(max_logits, aux["attn_max_logits"]),
-                    load + aux["expert_load"], dropped + jnp.sum(aux["ep_dropped"]),
-                    jax.tree.map(jnp.add, grads, g)), None
+            return l, c, aux["attn_max_logits"], aux["expert_load"], jnp.sum(aux["ep_dropped"]), g
 
-        shapes = jax.eval_shape(grads_of, state.params, state.rest, jax.tree.map(lambda a: a[0], micro))
-        zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.full(shapes[2]["attn_max_logits"].shape, -jnp.inf),
-                 jnp.zeros(shapes[2]["expert_load"].shape, jnp.int32), jnp.zeros((), jnp.int32),
-                 jax.tree.map(jnp.zeros_like, state.params))
-        (loss_sum, count, max_logits, load, dropped, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        if grad_accum == 1:  # no accumulator: a scan would hold a zero-initialised copy of every gradient too
+            loss_sum, count, max_logits, load, dropped, grads = one(batch)
+        else:
+            micro = jax.tree.map(lambda a: a.reshape((grad_accum, rows // grad_accum) + a.shape[1:]), batch)
+
+            def accumulate(carry, mb):
+                l, c, m, ld, d, g = one(mb)
+                loss_sum, count, max_logits, load, dropped, grads = carry
+                return (loss_sum + l, count + c, jnp.maximum(max_logits, m), load + ld, dropped + d,
+                        jax.tree.map(jnp.add, grads, g)), None
+
+            shapes = jax.eval_shape(one, jax.tree.map(lambda a: a[0], micro))
+            zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.full(shapes[2].shape, -jnp.inf),
+                     jnp.zeros(shapes[3].shape, jnp.int32), jnp.zeros((), jnp.int32),
+                     jax.tree.map(jnp.zeros_like, state.params))
+            (loss_sum, count, max_logits, load, dropped, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         loss = loss_sum / denom
         grads = jax.tree.map(lambda g: g / denom, grads)

@@ -1,0 +1,24 @@
+"""Kimi K2 (1.03T) inference on a v5p-128 slice (64 chips): bfloat16 weights, EP 64 (6 experts per chip, the
+other weights split over all chips), 128 rows x 32K-token latent cache, prompts of 4K tokens.
+
+    k2jax-aot --config=configs/k2_infer_v5p.py --step=decode       # does it fit, and the bound on tokens/s
+    k2jax-aot --config=configs/k2_infer_v5p.py --step=prefill
+
+In a notebook on the slice: `model = k2jax.load_checkpoint(path, mesh=make_mesh(config.mesh.axes),
+shardings=config.mesh.strategy, param_dtype="bfloat16")`, then `k2jax.Generator(model)` at config.infer's batch
+and max_len.
+"""
+
+from k2jax.training.loop import base_config
+
+
+def get_config():
+    config = base_config()
+    config.model.preset = "kimi_k2"
+    config.model.overrides = {"param_dtype": "bfloat16", "dtype": "bfloat16"}
+    config.mesh.axes = {"expert": 64}
+    config.mesh.strategy = "ep_fsdp"
+    config.infer.batch = 128
+    config.infer.max_len = 32768
+    config.infer.prompt_len = 4096
+    return config

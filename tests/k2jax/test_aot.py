@@ -1,0 +1,113 @@
+"""k2jax-aot: topology names, the collectives table of a compiled program, and the CLI end to end on a reduced K2
+for a deviceless v5p-8 (4 chips): train and decode reports, and a planted oversize config that exits 1."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from k2jax import aot
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "tests/k2jax/configs/reduced_k2_v5p_8.py"
+
+
+@pytest.mark.parametrize("name,generation,shape", [
+    ("v5p-8", "v5p", (2, 2, 1)), ("v5p-512", "v5p", (4, 8, 8)), ("v5p-2048", "v5p", (8, 8, 16)),
+    ("v4-32", "v4", (2, 2, 4)), ("v5e-256", "v5e", (16, 16)), ("v5litepod-32", "v5e", (4, 8)),
+    ("v6e-8", "v6e", (2, 4)), ("v5p:4x4x12", "v5p", (4, 4, 12)), ("v6e:2x2", "v6e", (2, 2)),
+])
+def test_topology_names(name, generation, shape):
+    topo = aot.parse_topology(name)
+    assert (topo.generation, topo.shape) == (generation, shape)
+
+
+@pytest.mark.parametrize("name,message", [("v5p-12", "power of two"), ("v9-8", "generation"),
+                                          ("v5p:4x4", "3 dimensions"), ("tpu", "expected"),
+                                          ("v5p-7", "2 cores per chip")])
+def test_bad_topology_names_say_what_is_wrong(name, message):
+    with pytest.raises(aot.AotError, match=message):
+        aot.parse_topology(name)
+
+
+def test_default_topology_is_the_smallest_slice_for_the_mesh():
+    assert aot.default_topology({"expert": 64, "fsdp": 4}).name == "v5p-512"
+    with pytest.raises(aot.AotError, match="-1"):
+        aot.default_topology({"fsdp": -1})
+
+
+HLO = """HloModule m, entry_computation_layout={()->f32[8]{0}}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ag = bf16[16,4]{1,0} all-gather(%x), dimensions={0}
+  %ars = f32[8]{0} all-reduce-start(%x), to_apply=%add
+  %ard = f32[8]{0} all-reduce-done(%ars)
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ard)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main () -> f32[8] {
+  %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"60"}}
+  %a2a = f32[2,8]{1,0} all-to-all(%y), dimensions={0}
+  ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_count_loop_trips_and_async_pairs_once():
+    got = {c["op"]: (c["count"], c["bytes"]) for c in aot.collectives(HLO)}
+    assert got == {"all-gather": (60, 60 * 16 * 4 * 2), "all-reduce": (60, 60 * 8 * 4), "all-to-all": (1, 2 * 8 * 4)}
+
+
+def _aot(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "k2jax.aot", f"--config={CONFIG}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("step", ["train", "decode"])
+def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
+    report_path = tmp_path / "report.json"
+    run = _aot(f"--step={step}", f"--report={report_path}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(report_path.read_text())
+    assert (r["step"], r["topology"], r["chips"], r["fits"]) == (step, "v5p-8", 4, True)
+    assert r["mesh"] == {"fsdp": 2, "expert": 2}
+    m = r["memory"]
+    assert 0 < m["parameters"] <= m["arguments"] and 0 < m["temporaries"] and m["total"] < r["hbm_per_chip"]
+    assert m["total"] == m["arguments"] + m["temporaries"] + m["outputs_not_aliased"] + m["generated_code"]
+    f = r["flops"]
+    assert f["useful_per_chip"] > 0 and f["compiled_per_chip"] > 0.5 * f["useful_per_chip"]
+    assert r["hbm_bytes_accessed_per_chip"] > 0 and r["tokens_per_second_bound"] > 0
+    ops = {c["op"]: c for c in r["collectives"]}
+    assert "ragged-all-to-all" in ops and ops["ragged-all-to-all"]["count"] >= 2  # EP there and back
+    if step == "train":
+        assert m["optimizer_state"] > m["parameters"]  # MuonClip momentum + AdamW moments, f32
+        assert r["model"]["remat"] == "full"
+    else:
+        assert m["cache"] > 0 and r["hbm_bytes_per_generated_token"] > 0
+    assert "fits" in run.stdout and "memory per chip" in run.stdout
+
+
+def test_cli_exits_1_when_it_does_not_fit(tmp_path):
+    """A decode batch whose latent cache alone is ~3x a v5p chip's HBM."""
+    report_path = tmp_path / "report.json"
+    run = _aot("--step=decode", "--config.infer.batch=4096", "--config.infer.max_len=65536",
+               f"--report={report_path}")
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "does not fit v5p-8" in run.stderr and "infer.batch" in run.stderr
+    r = json.loads(report_path.read_text())
+    assert r["fits"] is False and r["memory"]["cache"] > r["hbm_per_chip"]
+
+
+def test_cli_bad_topology_is_one_line():
+    run = _aot("--topology=v5p-24")
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("k2jax-aot: ")
