@@ -221,6 +221,12 @@ def collectives(hlo_text: str) -> list[dict]:
     return [{"op": op, "count": c, "bytes": b} for op, (c, b) in sorted(found.items())]
 
 
+def pallas_kernels(hlo_text: str) -> int:
+    """Pallas kernel launches (Mosaic custom calls made by a pallas_call) in a compiled TPU program's text."""
+    return sum(1 for line in hlo_text.splitlines()
+               if 'custom_call_target="tpu_custom_call"' in line and 'pallas_call"' in line)
+
+
 # ---- compiling a job ------------------------------------------------------------------------------------------
 
 def _per_chip_bytes(tree) -> int:
@@ -385,7 +391,9 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     report["tokens_per_second_bound"] = tokens / seconds_bound if seconds_bound else None
     if step == "decode":
         report["hbm_bytes_per_generated_token"] = hbm_bytes * topo.chips / tokens
-    report["collectives"] = collectives(compiled.as_text())
+    text = compiled.as_text()
+    report["collectives"] = collectives(text)
+    report["pallas_kernels"] = pallas_kernels(text)
     if not report["fits"]:
         report["advice"] = _advice(report)
     return report
@@ -427,6 +435,7 @@ def format_report(r: dict) -> str:
                      f"{r['step_seconds_lower_bound'] * 1e3:.2f} ms, <= {r['tokens_per_second_bound']:.0f} tokens/s")
         if "hbm_bytes_per_generated_token" in r:
             lines.append(f"HBM bytes per generated token (all chips): {r['hbm_bytes_per_generated_token']:.3e}")
+        lines.append(f"Pallas kernels in the program: {r['pallas_kernels']}")
         lines.append("collectives per step (count, bytes per chip):")
         for c in r["collectives"]:
             lines.append(f"  {c['op']:<20}{c['count']:>8}  {c['bytes'] / GiB:>9.3f} GiB")

@@ -104,8 +104,9 @@ class Transformer(nnx.Module):
         self.lm_head = weight(rngs, (D, V), ("embed", "vocab"), cfg)
 
     def __call__(self, tokens_BT: jnp.ndarray, *, segment_ids: jnp.ndarray | None = None,
-                 positions: jnp.ndarray | None = None, return_aux: bool = False):
-        """tokens [B, T] int -> logits [B, T, V] float32, and with `return_aux` a dict:
+                 positions: jnp.ndarray | None = None, return_aux: bool = False, return_hidden: bool = False):
+        """tokens [B, T] int -> logits [B, T, V] float32 (with `return_hidden`: the last block's output [B, T, D]
+        instead, for a caller that applies `logits` in pieces), and with `return_aux` a dict:
           attn_max_logits  [num_hidden_layers, N]  max pre-softmax logit per head (QK-Clip); -inf for a layer
                                                    that saw no valid token
           expert_load      [num_moe_layers, E]     int32 count of valid tokens routed to each expert
@@ -137,7 +138,7 @@ class Transformer(nnx.Module):
             x_BTD, dense_aux, moe_aux = self._run_pipelined(self.embed(tokens_BT), layer, segment_ids, positions, mesh)
         else:
             x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer, None)
-        logits_BTV = self.logits(x_BTD)
+        logits_BTV = x_BTD if return_hidden else self.logits(x_BTD)
         if not return_aux:
             return logits_BTV
         N, E, K = cfg.num_attention_heads, cfg.n_routed_experts, cfg.num_experts_per_tok

@@ -53,13 +53,30 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.sum(jnp.where(is_target_BTV, logits_BTV, 0.0), axis=-1)
 
 
+LOSS_CHUNK = 1024  # tokens per row whose logits exist at once in the loss (longer rows run in pieces)
+
+
+def chunked_token_nll(model, hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
+    """token_nll(model.logits(hidden), targets) [B, T], the logits made `chunk` positions at a time and remade in
+    the backward pass (jax.checkpoint): a row of T tokens holds [B, chunk, V] float32 logits and their gradient
+    instead of [B, T, V] (K2 at 4K tokens: 2.5 GB each). T not a multiple of chunk: one piece."""
+    B, T, D = hidden_BTD.shape
+    if T <= chunk or T % chunk:
+        return token_nll(model.logits(hidden_BTD), targets_BT)
+    n = T // chunk
+    pieces = (hidden_BTD.reshape(B, n, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, n, chunk).swapaxes(0, 1))
+    nll_nBC = jax.lax.map(jax.checkpoint(lambda p: token_nll(model.logits(p[0]), p[1])), pieces)
+    return nll_nBC.swapaxes(0, 1).reshape(B, T)
+
+
 def next_token_loss(model, batch) -> tuple[jax.Array, tuple[jax.Array, dict]]:
     """Summed cross-entropy of each token's successor within its segment, the number of such targets, aux.
     batch: tokens, segment_ids, positions [b, T + 1] int32; optional loss_scale [b]."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-    logits, aux = model(tokens[:, :-1], segment_ids=seg[:, :-1], positions=pos[:, :-1], return_aux=True)
+    hidden, aux = model(tokens[:, :-1], segment_ids=seg[:, :-1], positions=pos[:, :-1], return_aux=True,
+                        return_hidden=True)
     mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    nll = token_nll(logits, tokens[:, 1:])
+    nll = chunked_token_nll(model, hidden, tokens[:, 1:])
     if "loss_scale" in batch:  # per row; the loop uses it to plant a NaN in tests (debug_nan_step)
         nll = nll * batch["loss_scale"][:, None]
     return jnp.sum(nll * mask), (jnp.sum(mask), aux)

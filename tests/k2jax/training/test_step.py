@@ -87,3 +87,25 @@ def test_token_nll_and_its_gradient_equal_log_softmax():
     want = jax.grad(lambda l: jnp.sum(reference(l) * weights))(logits)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     assert token_nll(logits.astype(jnp.bfloat16), targets).dtype == jnp.float32
+
+
+def test_chunked_loss_equals_whole_logits_and_gradients():
+    """The loss over 4 pieces of 16 positions equals token_nll of the whole [B, T, V] logits, value and gradient
+    with respect to the hidden states and the model's weights."""
+    from k2jax.training.step import chunked_token_nll
+    model = k2jax.Transformer(tiny(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((2, 64, model.cfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (2, 64)), jnp.int32)
+
+    def run(chunk):
+        def loss(m, h):
+            return jnp.sum(chunked_token_nll(m, h, targets, chunk=chunk) * jnp.arange(64))
+        value, (g_model, g_hidden) = nnx.value_and_grad(loss, argnums=(0, 1))(model, hidden)
+        return value, [g_hidden] + jax.tree.leaves(nnx.state(g_model))
+
+    (got, got_grads), (want, want_grads) = run(16), run(64)
+    assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+    assert len(got_grads) == len(want_grads) > 1
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
