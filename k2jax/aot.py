@@ -97,6 +97,7 @@ class Topology:
     def devices(self) -> list:
         """The slice's chips as deviceless jax devices (one per chip: megacore on v4 / v5p)."""
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: no chip to hold exclusively
         from jax.experimental import topologies
         libtpu_name = f"{self.spec.libtpu_name}:{'x'.join(map(str, self.shape))}"
         per_host = tuple(min(2, s) for s in self.shape[:2]) + (1,)
