@@ -20,7 +20,7 @@ from k2jax import commands
 from k2jax.checkpoint import CheckpointError
 from k2jax.host_memory import keep_freed_memory_on_cpu
 from k2jax.training.data import DataError
-from k2jax.training.loop import NonFiniteError, train
+from k2jax.training.loop import EPOverflowError, NonFiniteError, train
 
 def _define_flags() -> None:
     """Flags exist only for the command line (defining them at import would clash with other entry points)."""
@@ -76,5 +76,5 @@ def cli():
     for name in ["config", "workdir"]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
     commands.run(main, describe_flag_error=_describe_flag_error,
-                 errors={NonFiniteError: commands.FAILED, DataError: commands.FAILED,
-                         CheckpointError: commands.FAILED})
+                 errors={NonFiniteError: commands.FAILED, EPOverflowError: commands.FAILED,
+                         DataError: commands.FAILED, CheckpointError: commands.FAILED})

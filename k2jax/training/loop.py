@@ -46,6 +46,10 @@ from sharding.mesh import MeshError, make_mesh, resolve_axis_sizes
 from sharding.rules import STRATEGIES, activation_spec, optimizer_state_specs, param_shardings
 
 
+class EPOverflowError(RuntimeError):
+    """config.ep_overflow="fail" and a step's expert-parallel receive buffers dropped routed rows."""
+
+
 class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss or gradient."""
 
@@ -78,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     # cache slots per row, prompt tokens per prefill
     c.infer = ml_collections.ConfigDict({"batch": 8, "max_len": 4096, "prompt_len": 1024})
     c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
+    # routed rows dropped by expert parallelism's bounded receive buffer (model.overrides.ep_capacity_factor > 0):
+    # "drop": counted in the metrics (ep_dropped_rows) and said on the step's line; "fail": the job stops at that
+    # step with EPOverflowError before anything after it is saved
+    c.ep_overflow = "drop"
     c.debug_nan_step = -1          # tests: poison the loss at this step
     return c
 
@@ -223,6 +231,7 @@ def check_config(config, workdir: str) -> K2Config:
         raise TrainConfigError(f"config.mesh.axes: {e}") from None
     need(config.checkpoint.every >= 1, f"config.checkpoint.every={config.checkpoint.every}: must be at least 1")
     need(config.metrics.every >= 1, f"config.metrics.every={config.metrics.every}: must be at least 1")
+    need(config.ep_overflow in ("drop", "fail"), f"config.ep_overflow={config.ep_overflow!r}: 'drop' or 'fail'")
     return cfg
 
 
@@ -387,6 +396,18 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
     return result
 
 
+def _check_ep_overflow(step, metrics, ckpts, policy: str) -> int:
+    """The routed rows the step's EP buffers dropped; with policy "fail", any is an EPOverflowError."""
+    dropped = int(metrics.get("ep_dropped_rows", 0))
+    if dropped and policy == "fail":
+        ckpts.wait()
+        raise EPOverflowError(f"step {step}: expert parallelism's receive buffers dropped {dropped} routed rows "
+                              f"(config.ep_overflow='fail'); raise model.overrides.ep_capacity_factor (0: dropless) "
+                              f"or set config.ep_overflow='drop'. Last checkpoint: step {ckpts.latest_step()} in "
+                              f"{ckpts.directory}")
+    return dropped
+
+
 def _check_finite(step, metrics, ckpts) -> None:
     if not bool(metrics["finite"]):
         ckpts.wait()
@@ -410,7 +431,11 @@ class _Reporter:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         _check_finite(step, metrics, self.ckpts)
+        dropped = _check_ep_overflow(step, metrics, self.ckpts, self.config.ep_overflow)
         loss = float(metrics["loss"])
+        if dropped:
+            _say(f"step {step}: expert parallelism dropped {dropped} routed rows (buffers of "
+                 f"ep_capacity_factor x the balanced load are full)")
         row = force or step % self.config.metrics.every == 0
         window = None
         if self.started and row:

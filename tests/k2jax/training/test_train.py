@@ -261,7 +261,8 @@ def test_every_config_loads(path):
     assert set(config.keys()) == set(base_config().keys())
     cfg = model_config(config)
     assert config.global_batch % config.grad_accum == 0 and cfg.num_params() > 0
-    assert "python train.py --config=" in module.__doc__
+    # its run command: train.py for a training job, k2jax-aot for an inference job's compiled check
+    assert "python train.py --config=" in module.__doc__ or "k2jax-aot --config=configs/" in module.__doc__
 
 
 def test_two_processes_train_like_one(straight, tmp_path):
@@ -301,3 +302,21 @@ def test_init_from_a_converted_checkpoint(tmp_path):
     workdir = str(tmp_path / "init")
     _train(workdir, "--config.steps=1", f"--config.init_from={tmp_path / 'k2'}")
     assert abs(_losses(workdir)[0] - math.log(model.cfg.vocab_size)) < 1e-5
+
+
+def test_ep_overflow_fail_stops_at_the_step_that_dropped_rows(tmp_path):
+    """A receive buffer of a quarter of the balanced load must drop rows: config.ep_overflow='fail' stops the job
+    at step 0 with EPOverflowError naming the count, before anything is saved."""
+    import importlib.util
+
+    from k2jax.training.loop import EPOverflowError, train
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.overrides = {"ep_capacity_factor": 0.25}
+    config.mesh.axes, config.mesh.strategy = {"expert": 4, "fsdp": 2}, "ep_fsdp"
+    config.steps, config.seq_len, config.checkpoint.every, config.ep_overflow = 3, 32, 1, "fail"
+    with pytest.raises(EPOverflowError, match=r"step 0: expert parallelism's receive buffers dropped \d+ routed"):
+        train(config, str(tmp_path / "run"))
+    assert _steps(str(tmp_path / "run")) == []
