@@ -165,6 +165,7 @@ _SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _CALLEES = re.compile(r"(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_S32_CONSTANT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
 
 
 def _shape_bytes(text: str) -> list[int]:
@@ -174,8 +175,8 @@ def _shape_bytes(text: str) -> list[int]:
 
 def collectives(hlo_text: str) -> list[dict]:
     """[{op, count, bytes}] of an optimized HLO module's collectives: `count` executions per run of the program
-    (an op inside a while loop of known trip count n counts n times), `bytes` the result bytes of all of them
-    per device. Async pairs count once (at their -start)."""
+    (an op inside a while loop of n iterations counts n times: XLA's known_trip_count, else the loop condition's
+    bound), `bytes` the result bytes of all of them per device. Async pairs count once (at their -start)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -187,12 +188,24 @@ def collectives(hlo_text: str) -> list[dict]:
                 entry = current
         elif current is not None and line.strip() not in ("}", ""):
             comps[current].append(line)
+    def trip_count(line: str, callees: list[tuple[str, str]]) -> int:
+        """A while loop's iterations: XLA's known_trip_count when the text has it, else the bound N of its
+        condition `i < N` (the loops jax emits count from 0 by 1)."""
+        known = _TRIP_COUNT.search(line)
+        if known:
+            return int(known.group(1))
+        condition = next((c for kind, c in callees if kind == "condition"), None)
+        body = "\n".join(comps.get(condition, []))
+        bounds = [int(n) for n in _S32_CONSTANT.findall(body)]
+        return max(bounds) if bounds and "direction=LT" in body else 1
+
     calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
     for comp, lines in comps.items():
         for line in lines:
-            trips = _TRIP_COUNT.search(line)
-            for kind, callee in _CALLEES.findall(line):
-                calls[comp].append((callee, int(trips.group(1)) if trips and kind == "body" else 1))
+            callees = _CALLEES.findall(line)
+            trips = trip_count(line, callees) if " while(" in line else 1
+            for kind, callee in callees:
+                calls[comp].append((callee, trips if kind == "body" else 1))
             for group in _BRANCHES.findall(line):
                 calls[comp] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
     times = {c: 0 for c in comps}

@@ -50,6 +50,17 @@ HLO = """HloModule m, entry_computation_layout={()->f32[8]{0}}
   ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ard)
 }
 
+%cond (q: (s32[], f32[8])) -> pred[] {
+  %q = (s32[], f32[8]{0}) parameter(0)
+  %n = s32[]{:T(128)} constant(12)
+  %i = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body2 (p2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %cp = f32[8]{0} collective-permute(%z), source_target_pairs={{0,1}}
+}
+
 %add (a: f32[], b: f32[]) -> f32[] {
   ROOT %s = f32[] add(%a, %b)
 }
@@ -57,6 +68,7 @@ HLO = """HloModule m, entry_computation_layout={()->f32[8]{0}}
 ENTRY %main () -> f32[8] {
   %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"60"}}
   %a2a = f32[2,8]{1,0} all-to-all(%y), dimensions={0}
+  %w2 = (s32[], f32[8]{0}) while(%init2), condition=%cond, body=%body2
   ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
 }
 """
@@ -64,7 +76,8 @@ ENTRY %main () -> f32[8] {
 
 def test_collectives_count_loop_trips_and_async_pairs_once():
     got = {c["op"]: (c["count"], c["bytes"]) for c in aot.collectives(HLO)}
-    assert got == {"all-gather": (60, 60 * 16 * 4 * 2), "all-reduce": (60, 60 * 8 * 4), "all-to-all": (1, 2 * 8 * 4)}
+    assert got == {"all-gather": (60, 60 * 16 * 4 * 2), "all-reduce": (60, 60 * 8 * 4), "all-to-all": (1, 2 * 8 * 4),
+                   "collective-permute": (12, 12 * 8 * 4)}  # a loop with no known_trip_count: its `i < 12`
 
 
 def _aot(*args, cwd=ROOT):
