@@ -1,10 +1,11 @@
 """Kimi K2 on a v5p-2048 slice (1024 chips): data 4 x EP 64 x FSDP 4 with ZeRO-1 optimizer state, MuonClip.
 
-    python train.py --config=configs/k2_v5p_1024.py --workdir=gs://BUCKET/k2-run \
-        --config.init_from=gs://BUCKET/k2-bf16 --config.data.source=array_record:/data/k2-tokens.arrayrecord
+    python train.py --config=configs/k2_v5p_1024.py --workdir=/mnt/bucket/k2-run \
+        --config.init_from=/mnt/bucket/k2-bf16 --config.data.source=array_record:/data/k2-tokens.arrayrecord
+    k2jax-aot --config=configs/k2_v5p_1024.py         # compile it for v5p-2048 on any machine: fits?
 
-Run the same command on every host. Per chip: 25.5 GiB of fp32 parameters + 6.9 GiB of MuonClip state split
-over data (tests/sharding/test_optimizer_state.py).
+Run the same command on every host. The 256-chip job (configs/k2_v5p_256.py) four times over data: the same
+tokens per chip, MuonClip state further split over data (ZeRO-1).
 """
 
 from configs.k2_v5p_256 import get_config as _k2_256
