@@ -1,5 +1,7 @@
 """Kimi K2 (1.03T) inference on a v5p-128 slice (64 chips): bfloat16 weights, EP 64 (6 experts per chip, the
-other weights split over all chips), 128 rows x 32K-token latent cache, prompts of 4K tokens.
+other weights split over all chips), 128 rows x 32K-token latent cache, prompts prefilled 1024 tokens at a time
+(dropless expert parallelism: its receive buffers grow with the tokens per chip; a longer prompt continues with
+Generator.extend).
 
     k2jax-aot --config=configs/k2_infer_v5p.py --step=decode       # does it fit, and the bound on tokens/s
     k2jax-aot --config=configs/k2_infer_v5p.py --step=prefill
@@ -20,5 +22,5 @@ def get_config():
     config.mesh.strategy = "ep_fsdp"
     config.infer.batch = 128
     config.infer.max_len = 32768
-    config.infer.prompt_len = 4096
+    config.infer.prompt_len = 1024
     return config
