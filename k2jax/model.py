@@ -203,10 +203,6 @@ class Transformer(nnx.Module):
 
             def step(x_carry, xs):
                 layer_state, index = xs
-                # the layer's own slice of each stack, cast to the compute dtype in here: without the barrier XLA
-                # hoists the casts out of the loop and holds a bf16 copy of every layer's weights at once (K2 on
-                # v5p-512: 10 GB per chip for the experts alone)
-                layer_state = jax.lax.optimization_barrier(layer_state)
                 with scanned_expert_stacks(stacks, index - first):
                     x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, index)
                 return (x, c), out

@@ -104,7 +104,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
             l, c, aux, g = grads_of(state.params, state.rest, mb)
             return l, c, aux["attn_max_logits"], aux["expert_load"], jnp.sum(aux["ep_dropped"]), g
 
-        if grad_accum == 1:  # no accumulator: a scan would hold a zero-initialised copy of every gradient too
+        if grad_accum == 1:  # nothing to add up: no accumulator, no scan
             loss_sum, count, max_logits, load, dropped, grads = one(batch)
         else:
             micro = jax.tree.map(lambda a: a.reshape((grad_accum, rows // grad_accum) + a.shape[1:]), batch)
