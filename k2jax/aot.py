@@ -101,9 +101,15 @@ class Topology:
         from jax.experimental import topologies
         libtpu_name = f"{self.spec.libtpu_name}:{'x'.join(map(str, self.shape))}"
         per_host = tuple(min(2, s) for s in self.shape[:2]) + (1,)
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
-                                            chip_config_name=self.spec.chip_config,
-                                            chips_per_host_bounds=per_host, num_slices=1)
+        try:
+            topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
+                                                chip_config_name=self.spec.chip_config,
+                                                chips_per_host_bounds=per_host, num_slices=1)
+        except RuntimeError as e:
+            if "TPU support not installed" not in str(e):
+                raise
+            raise AotError(f"compiling for TPU needs libtpu: pip install 'jax[tpu]=={jax.__version__}' (or "
+                           f"pip install -e '.[test]')") from None
         return list(topo.devices)
 
 

@@ -33,6 +33,17 @@ def test_bad_topology_names_say_what_is_wrong(name, message):
         aot.parse_topology(name)
 
 
+def test_without_libtpu_it_says_what_to_install(monkeypatch):
+    from jax.experimental import topologies
+
+    def no_tpu(**_):
+        raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology.")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_tpu)
+    with pytest.raises(aot.AotError, match=r"needs libtpu: pip install 'jax\[tpu\]=="):
+        aot.parse_topology("v5p-8").devices()
+
+
 def test_default_topology_is_the_smallest_slice_for_the_mesh():
     assert aot.default_topology({"expert": 64, "fsdp": 4}).name == "v5p-512"
     with pytest.raises(aot.AotError, match="-1"):
