@@ -236,14 +236,13 @@ def check_config(config, workdir: str) -> K2Config:
 
 
 def _mem_available() -> int | None:
+    """The host's available memory in bytes, or None where /proc/meminfo does not say (not Linux)."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            lines = f.readlines()
     except OSError:
-        pass
-    return None
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
 
 
 def device_memory() -> tuple[int, str] | None:

@@ -4,6 +4,7 @@ deletes it at the end); half its settings is one clear error."""
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -42,10 +43,8 @@ def test_a_release_without_a_checkpoint_is_one_clear_error(monkeypatch, tmp_path
     _kernel_env(monkeypatch, tmp_path)
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "inference.ipynb"), as_version=4)
     nb.cells = nb.cells[:2]  # the settings cell
-    try:
+    with pytest.raises(CellExecutionError):
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-    except CellExecutionError:
-        pass
     errors = [o for o in nb.cells[1].outputs if o.get("output_type") == "error"]
     assert len(errors) == 1 and errors[0]["ename"] == "SystemExit", nb.cells[1].outputs
     assert errors[0]["evalue"].startswith("set both K2_RELEASE (the release directory, for its tokenizer) and "
