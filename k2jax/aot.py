@@ -282,7 +282,8 @@ class _Heartbeat:
 
 
 def _lower(config, step: str, mesh):
-    """(lowered program, {memory part: per-chip bytes of the arguments}, useful FLOPs of one run, tokens)."""
+    """(lowered program, {memory part: per-chip bytes of the arguments}, useful FLOPs of one run, tokens per run,
+    the model config)."""
     from k2jax.training.loop import model_config, train_program
     if step == "train":
         program = train_program(config, mesh)
