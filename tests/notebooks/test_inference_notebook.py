@@ -50,3 +50,19 @@ def test_a_release_without_a_checkpoint_is_one_clear_error(monkeypatch, tmp_path
     assert errors[0]["evalue"].startswith("set both K2_RELEASE (the release directory, for its tokenizer) and "
                                           "K2_CHECKPOINT")
     assert f"K2_RELEASE={str(tmp_path)!r}, K2_CHECKPOINT=None" in errors[0]["evalue"]
+
+
+def test_one_device_sharding_cell_says_why_every_axis_is_none(monkeypatch, tmp_path):
+    # the settings, load and clean-up cells only (no generation), on a kernel with a single CPU device
+    for var in ("K2_RELEASE", "K2_CHECKPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    _kernel_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=1")
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "inference.ipynb"), as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    nb.cells = [code[0], code[1], code[-1]]
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    shown = _outputs(nb.cells[1])
+    assert "on mesh {'fsdp': 1, 'expert': 1}" in shown, shown
+    assert "routed experts: P(None, None, None, None) (one device: nothing to split" in shown, shown
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("k2jax-notebook-")]
