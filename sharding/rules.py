@@ -13,7 +13,10 @@ follows its parameter and is split further over `data` (ZeRO-1): `optimizer_stat
   tensor   heads / ffn / vocab over `tensor`, hidden over fsdp
 A logical axis maps to the first of its candidates (a mesh axis, or a tuple of mesh axes split together) whose
 axes exist in the mesh, are not used by an earlier dimension of the same parameter, and together divide the
-dimension; otherwise that dimension is replicated (the table shows it).
+dimension. When a candidate's axes are there but none divides the dimension, that dimension would be held whole
+on every device (at 1T, an out-of-memory on the pod): partition_spec raises ShardingRuleError naming parameter,
+dimension, axis and sizes, unless the strategy lists that logical axis in MAY_REPLICATE (the explicit opt-in).
+A dimension none of whose candidate axes are in the mesh (or all taken by earlier dimensions) is whole by design.
 """
 
 from __future__ import annotations
@@ -41,12 +44,20 @@ RULES: dict[str, dict[str, tuple[str | tuple[str, ...], ...]]] = {
     "tensor": {**_FSDP, "heads": ("tensor",), "mlp": ("tensor",), "moe_mlp": ("tensor",), "vocab": ("tensor",)},
 }
 STRATEGIES = tuple(RULES)
+# per strategy, the logical axes that may stay whole when no candidate divides them (the opt-in to replicating)
+MAY_REPLICATE: dict[str, frozenset[str]] = {strategy: frozenset() for strategy in RULES}
+
+
+class ShardingRuleError(ValueError):
+    """A parameter dimension the strategy's mesh axes do not divide, which would be replicated on every device."""
 
 ParamInfo = tuple[tuple[int, ...], np.dtype, tuple[str, ...]]
 
 
 def partition_spec(shape: tuple[int, ...], logical_axes: tuple[str, ...], mesh_shape: Mapping[str, int],
-                   strategy: str) -> PartitionSpec:
+                   strategy: str, name: str = "a parameter") -> PartitionSpec:
+    """The spec RULES[strategy] give a parameter `name` of `shape` on a mesh of `mesh_shape`; ShardingRuleError when
+    a dimension's candidates are in the mesh but none divides it (unless MAY_REPLICATE[strategy] lists its axis)."""
     if strategy not in RULES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}")
     unknown = sorted(set(logical_axes) - set(LOGICAL_AXES))
@@ -54,8 +65,8 @@ def partition_spec(shape: tuple[int, ...], logical_axes: tuple[str, ...], mesh_s
         raise ValueError(f"logical axes {unknown} are not in sharding.LOGICAL_AXES")
     used: set[str] = set()
     spec = []
-    for dim, axis in zip(shape, logical_axes):
-        choice = None
+    for i, (dim, axis) in enumerate(zip(shape, logical_axes)):
+        choice, refused = None, []
         for candidate in RULES[strategy].get(axis, ()):
             together = (candidate,) if isinstance(candidate, str) else tuple(candidate)
             present = tuple(a for a in together if mesh_shape.get(a, 1) > 1)
@@ -65,6 +76,12 @@ def partition_spec(shape: tuple[int, ...], logical_axes: tuple[str, ...], mesh_s
                 choice = present[0] if len(present) == 1 else present
                 used.update(present)
                 break
+            refused.append(" x ".join(f"{a} ({mesh_shape[a]})" for a in present))
+        if choice is None and refused and axis not in MAY_REPLICATE[strategy]:
+            raise ShardingRuleError(
+                f"{name} {tuple(shape)}: dimension {i} ({axis!r}, size {dim}) is not divisible by mesh axis "
+                f"{' or '.join(refused)} under strategy {strategy!r}, so every device would hold it whole: pick "
+                f"mesh sizes that divide it, or list {axis!r} in sharding.rules.MAY_REPLICATE[{strategy!r}]")
         spec.append(choice)
     return PartitionSpec(*spec)
 
@@ -74,11 +91,15 @@ def _mesh_axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def param_specs(params: Mapping[str, ParamInfo], mesh_shape: Mapping[str, int], strategy: str
+                ) -> dict[str, PartitionSpec]:
+    """{name: PartitionSpec} of every parameter; ShardingRuleError for the first the mesh cannot split."""
+    return {name: partition_spec(shape, axes, mesh_shape, strategy, name) for name, (shape, _, axes) in params.items()}
+
+
 def param_shardings(params: Mapping[str, ParamInfo], mesh: jax.sharding.Mesh, strategy: str
                     ) -> dict[str, NamedSharding]:
-    mesh_shape = dict(mesh.shape)
-    return {name: NamedSharding(mesh, partition_spec(shape, axes, mesh_shape, strategy))
-            for name, (shape, _, axes) in params.items()}
+    return {name: NamedSharding(mesh, spec) for name, spec in param_specs(params, dict(mesh.shape), strategy).items()}
 
 
 def bytes_per_device(shape: tuple[int, ...], dtype, spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
@@ -91,7 +112,7 @@ def sharding_table(params: Mapping[str, ParamInfo], mesh_shape: Mapping[str, int
     rows = [f"{'parameter':48s} {'shape':28s} {'spec':40s} {'per device':>12s}"]
     total = 0
     for name, (shape, dtype, axes) in params.items():
-        spec = partition_spec(shape, axes, mesh_shape, strategy)
+        spec = partition_spec(shape, axes, mesh_shape, strategy, name)
         b = bytes_per_device(shape, dtype, spec, mesh_shape)
         total += b
         rows.append(f"{name:48s} {str(shape):28s} {str(tuple(spec)):40s} {b / 2**20:10.1f} MiB")
@@ -100,8 +121,8 @@ def sharding_table(params: Mapping[str, ParamInfo], mesh_shape: Mapping[str, int
 
 
 def total_bytes_per_device(params: Mapping[str, ParamInfo], mesh_shape: Mapping[str, int], strategy: str) -> int:
-    return sum(bytes_per_device(shape, dtype, partition_spec(shape, axes, mesh_shape, strategy), mesh_shape)
-               for shape, dtype, axes in params.values())
+    return sum(bytes_per_device(shape, dtype, partition_spec(shape, axes, mesh_shape, strategy, name), mesh_shape)
+               for name, (shape, dtype, axes) in params.items())
 
 
 ZERO1_AXIS = "data"
@@ -161,9 +182,10 @@ def optimizer_state_specs(opt_state, params: Mapping[str, ParamInfo], mesh_shape
     def spec_for(path, leaf):
         shape = tuple(np.shape(leaf))
         for start in range(len(path)):
-            info = params.get(name_of(path[start:]))
+            name = name_of(path[start:])
+            info = params.get(name)
             if info is not None and tuple(info[0]) == shape:
-                spec = partition_spec(shape, info[2], mesh_shape, strategy)
+                spec = partition_spec(shape, info[2], mesh_shape, strategy, name)
                 return zero1_spec(spec, shape, mesh_shape) if zero1 else spec
         return PartitionSpec()
 

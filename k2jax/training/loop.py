@@ -43,7 +43,8 @@ from k2jax.training.data import make_iterator
 from k2jax.training.metrics import MetricWriter, Throughput
 from k2jax.training.step import TrainState, make_train_step
 from sharding.mesh import MeshError, make_mesh, resolve_axis_sizes
-from sharding.rules import STRATEGIES, activation_spec, optimizer_state_specs, param_shardings
+from sharding.rules import (STRATEGIES, ShardingRuleError, activation_spec, optimizer_state_specs,
+                            param_shardings, param_specs)
 
 
 class EPOverflowError(RuntimeError):
@@ -199,7 +200,8 @@ class _Preemption:
 def check_config(config, workdir: str) -> K2Config:
     """Everything about `config` and `workdir` that can be checked before anything is built, each problem one line
     naming the field to change (TrainConfigError): the model, steps, batch split, seq_len against the model's
-    max_position_embeddings, the mesh against the devices, the workdir. Returns the model config."""
+    max_position_embeddings, the mesh against the devices and the model's dimensions (sharding rules), the
+    workdir. Returns the model config."""
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise TrainConfigError(message)
@@ -226,9 +228,14 @@ def check_config(config, workdir: str) -> K2Config:
     need(config.mesh.strategy in STRATEGIES,
          f"config.mesh.strategy={config.mesh.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     try:
-        resolve_axis_sizes(dict(config.mesh.axes), jax.device_count())
+        mesh_shape = resolve_axis_sizes(dict(config.mesh.axes), jax.device_count())
     except MeshError as e:
         raise TrainConfigError(f"config.mesh.axes: {e}") from None
+    try:
+        param_specs(param_info(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))), mesh_shape,
+                    config.mesh.strategy)
+    except ShardingRuleError as e:
+        raise TrainConfigError(f"config.mesh.axes={mesh_shape}: {e}") from None
     need(config.checkpoint.every >= 1, f"config.checkpoint.every={config.checkpoint.every}: must be at least 1")
     need(config.metrics.every >= 1, f"config.metrics.every={config.metrics.every}: must be at least 1")
     need(config.ep_overflow in ("drop", "fail"), f"config.ep_overflow={config.ep_overflow!r}: 'drop' or 'fail'")

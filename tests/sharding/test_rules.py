@@ -9,7 +9,8 @@ from flax import nnx
 import k2jax
 from k2jax.config import kimi_k2, tiny
 from sharding.mesh import MeshError, abstract_mesh, make_mesh, resolve_axis_sizes
-from sharding.rules import STRATEGIES, param_shardings, partition_spec, sharding_table, total_bytes_per_device
+from sharding.rules import (MAY_REPLICATE, STRATEGIES, ShardingRuleError, param_shardings, partition_spec,
+                            sharding_table, total_bytes_per_device)
 
 
 def test_mesh_sizes_and_errors():
@@ -25,14 +26,22 @@ def test_mesh_sizes_and_errors():
         resolve_axis_sizes({"expert": 3, "data": -1}, 8)
 
 
-def test_partition_specs_follow_the_table():
+def test_partition_specs_follow_the_table(monkeypatch):
     shape, axes = (2, 16, 64, 32), ("layers", "expert", "embed", "moe_mlp")
     mesh_shape = {"fsdp": 2, "expert": 4, "stage": 2}
     assert partition_spec(shape, axes, mesh_shape, "ep_fsdp") == jax.sharding.PartitionSpec(None, "expert", "fsdp", None)
     assert partition_spec(shape, axes, mesh_shape, "ep_pp") == jax.sharding.PartitionSpec("stage", "expert", "fsdp", None)
     assert partition_spec(shape, axes, mesh_shape, "fsdp") == jax.sharding.PartitionSpec(None, None, "fsdp", None)
-    # a dimension the mesh axis does not divide is replicated
+    # a dimension the mesh axis does not divide is an error naming parameter, dimension, axis and sizes ...
+    with pytest.raises(ShardingRuleError, match=r"^w \(2, 6, 64, 32\): dimension 1 \('expert', size 6\) is not "
+                                                r"divisible by mesh axis expert \(4\) under strategy 'ep_fsdp'"):
+        partition_spec((2, 6, 64, 32), axes, mesh_shape, "ep_fsdp", "w")
+    # ... unless the strategy opts that axis in to replicating
+    monkeypatch.setitem(MAY_REPLICATE, "ep_fsdp", frozenset({"expert"}))
     assert partition_spec((2, 6, 64, 32), axes, mesh_shape, "ep_fsdp")[1] is None
+    # a tuple candidate that does not divide falls back to the next candidate; no candidate axis in the mesh: whole
+    assert partition_spec((8, 6), ("vocab", "embed"), {"fsdp": 2, "expert": 4}, "ep_fsdp") == \
+        jax.sharding.PartitionSpec(None, "fsdp")
     with pytest.raises(ValueError, match="unknown sharding strategy"):
         partition_spec(shape, axes, mesh_shape, "zero3")
 

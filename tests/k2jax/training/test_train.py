@@ -6,6 +6,7 @@ line, every config in configs/ loads."""
 
 import glob
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -18,8 +19,12 @@ import time
 import types
 
 import pytest
+from flax import nnx
 
+import k2jax
 from k2jax.training.metrics import read_metrics, read_tensorboard
+from sharding.mesh import resolve_axis_sizes
+from sharding.rules import param_specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 FAST = ["--config.model.overrides={'num_hidden_layers': 2}", "--config.seq_len=32", "--config.global_batch=8",
@@ -205,6 +210,8 @@ def test_bad_configs_fail_in_one_line_before_anything_runs(tmp_path):
     cases = {  # arguments: (exit code, the error)
         ("--config.stepz=20",): (2, "--config.stepz=20: the config has no field 'stepz' (Did you mean \"steps\""),
         ("--config.mesh.axes={'fsdp': 3}",): (2, "config.mesh.axes: mesh {'fsdp': 3} has 3 devices, but 8 are available"),
+        ("--config.mesh.axes={'tensor': 8}", "--config.mesh.strategy=tensor"):  # the tiny model's 4 heads
+            (2, "is not divisible by mesh axis tensor (8) under strategy 'tensor'"),
         ("--config.seq_len=200",): (2, "config.seq_len=200 is longer than the model's max_position_embeddings (128)"),
         (f"--workdir={a_file}",): (2, f"--workdir={a_file} is a file, not a directory"),
         ("--workdir=gs://bucket/run",): (2, "--workdir=gs://bucket/run: k2jax reads and writes it with local file APIs"),
@@ -261,6 +268,11 @@ def test_every_config_loads(path):
     assert set(config.keys()) == set(base_config().keys())
     cfg = model_config(config)
     assert config.global_batch % config.grad_accum == 0 and cfg.num_params() > 0
+    # the mesh splits every parameter as its strategy says (sharding rules raise on a dimension left whole)
+    axes = dict(config.mesh.axes)
+    devices = math.prod(abs(n) for n in axes.values()) * (8 if -1 in axes.values() else 1)
+    abstract = nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0)))
+    param_specs(k2jax.param_info(abstract), resolve_axis_sizes(axes, devices), config.mesh.strategy)
     # its run command: train.py for a training job, k2jax-aot for an inference job's compiled check
     assert "python train.py --config=" in module.__doc__ or "k2jax-aot --config=configs/" in module.__doc__
 
