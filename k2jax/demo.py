@@ -17,7 +17,6 @@ is not at hand.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -38,19 +37,19 @@ from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import CheckpointError
 from k2jax.tokenizer import SPECIAL_TOKENS, train_bpe, write_bpe_ranks
 
-_CORPUS_MODULES = ("attention", "model", "moe", "rope", "generate", "tokenizer", "chat", "checkpoint", "convert",
-                   "quant", "config", "hf_checkpoint", "hf_mapping", "layers")
+# the tokenizer's own fixed English text (k2jax's prose can change without changing the demo's tokenizer)
+_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_corpus.txt")
 
 
 def write_tiny_release(path: str | os.PathLike, *, vocab_size: int = 1024, seed: int = 0) -> k2config.K2Config:
     """A random `tiny` K2 in the release's directory layout, tokenizer included: FP8 shards with 128x128 scales,
-    index, config.json, tiktoken.model (a byte-level BPE trained on k2jax's own docstrings, so English text takes
-    few tokens) and tokenizer_config.json naming the special tokens. For notebooks and tests without the 1 TB
-    release; the weights are random, so replies are gibberish."""
+    index, config.json, tiktoken.model (a byte-level BPE trained on the fixed English text of
+    k2jax/demo_corpus.txt, so English text takes few tokens) and tokenizer_config.json naming the special tokens.
+    For notebooks and tests without the 1 TB release; the weights are random, so replies are gibberish."""
     path = os.fspath(path)
     num_ranks = vocab_size - 256
-    corpus = [importlib.import_module(f"k2jax.{m}").__doc__ for m in _CORPUS_MODULES]
-    ranks = train_bpe(corpus, num_ranks)
+    with open(_CORPUS, encoding="utf-8") as f:
+        ranks = train_bpe([f.read()], num_ranks)
     if len(ranks) != num_ranks:
         raise RuntimeError(f"the BPE corpus gave {len(ranks)} ranks, {num_ranks} were asked for")
     cfg = k2config.tiny(vocab_size=vocab_size, max_position_embeddings=1024, bos_token_id=num_ranks,

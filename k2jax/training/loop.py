@@ -28,7 +28,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -87,7 +86,6 @@ def base_config() -> ml_collections.ConfigDict:
     # "drop": counted in the metrics (ep_dropped_rows) and said on the step's line; "fail": the job stops at that
     # step with EPOverflowError before anything after it is saved
     c.ep_overflow = "drop"
-    c.debug_nan_step = -1          # tests: poison the loss at this step
     return c
 
 
@@ -113,8 +111,7 @@ class TrainProgram:
     def abstract_batch(self, global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         """A batch as ShapeDtypeStructs: the second argument of step_fn.lower()."""
         rows = lambda dtype: jax.ShapeDtypeStruct((global_batch, seq_len + 1), dtype, sharding=self.batch_rows)  # noqa: E731
-        return {"tokens": rows(jnp.int32), "segment_ids": rows(jnp.int32), "positions": rows(jnp.int32),
-                "loss_scale": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=self.batch_rows)}
+        return {"tokens": rows(jnp.int32), "segment_ids": rows(jnp.int32), "positions": rows(jnp.int32)}
 
 
 def train_program(config, mesh) -> TrainProgram:
@@ -371,10 +368,7 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
                 break
             if step == config.profile.start_step:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            local = next(data)
-            local["loss_scale"] = np.full((local["tokens"].shape[0],),
-                                          np.nan if step == config.debug_nan_step else 1.0, np.float32)
-            batch = {k: jax.make_array_from_process_local_data(rows, v) for k, v in local.items()}
+            batch = {k: jax.make_array_from_process_local_data(rows, v) for k, v in next(data).items()}
             state, metrics = step_fn(state, batch)
             if config.profile.start_step >= 0 and step == config.profile.start_step + config.profile.num_steps - 1:
                 jax.profiler.stop_trace()

@@ -71,14 +71,12 @@ def chunked_token_nll(model, hidden_BTD: jax.Array, targets_BT: jax.Array, chunk
 
 def next_token_loss(model, batch) -> tuple[jax.Array, tuple[jax.Array, dict]]:
     """Summed cross-entropy of each token's successor within its segment, the number of such targets, aux.
-    batch: tokens, segment_ids, positions [b, T + 1] int32; optional loss_scale [b]."""
+    batch: tokens, segment_ids, positions [b, T + 1] int32."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     hidden, aux = model(tokens[:, :-1], segment_ids=seg[:, :-1], positions=pos[:, :-1], return_aux=True,
                         return_hidden=True)
     mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     nll = chunked_token_nll(model, hidden, tokens[:, 1:])
-    if "loss_scale" in batch:  # per row; the loop uses it to plant a NaN in tests (debug_nan_step)
-        nll = nll * batch["loss_scale"][:, None]
     return jnp.sum(nll * mask), (jnp.sum(mask), aux)
 
 

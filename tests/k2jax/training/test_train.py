@@ -39,10 +39,9 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _train(workdir, *args, devices=8, check=True):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-           *FAST, *args]
-    r = subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=600)
+def _train(workdir, *args, devices=8, check=True, script=os.path.join(ROOT, "train.py"), env=None):
+    cmd = [sys.executable, script, f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", *FAST, *args]
+    r = subprocess.run(cmd, env={**_env(devices), **(env or {})}, capture_output=True, text=True, timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r
@@ -196,7 +195,9 @@ def test_a_damaged_checkpoint_is_one_line_and_the_one_before_resumes_onto_a_diff
 
 def test_a_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
-    r = _train(workdir, "--config.steps=12", "--config.checkpoint.every=4", "--config.debug_nan_step=6", check=False)
+    r = _train(workdir, "--config.steps=12", "--config.checkpoint.every=4", check=False,  # train.py, NaN at step 6
+               script=os.path.join(os.path.dirname(os.path.abspath(__file__)), "planted_nan.py"),
+               env={"K2JAX_NAN_STEP": "6"})
     error = _one_line_error(r, 1)
     assert "step 6: loss nan" in error and "Last good checkpoint: step 4" in error
     assert _steps(workdir) == [4]  # steps 5 and 6 ran but nothing after the bad step was saved
