@@ -13,11 +13,13 @@ for weights anywhere), and the very functions train.py and the Generator jit are
 
   memory      parameters, optimizer state, batch (or latent cache), temporaries (activations and workspace),
               outputs not aliased to inputs, generated code; their total against the chip's HBM, and `fits`
-  flops       XLA's cost analysis of the compiled program (Pallas kernels count through their
-              pl.CostEstimate) next to the useful FLOPs (cfg.flops_per_token x tokens per chip; x 4/3 under
-              full remat, whose forward runs twice)
-  hbm bytes   bytes the program reads and writes in HBM (cost analysis); for decode, the bound this puts on
-              tokens/s at the chip's bandwidth
+  flops       the compiled program's matrix FLOPs, every loop's trip count applied (k2jax/hlo_cost.py; Pallas
+              kernels count through their pl.CostEstimate), next to the useful FLOPs: the model's
+              (cfg.flops_per_token x tokens per chip; x 4/3 under full remat, whose forward runs twice) and,
+              for train, MuonClip's Newton-Schulz (newton_schulz_flops / chips). XLA's own cost analysis,
+              which counts each loop body once, is kept for reference.
+  hbm bytes   bytes the program reads and writes in HBM (hlo_cost, trip counts applied); for decode, the
+              bound this puts on tokens/s at the chip's bandwidth
   collectives every all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute: executions per
               step (loop trip counts applied) and bytes moved per chip
 
@@ -41,6 +43,8 @@ from typing import Callable
 
 import jax
 import numpy as np
+
+from k2jax.hlo_cost import HloCost
 
 GiB = 2 ** 30
 
@@ -159,94 +163,6 @@ def default_topology(axes: dict, generation: str = "v5p") -> Topology:
     return Topology(generation, _torus(math.prod(int(s) for s in axes.values()), TPUS[generation].dims))
 
 
-# ---- the compiled program's collectives -------------------------------------------------------------------------
-
-_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
-                "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_INSTRUCTION = re.compile(r"=\s*(\(?[^=]*?\)?)\s+([\w\-]+)\(")
-_SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
-_CALLEES = re.compile(r"(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_S32_CONSTANT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
-
-
-def _shape_bytes(text: str) -> list[int]:
-    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
-            for dtype, dims in _SHAPE.findall(text) if dtype in _DTYPE_BYTES]
-
-
-def collectives(hlo_text: str) -> list[dict]:
-    """[{op, count, bytes}] of an optimized HLO module's collectives: `count` executions per run of the program
-    (an op inside a while loop of n iterations counts n times: XLA's known_trip_count, else the loop condition's
-    bound), `bytes` the result bytes of all of them per device. Async pairs count once (at their -start)."""
-    comps: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        m = _COMPUTATION.match(line)
-        if m and "=" not in line.split("(")[0]:
-            current = m.group(1)
-            comps[current] = []
-            if line.startswith("ENTRY"):
-                entry = current
-        elif current is not None and line.strip() not in ("}", ""):
-            comps[current].append(line)
-    def trip_count(line: str, callees: list[tuple[str, str]]) -> int:
-        """A while loop's iterations: XLA's known_trip_count when the text has it, else the bound N of its
-        condition `i < N` (the loops jax emits count from 0 by 1)."""
-        known = _TRIP_COUNT.search(line)
-        if known:
-            return int(known.group(1))
-        condition = next((c for kind, c in callees if kind == "condition"), None)
-        body = "\n".join(comps.get(condition, []))
-        bounds = [int(n) for n in _S32_CONSTANT.findall(body)]
-        return max(bounds) if bounds and "direction=LT" in body else 1
-
-    calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
-    for comp, lines in comps.items():
-        for line in lines:
-            callees = _CALLEES.findall(line)
-            trips = trip_count(line, callees) if " while(" in line else 1
-            for kind, callee in callees:
-                calls[comp].append((callee, trips if kind == "body" else 1))
-            for group in _BRANCHES.findall(line):
-                calls[comp] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
-    times = {c: 0 for c in comps}
-
-    def visit(comp: str, n: int, depth: int = 0) -> None:
-        if comp not in times or depth > 64:
-            return
-        times[comp] += n
-        for callee, k in calls[comp]:
-            visit(callee, n * k, depth + 1)
-
-    visit(entry or next(iter(comps), ""), 1)
-    found: dict[str, list[int]] = {}
-    for comp, lines in comps.items():
-        for line in lines:
-            m = _INSTRUCTION.search(line)
-            if not m:
-                continue
-            op = m.group(2).removesuffix("-start")
-            if op not in _COLLECTIVES or m.group(2).endswith("-done"):
-                continue
-            sizes = _shape_bytes(m.group(1))
-            n = times[comp] or 1  # a computation not reached from the entry (none expected) counts once
-            row = found.setdefault(op, [0, 0])
-            row[0] += n
-            row[1] += n * (sizes[-1] if sizes else 0)
-    return [{"op": op, "count": c, "bytes": b} for op, (c, b) in sorted(found.items())]
-
-
-def pallas_kernels(hlo_text: str) -> int:
-    """Pallas kernel launches (Mosaic custom calls made by a pallas_call) in a compiled TPU program's text."""
-    return sum(1 for line in hlo_text.splitlines()
-               if 'custom_call_target="tpu_custom_call"' in line and 'pallas_call"' in line)
-
-
 # ---- compiling a job ------------------------------------------------------------------------------------------
 
 def _per_chip_bytes(tree) -> int:
@@ -282,21 +198,25 @@ class _Heartbeat:
 
 
 def _lower(config, step: str, mesh):
-    """(lowered program, {memory part: per-chip bytes of the arguments}, useful FLOPs of one run, tokens per run,
-    the model config)."""
+    """(lowered program, {memory part: per-chip bytes of the arguments}, {"model": FLOPs of the model's forward
+    (and backward) in one run, "optimizer": MuonClip's Newton-Schulz}, tokens per run, the model config)."""
+    from flax import nnx
+
+    from k2jax.model import Transformer
+    from k2jax.optim.muon_clip import newton_schulz_flops
     from k2jax.training.loop import model_config, train_program
     if step == "train":
         program = train_program(config, mesh)
         state, batch = program.abstract_state(), program.abstract_batch(config.global_batch, config.seq_len)
         tokens = config.global_batch * config.seq_len
-        useful = program.cfg.flops_per_token(config.seq_len) * tokens
+        model_flops = program.cfg.flops_per_token(config.seq_len) * tokens
         if program.cfg.remat == "full":
-            useful *= 4 / 3
+            model_flops *= 4 / 3
+        abstract = nnx.eval_shape(lambda: Transformer(program.cfg, rngs=nnx.Rngs(0)))
+        useful = {"model": model_flops, "optimizer": newton_schulz_flops(abstract, config.optimizer.ns_steps)}
         parts = {"parameters": _per_chip_bytes(state.params) + _per_chip_bytes(state.rest),
                  "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
         return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg
-    from flax import nnx
-
     from k2jax.generate import Generator, LatentCache
     from k2jax.placement import abstract_model
     cfg = model_config(config)
@@ -310,10 +230,10 @@ def _lower(config, step: str, mesh):
     cache_bytes = LatentCache.values_per_token(cfg) * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
     if step == "prefill":
         tokens = infer.batch * infer.prompt_len
-        useful = cfg.flops_per_token(infer.prompt_len, training=False) * tokens
+        useful = {"model": cfg.flops_per_token(infer.prompt_len, training=False) * tokens}
     else:
         tokens = infer.batch
-        useful = cfg.flops_per_token(infer.max_len, training=False, causal=False) * tokens
+        useful = {"model": cfg.flops_per_token(infer.max_len, training=False, causal=False) * tokens}
     return lowered, {"parameters": weights, "cache": cache_bytes // _batch_shards(infer.batch, mesh)}, useful, \
         tokens, cfg
 
@@ -398,23 +318,26 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     report["memory"] = memory
     report["fits"] = total <= hbm
     report["hbm_margin"] = (hbm - total) / hbm
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
-    hbm_bytes = float(cost.get("bytes accessed", 0.0))
-    useful_per_chip = useful / topo.chips
-    report["flops"] = {"compiled_per_chip": flops, "useful_per_chip": useful_per_chip,
-                       "compiled_over_useful": flops / useful_per_chip if useful_per_chip else None}
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+    text = compiled.as_text()
+    cost = HloCost(text)
+    flops, hbm_bytes = cost.flops, cost.hbm_bytes
+    per_chip = {f"{k}_per_chip": v / topo.chips for k, v in useful.items()}
+    useful_per_chip = sum(per_chip.values())
+    report["flops"] = {"compiled_per_chip": flops, "useful_per_chip": useful_per_chip, **per_chip,
+                       "compiled_over_useful": flops / useful_per_chip if useful_per_chip else None,
+                       "xla_cost_analysis_per_chip": float(xla.get("flops", 0.0))}
     report["hbm_bytes_accessed_per_chip"] = hbm_bytes
+    report["xla_bytes_accessed_per_chip"] = float(xla.get("bytes accessed", 0.0))
     seconds_bound = max(flops / topo.spec.peak_bf16_flops, hbm_bytes / topo.spec.hbm_bandwidth)
     report["step_seconds_lower_bound"] = seconds_bound
     report["tokens_per_step"] = tokens
     report["tokens_per_second_bound"] = tokens / seconds_bound if seconds_bound else None
     if step == "decode":
         report["hbm_bytes_per_generated_token"] = hbm_bytes * topo.chips / tokens
-    text = compiled.as_text()
-    report["collectives"] = collectives(text)
-    report["pallas_kernels"] = pallas_kernels(text)
+    report["collectives"] = cost.collectives()
+    report["pallas_kernels"] = cost.pallas_kernels()
     if not report["fits"]:
         report["advice"] = _advice(report)
     return report
@@ -450,8 +373,11 @@ def format_report(r: dict) -> str:
     if "flops" in r:
         f = r["flops"]
         ratio = f["compiled_over_useful"]
+        parts = ", ".join(f"{k.removesuffix('_per_chip')} {v:.3e}" for k, v in f.items()
+                          if k.endswith("_per_chip") and k not in ("compiled_per_chip", "useful_per_chip",
+                                                                   "xla_cost_analysis_per_chip"))
         lines.append(f"FLOPs per chip: compiled {f['compiled_per_chip']:.3e}, useful {f['useful_per_chip']:.3e}"
-                     + (f" (compiled / useful {ratio:.2f})" if ratio else ""))
+                     f" ({parts})" + (f"; compiled / useful {ratio:.2f}" if ratio else ""))
         lines.append(f"HBM bytes accessed per chip: {r['hbm_bytes_accessed_per_chip']:.3e}; step >= "
                      f"{r['step_seconds_lower_bound'] * 1e3:.2f} ms, <= {r['tokens_per_second_bound']:.0f} tokens/s")
         if "hbm_bytes_per_generated_token" in r:

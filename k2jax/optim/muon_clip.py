@@ -76,6 +76,21 @@ def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
     return rules
 
 
+def newton_schulz_flops(model: nnx.Module, ns_steps: int) -> float:
+    """Matrix FLOPs of one MuonClip update's Newton-Schulz over every Muon weight of `model` (abstract is
+    fine): per m x n matrix (m <= n) and iteration, X X^T (2 m^2 n), A A (2 m^3) and B X (2 m^2 n)."""
+    rules = param_rules(model)
+    total = 0.0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        r = rules[param_name(path)]
+        if r.rule != "muon":
+            continue
+        m, n = sorted((r.fan_in, r.fan_out))
+        matrices = math.prod(var.shape) // (m * n)
+        total += matrices * ns_steps * (4 * m * m * n + 2 * m ** 3)
+    return total
+
+
 def rules_table(rules: dict[str, ParamRule]) -> str:
     """A printable table: parameter, rule, matrix axes, fan-in, fan-out, update scale."""
     rows = [f"{'parameter':48s} {'rule':6s} {'in axes':10s} {'out axes':10s} {'fan_in':>7s} {'fan_out':>7s} scale"]

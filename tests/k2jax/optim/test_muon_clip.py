@@ -284,3 +284,22 @@ def test_qk_clip_in_a_jitted_step_on_8_devices_uses_the_global_max():
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(single_params)[0], jax.tree.leaves(sharded_params)):
         if rules[param_name(path)].rule == "muon":
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_newton_schulz_flops_is_what_the_compiled_update_computes():
+    """One MuonClip update of the tiny model, compiled for one deviceless v5p chip: its matrix FLOPs (every
+    layer-loop trip counted, k2jax.hlo_cost) are newton_schulz_flops' closed form (nothing else in the update
+    multiplies matrices)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from k2jax import aot
+    from k2jax.hlo_cost import HloCost
+    from k2jax.optim.muon_clip import newton_schulz_flops
+    jax.config.update("jax_platforms", "cpu")
+    chip = NamedSharding(jax.sharding.Mesh(np.array(aot.parse_topology("v5p-8").devices()[:1]), ("x",)), P())
+    model = nnx.eval_shape(lambda: k2jax.Transformer(CFG, rngs=nnx.Rngs(0)))
+    tx = muon_clip(0.02, rules=param_rules(model), qk_clip_tau=None)
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=chip), nnx.state(model, nnx.Param))
+    state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=chip), jax.eval_shape(tx.init, params))
+    compiled = jax.jit(lambda g, s, p: tx.update(g, s, p)[0]).lower(params, state, params).compile()
+    assert HloCost(compiled.as_text()).flops == pytest.approx(newton_schulz_flops(model, 5), rel=1e-6)

@@ -1,0 +1,292 @@
+"""What a compiled XLA program does per run, counted from its optimized HLO text with loop trip counts applied.
+
+XLA's own cost analysis (`compiled.cost_analysis()`) counts a while loop's body once. A k2jax step is loops: the
+layer scan (60 MoE layers of K2), remat's recomputation inside it, MuonClip's Newton-Schulz iterations, the loss
+over logit pieces. So its FLOPs and bytes are a fraction of the real ones (0.05x for K2's train step). Here every
+computation is weighted by how often it runs (XLA's `known_trip_count`, else the bound N of the loop condition
+`i < N`, which is how jax's scan / fori_loop loops count), and then:
+
+  flops        matrix FLOPs: every `convolution` (XLA:TPU writes each dot_general as one; 2 x output elements x
+               input features x the kernel taps that land on the input, padding and dilation honoured, which
+               is what the "batch as a spatial dimension" convolutions need), every `dot` (2 x output elements
+               x contracted size), every `reduce` that XLA made of a small dot_general (its op_name says so:
+               2 x the multiplied elements), and each Pallas kernel's declared pl.CostEstimate. Elementwise work is not
+               counted (XLA counts ~1 FLOP per element; it is under 1 % of a transformer step).
+  hbm_bytes    for each op outside fused computations: the bytes of its operands read and result written,
+               a slice / dynamic-slice (also inside a fusion) reading only what it takes and an in-place
+               dynamic-update-slice writing only the update; values in VMEM (memory space S(1)) and bookkeeping
+               ops (tuples, bitcasts, parameters, loops themselves) move no HBM bytes; a Pallas kernel's bytes
+               are its declared bytes_accessed.
+  collectives  every all-gather / all-reduce / reduce-scatter / all-to-all / ragged-all-to-all /
+               collective-permute: executions and result bytes per device (async pairs once, at -start).
+  pallas       Pallas kernel launches in the program text (Mosaic custom calls made by a pallas_call).
+
+    cost = HloCost(compiled.as_text())
+    cost.flops, cost.hbm_bytes, cost.collectives(), cost.pallas_kernels()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
+                "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
+_CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_MEMORY_SPACE = re.compile(r"S\([1-9]\d*\)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_FROM_DOT = re.compile(r'op_name="[^"]*dot_general"')
+_COST_ESTIMATE = re.compile(r'"cost_estimate":(\{[^}]*\})')
+# ops that move no HBM bytes of their own (their computations' ops are counted where they run)
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+               "after-all", "opt-barrier", "partition-id", "replica-id", "iota", "call-start", "call-done",
+               "async-start", "async-update", "async-done", "add-dependency", "domain"}
+_SLICING = ("dynamic-slice", "slice", "gather")
+_VIEWS = ("bitcast", "reshape", "get-tuple-element")  # a user that passes the value on: its users decide
+
+
+class _Instruction:
+    __slots__ = ("name", "type", "op", "args", "operands", "attrs")
+
+    def __init__(self, name: str, type_text: str, op: str, rest: str):
+        self.name, self.type, self.op = name, type_text, op
+        depth, end = 1, len(rest)
+        for i, ch in enumerate(rest):  # the operand list ends at the parenthesis that closes op(
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                end = i
+                break
+        self.args = rest[:end]  # operands; a constant's value; a parameter's number
+        self.operands = _OPERAND.findall(self.args)
+        self.attrs = rest[end + 1:]
+
+
+def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(dtype, dims, on chip) of each array in a result type (a tuple type has several). On chip: a memory
+    space other than HBM's 0 (S(1) VMEM, S(2) SMEM, ...)."""
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d), bool(_MEMORY_SPACE.search(layout)))
+            for dtype, dims, layout in _ARRAY.findall(type_text) if dtype in _DTYPE_BYTES]
+
+
+def _bytes(type_text: str, hbm_only: bool = False) -> float:
+    return sum(math.prod(dims) * _DTYPE_BYTES[dtype] for dtype, dims, vmem in _arrays(type_text)
+               if not (hbm_only and vmem))
+
+
+class HloCost:
+    """The per-run costs of one optimized HLO module (module docstring)."""
+
+    def __init__(self, hlo_text: str):
+        self.computations: dict[str, list[_Instruction]] = {}
+        entry, current = None, None
+        for line in hlo_text.splitlines():
+            m = _COMPUTATION.match(line)
+            if m and "=" not in line.split("(")[0]:
+                current = m.group(1)
+                self.computations[current] = []
+                entry = current if line.startswith("ENTRY") else entry
+                continue
+            ins = _INSTRUCTION.match(line) if current is not None else None
+            if ins:
+                self.computations[current].append(_Instruction(*ins.groups()))
+        self.entry = entry or next(iter(self.computations), "")
+        self.types = {i.name: i.type for ins in self.computations.values() for i in ins}
+        self.by_name = {i.name: i for ins in self.computations.values() for i in ins}
+        self.fused: set[str] = set()  # computations whose ops run in registers / VMEM: a fusion's body
+        calls: dict[str, list[tuple[str, int]]] = {c: [] for c in self.computations}
+        for comp, instructions in self.computations.items():
+            for i in instructions:
+                callees = _CALLEES.findall(i.attrs)
+                trips = self._trip_count(i, callees) if i.op == "while" else 1
+                for kind, callee in callees:
+                    calls[comp].append((callee, trips if kind == "body" else 1))
+                    if i.op == "fusion" or kind == "to_apply":
+                        self.fused.add(callee)
+                for group in _BRANCHES.findall(i.attrs):
+                    calls[comp] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+        self.times = {c: 0 for c in self.computations}
+
+        def visit(comp: str, n: int, depth: int = 0) -> None:
+            if comp not in self.times or depth > 64:
+                return
+            self.times[comp] += n
+            for callee, k in calls[comp]:
+                visit(callee, n * k, depth + 1)
+
+        visit(self.entry, 1)
+        self.flops = sum(self._times(c) * sum(self._flops(i) for i in ins) for c, ins in self.computations.items())
+        self.hbm_bytes = sum(self._times(c) * sum(self._hbm_bytes(i) for i in ins)
+                             for c, ins in self.computations.items() if c not in self.fused)
+
+    def _times(self, comp: str) -> int:
+        return self.times[comp] or 1  # a computation not reached from the entry (none expected) counts once
+
+    def _trip_count(self, loop: _Instruction, callees: list[tuple[str, str]]) -> int:
+        """A while loop's iterations: XLA's known_trip_count when the text has it, else the bound N of its
+        condition `i < N` (the loops jax emits count from 0 by 1)."""
+        known = _TRIP_COUNT.search(loop.attrs)
+        if known:
+            return int(known.group(1))
+        condition = next((c for kind, c in callees if kind == "condition"), None)
+        body = self.computations.get(condition, [])
+        bounds = [int(i.args) for i in body if i.op == "constant" and i.type.startswith("s32[]")
+                  and i.args.isdigit()]
+        compares = any(i.op == "compare" and "direction=LT" in i.attrs for i in body)
+        return max(bounds) if bounds and compares else 1
+
+    # ---- FLOPs ----------------------------------------------------------------------------------------------
+
+    def _flops(self, i: _Instruction) -> float:
+        if i.op == "convolution":
+            return self._convolution_flops(i)
+        if i.op == "dot":
+            lhs = _arrays(self.types.get(i.operands[0], ""))
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attrs)
+            if not lhs or not contracting:
+                return 0.0
+            k = math.prod(lhs[0][1][int(d)] for d in contracting.group(1).split(",") if d)
+            return 2.0 * math.prod(_arrays(i.type)[0][1]) * k
+        if i.op == "custom-call":
+            estimate = _COST_ESTIMATE.search(i.attrs)
+            return float(json.loads(estimate.group(1)).get("flops", 0)) if estimate else 0.0
+        if i.op == "reduce" and _FROM_DOT.search(i.attrs):  # a small dot_general XLA wrote as multiply + reduce
+            operand = _arrays(self.types.get(i.operands[0], ""))
+            return 2.0 * math.prod(operand[0][1]) if operand else 0.0
+        return 0.0
+
+    def _convolution_flops(self, i: _Instruction) -> float:
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", i.attrs)
+        lhs_dims, rhs_dims = (_arrays(self.types.get(o, ""))[0][1] for o in i.operands[:2])
+        out_dims = _arrays(i.type)[0][1]
+        lhs_l, rhs_l, out_l = labels.groups()
+        window = _window(re.search(r"window=\{([^}]*)\}", i.attrs), len(lhs_l) - 2)
+        taps = 1
+        for d in range(len(lhs_l) - 2):
+            taps *= _valid_taps(lhs_dims[lhs_l.index(str(d))], out_dims[out_l.index(str(d))], **window[d])
+        batch, features = out_dims[out_l.index("b")], out_dims[out_l.index("f")]
+        return 2.0 * batch * features * rhs_dims[rhs_l.index("i")] * taps
+
+    # ---- HBM bytes ------------------------------------------------------------------------------------------
+
+    def _hbm_bytes(self, i: _Instruction) -> float:
+        if i.op in _NO_TRAFFIC or i.op.endswith("-done"):
+            return 0.0
+        if i.op == "custom-call":
+            estimate = _COST_ESTIMATE.search(i.attrs)
+            if estimate:
+                return float(json.loads(estimate.group(1)).get("bytes_accessed", 0))
+        operands = [_bytes(self.types.get(o, ""), hbm_only=True) for o in i.operands]
+        if i.op == "copy-start":  # (destination, source, context): the source is the operand
+            destination = _arrays(i.type)[:1]
+            return sum(operands) + sum(math.prod(d) * _DTYPE_BYTES[t] for t, d, on_chip in destination
+                                       if not on_chip)
+        if i.op in _SLICING:
+            return 2 * _bytes(i.type, hbm_only=True)
+        if i.op == "dynamic-update-slice":
+            return 2 * operands[1]
+        written = _bytes(i.type, hbm_only=True)
+        if i.op != "fusion":
+            return written + sum(operands)
+        body = self._called(i)
+        params = {int(p.args): p.name for p in body if p.op == "parameter"}
+        read = 0.0
+        for n, full in enumerate(operands):
+            got = self._read(params[n], body, full) if n in params else None
+            read += full if got is None else min(full, got)
+        root_updates = [u for u in body[-1:] if u.op == "dynamic-update-slice" and u.operands[0] in params.values()]
+        if root_updates:  # in place: only the update is written
+            written = _bytes(self.types.get(root_updates[0].operands[1], ""))
+        return read + written
+
+    def _called(self, fusion: _Instruction) -> list[_Instruction]:
+        return self.computations.get(next((c for k, c in _CALLEES.findall(fusion.attrs) if k == "calls"), ""), [])
+
+    def _read(self, value: str, body: list[_Instruction], full: float, depth: int = 0) -> float | None:
+        """Bytes of `value` (a fused computation's parameter, `full` bytes) that the body reads: slices read
+        what they take, an in-place dynamic-update-slice does not read its buffer, views and nested fusions are
+        followed; any other use reads it all. None: the value only passes on to the body's result (as a view)."""
+        if depth > 16:
+            return full
+        read, passes_on = 0.0, bool(body) and body[-1].name == value
+        for u in (u for u in body if value in u.operands):
+            if u.op in _SLICING and u.operands[0] == value:
+                read += _bytes(u.type)
+            elif u.op == "dynamic-update-slice" and u.operands[0] == value:
+                continue
+            elif u.op in _VIEWS or u.op == "fusion":
+                inner = self._called(u) if u.op == "fusion" else None
+                if inner is None:
+                    r = self._read(u.name, body, full, depth + 1)
+                else:
+                    params = {int(p.args): p.name for p in inner if p.op == "parameter"}
+                    r = 0.0
+                    for n in (n for n, o in enumerate(u.operands) if o == value):
+                        got = self._read(params.get(n, ""), inner, full, depth + 1)
+                        r = self._read(u.name, body, full, depth + 1) if got is None else r + got
+                if r is None:
+                    passes_on = True
+                else:
+                    read += r
+            else:
+                return full
+        return None if passes_on and read == 0 else read
+
+    # ---- collectives and kernels ----------------------------------------------------------------------------
+
+    def collectives(self) -> list[dict]:
+        """[{op, count, bytes}]: executions per run and the result bytes of all of them per device."""
+        found: dict[str, list[float]] = {}
+        for comp, instructions in self.computations.items():
+            for i in instructions:
+                op = i.op.removesuffix("-start")
+                if op not in COLLECTIVES or i.op.endswith("-done"):
+                    continue
+                arrays = _arrays(i.type)
+                size = math.prod(arrays[-1][1]) * _DTYPE_BYTES[arrays[-1][0]] if arrays else 0
+                row = found.setdefault(op, [0, 0])
+                row[0] += self._times(comp)
+                row[1] += self._times(comp) * size
+        return [{"op": op, "count": int(c), "bytes": int(b)} for op, (c, b) in sorted(found.items())]
+
+    def pallas_kernels(self) -> int:
+        return sum(1 for ins in self.computations.values() for i in ins
+                   if i.op == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.attrs
+                   and 'pallas_call"' in i.attrs)
+
+
+def _window(match, spatial: int) -> list[dict]:
+    """Per spatial dimension: size, stride, pad_lo, lhs_dilate, rhs_dilate of a convolution's window attribute."""
+    fields = dict(kv.split("=", 1) for kv in match.group(1).split()) if match else {}
+
+    def ints(key: str, default: int) -> list[int]:
+        return [int(v) for v in fields[key].split("x")] if key in fields else [default] * spatial
+
+    pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * spatial
+    return [dict(size=s, stride=st, pad_lo=p, lhs_dilate=ld, rhs_dilate=rd) for s, st, p, ld, rd in
+            zip(ints("size", 1), ints("stride", 1), pads, ints("lhs_dilate", 1), ints("rhs_dilate", 1))]
+
+
+def _valid_taps(n_in: int, n_out: int, *, size: int, stride: int, pad_lo: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+    """Summed over the output positions of one spatial dimension: the kernel taps that land on an input element
+    (not on padding, not between lhs-dilated elements)."""
+    o_N = np.arange(n_out, dtype=np.int64)[:, None]
+    total = 0
+    for start in range(0, size, 4096):  # taps in blocks: an output x taps table stays small
+        k_K = np.arange(start, min(size, start + 4096), dtype=np.int64)[None, :]
+        at = o_N * stride + k_K * rhs_dilate - pad_lo
+        valid = (at >= 0) & (at <= (n_in - 1) * lhs_dilate) & (at % lhs_dilate == 0)
+        total += int(valid.sum())
+    return total
