@@ -67,13 +67,16 @@ def cpu_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
 
 
 def cpu_grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
-                    group_sizes_G: jax.Array, *, stacked: tuple | None = None) -> jax.Array:
+                    group_sizes_G: jax.Array, *, stacked: tuple | None = None,
+                    rows_in_use: int | None = None) -> jax.Array:
     """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype.
 
     stacked: optional (w_gate_LGKF, w_up_LGKF, w_down_LGFK, layer), stacks of L layers' weights whose [layer]
     are w_gate, w_up and w_down: each group's weights are read straight from the stacks inside the loop (see the
     module docstring). Gradients still go to w_gate, w_up and w_down only; pass the stacks through
-    jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them."""
+    jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them. rows_in_use: accepted as
+    grouped_ffn does (a cost-estimate hint); the loop here visits the rows in use only anyway."""
+    del rows_in_use
     check_shapes(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
     if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
         raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")

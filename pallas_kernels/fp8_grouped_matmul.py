@@ -182,7 +182,7 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
         o_ref[...] = jnp.where(take, acc_ref[...], kept).astype(o_ref.dtype)
 
 
-def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w, out_dtype, opts):
+def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w, out_dtype, opts, rows):
     from jax.experimental.pallas import tpu as pltpu
     G = w.shape[0]
     C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
@@ -208,16 +208,18 @@ def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w,
     return pl.pallas_call(
         functools.partial(_tpu_kernel, transpose_w=transpose_w, has_scales=has_scales, has_x_scales=has_x_scales),
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
-        cost_estimate=_work(x, w, scales_rows, x_scales, Mp, C, O, out_dtype), **opts)(
+        cost_estimate=_work(x, w, scales_rows, x_scales, rows, C, O, out_dtype), **opts)(
         *schedule, starts, ends, x, w, s, xs)
 
 
-def _work(x, w, scales_rows, x_scales, out_rows, C, O, out_dtype):
-    """Every row times its group's [C, O] weight once (the extra visits of tiles a group boundary crosses, at most
-    G - 1 on TPU, are not counted); bytes: x, the weights and scales once, the output."""
+def _work(x, w, scales_rows, x_scales, rows, C, O, out_dtype):
+    """Every one of `rows` rows (those in use: tiles past the last group are skipped at run time) times its
+    group's [C, O] weight once (the extra visits of tiles a group boundary crosses, at most G - 1 on TPU, are not
+    counted); bytes: those rows of x, the weights and scales once, their output."""
     extra = [a for a in (scales_rows, x_scales) if a is not None]
-    return kb.cost(flops=2 * x.shape[0] * C * O,
-                   bytes_accessed=kb.nbytes(x, w, *extra) + out_rows * O * jnp.dtype(out_dtype).itemsize)
+    return kb.cost(flops=2 * rows * C * O,
+                   bytes_accessed=(kb.nbytes(w, *extra) + rows * C * jnp.dtype(x.dtype).itemsize
+                                   + rows * O * jnp.dtype(out_dtype).itemsize))
 
 
 def _form(backend, platform) -> str:
@@ -229,7 +231,7 @@ def _form(backend, platform) -> str:
 
 
 def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
-            out_dtype=None, triton=(4, 2)):
+            out_dtype=None, triton=(4, 2), rows_in_use=None):
     """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ), C and O already multiples of BLOCK. scales_rows is
     [G, C / BLOCK, O] (each block scale repeated along its output columns) or None; x_scales [C / BLOCK, M, 1]
     the FP8 activations' block scales or None. triton: (num_warps, num_stages) of the gpu form."""
@@ -238,13 +240,14 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
     C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     x = kb.pad_axis(x_MC, 0, BLOCK)
     Mp = x.shape[0]
+    rows = Mp if rows_in_use is None else min(Mp, rows_in_use)
     if x_scales is not None:
         x_scales = kb.pad_axis(x_scales, 1, BLOCK, value=1.0)
     if _form(backend, platform) == "tpu":
         # visits of a tile and the contraction blocks accumulate into one output block: only columns are parallel
         opts = kb.launch_options(backend, platform, 3, sequential=(1, 2))
         out = _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, transpose_w=transpose_w,
-                               out_dtype=out_dtype, opts=opts)
+                               out_dtype=out_dtype, opts=opts, rows=rows)
         return out[:x_MC.shape[0]]
     tables = _tables(group_sizes_G, Mp // BLOCK)
     has_scales = scales_rows is not None
@@ -266,7 +269,7 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
                                                           s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda m, o: (m, o)),
         out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
-        cost_estimate=_work(x, w, None if not has_scales else scales_rows, x_scales, Mp, C, O, out_dtype),
+        cost_estimate=_work(x, w, None if not has_scales else scales_rows, x_scales, rows, C, O, out_dtype),
         **kb.launch_options(backend, platform, 2, num_warps=triton[0], num_stages=triton[1]),
     )(*tables, x, w, scales_rows, xs)
     return out[:x_MC.shape[0]]
@@ -291,7 +294,7 @@ def _gmm(x_MK, w_GKN, scales, group_sizes_G, opts):
 
 
 def _forward(x_MK, w_GKN, scales, group_sizes_G, opts):
-    backend, platform, fp8_activations, triton = opts
+    backend, platform, fp8_activations, triton, rows_in_use = opts
     K, N = w_GKN.shape[1:]
     x = _pad_to_blocks(x_MK, [1])
     w = _pad_to_blocks(w_GKN, [1, 2])
@@ -301,7 +304,7 @@ def _forward(x_MK, w_GKN, scales, group_sizes_G, opts):
         x, x_scales_MKb = quantize_activations(x)
         x_scales = x_scales_MKb.T[:, :, None]  # [Kb, M, 1]: one [rows, 1] column per contraction block
     out = _launch(x, w, s, group_sizes_G, transpose_w=False, backend=backend, platform=platform,
-                  x_scales=x_scales, out_dtype=x_MK.dtype, triton=triton)
+                  x_scales=x_scales, out_dtype=x_MK.dtype, triton=triton, rows_in_use=rows_in_use)
     return out[:, :N]
 
 
@@ -310,17 +313,17 @@ def _gmm_fwd(x_MK, w_GKN, scales, group_sizes_G, opts):
 
 
 def _gmm_bwd(opts, res, dy_MN):
-    backend, platform, _, triton = opts  # FP8 activations: the quantisation's gradient is taken as the identity
+    backend, platform, _, triton, rows_in_use = opts  # FP8 activations: the quantisation's gradient is taken as the identity
     x_MK, w_GKN, scales, group_sizes_G = res
     K, N = w_GKN.shape[1:]
     dy = _pad_to_blocks(dy_MN.astype(x_MK.dtype), [1])
     w = _pad_to_blocks(w_GKN, [1, 2])
     s = None if scales is None else kb.pad_axis(_scale_rows(scales, K, along_n=False), 2, BLOCK, value=0)
     dx = _launch(dy, w, s, group_sizes_G, transpose_w=True, backend=backend, platform=platform,
-                 triton=triton)[:, :K]
+                 triton=triton, rows_in_use=rows_in_use)[:, :K]
     if scales is None:
         dw = grouped_weight_grad(x_MK, dy_MN.astype(x_MK.dtype), group_sizes_G, out_dtype=w_GKN.dtype,
-                                 backend=backend, platform=platform)
+                                 backend=backend, platform=platform, rows_in_use=rows_in_use)
         ds = None
     else:  # FP8 weights are frozen: no gradient flows to them or their scales
         dw, ds = jnp.zeros_like(w_GKN), jnp.zeros_like(scales)
@@ -334,10 +337,12 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
                        scales_GKbNb: jax.Array | None = None, *, fp8_activations: bool = False,
                        backend: str = "auto", platform: str | None = None, num_warps: int = 4,
-                       num_stages: int = 2) -> jax.Array:
+                       num_stages: int = 2, rows_in_use: int | None = None) -> jax.Array:
     """[M, K] rows sorted by group, [G, K, N] weights (float8_e4m3fn with [G, ceil(K/128), ceil(N/128)] scales,
     or bf16 / f32 without), [G] group sizes -> [M, N] in x's dtype. fp8_activations: see the module docstring.
-    num_warps / num_stages: Triton's, for the gpu form (k2jax.target.KERNEL_LAUNCH holds them per dtype)."""
+    num_warps / num_stages: Triton's, for the gpu form (k2jax.target.KERNEL_LAUNCH holds them per dtype).
+    rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer),
+    for the kernels' cost estimates only; default all M (the kernels skip tiles past the last group)."""
     if x_MK.ndim != 2 or w_GKN.ndim != 3 or group_sizes_G.shape != w_GKN.shape[:1] or x_MK.shape[1] != w_GKN.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x_MK.shape}, "
                          f"w {w_GKN.shape}, group_sizes {group_sizes_G.shape}")
@@ -357,4 +362,4 @@ def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
     if backend == "xla":
         return reference(x_MK, w_GKN, group_sizes_G, scales_GKbNb, fp8_activations)
     return _gmm(x_MK, w_GKN, scales_GKbNb, group_sizes_G.astype(jnp.int32),
-                (backend, platform, fp8_activations, (num_warps, num_stages)))
+                (backend, platform, fp8_activations, (num_warps, num_stages), rows_in_use))

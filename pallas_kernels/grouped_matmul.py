@@ -79,24 +79,29 @@ def reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G) -> jax.
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *, impl: str = "auto",
-                   launch: dict | None = None) -> jax.Array:
+                   launch: dict | None = None, rows_in_use: int | None = None) -> jax.Array:
     """[M, K] rows sorted by group, [G, K, N] weights, [G] sizes -> [M, N] in x's dtype. launch: keyword
-    arguments of the Pallas kernel (platform, Triton settings: k2jax.target.Target.launch) for impl "pallas"."""
+    arguments of the Pallas kernel (platform, Triton settings: k2jax.target.Target.launch) for impl "pallas".
+    rows_in_use: the rows expected to hold data, for the kernels' cost estimates (fp8_grouped_matmul)."""
     check_shapes(x_MK, (w_GKN,), group_sizes_G)
     impl = _resolve(impl)
     if impl == "ragged_dot":
         return reference(x_MK, w_GKN, group_sizes_G)
-    return fp8_grouped_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G, backend=impl, **(launch or {}))
+    return fp8_grouped_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G, backend=impl, rows_in_use=rows_in_use,
+                              **(launch or {}))
 
 
 def grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
-                group_sizes_G: jax.Array, *, impl: str = "auto", launch: dict | None = None) -> jax.Array:
-    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype. launch: see grouped_matmul."""
+                group_sizes_G: jax.Array, *, impl: str = "auto", launch: dict | None = None,
+                rows_in_use: int | None = None) -> jax.Array:
+    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype. launch, rows_in_use: see
+    grouped_matmul."""
     check_shapes(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
     if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
         raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
     impl = _resolve(impl)
     if impl == "ragged_dot":
         return reference_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G)
-    mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl, launch=launch)
+    mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl, launch=launch,
+                           rows_in_use=rows_in_use)
     return mm(jax.nn.silu(mm(x_MK, w_gate_GKF)) * mm(x_MK, w_up_GKF), w_down_GFK)

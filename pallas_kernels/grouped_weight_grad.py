@@ -108,15 +108,17 @@ def _gpu_kernel(start_ref, end_ref, x_ref, dy_ref, o_ref, *, block_m):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _work(x, dy, G, out_dtype):
-    """Every row's outer product x[m]ᵀ dy[m] once; bytes: x and dy once, the [G, K, N] result."""
-    Mp, Kp = x.shape
-    Np = dy.shape[1]
-    return kb.cost(flops=2 * Mp * Kp * Np,
-                   bytes_accessed=kb.nbytes(x, dy) + G * Kp * Np * jnp.dtype(out_dtype).itemsize)
+def _work(x, dy, G, out_dtype, rows):
+    """The outer product x[m]ᵀ dy[m] of each of `rows` rows (those in use: blocks past the last group are skipped
+    at run time) once; bytes: those rows of x and dy once, the [G, K, N] result."""
+    Kp, Np = x.shape[1], dy.shape[1]
+    return kb.cost(flops=2 * rows * Kp * Np,
+                   bytes_accessed=(rows * (Kp * jnp.dtype(x.dtype).itemsize + Np * jnp.dtype(dy.dtype).itemsize)
+                                   + G * Kp * Np * jnp.dtype(out_dtype).itemsize))
 
 
-def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, backend, platform, opts):
+def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, backend, platform, opts,
+                     rows):
     Mp, Kp = x.shape
     Np = dy.shape[1]
     return pl.pallas_call(
@@ -126,7 +128,7 @@ def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_d
             pl.BlockSpec((Mp, block_k), lambda g, k, n: (0, k)),
             pl.BlockSpec((Mp, block_n), lambda g, k, n: (0, n))],
         out_specs=pl.BlockSpec((None, block_k, block_n), lambda g, k, n: (g, k, n)),
-        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype), cost_estimate=_work(x, dy, G, out_dtype),
+        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype), cost_estimate=_work(x, dy, G, out_dtype, rows),
         **opts,
     )(starts, ends, x, dy)
 
@@ -174,7 +176,7 @@ def _tpu_kernel(block_ref, group_ref, active_ref, first_ref, last_ref, start_ref
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _launch_tpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, opts):
+def _launch_tpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, opts, rows):
     from jax.experimental.pallas import tpu as pltpu
     Mp, Kp = x.shape
     Np = dy.shape[1]
@@ -186,7 +188,7 @@ def _launch_tpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_d
         out_specs=pl.BlockSpec((None, block_k, block_n), lambda k, n, v, blk, grp, *_: (grp[v], k, n)),
         scratch_shapes=[pltpu.VMEM((block_k, block_n), F32)])
     return pl.pallas_call(_tpu_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
-                          cost_estimate=_work(x, dy, G, out_dtype), **opts)(*schedule, starts, ends, x, dy)
+                          cost_estimate=_work(x, dy, G, out_dtype, rows), **opts)(*schedule, starts, ends, x, dy)
 
 
 def _form(backend, platform) -> str:
@@ -197,7 +199,7 @@ def _form(backend, platform) -> str:
     return kb.platform_of(platform)
 
 
-def _launch(x_MK, dy_MN, group_sizes_G, *, out_dtype, backend, platform, launch):
+def _launch(x_MK, dy_MN, group_sizes_G, *, out_dtype, backend, platform, launch, rows_in_use):
     M, K = x_MK.shape
     N = dy_MN.shape[1]
     G = group_sizes_G.shape[0]
@@ -212,23 +214,26 @@ def _launch(x_MK, dy_MN, group_sizes_G, *, out_dtype, backend, platform, launch)
     x = kb.pad_axis(kb.pad_axis(x_MK, 0, block_m), 1, block_k)
     dy = kb.pad_axis(kb.pad_axis(dy_MN, 0, block_m), 1, block_n)
     blocks = {"block_m": block_m, "block_k": block_k, "block_n": block_n}
+    rows = x.shape[0] if rows_in_use is None else min(x.shape[0], rows_in_use)
     if form == "tpu":
         # a group's visits accumulate into one output block: only the K and N tiles are parallel
         opts = kb.launch_options(backend, platform, 3, sequential=(2,))
-        out = _launch_tpu_form(x, dy, starts, ends, G=G, **blocks, out_dtype=out_dtype, opts=opts)
+        out = _launch_tpu_form(x, dy, starts, ends, G=G, **blocks, out_dtype=out_dtype, opts=opts, rows=rows)
     else:
         opts = kb.launch_options(backend, platform, 3, **settings)
         out = _launch_gpu_form(x, dy, starts, ends, G=G, **blocks, out_dtype=out_dtype, backend=backend,
-                               platform=platform, opts=opts)
+                               platform=platform, opts=opts, rows=rows)
     return out[:, :K, :N]
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def grouped_weight_grad(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_G: jax.Array, *, out_dtype=None,
-                        backend: str = "auto", platform: str | None = None, **launch) -> jax.Array:
+                        backend: str = "auto", platform: str | None = None, rows_in_use: int | None = None,
+                        **launch) -> jax.Array:
     """dw [G, K, N] = per group x[rows of g]ᵀ @ dy[rows of g] (f32 accumulation, out_dtype default x's dtype).
     x [M, K] and dy [M, N] rows sorted by group (dy is cast to x's dtype), group_sizes [G] int (rows past their
-    sum belong to no group). `launch`: block_m, block_k, block_n, num_warps, num_stages (see the module docstring)."""
+    sum belong to no group). `launch`: block_m, block_k, block_n, num_warps, num_stages (see the module docstring).
+    rows_in_use: rows expected to hold data, for the kernel's cost estimate only (default all M)."""
     if (x_MK.ndim != 2 or dy_MN.ndim != 2 or group_sizes_G.ndim != 1 or x_MK.shape[0] != dy_MN.shape[0]
             or not jnp.issubdtype(group_sizes_G.dtype, jnp.integer)):
         raise ValueError(f"grouped_weight_grad: expected x [M, K], dy [M, N], integer group_sizes [G]; got x "
@@ -249,4 +254,4 @@ def grouped_weight_grad(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_G: jax.Ar
     if backend == "xla":
         return reference(x_MK, dy_MN, group_sizes_G, out_dtype)
     return _launch(x_MK, dy_MN, group_sizes_G, out_dtype=out_dtype, backend=backend, platform=platform,
-                   launch=launch)
+                   launch=launch, rows_in_use=rows_in_use)

@@ -10,7 +10,8 @@ j of the expert axis owns experts [j E_loc, (j + 1) E_loc)). Per device:
   2. exchange row counts (an all_gather of [E] int32 per device: tiny) so every device knows every
      (source, destination, expert) count, hence all offsets;
   3. ragged all-to-all the rows to their experts' devices; re-sort the received rows by local expert;
-  4. `ffn(rows, w_gate, w_up, w_down, group_sizes)` on the local experts (a grouped matmul);
+  4. `ffn(rows, w_gate, w_up, w_down, group_sizes, rows_in_use=M)` on the local experts (a grouped matmul;
+     rows_in_use, the balanced load, is for the kernels' cost estimates: the buffer's empty tail is skipped);
   5. the reverse ragged all-to-all brings the results back to the rows' sources, which un-sort them and
      combine each token's K results with its routing weights.
 
@@ -127,7 +128,9 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD
     local_R = jnp.where(segment_R < n * L, segment_R % L, L)         # empty buffer rows sort last
     by_expert_R = jnp.argsort(local_R, stable=True)
     # 4. the local experts
-    y_RD = ffn(recv_RD[by_expert_R], w_gate_LDF, w_up_LDF, w_down_LFD, kept_snl[:, me, :].sum(0))
+    # (a balanced load fills M of the R rows: the kernels' cost estimates count those, the empty rest is skipped)
+    y_RD = ffn(recv_RD[by_expert_R], w_gate_LDF, w_up_LDF, w_down_LFD, kept_snl[:, me, :].sum(0),
+               rows_in_use=min(M, R))
     y_RD = y_RD[jnp.argsort(by_expert_R)]
     # 5. back to the sources, un-sorted, combined (dropped rows come back as the buffer's zeros)
     back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, y_RD.shape[1]), y_RD.dtype), dst_offsets_sn[:, me], recv_n,

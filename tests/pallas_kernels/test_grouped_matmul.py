@@ -4,6 +4,7 @@ The kernels' own tests are in test_fp8_grouped_matmul.py and test_grouped_weight
 tests/k2jax/test_cpu_grouped_ffn.py."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,3 +56,32 @@ def test_interpreted_kernel_ffn_and_gradients_match_reference():
     assert rel_err(got[0], want[0]) <= 1e-5
     for name, g, r in zip(("dx", "dw_gate", "dw_up", "dw_down"), got[1], want[1]):
         assert rel_err(g, r) <= 1e-5, name
+
+
+def _declared_flops(fn, *args) -> list[int]:
+    """The FLOPs each pallas_call in fn's jaxpr declares (its pl.CostEstimate), in trace order."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield eqn.params["cost_estimate"].flops
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("rows_in_use", [None, 128])
+def test_cost_estimates_count_the_rows_in_use(rows_in_use):
+    """An expert-parallel receive buffer is ep_capacity_factor x its balanced load; the kernels skip its empty
+    tail, so with rows_in_use their estimates (what k2jax-aot sums) count those rows, forward and backward."""
+    M, K, N, G = 512, 256, 384, 4
+    x = jnp.ones((M, K), jnp.float32)
+    w = jnp.ones((G, K, N), jnp.float32)
+    sizes = jnp.array([40, 30, 50, 8], jnp.int32)
+    rows = M if rows_in_use is None else rows_in_use
+
+    def loss(x, w):
+        return grouped_matmul(x, w, sizes, impl="interpret", rows_in_use=rows_in_use).sum()
+
+    assert _declared_flops(lambda x, w: grouped_matmul(x, w, sizes, impl="interpret", rows_in_use=rows_in_use),
+                           x, w) == [2 * rows * K * N]
+    assert sorted(_declared_flops(jax.grad(loss, argnums=(0, 1)), x, w)) == [2 * rows * K * N] * 3  # fwd, dx, dw

@@ -89,9 +89,10 @@ def test_init_sharded_builds_the_same_model_in_shards():
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
 
 
-def _row_ffn(x_RD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L):
+def _row_ffn(x_RD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, *, rows_in_use):
     """A grouped SwiGLU FFN written per row (each row's expert found from the group sizes): the buffer's rows past
-    the groups get expert L, clamped; their output is never read."""
+    the groups get expert L, clamped; their output is never read. rows_in_use: a cost-estimate hint (unused)."""
+    assert 0 < rows_in_use <= x_RD.shape[0]
     expert_R = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_L), jnp.arange(x_RD.shape[0]), side="right"),
                            len(sizes_L) - 1)
     g = jnp.einsum("rd,rdf->rf", x_RD, w_gate_LDF[expert_R])
