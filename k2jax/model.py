@@ -27,6 +27,7 @@ from k2jax.cpu_grouped_ffn import scanned_expert_stacks
 from k2jax.moe import MoE
 from k2jax.rope import rope_tables
 from k2jax.target import Target
+from sharding.expert_parallel import EXPERT_AXIS, expert_parallel_enabled
 from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
 from sharding.rules import ACTIVATION_BTD, constrain
 
@@ -127,17 +128,18 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = segment_positions(segment_ids)
 
-        inputs = _layer_inputs(cfg, segment_ids, positions)
-
-        def layer(block, x_BTD, carry, _):
+        def layer(block, x_BTD, inputs, _):  # inputs (rope tables, segment ids) ride along unchanged
             x_BTD, aux = block(x_BTD, *inputs)
-            return constrain(x_BTD, ACTIVATION_BTD), carry, aux
+            return constrain(x_BTD, ACTIVATION_BTD), inputs, aux
 
-        mesh = jax.sharding.get_abstract_mesh()
-        if pipeline_enabled(mesh) and self.moe_blocks is not None:
-            x_BTD, dense_aux, moe_aux = self._run_pipelined(self.embed(tokens_BT), layer, segment_ids, positions, mesh)
-        else:
-            x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer, None)
+        microbatches = parallelism(cfg)["pipeline_microbatches"]
+        x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer,
+                                                       _layer_inputs(cfg, segment_ids, positions),
+                                                       microbatches=microbatches)
+        if microbatches and moe_aux is not None:  # [M, L, ...] per microbatch -> as an unsplit batch gives it
+            moe_aux = {"attn_max_logits": moe_aux["attn_max_logits"].max(0),
+                       "expert_load": moe_aux["expert_load"].sum(0), "ep_dropped": moe_aux["ep_dropped"].sum(0),
+                       "topk_ids": jnp.concatenate(list(moe_aux["topk_ids"]), axis=1)}  # [L, M x b = B, T, K]
         logits_BTV = x_BTD if return_hidden else self.logits(x_BTD)
         if not return_aux:
             return logits_BTV
@@ -151,28 +153,6 @@ class Transformer(nnx.Module):
         }
         return logits_BTV, aux
 
-    def _run_pipelined(self, x_BTD, layer, segment_ids, positions, mesh):
-        """Dense blocks as usual, the stacked MoE blocks through sharding.pipeline over the `stage` axis (the
-        per-example inputs travel with the activations); aux reduced over microbatches as an unsplit batch would
-        give it."""
-        dense_aux = []
-        for i, block in enumerate(self.dense_blocks):
-            x_BTD, _, aux = layer(block, x_BTD, None, i)
-            dense_aux.append(aux)
-        graphdef, moe_state = nnx.split(self.moe_blocks)
-
-        def moe_layer(state, layer_state):
-            x, seg, pos = state
-            x, aux = nnx.merge(graphdef, layer_state)(x, *_layer_inputs(self.cfg, seg, pos))
-            return (x, seg, pos), aux
-
-        M = self.cfg.pipeline_microbatches or dict(mesh.shape)[STAGE_AXIS]
-        (x_BTD, _, _), aux = pipeline_scan(moe_layer, moe_state, (x_BTD, segment_ids, positions), num_microbatches=M)
-        moe_aux = {"attn_max_logits": aux["attn_max_logits"].max(0), "expert_load": aux["expert_load"].sum(0),
-                   "ep_dropped": aux["ep_dropped"].sum(0),
-                   "topk_ids": jnp.concatenate(list(aux["topk_ids"]), axis=1)}  # [M, L, b, T, K] -> [L, B, T, K]
-        return x_BTD, dense_aux, moe_aux
-
     def embed(self, tokens_BT: jnp.ndarray) -> jnp.ndarray:
         return constrain(self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype), ACTIVATION_BTD)
 
@@ -181,11 +161,15 @@ class Transformer(nnx.Module):
         return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32,
                        cpu_form=Target.of(self.cfg).cpu_matmul)
 
-    def run_layers(self, x_BTD: jnp.ndarray, layer_fn, carry):
+    def run_layers(self, x_BTD: jnp.ndarray, layer_fn, carry, *, microbatches: int = 0):
         """Runs every decoder block in order: x, carry, out = layer_fn(block, x, carry, layer_index). The dense
-        blocks run in a Python loop (static index), the stacked MoE blocks in one scan (traced index). The index
-        counts all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the MoE
-        blocks' outs stacked along a leading layer axis, or None without MoE blocks)."""
+        blocks run in a Python loop (static index), the stacked MoE blocks in one scan (traced index; `cfg.remat`
+        recomputes each block's activations in the backward pass, the target sets the unroll). The index counts
+        all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the MoE blocks' outs
+        stacked along a leading layer axis, or None without MoE blocks).
+        microbatches > 0: the MoE scan runs as a GPipe pipeline over the mesh's `stage` axis
+        (sharding.pipeline.pipeline_scan, the same step): `carry` then holds per-example inputs with a leading batch
+        axis, split into microbatches with x, and the MoE outs come back [microbatches, L, ...]."""
         dense_outs = []
         for i, block in enumerate(self.dense_blocks):
             x_BTD, carry, out = layer_fn(block, x_BTD, carry, i)
@@ -196,7 +180,9 @@ class Transformer(nnx.Module):
             first = self.cfg.num_dense_layers
             target = Target.of(self.cfg)
             stacks = None
-            if target.moe_impl == "tiled":  # the CPU grouped FFN reads the expert stacks in place (cpu_grouped_ffn)
+            # the CPU grouped FFN reads the expert stacks in place (cpu_grouped_ffn); not inside the pipeline's
+            # shard_map, whose stages hold only their own layers
+            if target.moe_impl == "tiled" and not microbatches:
                 experts = self.moe_blocks.mlp.experts
                 stacks = tuple(jax.lax.stop_gradient(p[...]) for p in (experts.gate_proj, experts.up_proj,
                                                                        experts.down_proj))
@@ -213,9 +199,35 @@ class Transformer(nnx.Module):
                 step = jax.checkpoint(step, policy=policy)
 
             indices = jnp.arange(first, first + self.cfg.num_moe_layers, dtype=jnp.int32)
-            (x_BTD, carry), moe_outs = jax.lax.scan(step, (x_BTD, carry), (state, indices),
-                                                    unroll=target.scan_unroll)
+            if microbatches:
+                (x_BTD, carry), moe_outs = pipeline_scan(step, (state, indices), (x_BTD, carry),
+                                                         num_microbatches=microbatches, unroll=target.scan_unroll)
+            else:
+                (x_BTD, carry), moe_outs = jax.lax.scan(step, (x_BTD, carry), (state, indices),
+                                                        unroll=target.scan_unroll)
         return x_BTD, carry, dense_outs, moe_outs
+
+
+def parallelism(cfg: K2Config, mesh=None) -> dict[str, int]:
+    """What the model runs explicitly (shard_map) under `mesh` (default: the one set with jax.set_mesh):
+    expert_parallel, the groups the routed experts are split into (sharding.expert_parallel; 1: none), and
+    pipeline_stages x pipeline_microbatches (sharding.pipeline; 1 x 0: none). The rest is XLA's automatic
+    sharding of the rules' layout."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    ep = dict(mesh.shape)[EXPERT_AXIS] if expert_parallel_enabled(mesh, cfg.n_routed_experts) else 1
+    stages = dict(mesh.shape)[STAGE_AXIS] if pipeline_enabled(mesh) and cfg.num_moe_layers else 1
+    return {"expert_parallel": ep, "pipeline_stages": stages,
+            "pipeline_microbatches": (cfg.pipeline_microbatches or stages) if stages > 1 else 0}
+
+
+def describe_parallelism(p: dict[str, int]) -> str:
+    """parallelism()'s dict in words, for a job's banner."""
+    parts = []
+    if p["expert_parallel"] > 1:
+        parts.append(f"expert parallel over {p['expert_parallel']} groups (shard_map all-to-all)")
+    if p["pipeline_stages"] > 1:
+        parts.append(f"pipeline of {p['pipeline_stages']} stages x {p['pipeline_microbatches']} microbatches")
+    return ", ".join(parts) or "no expert or pipeline parallelism (XLA shards the layout of the rules)"
 
 
 def param_name(path) -> str:

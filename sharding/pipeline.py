@@ -48,7 +48,8 @@ def _split(tree, M):
 
 
 def pipeline_scan(layer_fn: Callable, stacked_params, state, *, num_microbatches: int, mesh=None,
-                  stage_axis: str = STAGE_AXIS):
+                  stage_axis: str = STAGE_AXIS, unroll: int = 1):
+    """See the module docstring; `unroll` is jax.lax.scan's over each stage's layers."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if not pipeline_enabled(mesh, stage_axis):
         raise ValueError(f"pipeline_scan: the mesh needs a '{stage_axis}' axis > 1")
@@ -61,7 +62,7 @@ def pipeline_scan(layer_fn: Callable, stacked_params, state, *, num_microbatches
     micro = _split(state, M)  # [M, b, ...]
 
     def stage_layers(x, params):
-        return jax.lax.scan(layer_fn, x, params)
+        return jax.lax.scan(layer_fn, x, params, unroll=unroll)
 
     aux_shape = jax.eval_shape(lambda x, p: stage_layers(x, p)[1], jax.tree.map(lambda a: a[0], micro),
                                jax.tree.map(lambda a: a[:L // n], stacked_params))

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from k2jax.checkpoint import load_checkpoint
 from k2jax.commands import UsageError, one_line
 from k2jax.config import ConfigError, K2Config, preset
-from k2jax.model import Transformer, param_info, param_name
+from k2jax.model import Transformer, describe_parallelism, param_info, param_name, parallelism
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from k2jax.training.checkpoints import TrainCheckpoints, with_shardings
 from k2jax.training.data import make_iterator
@@ -299,6 +299,7 @@ def _banner(config, cfg: K2Config, mesh, workdir: str, start: int, origin: str, 
          f"{cfg.num_params():,} parameters ({cfg.num_active_params():,} active per token), {cfg.param_dtype}")
     _say(f"mesh: {axes} over {mesh.size} {device.platform} devices in {jax.process_count()} "
          f"process{'es' if jax.process_count() > 1 else ''}; parameters sharded by {config.mesh.strategy!r}")
+    _say(f"parallelism: {describe_parallelism(parallelism(cfg, mesh))}")
     _say(f"batch: {config.global_batch} rows x {config.seq_len} tokens = {tokens:,} tokens per step"
          f"{f' in {config.grad_accum} microbatches' if config.grad_accum > 1 else ''}; data {config.data.source}")
     _say(f"run: steps {start} -> {config.steps} ({origin}), checkpoints every {config.checkpoint.every} steps in "

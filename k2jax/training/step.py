@@ -8,7 +8,9 @@ The batch's rows are split into `grad_accum` microbatches run one after another 
 weighted by their target-token counts, so the update equals one big batch's. The QK-Clip statistics are the max
 over microbatches; expert loads and the routed rows dropped by expert parallelism's bounded receive buffers
 (`ep_dropped_rows`, 0 when dropless) are summed. A step whose loss or gradients are not finite changes nothing
-(`metrics["finite"]` is False): the caller stops before saving it.
+(`metrics["finite"]` is False): the caller stops before saving it. The metrics also say which explicit
+parallelism the step was traced with (`expert_parallel`, `pipeline_stages`, `pipeline_microbatches`:
+k2jax.model.parallelism of the mesh set with jax.set_mesh).
 
 Letter legend: A accumulation microbatches, b rows per microbatch, T tokens per row.
 """
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from k2jax.model import parallelism
 from k2jax.optim.router_bias import router_bias_update
 
 
@@ -144,7 +147,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
         # runs in place in the donated state instead of holding both (K2 on v5p-512: 30 GB per chip)
         new, update_norm, param_norm = jax.lax.cond(finite, apply, keep, state, grads)
         load_f = load.astype(jnp.float32)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
+        # the parallelism this step was traced with (the mesh set with jax.set_mesh decides it)
+        explicit = parallelism(nnx.merge(graphdef, state.params, state.rest).cfg)
+        metrics = {**explicit, "loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
                    "param_norm": param_norm, "tokens": count, "finite": finite,
                    "attn_max_logit": max_logits,  # [layers, heads]
                    "ep_dropped_rows": dropped,  # routed rows EP receive buffers dropped (cfg.ep_capacity_factor)

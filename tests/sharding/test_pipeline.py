@@ -9,6 +9,7 @@ from flax import nnx
 
 import k2jax
 from k2jax.config import tiny
+from k2jax.model import parallelism
 from k2jax.placement import shard_model
 from sharding.mesh import make_mesh
 from sharding.pipeline import bubble_fraction, pipeline_scan
@@ -53,19 +54,22 @@ def _check(got, want):
         assert np.max(np.abs(g - w)) <= 1e-5 * max(np.max(np.abs(w)), 1e-30), path
 
 
-@pytest.mark.parametrize("stages, microbatches", [(2, 4), (4, 8)])
-def test_pipeline_equals_unsharded(reference, stages, microbatches):
+@pytest.mark.parametrize("stages, microbatches, remat", [(2, 4, "none"), (4, 8, "full")])
+def test_pipeline_equals_unsharded(reference, stages, microbatches, remat):
+    """The pipeline runs the model's own layer step (run_layers), remat included."""
     model, tokens, segments, want = reference
     mesh = make_mesh({"stage": stages, "fsdp": -1})
     sharded = shard_model(model, mesh, "ep_pp")
-    sharded.cfg = sharded.cfg.replace(pipeline_microbatches=microbatches)
+    sharded.cfg = sharded.cfg.replace(pipeline_microbatches=microbatches, remat=remat)
     for block in [sharded.moe_blocks]:  # the stacked MoE parameters are split over stage
         assert block.self_attn.q_b_proj[...].sharding.spec[0] == "stage"
     with jax.set_mesh(mesh):
         step = jax.jit(_loss_and_grads)
         got = step(sharded, tokens, segments)
         hlo = step.lower(sharded, tokens, segments).as_text()
+        jaxpr = str(jax.make_jaxpr(_loss_and_grads)(sharded, tokens, segments))
     assert "collective_permute" in hlo or "collective-permute" in hlo
+    assert "shard_map" in jaxpr and ("remat" in jaxpr) == (remat != "none")
     _check(got, want)
 
 
@@ -74,6 +78,7 @@ def test_expert_pipeline_and_data_parallel_together(reference):
     mesh = make_mesh({"data": 2, "expert": 2, "stage": 2})
     sharded = shard_model(model, mesh, "ep_pp")
     sharded.cfg = sharded.cfg.replace(pipeline_microbatches=2)
+    assert parallelism(sharded.cfg, mesh) == {"expert_parallel": 2, "pipeline_stages": 2, "pipeline_microbatches": 2}
     with jax.set_mesh(mesh):
         step = jax.jit(_loss_and_grads)
         got = step(sharded, tokens, segments)

@@ -98,11 +98,15 @@ def test_the_loss_falls_and_checkpoints_are_kept(straight):
     rows = read_metrics(straight)
     assert {"lr", "grad_norm", "update_norm", "tokens_per_s", "tflops_per_device", "attn_max_logit",
             "expert_load_max_over_mean"} <= set(rows[-1])
+    # the explicit parallelism the step ran with: none on an fsdp mesh
+    assert {k: rows[-1][k] for k in ("expert_parallel", "pipeline_stages", "pipeline_microbatches")} == {
+        "expert_parallel": 1, "pipeline_stages": 1, "pipeline_microbatches": 0}
 
 
 def test_it_prints_a_banner_then_compiling_then_steps_and_no_library_logs(straight):
     out, err = _output(straight, "stdout"), _output(straight, "stderr")
     for line in ("config: ", "model: preset tiny, 2 layers, ", "mesh: fsdp 8 over 8 cpu devices in 1 process",
+                 "parallelism: no expert or pipeline parallelism",
                  "batch: 8 rows x 32 tokens = 256 tokens per step", "run: steps 0 -> 12 (fresh)"):
         assert line in out, out
     assert out.index("batch: ") < out.index("compiling the train step") < out.index("step 0/12: loss ")
@@ -317,7 +321,7 @@ def test_init_from_a_converted_checkpoint(tmp_path):
     assert abs(_losses(workdir)[0] - math.log(model.cfg.vocab_size)) < 1e-5
 
 
-def test_ep_overflow_fail_stops_at_the_step_that_dropped_rows(tmp_path):
+def test_ep_overflow_fail_stops_at_the_step_that_dropped_rows(tmp_path, capsys):
     """A receive buffer of a quarter of the balanced load must drop rows: config.ep_overflow='fail' stops the job
     at step 0 with EPOverflowError naming the count, before anything is saved."""
     import importlib.util
@@ -333,3 +337,4 @@ def test_ep_overflow_fail_stops_at_the_step_that_dropped_rows(tmp_path):
     with pytest.raises(EPOverflowError, match=r"step 0: expert parallelism's receive buffers dropped \d+ routed"):
         train(config, str(tmp_path / "run"))
     assert _steps(str(tmp_path / "run")) == []
+    assert "parallelism: expert parallel over 4 groups" in capsys.readouterr().out  # the banner says EP runs
