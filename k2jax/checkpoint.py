@@ -207,14 +207,6 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
-def dequantize_fp8(q_OI: jax.Array, scale_XY: jax.Array, dtype) -> jax.Array:
-    """W = float32(q) x scale per 128x128 block of the stored [..., out, in] weight, in JAX: on the devices at
-    load, on the host in the converter (bit-identical to quant.dequantize)."""
-    O, I = q_OI.shape[-2:]
-    s = jnp.repeat(jnp.repeat(scale_XY, quant.BLOCK, axis=-2)[..., :O, :], quant.BLOCK, axis=-1)[..., :I]
-    return (q_OI.astype(jnp.float32) * s).astype(dtype)
-
-
 def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
     """Saves the model's whole state (params and router biases) in cfg.param_dtype. The matmul weights are
     transposed to the stored layout on their devices first (a transient copy of each)."""
@@ -299,7 +291,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
 def _stored_to_param(w, scale, m: Matmul, shape: tuple[int, ...], dtype) -> jax.Array:
     if scale is not None:
-        w = dequantize_fp8(w, scale, dtype)
+        w = quant.dequantize_blocks(w, scale, dtype)
     return from_stored(w.astype(dtype), m, shape)
 
 

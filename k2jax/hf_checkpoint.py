@@ -30,12 +30,11 @@ from tqdm import tqdm
 
 from k2jax import quant
 from k2jax.config import K2Config
-from k2jax.hf_mapping import (CheckpointError, HFTensorSpec, check_names, from_hf_tensors, hf_tensor_specs,
-                              is_mtp_tensor, release_dtype)
+from k2jax.hf_mapping import (SCALE_SUFFIX, CheckpointError, HFTensorSpec, check_names, from_hf_tensors,
+                              hf_tensor_specs, is_mtp_tensor, release_dtype)
 from k2jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors_streaming
 
 INDEX = "model.safetensors.index.json"
-SCALE_SUFFIX = "_scale_inv"
 _STORE_DTYPES = ("fp8", "bfloat16", "float32")
 
 
@@ -97,17 +96,8 @@ class HFCheckpoint:
 
     def check(self) -> None:
         """Validates names, shapes and dtypes of every tensor against the config (reads headers only)."""
-        expected = set(self.specs)
+        check_names(self.config, self.weight_map, list(self.specs.values()), source=self.path, fp8_scales=True)
         scales = {n for n in self.weight_map if n.endswith(SCALE_SUFFIX)}
-        missing = sorted(expected - set(self.weight_map))
-        unexpected = sorted(n for n in set(self.weight_map) - expected - scales
-                            if not is_mtp_tensor(n, self.config))
-        if missing:
-            raise CheckpointError(f"{self.path}: missing {len(missing)} tensor(s) config.json needs, e.g. "
-                                  f"{missing[:3]}")
-        if unexpected:
-            raise CheckpointError(f"{self.path}: {len(unexpected)} tensor(s) config.json does not describe, e.g. "
-                                  f"{unexpected[:3]} (config/weights mismatch?)")
         for spec in self.specs.values():
             self._check_tensor(spec)
         orphans = sorted(s for s in scales

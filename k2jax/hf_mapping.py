@@ -28,6 +28,9 @@ from k2jax.config import K2Config
 from k2jax.model import Transformer
 
 
+SCALE_SUFFIX = "_scale_inv"  # an FP8 weight's block scales: "<weight name>_scale_inv"
+
+
 class CheckpointError(ValueError):
     """A tensor set that does not match the config it is loaded for."""
 
@@ -125,23 +128,25 @@ def is_mtp_tensor(name: str, cfg: K2Config) -> bool:
     return bool(m) and cfg.num_hidden_layers <= int(m.group(1)) < cfg.num_hidden_layers + cfg.num_nextn_predict_layers
 
 
-def check_names(cfg: K2Config, names: Iterable[str], specs: list[HFTensorSpec] | None = None, *, source: str = "tensors"
-                ) -> None:
-    """Raises CheckpointError naming missing, unexpected or still-quantised tensors."""
+def check_names(cfg: K2Config, names: Iterable[str], specs: list[HFTensorSpec] | None = None, *, source: str = "tensors",
+                fp8_scales: bool = False) -> None:
+    """Raises CheckpointError naming missing or unexpected tensors (MTP layers are neither). fp8_scales: names
+    may include `weight_scale_inv` tensors (a release directory; HFCheckpoint checks each against its weight);
+    otherwise a scale means the weights are still quantised."""
     specs = hf_tensor_specs(cfg) if specs is None else specs
     names = set(names)
-    scales = sorted(n for n in names if n.endswith("weight_scale_inv"))
-    if scales:
+    scales = sorted(n for n in names if n.endswith(SCALE_SUFFIX))
+    if scales and not fp8_scales:
         raise CheckpointError(f"{source}: {scales[0]} (and {len(scales) - 1} more) are FP8 scales; "
                               f"dequantise first (k2jax.quant) or use convert_checkpoint.py")
     expected = {s.name for s in specs}
     missing = sorted(expected - names)
-    unexpected = sorted(n for n in names - expected if not is_mtp_tensor(n, cfg))
+    unexpected = sorted(n for n in names - expected - set(scales) if not is_mtp_tensor(n, cfg))
     if missing:
         raise CheckpointError(f"{source}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
     if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) the config does not have, e.g. "
-                              f"{unexpected[:3]} (wrong config.json?)")
+        raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) the config does not describe, e.g. "
+                              f"{unexpected[:3]} (config/weights mismatch?)")
 
 
 def _get(tree: Any, path: tuple) -> Any:

@@ -16,17 +16,22 @@ dequantised weight is finite: each scale is finite, > 0 and at most max_scale(dt
 target dtype / 448 (so 448 x scale, the largest |W| a block can hold, still fits: 7.6e35 for float32 and
 bfloat16), and `dequantize` rejects the e4m3 NaN bit patterns.
 
-These run on the host (NumPy, ml_dtypes) because the converter streams tensors through them.
+These run on the host (NumPy, ml_dtypes) because the converter streams tensors through them; `dequantize`'s
+arithmetic is the one block dequantisation of the project (`dequantize_blocks`,
+pallas_kernels.fp8_grouped_matmul.dequantize: traceable, so the devices run it at load), jitted on the host.
 
 Letter legend: O out rows, I in columns, X / Y scale-grid rows / columns.
 """
 
 from __future__ import annotations
 
+import jax
 import ml_dtypes
 import numpy as np
 
-BLOCK = 128
+from pallas_kernels.fp8_grouped_matmul import BLOCK
+from pallas_kernels.fp8_grouped_matmul import dequantize as dequantize_blocks
+
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
@@ -40,22 +45,8 @@ def scale_shape(weight_shape: tuple[int, ...], block: int = BLOCK) -> tuple[int,
     return -(-out // block), -(-in_ // block)
 
 
-# float32 value of each of the 256 e4m3 bit patterns: a table lookup is ~10x faster than ml_dtypes' cast.
-_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
-
-
-def _blockwise_scale(values_OI: np.ndarray, scale_XY: np.ndarray, block: int) -> np.ndarray:
-    """values * scale per block, in place on a float32 array, without building a full-size scale."""
-    O, I = values_OI.shape
-    X, Y = scale_XY.shape
-    full_o, full_i = (O // block) * block, (I // block) * block
-    body = values_OI[:full_o, :full_i].reshape(full_o // block, block, full_i // block, block)
-    body *= scale_XY[:full_o // block, None, :full_i // block, None]
-    if full_i < I:  # ragged last block column: one scale per block row
-        values_OI[:full_o, full_i:] *= np.repeat(scale_XY[:full_o // block, Y - 1], block)[:, None]
-    if full_o < O:  # ragged last block row
-        values_OI[full_o:] *= np.repeat(scale_XY[X - 1], block)[:I]
-    return values_OI
+# W = e4m3 x scale per block on the host's jax device (~5x NumPy's speed; bit-identical)
+_dequantize_jit = jax.jit(dequantize_blocks, static_argnums=2)
 
 
 def _expand(scale_XY: np.ndarray, shape: tuple[int, int], block: int) -> np.ndarray:
@@ -64,16 +55,16 @@ def _expand(scale_XY: np.ndarray, shape: tuple[int, int], block: int) -> np.ndar
 
 
 def dequantize(weight_OI: np.ndarray, scale_inv_XY: np.ndarray, dtype=np.float32, *, name: str = "weight",
-               block: int = BLOCK) -> np.ndarray:
+               checked: bool = False) -> np.ndarray:
     """float32(weight) * weight_scale_inv per block, computed in float32 and cast to `dtype` (every value finite:
-    see check_scale)."""
+    see check_scale). checked: the caller already ran check_scale and check_no_nan (HFCheckpoint.read_fp8)."""
     weight_OI, scale_inv_XY = np.asarray(weight_OI), np.asarray(scale_inv_XY)
     if weight_OI.dtype != E4M3 or weight_OI.ndim != 2:
         raise QuantError(f"{name}: expected a 2-D float8_e4m3fn weight, got {weight_OI.dtype}{list(weight_OI.shape)}")
-    scale32 = check_scale(scale_inv_XY, weight_OI.shape, name=name, block=block, dtype=dtype)
-    check_no_nan(weight_OI, name=name)
-    out = _blockwise_scale(_E4M3_TO_F32[weight_OI.view(np.uint8)], scale32, block)
-    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+    if not checked:
+        scale_inv_XY = check_scale(scale_inv_XY, weight_OI.shape, name=name, dtype=dtype)
+        check_no_nan(weight_OI, name=name)
+    return np.asarray(_dequantize_jit(weight_OI, scale_inv_XY.astype(np.float32), np.dtype(dtype)))
 
 
 def max_scale(dtype=np.float32) -> float:

@@ -57,11 +57,13 @@ FP8 = jnp.float8_e4m3fn
 
 # ---- XLA reference -------------------------------------------------------------------------------------------
 def dequantize(w_GKN: jax.Array, scales_GKbNb: jax.Array | None, dtype=F32) -> jax.Array:
-    """W = float(w) * scale per 128x128 block (ragged last blocks: the scale covers what exists)."""
+    """W = float32(w) * scale per 128x128 block of the last two axes, cast to dtype (any leading axes; ragged last
+    blocks: the scale covers what exists). The one block dequantisation: k2jax.quant (host, after its checks) and
+    k2jax.checkpoint (on the devices at load) call it too."""
     if scales_GKbNb is None:
         return w_GKN.astype(dtype)
-    K, N = w_GKN.shape[1:]
-    s = jnp.repeat(jnp.repeat(scales_GKbNb, BLOCK, axis=1)[:, :K], BLOCK, axis=2)[:, :, :N]
+    K, N = w_GKN.shape[-2:]
+    s = jnp.repeat(jnp.repeat(scales_GKbNb, BLOCK, axis=-2)[..., :K, :], BLOCK, axis=-1)[..., :N]
     return (w_GKN.astype(F32) * s).astype(dtype)
 
 

@@ -44,7 +44,7 @@ def test_mtp_layers_are_skipped(tensors):
 @pytest.mark.parametrize("edit, match", [
     (lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"), "missing 1 .*experts.3.up_proj"),
     (lambda t: t.update({"model.layers.1.mlp.experts.16.up_proj.weight": np.zeros((32, 64), np.float32)}),
-     "does not have.*experts.16"),
+     "does not describe.*experts.16"),
     (lambda t: t.update({"model.layers.1.self_attn.kv_b_proj.weight": np.zeros((32, 32), np.float32)}),
      "kv_b_proj.weight: expected shape \\(128, 32\\), got \\(32, 32\\)"),
     (lambda t: t.update({"model.layers.0.self_attn.o_proj.weight_scale_inv": np.ones((1, 1), np.float32)}),
