@@ -29,7 +29,8 @@ from k2jax.config import K2Config
 from k2jax.cpu_grouped_ffn import cpu_grouped_ffn, current_stacks
 from k2jax.layers import MLP, weight
 from k2jax.target import Target
-from pallas_kernels.grouped_matmul import combine_sorted, grouped_ffn, sort_by_group
+from pallas_kernels.group_rows import combine_sorted, sort_by_group
+from pallas_kernels.grouped_matmul import grouped_ffn
 from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
 from sharding.per_shard import per_shard
 

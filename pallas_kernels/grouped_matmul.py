@@ -4,7 +4,8 @@
     grouped_ffn(x, w_gate, w_up, w_down, sizes)
                                            out[i] = (silu(x[i] @ w_gate[g]) * (x[i] @ w_up[g])) @ w_down[g]
 
-where rows [start_g, start_g + sizes[g]) belong to group g; rows past sum(sizes) come out as zeros.
+where rows [start_g, start_g + sizes[g]) belong to group g (`pallas_kernels.group_rows` puts routed rows in this
+layout and back); rows past sum(sizes) come out as zeros.
 
 One dispatch point, `impl=`:
   - "ragged_dot": `jax.lax.ragged_dot`, the XLA reference every other form is tested against. Its forward is native
@@ -47,22 +48,6 @@ def check_shapes(x_MK, ws, group_sizes_G):
     if x_MK.shape[1] != ws[0].shape[1] or any(w.shape[0] != group_sizes_G.shape[0] for w in ws):
         raise ValueError(f"grouped matmul: x {x_MK.shape}, weights {[w.shape for w in ws]} and group_sizes "
                          f"{group_sizes_G.shape} do not agree")
-
-
-# ---- routing rows to groups and back -------------------------------------------------------------------------
-def sort_by_group(ids_TK: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """The T x K (token, choice) rows ordered by group: (order_M, group_sizes_G). Row m of the sorted rows is
-    token order_M[m] // K; sizes count each group's rows (int32)."""
-    flat_M = ids_TK.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True)
-    return order_M, jnp.bincount(flat_M, length=num_groups).astype(jnp.int32)
-
-
-def combine_sorted(y_MD: jax.Array, order_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
-    """Undoes sort_by_group and sums each token's K rows with its weights: [T, D] float32."""
-    T, K = weights_TK.shape
-    y_TKD = y_MD[jnp.argsort(order_M)].reshape(T, K, -1)
-    return jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(y_TKD.dtype), preferred_element_type=jnp.float32)
 
 
 # ---- references (XLA) ---------------------------------------------------------------------------------------
