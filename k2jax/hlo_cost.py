@@ -14,7 +14,7 @@ computation is weighted by how often it runs (XLA's `known_trip_count`, else the
                counted (XLA counts ~1 FLOP per element; it is under 1 % of a transformer step).
   hbm_bytes    for each op outside fused computations: the bytes of its operands read and result written,
                a slice / dynamic-slice (also inside a fusion) reading only what it takes and an in-place
-               dynamic-update-slice writing only the update; values in VMEM (memory space S(1)) and bookkeeping
+               dynamic-update-slice or scatter writing only the update; values in VMEM (memory space S(1)) and bookkeeping
                ops (tuples, bitcasts, parameters, loops themselves) move no HBM bytes; a Pallas kernel's bytes
                are its declared bytes_accessed.
   collectives  every all-gather / all-reduce / reduce-scatter / all-to-all / ragged-all-to-all /
@@ -53,6 +53,7 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
                "after-all", "opt-barrier", "partition-id", "replica-id", "iota", "call-start", "call-done",
                "async-start", "async-update", "async-done", "add-dependency", "domain"}
 _SLICING = ("dynamic-slice", "slice", "gather")
+_IN_PLACE = ("dynamic-update-slice", "scatter")  # operand 0 is the buffer, updated where it lies
 _VIEWS = ("bitcast", "reshape", "get-tuple-element")  # a user that passes the value on: its users decide
 
 
@@ -194,8 +195,8 @@ class HloCost:
                                        if not on_chip)
         if i.op in _SLICING:
             return 2 * _bytes(i.type, hbm_only=True)
-        if i.op == "dynamic-update-slice":
-            return 2 * operands[1]
+        if i.op in _IN_PLACE:
+            return 2 * operands[_update_operand(i)]
         written = _bytes(i.type, hbm_only=True)
         if i.op != "fusion":
             return written + sum(operands)
@@ -205,9 +206,9 @@ class HloCost:
         for n, full in enumerate(operands):
             got = self._read(params[n], body, full) if n in params else None
             read += full if got is None else min(full, got)
-        root_updates = [u for u in body[-1:] if u.op == "dynamic-update-slice" and u.operands[0] in params.values()]
+        root_updates = [u for u in body[-1:] if u.op in _IN_PLACE and u.operands[0] in params.values()]
         if root_updates:  # in place: only the update is written
-            written = _bytes(self.types.get(root_updates[0].operands[1], ""))
+            written = _bytes(self.types.get(root_updates[0].operands[_update_operand(root_updates[0])], ""))
         return read + written
 
     def _called(self, fusion: _Instruction) -> list[_Instruction]:
@@ -215,7 +216,7 @@ class HloCost:
 
     def _read(self, value: str, body: list[_Instruction], full: float, depth: int = 0) -> float | None:
         """Bytes of `value` (a fused computation's parameter, `full` bytes) that the body reads: slices read
-        what they take, an in-place dynamic-update-slice does not read its buffer, views and nested fusions are
+        what they take, an in-place dynamic-update-slice or scatter does not read its buffer, views and nested fusions are
         followed; any other use reads it all. None: the value only passes on to the body's result (as a view)."""
         if depth > 16:
             return full
@@ -223,7 +224,7 @@ class HloCost:
         for u in (u for u in body if value in u.operands):
             if u.op in _SLICING and u.operands[0] == value:
                 read += _bytes(u.type)
-            elif u.op == "dynamic-update-slice" and u.operands[0] == value:
+            elif u.op in _IN_PLACE and u.operands[0] == value:
                 continue
             elif u.op in _VIEWS or u.op == "fusion":
                 inner = self._called(u) if u.op == "fusion" else None
@@ -264,6 +265,12 @@ class HloCost:
         return sum(1 for ins in self.computations.values() for i in ins
                    if i.op == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.attrs
                    and 'pallas_call"' in i.attrs)
+
+
+def _update_operand(i: _Instruction) -> int:
+    """Which operand of an in-place op is the update: dynamic-update-slice(buffer, update, indices...),
+    scatter(buffer, indices, updates)."""
+    return 1 if i.op == "dynamic-update-slice" else len(i.operands) - 1
 
 
 def _window(match, spatial: int) -> list[dict]:

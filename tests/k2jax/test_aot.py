@@ -68,11 +68,9 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
     assert 0 < m["parameters"] <= m["arguments"] and 0 < m["temporaries"] and m["total"] < r["hbm_per_chip"]
     assert m["total"] == m["arguments"] + m["temporaries"] + m["outputs_not_aliased"] + m["generated_code"]
     f = r["flops"]
-    # loop trips counted: the compiled matrix FLOPs are at least the useful ones, and XLA's own cost analysis
-    # (each loop body once) is below them
+    # loop trips counted: the compiled matrix FLOPs are at least the useful ones
     assert f["useful_per_chip"] == sum(v for k, v in f.items() if k in ("model_per_chip", "optimizer_per_chip"))
     assert 0.98 * f["useful_per_chip"] < f["compiled_per_chip"]
-    assert f["xla_cost_analysis_per_chip"] < f["compiled_per_chip"]
     assert r["hbm_bytes_accessed_per_chip"] > 0 and r["tokens_per_second_bound"] > 0
     ops = {c["op"]: c for c in r["collectives"]}
     assert "ragged-all-to-all" in ops and ops["ragged-all-to-all"]["count"] >= 2  # EP there and back
@@ -82,6 +80,7 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
         assert r["pallas_kernels"] >= 3 + 9  # attention fwd / dq / dkv; gate, up, down: fwd, dx, dw
         # the step is the model's forward, recomputed forward and backward plus MuonClip's Newton-Schulz
         assert f["optimizer_per_chip"] > 0 and f["compiled_over_useful"] < 1.25
+        assert f["xla_cost_analysis_per_chip"] < 0.5 * f["compiled_per_chip"]  # XLA: each loop body once
     else:
         assert m["cache"] > 0 and r["hbm_bytes_per_generated_token"] > 0
         assert r["pallas_kernels"] >= 1 + 3  # absorbed decode; the experts' grouped matmuls

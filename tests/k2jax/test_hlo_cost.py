@@ -179,3 +179,33 @@ def test_a_compiled_scan_counts_every_layer(v5p_chip, layer, shapes, per_layer, 
     # not need, as the first layer's unused gradient)
     assert HloCost(unrolled.as_text()).flops == pytest.approx(unrolled.cost_analysis()["flops"], rel=0.01)
     assert scanned.cost_analysis()["flops"] < 0.5 * L * per_layer  # XLA's own count: the loop body once
+
+
+SCATTER = """HloModule s, entry_computation_layout={()->bf16[61,2,4096,576]{3,2,1,0}}
+
+%write (a0: bf16[61,2,4096,576], a1: s32[2,4], a2: bf16[2,576]) -> bf16[61,2,4096,576] {
+  %a0 = bf16[61,2,4096,576]{3,2,1,0} parameter(0)
+  %a1 = s32[2,4]{1,0} parameter(1)
+  %a2 = bf16[2,576]{1,0} parameter(2)
+  ROOT %sc = bf16[61,2,4096,576]{3,2,1,0} scatter(%a0, %a1, %a2), update_window_dims={1}, to_apply=%pick
+}
+
+%pick (x: bf16[], y: bf16[]) -> bf16[] {
+  %x = bf16[] parameter(0)
+  ROOT %y = bf16[] parameter(1)
+}
+
+ENTRY %main (cache: bf16[61,2,4096,576], at: s32[2,4], new: bf16[2,576]) -> bf16[61,2,4096,576] {
+  %cache = bf16[61,2,4096,576]{3,2,1,0} parameter(0)
+  %at = s32[2,4]{1,0} parameter(1)
+  %new = bf16[2,576]{1,0} parameter(2)
+  %once = bf16[61,2,4096,576]{3,2,1,0} scatter(%cache, %at, %new), update_window_dims={1}, to_apply=%pick
+  ROOT %fused = bf16[61,2,4096,576]{3,2,1,0} fusion(%once, %at, %new), kind=kLoop, calls=%write
+}
+"""
+
+
+def test_a_cache_update_in_place_moves_only_the_new_rows():
+    """A decode step's latent-cache write (a scatter into [layers, batch, slots, 576]): the update, not the cache."""
+    new, at = 2 * 576 * 2, 2 * 4 * 4
+    assert HloCost(SCATTER).hbm_bytes == 2 * new + (at + new + new)  # top level: read + write; fused: + indices
