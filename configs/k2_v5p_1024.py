@@ -5,11 +5,13 @@
     k2jax-aot --config=configs/k2_v5p_1024.py         # compile it for v5p-2048 on any machine: fits?
 
 Run the same command on every host. The 256-chip job (configs/k2_v5p_256.py) four times over data: the same
-tokens per chip, MuonClip state further split over data (ZeRO-1). Compiled per chip by k2jax-aot (2026-12-01,
-libtpu 0.0.42.1, jax 0.10.2; 525 s on 2 CPU cores):
+tokens per chip, MuonClip state further split over data (ZeRO-1). Compiled per chip by k2jax-aot (2026-12-02,
+libtpu 0.0.42.1, jax 0.10.2; 314 s on 2 CPU cores):
 
-    parameters 14.94 GiB + optimizer state 3.74 GiB + temporaries 33.45 GiB + code 0.22 GiB
-    = 52.36 GiB of 95.74 GiB: fits, 45.3 % margin
+    parameters 14.94 GiB + optimizer state 3.74 GiB + temporaries 33.18 GiB + code 0.21 GiB
+    = 52.09 GiB of 95.74 GiB: fits, 45.6 % margin
+    FLOPs 1.424 P compiled / 1.170 P useful (model 1.122 P, Newton-Schulz 0.047 P) = 1.22: each data replica
+    runs the whole Newton-Schulz of its shards (README, "Compile ahead of time")
 """
 
 from configs.k2_v5p_256 import get_config as _k2_256
