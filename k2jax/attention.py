@@ -144,6 +144,7 @@ class MLAttention(nnx.Module):
         return self._output(jnp.einsum("btnc,cnv->btnv", o_lat_BTNC.astype(self.dtype),
                                        w_CNH[..., self.cfg.qk_nope_head_dim:]))
 
+    @jax.named_scope("attention")
     def __call__(self, x_BTD, cos_BTK, sin_BTK, segment_ids_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Causal self-attention within segments (segment_ids > 0 real tokens, 0 padding) -> (out [B, T, D], max
         pre-softmax logit per head [N] over visible pairs of real queries)."""
@@ -151,6 +152,7 @@ class MLAttention(nnx.Module):
         c, k_rope = self.latent(x_BTD, cos_BTK, sin_BTK)
         return self.attend(q_nope, q_rope, c, k_rope, segment_ids_BT, Target.of(self.cfg))
 
+    @jax.named_scope("attention")
     def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, cache_LBSX, layer, *, prefill: bool
                ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The generation path: T new tokens per row at `positions` (= their cache slots) -> (out [B, T, D], cache).

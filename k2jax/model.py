@@ -11,6 +11,11 @@ Packed sequences: `segment_ids` [B, T] (>= 1 for real tokens, 0 for padding) res
 segment; `positions` [B, T] feed RoPE and default to the index within the segment. Padding tokens are left out
 of the aux statistics.
 
+Profiles read in K2's terms: jax.named_scope "attention", "router", "experts", "shared_experts" and (expert
+parallelism) "ep_exchange" name the ops of each block. A block's attention and FFN outputs carry checkpoint_name
+"attention_out" / "ffn_out", so a remat policy may keep them (e.g.
+`jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out")`).
+
 Letter legend: B batch, T query len, S key len, D hidden, N heads, V vocab, E experts, K top-k, L layers.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.attention import MLAttention
 from k2jax.config import K2Config
@@ -45,7 +51,7 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x_BTD, cos_BTK, sin_BTK, segment_ids_BT) -> tuple[jnp.ndarray, dict]:
         attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, segment_ids_BT)
-        out_BTD, aux = self.ffn(x_BTD + attn_BTD, segment_ids_BT > 0)
+        out_BTD, aux = self.ffn(x_BTD + checkpoint_name(attn_BTD, "attention_out"), segment_ids_BT > 0)
         return out_BTD, {"attn_max_logits": max_logit_N, **aux}
 
     def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, cache_LBSX, layer, *, prefill: bool
@@ -60,8 +66,8 @@ class DecoderBlock(nnx.Module):
         """h + ffn(norm(h)), and the MoE's aux (empty for a dense block)."""
         if self.is_moe:
             ffn_BTD, aux = self.mlp(self.post_attention_layernorm(h_BTD), valid_BT)
-            return h_BTD + ffn_BTD, aux
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), {}
+            return h_BTD + checkpoint_name(ffn_BTD, "ffn_out"), aux
+        return h_BTD + checkpoint_name(self.mlp(self.post_attention_layernorm(h_BTD)), "ffn_out"), {}
 
 
 def _stacked_moe_blocks(cfg: K2Config, rngs: nnx.Rngs) -> DecoderBlock:

@@ -47,6 +47,7 @@ class Router(nnx.Module):
         self.e_score_correction_bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32),
                                                   logical_axes=("expert",))
 
+    @jax.named_scope("router")
     def __call__(self, x_TD: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """-> (weights [T, K] float32, expert ids [T, K] int32)."""
         cfg = self.cfg
@@ -82,6 +83,7 @@ class RoutedExperts(nnx.Module):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
 
+    @jax.named_scope("experts")
     def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """-> (sum of each token's routed experts' outputs [T, D], routed rows dropped by expert parallelism's
@@ -128,7 +130,8 @@ class MoE(nnx.Module):
         out_TD, dropped = self.experts(x_TD, weights_TK, ids_TK)
         out_BTD = out_TD.reshape(B, T, D)
         if self.shared_experts is not None:
-            out_BTD = out_BTD + self.shared_experts(x_BTD)
+            with jax.named_scope("shared_experts"):
+                out_BTD = out_BTD + self.shared_experts(x_BTD)
         load_E = jnp.zeros((self.num_experts,), jnp.int32).at[ids_TK].add(
             valid_BT.reshape(B * T, 1).astype(jnp.int32))
         return out_BTD, {"expert_load": load_E, "topk_ids": ids_TK.reshape(B, T, -1), "ep_dropped": dropped}

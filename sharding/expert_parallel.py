@@ -121,8 +121,9 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD
     src_offsets_sn = _exclusive_cumsum(sizes_snl.sum(-1), axis=1)  # where source s keeps its rows for j
     dst_offsets_sn = _exclusive_cumsum(pair_sn, axis=0)            # where destination j puts source s's rows
     # 3. rows to their experts' devices, laid out by source, then by local expert
-    recv_RD = ragged_all_to_all(x_MD, jnp.zeros((R, x_MD.shape[1]), x_MD.dtype), src_offsets_sn[me], send_n,
-                                dst_offsets_sn[me], recv_n, axis_name=expert_axis, max_send=min(M, R), impl=impl)
+    with jax.named_scope("ep_exchange"):
+        recv_RD = ragged_all_to_all(x_MD, jnp.zeros((R, x_MD.shape[1]), x_MD.dtype), src_offsets_sn[me], send_n,
+                                    dst_offsets_sn[me], recv_n, axis_name=expert_axis, max_send=min(M, R), impl=impl)
     segment_ends = jnp.cumsum(kept_snl[:, me, :].reshape(-1))    # (source, local expert) segments in order
     segment_R = jnp.searchsorted(segment_ends, jnp.arange(R), side="right")
     local_R = jnp.where(segment_R < n * L, segment_R % L, L)         # empty buffer rows sort last
@@ -133,8 +134,10 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD
                rows_in_use=min(M, R))
     y_RD = y_RD[jnp.argsort(by_expert_R)]
     # 5. back to the sources, un-sorted, combined (dropped rows come back as the buffer's zeros)
-    back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, y_RD.shape[1]), y_RD.dtype), dst_offsets_sn[:, me], recv_n,
-                                src_offsets_sn[:, me], send_n, axis_name=expert_axis, max_send=min(M, R), impl=impl)
+    with jax.named_scope("ep_exchange"):
+        back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, y_RD.shape[1]), y_RD.dtype), dst_offsets_sn[:, me], recv_n,
+                                    src_offsets_sn[:, me], send_n, axis_name=expert_axis, max_send=min(M, R),
+                                    impl=impl)
     return combine_sorted(back_MD, order_M, weights_TK), dropped
 
 

@@ -1,5 +1,7 @@
 """Properties of k2jax.Transformer that need no oracle: causality, packing, aux shapes, input checks, axes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,17 @@ def test_gradients_flow_to_every_param_but_the_router_bias(model):
         assert np.any(np.asarray(g) != 0), f"no gradient reaches {jax.tree_util.keystr(path)}"
     assert not any("e_score_correction_bias" in jax.tree_util.keystr(p)
                    for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def test_profiles_and_remat_policies_see_k2_names(model):
+    """jax.named_scope on the blocks (a profile's op names) and checkpoint_name on the activations a remat policy
+    may keep."""
+    graphdef, state = nnx.split(model)
+    traced = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).trace(state, _tokens((1, 8)))
+    text = traced.lower().as_text(debug_info=True)
+    for scope in ("attention", "router", "experts", "shared_experts"):
+        assert re.search(rf'[/"]{scope}/', text), scope
+    assert "name=attention_out" in str(traced.jaxpr) and "name=ffn_out" in str(traced.jaxpr)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -68,8 +68,9 @@ def test_expert_parallel_model_equals_unsharded(reference, axes):
     with jax.set_mesh(mesh):
         step = jax.jit(_loss_and_grads)
         logits, aux, grads = step(sharded, tokens)
-        hlo = step.lower(sharded, tokens).as_text()
+        hlo = step.lower(sharded, tokens).as_text(debug_info=True)
     assert "all_to_all" in hlo or "all-to-all" in hlo  # the exchange really ran
+    assert "ep_exchange/" in hlo  # and reads as such in a profile (jax.named_scope)
     scale = np.max(np.abs(np.asarray(want_logits)))
     assert np.max(np.abs(np.asarray(logits) - np.asarray(want_logits))) <= 1e-5 * scale
     np.testing.assert_array_equal(np.asarray(aux["expert_load"]), load)
