@@ -26,15 +26,13 @@ import sys
 import tempfile
 import time
 
-# the repo root replaces this script's directory on the path (which would let benchmarks/kernels.py shadow
-# the `kernels` package that transformers probes for)
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-from k2jax.config import kimi_k2  # noqa: E402
-from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint  # noqa: E402
+from k2jax.config import kimi_k2
+from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
 
 _EXPERTS = flags.DEFINE_integer("experts", 16, "Routed experts in the MoE layer (384 = a full K2 layer, ~17 GB).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "fp8"], "Converter output dtype.")

@@ -12,26 +12,21 @@ ratio (goal <= 0.5) and the cache bytes per token of each, also for the full Kim
 
 from __future__ import annotations
 
-import os
-import sys
+import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
 
-# the repo root replaces this script's directory on the path (which would let benchmarks/kernels.py shadow
-# the `kernels` package that transformers probes for)
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import k2jax  # noqa: E402
-from benchmarks.common import best_time  # noqa: E402
-from k2jax.config import kimi_k2, tiny  # noqa: E402
-from k2jax.generate import Generator, LatentCache  # noqa: E402
-from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
-from k2jax.layers import project  # noqa: E402
-from k2jax.rope import rope_tables  # noqa: E402
+import k2jax
+from benchmarks.common import best_time
+from k2jax.config import kimi_k2, tiny
+from k2jax.generate import Generator, LatentCache
+from k2jax.host_memory import keep_freed_memory_on_cpu
+from k2jax.layers import project
+from k2jax.rope import rope_tables
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows decoded per step.")
 _CONTEXT = flags.DEFINE_integer("context", 4096, "Tokens already in the cache.")

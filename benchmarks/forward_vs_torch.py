@@ -11,25 +11,21 @@ Needs the test extras (torch, transformers).
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
-# the repo root replaces this script's directory on the path (which would let benchmarks/kernels.py shadow
-# the `kernels` package that transformers probes for)
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import app, flags
+from flax import nnx
 
-import k2jax  # noqa: E402
-from benchmarks.common import BENCH_CFG, best_time  # noqa: E402
-from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
-from k2jax.training.step import token_nll  # noqa: E402
-from tests.oracle import oracle_model, random_release_tensors  # noqa: E402
+import k2jax
+from benchmarks.common import BENCH_CFG, best_time
+from k2jax.host_memory import keep_freed_memory_on_cpu
+from k2jax.training.step import token_nll
+from tests.oracle import oracle_model, random_release_tensors
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")

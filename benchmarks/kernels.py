@@ -17,23 +17,18 @@ On a CPU it says so and exits: there is nothing to measure (the interpreter is a
 
 from __future__ import annotations
 
-import os
-import sys
+import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
 
-# the repo root replaces this script's directory on the path (which would let benchmarks/kernels.py shadow
-# the `kernels` package that transformers probes for)
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from benchmarks.common import best_time  # noqa: E402
-from pallas_kernels.backend import target_platform  # noqa: E402
-from pallas_kernels.fp8_grouped_matmul import FP8, dequantize, fp8_grouped_matmul  # noqa: E402
-from pallas_kernels.mla_attention import mla_attention  # noqa: E402
-from pallas_kernels.mla_decode import mla_decode  # noqa: E402
+from benchmarks.common import best_time
+from pallas_kernels.backend import target_platform
+from pallas_kernels.fp8_grouped_matmul import FP8, dequantize, fp8_grouped_matmul
+from pallas_kernels.mla_attention import mla_attention
+from pallas_kernels.mla_decode import mla_decode
 
 FLAGS = flags.DEFINE_integer("iters", 10, "timed calls per measurement (best is reported)")
 ONLY = flags.DEFINE_list("only", ["attention", "decode", "gmm"], "which kernels")

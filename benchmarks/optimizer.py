@@ -11,26 +11,21 @@ shapes: <= 1.3). The update's cost is per step, the model's per token: tokens pe
 
 from __future__ import annotations
 
-import os
-import sys
+import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
 
-# the repo root replaces this script's directory on the path (which would let benchmarks/kernels.py shadow
-# the `kernels` package that transformers probes for)
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import k2jax  # noqa: E402
-from benchmarks.common import BENCH_CFG, best_time  # noqa: E402
-from k2jax.config import kimi_k2  # noqa: E402
-from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
-from k2jax.optim.muon_clip import muon_clip, param_rules  # noqa: E402
-from k2jax.training.step import TrainState, make_train_step, next_token_loss  # noqa: E402
+import k2jax
+from benchmarks.common import BENCH_CFG, best_time
+from k2jax.config import kimi_k2
+from k2jax.host_memory import keep_freed_memory_on_cpu
+from k2jax.optim.muon_clip import muon_clip, param_rules
+from k2jax.training.step import TrainState, make_train_step, next_token_loss
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per microbatch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")

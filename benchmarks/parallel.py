@@ -12,13 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 from collections import Counter
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-# the repo root replaces this script's directory on the path (which would let benchmarks/kernels.py shadow
-# the `kernels` package that transformers probes for)
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _repo_root  # noqa: E402, F401  (the repo root first on sys.path: before any project import)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
