@@ -5,9 +5,9 @@
 Both decode one token per row over `context` cached tokens of the same model (K2's attention shapes: kv_lora
 512, rope 64, nope 128, v 128, with 16 heads and 2 layers so it fits a CPU). The latent path is
 k2jax.Generator.decode (absorbed attention over C + R = 576 values per token per layer). The naive path caches
-k = [k_nope | k_rope] and v per head, N (P + R + V) values per token per layer, and runs standard attention;
-it is written here, next to its only use, and shares every other piece of the model. Prints step times, their
-ratio (goal <= 0.5) and the cache bytes per token of each, also for the full Kimi K2 config.
+k = [k_nope | k_rope] and v per head, N (P + R + U) values per token per layer (U: the value head dim), and runs
+standard attention; it is written here, next to its only use, and shares every other piece of the model. Prints
+step times, their ratio (goal <= 0.5) and the cache bytes per token of each, also for the full Kimi K2 config.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def full_values_per_token(cfg) -> int:
     return cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
 
 
-def naive_decode(model, tokens_B, k_LBNSH, v_LBNSV, lengths_B):
+def naive_decode(model, tokens_B, k_LBNSH, v_LBNSU, lengths_B):
     """One token per row with a full per-head K/V cache, head-major so both products are plain batched matmuls;
     returns (logits [B, V], k cache, v cache)."""
     cfg = model.cfg
@@ -64,18 +64,18 @@ def naive_decode(model, tokens_B, k_LBNSH, v_LBNSV, lengths_B):
         heads = jnp.arange(N)[None, :]
         k_cache = k_cache.at[index, rows[:, None], heads, lengths_B[:, None]].set(k_new[:, 0])
         v_cache = v_cache.at[index, rows[:, None], heads, lengths_B[:, None]].set(kv_B1NH[:, 0, :, P:])
-        k_BNSH, v_BNSV = k_cache[index], v_cache[index]
+        k_BNSH, v_BNSU = k_cache[index], v_cache[index]
         q_BNH = jnp.concatenate([q_nope, q_rope], axis=-1)[:, 0]
         logits_BNS = jnp.einsum("bnh,bnsh->bns", q_BNH, k_BNSH) * attn.scale
         visible = jnp.arange(k_BNSH.shape[2])[None, None, :] <= lengths_B[:, None, None]
         probs = jax.nn.softmax(jnp.where(visible, logits_BNS, -jnp.inf), axis=-1)
-        out_BNV = jnp.einsum("bns,bnsv->bnv", probs, v_BNSV)
-        attn_B1D = project(out_BNV[:, None], attn._w(attn.o_proj), n_in=2)
+        out_BNU = jnp.einsum("bns,bnsv->bnv", probs, v_BNSU)
+        attn_B1D = project(out_BNU[:, None], attn._w(attn.o_proj), n_in=2)
         x_B1D, _ = block.ffn(x_B1D + attn_B1D, jnp.ones((B, 1), bool))
         return x_B1D, (k_cache, v_cache), None
 
-    x, (k_LBNSH, v_LBNSV), _, _ = model.run_layers(model.embed(tokens_B[:, None]), layer, (k_LBNSH, v_LBNSV))
-    return model.logits(x)[:, 0], k_LBNSH, v_LBNSV
+    x, (k_LBNSH, v_LBNSU), _, _ = model.run_layers(model.embed(tokens_B[:, None]), layer, (k_LBNSH, v_LBNSU))
+    return model.logits(x)[:, 0], k_LBNSH, v_LBNSU
 
 
 def expand_latent_cache(model, kv_LBSX):

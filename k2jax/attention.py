@@ -20,8 +20,8 @@ Each op runs with the backend k2jax.target picks (cfg.attention_impl overrides i
 kernel, under `sharding.per_shard`: per example and head / per row on every device of the mesh, with the
 platform's block sizes), "xla" on CPU (the kernel module's XLA reference), or "interpret" (tests).
 
-Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, V value),
-Q q_lora, C kv_lora, X = C + R (one cache slot), L layers.
+Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, U value),
+Q q_lora, C kv_lora, X = C + R (one cache slot), L layers, Z = R/2 rope frequencies.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class MLAttention(nnx.Module):
     def _project(self, x, p: nnx.Param, n_in: int = 1) -> jnp.ndarray:
         return project(x, self._w(p), n_in, cpu_form=Target.of(self.cfg).cpu_matmul)
 
-    def queries(self, x_BTD, cos_BTK, sin_BTK) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def queries(self, x_BTD, cos_BTZ, sin_BTZ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """q_nope [B, T, N, P] and roped q_rope [B, T, N, R]."""
         x = x_BTD.astype(self.dtype)
         if self.cfg.q_lora_rank is None:
@@ -79,15 +79,15 @@ class MLAttention(nnx.Module):
             q_BTQ = self.q_a_layernorm(self._project(x, self.q_a_proj))
             q_BTNH = self._project(q_BTQ, self.q_b_proj)
         P = self.cfg.qk_nope_head_dim
-        q_rope = apply_rope(q_BTNH[..., P:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
+        q_rope = apply_rope(q_BTNH[..., P:], cos_BTZ, sin_BTZ, interleave=self.cfg.rope_interleave)
         return q_BTNH[..., :P], q_rope
 
-    def latent(self, x_BTD, cos_BTK, sin_BTK) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def latent(self, x_BTD, cos_BTZ, sin_BTZ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The per-token cacheable state: normed latent c [B, T, C] and roped shared key k_rope [B, T, R]."""
         C = self.cfg.kv_lora_rank
         kv_BTX = self._project(x_BTD.astype(self.dtype), self.kv_a_proj_with_mqa)
         c_BTC = self.kv_a_layernorm(kv_BTX[..., :C])
-        k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTK, sin_BTK, interleave=self.cfg.rope_interleave)
+        k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTZ, sin_BTZ, interleave=self.cfg.rope_interleave)
         return c_BTC, k_rope_BTR
 
     def attend(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, target: Target
@@ -95,7 +95,7 @@ class MLAttention(nnx.Module):
         """Causal self-attention within segments (`pallas_kernels.mla_attention`, the target's backend): expands
         the latent into per-head keys and values. -> (o_proj output [B, T, D], max pre-softmax logit per head [N]
         over visible pairs of real queries (segment > 0); -inf if there are none)."""
-        k_nope_BNTP, v_BNTV = self._keys_values(c_BTC)
+        k_nope_BNTP, v_BNTU = self._keys_values(c_BTC)
         heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
         kernel = functools.partial(mla_attention, scale=self.scale, backend=target.attention,
                                    **target.launch("mla_attention", self.dtype))
@@ -103,16 +103,16 @@ class MLAttention(nnx.Module):
             per_head, shared = ("batch", "heads", None, None), ("batch", None, None)
             kernel = per_shard(kernel, in_axes=(per_head, per_head, per_head, shared, per_head, ("batch", None)),
                                out_axes=(per_head, ("batch", "heads", None)))
-        out_BNTV, rowmax_BNT = kernel(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNTP, k_rope_BTR,
-                                      v_BNTV, segment_ids_BT)
+        out_BNTU, rowmax_BNT = kernel(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNTP, k_rope_BTR,
+                                      v_BNTU, segment_ids_BT)
         max_logit_N = jnp.max(jnp.where((segment_ids_BT > 0)[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
-        return self._output(heads_first(out_BNTV)), max_logit_N
+        return self._output(heads_first(out_BNTU)), max_logit_N
 
     def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_BSX, positions_BT, target: Target) -> jnp.ndarray:
         """Absorbed attention over a latent cache (`pallas_kernels.mla_decode`, the target's backend): the query
         goes to latent space (q_nope . W_UK), attends over the C + R cached values per slot shared by all heads
         (slots <= each token's position), and comes back through W_UV and o_proj -> [B, T, D]. Per new token it
-        reads C + R values per cached token instead of N (P + V)."""
+        reads C + R values per cached token instead of N (P + U)."""
         kernel = functools.partial(mla_decode, scale=self.scale, backend=target.attention,
                                    **target.launch("mla_decode", self.dtype))
         if target.attention != "xla":  # a kernel runs per device: each device's rows (and heads)
@@ -123,14 +123,14 @@ class MLAttention(nnx.Module):
         return self._expand_output(o_lat_BTNC)
 
     def _keys_values(self, c_BSC) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """kv_b expansion of the latent, head-major: k_nope [B, N, S, P] and v [B, N, S, V]."""
+        """kv_b expansion of the latent, head-major: k_nope [B, N, S, P] and v [B, N, S, U]."""
         kv_BNSH = self._project(c_BSC, self.kv_b_proj).transpose(0, 2, 1, 3)
         P = self.cfg.qk_nope_head_dim
         return kv_BNSH[..., :P], kv_BNSH[..., P:]
 
-    def _output(self, out_BTNV) -> jnp.ndarray:
+    def _output(self, out_BTNU) -> jnp.ndarray:
         """Per-head attention outputs through o_proj -> [B, T, D]."""
-        return self._project(out_BTNV, self.o_proj, n_in=2)
+        return self._project(out_BTNU, self.o_proj, n_in=2)
 
     def _absorb_query(self, q_nope_BTNP) -> jnp.ndarray:
         """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype)."""
@@ -145,15 +145,15 @@ class MLAttention(nnx.Module):
                                        w_CNH[..., self.cfg.qk_nope_head_dim:]))
 
     @jax.named_scope("attention")
-    def __call__(self, x_BTD, cos_BTK, sin_BTK, segment_ids_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Causal self-attention within segments (segment_ids > 0 real tokens, 0 padding) -> (out [B, T, D], max
         pre-softmax logit per head [N] over visible pairs of real queries)."""
-        q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
-        c, k_rope = self.latent(x_BTD, cos_BTK, sin_BTK)
+        q_nope, q_rope = self.queries(x_BTD, cos_BTZ, sin_BTZ)
+        c, k_rope = self.latent(x_BTD, cos_BTZ, sin_BTZ)
         return self.attend(q_nope, q_rope, c, k_rope, segment_ids_BT, Target.of(self.cfg))
 
     @jax.named_scope("attention")
-    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, cache_LBSX, layer, *, prefill: bool
+    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, cache_LBSX, layer, *, prefill: bool
                ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The generation path: T new tokens per row at `positions` (= their cache slots) -> (out [B, T, D], cache).
 
@@ -163,8 +163,8 @@ class MLAttention(nnx.Module):
         slots s <= its position (decode, or extending a filled cache), so a row's stale slots beyond its length
         never leak."""
         B, T = positions_BT.shape
-        q_nope, q_rope = self.queries(x_BTD, cos_BTK, sin_BTK)
-        c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTK, sin_BTK)
+        q_nope, q_rope = self.queries(x_BTD, cos_BTZ, sin_BTZ)
+        c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTZ, sin_BTZ)
         new_BTX = jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype)
         cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
         target = Target.of(self.cfg)

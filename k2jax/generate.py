@@ -19,7 +19,8 @@ Both are jitted once per shape (prompt lengths are padded to a power of two) wit
 updates it in place. Weights may be sharded (e.g. `load_checkpoint(..., shardings=...)` with the ep_fsdp rules);
 jit follows their shardings.
 
-Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token.
+Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token,
+Z = R/2 rope frequencies.
 """
 
 from __future__ import annotations
@@ -110,10 +111,10 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
     B, T = tokens_BT.shape
     positions_BT = cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
-    cos_BTK, sin_BTK = rope_tables(model.cfg, positions_BT)
+    cos_BTZ, sin_BTZ = rope_tables(model.cfg, positions_BT)
 
     def layer(block, x_BTD, kv_LBSX, index):
-        x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, kv_LBSX, index,
+        x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, kv_LBSX, index,
                                       prefill=prefill)
         return x_BTD, kv_LBSX, None
 

@@ -6,10 +6,10 @@ matmul, no `weight_scale_inv`), where it lives in `nnx.state(Transformer)` and h
     model.layers.3.mlp.experts.17.down_proj.weight  [D, F]  ->  moe_blocks/mlp/experts/down_proj[3 - k, 17]  [F, D]
 
 HF linear weights are [out, in]; k2jax stores [in, ...out] with the out axis split per head where the layer has
-heads (q_b_proj [Q, N, P+R], kv_b_proj [C, N, P+V], o_proj [N, V, D]). Embeddings, norms and the router bias are
+heads (q_b_proj [Q, N, P+R], kv_b_proj [C, N, P+U], o_proj [N, U, D]). Embeddings, norms and the router bias are
 copied as they are. The converter (convert_checkpoint.py) streams through the same specs.
 
-Letter legend: D hidden, N heads, Q q_lora, C kv_lora, P nope dim, R rope dim, V value dim / vocab, E experts,
+Letter legend: D hidden, N heads, Q q_lora, C kv_lora, P nope dim, R rope dim, U value dim, V vocab, E experts,
 F ffn.
 """
 

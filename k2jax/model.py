@@ -16,7 +16,8 @@ parallelism) "ep_exchange" name the ops of each block. A block's attention and F
 "attention_out" / "ffn_out", so a remat policy may keep them (e.g.
 `jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out")`).
 
-Letter legend: B batch, T query len, S key len, D hidden, N heads, V vocab, E experts, K top-k, L layers.
+Letter legend: B batch, T query len, S key len, D hidden, N heads, V vocab, E experts, K top-k, L layers,
+Z = R/2 rope frequencies.
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ class DecoderBlock(nnx.Module):
         self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
         self.is_moe = moe
 
-    def __call__(self, x_BTD, cos_BTK, sin_BTK, segment_ids_BT) -> tuple[jnp.ndarray, dict]:
-        attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, segment_ids_BT)
+    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT) -> tuple[jnp.ndarray, dict]:
+        attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, segment_ids_BT)
         out_BTD, aux = self.ffn(x_BTD + checkpoint_name(attn_BTD, "attention_out"), segment_ids_BT > 0)
         return out_BTD, {"attn_max_logits": max_logit_N, **aux}
 
-    def cached(self, x_BTD, cos_BTK, sin_BTK, positions_BT, valid_BT, cache_LBSX, layer, *, prefill: bool
+    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, cache_LBSX, layer, *, prefill: bool
                ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The generation path: attention through MLAttention.cached (see there for `prefill`)."""
-        attn_BTD, cache_LBSX = self.self_attn.cached(self.input_layernorm(x_BTD), cos_BTK, sin_BTK, positions_BT,
+        attn_BTD, cache_LBSX = self.self_attn.cached(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, positions_BT,
                                                      cache_LBSX, layer, prefill=prefill)
         out_BTD, _ = self.ffn(x_BTD + attn_BTD, valid_BT)
         return out_BTD, cache_LBSX
@@ -86,8 +87,8 @@ def _stacked_moe_blocks(cfg: K2Config, rngs: nnx.Rngs) -> DecoderBlock:
 
 def _layer_inputs(cfg: K2Config, segment_ids_BT, positions_BT):
     """What every block needs besides x: rope tables and the segment ids (attention mask, real tokens)."""
-    cos_BTK, sin_BTK = rope_tables(cfg, positions_BT)
-    return cos_BTK, sin_BTK, segment_ids_BT
+    cos_BTZ, sin_BTZ = rope_tables(cfg, positions_BT)
+    return cos_BTZ, sin_BTZ, segment_ids_BT
 
 
 def segment_positions(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:

@@ -9,7 +9,7 @@ Layout: with `rope_interleave` (the release's layout) a vector's rope dims are p
 otherwise halves (x_i, x_{i+R/2}). Either way the rotated vector comes out as [x1·cos − x2·sin, x2·cos + x1·sin]
 (halves). q and k go through the same map, so q·k is what the release computes.
 
-Letter legend: B batch, T tokens, R rope dim (R/2 frequencies).
+Letter legend: B batch, T tokens, R rope dim, Z = R/2 rope frequencies (pairs).
 """
 
 from __future__ import annotations
@@ -69,12 +69,12 @@ def softmax_scale(cfg: K2Config) -> float:
 def rope_tables(cfg: K2Config, positions_BT: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin of shape [B, T, R/2] in float32 for integer positions."""
     inv = jnp.asarray(inv_frequencies(cfg), jnp.float32)
-    angles_BTK = positions_BT.astype(jnp.float32)[..., None] * inv
+    angles_BTZ = positions_BT.astype(jnp.float32)[..., None] * inv
     scale = cos_sin_scale(cfg)
-    return jnp.cos(angles_BTK) * scale, jnp.sin(angles_BTK) * scale
+    return jnp.cos(angles_BTZ) * scale, jnp.sin(angles_BTZ) * scale
 
 
-def apply_rope(x_BTxR: jnp.ndarray, cos_BTK: jnp.ndarray, sin_BTK: jnp.ndarray, *, interleave: bool) -> jnp.ndarray:
+def apply_rope(x_BTxR: jnp.ndarray, cos_BTZ: jnp.ndarray, sin_BTZ: jnp.ndarray, *, interleave: bool) -> jnp.ndarray:
     """Rotates the last axis of x [B, T, (heads,) R]; cos/sin [B, T, R/2] broadcast over any heads axis.
     Computed in float32, returned in x's dtype."""
     x = x_BTxR.astype(jnp.float32)
@@ -83,8 +83,8 @@ def apply_rope(x_BTxR: jnp.ndarray, cos_BTK: jnp.ndarray, sin_BTK: jnp.ndarray, 
     else:
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
-    extra = x.ndim - cos_BTK.ndim
-    cos = cos_BTK.reshape(cos_BTK.shape[:2] + (1,) * extra + cos_BTK.shape[2:])
-    sin = sin_BTK.reshape(cos.shape)
+    extra = x.ndim - cos_BTZ.ndim
+    cos = cos_BTZ.reshape(cos_BTZ.shape[:2] + (1,) * extra + cos_BTZ.shape[2:])
+    sin = sin_BTZ.reshape(cos.shape)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTxR.dtype)

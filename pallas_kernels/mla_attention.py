@@ -9,8 +9,8 @@ MLA's rope key is one [S, R] per row shared by all heads, so it is read once per
 broadcast to N heads. rowmax is the online softmax's running max at the end of the key loop: QK-Clip's max logit
 per head (max of rowmax over valid queries) comes at no extra pass over memory. It carries no gradient.
 
-    mla_attention(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, scale=...,
-                  backend="auto") -> (out_BNTV in q's dtype, rowmax_BNT float32)
+    mla_attention(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, scale=...,
+                  backend="auto") -> (out_BNTU in q's dtype, rowmax_BNT float32)
 
 Kernels (grid over batch x heads x query blocks, or key blocks for dk/dv; the other sequence axis is a loop inside
 the program, so nothing is accumulated across grid steps and one kernel body compiles on both Mosaic and Triton):
@@ -28,7 +28,7 @@ and float32 (tests/pallas_kernels/test_compile.py); they have not been run or ti
 program keeps a head's whole key / value rows (forward, dq) or query rows (dk/dv) in VMEM: 4K tokens take about a
 third (bf16) to a half (float32) of the 16 MiB scoped VMEM, so much longer sequences need a key-block grid axis.
 
-Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, V value dim.
+Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, U value dim.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ CAUSAL_BLOCK = 128
 MAX_CAUSAL_BLOCKS = 8
 
 
-def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, *, scale: float):
+def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, *, scale: float):
     """The XLA form (the CPU path and what the kernels are tested against): materialised logits in float32 as
     head-major batched matmuls (2x faster on CPU than the equivalent einsums), the shared rope key multiplied once
     for all heads, float32 softmax, queries in causal blocks (CAUSAL_BLOCK)."""
@@ -72,17 +72,17 @@ def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment
     visible_BTS = visibility(segment_ids_BT)
     outs, rowmaxes = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):  # queries [lo, hi) see keys [0, hi) at most
-        out_BNTV, rowmax_BNT = _attend_block(q_nope_BNTP[:, :, lo:hi], q_rope_BNTR[:, :, lo:hi],
-                                             k_nope_BNSP[:, :, :hi], k_rope_BSR[:, :hi], v_BNSV[:, :, :hi],
+        out_BNTU, rowmax_BNT = _attend_block(q_nope_BNTP[:, :, lo:hi], q_rope_BNTR[:, :, lo:hi],
+                                             k_nope_BNSP[:, :, :hi], k_rope_BSR[:, :hi], v_BNSU[:, :, :hi],
                                              visible_BTS[:, lo:hi, :hi], scale)
-        outs.append(out_BNTV)
+        outs.append(out_BNTU)
         rowmaxes.append(rowmax_BNT)
     join = (lambda xs: xs[0]) if n_blocks == 1 else (lambda xs: jnp.concatenate(xs, axis=2))  # noqa: E731
     return join(outs).astype(q_nope_BNTP.dtype), jax.lax.stop_gradient(join(rowmaxes))
 
 
-def _attend_block(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, visible_BTS, scale):
-    """Materialised attention of T queries over S keys -> (out [B, N, T, V] float32, rowmax [B, N, T])."""
+def _attend_block(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, visible_BTS, scale):
+    """Materialised attention of T queries over S keys -> (out [B, N, T, U] float32, rowmax [B, N, T])."""
     B, N, T, _ = q_nope_BNTP.shape
     nope_BNTS = jnp.matmul(q_nope_BNTP, k_nope_BNSP.swapaxes(-1, -2), preferred_element_type=F32)
     q_rope_BXR = q_rope_BNTR.reshape(B, N * T, -1)  # X = N T query rows against the one shared rope key
@@ -90,8 +90,8 @@ def _attend_block(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, vis
         nope_BNTS.shape)
     logits_BNTS = jnp.where(visible_BTS[:, None], (nope_BNTS + rope_BNTS) * scale, -jnp.inf)
     rowmax_BNT = jnp.max(logits_BNTS, axis=-1)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BNSV.dtype)
-    return jnp.matmul(probs_BNTS, v_BNSV, preferred_element_type=F32), rowmax_BNT
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BNSU.dtype)
+    return jnp.matmul(probs_BNTS, v_BNSU, preferred_element_type=F32), rowmax_BNT
 
 
 # ---- kernel helpers ------------------------------------------------------------------------------------------
@@ -200,13 +200,13 @@ def _q_specs(Tp, blk, dims, *, blocked: bool):
     return [pl.BlockSpec((None, None, rows, d), at) for d in dims]
 
 
-def _k_specs(Tp, blk, P, R, V, *, blocked: bool):
-    """Specs for k_nope [B,N,S,P], k_rope [B,S,R], v [B,N,S,V]."""
+def _k_specs(Tp, blk, P, R, U, *, blocked: bool):
+    """Specs for k_nope [B,N,S,P], k_rope [B,S,R], v [B,N,S,U]."""
     rows = blk if blocked else Tp
     at = (lambda i: i) if blocked else (lambda i: 0)
     return [pl.BlockSpec((None, None, rows, P), lambda b, n, i: (b, n, at(i), 0)),
             pl.BlockSpec((None, rows, R), lambda b, n, i: (b, at(i), 0)),
-            pl.BlockSpec((None, None, rows, V), lambda b, n, i: (b, n, at(i), 0))]
+            pl.BlockSpec((None, None, rows, U), lambda b, n, i: (b, n, at(i), 0))]
 
 
 def _seg_specs(Tp, blk):
@@ -250,17 +250,17 @@ def _flash_forward(qn, qr, kn, kr, v, seg, cfg):
     scale, n_real, backend, platform, launch, _ = cfg
     bq, bk = launch.bq, launch.bk
     B, N, Tp, P = qn.shape
-    R, V = qr.shape[-1], v.shape[-1]
+    R, U = qr.shape[-1], v.shape[-1]
     vec = (B, N, Tp, 1)
     pairs = _visited_pairs(B, N, Tp, bq, bk, by_keys=False)
-    out_shape = [_shape((B, N, Tp, V), qn.dtype), _shape(vec, F32), _shape(vec, F32)]
-    work = kb.cost(flops=2 * pairs * (P + R + V), transcendentals=pairs,
+    out_shape = [_shape((B, N, Tp, U), qn.dtype), _shape(vec, F32), _shape(vec, F32)]
+    work = kb.cost(flops=2 * pairs * (P + R + U), transcendentals=pairs,
                    bytes_accessed=kb.nbytes(qn, qr, kn, kr, v, seg, *out_shape))
     out, lse, rowmax = pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, bq=bq, bk=bk, n_real=n_real), grid=(B, N, Tp // bq),
-        in_specs=[*_q_specs(Tp, bq, (P, R), blocked=True), *_k_specs(Tp, bk, P, R, V, blocked=False),
+        in_specs=[*_q_specs(Tp, bq, (P, R), blocked=True), *_k_specs(Tp, bk, P, R, U, blocked=False),
                   *_seg_specs(Tp, bq)],
-        out_specs=_q_specs(Tp, bq, (V, 1, 1), blocked=True),
+        out_specs=_q_specs(Tp, bq, (U, 1, 1), blocked=True),
         out_shape=out_shape, cost_estimate=work,
         **launch.options(backend, platform))(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
     return out, rowmax[..., 0], lse
@@ -278,33 +278,33 @@ def _flash_bwd(cfg, res, cotangents):
     do = cotangents[0].astype(out.dtype)  # rowmax carries no gradient
     delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1, keepdims=True)
     B, N, Tp, P = qn.shape
-    R, V = qr.shape[-1], v.shape[-1]
+    R, U = qr.shape[-1], v.shape[-1]
     opts = launch.options(backend, platform)
     kw = dict(scale=scale, bq=bq, bk=bk, n_real=n_real)
     seg_col, seg_row = seg[:, :, None], seg[:, None, :]
     operands = kb.nbytes(qn, qr, kn, kr, v, seg, do, lse, delta)
     pairs_q = _visited_pairs(B, N, Tp, bq, bk, by_keys=False)  # scores again, dp = do v^T, dq = ds k
-    dq_work = kb.cost(flops=2 * pairs_q * (2 * (P + R) + V), transcendentals=pairs_q,
+    dq_work = kb.cost(flops=2 * pairs_q * (2 * (P + R) + U), transcendentals=pairs_q,
                       bytes_accessed=operands + kb.nbytes(qn, qr))
     pairs_k = _visited_pairs(B, N, Tp, bq, bk, by_keys=True)  # scores, dp, dv = p^T do, dk = ds^T q
-    dkv_work = kb.cost(flops=2 * pairs_k * (2 * (P + R) + 2 * V), transcendentals=pairs_k,
+    dkv_work = kb.cost(flops=2 * pairs_k * (2 * (P + R) + 2 * U), transcendentals=pairs_k,
                        bytes_accessed=operands + kb.nbytes(kn, v) + B * N * Tp * R * 4)
 
-    qn_s, qr_s, do_s, lse_s, delta_s = _q_specs(Tp, bq, (P, R, V, 1, 1), blocked=True)
+    qn_s, qr_s, do_s, lse_s, delta_s = _q_specs(Tp, bq, (P, R, U, 1, 1), blocked=True)
     dqn, dqr = pl.pallas_call(
         functools.partial(_dq_kernel, **kw), grid=(B, N, Tp // bq),
-        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=False), *_seg_specs(Tp, bq), do_s, lse_s, delta_s],
+        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, U, blocked=False), *_seg_specs(Tp, bq), do_s, lse_s, delta_s],
         out_specs=_q_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)],
         cost_estimate=dq_work, **opts,
     )(qn, qr, kn, kr, v, seg_col, seg_row, do, lse, delta)
 
-    qn_s, qr_s, do_s = _q_specs(Tp, bq, (P, R, V), blocked=False)
+    qn_s, qr_s, do_s = _q_specs(Tp, bq, (P, R, U), blocked=False)
     row = pl.BlockSpec((None, None, 1, Tp), lambda b, n, i: (b, n, 0, 0))
     segk_s, segq_s = _seg_specs(Tp, bk)
     dkn, dkr_BNSR, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, **kw), grid=(B, N, Tp // bk),
-        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, V, blocked=True), segq_s, segk_s, do_s, row, row],
-        out_specs=_q_specs(Tp, bk, (P, R, V), blocked=True),  # per-head key blocks: dk_rope summed below
+        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, U, blocked=True), segq_s, segk_s, do_s, row, row],
+        out_specs=_q_specs(Tp, bk, (P, R, U), blocked=True),  # per-head key blocks: dk_rope summed below
         out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], cost_estimate=dkv_work, **opts,
     )(qn, qr, kn, kr, v, seg_row, seg_col, do, lse.reshape(B, N, 1, Tp), delta.reshape(B, N, 1, Tp))
     return dqn, dqr, dkn, jnp.sum(dkr_BNSR, axis=1).astype(kr.dtype), dv, None
@@ -315,35 +315,35 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: jax.Array, k_rope_BSR: jax.Array,
-                  v_BNSV: jax.Array, segment_ids_BT: jax.Array, *, scale: float, backend: str = "auto",
+                  v_BNSU: jax.Array, segment_ids_BT: jax.Array, *, scale: float, backend: str = "auto",
                   platform: str | None = None, block_q: int = 128, block_k: int = 128, num_warps: int = 4,
                   num_stages: int = 2, bwd_block_q: int | None = None, bwd_block_k: int | None = None,
                   bwd_num_warps: int | None = None, bwd_num_stages: int | None = None
                   ) -> tuple[jax.Array, jax.Array]:
-    """Causal, segment-masked MLA attention -> (out [B, N, T, V] in q's dtype, rowmax [B, N, T] float32).
+    """Causal, segment-masked MLA attention -> (out [B, N, T, U] in q's dtype, rowmax [B, N, T] float32).
     Differentiable in q, k and v (rowmax is a statistic: no gradient). See the module docstring.
 
     Launch settings (k2jax.target.KERNEL_LAUNCH holds them per platform and dtype): block_q / block_k rows per
     query / key block and, on GPU, Triton's num_warps / num_stages, for the forward kernel; the bwd_* ones for
     the dq and dk/dv kernels (default: the forward's). Every block size divides the padded length."""
     B, N, T, P = q_nope_BNTP.shape
-    R, V = q_rope_BNTR.shape[-1], v_BNSV.shape[-1]
-    expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, T, P), "k_rope": (B, T, R), "v": (B, N, T, V),
+    R, U = q_rope_BNTR.shape[-1], v_BNSU.shape[-1]
+    expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, T, P), "k_rope": (B, T, R), "v": (B, N, T, U),
               "segment_ids": (B, T)}
     got = {"q_rope": q_rope_BNTR.shape, "k_nope": k_nope_BNSP.shape, "k_rope": k_rope_BSR.shape,
-           "v": v_BNSV.shape, "segment_ids": segment_ids_BT.shape}
+           "v": v_BNSU.shape, "segment_ids": segment_ids_BT.shape}
     bad = [f"{k} {got[k]} (expected {v})" for k, v in expect.items() if tuple(got[k]) != v]
     if bad:
         raise ValueError(f"mla_attention: q_nope {q_nope_BNTP.shape} and " + ", ".join(bad))
-    backend = kb.resolve(backend, (P, R, V), platform)
+    backend = kb.resolve(backend, (P, R, U), platform)
     if backend == "xla":
-        return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSV, segment_ids_BT, scale=scale)
+        return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, scale=scale)
     fwd = _Launch(block_q, block_k, num_warps, num_stages)
     bwd = _Launch(bwd_block_q or block_q, bwd_block_k or block_k, bwd_num_warps or num_warps,
                   bwd_num_stages or num_stages)
     multiple = math.lcm(fwd.bq, fwd.bk, bwd.bq, bwd.bk)
     pad = functools.partial(kb.pad_axis, axis=2, multiple=multiple)
     args = (pad(q_nope_BNTP), pad(q_rope_BNTR), pad(k_nope_BNSP), kb.pad_axis(k_rope_BSR, 1, multiple),
-            pad(v_BNSV), kb.pad_axis(segment_ids_BT.astype(jnp.int32), 1, multiple, value=-1))
+            pad(v_BNSU), kb.pad_axis(segment_ids_BT.astype(jnp.int32), 1, multiple, value=-1))
     out, rowmax = _flash(*args, (float(scale), T, backend, platform, fwd, bwd))
     return out[:, :, :T], rowmax[:, :, :T]

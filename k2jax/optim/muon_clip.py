@@ -23,7 +23,7 @@ S = attn_max_logits[l, h] > tau, gamma = tau / S; q_nope columns of q_b_proj (or
 columns x gamma, k_nope columns of kv_b_proj x sqrt(gamma). kv_a (the shared rope key), values and heads at or
 under tau are untouched. Every logit of the head is then scaled by exactly gamma.
 
-Letter legend: L layers, N heads, P nope dim, R rope dim, V value dim.
+Letter legend: L layers, N heads, P nope dim, R rope dim, U value dim.
 """
 
 from __future__ import annotations
