@@ -8,7 +8,8 @@
 `params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Optimizer state
 follows its parameter and is split further over `data` (ZeRO-1): `optimizer_state_specs`. Strategies:
   fsdp     every weight split along its hidden ("embed", or q_lora / kv_lora) axis over fsdp; experts whole
-  ep_fsdp  experts split over `expert`, the rest as fsdp                       (K2's EP + ZeRO)
+  ep_fsdp  experts split over `expert` (their hidden axis over fsdp), every other weight's hidden axis over
+           fsdp x expert together                                            (K2's EP + ZeRO-3 over every chip)
   ep_pp    as ep_fsdp, stacked MoE layers split over `stage`                    (K2's PP16 x EP16)
   tensor   heads / ffn / vocab over `tensor`, hidden over fsdp
 A logical axis maps to the first of its candidates (a mesh axis, or a tuple of mesh axes split together) whose
