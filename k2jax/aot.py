@@ -268,6 +268,7 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     returns the report (module docstring). topology: a name for parse_topology; default: the smallest v5p
     slice the config's mesh needs. Never raises for a program that does not fit: report["fits"] is False."""
     from sharding.mesh import MeshError, make_mesh
+    from sharding.rules import ShardingRuleError
     if step not in STEPS:
         raise AotError(f"step must be one of {STEPS}, got {step!r}")
     jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are deviceless
@@ -285,7 +286,10 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
         f"strategy {config.mesh.strategy})")
     with jax.set_mesh(mesh):
         with _Heartbeat("tracing and lowering", log) as hb:
-            lowered, parts, useful, tokens, cfg = _lower(config, step, mesh)
+            try:
+                lowered, parts, useful, tokens, cfg = _lower(config, step, mesh)
+            except ShardingRuleError as e:
+                raise AotError(f"the mesh {dict(mesh.shape)} cannot split the model: {e}") from None
         report["lower_seconds"] = round(hb.seconds, 1)
         report["model"] = {"layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts,
                            "params": cfg.num_params(), "param_dtype": cfg.param_dtype, "dtype": cfg.dtype,

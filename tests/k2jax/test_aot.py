@@ -101,3 +101,9 @@ def test_cli_exits_1_when_it_does_not_fit(tmp_path):
 def test_cli_bad_topology_is_one_line():
     run = _aot("--topology=v5p-24")
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("k2jax-aot: ")
+
+
+def test_cli_mesh_that_cannot_split_the_model_is_one_line():
+    run = _aot("--topology=v5p:1x1x3", '--config.mesh.axes={"fsdp": 3}')
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and last.startswith("k2jax-aot: the mesh {'fsdp': 3} cannot split the model: "), last
