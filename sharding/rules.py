@@ -77,7 +77,8 @@ def partition_spec(shape: tuple[int, ...], logical_axes: tuple[str, ...], mesh_s
                 choice = present[0] if len(present) == 1 else present
                 used.update(present)
                 break
-            refused.append(" x ".join(f"{a} ({mesh_shape[a]})" for a in present))
+            tried = " x ".join(f"{a} ({mesh_shape[a]})" for a in present)
+            refused += [tried] if tried not in refused else []  # (fsdp, expert) without expert is fsdp again
         if choice is None and refused and axis not in MAY_REPLICATE[strategy]:
             raise ShardingRuleError(
                 f"{name} {tuple(shape)}: dimension {i} ({axis!r}, size {dim}) is not divisible by mesh axis "
