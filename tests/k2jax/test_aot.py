@@ -80,7 +80,7 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
         assert r["pallas_kernels"] >= 3 + 9  # attention fwd / dq / dkv; gate, up, down: fwd, dx, dw
         # the step is the model's forward, recomputed forward and backward plus MuonClip's Newton-Schulz
         assert f["optimizer_per_chip"] > 0 and f["compiled_over_useful"] < 1.25
-        assert f["xla_cost_analysis_per_chip"] < 0.5 * f["compiled_per_chip"]  # XLA: each loop body once
+        assert f["xla_cost_analysis_per_chip"] < f["compiled_per_chip"]  # XLA: each loop body once
     else:
         assert m["cache"] > 0 and r["hbm_bytes_per_generated_token"] > 0
         assert r["pallas_kernels"] >= 1 + 3  # absorbed decode; the experts' grouped matmuls
