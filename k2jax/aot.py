@@ -23,8 +23,8 @@ for weights anywhere), and the very functions train.py and the Generator jit are
   collectives every all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute: executions per
               step (loop trip counts applied) and bytes moved per chip
 
-A program that does not fit (the compiler's HBM check, or the total above the chip's HBM) exits 1 with what to
-change. `--report` writes the dict as JSON (keys in README.md, "Compile ahead of time").
+A program that does not fit (its arguments alone, found before compiling; the compiler's HBM check; or the total
+above the chip's HBM) exits 1 with what to change. `--report` writes the dict as JSON (keys in README.md, "Compile ahead of time").
 
 TPU generations (name counts as in `gcloud`: TensorCores for v4 / v5p, chips for v5e / v6e) are in TPUS.
 """
@@ -294,6 +294,12 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
         report["model"] = {"layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts,
                            "params": cfg.num_params(), "param_dtype": cfg.param_dtype, "dtype": cfg.dtype,
                            "remat": cfg.remat}
+        arguments = sum(parts.values())
+        if arguments > hbm:  # no compile needs to say so (it would take minutes for a large model)
+            report.update(fits=False, memory=dict(parts), error=f"the step's arguments alone take "
+                          f"{arguments / GiB:.2f} GiB per chip, more than its {hbm / GiB:.2f} GiB of HBM")
+            report["advice"] = _advice(report)
+            return report
         try:
             with _Heartbeat("compiling for TPU (minutes for a large model on 2 cores)", log) as hb:
                 compiled = lowered.compile()

@@ -96,6 +96,7 @@ def test_cli_exits_1_when_it_does_not_fit(tmp_path):
     assert "does not fit v5p-8" in run.stderr and "infer.batch" in run.stderr
     r = json.loads(report_path.read_text())
     assert r["fits"] is False and r["memory"]["cache"] > r["hbm_per_chip"]
+    assert "arguments alone" in r["error"] and "compile_seconds" not in r  # found before compiling
 
 
 def test_cli_bad_topology_is_one_line():
