@@ -23,7 +23,8 @@ def _run(script, *flags):
 @pytest.mark.parametrize("script,flags,expect", [
     # run from another directory, with transformers importing: benchmarks/kernels.py once shadowed the `kernels`
     # package transformers probes for, and the script died on a duplicate flag
-    ("forward_vs_torch.py", ["--batch=1", "--seq_len=16", "--iters=1"], ["k2jax / transformers =", "roofline"]),
+    pytest.param("forward_vs_torch.py", ["--batch=1", "--seq_len=16", "--iters=1"],
+                 ["k2jax / transformers =", "roofline"], marks=pytest.mark.slow),  # ~70 s: the 20-minute suite
     ("decode.py", ["--batch=1", "--context=32", "--iters=1"], ["ratio latent / full"]),
     ("kernels.py", ["--smoke", "--iters=1"], ["dequantise+ragged_dot / pallas"]),
     ("convert.py", ["--experts=1", "--dtype=fp8"], ["/ raw read from disk:", "peak RSS"]),

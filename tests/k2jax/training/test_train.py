@@ -282,6 +282,7 @@ def test_every_config_loads(path):
     assert "python train.py --config=" in module.__doc__ or "k2jax-aot --config=configs/" in module.__doc__
 
 
+@pytest.mark.slow  # ~60-100 s on 2 cores: outside the 20-minute default suite
 def test_two_processes_train_like_one(straight, tmp_path):
     """jax.distributed with 2 local CPU processes x 4 devices (coordinator on 127.0.0.1) against 1 x 8."""
     with socket.socket() as s:
