@@ -104,7 +104,6 @@ class HloCost:
                 self.computations[current].append(_Instruction(*ins.groups()))
         self.entry = entry or next(iter(self.computations), "")
         self.types = {i.name: i.type for ins in self.computations.values() for i in ins}
-        self.by_name = {i.name: i for ins in self.computations.values() for i in ins}
         self.fused: set[str] = set()  # computations whose ops run in registers / VMEM: a fusion's body
         calls: dict[str, list[tuple[str, int]]] = {c: [] for c in self.computations}
         for comp, instructions in self.computations.items():
@@ -190,9 +189,8 @@ class HloCost:
                 return float(json.loads(estimate.group(1)).get("bytes_accessed", 0))
         operands = [_bytes(self.types.get(o, ""), hbm_only=True) for o in i.operands]
         if i.op == "copy-start":  # (destination, source, context): the source is the operand
-            destination = _arrays(i.type)[:1]
-            return sum(operands) + sum(math.prod(d) * _DTYPE_BYTES[t] for t, d, on_chip in destination
-                                       if not on_chip)
+            destination = i.type[1:].split(", ")[0]
+            return sum(operands) + _bytes(destination, hbm_only=True)
         if i.op in _SLICING:
             return 2 * _bytes(i.type, hbm_only=True)
         if i.op in _IN_PLACE:
@@ -201,7 +199,7 @@ class HloCost:
         if i.op != "fusion":
             return written + sum(operands)
         body = self._called(i)
-        params = {int(p.args): p.name for p in body if p.op == "parameter"}
+        params = _parameters(body)
         read = 0.0
         for n, full in enumerate(operands):
             got = self._read(params[n], body, full) if n in params else None
@@ -231,7 +229,7 @@ class HloCost:
                 if inner is None:
                     r = self._read(u.name, body, full, depth + 1)
                 else:
-                    params = {int(p.args): p.name for p in inner if p.op == "parameter"}
+                    params = _parameters(inner)
                     r = 0.0
                     for n in (n for n, o in enumerate(u.operands) if o == value):
                         got = self._read(params.get(n, ""), inner, full, depth + 1)
@@ -265,6 +263,11 @@ class HloCost:
         return sum(1 for ins in self.computations.values() for i in ins
                    if i.op == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.attrs
                    and 'pallas_call"' in i.attrs)
+
+
+def _parameters(body: list[_Instruction]) -> dict[int, str]:
+    """A computation's parameters by number."""
+    return {int(p.args): p.name for p in body if p.op == "parameter"}
 
 
 def _update_operand(i: _Instruction) -> int:
