@@ -11,10 +11,10 @@
     reply = k2jax.parse_tool_calls(outs[0], tokenizer)   # K2 tool calls in generated ids or text
 """
 
-from k2jax.checkpoint import load_checkpoint, save_checkpoint
+from k2jax.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from k2jax.config import ConfigError, K2Config, YarnScaling
 from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
-from k2jax.hf_mapping import CheckpointError, from_hf_tensors, to_hf_tensors
+from k2jax.hf_mapping import from_hf_tensors, to_hf_tensors
 from k2jax.model import Transformer, param_info
 from k2jax.generate import Completion, Generator, LatentCache, Sampling, generate
 from k2jax.tokenizer import Tokenizer, TokenizerError

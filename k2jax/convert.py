@@ -4,14 +4,14 @@
     k2jax-convert --to_hf --ckpt_dir=k2-fp8 --out_dir=Kimi-K2-export [--dtype=fp8|bfloat16|float32]
     (or: python convert_checkpoint.py ...)
 
---dtype fp8 keeps the release's e4m3 bytes and block scales (k2jax/checkpoint.py says how they are stored);
+--dtype fp8 keeps the release's e4m3 bytes and block scales (k2jax/checkpoint_format.py says how they are stored);
 bfloat16 / float32 dequantise (W = e4m3 x weight_scale_inv per 128x128 block). The export writes the release
 layout (config.json, index, shards): from an fp8 checkpoint with --dtype fp8 it reproduces the release's bytes
 exactly; from a bf16 / f32 checkpoint --dtype fp8 quantises (scale = block amax / 448).
 
 Memory: one release tensor at a time (the largest is the embedding or lm_head, 2.3 GB in BF16), written as it is
 (k2jax checkpoints keep the release's [out, in] orientation: no host transpose) into its slot of the stacked
-parameter with tensorstore (`checkpoint.StreamingWriter`); nothing is assembled in RAM.
+parameter with tensorstore (`checkpoint_stream.StreamingWriter`); nothing is assembled in RAM.
 The whole input is validated first (config, index, every shard header, names, shapes, dtypes, scales) so a
 bad checkpoint fails in seconds, not hours in.
 
@@ -47,10 +47,11 @@ from absl import flags
 from tqdm import tqdm
 
 from k2jax import commands, quant
-from k2jax.checkpoint import DTYPES, SCALES, CheckpointReader, StreamingWriter, fp8_params, read_metadata
+from k2jax.checkpoint_format import DTYPES, SCALES, CheckpointError, read_metadata
+from k2jax.checkpoint_stream import CheckpointReader, StreamingWriter
 from k2jax.config import ConfigError
 from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
-from k2jax.hf_mapping import CheckpointError, HFTensorSpec
+from k2jax.hf_mapping import HFTensorSpec, fp8_params
 from k2jax.model import param_name
 
 PROGRESS = "convert_progress.jsonl"
@@ -239,7 +240,7 @@ def _publish(partial: str, out_dir: str) -> None:
 
 def _stored_slots(ckpt: HFCheckpoint, spec: HFTensorSpec, name: str, slot_shape, target: str, keep_fp8: bool):
     """[(parameter name, slot array)] to write for one release tensor; `target` is the parameter's stored dtype.
-    A slot holds the release tensor as it is (k2jax.checkpoint: no transpose), dequantised unless kept FP8."""
+    A slot holds the release tensor as it is (k2jax.checkpoint_format: no transpose), dequantised unless kept FP8."""
     if keep_fp8:
         q, scale = _fp8_pair(ckpt, spec)
         return [(name, q.reshape(slot_shape)), (f"{SCALES}.{name}", scale)]
@@ -272,7 +273,7 @@ def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None, show_
     fp8 = fp8_params(reader.cfg) if reader.dtype == "fp8" else {}
     dequantized = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
 
-    def source(spec: HFTensorSpec):  # a slot is the release tensor as it is (k2jax.checkpoint)
+    def source(spec: HFTensorSpec):  # a slot is the release tensor as it is (k2jax.checkpoint_format)
         name = param_name(spec.path)
         slot = reader.slot(name, spec.index).reshape(spec.shape)
         if name not in fp8:

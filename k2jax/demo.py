@@ -32,9 +32,9 @@ from flax import nnx
 import k2jax
 from k2jax import commands
 from k2jax import config as k2config
+from k2jax.checkpoint import CheckpointError
 from k2jax.config import ConfigError
 from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
-from k2jax.hf_mapping import CheckpointError
 from k2jax.tokenizer import SPECIAL_TOKENS, train_bpe, write_bpe_ranks
 
 # the tokenizer's own fixed English text (k2jax's prose can change without changing the demo's tokenizer)

@@ -29,9 +29,10 @@ import numpy as np
 from tqdm import tqdm
 
 from k2jax import quant
+from k2jax.checkpoint_format import CheckpointError
 from k2jax.config import K2Config
-from k2jax.hf_mapping import (SCALE_SUFFIX, CheckpointError, HFTensorSpec, check_names, from_hf_tensors,
-                              hf_tensor_specs, is_mtp_tensor, release_dtype)
+from k2jax.hf_mapping import (SCALE_SUFFIX, HFTensorSpec, check_names, from_hf_tensors, hf_tensor_specs,
+                              is_mtp_tensor, release_dtype)
 from k2jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors_streaming
 
 INDEX = "model.safetensors.index.json"

@@ -5,12 +5,13 @@ matmul, no `weight_scale_inv`), where it lives in `nnx.state(Transformer)` and h
 
     model.layers.3.mlp.experts.17.down_proj.weight  [D, F]  ->  moe_blocks/mlp/experts/down_proj[3 - k, 17]  [F, D]
 
-HF linear weights are [out, in]; k2jax stores [in, ...out] with the out axis split per head where the layer has
-heads (q_b_proj [Q, N, P+R], kv_b_proj [C, N, P+U], o_proj [N, U, D]). Embeddings, norms and the router bias are
-copied as they are. The converter (convert_checkpoint.py) streams through the same specs.
+It is also the one table of layouts: a spec's `matmul` says how a linear weight's release [out, in] maps to
+k2jax's [in, ...out] (`k2jax.weight_layout`: the out axis split per head where the layer has heads); embeddings,
+norms and the router bias (`matmul` None) are copied as they are. `matmul_params(cfg)` / `fp8_params(cfg)` are the
+same table keyed by parameter, which k2jax checkpoints store in the release's layout. The converter
+(convert_checkpoint.py) streams through the same specs.
 
-Letter legend: D hidden, N heads, Q q_lora, C kv_lora, P nope dim, R rope dim, U value dim, V vocab, E experts,
-F ffn.
+Letter legend: D hidden, N heads, Q q_lora, C kv_lora, R rope dim, V vocab, E experts, F ffn.
 """
 
 from __future__ import annotations
@@ -24,15 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from k2jax.checkpoint_format import CheckpointError
 from k2jax.config import K2Config
-from k2jax.model import Transformer
-
+from k2jax.model import Transformer, param_name
+from k2jax.weight_layout import Matmul, from_stored, to_stored
 
 SCALE_SUFFIX = "_scale_inv"  # an FP8 weight's block scales: "<weight name>_scale_inv"
-
-
-class CheckpointError(ValueError):
-    """A tensor set that does not match the config it is loaded for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +40,11 @@ class HFTensorSpec:
     path: tuple[str | int, ...]  # key path in nnx.state(Transformer)
     index: tuple[int, ...]  # leading indices into that (stacked) parameter: (layer,) or (layer, expert)
     linear: bool  # HF [out, in] matmul weight: transposed to [in, out] and reshaped to k2jax's per-head layout
+
+    @property
+    def matmul(self) -> Matmul | None:
+        """The layout of a linear weight's whole (stacked) parameter; None for tensors copied as they are."""
+        return Matmul(len(self.index), self.shape[1], self.shape[0]) if self.linear else None
 
 
 def _attention_specs(cfg: K2Config, prefix: str, path, index) -> Iterable[HFTensorSpec]:
@@ -108,18 +111,30 @@ def release_dtype(spec: HFTensorSpec) -> str:
     return "bfloat16"
 
 
+def matmul_params(cfg: K2Config) -> dict[str, Matmul]:
+    """Every matmul weight (the release's [out, in] linear layers) by parameter name, with its layout."""
+    return {param_name(s.path): s.matmul for s in hf_tensor_specs(cfg) if s.linear}
+
+
+def fp8_params(cfg: K2Config) -> dict[str, Matmul]:
+    """The matmul weights the release stores in FP8."""
+    fp8 = {param_name(s.path) for s in hf_tensor_specs(cfg) if release_dtype(s) == "fp8"}
+    return {n: m for n, m in matmul_params(cfg).items() if n in fp8}
+
+
+def _slot_matmul(spec: HFTensorSpec) -> Matmul:
+    """The layout of one slot (the release tensor itself: no lead axes)."""
+    return spec.matmul._replace(n_lead=0)
+
+
 def hf_to_k2(spec: HFTensorSpec, array: np.ndarray, slot_shape: tuple[int, ...]) -> np.ndarray:
     """A release tensor in k2jax's layout for one slot of its parameter (shape `slot_shape`)."""
-    out = array.T if spec.linear else array
-    return out.reshape(slot_shape)
+    return from_stored(array, _slot_matmul(spec), slot_shape) if spec.linear else array.reshape(slot_shape)
 
 
 def k2_to_hf(spec: HFTensorSpec, slot: np.ndarray) -> np.ndarray:
     """The inverse of `hf_to_k2`: one parameter slot back to the release's layout."""
-    if not spec.linear:
-        return slot.reshape(spec.shape)
-    out, in_ = spec.shape
-    return slot.reshape(in_, out).T
+    return to_stored(slot, _slot_matmul(spec)) if spec.linear else slot.reshape(spec.shape)
 
 
 def is_mtp_tensor(name: str, cfg: K2Config) -> bool:

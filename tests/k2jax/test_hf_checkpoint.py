@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from k2jax.checkpoint import CheckpointError
 from k2jax.config import tiny
 from k2jax.hf_checkpoint import INDEX, HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
-from k2jax.hf_mapping import CheckpointError, release_dtype
+from k2jax.hf_mapping import release_dtype
 from k2jax.safetensors_io import SafetensorsFile, write_safetensors
 from tests.oracle import oracle_forward, oracle_model, random_release_tensors
 

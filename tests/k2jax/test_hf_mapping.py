@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import k2jax
+from k2jax.checkpoint import CheckpointError
 from k2jax.config import tiny
-from k2jax.hf_mapping import CheckpointError, hf_tensor_specs
+from k2jax.hf_mapping import hf_tensor_specs
 from tests.oracle import random_release_tensors
 
 CFG = tiny()
