@@ -1,7 +1,7 @@
 """Small building blocks: parameters with logical axes, RMSNorm, the dense SwiGLU MLP.
 
 Every weight is an `nnx.Param` stored input-axes-first ([in, ...out]) and carries `logical_axes` metadata, the
-names `sharding/` maps to mesh axes. HF stores linear weights [out, in]; `k2jax/hf_mapping.py` transposes.
+names `sharding/` maps to mesh axes. HF stores linear weights [out, in]; `k2jax/weight_layout.py` transposes.
 
 Letter legend: B batch, T tokens, D hidden, F ffn.
 """
