@@ -14,8 +14,14 @@ forward. The FFN fuses gate, up, SwiGLU and down per tile (no [M, F] intermediat
 differentiation it keeps the gate/up pre-activations). Both have explicit VJPs: dx by the same loop against the
 transposed weights, dw added per tile in float32 into the [G, ...] gradient, with rows outside the group masked.
 
+FP8 experts (`scales=`, the FP8-resident model's CPU form): float8_e4m3fn weights with the release's 128x128 block
+scales; each group's weights are dequantised (pallas_kernels.fp8_grouped_matmul.dequantize, to x's dtype) when the
+loop reaches the group, so memory holds one expert's dequantised weights, never a layer's. FP8 weights are frozen:
+the VJP gives dx only.
+
 Scanned layers (`scanned_expert_stacks`): while model.run_layers traces a scanned MoE block it publishes the
-(gate, up, down) weight stacks of all scanned blocks ([L, E, ...], gradient stopped) and the scan's layer index;
+(gate, up, down) weight stacks of all scanned blocks ([L, E, ...], gradient stopped; FP8 experts: (e4m3, scales)
+pairs) and the scan's layer index;
 the FFN then reads each expert's weights straight from the stacks (`stacked=`): the layer's own slices would be
 copied out of the stacks first (XLA materialises a dynamic slice feeding a loop: ~10 ms per layer in the CPU
 benchmark, forward and again backward). The slices still take the gradient.
@@ -32,6 +38,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.fp8_grouped_matmul import check_scales, dequantize
 from pallas_kernels.grouped_matmul import check_shapes
 
 # Tile heights. On 2 CPU cores a SwiGLU tile (K = F = 512, forward + backward) costs about 1.0 ms at 16 rows, 2.9
@@ -46,9 +53,9 @@ _EXPERT_STACKS = contextvars.ContextVar("k2jax_expert_stacks", default=None)
 
 
 @contextlib.contextmanager
-def scanned_expert_stacks(stacks: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None, layer: jnp.ndarray):
-    """Within: current_stacks() gives (w_gate, w_up, w_down stacks, layer) for cpu_grouped_ffn's `stacked`; None:
-    nothing."""
+def scanned_expert_stacks(stacks: tuple | None, layer: jnp.ndarray):
+    """Within: current_stacks() gives (w_gate, w_up, w_down stacks, layer) for cpu_grouped_ffn's `stacked` (FP8
+    experts: each stack an (e4m3, scales) pair); None: nothing."""
     token = _EXPERT_STACKS.set(None if stacks is None else (*stacks, layer))
     try:
         yield
@@ -67,27 +74,34 @@ def cpu_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
 
 
 def cpu_grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
-                    group_sizes_G: jax.Array, *, stacked: tuple | None = None,
+                    group_sizes_G: jax.Array, *, scales: tuple | None = None, stacked: tuple | None = None,
                     rows_in_use: int | None = None) -> jax.Array:
     """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype.
 
-    stacked: optional (w_gate_LGKF, w_up_LGKF, w_down_LGFK, layer), stacks of L layers' weights whose [layer]
-    are w_gate, w_up and w_down: each group's weights are read straight from the stacks inside the loop (see the
-    module docstring). Gradients still go to w_gate, w_up and w_down only; pass the stacks through
+    scales: (s_gate [G, ceil(K/128), ceil(F/128)], s_up, s_down [G, ceil(F/128), ceil(K/128)]), the block scales
+    of float8_e4m3fn w_gate, w_up and w_down: each group's weights are dequantised as the loop reaches it, and no
+    gradient goes to them (module docstring). stacked: optional (w_gate_LGKF, w_up_LGKF, w_down_LGFK, layer),
+    stacks of L layers' weights whose [layer] are w_gate, w_up and w_down (with `scales`: each stack an (e4m3
+    [L, G, ...], scales [L, G, ...]) pair): each group's weights are read straight from the stacks inside the
+    loop (see the module docstring). Gradients still go to w_gate, w_up and w_down only; pass the stacks through
     jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them. rows_in_use: accepted as
     grouped_ffn does (a cost-estimate hint); the loop here visits the rows in use only anyway."""
     del rows_in_use
     check_shapes(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
     if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
         raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
-    if stacked is not None and [s.shape[1:] for s in stacked[:3]] != [w_gate_GKF.shape, w_up_GKF.shape,
-                                                                       w_down_GFK.shape]:
-        raise ValueError(f"grouped_ffn: stacked {[s.shape for s in stacked[:3]]} are not stacks of "
-                         f"{[w.shape for w in (w_gate_GKF, w_up_GKF, w_down_GFK)]}")
     dt = x_MK.dtype
+    weights = (w_gate_GKF, w_up_GKF, w_down_GFK)
+    for w, s in zip(weights, scales or (None,) * 3, strict=True):
+        check_scales(w, s, "grouped_ffn")
+    # FP8: (e4m3, scales) pairs, dequantised one group at a time
+    weights = tuple(w.astype(dt) for w in weights) if scales is None else tuple(zip(weights, scales))
+    if stacked is not None and [a.shape[1:] for a in jax.tree.leaves(stacked[:3])] != [
+            a.shape for a in jax.tree.leaves(weights)]:
+        raise ValueError(f"grouped_ffn: stacked {jax.tree.map(jnp.shape, stacked[:3])} are not stacks of "
+                         f"{jax.tree.map(jnp.shape, weights)}")
     stacks, layer = (None, None) if stacked is None else (tuple(stacked[:3]), jnp.asarray(stacked[3], jnp.int32))
-    return _tiled_ffn(x_MK, w_gate_GKF.astype(dt), w_up_GKF.astype(dt), w_down_GFK.astype(dt),
-                      group_sizes_G.astype(jnp.int32), stacks, layer)
+    return _tiled_ffn(x_MK, *weights, group_sizes_G.astype(jnp.int32), stacks, layer)
 
 
 # ---- the tile loop -------------------------------------------------------------------------------------------
@@ -196,18 +210,28 @@ def _tiled_matmul_bwd(res, dy_MN):
 _tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
+def _shape(w) -> tuple[int, ...]:
+    """A weight's shape (an FP8 (e4m3, scales) pair: its e4m3 array's)."""
+    return (w[0] if isinstance(w, tuple) else w).shape
+
+
 def _group_weights(weights, layer, dt) -> Callable:
     """g -> group g's (gate, up, down) weights: weights[i][g] or, from [L, G, ...] stacks, weights[i][layer, g]
-    (cast to dt, one group at a time)."""
-    if layer is None:
-        return lambda g: tuple(w[g] for w in weights)
-    return lambda g: tuple(w[layer, g].astype(dt) for w in weights)
+    (cast to dt, one group at a time); an FP8 (e4m3, scales) pair is dequantised to dt there."""
+    at = (lambda a, g: a[g]) if layer is None else (lambda a, g: a[layer, g])
+
+    def one(w, g):
+        if isinstance(w, tuple):
+            return dequantize(at(w[0], g), at(w[1], g), dt)
+        return at(w, g).astype(dt)
+
+    return lambda g: tuple(one(w, g) for w in weights)
 
 
 def _ffn_forward(x_MK, weights, layer, group_sizes_G, *, keep_activations: bool):
     """-> (out [M, K], (gate, up) pre-activations [M, F] each if keep_activations else None)."""
     xp = _pad_rows(x_MK)
-    F = weights[0].shape[-1]
+    F = _shape(weights[0])[-1]
 
     def tile(w, r0, rows, n_valid, out):
         wg, wu, wd = w
@@ -239,16 +263,18 @@ def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks
 def _tiled_ffn_bwd(res, dy_MK):
     """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down added in float32 into
     their [G, ...] gradients in place (no per-group accumulator to copy out). Rows of a tile outside its group get
-    x, dy, gate and up = 0, so they add nothing (not even NaN) to any gradient. The stacks get none."""
+    x, dy, gate and up = 0, so they add nothing (not even NaN) to any gradient. The stacks get none, and neither
+    do FP8 weights (frozen: dx only)."""
     x_MK, gate_MF, up_MF, weights, layer, group_sizes_G = res
     dt = x_MK.dtype
     xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MK.astype(dt))
-    K, F = weights[0].shape[-2:]
+    frozen = isinstance(weights[0], tuple)
+    K, F = _shape(weights[0])[-2:]
     f32 = jnp.float32
 
     def tile(g_w, r0, rows, n_valid, out):
         g, (wg, wu, wd) = g_w
-        dx, dwg, dwu, dwd = out
+        dx, *dws = out
         x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
         dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
         gate, up = (_masked(_rows(a, r0, rows), n_valid, rows) for a in (gate_MF, up_MF))
@@ -257,18 +283,19 @@ def _tiled_ffn_bwd(res, dy_MK):
         dh = _dot_t(dy_t, wd)
         d_up = dh * silu
         d_gate = dh * up * sig * (1 + gate * (1 - sig))
-        dwd = _add_weight_grad(dwd, g, silu * up, dy_t)
-        dwg = _add_weight_grad(dwg, g, x_t, d_gate)
-        dwu = _add_weight_grad(dwu, g, x_t, d_up)
+        if dws:
+            dwg, dwu, dwd = dws
+            dws = (_add_weight_grad(dwg, g, x_t, d_gate), _add_weight_grad(dwu, g, x_t, d_up),
+                   _add_weight_grad(dwd, g, silu * up, dy_t))
         dx_t = _dot_t(d_gate, wg) + _dot_t(d_up, wu)
-        return jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), dwg, dwu, dwd
+        return (jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), *dws)
 
     group_weights = _group_weights(weights, layer, dt)
     G = group_sizes_G.shape[0]
-    dx, dwg, dwu, dwd = _tile_loop(group_sizes_G, lambda g: (g, group_weights(g)), tile, (
-        jnp.zeros_like(xp), jnp.zeros((G, K, F), f32), jnp.zeros((G, K, F), f32), jnp.zeros((G, F, K), f32)))
-    return (_finish(dx, group_sizes_G, x_MK.shape[0]), dwg.astype(dt), dwu.astype(dt), dwd.astype(dt), None, None,
-            None)
+    dw_init = () if frozen else (jnp.zeros((G, K, F), f32), jnp.zeros((G, K, F), f32), jnp.zeros((G, F, K), f32))
+    dx, *dws = _tile_loop(group_sizes_G, lambda g: (g, group_weights(g)), tile, (jnp.zeros_like(xp), *dw_init))
+    dws = (None,) * 3 if frozen else tuple(dw.astype(dt) for dw in dws)
+    return (_finish(dx, group_sizes_G, x_MK.shape[0]), *dws, None, None, None)
 
 
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)

@@ -190,9 +190,7 @@ class Transformer(nnx.Module):
             # the CPU grouped FFN reads the expert stacks in place (cpu_grouped_ffn); not inside the pipeline's
             # shard_map, whose stages hold only their own layers
             if target.moe_impl == "tiled" and not microbatches:
-                experts = self.moe_blocks.mlp.experts
-                stacks = tuple(jax.lax.stop_gradient(p[...]) for p in (experts.gate_proj, experts.up_proj,
-                                                                       experts.down_proj))
+                stacks = jax.tree.map(jax.lax.stop_gradient, self.moe_blocks.mlp.experts.weight_stacks())
 
             def step(x_carry, xs):
                 layer_state, index = xs

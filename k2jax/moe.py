@@ -20,6 +20,7 @@ Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,10 @@ def _keep_top_groups(choice_TE: jnp.ndarray, n_group: int, topk_group: int) -> j
 
 
 class RoutedExperts(nnx.Module):
+    """The routed experts' stacked SwiGLU weights ([E, D, F] gate / up, [E, F, D] down) and their dropless grouped
+    FFN. k2jax.fp8_experts.FP8RoutedExperts is the FP8-resident form: it keeps this routing and replaces what the
+    FFN reads (`expert_arrays`, `weight_stacks`) and runs (`grouped_ffn`)."""
+
     def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg, n_batch=1)
@@ -83,20 +88,34 @@ class RoutedExperts(nnx.Module):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
 
+    def weight_stacks(self) -> tuple:
+        """The (gate, up, down) variables' values as stored: what model.run_layers publishes, stacked over the
+        scanned layers, for the CPU FFN to read in place (k2jax.cpu_grouped_ffn's `stacked`)."""
+        return tuple(p[...] for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def expert_arrays(self) -> tuple[jax.Array, ...]:
+        """The arrays the grouped FFN takes after the rows, each with the expert axis first: (gate, up, down) in
+        the compute dtype."""
+        return tuple(w.astype(self.dtype) for w in self.weight_stacks())
+
+    def grouped_ffn(self, target: Target, stacked: tuple | None) -> Callable:
+        """ffn(rows [M, D], *expert_arrays, group_sizes [E], rows_in_use=None) -> [M, D] in the target's form.
+        stacked: current_stacks() (the scanned layers' weight_stacks and the layer index) or None."""
+        if target.moe_impl == "tiled":  # the CPU form; unsharded, it reads a scanned layer's stacks in place
+            return functools.partial(cpu_grouped_ffn, stacked=stacked)
+        return functools.partial(grouped_ffn, impl=target.moe_impl,
+                                 launch=target.launch("fp8_grouped_matmul", self.dtype))
+
     @jax.named_scope("experts")
     def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """-> (sum of each token's routed experts' outputs [T, D], routed rows dropped by expert parallelism's
         receive buffer (cfg.ep_capacity_factor; always 0 without EP or when dropless))."""
-        E = self.gate_proj.shape[0]
+        E = self.cfg.n_routed_experts
         target = Target.of(self.cfg)
         mesh = jax.sharding.get_abstract_mesh()
-        if target.moe_impl == "tiled":  # the CPU form; unsharded, it reads a scanned layer's stacks in place
-            ffn = functools.partial(cpu_grouped_ffn, stacked=current_stacks() if mesh.empty else None)
-        else:
-            ffn = functools.partial(grouped_ffn, impl=target.moe_impl,
-                                    launch=target.launch("fp8_grouped_matmul", self.dtype))
-        w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        ffn = self.grouped_ffn(target, current_stacks() if mesh.empty else None)
+        w = self.expert_arrays()
         x_TD = x_TD.astype(self.dtype)
         if expert_parallel_enabled(mesh, E):
             y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, *w, ffn=ffn, impl=target.ep_exchange,
@@ -108,8 +127,8 @@ class RoutedExperts(nnx.Module):
             y_MD = ffn(x_TD[order_M // ids_TK.shape[1]], *w, group_sizes_E)
             return combine_sorted(y_MD, order_M, weights_TK)
 
-        tokens, whole = ("batch", None), (None, None, None)
-        y_TD = per_shard(route_and_run, in_axes=(tokens,) * 3 + (whole,) * 3, out_axes=tokens)(
+        tokens, whole = ("batch", None), tuple((None,) * a.ndim for a in w)
+        y_TD = per_shard(route_and_run, in_axes=(tokens,) * 3 + whole, out_axes=tokens)(
             x_TD, weights_TK, ids_TK, *w).astype(self.dtype)
         return y_TD, jnp.zeros((), jnp.int32)
 

@@ -336,6 +336,21 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
+def check_scales(w_GKN: jax.Array, scales_GKbNb: jax.Array | None, caller: str) -> None:
+    """FP8 weights come with one float scale per 128x128 block of their last two axes (any leading axes), other
+    weights without; else one line, prefixed with `caller`, says what is wrong."""
+    if scales_GKbNb is None:
+        if w_GKN.dtype == FP8:
+            raise ValueError(f"{caller}: float8_e4m3fn weights need their block scales")
+        return
+    want = w_GKN.shape[:-2] + tuple(-(-d // BLOCK) for d in w_GKN.shape[-2:])
+    if scales_GKbNb.shape != want:
+        raise ValueError(f"{caller}: scales for w {w_GKN.shape} must be {want} (one per 128x128 block), got "
+                         f"{scales_GKbNb.shape}")
+    if w_GKN.dtype != FP8:
+        raise ValueError(f"{caller}: scales given but w is {w_GKN.dtype}, not float8_e4m3fn")
+
+
 def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
                        scales_GKbNb: jax.Array | None = None, *, fp8_activations: bool = False,
                        backend: str = "auto", platform: str | None = None, num_warps: int = 4,
@@ -348,16 +363,7 @@ def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
     if x_MK.ndim != 2 or w_GKN.ndim != 3 or group_sizes_G.shape != w_GKN.shape[:1] or x_MK.shape[1] != w_GKN.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x_MK.shape}, "
                          f"w {w_GKN.shape}, group_sizes {group_sizes_G.shape}")
-    G, K, N = w_GKN.shape
-    if scales_GKbNb is not None:
-        want = (G, -(-K // BLOCK), -(-N // BLOCK))
-        if scales_GKbNb.shape != want:
-            raise ValueError(f"fp8_grouped_matmul: scales for w {w_GKN.shape} must be {want} (one per 128x128 "
-                             f"block), got {scales_GKbNb.shape}")
-        if w_GKN.dtype != FP8:
-            raise ValueError(f"fp8_grouped_matmul: scales given but w is {w_GKN.dtype}, not float8_e4m3fn")
-    elif w_GKN.dtype == FP8:
-        raise ValueError("fp8_grouped_matmul: float8_e4m3fn weights need their block scales")
+    check_scales(w_GKN, scales_GKbNb, "fp8_grouped_matmul")
     if fp8_activations and scales_GKbNb is None:
         raise ValueError("fp8_grouped_matmul: fp8_activations needs FP8 weights (with their scales)")
     backend = kb.resolve(backend, (), platform)

@@ -12,4 +12,5 @@ LOGICAL_AXES = (
     "q_lora", "kv_lora", "kv_lora_rope",
     "mlp",           # dense / shared-expert FFN
     "expert", "moe_mlp",
+    "scale_blocks",  # the two block axes of an FP8 weight's 128x128 scale grid (no strategy splits them)
 )

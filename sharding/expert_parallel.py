@@ -3,6 +3,10 @@
     with jax.set_mesh(mesh):                  # a mesh with an `expert` axis (see sharding/mesh.py)
         out_TD = expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD, ffn=ffn)
 
+The expert arrays after the routing arguments are any number of arrays whose leading axis is the expert axis (the
+weights, and e.g. FP8 weights' block scales): each is split over `expert`, and `ffn` gets the local blocks in the
+same order.
+
 Tokens are split over every batch-like mesh axis (data, fsdp and expert); the E experts over `expert` (device
 j of the expert axis owns experts [j E_loc, (j + 1) E_loc)). Per device:
 
@@ -10,7 +14,7 @@ j of the expert axis owns experts [j E_loc, (j + 1) E_loc)). Per device:
   2. exchange row counts (an all_gather of [E] int32 per device: tiny) so every device knows every
      (source, destination, expert) count, hence all offsets;
   3. ragged all-to-all the rows to their experts' devices; re-sort the received rows by local expert;
-  4. `ffn(rows, w_gate, w_up, w_down, group_sizes, rows_in_use=M)` on the local experts (a grouped matmul;
+  4. `ffn(rows, *expert_arrays, group_sizes, rows_in_use=M)` on the local experts (a grouped matmul;
      rows_in_use, the balanced load, is for the kernels' cost estimates: the buffer's empty tail is skipped);
   5. the reverse ragged all-to-all brings the results back to the rows' sources, which un-sort them and
      combine each token's K results with its routing weights.
@@ -98,13 +102,14 @@ def _kept(sizes_snl, R: int):
     return jnp.transpose(kept_jX.reshape(n, n, L), (1, 0, 2))
 
 
-def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *, ffn: Callable,
-                      expert_axis: str, other_token_axes: tuple[str, ...], impl: str, capacity_factor: float):
-    """One device's part (inside shard_map) -> (combined output [T, D], rows dropped on every device)."""
+def _local_expert_ffn(x_TD, weights_TK, ids_TK, *local_arrays, ffn: Callable, expert_axis: str,
+                      other_token_axes: tuple[str, ...], impl: str, capacity_factor: float):
+    """One device's part (inside shard_map; local_arrays: its blocks of the expert arrays, [L, ...] each) ->
+    (combined output [T, D], rows dropped on every device)."""
     n = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     T, K = ids_TK.shape
-    L = w_gate_LDF.shape[0]
+    L = local_arrays[0].shape[0]
     M = T * K
     R = receive_buffer_rows(M, n, capacity_factor)
     # 1. this device's rows sorted by expert, hence by destination device
@@ -130,8 +135,7 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, w_gate_LDF, w_up_LDF, w_down_LFD
     by_expert_R = jnp.argsort(local_R, stable=True)
     # 4. the local experts
     # (a balanced load fills M of the R rows: the kernels' cost estimates count those, the empty rest is skipped)
-    y_RD = ffn(recv_RD[by_expert_R], w_gate_LDF, w_up_LDF, w_down_LFD, kept_snl[:, me, :].sum(0),
-               rows_in_use=min(M, R))
+    y_RD = ffn(recv_RD[by_expert_R], *local_arrays, kept_snl[:, me, :].sum(0), rows_in_use=min(M, R))
     y_RD = y_RD[jnp.argsort(by_expert_R)]
     # 5. back to the sources, un-sorted, combined (dropped rows come back as the buffer's zeros)
     with jax.named_scope("ep_exchange"):
@@ -149,14 +153,15 @@ def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AX
     return n > 1 and num_experts % n == 0
 
 
-def expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, ffn: Callable,
-                        mesh=None, expert_axis: str = EXPERT_AXIS, token_axes: tuple[str, ...] = TOKEN_AXES,
+def expert_parallel_ffn(x_TD, weights_TK, ids_TK, *expert_arrays, ffn: Callable, mesh=None,
+                        expert_axis: str = EXPERT_AXIS, token_axes: tuple[str, ...] = TOKEN_AXES,
                         impl: str = "auto", capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """(sum_k weights[t, k] * ffn_{ids[t, k]}(x[t]) -> [T, D] float32, rows dropped: int32 scalar), with experts
-    split over `expert_axis` of `mesh` (default: the mesh set with jax.set_mesh). T is padded to a multiple of
-    the token-axis devices. capacity_factor: the receive buffer (module docstring); 0 drops nothing."""
+    split over `expert_axis` of `mesh` (default: the mesh set with jax.set_mesh). expert_arrays: [E, ...] each
+    (module docstring). T is padded to a multiple of the token-axis devices. capacity_factor: the receive buffer
+    (module docstring); 0 drops nothing."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    E = w_gate_EDF.shape[0]
+    E = expert_arrays[0].shape[0]
     if not expert_parallel_enabled(mesh, E, expert_axis):
         raise ValueError(f"expert_parallel_ffn: the mesh {dict(mesh.shape) if mesh is not None else None} needs an "
                          f"'{expert_axis}' axis > 1 that divides the {E} experts")
@@ -175,7 +180,6 @@ def expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_E
     local = jax.shard_map(
         lambda *a: _local_expert_ffn(*a, ffn=ffn, expert_axis=expert_axis, other_token_axes=others, impl=impl,
                                      capacity_factor=capacity_factor), mesh=mesh,
-        in_specs=(tok, tok, tok, P(expert_axis), P(expert_axis), P(expert_axis)), out_specs=(tok, P()),
-        check_vma=False)
-    out_TD, dropped = local(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+        in_specs=(tok, tok, tok) + (P(expert_axis),) * len(expert_arrays), out_specs=(tok, P()), check_vma=False)
+    out_TD, dropped = local(x_TD, weights_TK, ids_TK, *expert_arrays)
     return out_TD[:T], dropped

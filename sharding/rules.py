@@ -17,7 +17,10 @@ axes exist in the mesh, are not used by an earlier dimension of the same paramet
 dimension. When a candidate's axes are there but none divides the dimension, that dimension would be held whole
 on every device (at 1T, an out-of-memory on the pod): partition_spec raises ShardingRuleError naming parameter,
 dimension, axis and sizes, unless the strategy lists that logical axis in MAY_REPLICATE (the explicit opt-in).
-A dimension none of whose candidate axes are in the mesh (or all taken by earlier dimensions) is whole by design.
+A dimension none of whose candidate axes are in the mesh (or all taken by earlier dimensions) is whole by design;
+so is every axis no strategy lists, e.g. "scale_blocks", the block axes of FP8 weights' 128x128 scale grids: a
+scale grid follows its weight on the leading (expert, layers) axes and is whole along its blocks (1/16384 of the
+weight's elements, and a block count fsdp rarely divides).
 """
 
 from __future__ import annotations

@@ -162,3 +162,16 @@ def test_stacked_must_hold_the_weights_shapes():
     x, wg, wu, wd, sizes = _ffn_inputs("odd_sizes")
     with pytest.raises(ValueError, match="are not stacks of"):
         cpu_grouped_ffn(x, wg, wu, wd, sizes, stacked=(wg[None], wu[None], wg[None], 0))
+
+
+def test_fp8_weights_need_their_block_scales():
+    """float8_e4m3fn weights come with one scale per 128x128 block (tests/k2jax/test_fp8_experts.py checks the
+    values); without them they would be read as the weights themselves."""
+    x, wg, wu, wd, sizes = _ffn_inputs("odd_sizes")
+    e4m3 = [w.astype(jnp.float8_e4m3fn) for w in (wg, wu, wd)]
+    with pytest.raises(ValueError, match="need their block scales"):
+        cpu_grouped_ffn(x, *e4m3, sizes)
+    with pytest.raises(ValueError, match="one per 128x128 block"):
+        cpu_grouped_ffn(x, *e4m3, sizes, scales=(jnp.ones((len(sizes), 2, 2)),) * 3)
+    with pytest.raises(ValueError, match="not float8_e4m3fn"):
+        cpu_grouped_ffn(x, wg, wu, wd, sizes, scales=(jnp.ones((len(sizes), 1, 1)),) * 3)
