@@ -37,9 +37,13 @@ from flax import nnx
 from k2jax.config import K2Config
 from k2jax.model import Transformer
 from k2jax.rope import rope_tables
-from sharding.rules import activation_spec
+from sharding.rules import activation_spec, constrain
 
 FINISHED = -1  # what stream() yields for a row that has already stopped
+# the latent cache's layout under a mesh: rows split as activations are (sharding.rules.activation_spec); extend
+# returns it in this layout, so a decode step takes the cache it returned (left to XLA, the layout a step returns
+# may differ from the one it took, and every later step would compile again)
+CACHE_AXES_LBSX = (None, "batch", None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +126,8 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
     if not all_logits:
         x_BTD = x_BTD[jnp.arange(B), jnp.maximum(n_new_B - 1, 0)][:, None]
     logits = model.logits(x_BTD)
-    return (logits if all_logits else logits[:, 0]), LatentCache(kv_LBSX, cache.lengths_B + n_new_B)
+    return (logits if all_logits else logits[:, 0]), LatentCache(constrain(kv_LBSX, CACHE_AXES_LBSX),
+                                                                 cache.lengths_B + n_new_B)
 
 
 @dataclasses.dataclass
@@ -225,7 +230,7 @@ class Generator:
 
         X = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
         cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.dtype),
-                                (None, "batch", None, None)), arg((batch,), jnp.int32, ("batch",)))
+                                CACHE_AXES_LBSX), arg((batch,), jnp.int32, ("batch",)))
         tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
                              self._state)
