@@ -9,7 +9,8 @@ Router (per token, float32):
 
 Routed experts are dropless: the T·K (token, expert) pairs are sorted by expert and run through one grouped
 expert FFN in the form k2jax.target picks (`pallas_kernels.grouped_matmul.grouped_ffn`'s Pallas kernels on TPU /
-GPU, `k2jax.cpu_grouped_ffn` on CPU), then unsorted and combined with the router weights. Under a mesh
+GPU, `k2jax.cpu_grouped_ffn` on CPU), then unsorted and combined with the router weights. `k2jax.fp8_experts` is
+their FP8-resident form (the release's e4m3 weights and block scales, through the FP8 grouped matmul). Under a mesh
 (`with jax.set_mesh(mesh):`) each device routes its own tokens (`sharding.per_shard`: no global sort, and a
 Pallas grouped matmul runs per device); with an `expert` axis the experts run expert-parallel instead:
 `sharding.expert_parallel` sends each row to the device owning its expert with a ragged all-to-all (shard_map).
