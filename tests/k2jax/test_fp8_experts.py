@@ -97,13 +97,20 @@ def test_logits_equal_the_dequantised_model(fp8, tokens, want):
     _assert_same(_forward(fp8, tokens), want)
 
 
-def test_expert_parallel_model_equals_unsharded(fp8, tokens, want):
-    """The FFN runs inside expert parallelism's shard_map, each device's scales split with its experts."""
+def test_expert_parallel_model_equals_unsharded(tensors, fp8, tokens, want):
+    """The FFN runs inside expert parallelism's shard_map, each device's scales split with its experts. Placed by
+    the rules (shard_model) or quantised in place on the mesh (quantize_experts keeps each weight's sharding and
+    gives its scales the same split on the leading axes), the FP8 experts are the same arrays, laid out alike."""
     mesh = make_mesh({"expert": 4, "fsdp": 2})
     sharded = _sharded(fp8, mesh)
     experts = sharded.moe_blocks.mlp.experts
     assert experts.gate_proj[...].sharding.spec[:3] == (None, "expert", "fsdp")
     assert tuple(experts.gate_proj_scale_inv[...].sharding.spec) == (None, "expert", None, None)
+    on_mesh = quantize_experts(_sharded(k2jax.from_hf_tensors(CFG, tensors), mesh)).moe_blocks.mlp.experts
+    for name in ("gate_proj", "down_proj_scale_inv"):
+        a, b = getattr(on_mesh, name)[...], getattr(experts, name)[...]
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     with jax.set_mesh(mesh):
         got = _forward(sharded, tokens)
         hlo = _forward.lower(sharded, tokens).as_text()
