@@ -6,6 +6,8 @@
     model = k2jax.from_hf_tensors(cfg, tensors)      # {release tensor name: dequantised array}
     model = k2jax.load_hf_checkpoint("dir/")         # a small checkpoint in the release's on-disk layout
     model = k2jax.load_checkpoint("k2-bf16", mesh=mesh, shardings="ep_fsdp")   # a converted (Orbax) checkpoint
+    model = k2jax.load_checkpoint("k2-fp8", mesh=mesh, shardings="ep_fsdp", weights="fp8")  # FP8-resident experts
+    model = k2jax.quantize_experts(model)            # a loaded model's routed experts -> FP8-resident, in place
     outs = k2jax.Generator(model).generate(prompts, max_new_tokens=64, sampling=k2jax.Sampling(temperature=0.6))
     chat = k2jax.Chat(model, k2jax.Tokenizer.from_dir("Kimi-K2-Instruct")); chat.send("Hello")
     reply = k2jax.parse_tool_calls(outs[0], tokenizer)   # K2 tool calls in generated ids or text
@@ -22,9 +24,10 @@ from k2jax.chat_template import ChatTemplateError
 from k2jax.tool_calls import ParsedReply, ToolCall, ToolCallParser, parse_tool_calls
 from k2jax.chat import Chat
 from k2jax.placement import init_sharded, shard_model
+from k2jax.fp8_experts import FP8RoutedExperts, quantize_experts
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",
            "save_checkpoint", "param_info", "Generator", "Sampling", "LatentCache", "Completion", "generate",
            "Tokenizer", "TokenizerError", "ChatTemplateError", "parse_tool_calls", "ToolCallParser", "ToolCall",
-           "ParsedReply", "Chat", "init_sharded", "shard_model"]
+           "ParsedReply", "Chat", "init_sharded", "shard_model", "FP8RoutedExperts", "quantize_experts"]

@@ -8,7 +8,8 @@ keep the release's [out, in] orientation (`k2jax.weight_layout`): `load_checkpoi
 on the devices, where it costs next to nothing, and `save_checkpoint` does the reverse there. So converting the
 release is a copy (plus a dequantisation for bf16 / f32): no host transpose, which cost more than everything else
 in a conversion. FP8 checkpoints (dtype "fp8", written by the converter) are dequantised on the devices too
-(W = e4m3 x scale per block), into cfg.param_dtype (default bfloat16). Where each array lands on the mesh:
+(W = e4m3 x scale per block), into cfg.param_dtype (default bfloat16); with weights="fp8" the routed experts stay
+e4m3 with their block scales on the devices instead (`k2jax.fp8_experts`). Where each array lands on the mesh:
 `k2jax.checkpoint_sharding`. The converter writes and the export reads checkpoints slot by slot
 (`k2jax.checkpoint_stream`).
 """
@@ -28,10 +29,15 @@ from k2jax.checkpoint_format import (DTYPES, SCALES, STATE_DIR, CheckpointError,
                                      metadata, nest, read_metadata, save_tree, write_metadata)
 from k2jax.checkpoint_sharding import ShardingSpec, replicated_like, sharding_for, stored_sharding
 from k2jax.config import K2Config
+from k2jax.fp8_experts import PROJECTIONS, resident_experts, scale_sharding
 from k2jax.hf_mapping import fp8_params, matmul_params
 from k2jax.model import Transformer, param_info, param_name
 from k2jax.weight_layout import Matmul, from_stored, to_stored
 from sharding.rules import param_shardings
+
+
+WEIGHTS = ("dequantized", "fp8")
+_EXPERTS = tuple(f"moe_blocks.mlp.experts.{p}" for p in PROJECTIONS)
 
 
 def abstract_state(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -81,12 +87,19 @@ def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, shardings: ShardingSpec = None,
-                    **config_overrides) -> Transformer:
+                    weights: str = "dequantized", **config_overrides) -> Transformer:
     """Restores a k2jax checkpoint as a Transformer.
 
     shardings: None (with a mesh: replicated on it; without: the default device), a strategy name from
     sharding.rules (e.g. "ep_fsdp"; needs the mesh), a mapping from parameter name to Sharding, or a function
-    (name, shape) -> Sharding. Each device reads only its own shard from disk."""
+    (name, shape) -> Sharding. Each device reads only its own shard from disk.
+    weights: "dequantized" (default): every weight in cfg.param_dtype (an fp8 checkpoint dequantised on the
+    devices); "fp8" (an fp8 checkpoint only): the routed experts stay FP8-resident (k2jax.fp8_experts): their e4m3
+    weights read and transposed on the devices with the parameter's sharding, their block scales with its split
+    of the leading (layer, expert) axes and whole along the blocks, never dequantised; every other weight as with
+    "dequantized"."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"load_checkpoint: weights must be one of {WEIGHTS}, got {weights!r}")
     path = os.fspath(path)
     meta = read_metadata(path)
     check_chunks(path)
@@ -108,6 +121,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     param_shapes = {n: tuple(a.shape) for n, a in abstract.items()}
     matmuls = matmul_params(cfg)
     fp8 = fp8_params(cfg) if stored_dtype == "fp8" else {}
+    resident = _resident_experts(path, stored_dtype, fp8) if weights == "fp8" else ()
     targets, final_shardings = {}, {}
     for name, leaf in stored.items():
         if tuple(listed[name]["shape"]) != tuple(leaf.shape):
@@ -116,7 +130,10 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         if not name.startswith(SCALES + "."):
             final_shardings[name] = sharding_for(name, param_shapes[name], mesh, shardings)
     for name, leaf in stored.items():
-        if name.startswith(SCALES + "."):  # small: every device of its weight's sharding gets all of it
+        if name.startswith(SCALES + ".") and name[len(SCALES) + 1:] in resident:  # kept: split like its weight
+            weight = name[len(SCALES) + 1:]
+            sharding = scale_sharding(final_shardings[weight], len(param_shapes[weight]))
+        elif name.startswith(SCALES + "."):  # small: every device of its weight's sharding gets all of it
             sharding = replicated_like(final_shardings[name[len(SCALES) + 1:]])
         elif name in matmuls:
             sharding = stored_sharding(final_shardings[name], matmuls[name], param_shapes[name])
@@ -132,9 +149,19 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         while cause.__cause__ is not None:
             cause = cause.__cause__
         raise CheckpointError(f"{path}: cannot read it: {' '.join(str(cause).split())[:400]}") from e
-    params = {}
+    params, kept = {}, {}
     for name, value in restored.items():
         if name.startswith(SCALES + "."):
+            continue
+        if name in resident:  # e4m3 and scales transposed to the model's [..., in, out] on the devices
+            m, scale = matmuls[name], restored[f"{SCALES}.{name}"]
+            value = jax.jit(from_stored, static_argnums=(1, 2), out_shardings=final_shardings[name])(
+                value, m, param_shapes[name])
+            scale = jax.jit(lambda s: s.swapaxes(-1, -2), out_shardings=scale_sharding(
+                final_shardings[name], len(param_shapes[name])))(scale)
+            restored[name] = restored[f"{SCALES}.{name}"] = None
+            kept[name] = (value, scale)
+            params[name] = value  # holds the Param's slot until resident_experts replaces the experts
             continue
         if name in matmuls:  # dequantise (FP8) and transpose on the devices, straight into the final sharding
             scale = restored.get(f"{SCALES}.{name}") if name in fp8 else None
@@ -144,7 +171,20 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         params[name] = value.astype(abstract[name].dtype) if value.dtype != abstract[name].dtype else value
     template = nnx.to_pure_dict(state)
     nnx.replace_by_pure_dict(state, _unflat_like(template, params))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return resident_experts(model, kept) if kept else model
+
+
+def _resident_experts(path: str, stored_dtype: str, fp8: Mapping[str, Matmul]) -> tuple[str, ...]:
+    """The routed expert weights load_checkpoint(weights="fp8") keeps FP8: a CheckpointError when the checkpoint
+    holds none."""
+    if stored_dtype != "fp8":
+        raise CheckpointError(f"{path}: weights='fp8' needs an fp8 checkpoint (converted with --dtype fp8); this one "
+                              f"is {stored_dtype}: load it with weights='dequantized'")
+    if not all(name in fp8 for name in _EXPERTS):
+        raise CheckpointError(f"{path}: weights='fp8' keeps the routed experts FP8, and this model has no FP8 "
+                              f"routed experts (no MoE layers): load it with weights='dequantized'")
+    return _EXPERTS
 
 
 def _stored_to_param(w, scale, m: Matmul, shape: tuple[int, ...], dtype) -> jax.Array:

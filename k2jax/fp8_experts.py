@@ -111,14 +111,21 @@ class FP8RoutedExperts(RoutedExperts):
         return kernel_ffn
 
 
-def _shardings(w) -> tuple:
-    """(weight, scales) shardings for the FP8 form of w: w's own, and for the scales its NamedSharding with the last
-    two axes whole (as sharding/rules.py lays out SCALE_AXIS); None, None when w has none."""
-    sharding = getattr(w, "sharding", None)
+def scale_sharding(sharding, ndim: int):
+    """The sharding of the block scales of a weight of `ndim` dims placed with `sharding`: a NamedSharding's split
+    of the leading (expert, layer) axes with the last two axes whole (as sharding/rules.py lays out SCALE_AXIS);
+    any other sharding (or None) as it is."""
     if not isinstance(sharding, NamedSharding):
-        return sharding, sharding
-    spec = tuple(sharding.spec) + (None,) * (w.ndim - len(sharding.spec))
-    return sharding, NamedSharding(sharding.mesh, PartitionSpec(*spec[:-2], None, None))
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[:-2], None, None))
+
+
+def _shardings(w) -> tuple:
+    """(weight, scales) shardings for the FP8 form of w: w's own, and scale_sharding's for the scales; None, None
+    when w has none."""
+    sharding = getattr(w, "sharding", None)
+    return sharding, scale_sharding(sharding, w.ndim)
 
 
 def _quantized(w, name: str) -> tuple[jax.Array, jax.Array]:
@@ -156,6 +163,13 @@ def _replace_experts(model: Transformer, convert: Callable) -> Transformer:
                            tuple(var.get_metadata("logical_axes")))
     model.moe_blocks.mlp.experts = FP8RoutedExperts(experts.cfg, quantized=quantized)
     return model
+
+
+def resident_experts(model: Transformer, arrays: dict[str, tuple]) -> Transformer:
+    """model (its routed experts' Param slots holding anything, e.g. the e4m3 weights themselves) with its routed
+    experts replaced, in place, by FP8RoutedExperts of arrays {"moe_blocks.mlp.experts.<proj>": (e4m3 [..., K, N],
+    scales [..., Kb, Nb])}, already on their devices: what load_checkpoint(weights="fp8") builds."""
+    return _replace_experts(model, lambda w, name: arrays[name])
 
 
 def quantize_experts(model: Transformer) -> Transformer:

@@ -1,0 +1,111 @@
+"""load_checkpoint(weights="fp8"): a converted --dtype fp8 checkpoint loads with its routed experts FP8-resident
+(e4m3 weights and block scales on the devices, never dequantised) and gives the logits of the same checkpoint
+loaded dequantised (float32 compute, within 1e-5 of max|logit|, same expert choices), unsharded and on 8 devices
+with expert parallelism. Expert dims (hidden 200, expert FFN 72) are not multiples of 128: ragged edge blocks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from k2jax import load_checkpoint
+from k2jax.checkpoint import CheckpointError, abstract_state
+from k2jax.config import tiny
+from k2jax.convert import convert_hf_to_orbax
+from k2jax.fp8_experts import FP8RoutedExperts, FP8Scale, FP8Weight
+from k2jax.hf_checkpoint import write_hf_checkpoint
+from k2jax.model import param_info
+from sharding.mesh import make_mesh
+from sharding.rules import param_shardings
+from tests.oracle import random_release_tensors
+
+CFG = tiny(hidden_size=200, moe_intermediate_size=72)
+E, D, F, L = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size, CFG.num_moe_layers
+F32 = {"param_dtype": "float32", "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8ckpt")
+    write_hf_checkpoint(str(root / "hf"), CFG, random_release_tensors(CFG, seed=23), dtype="fp8")
+    convert_hf_to_orbax(str(root / "hf"), str(root / "k2"), dtype="fp8", show_progress=False)
+    return str(root / "k2")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 24)))
+
+
+@nnx.jit
+def _forward(model, tokens_BT):
+    return model(tokens_BT, return_aux=True)
+
+
+@pytest.fixture(scope="module")
+def want(fp8_ckpt, tokens):
+    logits, aux = _forward(load_checkpoint(fp8_ckpt, **F32), tokens)
+    return np.asarray(logits), np.asarray(aux["router_topk_ids"])
+
+
+def _assert_same(got, want):
+    logits, aux = got
+    want_logits, want_ids = want
+    assert np.max(np.abs(np.asarray(logits) - want_logits)) <= 1e-5 * np.max(np.abs(want_logits))
+    np.testing.assert_array_equal(np.sort(np.asarray(aux["router_topk_ids"]), -1), np.sort(want_ids, -1))
+
+
+def _check_resident(model):
+    experts = model.moe_blocks.mlp.experts
+    assert isinstance(experts, FP8RoutedExperts)
+    for name, (K, N) in (("gate_proj", (D, F)), ("up_proj", (D, F)), ("down_proj", (F, D))):
+        w, s = getattr(experts, name), getattr(experts, name + "_scale_inv")
+        assert isinstance(w, FP8Weight) and isinstance(s, FP8Scale)
+        assert isinstance(w[...], jax.Array) and isinstance(s[...], jax.Array)  # on the devices
+        assert (w.shape, w.dtype) == ((L, E, K, N), jnp.float8_e4m3fn)
+        assert (s.shape, s.dtype) == ((L, E, -(-K // 128), -(-N // 128)), jnp.float32)
+    return experts
+
+
+def test_fp8_resident_load_equals_the_dequantised_load(fp8_ckpt, tokens, want):
+    model = load_checkpoint(fp8_ckpt, weights="fp8", **F32)
+    experts = _check_resident(model)
+    # the same e4m3 bytes as the release stores them, transposed to [.., in, out]; the scales transposed too
+    plain = load_checkpoint(fp8_ckpt, **F32).moe_blocks.mlp.experts.gate_proj[...]
+    w, s = experts.gate_proj[...], experts.gate_proj_scale_inv[...]
+    blocks = np.repeat(np.repeat(np.asarray(s), 128, -2), 128, -1)[..., :D, :F]
+    np.testing.assert_array_equal(np.asarray(w.astype(jnp.float32)) * blocks, np.asarray(plain))
+    assert model.lm_head[...].dtype == jnp.float32  # the other weights as dequantised loads have them
+    _assert_same(_forward(model, tokens), want)
+
+
+def test_fp8_resident_load_with_expert_parallelism(fp8_ckpt, tokens, want):
+    """Shardings from sharding.rules on a mesh with an expert axis: each device holds its experts' e4m3 weights
+    and their scales (whole along the blocks); the MoE runs inside expert parallelism's shard_map."""
+    mesh = make_mesh({"expert": 4, "fsdp": 2})
+    abstract = abstract_state(CFG.replace(**F32))
+    shardings = param_shardings(param_info(nnx.merge(*abstract)), mesh, "ep_fsdp")
+    model = load_checkpoint(fp8_ckpt, mesh=mesh, shardings=shardings, weights="fp8", **F32)
+    experts = _check_resident(model)
+    w, s = experts.gate_proj[...], experts.gate_proj_scale_inv[...]
+    assert w.sharding.is_equivalent_to(shardings["moe_blocks.mlp.experts.gate_proj"], w.ndim)
+    assert tuple(w.sharding.spec)[:2] == (None, "expert")
+    assert tuple(s.sharding.spec) == tuple(w.sharding.spec)[:2] + (None, None)
+    assert w.addressable_shards[0].data.shape[1] == E // 4
+    with jax.set_mesh(mesh):
+        got = _forward(model, tokens)
+        hlo = _forward.lower(model, tokens).as_text()
+    assert "all_to_all" in hlo or "all-to-all" in hlo  # the rows travelled to their experts
+    _assert_same(got, want)
+
+
+def test_weights_option_is_validated(fp8_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="weights must be one of"):
+        load_checkpoint(fp8_ckpt, weights="e4m3")
+    hf = str(tmp_path / "hf")
+    cfg = tiny()
+    write_hf_checkpoint(hf, cfg, random_release_tensors(cfg, seed=2), dtype="fp8")
+    convert_hf_to_orbax(hf, str(tmp_path / "bf16"), dtype="bfloat16", show_progress=False)
+    with pytest.raises(CheckpointError, match="needs an fp8 checkpoint"):
+        load_checkpoint(str(tmp_path / "bf16"), weights="fp8")
