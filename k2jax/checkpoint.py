@@ -27,17 +27,16 @@ from flax import nnx
 from k2jax import quant
 from k2jax.checkpoint_format import (DTYPES, SCALES, STATE_DIR, CheckpointError, check_chunks, checkpointer,
                                      metadata, nest, read_metadata, save_tree, write_metadata)
-from k2jax.checkpoint_sharding import ShardingSpec, replicated_like, sharding_for, stored_sharding
+from k2jax.checkpoint_sharding import (ShardingSpec, replicated_like, resolve_shardings, sharding_for,
+                                       stored_sharding)
 from k2jax.config import K2Config
-from k2jax.fp8_experts import PROJECTIONS, resident_experts, scale_sharding
+from k2jax.fp8_experts import EXPERT_PARAMS, resident_experts, scale_sharding
 from k2jax.hf_mapping import fp8_params, matmul_params
-from k2jax.model import Transformer, param_info, param_name
+from k2jax.model import Transformer, param_name
 from k2jax.weight_layout import Matmul, from_stored, to_stored
-from sharding.rules import param_shardings
 
 
-WEIGHTS = ("dequantized", "fp8")
-_EXPERTS = tuple(f"moe_blocks.mlp.experts.{p}" for p in PROJECTIONS)
+WEIGHTS = ("dequantized", "fp8")  # load_checkpoint / load_hf_checkpoint's weights= options
 
 
 def abstract_state(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -98,8 +97,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     weights read and transposed on the devices with the parameter's sharding, their block scales with its split
     of the leading (layer, expert) axes and whole along the blocks, never dequantised; every other weight as with
     "dequantized"."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"load_checkpoint: weights must be one of {WEIGHTS}, got {weights!r}")
+    check_weights(weights, "load_checkpoint")
     path = os.fspath(path)
     meta = read_metadata(path)
     check_chunks(path)
@@ -107,10 +105,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     overrides = {"param_dtype": "bfloat16" if stored_dtype == "fp8" else stored_dtype, **config_overrides}
     cfg = K2Config.from_hf(meta["config"], **overrides)
     graphdef, state = abstract_state(cfg)
-    if isinstance(shardings, str):
-        if mesh is None:
-            raise ValueError(f"load_checkpoint: shardings={shardings!r} names a strategy; pass the mesh too")
-        shardings = param_shardings(param_info(nnx.merge(graphdef, state)), mesh, shardings)
+    shardings = resolve_shardings(shardings, mesh, nnx.merge(graphdef, state), "load_checkpoint")
     stored = stored_template(cfg, stored_dtype)
     listed = meta["params"]
     if set(listed) != set(stored):
@@ -121,7 +116,10 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     param_shapes = {n: tuple(a.shape) for n, a in abstract.items()}
     matmuls = matmul_params(cfg)
     fp8 = fp8_params(cfg) if stored_dtype == "fp8" else {}
-    resident = _resident_experts(path, stored_dtype, fp8) if weights == "fp8" else ()
+    if weights == "fp8" and stored_dtype != "fp8":
+        raise CheckpointError(f"{path}: weights='fp8' needs an fp8 checkpoint (converted with --dtype fp8); this one "
+                              f"is {stored_dtype}: load it with weights='dequantized'")
+    resident = resident_names(path, fp8) if weights == "fp8" else ()
     targets, final_shardings = {}, {}
     for name, leaf in stored.items():
         if tuple(listed[name]["shape"]) != tuple(leaf.shape):
@@ -175,16 +173,18 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     return resident_experts(model, kept) if kept else model
 
 
-def _resident_experts(path: str, stored_dtype: str, fp8: Mapping[str, Matmul]) -> tuple[str, ...]:
-    """The routed expert weights load_checkpoint(weights="fp8") keeps FP8: a CheckpointError when the checkpoint
-    holds none."""
-    if stored_dtype != "fp8":
-        raise CheckpointError(f"{path}: weights='fp8' needs an fp8 checkpoint (converted with --dtype fp8); this one "
-                              f"is {stored_dtype}: load it with weights='dequantized'")
-    if not all(name in fp8 for name in _EXPERTS):
+def check_weights(weights: str, caller: str) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"{caller}: weights must be one of {WEIGHTS}, got {weights!r}")
+
+
+def resident_names(path: str, fp8: Mapping[str, Matmul]) -> tuple[str, ...]:
+    """The routed expert weights weights="fp8" keeps FP8 (`fp8`: the parameters stored FP8): a CheckpointError
+    when there are none."""
+    if not all(name in fp8 for name in EXPERT_PARAMS):
         raise CheckpointError(f"{path}: weights='fp8' keeps the routed experts FP8, and this model has no FP8 "
                               f"routed experts (no MoE layers): load it with weights='dequantized'")
-    return _EXPERTS
+    return EXPERT_PARAMS
 
 
 def _stored_to_param(w, scale, m: Matmul, shape: tuple[int, ...], dtype) -> jax.Array:

@@ -14,10 +14,22 @@ from typing import Callable, Mapping
 import jax
 
 from k2jax.checkpoint_format import CheckpointError
+from k2jax.model import param_info
 from k2jax.weight_layout import Matmul
+from sharding.rules import param_shardings
 
 ShardingSpec = (Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | Mapping[str, jax.sharding.Sharding] | str
                 | None)
+
+
+def resolve_shardings(shardings: ShardingSpec, mesh, abstract_model, caller: str) -> ShardingSpec:
+    """A strategy name from sharding.rules -> its {parameter name: NamedSharding} for `abstract_model` on `mesh`;
+    any other ShardingSpec as it is."""
+    if not isinstance(shardings, str):
+        return shardings
+    if mesh is None:
+        raise ValueError(f"{caller}: shardings={shardings!r} names a strategy; pass the mesh too")
+    return param_shardings(param_info(abstract_model), mesh, shardings)
 
 
 def sharding_for(name, shape, mesh, shardings) -> jax.sharding.Sharding:

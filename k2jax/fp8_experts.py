@@ -50,6 +50,7 @@ from k2jax.target import Target
 from pallas_kernels.fp8_grouped_matmul import FP8, check_scales, fp8_grouped_matmul
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARAMS = tuple(f"moe_blocks.mlp.experts.{p}" for p in PROJECTIONS)  # their names in checkpoints
 SCALE_SUFFIX = "_scale_inv"
 SCALE_AXIS = "scale_blocks"  # a block-scale grid's matrix axes (sharding.LOGICAL_AXES; never split)
 

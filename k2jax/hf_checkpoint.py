@@ -3,7 +3,7 @@
     ckpt = HFCheckpoint("Kimi-K2-Instruct/")      # validates config, index and every shard header at open
     ckpt.check()                                  # every tensor the config needs, no others, right shapes/dtypes
     w = ckpt.read("model.layers.3.mlp.experts.17.down_proj.weight")   # dequantised float32 [D, F]
-    model = load_hf_checkpoint("dir/")            # small checkpoints: read everything into a Transformer
+    model = load_hf_checkpoint("dir/", mesh=mesh, shardings="ep_fsdp", weights="fp8")   # streamed onto devices
 
     write_hf_checkpoint("out/", cfg, tensors, dtype="fp8")   # release-named arrays -> the release layout
 
@@ -20,19 +20,27 @@ it into place at the end.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import os
 import shutil
 from typing import Any, Callable, Iterator, Mapping
 
+import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from k2jax import quant
+from k2jax.checkpoint import _flat, _unflat_like, abstract_state, check_weights, resident_names
 from k2jax.checkpoint_format import CheckpointError
+from k2jax.checkpoint_sharding import ShardingSpec, resolve_shardings, sharding_for
 from k2jax.config import K2Config
-from k2jax.hf_mapping import (SCALE_SUFFIX, HFTensorSpec, check_names, from_hf_tensors, hf_tensor_specs,
-                              is_mtp_tensor, release_dtype)
+from k2jax.fp8_experts import EXPERT_PARAMS, resident_experts, scale_sharding
+from k2jax.hf_mapping import (SCALE_SUFFIX, HFTensorSpec, check_names, hf_tensor_specs, hf_to_k2, is_mtp_tensor,
+                              release_dtype)
+from k2jax.model import Transformer, param_name
 from k2jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors_streaming
 
 INDEX = "model.safetensors.index.json"
@@ -190,12 +198,83 @@ class HFCheckpoint:
             yield spec, self.read(spec.name, dtype)
 
 
-def load_hf_checkpoint(path: str | os.PathLike, **config_overrides):
-    """Reads a (small) release-layout checkpoint into a k2jax.Transformer. For the 1T release, convert it with
-    convert_checkpoint.py instead: this holds every weight in host memory."""
+def load_hf_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, shardings: ShardingSpec = None,
+                       weights: str = "dequantized", **config_overrides) -> Transformer:
+    """Reads a release-layout checkpoint straight onto the devices, one release tensor (slot) at a time: each
+    device's shard of a parameter is assembled from the slots it covers, and a slot is dropped from host memory
+    once every device that needs it has its part. mesh / shardings as in k2jax.load_checkpoint.
+
+    weights: "dequantized" (default): every weight dequantised (W = e4m3 x weight_scale_inv per block) into
+    cfg.param_dtype; "fp8": the routed experts stay FP8-resident (k2jax.fp8_experts: the release's e4m3 bytes and
+    block scales, transposed per slot to [in, out], never dequantised), the other weights as with "dequantized".
+    A converted checkpoint (convert_checkpoint.py, k2jax.load_checkpoint) reads faster: each device reads only
+    its shard."""
+    check_weights(weights, "load_hf_checkpoint")
     ckpt = HFCheckpoint(path, **config_overrides)
     ckpt.check()
-    return from_hf_tensors(ckpt.config, {spec.name: a for spec, a in ckpt.iter_tensors()})
+    cfg = ckpt.config
+    graphdef, state = abstract_state(cfg)
+    shardings = resolve_shardings(shardings, mesh, nnx.merge(graphdef, state), "load_hf_checkpoint")
+    slots: dict[str, dict[tuple[int, ...], HFTensorSpec]] = {}
+    for spec in ckpt.specs.values():
+        slots.setdefault(param_name(spec.path), {})[spec.index] = spec
+    resident = resident_names(ckpt.path, {n: None for n in EXPERT_PARAMS if n in slots}) if weights == "fp8" else ()
+    for name in resident:
+        for spec in slots[name].values():
+            if ckpt.stored_dtype(spec.name) != quant.E4M3:
+                raise CheckpointError(f"{ckpt._file_of(spec.name).path}: tensor {spec.name} is stored as "
+                                      f"{ckpt.stored_dtype(spec.name)}, not FP8: weights='fp8' needs the release's "
+                                      f"FP8 experts (load it with weights='dequantized')")
+    abstract = _flat(nnx.to_pure_dict(state))
+    params, kept = {}, {}
+    for name, leaf in abstract.items():
+        if name not in slots:
+            raise CheckpointError(f"{ckpt.path}: no release tensor fills parameter {name}")
+        shape, sharding = tuple(leaf.shape), sharding_for(name, leaf.shape, mesh, shardings)
+        if name in resident:  # e4m3 [.., in, out] and its scales [.., Kb, Nb], one slot's transpose at a time
+            w = _place(shape, quant.E4M3, sharding, slots[name],
+                       lambda spec, slot: hf_to_k2(spec, ckpt.read_fp8(spec.name, cfg.param_dtype)[0], slot))
+            scales_shape = shape[:-2] + quant.scale_shape(shape[-2:])
+            s = _place(scales_shape, np.float32, scale_sharding(sharding, len(shape)), slots[name],
+                       lambda spec, slot: ckpt.read_scale(spec.name, spec.shape, cfg.param_dtype).T)
+            params[name] = w  # holds the Param's slot until resident_experts replaces the experts
+            kept[name] = (w, s)
+        else:
+            params[name] = _place(shape, leaf.dtype, sharding, slots[name], lambda spec, slot, dtype=leaf.dtype:
+                                  hf_to_k2(spec, ckpt.read(spec.name, np.float32), slot).astype(dtype))
+    nnx.replace_by_pure_dict(state, _unflat_like(nnx.to_pure_dict(state), params))
+    model = nnx.merge(graphdef, state)
+    return resident_experts(model, kept) if kept else model
+
+
+def _place(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding,
+           slots: Mapping[tuple[int, ...], HFTensorSpec], read: Callable[[HFTensorSpec, tuple], np.ndarray]):
+    """The array of `shape` on `sharding` whose slot at each leading index is read(spec, slot_shape): each device's
+    shard assembled from the slots it covers, each slot read once and dropped once its last device has it."""
+    n_lead = len(next(iter(slots)))
+    slot_shape = shape[n_lead:]
+    device_indices = sharding.addressable_devices_indices_map(shape)
+
+    def covered(index) -> list[tuple[int, ...]]:
+        return list(itertools.product(*(range(*s.indices(n)) for s, n in zip(index[:n_lead], shape[:n_lead]))))
+
+    uses = collections.Counter(lead for index in device_indices.values() for lead in covered(index))
+    cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def shard(index) -> np.ndarray:
+        leads, rest = covered(index), tuple(index[n_lead:])
+        sizes = tuple(len(range(*s.indices(n))) for s, n in zip(index[:n_lead], shape[:n_lead]))
+        parts = []
+        for lead in leads:
+            if lead not in cache:
+                cache[lead] = np.asarray(read(slots[lead], slot_shape))
+            parts.append(cache[lead][rest])
+            uses[lead] -= 1
+            if uses[lead] == 0:
+                del cache[lead]
+        return np.stack(parts).reshape(sizes + parts[0].shape).astype(dtype, copy=False)
+
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def _shard_groups(specs: list[HFTensorSpec], num_shards: int) -> list[list[HFTensorSpec]]:

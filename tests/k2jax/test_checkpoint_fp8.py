@@ -1,7 +1,8 @@
-"""load_checkpoint(weights="fp8"): a converted --dtype fp8 checkpoint loads with its routed experts FP8-resident
-(e4m3 weights and block scales on the devices, never dequantised) and gives the logits of the same checkpoint
-loaded dequantised (float32 compute, within 1e-5 of max|logit|, same expert choices), unsharded and on 8 devices
-with expert parallelism. Expert dims (hidden 200, expert FFN 72) are not multiples of 128: ragged edge blocks."""
+"""weights="fp8": a converted --dtype fp8 checkpoint (load_checkpoint) and the release directory it came from
+(load_hf_checkpoint, streamed) load with their routed experts FP8-resident (e4m3 weights and block scales on the
+devices, never dequantised) and give the logits of the same checkpoint loaded dequantised (float32 compute,
+within 1e-5 of max|logit|, same expert choices), unsharded and on 8 devices with expert parallelism. Expert dims
+(hidden 200, expert FFN 72) are not multiples of 128: ragged edge blocks."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from k2jax.checkpoint import CheckpointError, abstract_state
 from k2jax.config import tiny
 from k2jax.convert import convert_hf_to_orbax
 from k2jax.fp8_experts import FP8RoutedExperts, FP8Scale, FP8Weight
-from k2jax.hf_checkpoint import write_hf_checkpoint
+from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
 from k2jax.model import param_info
 from sharding.mesh import make_mesh
 from sharding.rules import param_shardings
@@ -26,11 +27,21 @@ F32 = {"param_dtype": "float32", "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
-def fp8_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp8ckpt")
-    write_hf_checkpoint(str(root / "hf"), CFG, random_release_tensors(CFG, seed=23), dtype="fp8")
-    convert_hf_to_orbax(str(root / "hf"), str(root / "k2"), dtype="fp8", show_progress=False)
-    return str(root / "k2")
+def release(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("release") / "hf")
+    write_hf_checkpoint(path, CFG, random_release_tensors(CFG, seed=23), dtype="fp8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(release, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("fp8ckpt") / "k2")
+    convert_hf_to_orbax(release, path, dtype="fp8", show_progress=False)
+    return path
+
+
+def _load(source, **kwargs):
+    return (load_hf_checkpoint if source.endswith("hf") else load_checkpoint)(source, **kwargs, **F32)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +56,7 @@ def _forward(model, tokens_BT):
 
 @pytest.fixture(scope="module")
 def want(fp8_ckpt, tokens):
-    logits, aux = _forward(load_checkpoint(fp8_ckpt, **F32), tokens)
+    logits, aux = _forward(_load(fp8_ckpt), tokens)
     return np.asarray(logits), np.asarray(aux["router_topk_ids"])
 
 
@@ -68,25 +79,30 @@ def _check_resident(model):
     return experts
 
 
-def test_fp8_resident_load_equals_the_dequantised_load(fp8_ckpt, tokens, want):
-    model = load_checkpoint(fp8_ckpt, weights="fp8", **F32)
+@pytest.mark.parametrize("source", ["converted", "release"])
+def test_fp8_resident_load_equals_the_dequantised_load(source, release, fp8_ckpt, tokens, want):
+    path = fp8_ckpt if source == "converted" else release
+    model = _load(path, weights="fp8")
     experts = _check_resident(model)
-    # the same e4m3 bytes as the release stores them, transposed to [.., in, out]; the scales transposed too
-    plain = load_checkpoint(fp8_ckpt, **F32).moe_blocks.mlp.experts.gate_proj[...]
-    w, s = experts.gate_proj[...], experts.gate_proj_scale_inv[...]
-    blocks = np.repeat(np.repeat(np.asarray(s), 128, -2), 128, -1)[..., :D, :F]
-    np.testing.assert_array_equal(np.asarray(w.astype(jnp.float32)) * blocks, np.asarray(plain))
+    # the release's e4m3 bytes and scales transposed to [.., in, out] / [.., Kb, Nb]: x scale is the dequantised W
+    dequantised = _load(path).moe_blocks.mlp.experts
+    for name, (K, N) in (("gate_proj", (D, F)), ("down_proj", (F, D))):
+        w, s = getattr(experts, name)[...], getattr(experts, name + "_scale_inv")[...]
+        blocks = np.repeat(np.repeat(np.asarray(s), 128, -2), 128, -1)[..., :K, :N]
+        np.testing.assert_array_equal(np.asarray(w.astype(jnp.float32)) * blocks,
+                                      np.asarray(getattr(dequantised, name)[...]))
     assert model.lm_head[...].dtype == jnp.float32  # the other weights as dequantised loads have them
     _assert_same(_forward(model, tokens), want)
 
 
-def test_fp8_resident_load_with_expert_parallelism(fp8_ckpt, tokens, want):
+@pytest.mark.parametrize("source", ["converted", "release"])
+def test_fp8_resident_load_with_expert_parallelism(source, release, fp8_ckpt, tokens, want):
     """Shardings from sharding.rules on a mesh with an expert axis: each device holds its experts' e4m3 weights
     and their scales (whole along the blocks); the MoE runs inside expert parallelism's shard_map."""
     mesh = make_mesh({"expert": 4, "fsdp": 2})
     abstract = abstract_state(CFG.replace(**F32))
     shardings = param_shardings(param_info(nnx.merge(*abstract)), mesh, "ep_fsdp")
-    model = load_checkpoint(fp8_ckpt, mesh=mesh, shardings=shardings, weights="fp8", **F32)
+    model = _load(fp8_ckpt if source == "converted" else release, mesh=mesh, shardings=shardings, weights="fp8")
     experts = _check_resident(model)
     w, s = experts.gate_proj[...], experts.gate_proj_scale_inv[...]
     assert w.sharding.is_equivalent_to(shardings["moe_blocks.mlp.experts.gate_proj"], w.ndim)
@@ -100,12 +116,15 @@ def test_fp8_resident_load_with_expert_parallelism(fp8_ckpt, tokens, want):
     _assert_same(got, want)
 
 
-def test_weights_option_is_validated(fp8_ckpt, tmp_path):
-    with pytest.raises(ValueError, match="weights must be one of"):
-        load_checkpoint(fp8_ckpt, weights="e4m3")
-    hf = str(tmp_path / "hf")
+def test_weights_option_is_validated(release, fp8_ckpt, tmp_path):
+    for load, path in ((load_checkpoint, fp8_ckpt), (load_hf_checkpoint, release)):
+        with pytest.raises(ValueError, match="weights must be one of"):
+            load(path, weights="e4m3")
     cfg = tiny()
-    write_hf_checkpoint(hf, cfg, random_release_tensors(cfg, seed=2), dtype="fp8")
+    hf = str(tmp_path / "hf")
+    write_hf_checkpoint(hf, cfg, random_release_tensors(cfg, seed=2), dtype="bfloat16")  # no FP8 anywhere
     convert_hf_to_orbax(hf, str(tmp_path / "bf16"), dtype="bfloat16", show_progress=False)
     with pytest.raises(CheckpointError, match="needs an fp8 checkpoint"):
         load_checkpoint(str(tmp_path / "bf16"), weights="fp8")
+    with pytest.raises(CheckpointError, match="experts.0.gate_proj.weight is stored as bfloat16, not FP8"):
+        load_hf_checkpoint(hf, weights="fp8")
