@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax import load_checkpoint
+import k2jax.checkpoint
+from k2jax import load_checkpoint, quant
 from k2jax.checkpoint import CheckpointError, abstract_state
 from k2jax.config import tiny
 from k2jax.convert import convert_hf_to_orbax
 from k2jax.fp8_experts import FP8RoutedExperts, FP8Scale, FP8Weight
 from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
+from k2jax.hf_mapping import hf_tensor_specs
 from k2jax.model import param_info
 from sharding.mesh import make_mesh
 from sharding.rules import param_shardings
@@ -23,6 +25,7 @@ from tests.oracle import random_release_tensors
 
 CFG = tiny(hidden_size=200, moe_intermediate_size=72)
 E, D, F, L = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size, CFG.num_moe_layers
+stored_to_param, dequantize = k2jax.checkpoint._stored_to_param, quant.dequantize
 F32 = {"param_dtype": "float32", "dtype": "float32"}
 
 
@@ -80,9 +83,25 @@ def _check_resident(model):
 
 
 @pytest.mark.parametrize("source", ["converted", "release"])
-def test_fp8_resident_load_equals_the_dequantised_load(source, release, fp8_ckpt, tokens, want):
+def test_fp8_resident_load_equals_the_dequantised_load(source, release, fp8_ckpt, tokens, want, monkeypatch):
     path = fp8_ckpt if source == "converted" else release
+    dequantised = []  # every weight the load dequantises: its shape on the devices, its name on the host
+    if source == "converted":
+        def spy(w, scale, m, shape, dtype):
+            dequantised.extend([shape] if scale is not None else [])
+            return stored_to_param(w, scale, m, shape, dtype)
+        monkeypatch.setattr(k2jax.checkpoint, "_stored_to_param", spy)
+        experts = {(L, E, D, F), (L, E, F, D)}
+    else:
+        def spy(weight, scale, *args, name, **kwargs):
+            dequantised.append(name)
+            return dequantize(weight, scale, *args, name=name, **kwargs)
+        monkeypatch.setattr(quant, "dequantize", spy)
+        experts = {spec.name for spec in hf_tensor_specs(CFG) if ".mlp.experts." in spec.name}
     model = _load(path, weights="fp8")
+    monkeypatch.undo()
+    assert len(dequantised) > 3  # the attention matmuls are, the experts never
+    assert not experts & set(dequantised)
     experts = _check_resident(model)
     # the release's e4m3 bytes and scales transposed to [.., in, out] / [.., Kb, Nb]: x scale is the dequantised W
     dequantised = _load(path).moe_blocks.mlp.experts
@@ -128,3 +147,9 @@ def test_weights_option_is_validated(release, fp8_ckpt, tmp_path):
         load_checkpoint(str(tmp_path / "bf16"), weights="fp8")
     with pytest.raises(CheckpointError, match="experts.0.gate_proj.weight is stored as bfloat16, not FP8"):
         load_hf_checkpoint(hf, weights="fp8")
+    dense = cfg.replace(first_k_dense_replace=cfg.num_hidden_layers)  # FP8 matmuls, but no routed experts
+    write_hf_checkpoint(str(tmp_path / "dense"), dense, random_release_tensors(dense, seed=2), dtype="fp8")
+    convert_hf_to_orbax(str(tmp_path / "dense"), str(tmp_path / "dense-fp8"), dtype="fp8", show_progress=False)
+    for load, path in ((load_checkpoint, "dense-fp8"), (load_hf_checkpoint, "dense")):
+        with pytest.raises(CheckpointError, match="no FP8 routed experts"):
+            load(str(tmp_path / path), weights="fp8")
