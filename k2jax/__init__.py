@@ -4,7 +4,7 @@
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens_BT)                        # [B, T, V] float32
     model = k2jax.from_hf_tensors(cfg, tensors)      # {release tensor name: dequantised array}
-    model = k2jax.load_hf_checkpoint("dir/")         # a small checkpoint in the release's on-disk layout
+    model = k2jax.load_hf_checkpoint("dir/", mesh=mesh, shardings="ep_fsdp")   # the release layout, streamed
     model = k2jax.load_checkpoint("k2-bf16", mesh=mesh, shardings="ep_fsdp")   # a converted (Orbax) checkpoint
     model = k2jax.load_checkpoint("k2-fp8", mesh=mesh, shardings="ep_fsdp", weights="fp8")  # FP8-resident experts
     model = k2jax.quantize_experts(model)            # a loaded model's routed experts -> FP8-resident, in place
