@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
 
@@ -52,11 +53,15 @@ class ParamRule(NamedTuple):
     fan_in: int
     fan_out: int
     layers_axis: int | None = None  # the stacked-layers axis: Newton-Schulz runs one layer at a time along it
+    sharding: NamedSharding | None = None  # the parameter's, when known: Newton-Schulz then spreads its layers
 
 
-def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
+def param_rules(model: nnx.Module, shardings: Mapping[str, NamedSharding] | None = None
+                ) -> dict[str, ParamRule]:
     """The one place that decides each parameter's rule: Muon for every weight whose metadata names a matrix
-    (`matrix_axes`) unless it touches the vocabulary (embeddings, lm_head); AdamW for everything else."""
+    (`matrix_axes`) unless it touches the vocabulary (embeddings, lm_head); AdamW for everything else.
+    `shardings` ({name: NamedSharding}, sharding.rules.param_shardings): the parameters' layout on the training
+    mesh; with it, Newton-Schulz runs layer-sharded (see `newton_schulz`)."""
     rules = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = param_name(path)
@@ -72,7 +77,8 @@ def param_rules(model: nnx.Module) -> dict[str, ParamRule]:
         fan_in = math.prod(var.shape[i] for i in ins)  # host arithmetic: no device (the mesh may be deviceless)
         fan_out = math.prod(var.shape[i] for i in outs)
         layers = axes.index("layers") if "layers" in axes else None
-        rules[name] = ParamRule("muon", MuonDimensionNumbers(ins, outs), fan_in, fan_out, layers)
+        rules[name] = ParamRule("muon", MuonDimensionNumbers(ins, outs), fan_in, fan_out, layers,
+                                (shardings or {}).get(name))
     return rules
 
 
@@ -117,11 +123,18 @@ def _axes(axis, ndim: int) -> tuple[int, ...]:
 
 
 def newton_schulz(x: jax.Array, coeffs: jax.Array, ns_steps: int, dims: MuonDimensionNumbers,
-                  layers_axis: int | None = None) -> jax.Array:
+                  layers_axis: int | None = None, sharding: NamedSharding | None = None) -> jax.Array:
     """NS5 of every matrix of x: reduction and output axes from `dims`, every other axis a batch axis kept as its
     own vmapped axis (so each keeps its sharding). `layers_axis` (a batch axis) runs as a loop instead, one layer
     at a time: the iteration's [matrix x matrix] temporaries then exist for one layer, not all 60 (K2 on v5p-512:
-    ~6 GB per expert or attention weight otherwise)."""
+    ~6 GB per expert or attention weight otherwise).
+
+    `sharding` (x's parameter's NamedSharding) with `layers_axis`: layer sharding. A matrix split over fsdp
+    would have every chip of its fsdp group (and every data replica) run the same m^3 products, its Gram
+    products all-reduced; instead the layers are split over the mesh axes no other batch axis uses (those that
+    split the matrices, then the data replicas: `_layer_split`), each chip orthogonalises its own layers' whole
+    matrices with no collective, and all-to-alls move them there and back (the layers padded with zero
+    matrices, which stay zero). The result is constrained to `sharding`."""
     red, out = _axes(dims.reduction_axis, x.ndim), _axes(dims.output_axis, x.ndim)
     batch = tuple(a for a in range(x.ndim) if a not in red + out)
     if layers_axis is not None:
@@ -140,10 +153,88 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, ns_steps: int, dims: MuonDime
 
     for _ in batch[1:] if layers_axis is not None else batch:
         one = jax.vmap(one)
-    if layers_axis is not None:
-        one = functools.partial(jax.lax.map, one)
-    y = one(moved.reshape(batch_shape + matrix_shape)).reshape(moved.shape)
-    return jnp.transpose(y, tuple(sorted(range(x.ndim), key=lambda i: order[i])))
+    flat = moved.reshape(batch_shape + matrix_shape)
+    if layers_axis is None:
+        y = one(flat)
+    elif sharding is not None and _layer_split(sharding, batch, flat.shape[0])[0]:
+        y = _layer_sharded(one, flat, sharding, batch)
+    else:
+        y = jax.lax.map(one, flat)
+    y = jnp.transpose(y.reshape(moved.shape), tuple(sorted(range(x.ndim), key=lambda i: order[i])))
+    return y if sharding is None else jax.lax.with_sharding_constraint(y, sharding)
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _padded_spec(sharding: NamedSharding, ndim: int) -> tuple:
+    return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+
+
+def _layer_split(sharding: NamedSharding, batch: tuple[int, ...], num_layers: int
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The mesh axes the layers (batch[0]) are split over for Newton-Schulz, in two levels. First: the layer
+    axis's own, the axes that split the matrices (whose Gram products would otherwise be all-reduced and whose
+    m^3 products every chip of the group would repeat), and the other free axes (data replicas) that divide the
+    layers. Second: the remaining free axes, over each first-level chip's own layers (padded locally), when it
+    has more than one: padding the layers once they are split over data as well makes XLA gather every layer's
+    matrices onto each chip (measured on v5p-2048: 39 GiB). Free: of size > 1 and unused by other batch axes."""
+    spec = _padded_spec(sharding, max(batch) + 1)
+    mesh = sharding.mesh
+    own = _entry_axes(spec[batch[0]])
+    kept = {a for i in batch[1:] for a in _entry_axes(spec[i])}
+    matrix = {a for i, entry in enumerate(spec) if i not in batch for a in _entry_axes(entry)}
+    first = list(own) + [a for a in mesh.axis_names if a in matrix and a not in own]
+    free = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in first and a not in kept]
+    size = math.prod(mesh.shape[a] for a in first)
+    for a in list(free):
+        if num_layers % (size * mesh.shape[a]) == 0:
+            first.append(a)
+            free.remove(a)
+            size *= mesh.shape[a]
+    return tuple(first), (tuple(free) if -(-num_layers // size) > 1 else ())
+
+
+def _split_layers(x: jax.Array, axis: int, mesh, axes: tuple[str, ...], spec_of) -> jax.Array:
+    """x's `axis` (unsplit) padded with zero matrices to a multiple of S (the size of `axes`), reshaped to
+    [S, L/S] and S split over `axes`; spec_of(ndim, {dim: axes}) -> the constraint's PartitionSpec."""
+    S = math.prod(mesh.shape[a] for a in axes)
+    L = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, -(-L // S) * S - L)
+    x = jnp.pad(x, pad)
+    x = x.reshape(x.shape[:axis] + (S, x.shape[axis] // S) + x.shape[axis + 1:])
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_of(x.ndim, {axis: axes})))
+
+
+def _layer_sharded(one, flat: jax.Array, sharding: NamedSharding, batch: tuple[int, ...]) -> jax.Array:
+    """`one` (Newton-Schulz vmapped over the non-layer batch axes) over flat [L, ..., m, n] with the layers split
+    over `_layer_split`'s axes: [S1, (S2,) L/S, ...] with S1 (S2) split, a loop over L/S on each chip."""
+    L = flat.shape[0]
+    first, second = _layer_split(sharding, batch, L)
+    spec = _padded_spec(sharding, max(batch) + 1)
+    rest = tuple(spec[i] for i in batch[1:])
+    mesh = sharding.mesh
+
+    def spec_of(ndim, split):  # the layer dims first (split or not), then the other batch axes, then m, n
+        lead = ndim - len(rest) - 2
+        return PartitionSpec(*(split.get(d) for d in range(lead)), *rest, None, None)
+
+    def pin(x, split):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_of(x.ndim, split)))
+
+    x = _split_layers(flat, 0, mesh, first, spec_of)  # [S1, L1, ...]
+    L1 = x.shape[1]
+    run = functools.partial(jax.lax.map, one)
+    if second:
+        x = _split_layers(x, 1, mesh, second, lambda n, s: spec_of(n, {0: first, **s}))  # [S1, S2, L2, ...]
+        y = pin(jax.vmap(jax.vmap(run))(x), {0: first, 1: second})
+        y = pin(y, {0: first})  # every data replica gets the update back (it was going to anyway)
+        y = pin(y.reshape((y.shape[0], -1) + y.shape[3:])[:, :L1], {0: first})
+    else:
+        y = pin(jax.vmap(run)(x), {0: first})
+    return y.reshape((-1,) + y.shape[2:])[:L]
 
 
 def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nesterov: bool = True,
@@ -160,8 +251,8 @@ def scale_by_muon_k2(rules: dict[str, ParamRule], *, momentum: float = 0.95, nes
         def orthogonalise(name, d):
             coeffs = jnp.asarray(K2_NS_COEFFS, ns_dtype)  # made while tracing: no device (it may be deviceless)
             rule = rules[name]
-            return newton_schulz(d.astype(ns_dtype), coeffs, ns_steps, rule.dims, rule.layers_axis
-                                 ).astype(jnp.float32)
+            return newton_schulz(d.astype(ns_dtype), coeffs, ns_steps, rule.dims, rule.layers_axis,
+                                 rule.sharding).astype(jnp.float32)
 
         return _by_name(direction, orthogonalise), MomentumState(mu)
 

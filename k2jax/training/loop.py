@@ -121,7 +121,9 @@ def train_program(config, mesh) -> TrainProgram:
     abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed)))
     o = config.optimizer
     schedule = _schedule(config)
-    tx = muon_clip(schedule, rules=param_rules(abstract_model), cfg=cfg, weight_decay=o.weight_decay,
+    info = param_info(abstract_model)
+    rules = param_rules(abstract_model, param_shardings(info, mesh, config.mesh.strategy))  # layer-sharded NS
+    tx = muon_clip(schedule, rules=rules, cfg=cfg, weight_decay=o.weight_decay,
                    momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps, ns_dtype=o.ns_dtype,
                    adam_b1=o.adam_b1, adam_b2=o.adam_b2, qk_clip_tau=o.qk_clip_tau or None)
 
@@ -129,7 +131,7 @@ def train_program(config, mesh) -> TrainProgram:
         return TrainState.create(Transformer(cfg, rngs=nnx.Rngs(config.seed)), tx)
 
     shapes = jax.eval_shape(fresh_state)
-    shardings = _state_shardings(shapes, param_info(abstract_model), mesh, config.mesh.strategy)
+    shardings = _state_shardings(shapes, info, mesh, config.mesh.strategy)
     step_fn = jax.jit(make_train_step(shapes.graphdef, tx, grad_accum=config.grad_accum), donate_argnums=0,
                       out_shardings=(shardings, None))
     rows = NamedSharding(mesh, activation_spec((config.global_batch,), ("batch",), mesh))

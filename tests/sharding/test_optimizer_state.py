@@ -66,7 +66,9 @@ def test_zero1_step_on_8_devices_equals_unsharded():
         specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
     zero1 = [k for k, s in flat_specs.items() if "data" in tuple(s)]
     assert any("moe_blocks" in k and "experts" in k for k in zero1), "expert momentum is not split over data"
-    sharded_step = jax.jit(_step(graphdef, tx), out_shardings=(p_shard, s_shard, None))
+    # the sharded step's Newton-Schulz runs layer-sharded (its rules carry the shardings): over fsdp, then data
+    layered = muon_clip(1e-2, rules=param_rules(model, by_name), cfg=cfg, qk_clip_tau=5.0, adam_eps=1e-3)
+    sharded_step = jax.jit(_step(graphdef, layered), out_shardings=(p_shard, s_shard, None))
     got_params, got_state = jax.device_put(params, p_shard), state
     got_rest = jax.device_put(rest, r_shard)
     for _ in range(2):

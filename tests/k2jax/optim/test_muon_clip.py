@@ -87,6 +87,55 @@ def test_newton_schulz_keeps_a_sharded_expert_axis():
                                atol=1e-6)
 
 
+def test_layer_sharded_newton_schulz_runs_whole_matrices_on_each_chip():
+    """[L=6, E=2, D, F] with E over `expert` (2) and D over `fsdp` (4): given the parameter's sharding, the
+    layers are split over fsdp (padded to 8), each chip orthogonalises its 2 layers x 1 expert of whole matrices
+    with no collective (the FLOPs per chip are exactly those), two all-to-alls move them, and the result is
+    the unsharded one's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from k2jax.hlo_cost import HloCost
+    g = np.random.default_rng(2).standard_normal((6, 2, 16, 24)).astype(np.float32)
+    dims = MuonDimensionNumbers((2,), (3,))
+    mesh = jax.make_mesh((2, 4), ("expert", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharding = NamedSharding(mesh, P(None, "expert", "fsdp"))
+    coeffs = jnp.asarray(K2_NS_COEFFS, jnp.float32)
+    f = jax.jit(lambda x: newton_schulz(x, coeffs, 5, dims, layers_axis=0, sharding=sharding),
+                in_shardings=sharding, out_shardings=sharding)
+    compiled = f.lower(jax.device_put(g, sharding)).compile()
+    hlo = compiled.as_text()
+    assert hlo.count("all-to-all(") == 2
+    assert "all-reduce(" not in hlo and "all-gather(" not in hlo
+    m, n = 16, 24
+    assert HloCost(hlo).flops == 2 * 5 * (4 * m * m * n + 2 * m ** 3)  # 2 padded layers x 1 expert per chip
+    want = orthogonalize_via_newton_schulz(jnp.asarray(g), coeffs, 5, dimension_numbers=dims)
+    np.testing.assert_allclose(np.asarray(compiled(jax.device_put(g, sharding))), np.asarray(want), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_layer_sharded_newton_schulz_splits_the_data_replicas_in_a_second_level():
+    """[L=3, E=2, D, F], momentum split like ZeRO-1 (F over data too) on data 2 x expert 2 x fsdp 2: the layers
+    go over fsdp (padded to 4), then each fsdp chip's 2 over data, so each chip orthogonalises one matrix (the
+    data replicas no longer repeat the work), and the result is the unsharded one's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from k2jax.hlo_cost import HloCost
+    g = np.random.default_rng(3).standard_normal((3, 2, 16, 24)).astype(np.float32)
+    dims = MuonDimensionNumbers((2,), (3,))
+    mesh = jax.make_mesh((2, 2, 2), ("data", "expert", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    param = NamedSharding(mesh, P(None, "expert", "fsdp"))
+    zero1 = NamedSharding(mesh, P(None, "expert", "fsdp", "data"))
+    coeffs = jnp.asarray(K2_NS_COEFFS, jnp.float32)
+    f = jax.jit(lambda x: newton_schulz(x, coeffs, 5, dims, layers_axis=0, sharding=param),
+                in_shardings=zero1, out_shardings=param)
+    compiled = f.lower(jax.device_put(g, zero1)).compile()
+    m, n = 16, 24
+    assert HloCost(compiled.as_text()).flops == 5 * (4 * m * m * n + 2 * m ** 3)
+    want = orthogonalize_via_newton_schulz(jnp.asarray(g), coeffs, 5, dimension_numbers=dims)
+    np.testing.assert_allclose(np.asarray(compiled(jax.device_put(g, zero1))), np.asarray(want), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_rules_come_from_matrix_axes():
     rules = param_rules(k2jax.Transformer(CFG, rngs=nnx.Rngs(0)))
     assert rules["embed_tokens"].rule == "adamw" and rules["lm_head"].rule == "adamw"
