@@ -48,17 +48,21 @@ def test_changing_a_future_token_changes_no_past_logit(model):
 
 
 def test_packed_sequences_equal_separate_runs(model):
+    """Three sequences packed in one row (segment ids) against the same three as separate rows of one batch
+    (right-padded: causal attention keeps padding out of every real token's view; dropless routing is per token)."""
     lengths = (13, 21, 6)
     seqs = [_tokens((1, n), seed=i) for i, n in enumerate(lengths)]
     packed = jnp.concatenate(seqs, axis=1)
     segment_ids = jnp.concatenate([jnp.full((1, n), i + 1) for i, n in enumerate(lengths)], axis=1)
     logits, aux = model(packed, segment_ids=segment_ids, return_aux=True)
+    rows = jnp.concatenate([jnp.pad(seq, ((0, 0), (0, max(lengths) - n))) for seq, n in zip(seqs, lengths)])
+    alone, alone_aux = model(rows, return_aux=True)
     start = 0
-    for seq, n in zip(seqs, lengths):
-        alone, alone_aux = model(seq, return_aux=True)
-        np.testing.assert_allclose(np.asarray(logits[:, start:start + n]), np.asarray(alone), rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(aux["router_topk_ids"][:, :, start:start + n]),
-                                      np.asarray(alone_aux["router_topk_ids"]))
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(np.asarray(logits[0, start:start + n]), np.asarray(alone[i, :n]), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(aux["router_topk_ids"][:, 0, start:start + n]),
+                                      np.asarray(alone_aux["router_topk_ids"][:, i, :n]))
         start += n
 
 
