@@ -91,7 +91,7 @@ def partition_spec(shape: tuple[int, ...], logical_axes: tuple[str, ...], mesh_s
     return PartitionSpec(*spec)
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
+def mesh_axes(entry) -> tuple[str, ...]:
     """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
@@ -108,7 +108,7 @@ def param_shardings(params: Mapping[str, ParamInfo], mesh: jax.sharding.Mesh, st
 
 
 def bytes_per_device(shape: tuple[int, ...], dtype, spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
-    split = math.prod(mesh_shape[a] for entry in spec for a in _mesh_axes(entry))
+    split = math.prod(mesh_shape[a] for entry in spec for a in mesh_axes(entry))
     return math.prod(shape) * np.dtype(dtype).itemsize // split
 
 
@@ -169,7 +169,7 @@ def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[
     parameter's spec leaves whole and the axis divides. Parameters themselves stay replicated over it."""
     size = mesh_shape.get(axis, 1)
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    if size <= 1 or any(axis in _mesh_axes(e) for e in entries):
+    if size <= 1 or any(axis in mesh_axes(e) for e in entries):
         return PartitionSpec(*entries)
     for i, (dim, entry) in enumerate(zip(shape, entries)):
         if entry is None and dim % size == 0:

@@ -42,6 +42,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
 
 from k2jax.config import K2Config
 from k2jax.model import param_name
+from sharding.rules import mesh_axes
 
 K2_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 MUON_RMS = 0.2  # update scaled to 0.2 sqrt(max(fan_in, fan_out)): AdamW's typical update RMS
@@ -164,10 +165,6 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, ns_steps: int, dims: MuonDime
     return y if sharding is None else jax.lax.with_sharding_constraint(y, sharding)
 
 
-def _entry_axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _padded_spec(sharding: NamedSharding, ndim: int) -> tuple:
     return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
 
@@ -182,9 +179,9 @@ def _layer_split(sharding: NamedSharding, batch: tuple[int, ...], num_layers: in
     matrices onto each chip (measured on v5p-2048: 39 GiB). Free: of size > 1 and unused by other batch axes."""
     spec = _padded_spec(sharding, max(batch) + 1)
     mesh = sharding.mesh
-    own = _entry_axes(spec[batch[0]])
-    kept = {a for i in batch[1:] for a in _entry_axes(spec[i])}
-    matrix = {a for i, entry in enumerate(spec) if i not in batch for a in _entry_axes(entry)}
+    own = mesh_axes(spec[batch[0]])
+    kept = {a for i in batch[1:] for a in mesh_axes(spec[i])}
+    matrix = {a for i, entry in enumerate(spec) if i not in batch for a in mesh_axes(entry)}
     first = list(own) + [a for a in mesh.axis_names if a in matrix and a not in own]
     free = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in first and a not in kept]
     size = math.prod(mesh.shape[a] for a in first)

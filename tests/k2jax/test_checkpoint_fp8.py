@@ -15,12 +15,12 @@ from k2jax import load_checkpoint, quant
 from k2jax.checkpoint import CheckpointError, abstract_state
 from k2jax.config import tiny
 from k2jax.convert import convert_hf_to_orbax
-from k2jax.fp8_experts import FP8RoutedExperts, FP8Scale, FP8Weight
 from k2jax.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
 from k2jax.hf_mapping import hf_tensor_specs
 from k2jax.model import param_info
 from sharding.mesh import make_mesh
 from sharding.rules import param_shardings
+from tests.fp8_checks import assert_fp8_experts, assert_same_logits
 from tests.oracle import random_release_tensors
 
 CFG = tiny(hidden_size=200, moe_intermediate_size=72)
@@ -63,25 +63,6 @@ def want(fp8_ckpt, tokens):
     return np.asarray(logits), np.asarray(aux["router_topk_ids"])
 
 
-def _assert_same(got, want):
-    logits, aux = got
-    want_logits, want_ids = want
-    assert np.max(np.abs(np.asarray(logits) - want_logits)) <= 1e-5 * np.max(np.abs(want_logits))
-    np.testing.assert_array_equal(np.sort(np.asarray(aux["router_topk_ids"]), -1), np.sort(want_ids, -1))
-
-
-def _check_resident(model):
-    experts = model.moe_blocks.mlp.experts
-    assert isinstance(experts, FP8RoutedExperts)
-    for name, (K, N) in (("gate_proj", (D, F)), ("up_proj", (D, F)), ("down_proj", (F, D))):
-        w, s = getattr(experts, name), getattr(experts, name + "_scale_inv")
-        assert isinstance(w, FP8Weight) and isinstance(s, FP8Scale)
-        assert isinstance(w[...], jax.Array) and isinstance(s[...], jax.Array)  # on the devices
-        assert (w.shape, w.dtype) == ((L, E, K, N), jnp.float8_e4m3fn)
-        assert (s.shape, s.dtype) == ((L, E, -(-K // 128), -(-N // 128)), jnp.float32)
-    return experts
-
-
 @pytest.mark.parametrize("source", ["converted", "release"])
 def test_fp8_resident_load_equals_the_dequantised_load(source, release, fp8_ckpt, tokens, want, monkeypatch):
     path = fp8_ckpt if source == "converted" else release
@@ -102,7 +83,7 @@ def test_fp8_resident_load_equals_the_dequantised_load(source, release, fp8_ckpt
     monkeypatch.undo()
     assert len(dequantised) > 3  # the attention matmuls are, the experts never
     assert not experts & set(dequantised)
-    experts = _check_resident(model)
+    experts = assert_fp8_experts(model)
     # the release's e4m3 bytes and scales transposed to [.., in, out] / [.., Kb, Nb]: x scale is the dequantised W
     dequantised = _load(path).moe_blocks.mlp.experts
     for name, (K, N) in (("gate_proj", (D, F)), ("down_proj", (F, D))):
@@ -111,7 +92,7 @@ def test_fp8_resident_load_equals_the_dequantised_load(source, release, fp8_ckpt
         np.testing.assert_array_equal(np.asarray(w.astype(jnp.float32)) * blocks,
                                       np.asarray(getattr(dequantised, name)[...]))
     assert model.lm_head[...].dtype == jnp.float32  # the other weights as dequantised loads have them
-    _assert_same(_forward(model, tokens), want)
+    assert_same_logits(_forward(model, tokens), want)
 
 
 @pytest.mark.parametrize("source", ["converted", "release"])
@@ -122,7 +103,7 @@ def test_fp8_resident_load_with_expert_parallelism(source, release, fp8_ckpt, to
     abstract = abstract_state(CFG.replace(**F32))
     shardings = param_shardings(param_info(nnx.merge(*abstract)), mesh, "ep_fsdp")
     model = _load(fp8_ckpt if source == "converted" else release, mesh=mesh, shardings=shardings, weights="fp8")
-    experts = _check_resident(model)
+    experts = assert_fp8_experts(model)
     w, s = experts.gate_proj[...], experts.gate_proj_scale_inv[...]
     assert w.sharding.is_equivalent_to(shardings["moe_blocks.mlp.experts.gate_proj"], w.ndim)
     assert tuple(w.sharding.spec)[:2] == (None, "expert")
@@ -132,7 +113,7 @@ def test_fp8_resident_load_with_expert_parallelism(source, release, fp8_ckpt, to
         got = _forward(model, tokens)
         hlo = _forward.lower(model, tokens).as_text()
     assert "all_to_all" in hlo or "all-to-all" in hlo  # the rows travelled to their experts
-    _assert_same(got, want)
+    assert_same_logits(got, want)
 
 
 def test_weights_option_is_validated(release, fp8_ckpt, tmp_path):

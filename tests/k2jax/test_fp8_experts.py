@@ -12,12 +12,13 @@ from flax import nnx
 import k2jax
 from k2jax import quant
 from k2jax.config import tiny
-from k2jax.fp8_experts import FP8RoutedExperts, FP8Scale, FP8Weight, quantize_experts
+from k2jax.fp8_experts import FP8RoutedExperts, quantize_experts
 from k2jax.generate import Generator
 from k2jax.placement import shard_model
 from k2jax.target import Target
 from pallas_kernels.grouped_matmul import reference_ffn
 from sharding.mesh import make_mesh
+from tests.fp8_checks import assert_fp8_experts, assert_same_logits
 from tests.oracle import random_release_tensors
 
 CFG = tiny(hidden_size=200, moe_intermediate_size=72)
@@ -69,23 +70,8 @@ def want(dequantised, tokens):
     return np.asarray(logits), np.asarray(aux["router_topk_ids"])
 
 
-def _assert_same(got, want):
-    logits, aux = got
-    want_logits, want_ids = want
-    scale = np.max(np.abs(want_logits))
-    assert np.max(np.abs(np.asarray(logits) - want_logits)) <= 1e-5 * scale
-    np.testing.assert_array_equal(np.sort(np.asarray(aux["router_topk_ids"]), -1), np.sort(want_ids, -1))
-
-
 def test_experts_are_e4m3_with_ragged_block_scales(fp8):
-    experts = fp8.moe_blocks.mlp.experts
-    assert isinstance(experts, FP8RoutedExperts)
-    for name, (K, N) in (("gate_proj", (D, F)), ("up_proj", (D, F)), ("down_proj", (F, D))):
-        w, s = getattr(experts, name), getattr(experts, name + "_scale_inv")
-        assert isinstance(w, FP8Weight) and isinstance(s, FP8Scale)
-        assert (w.shape, w.dtype) == ((L, E, K, N), jnp.float8_e4m3fn)
-        assert (s.shape, s.dtype) == ((L, E, -(-K // 128), -(-N // 128)), jnp.float32)
-        assert s.get_metadata("logical_axes") == ("layers", "expert", "scale_blocks", "scale_blocks")
+    assert_fp8_experts(fp8)
     params = {k2jax.model.param_name(p) for p, _ in nnx.to_flat_state(nnx.state(fp8, nnx.Param))}
     assert not any(".experts." in p for p in params)  # frozen: no optimizer sees them
     with pytest.raises(ValueError, match="FP8 already"):
@@ -94,7 +80,7 @@ def test_experts_are_e4m3_with_ragged_block_scales(fp8):
 
 def test_logits_equal_the_dequantised_model(fp8, tokens, want):
     """On CPU the FFN is the tiled loop, dequantising one expert at a time from the scanned layers' stacks."""
-    _assert_same(_forward(fp8, tokens), want)
+    assert_same_logits(_forward(fp8, tokens), want)
 
 
 def test_expert_parallel_model_equals_unsharded(tensors, fp8, tokens, want):
@@ -115,7 +101,7 @@ def test_expert_parallel_model_equals_unsharded(tensors, fp8, tokens, want):
         got = _forward(sharded, tokens)
         hlo = _forward.lower(sharded, tokens).as_text()
     assert "all_to_all" in hlo or "all-to-all" in hlo  # the rows travelled to their experts
-    _assert_same(got, want)
+    assert_same_logits(got, want)
 
 
 @pytest.fixture(scope="module")
