@@ -26,7 +26,8 @@ the FFN then reads each expert's weights straight from the stacks (`stacked=`): 
 copied out of the stacks first (XLA materialises a dynamic slice feeding a loop: ~10 ms per layer in the CPU
 benchmark, forward and again backward). The slices still take the gradient.
 
-Letter legend: M rows, K contraction dim, N output dim, F ffn dim, G groups, P rows per tile, L layers.
+Letter legend: M rows, I / O a matmul's in (contraction) / out features, D the FFN's in and out width (hidden),
+F ffn, G groups, h rows per tile, L layers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from pallas_kernels.fp8_grouped_matmul import check_scales, dequantize
 from pallas_kernels.grouped_matmul import check_shapes
 
-# Tile heights. On 2 CPU cores a SwiGLU tile (K = F = 512, forward + backward) costs about 1.0 ms at 16 rows, 2.9
+# Tile heights. On 2 CPU cores a SwiGLU tile (D = F = 512, forward + backward) costs about 1.0 ms at 16 rows, 2.9
 # at 64 and 4.8 at 128: after the whole big tiles, a group's remainder of r rows runs as up to SMALL_TILES_MAX
 # small tiles (r <= 32), else one mid tile and at most one small tile (r <= 80), else one more big tile.
 BIG_TILE = 128
@@ -67,31 +68,31 @@ def current_stacks() -> tuple | None:
     return _EXPERT_STACKS.get()
 
 
-def cpu_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
-    """[M, K] rows sorted by group, [G, K, N] weights, [G] sizes -> [M, N] in x's dtype."""
-    check_shapes(x_MK, (w_GKN,), group_sizes_G)
-    return _tiled_matmul(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
+def cpu_grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
+    """[M, I] rows sorted by group, [G, I, O] weights, [G] sizes -> [M, O] in x's dtype."""
+    check_shapes(x_MI, (w_GIO,), group_sizes_G)
+    return _tiled_matmul(x_MI, w_GIO.astype(x_MI.dtype), group_sizes_G.astype(jnp.int32))
 
 
-def cpu_grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array, w_down_GFK: jax.Array,
+def cpu_grouped_ffn(x_MD: jax.Array, w_gate_GDF: jax.Array, w_up_GDF: jax.Array, w_down_GFD: jax.Array,
                     group_sizes_G: jax.Array, *, scales: tuple | None = None, stacked: tuple | None = None,
                     rows_in_use: int | None = None) -> jax.Array:
-    """SwiGLU expert FFN over rows sorted by group -> [M, K] in x's dtype.
+    """SwiGLU expert FFN over rows sorted by group -> [M, D] in x's dtype.
 
-    scales: (s_gate [G, ceil(K/128), ceil(F/128)], s_up, s_down [G, ceil(F/128), ceil(K/128)]), the block scales
+    scales: (s_gate [G, ceil(D/128), ceil(F/128)], s_up, s_down [G, ceil(F/128), ceil(D/128)]), the block scales
     of float8_e4m3fn w_gate, w_up and w_down: each group's weights are dequantised as the loop reaches it, and no
-    gradient goes to them (module docstring). stacked: optional (w_gate_LGKF, w_up_LGKF, w_down_LGFK, layer),
+    gradient goes to them (module docstring). stacked: optional (w_gate_LGDF, w_up_LGDF, w_down_LGFD, layer),
     stacks of L layers' weights whose [layer] are w_gate, w_up and w_down (with `scales`: each stack an (e4m3
     [L, G, ...], scales [L, G, ...]) pair): each group's weights are read straight from the stacks inside the
     loop (see the module docstring). Gradients still go to w_gate, w_up and w_down only; pass the stacks through
     jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them. rows_in_use: accepted as
     grouped_ffn does (a cost-estimate hint); the loop here visits the rows in use only anyway."""
     del rows_in_use
-    check_shapes(x_MK, (w_gate_GKF, w_up_GKF), group_sizes_G)
-    if w_down_GFK.shape != w_gate_GKF.shape[:1] + w_gate_GKF.shape[2:] + x_MK.shape[1:]:
-        raise ValueError(f"grouped_ffn: w_down {w_down_GFK.shape} does not fit w_gate {w_gate_GKF.shape}")
-    dt = x_MK.dtype
-    weights = (w_gate_GKF, w_up_GKF, w_down_GFK)
+    check_shapes(x_MD, (w_gate_GDF, w_up_GDF), group_sizes_G)
+    if w_down_GFD.shape != w_gate_GDF.shape[:1] + w_gate_GDF.shape[2:] + x_MD.shape[1:]:
+        raise ValueError(f"grouped_ffn: w_down {w_down_GFD.shape} does not fit w_gate {w_gate_GDF.shape}")
+    dt = x_MD.dtype
+    weights = (w_gate_GDF, w_up_GDF, w_down_GFD)
     for w, s in zip(weights, scales or (None,) * 3, strict=True):
         check_scales(w, s, "grouped_ffn")
     # FP8: (e4m3, scales) pairs, dequantised one group at a time
@@ -101,13 +102,13 @@ def cpu_grouped_ffn(x_MK: jax.Array, w_gate_GKF: jax.Array, w_up_GKF: jax.Array,
         raise ValueError(f"grouped_ffn: stacked {jax.tree.map(jnp.shape, stacked[:3])} are not stacks of "
                          f"{jax.tree.map(jnp.shape, weights)}")
     stacks, layer = (None, None) if stacked is None else (tuple(stacked[:3]), jnp.asarray(stacked[3], jnp.int32))
-    return _tiled_ffn(x_MK, *weights, group_sizes_G.astype(jnp.int32), stacks, layer)
+    return _tiled_ffn(x_MD, *weights, group_sizes_G.astype(jnp.int32), stacks, layer)
 
 
 # ---- the tile loop -------------------------------------------------------------------------------------------
 def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, out_init):
     """For each group g in order: ctx = prepare(g); then over its rows in tiles (BIG_TILE rows while a whole one
-    fits, then the remainder as MID_TILE says) out = tile_fn(ctx, r0, P, n_valid, out), where P is the static
+    fits, then the remainder as MID_TILE says) out = tile_fn(ctx, r0, h, n_valid, out), where h is the static
     tile height, r0 its first row and n_valid how many of its rows belong to g (the rest run into the next group
     or the padding). Returns out."""
     ends_G = jnp.cumsum(group_sizes_G)
@@ -136,9 +137,9 @@ def _tile_loop(group_sizes_G: jax.Array, prepare: Callable, tile_fn: Callable, o
     return jax.lax.scan(per_group, out_init, jnp.arange(group_sizes_G.shape[0]))[0]
 
 
-def _pad_rows(a_MX: jax.Array) -> jax.Array:
-    """BIG_TILE zero rows appended, so a tile starting at any row < M stays in bounds."""
-    return jnp.concatenate([a_MX, jnp.zeros((BIG_TILE, a_MX.shape[1]), a_MX.dtype)])
+def _pad_rows(a: jax.Array) -> jax.Array:
+    """a [M, ...] with BIG_TILE zero rows appended, so a tile starting at any row < M stays in bounds."""
+    return jnp.concatenate([a, jnp.zeros((BIG_TILE, a.shape[1]), a.dtype)])
 
 
 def _rows(a, r0, rows):
@@ -155,56 +156,56 @@ def _dot_t(a, b):
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
 
 
-def _masked(rows_PX, n_valid, rows):
-    return jnp.where((jnp.arange(rows) < n_valid)[:, None], rows_PX, 0)
+def _masked(tile, n_valid, rows):
+    return jnp.where((jnp.arange(rows) < n_valid)[:, None], tile, 0)
 
 
-def _add_weight_grad(dw_GXY, g, a_PX, b_PY):
-    """dw[g] += aᵀ b in float32, in place in the [G, X, Y] gradient."""
-    return dw_GXY.at[g].add(jnp.dot(a_PX.T, b_PY, preferred_element_type=jnp.float32))
+def _add_weight_grad(dw_GIO, g, a_hI, b_hO):
+    """dw[g] += aᵀ b in float32, in place in the [G, I, O] gradient."""
+    return dw_GIO.at[g].add(jnp.dot(a_hI.T, b_hO, preferred_element_type=jnp.float32))
 
 
-def _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w: bool):
+def _matmul_rows(x_MI, w_GIO, group_sizes_G, transpose_w: bool):
     """out = x @ w[g] (or x @ w[g].T) per group, by the tile loop."""
-    xp = _pad_rows(x_MK)
-    n_out = w_GKN.shape[1] if transpose_w else w_GKN.shape[2]
+    xp = _pad_rows(x_MI)
+    n_out = w_GIO.shape[1] if transpose_w else w_GIO.shape[2]
 
     def tile(w, r0, rows, n_valid, out):
         x_t = _rows(xp, r0, rows)
         y_t = _dot_t(x_t, w) if transpose_w else x_t @ w
         return jax.lax.dynamic_update_slice_in_dim(out, y_t, r0, 0)
 
-    out = _tile_loop(group_sizes_G, lambda g: w_GKN[g], tile, jnp.zeros((xp.shape[0], n_out), x_MK.dtype))
-    return _finish(out, group_sizes_G, x_MK.shape[0])
+    out = _tile_loop(group_sizes_G, lambda g: w_GIO[g], tile, jnp.zeros((xp.shape[0], n_out), x_MI.dtype))
+    return _finish(out, group_sizes_G, x_MI.shape[0])
 
 
-def _weight_grad(x_MK, dy_MN, group_sizes_G):
+def _weight_grad(x_MI, dy_MO, group_sizes_G):
     """dw[g] = x_gᵀ dy_g, accumulated in float32 over the group's tiles (rows outside the group masked)."""
-    xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MN)
+    xp, dyp = _pad_rows(x_MI), _pad_rows(dy_MO)
 
     def tile(g, r0, rows, n_valid, dw):
         x_t = _masked(_rows(xp, r0, rows), n_valid, rows)
         dy_t = _masked(_rows(dyp, r0, rows), n_valid, rows)
         return _add_weight_grad(dw, g, x_t, dy_t)
 
-    shape = (group_sizes_G.shape[0], x_MK.shape[1], dy_MN.shape[1])
-    return _tile_loop(group_sizes_G, lambda g: g, tile, jnp.zeros(shape, jnp.float32)).astype(x_MK.dtype)
+    shape = (group_sizes_G.shape[0], x_MI.shape[1], dy_MO.shape[1])
+    return _tile_loop(group_sizes_G, lambda g: g, tile, jnp.zeros(shape, jnp.float32)).astype(x_MI.dtype)
 
 
 @jax.custom_vjp
-def _tiled_matmul(x_MK, w_GKN, group_sizes_G):
-    return _matmul_rows(x_MK, w_GKN, group_sizes_G, transpose_w=False)
+def _tiled_matmul(x_MI, w_GIO, group_sizes_G):
+    return _matmul_rows(x_MI, w_GIO, group_sizes_G, transpose_w=False)
 
 
-def _tiled_matmul_fwd(x_MK, w_GKN, group_sizes_G):
-    return _tiled_matmul(x_MK, w_GKN, group_sizes_G), (x_MK, w_GKN, group_sizes_G)
+def _tiled_matmul_fwd(x_MI, w_GIO, group_sizes_G):
+    return _tiled_matmul(x_MI, w_GIO, group_sizes_G), (x_MI, w_GIO, group_sizes_G)
 
 
-def _tiled_matmul_bwd(res, dy_MN):
-    x_MK, w_GKN, group_sizes_G = res
-    dy_MN = dy_MN.astype(x_MK.dtype)
-    dx = _matmul_rows(dy_MN, w_GKN, group_sizes_G, transpose_w=True)
-    return dx, _weight_grad(x_MK, dy_MN, group_sizes_G), None
+def _tiled_matmul_bwd(res, dy_MO):
+    x_MI, w_GIO, group_sizes_G = res
+    dy_MO = dy_MO.astype(x_MI.dtype)
+    dx = _matmul_rows(dy_MO, w_GIO, group_sizes_G, transpose_w=True)
+    return dx, _weight_grad(x_MI, dy_MO, group_sizes_G), None
 
 
 _tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
@@ -228,9 +229,9 @@ def _group_weights(weights, layer, dt) -> Callable:
     return lambda g: tuple(one(w, g) for w in weights)
 
 
-def _ffn_forward(x_MK, weights, layer, group_sizes_G, *, keep_activations: bool):
-    """-> (out [M, K], (gate, up) pre-activations [M, F] each if keep_activations else None)."""
-    xp = _pad_rows(x_MK)
+def _ffn_forward(x_MD, weights, layer, group_sizes_G, *, keep_activations: bool):
+    """-> (out [M, D], (gate, up) pre-activations [M, F] each if keep_activations else None)."""
+    xp = _pad_rows(x_MD)
     F = _shape(weights[0])[-1]
 
     def tile(w, r0, rows, n_valid, out):
@@ -243,33 +244,33 @@ def _ffn_forward(x_MK, weights, layer, group_sizes_G, *, keep_activations: bool)
 
     init = (jnp.zeros_like(xp),) + ((jnp.zeros((xp.shape[0], F), xp.dtype),) * 2 if keep_activations else ())
     out = _tile_loop(group_sizes_G, _group_weights(weights, layer, xp.dtype), tile, init)
-    y = _finish(out[0], group_sizes_G, x_MK.shape[0])
+    y = _finish(out[0], group_sizes_G, x_MD.shape[0])
     return y, (out[1], out[2]) if keep_activations else None
 
 
 @jax.custom_vjp
-def _tiled_ffn(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks, layer):
+def _tiled_ffn(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G, stacks, layer):
     """The weights are read from `stacks` at [layer] when given (see grouped_ffn's `stacked`), else from w_*."""
-    weights = (w_gate_GKF, w_up_GKF, w_down_GFK) if stacks is None else stacks
-    return _ffn_forward(x_MK, weights, layer, group_sizes_G, keep_activations=False)[0]
+    weights = (w_gate_GDF, w_up_GDF, w_down_GFD) if stacks is None else stacks
+    return _ffn_forward(x_MD, weights, layer, group_sizes_G, keep_activations=False)[0]
 
 
-def _tiled_ffn_fwd(x_MK, w_gate_GKF, w_up_GKF, w_down_GFK, group_sizes_G, stacks, layer):
-    weights = (w_gate_GKF, w_up_GKF, w_down_GFK) if stacks is None else stacks
-    out, (gate, up) = _ffn_forward(x_MK, weights, layer, group_sizes_G, keep_activations=True)
-    return out, (x_MK, gate, up, weights, layer, group_sizes_G)
+def _tiled_ffn_fwd(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G, stacks, layer):
+    weights = (w_gate_GDF, w_up_GDF, w_down_GFD) if stacks is None else stacks
+    out, (gate, up) = _ffn_forward(x_MD, weights, layer, group_sizes_G, keep_activations=True)
+    return out, (x_MD, gate, up, weights, layer, group_sizes_G)
 
 
-def _tiled_ffn_bwd(res, dy_MK):
+def _tiled_ffn_bwd(res, dy_MD):
     """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down added in float32 into
     their [G, ...] gradients in place (no per-group accumulator to copy out). Rows of a tile outside its group get
     x, dy, gate and up = 0, so they add nothing (not even NaN) to any gradient. The stacks get none, and neither
     do FP8 weights (frozen: dx only)."""
-    x_MK, gate_MF, up_MF, weights, layer, group_sizes_G = res
-    dt = x_MK.dtype
-    xp, dyp = _pad_rows(x_MK), _pad_rows(dy_MK.astype(dt))
+    x_MD, gate_MF, up_MF, weights, layer, group_sizes_G = res
+    dt = x_MD.dtype
+    xp, dyp = _pad_rows(x_MD), _pad_rows(dy_MD.astype(dt))
     frozen = isinstance(weights[0], tuple)
-    K, F = _shape(weights[0])[-2:]
+    D, F = _shape(weights[0])[-2:]
     f32 = jnp.float32
 
     def tile(g_w, r0, rows, n_valid, out):
@@ -292,10 +293,10 @@ def _tiled_ffn_bwd(res, dy_MK):
 
     group_weights = _group_weights(weights, layer, dt)
     G = group_sizes_G.shape[0]
-    dw_init = () if frozen else (jnp.zeros((G, K, F), f32), jnp.zeros((G, K, F), f32), jnp.zeros((G, F, K), f32))
+    dw_init = () if frozen else (jnp.zeros((G, D, F), f32), jnp.zeros((G, D, F), f32), jnp.zeros((G, F, D), f32))
     dx, *dws = _tile_loop(group_sizes_G, lambda g: (g, group_weights(g)), tile, (jnp.zeros_like(xp), *dw_init))
     dws = (None,) * 3 if frozen else tuple(dw.astype(dt) for dw in dws)
-    return (_finish(dx, group_sizes_G, x_MK.shape[0]), *dws, None, None, None)
+    return (_finish(dx, group_sizes_G, x_MD.shape[0]), *dws, None, None, None)
 
 
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)

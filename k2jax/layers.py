@@ -3,7 +3,7 @@
 Every weight is an `nnx.Param` stored input-axes-first ([in, ...out]) and carries `logical_axes` metadata, the
 names `sharding/` maps to mesh axes. HF stores linear weights [out, in]; `k2jax/weight_layout.py` transposes.
 
-Letter legend: B batch, T tokens, D hidden, F ffn.
+Letter legend: B batch, T tokens, D hidden, F ffn, M matmul rows, I / O a matmul's in / out features.
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, *, preferred_element_
     than that of the equivalent multi-axis einsum, and on TPU/GPU it is the same op. cpu_form (k2jax.target's
     choice on CPU): `k2jax.cpu_matmul`, whose weight gradient suits XLA:CPU."""
     lead, inner = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    x_MK, w_KN = x.reshape(-1, inner), w.reshape(inner, -1)
+    x_MI, w_IO = x.reshape(-1, inner), w.reshape(inner, -1)
     if cpu_form:
-        y = cpu_matmul(x_MK, w_KN, preferred_element_type)
+        y = cpu_matmul(x_MI, w_IO, preferred_element_type)
     else:
-        y = jnp.dot(x_MK, w_KN, preferred_element_type=preferred_element_type)
+        y = jnp.dot(x_MI, w_IO, preferred_element_type=preferred_element_type)
     return y.reshape(lead + w.shape[n_in:])
 
 
