@@ -3,7 +3,7 @@
 The forward grouped matmul is out[i] = x[i] @ w[g(i)], rows sorted by group: rows [start_g, start_g + sizes[g])
 belong to group g, rows past sum(sizes) to none. Its weight gradient is, per group,
 
-    dw[g] = x[rows of g]ᵀ @ dy[rows of g]          x [M, K], dy [M, N] -> dw [G, K, N]
+    dw[g] = x[rows of g]ᵀ @ dy[rows of g]          x [M, I], dy [M, O] -> dw [G, I, O]
 
 with float32 accumulation and the result in `out_dtype` (default: x's dtype). An empty group's dw is zeros. Rows
 past the groups (and the kernel's own padding) never reach a result: every row outside a group is removed with a
@@ -12,41 +12,41 @@ select before the product, so a NaN or Inf there cannot leak in (0 * NaN would).
 The XLA reference (`reference`) is `jax.lax.ragged_dot_general` with the ragged dimension contracted: exactly the
 op that `jax.vjp` of `jax.lax.ragged_dot` emits for the weights, called directly so that bf16 inputs accumulate in
 float32. Compiled for H100 and for TPU v5p (XLA of jax 0.10.2) it is a dense fallback: x and dy are selected into
-[G, M, K] and [G, M, N] copies and one batched dot runs over all M rows for every group, G x the work (seen in the
+[G, M, I] and [G, M, O] copies and one batched dot runs over all M rows for every group, G x the work (seen in the
 compiled HLO; tests/pallas_kernels/test_grouped_weight_grad.py checks it). Hence this kernel.
 
-dw is computed in 128 x 128 tiles along K and N (block_k x block_n; K and N padded to multiples of them with
+dw is computed in 128 x 128 tiles along I and O (block_k x block_n; I and O padded to multiples of them with
 `backend.pad_axis`); rows are read in `block_m`-row blocks (M padded to a multiple of block_m). f32 inputs use the
 dot's default precision (TF32 tensor cores on H100, as XLA's own f32 dots there). Two launch forms, by platform:
-  "gpu" (Triton; also the default interpreted form): grid (G, K / 128, N / 128). A program owns one [128, 128]
+  "gpu" (Triton; also the default interpreted form): grid (G, I / 128, O / 128). A program owns one [128, 128]
         block of dw[g]: it walks the aligned row blocks that overlap group g's rows (none for an empty group),
         reads x and dy blocks through whole-column refs (pointers on GPU), selects the group's rows and
         accumulates x_blkᵀ @ dy_blk in an f32 [128, 128] register tile. Total work: the routed rows plus at most
         one partial block per group edge, never G x M.
   "tpu" (Mosaic; megablox's tgmm): a visit schedule computed outside the kernel lists (row block, group) pairs in
         group order, every group's overlapping blocks (an empty group gets one visit that only zeroes its output),
-        at most M / block_m + G - 1 visits, and is scalar-prefetched into SMEM. The grid is (K / 128, N / 128,
+        at most M / block_m + G - 1 visits, and is scalar-prefetched into SMEM. The grid is (I / 128, O / 128,
         visit); the BlockSpec index maps read the schedule, so only the visited row block of x and dy is DMA'd into
         VMEM, and the output block dw[g] stays resident across the group's consecutive visits, accumulated in a
         VMEM f32 scratch (zeroed on a group's first visit, stored on its last).
 
 Launch options (`**launch`): block_m (rows per step; 128 by default on TPU and for 16-bit inputs on GPU, 64 for
 f32 on GPU), block_k / block_n (the dw tile, 128 by default; powers of two), num_warps / num_stages (Triton;
-GPU_DEFAULTS). A Triton stage holds an x and a dy block ([P, 128] each); the GPU defaults (3 stages of 64 KiB, an f32
+GPU_DEFAULTS). A Triton stage holds an x and a dy block ([h, 128] each); the GPU defaults (3 stages of 64 KiB, an f32
 [128, 128] accumulator in registers over 8 warps) compile for H100 (227 KiB of shared memory per block; 128-row f32
 blocks or 4 bf16 stages do not) at K2's expert shapes (x [1024, 7168], dy [1024, 2048] and the transposed pair,
 G = 8) in bf16 and f32; the TPU form compiles for v5p at the same shapes (deviceless compiles in
 tests/pallas_kernels/test_grouped_weight_grad.py). Neither has been run or timed on a device yet: with 128 tiles the
-TPU form takes (K/128)(N/128)(M/128 + G - 1) grid steps, so larger block_m / block_k / block_n (e.g. 512) are the
+TPU form takes (I/128)(O/128)(M/128 + G - 1) grid steps, so larger block_m / block_k / block_n (e.g. 512) are the
 first thing to try there. Both forms run in the Pallas interpreter on CPU (backend="interpret", platform="gpu" |
 "tpu").
 
 Dispatch (backend.py's rule): "xla" the reference, "pallas" the kernel for the target platform, "interpret" the
-kernel in the interpreter, "auto" "pallas" when compiling for GPU or TPU (K and N are padded, so any sizes fit),
+kernel in the interpreter, "auto" "pallas" when compiling for GPU or TPU (I and O are padded, so any sizes fit),
 "xla" on CPU.
 
-Letter legend: M rows, K x's feature dim (the forward's contraction), N dy's feature dim (the forward's output),
-G groups, P rows per block (block_m).
+Letter legend: M rows, I x's features (the forward's in / contraction), O dy's features (the forward's out), G groups,
+h rows per block (block_m).
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend as kb
 
 F32 = jnp.float32
-BLOCK = 128  # the default K and N tile
+BLOCK = 128  # the default I and O tile
 LAUNCH_KEYS = ("block_m", "block_k", "block_n", "num_warps", "num_stages")
-# Triton settings per input width (bytes), chosen to compile for H100: a stage holds x and dy blocks [P, 128] each
-# (bf16 P = 128 or f32 P = 64: 64 KiB; 3 stages: 192 KiB of the 227), the f32 [128, 128] accumulator (64 KiB) lives
+# Triton settings per input width (bytes), chosen to compile for H100: a stage holds x and dy blocks [h, 128] each
+# (bf16 h = 128 or f32 h = 64: 64 KiB; 3 stages: 192 KiB of the 227), the f32 [128, 128] accumulator (64 KiB) lives
 # in registers over 8 warps.
 GPU_DEFAULTS = {2: {"block_m": 128, "num_warps": 8, "num_stages": 3},
                 4: {"block_m": 64, "num_warps": 8, "num_stages": 3}}
@@ -75,17 +75,17 @@ _RAGGED_CONTRACTION = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
 
 
-def reference(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_G: jax.Array, out_dtype=None) -> jax.Array:
-    """dw [G, K, N] by XLA: ragged_dot_general contracting the ragged row axis (what ragged_dot's transpose emits
+def reference(x_MI: jax.Array, dy_MO: jax.Array, group_sizes_G: jax.Array, out_dtype=None) -> jax.Array:
+    """dw [G, I, O] by XLA: ragged_dot_general contracting the ragged row axis (what ragged_dot's transpose emits
     for its weights), float32 accumulation, cast to out_dtype (default x's dtype)."""
-    dw = jax.lax.ragged_dot_general(x_MK, dy_MN, group_sizes_G.astype(jnp.int32), _RAGGED_CONTRACTION,
+    dw = jax.lax.ragged_dot_general(x_MI, dy_MO, group_sizes_G.astype(jnp.int32), _RAGGED_CONTRACTION,
                                     preferred_element_type=F32)
-    return dw.astype(out_dtype or x_MK.dtype)
+    return dw.astype(out_dtype or x_MI.dtype)
 
 
 # ---- kernels -------------------------------------------------------------------------------------------------
 def _group_rows(x, first_row, start, end):
-    """x [P, C] (rows first_row .. first_row + P - 1) with the rows outside [start, end) replaced by 0 (a select:
+    """x [h, ...] (rows first_row .. first_row + h - 1) with the rows outside [start, end) replaced by 0 (a select:
     NaN there never leaks)."""
     rows = first_row + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
     return jnp.where((rows >= start) & (rows < end), x, jnp.zeros_like(x))
@@ -110,25 +110,25 @@ def _gpu_kernel(start_ref, end_ref, x_ref, dy_ref, o_ref, *, block_m):
 
 def _work(x, dy, G, out_dtype, rows):
     """The outer product x[m]ᵀ dy[m] of each of `rows` rows (those in use: blocks past the last group are skipped
-    at run time) once; bytes: those rows of x and dy once, the [G, K, N] result."""
-    Kp, Np = x.shape[1], dy.shape[1]
-    return kb.cost(flops=2 * rows * Kp * Np,
-                   bytes_accessed=(rows * (Kp * jnp.dtype(x.dtype).itemsize + Np * jnp.dtype(dy.dtype).itemsize)
-                                   + G * Kp * Np * jnp.dtype(out_dtype).itemsize))
+    at run time) once; bytes: those rows of x and dy once, the [G, I, O] result."""
+    Ip, Op = x.shape[1], dy.shape[1]
+    return kb.cost(flops=2 * rows * Ip * Op,
+                   bytes_accessed=(rows * (Ip * jnp.dtype(x.dtype).itemsize + Op * jnp.dtype(dy.dtype).itemsize)
+                                   + G * Ip * Op * jnp.dtype(out_dtype).itemsize))
 
 
 def _launch_gpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, backend, platform, opts,
                      rows):
-    Mp, Kp = x.shape
-    Np = dy.shape[1]
+    Mp, Ip = x.shape
+    Op = dy.shape[1]
     return pl.pallas_call(
         functools.partial(_gpu_kernel, block_m=block_m),
-        grid=(G, Kp // block_k, Np // block_n),
+        grid=(G, Ip // block_k, Op // block_n),
         in_specs=[kb.scalar_table_spec(backend, platform)] * 2 + [
             pl.BlockSpec((Mp, block_k), lambda g, k, n: (0, k)),
             pl.BlockSpec((Mp, block_n), lambda g, k, n: (0, n))],
         out_specs=pl.BlockSpec((None, block_k, block_n), lambda g, k, n: (g, k, n)),
-        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype), cost_estimate=_work(x, dy, G, out_dtype, rows),
+        out_shape=jax.ShapeDtypeStruct((G, Ip, Op), out_dtype), cost_estimate=_work(x, dy, G, out_dtype, rows),
         **opts,
     )(starts, ends, x, dy)
 
@@ -178,16 +178,16 @@ def _tpu_kernel(block_ref, group_ref, active_ref, first_ref, last_ref, start_ref
 
 def _launch_tpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_dtype, opts, rows):
     from jax.experimental.pallas import tpu as pltpu
-    Mp, Kp = x.shape
-    Np = dy.shape[1]
+    Mp, Ip = x.shape
+    Op = dy.shape[1]
     schedule = visit_schedule(starts, ends, Mp // block_m, block_m)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=7, grid=(Kp // block_k, Np // block_n, schedule[0].shape[0]),
+        num_scalar_prefetch=7, grid=(Ip // block_k, Op // block_n, schedule[0].shape[0]),
         in_specs=[pl.BlockSpec((block_m, block_k), lambda k, n, v, blk, *_: (blk[v], k)),
                   pl.BlockSpec((block_m, block_n), lambda k, n, v, blk, *_: (blk[v], n))],
         out_specs=pl.BlockSpec((None, block_k, block_n), lambda k, n, v, blk, grp, *_: (grp[v], k, n)),
         scratch_shapes=[pltpu.VMEM((block_k, block_n), F32)])
-    return pl.pallas_call(_tpu_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
+    return pl.pallas_call(_tpu_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((G, Ip, Op), out_dtype),
                           cost_estimate=_work(x, dy, G, out_dtype, rows), **opts)(*schedule, starts, ends, x, dy)
 
 
@@ -199,47 +199,47 @@ def _form(backend, platform) -> str:
     return kb.platform_of(platform)
 
 
-def _launch(x_MK, dy_MN, group_sizes_G, *, out_dtype, backend, platform, launch, rows_in_use):
-    M, K = x_MK.shape
-    N = dy_MN.shape[1]
+def _launch(x_MI, dy_MO, group_sizes_G, *, out_dtype, backend, platform, launch, rows_in_use):
+    M, I = x_MI.shape
+    O = dy_MO.shape[1]
     G = group_sizes_G.shape[0]
     form = _form(backend, platform)
-    width = 2 if jnp.dtype(x_MK.dtype).itemsize <= 2 else 4
+    width = 2 if jnp.dtype(x_MI.dtype).itemsize <= 2 else 4
     settings = {"block_k": BLOCK, "block_n": BLOCK}
     settings.update(GPU_DEFAULTS[width] if form == "gpu" else {"block_m": TPU_BLOCK_M})
     settings.update(launch)
     block_m, block_k, block_n = (settings.pop(key) for key in ("block_m", "block_k", "block_n"))
     ends = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), M)  # rows past M belong to no group
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    x = kb.pad_axis(kb.pad_axis(x_MK, 0, block_m), 1, block_k)
-    dy = kb.pad_axis(kb.pad_axis(dy_MN, 0, block_m), 1, block_n)
+    x = kb.pad_axis(kb.pad_axis(x_MI, 0, block_m), 1, block_k)
+    dy = kb.pad_axis(kb.pad_axis(dy_MO, 0, block_m), 1, block_n)
     blocks = {"block_m": block_m, "block_k": block_k, "block_n": block_n}
     rows = x.shape[0] if rows_in_use is None else min(x.shape[0], rows_in_use)
     if form == "tpu":
-        # a group's visits accumulate into one output block: only the K and N tiles are parallel
+        # a group's visits accumulate into one output block: only the I and O tiles are parallel
         opts = kb.launch_options(backend, platform, 3, sequential=(2,))
         out = _launch_tpu_form(x, dy, starts, ends, G=G, **blocks, out_dtype=out_dtype, opts=opts, rows=rows)
     else:
         opts = kb.launch_options(backend, platform, 3, **settings)
         out = _launch_gpu_form(x, dy, starts, ends, G=G, **blocks, out_dtype=out_dtype, backend=backend,
                                platform=platform, opts=opts, rows=rows)
-    return out[:, :K, :N]
+    return out[:, :I, :O]
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
-def grouped_weight_grad(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_G: jax.Array, *, out_dtype=None,
+def grouped_weight_grad(x_MI: jax.Array, dy_MO: jax.Array, group_sizes_G: jax.Array, *, out_dtype=None,
                         backend: str = "auto", platform: str | None = None, rows_in_use: int | None = None,
                         **launch) -> jax.Array:
-    """dw [G, K, N] = per group x[rows of g]ᵀ @ dy[rows of g] (f32 accumulation, out_dtype default x's dtype).
-    x [M, K] and dy [M, N] rows sorted by group (dy is cast to x's dtype), group_sizes [G] int (rows past their
+    """dw [G, I, O] = per group x[rows of g]ᵀ @ dy[rows of g] (f32 accumulation, out_dtype default x's dtype).
+    x [M, I] and dy [M, O] rows sorted by group (dy is cast to x's dtype), group_sizes [G] int (rows past their
     sum belong to no group). `launch`: block_m, block_k, block_n, num_warps, num_stages (see the module docstring).
     rows_in_use: rows expected to hold data, for the kernel's cost estimate only (default all M)."""
-    if (x_MK.ndim != 2 or dy_MN.ndim != 2 or group_sizes_G.ndim != 1 or x_MK.shape[0] != dy_MN.shape[0]
+    if (x_MI.ndim != 2 or dy_MO.ndim != 2 or group_sizes_G.ndim != 1 or x_MI.shape[0] != dy_MO.shape[0]
             or not jnp.issubdtype(group_sizes_G.dtype, jnp.integer)):
-        raise ValueError(f"grouped_weight_grad: expected x [M, K], dy [M, N], integer group_sizes [G]; got x "
-                         f"{x_MK.shape}, dy {dy_MN.shape}, group_sizes {group_sizes_G.shape} {group_sizes_G.dtype}")
-    if x_MK.shape[0] == 0 or group_sizes_G.shape[0] == 0:
-        raise ValueError(f"grouped_weight_grad: needs at least one row and one group; got x {x_MK.shape}, "
+        raise ValueError(f"grouped_weight_grad: expected x [M, I], dy [M, O], integer group_sizes [G]; got x "
+                         f"{x_MI.shape}, dy {dy_MO.shape}, group_sizes {group_sizes_G.shape} {group_sizes_G.dtype}")
+    if x_MI.shape[0] == 0 or group_sizes_G.shape[0] == 0:
+        raise ValueError(f"grouped_weight_grad: needs at least one row and one group; got x {x_MI.shape}, "
                          f"group_sizes {group_sizes_G.shape}")
     unknown = set(launch) - set(LAUNCH_KEYS)
     if unknown:
@@ -248,10 +248,10 @@ def grouped_weight_grad(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_G: jax.Ar
         size = launch.get(key, 16)
         if not isinstance(size, int) or size < 16 or size & (size - 1):
             raise ValueError(f"grouped_weight_grad: {key} must be a power of two >= 16, got {size!r}")
-    out_dtype = jnp.dtype(out_dtype or x_MK.dtype)
-    dy_MN = dy_MN.astype(x_MK.dtype)
+    out_dtype = jnp.dtype(out_dtype or x_MI.dtype)
+    dy_MO = dy_MO.astype(x_MI.dtype)
     backend = kb.resolve(backend, (), platform)
     if backend == "xla":
-        return reference(x_MK, dy_MN, group_sizes_G, out_dtype)
-    return _launch(x_MK, dy_MN, group_sizes_G, out_dtype=out_dtype, backend=backend, platform=platform,
+        return reference(x_MI, dy_MO, group_sizes_G, out_dtype)
+    return _launch(x_MI, dy_MO, group_sizes_G, out_dtype=out_dtype, backend=backend, platform=platform,
                    launch=launch, rows_in_use=rows_in_use)
