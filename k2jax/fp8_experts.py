@@ -26,7 +26,7 @@ The FFN by target (k2jax.target; the compile target, never the host's backend):
 With an `expert` mesh axis the FFN runs inside expert parallelism's shard_map, the scales split with their
 weights; otherwise per device under per_shard (sharding.per_shard), as the plain experts do.
 
-Letter legend: L layers, E experts, D hidden, F expert ffn, K / N a weight's in / out dims, Kb / Nb their
+Letter legend: L layers, E experts, D hidden, F expert ffn, I / O a weight's in / out features, Ib / Ob their
 128-blocks, M routed rows.
 """
 
@@ -69,8 +69,8 @@ def scale_axes(weight_axes: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class FP8RoutedExperts(RoutedExperts):
-    """The FP8-resident routed experts (module docstring). quantized: {projection: (e4m3 weight [..., K, N],
-    scales [..., Kb, Nb], the weight's logical axes)} for gate_proj, up_proj and down_proj, as quantize_experts
+    """The FP8-resident routed experts (module docstring). quantized: {projection: (e4m3 weight [..., I, O],
+    scales [..., Ib, Ob], the weight's logical axes)} for gate_proj, up_proj and down_proj, as quantize_experts
     makes them (concrete arrays, or ShapeDtypeStructs for an abstract model)."""
 
     def __init__(self, cfg, *, quantized: dict[str, tuple]):
@@ -107,8 +107,8 @@ class FP8RoutedExperts(RoutedExperts):
         def kernel_ffn(x_MD, w_gate, w_up, w_down, s_gate, s_up, s_down, group_sizes_E, rows_in_use=None):
             mm = functools.partial(fp8_grouped_matmul, group_sizes_G=group_sizes_E, backend=backend,
                                    rows_in_use=rows_in_use, **launch)
-            return mm(swiglu(mm(x_MD, w_gate, scales_GKbNb=s_gate), mm(x_MD, w_up, scales_GKbNb=s_up)), w_down,
-                      scales_GKbNb=s_down)
+            return mm(swiglu(mm(x_MD, w_gate, scales_GIbOb=s_gate), mm(x_MD, w_up, scales_GIbOb=s_up)), w_down,
+                      scales_GIbOb=s_down)
         return kernel_ffn
 
 
@@ -130,11 +130,11 @@ def _shardings(w) -> tuple:
 
 
 def _quantized(w, name: str) -> tuple[jax.Array, jax.Array]:
-    """k2jax.quant's block quantiser over every [K, N] matrix of w [..., K, N] on the host, one matrix in float32
+    """k2jax.quant's block quantiser over every [I, O] matrix of w [..., I, O] on the host, one matrix in float32
     at a time -> (e4m3, scales) on w's devices (_shardings)."""
-    lead, (K, N) = w.shape[:-2], w.shape[-2:]
+    lead, (I, O) = w.shape[:-2], w.shape[-2:]
     q = np.empty(w.shape, quant.E4M3)
-    s = np.empty(lead + quant.scale_shape((K, N)), np.float32)
+    s = np.empty(lead + quant.scale_shape((I, O)), np.float32)
     for idx in np.ndindex(*lead):
         q[idx], s[idx] = quant.quantize(np.asarray(w[idx], np.float32), name=f"{name}{list(idx)}")
     w_sharding, s_sharding = _shardings(w)
@@ -168,8 +168,8 @@ def _replace_experts(model: Transformer, convert: Callable) -> Transformer:
 
 def resident_experts(model: Transformer, arrays: dict[str, tuple]) -> Transformer:
     """model (its routed experts' Param slots holding anything, e.g. the e4m3 weights themselves) with its routed
-    experts replaced, in place, by FP8RoutedExperts of arrays {"moe_blocks.mlp.experts.<proj>": (e4m3 [..., K, N],
-    scales [..., Kb, Nb])}, already on their devices: what load_checkpoint(weights="fp8") builds."""
+    experts replaced, in place, by FP8RoutedExperts of arrays {"moe_blocks.mlp.experts.<proj>": (e4m3 [..., I, O],
+    scales [..., Ib, Ob])}, already on their devices: what load_checkpoint(weights="fp8") builds."""
     return _replace_experts(model, lambda w, name: arrays[name])
 
 

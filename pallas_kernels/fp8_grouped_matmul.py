@@ -1,7 +1,7 @@
 """Grouped matmul for routed experts with block-FP8 (or plain bf16 / f32) weights, as a Pallas kernel.
 
     out[i] = x[i] @ W[g(i)]          rows sorted by group: rows [start_g, start_g + group_sizes[g]) use W[g]
-    W[g][k, n] = float(w[g, k, n]) * scales[g, k // 128, n // 128]     (FP8 e4m3 weights, the release's blocks)
+    W[g][i, o] = float(w[g, i, o]) * scales[g, i // 128, o // 128]     (FP8 e4m3 weights, the release's blocks)
 
 Rows past sum(group_sizes) come out as zeros. Empty groups are allowed. Without `scales` the weights are used as
 they are (the bf16-weight mode). Activations are bf16 or f32, accumulation is f32, the output has x's dtype.
@@ -36,7 +36,8 @@ bf16 or FP8 activations, bf16 / f32 weights with their gradient), the gpu form w
 from k2jax.target.KERNEL_LAUNCH (tests/pallas_kernels/test_compile.py); neither has been run or timed on a device
 yet.
 
-Letter legend: M rows, K contraction dim, N output dim, G groups, Kb / Nb scale blocks (128 each).
+Letter legend: M rows, I / O a matmul's in (contraction) / out features, G groups, Ib / Ob I and O in 128-blocks (the
+scale blocks).
 """
 
 from __future__ import annotations
@@ -56,42 +57,42 @@ FP8 = jnp.float8_e4m3fn
 
 
 # ---- XLA reference -------------------------------------------------------------------------------------------
-def dequantize(w_GKN: jax.Array, scales_GKbNb: jax.Array | None, dtype=F32) -> jax.Array:
+def dequantize(w_GIO: jax.Array, scales_GIbOb: jax.Array | None, dtype=F32) -> jax.Array:
     """W = float32(w) * scale per 128x128 block of the last two axes, cast to dtype (any leading axes; ragged last
     blocks: the scale covers what exists). The one block dequantisation: k2jax.quant (host, after its checks) and
     k2jax.checkpoint (on the devices at load) call it too."""
-    if scales_GKbNb is None:
-        return w_GKN.astype(dtype)
-    K, N = w_GKN.shape[-2:]
-    s = jnp.repeat(jnp.repeat(scales_GKbNb, BLOCK, axis=-2)[..., :K, :], BLOCK, axis=-1)[..., :N]
-    return (w_GKN.astype(F32) * s).astype(dtype)
+    if scales_GIbOb is None:
+        return w_GIO.astype(dtype)
+    I, O = w_GIO.shape[-2:]
+    s = jnp.repeat(jnp.repeat(scales_GIbOb, BLOCK, axis=-2)[..., :I, :], BLOCK, axis=-1)[..., :O]
+    return (w_GIO.astype(F32) * s).astype(dtype)
 
 
-def quantize_activations(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_activations(x_MI: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per row and 128-column block: scale = amax / 448 (1 for an all-zero block), values / scale rounded to
-    e4m3 -> (x e4m3 [M, K], scales float32 [M, ceil(K/128)])."""
-    M, K = x_MK.shape
-    xb = kb.pad_axis(x_MK.astype(F32), 1, BLOCK, value=0).reshape(M, -1, BLOCK)
+    e4m3 -> (x e4m3 [M, I], scales float32 [M, ceil(I/128)])."""
+    M, I = x_MI.shape
+    xb = kb.pad_axis(x_MI.astype(F32), 1, BLOCK, value=0).reshape(M, -1, BLOCK)
     amax = jnp.max(jnp.abs(xb), axis=-1)
     scales = jnp.where(amax > 0, amax / float(jnp.finfo(FP8).max), 1.0)
-    q = (xb / scales[..., None]).astype(FP8).reshape(M, -1)[:, :K]
+    q = (xb / scales[..., None]).astype(FP8).reshape(M, -1)[:, :I]
     return q, scales
 
 
-def dequantize_activations(q_MK: jax.Array, scales_MKb: jax.Array, dtype) -> jax.Array:
-    K = q_MK.shape[1]
-    return (q_MK.astype(F32) * jnp.repeat(scales_MKb, BLOCK, axis=1)[:, :K]).astype(dtype)
+def dequantize_activations(q_MI: jax.Array, scales_MIb: jax.Array, dtype) -> jax.Array:
+    I = q_MI.shape[1]
+    return (q_MI.astype(F32) * jnp.repeat(scales_MIb, BLOCK, axis=1)[:, :I]).astype(dtype)
 
 
-def reference(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, scales_GKbNb: jax.Array | None = None,
+def reference(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array, scales_GIbOb: jax.Array | None = None,
               fp8_activations: bool = False) -> jax.Array:
     """The XLA reference: (quantise the activations,) dequantise, then jax.lax.ragged_dot (f32 accumulation)."""
     if fp8_activations:
-        return reference(dequantize_activations(*quantize_activations(x_MK), F32), w_GKN, group_sizes_G,
-                         scales_GKbNb).astype(x_MK.dtype)
-    w = dequantize(w_GKN, scales_GKbNb, x_MK.dtype)
-    y = jax.lax.ragged_dot(x_MK, w, group_sizes_G.astype(jnp.int32), preferred_element_type=F32)
-    return y.astype(x_MK.dtype)
+        return reference(dequantize_activations(*quantize_activations(x_MI), F32), w_GIO, group_sizes_G,
+                         scales_GIbOb).astype(x_MI.dtype)
+    w = dequantize(w_GIO, scales_GIbOb, x_MI.dtype)
+    y = jax.lax.ragged_dot(x_MI, w, group_sizes_G.astype(jnp.int32), preferred_element_type=F32)
+    return y.astype(x_MI.dtype)
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def _kernel(first_ref, last_ref, start_ref, end_ref, x_ref, w_ref, s_ref, xs_ref
         def step(c, acc):
             cs = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
             x_blk = x_ref[:, cs]
-            if transpose_w:  # W[g]ᵀ: weights stored [G, O, C] for this product
+            if transpose_w:  # W[g]ᵀ: weights stored [G, O, I] for this product
                 prod = kb.dot_nt(x_blk, w_ref[g, :, cs].astype(x_blk.dtype))
             else:
                 prod = kb.dot_nn(x_blk, w_ref[g, cs, :].astype(x_blk.dtype))
@@ -187,12 +188,12 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
 def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w, out_dtype, opts, rows):
     from jax.experimental.pallas import tpu as pltpu
     G = w.shape[0]
-    C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    I, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     Mp = x.shape[0]
     first, last, starts, ends = _tables(group_sizes_G, Mp // BLOCK)
     schedule = _visit_schedule(first, last, G)
     has_scales = scales_rows is not None
-    # scales [G, C / 128, 1, O]: a (1, 128) row block per visit, Mosaic's (8, 128) rule met by the unit dim
+    # scales [G, I / 128, 1, O]: a (1, 128) row block per visit, Mosaic's (8, 128) rule met by the unit dim
     s = (scales_rows[:, :, None, :] if has_scales else jnp.zeros((G, 1, 1, BLOCK), F32))
     w_spec = (pl.BlockSpec((None, BLOCK, BLOCK), lambda o, v, c, tile, group, *_: (group[v], o, c)) if transpose_w
               else pl.BlockSpec((None, BLOCK, BLOCK), lambda o, v, c, tile, group, *_: (group[v], c, o)))
@@ -203,24 +204,24 @@ def _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, *, transpose_w,
     xs_spec = (pl.BlockSpec((None, BLOCK, 1), lambda o, v, c, tile, *_: (c, tile[v], 0)) if has_x_scales
                else pl.BlockSpec((None, BLOCK, 1), lambda o, v, c, *_: (0, 0, 0)))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=6, grid=(O // BLOCK, schedule[0].shape[0], C // BLOCK),
+        num_scalar_prefetch=6, grid=(O // BLOCK, schedule[0].shape[0], I // BLOCK),
         in_specs=[pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], c)), w_spec, s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda o, v, c, tile, *_: (tile[v], o)),
         scratch_shapes=[pltpu.VMEM((BLOCK, BLOCK), F32)])
     return pl.pallas_call(
         functools.partial(_tpu_kernel, transpose_w=transpose_w, has_scales=has_scales, has_x_scales=has_x_scales),
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
-        cost_estimate=_work(x, w, scales_rows, x_scales, rows, C, O, out_dtype), **opts)(
+        cost_estimate=_work(x, w, scales_rows, x_scales, rows, I, O, out_dtype), **opts)(
         *schedule, starts, ends, x, w, s, xs)
 
 
-def _work(x, w, scales_rows, x_scales, rows, C, O, out_dtype):
+def _work(x, w, scales_rows, x_scales, rows, I, O, out_dtype):
     """Every one of `rows` rows (those in use: tiles past the last group are skipped at run time) times its
-    group's [C, O] weight once (the extra visits of tiles a group boundary crosses, at most G - 1 on TPU, are not
+    group's [I, O] weight once (the extra visits of tiles a group boundary crosses, at most G - 1 on TPU, are not
     counted); bytes: those rows of x, the weights and scales once, their output."""
     extra = [a for a in (scales_rows, x_scales) if a is not None]
-    return kb.cost(flops=2 * rows * C * O,
-                   bytes_accessed=(kb.nbytes(w, *extra) + rows * C * jnp.dtype(x.dtype).itemsize
+    return kb.cost(flops=2 * rows * I * O,
+                   bytes_accessed=(kb.nbytes(w, *extra) + rows * I * jnp.dtype(x.dtype).itemsize
                                    + rows * O * jnp.dtype(out_dtype).itemsize))
 
 
@@ -232,15 +233,15 @@ def _form(backend, platform) -> str:
     return kb.platform_of(platform)
 
 
-def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
+def _launch(x_MI, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
             out_dtype=None, triton=(4, 2), rows_in_use=None):
-    """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ), C and O already multiples of BLOCK. scales_rows is
-    [G, C / BLOCK, O] (each block scale repeated along its output columns) or None; x_scales [C / BLOCK, M, 1]
+    """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ), I and O already multiples of BLOCK. scales_rows is
+    [G, I / BLOCK, O] (each block scale repeated along its output columns) or None; x_scales [I / BLOCK, M, 1]
     the FP8 activations' block scales or None. triton: (num_warps, num_stages) of the gpu form."""
-    out_dtype = out_dtype or x_MC.dtype
+    out_dtype = out_dtype or x_MI.dtype
     G = w.shape[0]
-    C, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
-    x = kb.pad_axis(x_MC, 0, BLOCK)
+    I, O = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    x = kb.pad_axis(x_MI, 0, BLOCK)
     Mp = x.shape[0]
     rows = Mp if rows_in_use is None else min(Mp, rows_in_use)
     if x_scales is not None:
@@ -250,37 +251,37 @@ def _launch(x_MC, w, scales_rows, group_sizes_G, *, transpose_w, backend, platfo
         opts = kb.launch_options(backend, platform, 3, sequential=(1, 2))
         out = _launch_tpu_form(x, w, scales_rows, x_scales, group_sizes_G, transpose_w=transpose_w,
                                out_dtype=out_dtype, opts=opts, rows=rows)
-        return out[:x_MC.shape[0]]
+        return out[:x_MI.shape[0]]
     tables = _tables(group_sizes_G, Mp // BLOCK)
     has_scales = scales_rows is not None
     if not has_scales:
         scales_rows = jnp.zeros((G, 1, BLOCK), F32)  # unused; keeps one kernel signature
-    w_spec = (pl.BlockSpec((G, BLOCK, C), lambda m, o: (0, o, 0)) if transpose_w
-              else pl.BlockSpec((G, C, BLOCK), lambda m, o: (0, 0, o)))
-    s_spec = (pl.BlockSpec((G, C // BLOCK, BLOCK), lambda m, o: (0, 0, o)) if has_scales
+    w_spec = (pl.BlockSpec((G, BLOCK, I), lambda m, o: (0, o, 0)) if transpose_w
+              else pl.BlockSpec((G, I, BLOCK), lambda m, o: (0, 0, o)))
+    s_spec = (pl.BlockSpec((G, I // BLOCK, BLOCK), lambda m, o: (0, 0, o)) if has_scales
               else pl.BlockSpec((G, 1, BLOCK), lambda m, o: (0, 0, 0)))
     has_x_scales = x_scales is not None
     xs = x_scales if has_x_scales else jnp.ones((1, BLOCK, 1), F32)
     xs_spec = pl.BlockSpec((xs.shape[0], BLOCK, 1),
                            (lambda m, o: (0, m, 0)) if has_x_scales else (lambda m, o: (0, 0, 0)))
     out = pl.pallas_call(
-        functools.partial(_kernel, transpose_w=transpose_w, n_contract=C // BLOCK, has_scales=has_scales,
+        functools.partial(_kernel, transpose_w=transpose_w, n_contract=I // BLOCK, has_scales=has_scales,
                           has_x_scales=has_x_scales),
         grid=(Mp // BLOCK, O // BLOCK),
-        in_specs=[kb.scalar_table_spec(backend, platform)] * 4 + [pl.BlockSpec((BLOCK, C), lambda m, o: (m, 0)), w_spec,
+        in_specs=[kb.scalar_table_spec(backend, platform)] * 4 + [pl.BlockSpec((BLOCK, I), lambda m, o: (m, 0)), w_spec,
                                                           s_spec, xs_spec],
         out_specs=pl.BlockSpec((BLOCK, BLOCK), lambda m, o: (m, o)),
         out_shape=jax.ShapeDtypeStruct((Mp, O), out_dtype),
-        cost_estimate=_work(x, w, None if not has_scales else scales_rows, x_scales, rows, C, O, out_dtype),
+        cost_estimate=_work(x, w, None if not has_scales else scales_rows, x_scales, rows, I, O, out_dtype),
         **kb.launch_options(backend, platform, 2, num_warps=triton[0], num_stages=triton[1]),
     )(*tables, x, w, scales_rows, xs)
-    return out[:x_MC.shape[0]]
+    return out[:x_MI.shape[0]]
 
 
-def _scale_rows(scales_GKbNb, n_out, along_n: bool):
-    """Block scales repeated along the output columns: [G, Kb, N] (along_n) or, for the transposed product,
-    [G, Nb, K]."""
-    s = scales_GKbNb if along_n else scales_GKbNb.swapaxes(1, 2)
+def _scale_rows(scales_GIbOb, n_out, along_o: bool):
+    """Block scales repeated along the output columns: [G, Ib, O] (along_o) or, for the transposed product,
+    [G, Ob, I]."""
+    s = scales_GIbOb if along_o else scales_GIbOb.swapaxes(1, 2)
     return jnp.repeat(s.astype(F32), BLOCK, axis=2)[:, :, :n_out]
 
 
@@ -291,44 +292,44 @@ def _pad_to_blocks(a, axes):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(x_MK, w_GKN, scales, group_sizes_G, opts):
-    return _forward(x_MK, w_GKN, scales, group_sizes_G, opts)
+def _gmm(x_MI, w_GIO, scales, group_sizes_G, opts):
+    return _forward(x_MI, w_GIO, scales, group_sizes_G, opts)
 
 
-def _forward(x_MK, w_GKN, scales, group_sizes_G, opts):
+def _forward(x_MI, w_GIO, scales, group_sizes_G, opts):
     backend, platform, fp8_activations, triton, rows_in_use = opts
-    K, N = w_GKN.shape[1:]
-    x = _pad_to_blocks(x_MK, [1])
-    w = _pad_to_blocks(w_GKN, [1, 2])
-    s = None if scales is None else kb.pad_axis(_scale_rows(scales, N, along_n=True), 2, BLOCK, value=0)
+    I, O = w_GIO.shape[1:]
+    x = _pad_to_blocks(x_MI, [1])
+    w = _pad_to_blocks(w_GIO, [1, 2])
+    s = None if scales is None else kb.pad_axis(_scale_rows(scales, O, along_o=True), 2, BLOCK, value=0)
     x_scales = None
     if fp8_activations:
-        x, x_scales_MKb = quantize_activations(x)
-        x_scales = x_scales_MKb.T[:, :, None]  # [Kb, M, 1]: one [rows, 1] column per contraction block
+        x, x_scales_MIb = quantize_activations(x)
+        x_scales = x_scales_MIb.T[:, :, None]  # [Ib, M, 1]: one [rows, 1] column per contraction block
     out = _launch(x, w, s, group_sizes_G, transpose_w=False, backend=backend, platform=platform,
-                  x_scales=x_scales, out_dtype=x_MK.dtype, triton=triton, rows_in_use=rows_in_use)
-    return out[:, :N]
+                  x_scales=x_scales, out_dtype=x_MI.dtype, triton=triton, rows_in_use=rows_in_use)
+    return out[:, :O]
 
 
-def _gmm_fwd(x_MK, w_GKN, scales, group_sizes_G, opts):
-    return _forward(x_MK, w_GKN, scales, group_sizes_G, opts), (x_MK, w_GKN, scales, group_sizes_G)
+def _gmm_fwd(x_MI, w_GIO, scales, group_sizes_G, opts):
+    return _forward(x_MI, w_GIO, scales, group_sizes_G, opts), (x_MI, w_GIO, scales, group_sizes_G)
 
 
-def _gmm_bwd(opts, res, dy_MN):
+def _gmm_bwd(opts, res, dy_MO):
     backend, platform, _, triton, rows_in_use = opts  # FP8 activations: the quantisation's gradient is taken as the identity
-    x_MK, w_GKN, scales, group_sizes_G = res
-    K, N = w_GKN.shape[1:]
-    dy = _pad_to_blocks(dy_MN.astype(x_MK.dtype), [1])
-    w = _pad_to_blocks(w_GKN, [1, 2])
-    s = None if scales is None else kb.pad_axis(_scale_rows(scales, K, along_n=False), 2, BLOCK, value=0)
+    x_MI, w_GIO, scales, group_sizes_G = res
+    I, O = w_GIO.shape[1:]
+    dy = _pad_to_blocks(dy_MO.astype(x_MI.dtype), [1])
+    w = _pad_to_blocks(w_GIO, [1, 2])
+    s = None if scales is None else kb.pad_axis(_scale_rows(scales, I, along_o=False), 2, BLOCK, value=0)
     dx = _launch(dy, w, s, group_sizes_G, transpose_w=True, backend=backend, platform=platform,
-                 triton=triton, rows_in_use=rows_in_use)[:, :K]
+                 triton=triton, rows_in_use=rows_in_use)[:, :I]
     if scales is None:
-        dw = grouped_weight_grad(x_MK, dy_MN.astype(x_MK.dtype), group_sizes_G, out_dtype=w_GKN.dtype,
+        dw = grouped_weight_grad(x_MI, dy_MO.astype(x_MI.dtype), group_sizes_G, out_dtype=w_GIO.dtype,
                                  backend=backend, platform=platform, rows_in_use=rows_in_use)
         ds = None
     else:  # FP8 weights are frozen: no gradient flows to them or their scales
-        dw, ds = jnp.zeros_like(w_GKN), jnp.zeros_like(scales)
+        dw, ds = jnp.zeros_like(w_GIO), jnp.zeros_like(scales)
     return dx, dw, ds, None
 
 
@@ -336,38 +337,38 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
-def check_scales(w_GKN: jax.Array, scales_GKbNb: jax.Array | None, caller: str) -> None:
+def check_scales(w_GIO: jax.Array, scales_GIbOb: jax.Array | None, caller: str) -> None:
     """FP8 weights come with one float scale per 128x128 block of their last two axes (any leading axes), other
     weights without; else one line, prefixed with `caller`, says what is wrong."""
-    if scales_GKbNb is None:
-        if w_GKN.dtype == FP8:
+    if scales_GIbOb is None:
+        if w_GIO.dtype == FP8:
             raise ValueError(f"{caller}: float8_e4m3fn weights need their block scales")
         return
-    want = w_GKN.shape[:-2] + tuple(-(-d // BLOCK) for d in w_GKN.shape[-2:])
-    if scales_GKbNb.shape != want:
-        raise ValueError(f"{caller}: scales for w {w_GKN.shape} must be {want} (one per 128x128 block), got "
-                         f"{scales_GKbNb.shape}")
-    if w_GKN.dtype != FP8:
-        raise ValueError(f"{caller}: scales given but w is {w_GKN.dtype}, not float8_e4m3fn")
+    want = w_GIO.shape[:-2] + tuple(-(-d // BLOCK) for d in w_GIO.shape[-2:])
+    if scales_GIbOb.shape != want:
+        raise ValueError(f"{caller}: scales for w {w_GIO.shape} must be {want} (one per 128x128 block), got "
+                         f"{scales_GIbOb.shape}")
+    if w_GIO.dtype != FP8:
+        raise ValueError(f"{caller}: scales given but w is {w_GIO.dtype}, not float8_e4m3fn")
 
 
-def fp8_grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
-                       scales_GKbNb: jax.Array | None = None, *, fp8_activations: bool = False,
+def fp8_grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array,
+                       scales_GIbOb: jax.Array | None = None, *, fp8_activations: bool = False,
                        backend: str = "auto", platform: str | None = None, num_warps: int = 4,
                        num_stages: int = 2, rows_in_use: int | None = None) -> jax.Array:
-    """[M, K] rows sorted by group, [G, K, N] weights (float8_e4m3fn with [G, ceil(K/128), ceil(N/128)] scales,
-    or bf16 / f32 without), [G] group sizes -> [M, N] in x's dtype. fp8_activations: see the module docstring.
+    """[M, I] rows sorted by group, [G, I, O] weights (float8_e4m3fn with [G, ceil(I/128), ceil(O/128)] scales,
+    or bf16 / f32 without), [G] group sizes -> [M, O] in x's dtype. fp8_activations: see the module docstring.
     num_warps / num_stages: Triton's, for the gpu form (k2jax.target.KERNEL_LAUNCH holds them per dtype).
     rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer),
     for the kernels' cost estimates only; default all M (the kernels skip tiles past the last group)."""
-    if x_MK.ndim != 2 or w_GKN.ndim != 3 or group_sizes_G.shape != w_GKN.shape[:1] or x_MK.shape[1] != w_GKN.shape[1]:
-        raise ValueError(f"fp8_grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x_MK.shape}, "
-                         f"w {w_GKN.shape}, group_sizes {group_sizes_G.shape}")
-    check_scales(w_GKN, scales_GKbNb, "fp8_grouped_matmul")
-    if fp8_activations and scales_GKbNb is None:
+    if x_MI.ndim != 2 or w_GIO.ndim != 3 or group_sizes_G.shape != w_GIO.shape[:1] or x_MI.shape[1] != w_GIO.shape[1]:
+        raise ValueError(f"fp8_grouped_matmul: expected x [M, I], w [G, I, O], group_sizes [G]; got x {x_MI.shape}, "
+                         f"w {w_GIO.shape}, group_sizes {group_sizes_G.shape}")
+    check_scales(w_GIO, scales_GIbOb, "fp8_grouped_matmul")
+    if fp8_activations and scales_GIbOb is None:
         raise ValueError("fp8_grouped_matmul: fp8_activations needs FP8 weights (with their scales)")
     backend = kb.resolve(backend, (), platform)
     if backend == "xla":
-        return reference(x_MK, w_GKN, group_sizes_G, scales_GKbNb, fp8_activations)
-    return _gmm(x_MK, w_GKN, scales_GKbNb, group_sizes_G.astype(jnp.int32),
+        return reference(x_MI, w_GIO, group_sizes_G, scales_GIbOb, fp8_activations)
+    return _gmm(x_MI, w_GIO, scales_GIbOb, group_sizes_G.astype(jnp.int32),
                 (backend, platform, fp8_activations, (num_warps, num_stages), rows_in_use))
