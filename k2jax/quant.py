@@ -20,7 +20,7 @@ These run on the host (NumPy, ml_dtypes) because the converter streams tensors t
 arithmetic is the one block dequantisation of the project (`dequantize_blocks`,
 pallas_kernels.fp8_grouped_matmul.dequantize: traceable, so the devices run it at load), jitted on the host.
 
-Letter legend: O out rows, I in columns, X / Y scale-grid rows / columns.
+Letter legend: O out rows, I in columns, Ob / Ib the scale grid's rows / columns (O and I in blocks).
 """
 
 from __future__ import annotations
@@ -49,22 +49,22 @@ def scale_shape(weight_shape: tuple[int, ...], block: int = BLOCK) -> tuple[int,
 _dequantize_jit = jax.jit(dequantize_blocks, static_argnums=2)
 
 
-def _expand(scale_XY: np.ndarray, shape: tuple[int, int], block: int) -> np.ndarray:
+def _expand(scale_ObIb: np.ndarray, shape: tuple[int, int], block: int) -> np.ndarray:
     """The per-element view of a block scale grid, cropped to the weight's (possibly ragged) shape."""
-    return np.repeat(np.repeat(scale_XY, block, axis=0), block, axis=1)[: shape[0], : shape[1]]
+    return np.repeat(np.repeat(scale_ObIb, block, axis=0), block, axis=1)[: shape[0], : shape[1]]
 
 
-def dequantize(weight_OI: np.ndarray, scale_inv_XY: np.ndarray, dtype=np.float32, *, name: str = "weight",
+def dequantize(weight_OI: np.ndarray, scale_inv_ObIb: np.ndarray, dtype=np.float32, *, name: str = "weight",
                checked: bool = False) -> np.ndarray:
     """float32(weight) * weight_scale_inv per block, computed in float32 and cast to `dtype` (every value finite:
     see check_scale). checked: the caller already ran check_scale and check_no_nan (HFCheckpoint.read_fp8)."""
-    weight_OI, scale_inv_XY = np.asarray(weight_OI), np.asarray(scale_inv_XY)
+    weight_OI, scale_inv_ObIb = np.asarray(weight_OI), np.asarray(scale_inv_ObIb)
     if weight_OI.dtype != E4M3 or weight_OI.ndim != 2:
         raise QuantError(f"{name}: expected a 2-D float8_e4m3fn weight, got {weight_OI.dtype}{list(weight_OI.shape)}")
     if not checked:
-        scale_inv_XY = check_scale(scale_inv_XY, weight_OI.shape, name=name, dtype=dtype)
+        scale_inv_ObIb = check_scale(scale_inv_ObIb, weight_OI.shape, name=name, dtype=dtype)
         check_no_nan(weight_OI, name=name)
-    return np.asarray(_dequantize_jit(weight_OI, scale_inv_XY.astype(np.float32), np.dtype(dtype)))
+    return np.asarray(_dequantize_jit(weight_OI, scale_inv_ObIb.astype(np.float32), np.dtype(dtype)))
 
 
 def max_scale(dtype=np.float32) -> float:
@@ -72,18 +72,18 @@ def max_scale(dtype=np.float32) -> float:
     return float(ml_dtypes.finfo(dtype).max) / E4M3_MAX
 
 
-def check_scale(scale_inv_XY: np.ndarray, weight_shape: tuple[int, int], *, name: str = "weight",
+def check_scale(scale_inv_ObIb: np.ndarray, weight_shape: tuple[int, int], *, name: str = "weight",
                 block: int = BLOCK, dtype=np.float32) -> np.ndarray:
     """The scale as float32, after checking its grid shape and that every block is finite, > 0 and at most
     max_scale(dtype) (so every weight it dequantises to `dtype` is finite)."""
-    scale_inv_XY = np.asarray(scale_inv_XY)
+    scale_inv_ObIb = np.asarray(scale_inv_ObIb)
     want = scale_shape(weight_shape, block)
-    if scale_inv_XY.shape != want:
+    if scale_inv_ObIb.shape != want:
         raise QuantError(f"{name}_scale_inv: expected shape {list(want)} for weight {list(weight_shape)}, "
-                         f"got {list(scale_inv_XY.shape)}")
-    if not np.issubdtype(scale_inv_XY.dtype, np.floating):
-        raise QuantError(f"{name}_scale_inv: expected a float scale, got {scale_inv_XY.dtype}")
-    scale32 = scale_inv_XY.astype(np.float32)
+                         f"got {list(scale_inv_ObIb.shape)}")
+    if not np.issubdtype(scale_inv_ObIb.dtype, np.floating):
+        raise QuantError(f"{name}_scale_inv: expected a float scale, got {scale_inv_ObIb.dtype}")
+    scale32 = scale_inv_ObIb.astype(np.float32)
     bound = max_scale(dtype)
     bad = ~(np.isfinite(scale32) & (scale32 > 0) & (scale32 <= bound))
     if bad.any():
@@ -119,10 +119,10 @@ def quantize(weight_OI: np.ndarray, *, name: str = "weight", block: int = BLOCK)
         raise QuantError(f"{name}: expected a 2-D weight, got shape {list(w.shape)}")
     if not np.all(np.isfinite(w)):
         raise QuantError(f"{name}: has non-finite values; cannot quantise")
-    X, Y = scale_shape(w.shape, block)
-    padded = np.zeros((X * block, Y * block), np.float32)
+    Ob, Ib = scale_shape(w.shape, block)
+    padded = np.zeros((Ob * block, Ib * block), np.float32)
     padded[: w.shape[0], : w.shape[1]] = np.abs(w)
-    amax_XY = padded.reshape(X, block, Y, block).max(axis=(1, 3))
-    scale_XY = np.where(amax_XY > 0, amax_XY / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
-    scaled = np.clip(w / _expand(scale_XY, w.shape, block), -E4M3_MAX, E4M3_MAX)
-    return scaled.astype(E4M3), scale_XY
+    amax_ObIb = padded.reshape(Ob, block, Ib, block).max(axis=(1, 3))
+    scale_ObIb = np.where(amax_ObIb > 0, amax_ObIb / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+    scaled = np.clip(w / _expand(scale_ObIb, w.shape, block), -E4M3_MAX, E4M3_MAX)
+    return scaled.astype(E4M3), scale_ObIb
