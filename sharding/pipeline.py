@@ -7,15 +7,15 @@ computes what `jax.lax.scan(layer_fn, state, stacked_params)` computes: layer_fn
 inputs the layers need, e.g. segment ids and positions), `stacked_params` a pytree with a leading layer axis.
 
 The L layers are split over the n stages of the `stage` mesh axis (stage s owns layers [s L/n, (s+1) L/n));
-the batch is split into M microbatches. At clock tick t stage s runs its layers on microbatch t - s and passes
-the result to stage s + 1 (`ppermute`), so n + M - 1 ticks finish everything; each stage idles for n - 1 of them
+the batch is split into m microbatches. At clock tick t stage s runs its layers on microbatch t - s and passes
+the result to stage s + 1 (`ppermute`), so n + m - 1 ticks finish everything; each stage idles for n - 1 of them
 (`bubble_fraction`). The backward pass is the same schedule reversed, which JAX derives by differentiating the
 shard_map (ppermute's transpose sends the other way). Other mesh axes stay automatic: layers may use data,
 fsdp or expert parallelism (sharding.expert_parallel) inside a stage.
 
-aux comes back as [M, L, ...] (per microbatch, per layer); the caller reduces it over microbatches.
+aux comes back as [m, L, ...] (per microbatch, per layer); the caller reduces it over microbatches.
 
-Letter legend: L layers, n stages, M microbatches, b examples per microbatch, t clock tick.
+Letter legend: L layers, n stages, m microbatches, b examples per microbatch, t clock tick.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ STAGE_AXIS = "stage"
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
-    """Share of stage-ticks spent idle in a GPipe schedule: (n - 1) / (M + n - 1)."""
+    """Share of stage-ticks spent idle in a GPipe schedule: (n - 1) / (m + n - 1)."""
     return (num_stages - 1) / (num_microbatches + num_stages - 1)
 
 
@@ -38,11 +38,11 @@ def pipeline_enabled(mesh, stage_axis: str = STAGE_AXIS) -> bool:
     return mesh is not None and not mesh.empty and stage_axis in mesh.axis_names and dict(mesh.shape)[stage_axis] > 1
 
 
-def _split(tree, M):
+def _split(tree, m):
     def split(a):
-        if a.shape[0] % M:
-            raise ValueError(f"pipeline: batch {a.shape[0]} does not divide into {M} microbatches")
-        return a.reshape((M, a.shape[0] // M) + a.shape[1:])
+        if a.shape[0] % m:
+            raise ValueError(f"pipeline: batch {a.shape[0]} does not divide into {m} microbatches")
+        return a.reshape((m, a.shape[0] // m) + a.shape[1:])
 
     return jax.tree.map(split, tree)
 
@@ -53,13 +53,13 @@ def pipeline_scan(layer_fn: Callable, stacked_params, state, *, num_microbatches
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if not pipeline_enabled(mesh, stage_axis):
         raise ValueError(f"pipeline_scan: the mesh needs a '{stage_axis}' axis > 1")
-    n, M = dict(mesh.shape)[stage_axis], num_microbatches
+    n, m = dict(mesh.shape)[stage_axis], num_microbatches
     L = jax.tree.leaves(stacked_params)[0].shape[0]
     if L % n:
         raise ValueError(f"pipeline_scan: {L} layers do not split evenly into {n} stages")
-    if M < 1:
-        raise ValueError(f"pipeline_scan: num_microbatches must be >= 1, got {M}")
-    micro = _split(state, M)  # [M, b, ...]
+    if m < 1:
+        raise ValueError(f"pipeline_scan: num_microbatches must be >= 1, got {m}")
+    micro = _split(state, m)  # [m, b, ...]
 
     def stage_layers(x, params):
         return jax.lax.scan(layer_fn, x, params, unroll=unroll)
@@ -71,22 +71,22 @@ def pipeline_scan(layer_fn: Callable, stacked_params, state, *, num_microbatches
         s = jax.lax.axis_index(stage_axis)
         first = jax.tree.map(lambda a: a[0], micro)
         outputs = jax.tree.map(jnp.zeros_like, micro)
-        aux_buf = jax.tree.map(lambda a: jnp.zeros((M,) + a.shape, a.dtype), aux_shape)
+        aux_buf = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), aux_shape)
 
         def tick(carry, t):
             incoming, outputs, aux_buf = carry
-            m = t - s
-            active = (m >= 0) & (m < M)
-            m_c = jnp.clip(m, 0, M - 1)
-            x = jax.tree.map(lambda fresh, got: jnp.where(s == 0, fresh[m_c], got), micro, incoming)
+            mb = t - s
+            active = (mb >= 0) & (mb < m)
+            mb_c = jnp.clip(mb, 0, m - 1)
+            x = jax.tree.map(lambda fresh, got: jnp.where(s == 0, fresh[mb_c], got), micro, incoming)
             y, aux = stage_layers(x, params)
             write = active & (s == n - 1)
-            outputs = jax.tree.map(lambda buf, v: buf.at[m_c].set(jnp.where(write, v, buf[m_c])), outputs, y)
-            aux_buf = jax.tree.map(lambda buf, v: buf.at[m_c].set(jnp.where(active, v, buf[m_c])), aux_buf, aux)
+            outputs = jax.tree.map(lambda buf, v: buf.at[mb_c].set(jnp.where(write, v, buf[mb_c])), outputs, y)
+            aux_buf = jax.tree.map(lambda buf, v: buf.at[mb_c].set(jnp.where(active, v, buf[mb_c])), aux_buf, aux)
             passed = jax.lax.ppermute(y, stage_axis, [(i, (i + 1) % n) for i in range(n)])
             return (passed, outputs, aux_buf), None
 
-        (_, outputs, aux_buf), _ = jax.lax.scan(tick, (first, outputs, aux_buf), jnp.arange(M + n - 1))
+        (_, outputs, aux_buf), _ = jax.lax.scan(tick, (first, outputs, aux_buf), jnp.arange(m + n - 1))
         outputs = jax.tree.map(lambda a: jax.lax.psum(jnp.where(s == n - 1, a, jnp.zeros_like(a)), stage_axis),
                                outputs)
         return outputs, aux_buf
