@@ -8,7 +8,7 @@ weights, and e.g. FP8 weights' block scales): each is split over `expert`, and `
 same order.
 
 Tokens are split over every batch-like mesh axis (data, fsdp and expert); the E experts over `expert` (device
-j of the expert axis owns experts [j E_loc, (j + 1) E_loc)). Per device:
+j of the expert axis owns experts [j e, (j + 1) e)). Per device:
 
   1. sort its T x K (token, choice) rows by expert;
   2. exchange row counts (an all_gather of [E] int32 per device: tiny) so every device knows every
@@ -32,8 +32,9 @@ below runs the same exchange as an `all_to_all` of fixed-size chunks (same resul
 picks, by default by the platform compiled for. This module knows nothing of K2: it works on arrays and a
 callable.
 
-Letter legend: T tokens (per device inside shard_map), K choices per token, M = T K rows, E experts, L experts
-per device (E_loc), D hidden, F ffn, n expert-axis size, s source, j destination, R receive-buffer rows.
+Letter legend: T tokens (per device inside shard_map), K choices per token, M = T K rows, E experts, e experts
+per device (E / n), D hidden, F ffn, n expert-axis size, s source, j destination, r receive-buffer rows, p rows per
+peer in the fixed-size all_to_all form.
 """
 
 from __future__ import annotations
@@ -71,16 +72,16 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
                                          axis_name=axis_name)
     if impl != "all_to_all":
         raise ValueError(f"ragged_all_to_all: impl must be one of {IMPLS}, got {impl!r}")
-    C = operand.shape[0] if max_send is None else max_send
-    padded = jnp.concatenate([operand, jnp.zeros((C,) + operand.shape[1:], operand.dtype)])
-    chunks_nC = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(padded, start, C))(input_offsets)
-    n = chunks_nC.shape[0]
-    got_nC = jax.lax.all_to_all(chunks_nC.reshape((n * C,) + operand.shape[1:]), axis_name, 0, 0, tiled=True)
+    p = operand.shape[0] if max_send is None else max_send
+    padded = jnp.concatenate([operand, jnp.zeros((p,) + operand.shape[1:], operand.dtype)])
+    chunks_np = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(padded, start, p))(input_offsets)
+    n = chunks_np.shape[0]
+    got_np = jax.lax.all_to_all(chunks_np.reshape((n * p,) + operand.shape[1:]), axis_name, 0, 0, tiled=True)
     offsets_n = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where source i's rows go here
-    rows_nC = offsets_n[:, None] + jnp.arange(C)[None, :]
-    valid_nC = jnp.arange(C)[None, :] < recv_sizes[:, None]
-    rows_nC = jnp.where(valid_nC, rows_nC, output.shape[0])  # out of range: dropped
-    return output.at[rows_nC.reshape(-1)].set(got_nC.reshape((-1,) + operand.shape[1:]), mode="drop")
+    rows_np = offsets_n[:, None] + jnp.arange(p)[None, :]
+    valid_np = jnp.arange(p)[None, :] < recv_sizes[:, None]
+    rows_np = jnp.where(valid_np, rows_np, output.shape[0])  # out of range: dropped
+    return output.at[rows_np.reshape(-1)].set(got_np.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
 def receive_buffer_rows(rows_per_device: int, n: int, capacity_factor: float) -> int:
@@ -92,55 +93,55 @@ def receive_buffer_rows(rows_per_device: int, n: int, capacity_factor: float) ->
     return min(n * rows_per_device, max(1, math.ceil(capacity_factor * rows_per_device)))
 
 
-def _kept(sizes_snl, R: int):
-    """The rows each destination keeps of sizes_snl [source, destination, local expert] in a buffer of R rows,
+def _kept(sizes_sje, r: int):
+    """The rows each destination keeps of sizes_sje [source, destination, local expert] in a buffer of r rows,
     filled in (source, local expert) order: a prefix of every (source, destination) segment."""
-    n, _, L = sizes_snl.shape
-    per_dest_jX = jnp.transpose(sizes_snl, (1, 0, 2)).reshape(n, n * L)
-    ends_jX = jnp.cumsum(per_dest_jX, axis=1)
-    kept_jX = jnp.clip(ends_jX, 0, R) - jnp.clip(ends_jX - per_dest_jX, 0, R)
-    return jnp.transpose(kept_jX.reshape(n, n, L), (1, 0, 2))
+    n, _, e = sizes_sje.shape
+    per_dest = jnp.transpose(sizes_sje, (1, 0, 2)).reshape(n, n * e)
+    ends = jnp.cumsum(per_dest, axis=1)
+    kept = jnp.clip(ends, 0, r) - jnp.clip(ends - per_dest, 0, r)
+    return jnp.transpose(kept.reshape(n, n, e), (1, 0, 2))
 
 
 def _local_expert_ffn(x_TD, weights_TK, ids_TK, *local_arrays, ffn: Callable, expert_axis: str,
                       other_token_axes: tuple[str, ...], impl: str, capacity_factor: float):
-    """One device's part (inside shard_map; local_arrays: its blocks of the expert arrays, [L, ...] each) ->
+    """One device's part (inside shard_map; local_arrays: its blocks of the expert arrays, [e, ...] each) ->
     (combined output [T, D], rows dropped on every device)."""
     n = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     T, K = ids_TK.shape
-    L = local_arrays[0].shape[0]
+    e = local_arrays[0].shape[0]
     M = T * K
-    R = receive_buffer_rows(M, n, capacity_factor)
+    r = receive_buffer_rows(M, n, capacity_factor)
     # 1. this device's rows sorted by expert, hence by destination device
-    order_M, sizes_E = sort_by_group(ids_TK, n * L)
+    order_M, sizes_E = sort_by_group(ids_TK, n * e)
     x_MD = x_TD[order_M // K]
     # 2. every device's counts: [source, destination, local expert], and what fits the destinations' buffers
-    sizes_snl = jax.lax.all_gather(sizes_E, expert_axis).reshape(n, n, L)
-    kept_snl = _kept(sizes_snl, R) if R < n * M else sizes_snl
-    dropped = jnp.sum(sizes_snl - kept_snl)
+    sizes_sje = jax.lax.all_gather(sizes_E, expert_axis).reshape(n, n, e)
+    kept_sje = _kept(sizes_sje, r) if r < n * M else sizes_sje
+    dropped = jnp.sum(sizes_sje - kept_sje)
     if other_token_axes:
         dropped = jax.lax.psum(dropped, other_token_axes)
-    pair_sn = kept_snl.sum(-1)                         # rows from source s to destination j
-    send_n, recv_n = pair_sn[me], pair_sn[:, me]
-    src_offsets_sn = _exclusive_cumsum(sizes_snl.sum(-1), axis=1)  # where source s keeps its rows for j
-    dst_offsets_sn = _exclusive_cumsum(pair_sn, axis=0)            # where destination j puts source s's rows
+    pair_sj = kept_sje.sum(-1)                         # rows from source s to destination j
+    send_j, recv_s = pair_sj[me], pair_sj[:, me]
+    src_offsets_sj = _exclusive_cumsum(sizes_sje.sum(-1), axis=1)  # where source s keeps its rows for j
+    dst_offsets_sj = _exclusive_cumsum(pair_sj, axis=0)            # where destination j puts source s's rows
     # 3. rows to their experts' devices, laid out by source, then by local expert
     with jax.named_scope("ep_exchange"):
-        recv_RD = ragged_all_to_all(x_MD, jnp.zeros((R, x_MD.shape[1]), x_MD.dtype), src_offsets_sn[me], send_n,
-                                    dst_offsets_sn[me], recv_n, axis_name=expert_axis, max_send=min(M, R), impl=impl)
-    segment_ends = jnp.cumsum(kept_snl[:, me, :].reshape(-1))    # (source, local expert) segments in order
-    segment_R = jnp.searchsorted(segment_ends, jnp.arange(R), side="right")
-    local_R = jnp.where(segment_R < n * L, segment_R % L, L)         # empty buffer rows sort last
-    by_expert_R = jnp.argsort(local_R, stable=True)
+        recv_rD = ragged_all_to_all(x_MD, jnp.zeros((r, x_MD.shape[1]), x_MD.dtype), src_offsets_sj[me], send_j,
+                                    dst_offsets_sj[me], recv_s, axis_name=expert_axis, max_send=min(M, r), impl=impl)
+    segment_ends = jnp.cumsum(kept_sje[:, me, :].reshape(-1))    # (source, local expert) segments in order
+    segment_r = jnp.searchsorted(segment_ends, jnp.arange(r), side="right")
+    local_r = jnp.where(segment_r < n * e, segment_r % e, e)         # empty buffer rows sort last
+    by_expert_r = jnp.argsort(local_r, stable=True)
     # 4. the local experts
-    # (a balanced load fills M of the R rows: the kernels' cost estimates count those, the empty rest is skipped)
-    y_RD = ffn(recv_RD[by_expert_R], *local_arrays, kept_snl[:, me, :].sum(0), rows_in_use=min(M, R))
-    y_RD = y_RD[jnp.argsort(by_expert_R)]
+    # (a balanced load fills M of the r rows: the kernels' cost estimates count those, the empty rest is skipped)
+    y_rD = ffn(recv_rD[by_expert_r], *local_arrays, kept_sje[:, me, :].sum(0), rows_in_use=min(M, r))
+    y_rD = y_rD[jnp.argsort(by_expert_r)]
     # 5. back to the sources, un-sorted, combined (dropped rows come back as the buffer's zeros)
     with jax.named_scope("ep_exchange"):
-        back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, y_RD.shape[1]), y_RD.dtype), dst_offsets_sn[:, me], recv_n,
-                                    src_offsets_sn[:, me], send_n, axis_name=expert_axis, max_send=min(M, R),
+        back_MD = ragged_all_to_all(y_rD, jnp.zeros((M, y_rD.shape[1]), y_rD.dtype), dst_offsets_sj[:, me], recv_s,
+                                    src_offsets_sj[:, me], send_j, axis_name=expert_axis, max_send=min(M, r),
                                     impl=impl)
     return combine_sorted(back_MD, order_M, weights_TK), dropped
 
