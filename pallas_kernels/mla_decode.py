@@ -35,7 +35,8 @@ slots, 1 and 4 new tokens, bf16 and float32) with the launch settings in k2jax.t
 (tests/pallas_kernels/test_compile.py), and run in the Pallas interpreter in the tests; they have not been run
 or timed on a device yet.
 
-Letter legend: B batch, T new tokens per row, N heads, S cache slots, C kv_lora, R rope dim, X = C + R, M = T·N.
+Letter legend: B batch, T new tokens per row, N heads, S cache slots, C kv_lora, R rope dim, X = C + R, q = T·N
+query rows (all, or a block_m of them: q'), k split-K chunks.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, *, scale: float)
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
 def _block_step(ql, qr, pos, c, kr, first_slot, carry, *, scale):
-    """One block of slots [first_slot, first_slot + bs) for query rows ql [M', C], qr [M', R] at positions pos
-    [M', 1]: the running (acc [M', C], max [M', 1], sum [M', 1]) -> updated. The block's latent rows past the
+    """One block of slots [first_slot, first_slot + bs) for query rows ql [q', C], qr [q', R] at positions pos
+    [q', 1]: the running (acc [q', C], max [q', 1], sum [q', 1]) -> updated. The block's latent rows past the
     rows' last position are zeroed (stale or uninitialised slots may hold NaN)."""
     c = kb.rows_below(c, first_slot, jnp.max(pos, axis=0, keepdims=True) + 1)
-    s = (kb.dot_nt(ql, c) + kb.dot_nt(qr, kr)) * scale  # [M', bs]
+    s = (kb.dot_nt(ql, c) + kb.dot_nt(qr, kr)) * scale  # [q', bs]
     slot = first_slot + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
     return kb.online_softmax_step(jnp.where(slot <= pos, s, -jnp.inf), c, *carry)
 
@@ -86,15 +87,15 @@ def _loop_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, *
     """GPU form: one program per (row, chunk, query-row block) loops over the chunk's blocks up to the row's last
     position, reading them through the chunk's ref (a pointer on GPU)."""
     b, split = pl.program_id(0), pl.program_id(1)
-    ql, qr, pos = ql_ref[...], qr_ref[...], pos_ref[...]  # [M', C], [M', R], [M', 1]
+    ql, qr, pos = ql_ref[...], qr_ref[...], pos_ref[...]  # [q', C], [q', R], [q', 1]
 
     def body(j, carry):
         rows = pl.ds(pl.multiple_of(j * bs, bs), bs)
         return _block_step(ql, qr, pos, cache_ref[rows, pl.ds(0, C)], cache_ref[rows, pl.ds(C, R)],
                            split * chunk + j * bs, carry, scale=scale)
 
-    M = ql.shape[0]
-    init = (jnp.zeros((M, C), F32), jnp.full((M, 1), -jnp.inf, F32), jnp.zeros((M, 1), F32))
+    n_rows = ql.shape[0]
+    init = (jnp.zeros((rows, C), F32), jnp.full((rows, 1), -jnp.inf, F32), jnp.zeros((rows, 1), F32))
     _finish(*jax.lax.fori_loop(0, nblk_ref[b, split], body, init), o_ref, lse_ref)
 
 
@@ -162,16 +163,16 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     splits = num_splits or default_splits(S, block_s)
     cache = kb.pad_axis(cache_BSX, 1, splits * block_s)
     chunk = cache.shape[1] // splits
-    M = T * N
+    q = T * N
     pos_BT = positions_BT.astype(jnp.int32)
     last_B1 = pos_BT.max(axis=1, keepdims=True)  # each row's last visible slot
-    q_lat, q_rope = q_lat_BTNC.reshape(B, M, C), q_rope_BTNR.reshape(B, M, R)  # row m = t * N + n
-    pos_BM1 = jnp.repeat(pos_BT, N, axis=1)[..., None]
+    q_lat, q_rope = q_lat_BTNC.reshape(B, q, C), q_rope_BTNR.reshape(B, q, R)  # query row t * N + n
+    pos_Bq1 = jnp.repeat(pos_BT, N, axis=1)[..., None]
     kw = dict(scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk)
-    out_shape = [jax.ShapeDtypeStruct((B, splits, M, C), F32), jax.ShapeDtypeStruct((B, splits, M, 1), F32)]
+    out_shape = [jax.ShapeDtypeStruct((B, splits, q, C), F32), jax.ShapeDtypeStruct((B, splits, q, 1), F32)]
     # every slot of the cache once per row (an upper bound: blocks past a row's last position are skipped):
     # scores over the latent and the rope key, values over the latent
-    work = kb.cost(flops=2 * B * M * S * (2 * C + R), transcendentals=B * M * S,
+    work = kb.cost(flops=2 * B * q * S * (2 * C + R), transcendentals=B * q * S,
                    bytes_accessed=kb.nbytes(cache_BSX, q_lat_BTNC, q_rope_BTNR, *out_shape))
 
     if _form(backend, platform) == "tpu":
@@ -181,45 +182,45 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
         def cache_at(b, k, j, last):  # blocks past the row's last needed one repeat it: no new copy
             return b, jnp.minimum(k * per_chunk + j, jax.lax.div(jnp.maximum(last[b], 0), block_s)), 0
 
-        row = lambda d: pl.BlockSpec((None, M, d), lambda b, k, j, _: (b, 0, 0))  # noqa: E731
-        part = lambda d: pl.BlockSpec((None, None, M, d), lambda b, k, j, _: (b, k, 0, 0))  # noqa: E731
+        row = lambda d: pl.BlockSpec((None, q, d), lambda b, k, j, _: (b, 0, 0))  # noqa: E731
+        part = lambda d: pl.BlockSpec((None, None, q, d), lambda b, k, j, _: (b, k, 0, 0))  # noqa: E731
         grid_spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(B, splits, per_chunk),
             in_specs=[row(C), row(R), row(1), pl.BlockSpec((None, block_s, X), cache_at)],
             out_specs=[part(C), part(1)],
-            scratch_shapes=[pltpu.VMEM((M, C), F32), pltpu.VMEM((M, 1), F32), pltpu.VMEM((M, 1), F32)])
-        o_BKMC, lse_BKM1 = pl.pallas_call(
+            scratch_shapes=[pltpu.VMEM((q, C), F32), pltpu.VMEM((q, 1), F32), pltpu.VMEM((q, 1), F32)])
+        o_BkqC, lse_Bkq1 = pl.pallas_call(
             functools.partial(_grid_kernel, **kw), grid_spec=grid_spec, out_shape=out_shape, cost_estimate=work,
             **kb.launch_options(backend, platform, 3, sequential=(2,)),
-        )(last_B1[:, 0], q_lat, q_rope, pos_BM1, cache)
-        return merge_splits(o_BKMC, lse_BKM1).reshape(B, T, N, C)
+        )(last_B1[:, 0], q_lat, q_rope, pos_Bq1, cache)
+        return merge_splits(o_BkqC, lse_Bkq1).reshape(B, T, N, C)
 
-    bm = block_m or M
-    Mp = -(-M // bm) * bm  # padded query rows: position -1 sees no slot, and their outputs are dropped
+    bm = block_m or q
+    qp = -(-q // bm) * bm  # padded query rows: position -1 sees no slot, and their outputs are dropped
     q_lat, q_rope = (kb.pad_axis(a, 1, bm, value=0) for a in (q_lat, q_rope))
-    pos_BM1 = kb.pad_axis(pos_BM1, 1, bm, value=-1)
+    pos_Bq1 = kb.pad_axis(pos_Bq1, 1, bm, value=-1)
     # blocks of each chunk holding slots <= the row's last position
     starts = jnp.arange(splits, dtype=jnp.int32)[None, :] * chunk
-    nblk_BK = jnp.clip((last_B1 + 1 - starts + block_s - 1) // block_s, 0, chunk // block_s).astype(jnp.int32)
+    nblk_Bk = jnp.clip((last_B1 + 1 - starts + block_s - 1) // block_s, 0, chunk // block_s).astype(jnp.int32)
     row = lambda d: pl.BlockSpec((None, bm, d), lambda b, k, i: (b, i, 0))  # noqa: E731
     part = lambda d: pl.BlockSpec((None, None, bm, d), lambda b, k, i: (b, k, i, 0))  # noqa: E731
-    o_BKMC, lse_BKM1 = pl.pallas_call(
-        functools.partial(_loop_kernel, **kw), grid=(B, splits, Mp // bm),
+    o_BkqC, lse_Bkq1 = pl.pallas_call(
+        functools.partial(_loop_kernel, **kw), grid=(B, splits, qp // bm),
         in_specs=[kb.scalar_table_spec(backend, platform), row(C), row(R), row(1),
                   pl.BlockSpec((None, chunk, X), lambda b, k, i: (b, k, 0))],
         out_specs=[part(C), part(1)],
-        out_shape=[jax.ShapeDtypeStruct((B, splits, Mp, C), F32), jax.ShapeDtypeStruct((B, splits, Mp, 1), F32)],
+        out_shape=[jax.ShapeDtypeStruct((B, splits, qp, C), F32), jax.ShapeDtypeStruct((B, splits, qp, 1), F32)],
         cost_estimate=work, **kb.launch_options(backend, platform, 3, num_warps=num_warps, num_stages=num_stages),
-    )(nblk_BK, q_lat, q_rope, pos_BM1, cache)
-    return merge_splits(o_BKMC[:, :, :M], lse_BKM1[:, :, :M]).reshape(B, T, N, C)
+    )(nblk_Bk, q_lat, q_rope, pos_Bq1, cache)
+    return merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]).reshape(B, T, N, C)
 
 
-def merge_splits(o_BKMC: jax.Array, lse_BKM1: jax.Array) -> jax.Array:
-    """Combines per-chunk normalised outputs by their logsumexps -> [B, M, C]. Chunks that saw nothing
+def merge_splits(o_BkqC: jax.Array, lse_Bkq1: jax.Array) -> jax.Array:
+    """Combines per-chunk normalised outputs by their logsumexps -> [B, q, C]. Chunks that saw nothing
     (lse = -inf) get weight 0."""
-    top_B1M1 = jnp.max(lse_BKM1, axis=1, keepdims=True)
-    top_B1M1 = jnp.where(top_B1M1 == -jnp.inf, 0.0, top_B1M1)
-    w_BKM1 = jnp.exp(lse_BKM1 - top_B1M1)
-    total_BM1 = jnp.sum(w_BKM1, axis=1)
-    merged_BMC = jnp.sum(w_BKM1 * jnp.where(w_BKM1 > 0, o_BKMC, 0.0), axis=1)
-    return merged_BMC / jnp.where(total_BM1 == 0, 1.0, total_BM1)
+    top_B1q1 = jnp.max(lse_Bkq1, axis=1, keepdims=True)
+    top_B1q1 = jnp.where(top_B1q1 == -jnp.inf, 0.0, top_B1q1)
+    w_Bkq1 = jnp.exp(lse_Bkq1 - top_B1q1)
+    total_Bq1 = jnp.sum(w_Bkq1, axis=1)
+    merged_BqC = jnp.sum(w_Bkq1 * jnp.where(w_Bkq1 > 0, o_BkqC, 0.0), axis=1)
+    return merged_BqC / jnp.where(total_Bq1 == 0, 1.0, total_Bq1)
