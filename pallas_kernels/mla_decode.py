@@ -95,7 +95,7 @@ def _loop_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, *
                            split * chunk + j * bs, carry, scale=scale)
 
     n_rows = ql.shape[0]
-    init = (jnp.zeros((rows, C), F32), jnp.full((rows, 1), -jnp.inf, F32), jnp.zeros((rows, 1), F32))
+    init = (jnp.zeros((n_rows, C), F32), jnp.full((n_rows, 1), -jnp.inf, F32), jnp.zeros((n_rows, 1), F32))
     _finish(*jax.lax.fori_loop(0, nblk_ref[b, split], body, init), o_ref, lse_ref)
 
 
