@@ -28,7 +28,7 @@ and float32 (tests/pallas_kernels/test_compile.py); they have not been run or ti
 program keeps a head's whole key / value rows (forward, dq) or query rows (dk/dv) in VMEM: 4K tokens take about a
 third (bf16) to a half (float32) of the 16 MiB scoped VMEM, so much longer sequences need a key-block grid axis.
 
-Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, U value dim.
+Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, U value dim, q = N·T query rows.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _attend_block(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, vis
     """Materialised attention of T queries over S keys -> (out [B, N, T, U] float32, rowmax [B, N, T])."""
     B, N, T, _ = q_nope_BNTP.shape
     nope_BNTS = jnp.matmul(q_nope_BNTP, k_nope_BNSP.swapaxes(-1, -2), preferred_element_type=F32)
-    q_rope_BXR = q_rope_BNTR.reshape(B, N * T, -1)  # X = N T query rows against the one shared rope key
-    rope_BNTS = jnp.matmul(q_rope_BXR, k_rope_BSR.swapaxes(-1, -2), preferred_element_type=F32).reshape(
+    q_rope_BqR = q_rope_BNTR.reshape(B, N * T, -1)  # q = N T query rows against the one shared rope key
+    rope_BNTS = jnp.matmul(q_rope_BqR, k_rope_BSR.swapaxes(-1, -2), preferred_element_type=F32).reshape(
         nope_BNTS.shape)
     logits_BNTS = jnp.where(visible_BTS[:, None], (nope_BNTS + rope_BNTS) * scale, -jnp.inf)
     rowmax_BNT = jnp.max(logits_BNTS, axis=-1)
