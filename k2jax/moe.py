@@ -15,7 +15,7 @@ their FP8-resident form (the release's e4m3 weights and block scales, through th
 Pallas grouped matmul runs per device); with an `expert` axis the experts run expert-parallel instead:
 `sharding.expert_parallel` sends each row to the device owning its expert with a ragged all-to-all (shard_map).
 
-Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M = T·K routed rows, G groups.
+Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M = T·K routed rows.
 """
 
 from __future__ import annotations
@@ -69,11 +69,11 @@ class Router(nnx.Module):
 def _keep_top_groups(choice_TE: jnp.ndarray, n_group: int, topk_group: int) -> jnp.ndarray:
     """Sets the experts of all but the best `topk_group` groups (scored by the sum of their top-2) to -inf."""
     T, E = choice_TE.shape
-    grouped_TGX = choice_TE.reshape(T, n_group, E // n_group)
-    group_score_TG = jnp.sum(jax.lax.top_k(grouped_TGX, 2)[0], axis=-1)
-    _, top_groups = jax.lax.top_k(group_score_TG, topk_group)
-    keep_TG = jnp.zeros((T, n_group), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
-    return jnp.where(keep_TG[:, :, None], grouped_TGX, -jnp.inf).reshape(T, E)
+    grouped = choice_TE.reshape(T, n_group, E // n_group)  # [T, group, expert in the group]
+    group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+    _, top_groups = jax.lax.top_k(group_score, topk_group)
+    keep = jnp.zeros((T, n_group), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
+    return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(T, E)
 
 
 class RoutedExperts(nnx.Module):
