@@ -1,13 +1,18 @@
-"""Decode step with the MLA latent cache vs a naive cache of full per-head keys and values, one run.
+"""Decode step with the MLA latent cache vs a naive cache of full per-head keys and values, and with FP8-resident
+routed experts, one run.
 
     python benchmarks/decode.py [--batch=8 --context=4096 --iters=10]
 
-Both decode one token per row over `context` cached tokens of the same model (K2's attention shapes: kv_lora
-512, rope 64, nope 128, v 128, with 16 heads and 2 layers so it fits a CPU). The latent path is
+All three decode one token per row over `context` cached tokens of the same model (K2's attention shapes: kv_lora
+512, rope 64, nope 128, v 128, with 16 heads and 2 layers so it fits a CPU; fp32). The latent path is
 k2jax.Generator.decode (absorbed attention over C + R = 576 values per token per layer). The naive path caches
 k = [k_nope | k_rope] and v per head, N (P + R + U) values per token per layer (U: the value head dim), and runs
-standard attention; it is written here, next to its only use, and shares every other piece of the model. Prints
-step times, their ratio (goal <= 0.5) and the cache bytes per token of each, also for the full Kimi K2 config.
+standard attention; it is written here, next to its only use, and shares every other piece of the model. The FP8
+path is the latent path on the same model with its routed experts FP8-resident (k2jax.fp8_experts.
+quantize_experts: e4m3 weights and float32 128x128 block scales, the form load_checkpoint(weights="fp8") loads),
+through Generator.decode. Prints step times, the latent / full ratio (goal <= 0.5), the FP8 / latent ratio, the
+cache bytes per token of the two caches and the weight bytes of the two expert forms (a step reads every expert
+its rows route to: all of them once batch x top-k covers the experts), also for the full Kimi K2 config.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flax import nnx
 import k2jax
 from benchmarks.common import best_time
 from k2jax.config import kimi_k2, tiny
+from k2jax.fp8_experts import quantize_experts
 from k2jax.generate import Generator, LatentCache
 from k2jax.host_memory import keep_freed_memory_on_cpu
 from k2jax.layers import project
@@ -98,9 +104,15 @@ def expand_latent_cache(model, kv_LBSX):
     return model.run_layers(jnp.zeros((B, 1, model.cfg.hidden_size)), layer, empty)[1]
 
 
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of the routed experts' arrays, weights and any scales; bytes of every other weight)."""
+    experts = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.moe_blocks.mlp.experts)))
+    return experts, sum(a.nbytes for a in jax.tree.leaves(nnx.state(model))) - experts
+
+
 def main(argv):
     del argv
-    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
+    keep_freed_memory_on_cpu()  # every path of the comparison runs with it (k2jax/host_memory.py)
     cfg, B, S = DECODE_CFG, _BATCH.value, _CONTEXT.value
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
@@ -113,7 +125,8 @@ def main(argv):
     latent = jnp.asarray(rng.standard_normal((L, B, S + 8, X)), jnp.float32)
     graphdef, params = nnx.split(model)
     k, v = jax.jit(lambda p, c: expand_latent_cache(nnx.merge(graphdef, p), c))(params, latent)
-    state = {"cache": LatentCache(latent, jnp.full((B,), S, jnp.int32)), "k": k, "v": v}
+    state = {"cache": LatentCache(latent, jnp.full((B,), S, jnp.int32)), "k": k, "v": v,
+             "fp8_cache": LatentCache(jnp.array(latent, copy=True), jnp.full((B,), S, jnp.int32))}
     naive = jax.jit(lambda p, t, k, v, n: naive_decode(nnx.merge(graphdef, p), t, k, v, n), donate_argnums=(2, 3))
     lengths = jnp.full((B,), S, jnp.int32)
 
@@ -122,29 +135,57 @@ def main(argv):
         state["cache"].lengths_B = jnp.full((B,), S, jnp.int32)  # stay at `context`
         return logits.block_until_ready()
 
+    # the same weights with the routed experts FP8-resident, decoding over a copy of the same cache
+    fp8_model = quantize_experts(k2jax.Transformer(cfg, rngs=nnx.Rngs(0)))
+    fp8_gen = Generator(fp8_model)
+
     def naive_step():
         logits, state["k"], state["v"] = naive(params, tokens_B, state["k"], state["v"], lengths)
         return logits.block_until_ready()
 
-    a, b = np.asarray(latent_step()), np.asarray(naive_step())
+    def fp8_step():
+        logits, state["fp8_cache"] = fp8_gen.decode(tokens_B, state["fp8_cache"])
+        state["fp8_cache"].lengths_B = jnp.full((B,), S, jnp.int32)
+        return logits.block_until_ready()
+
+    a, b, c = np.asarray(latent_step()), np.asarray(naive_step()), np.asarray(fp8_step())
     err = np.max(np.abs(a - b)) / np.max(np.abs(b))
-    print(f"same logits from both paths: max |diff| / max |logit| = {err:.1e}")
+    print(f"same logits from the latent and full K/V paths: max |diff| / max |logit| = {err:.1e}")
     assert err < 1e-4, err
-    t_latent, t_naive = [], []
-    for _ in range(3):  # interleaved rounds: both paths see the same machine state
+    fp8_err = np.max(np.abs(c - a)) / np.max(np.abs(a))
+    print(f"FP8-resident experts vs fp32 experts (the weights' e4m3 rounding): max |diff| / max |logit| = "
+          f"{fp8_err:.1e}")
+    assert np.all(np.isfinite(c)), "FP8 path: non-finite logits"
+    t_latent, t_naive, t_fp8 = [], [], []
+    for _ in range(3):  # interleaved rounds: all paths see the same machine state
         t_latent.append(best_time(latent_step, _ITERS.value))
         t_naive.append(best_time(naive_step, _ITERS.value))
-    latent_s, naive_s = min(t_latent), min(t_naive)
+        t_fp8.append(best_time(fp8_step, _ITERS.value))
+    latent_s, naive_s, fp8_s = min(t_latent), min(t_naive), min(t_fp8)
     f32 = 4
+    experts_f32, rest = weight_bytes(model)
+    experts_fp8, _ = weight_bytes(fp8_model)
     print(f"decode step, batch {B}, context {S}, {L} layers, {N} heads, fp32 on {jax.devices()[0].platform}:")
-    print(f"  latent cache (absorbed MLA)   {latent_s * 1e3:8.2f} ms   {L * X * f32:>9,} cache bytes/token")
+    print(f"  latent cache (absorbed MLA)   {latent_s * 1e3:8.2f} ms   {L * X * f32:>9,} cache bytes/token   "
+          f"expert weights {experts_f32:>11,} bytes (fp32)")
     print(f"  full per-head K/V cache       {naive_s * 1e3:8.2f} ms   {full_values_per_token(cfg) * f32:>9,} "
           f"cache bytes/token")
+    print(f"  latent cache, FP8 experts     {fp8_s * 1e3:8.2f} ms   {L * X * f32:>9,} cache bytes/token   "
+          f"expert weights {experts_fp8:>11,} bytes (e4m3 + f32 scales)")
     print(f"  ratio latent / full: {latent_s / naive_s:.3f} (goal <= 0.5)")
+    print(f"  ratio FP8 experts / fp32 experts (latent cache): step {fp8_s / latent_s:.3f}, expert weight bytes "
+          f"{experts_fp8 / experts_f32:.3f}; every other weight {rest:,} bytes (fp32) in both")
     k2 = kimi_k2()
     print(f"Kimi K2 (61 layers, 64 heads), bf16 cache bytes per token: latent "
           f"{LatentCache.values_per_token(k2) * 2:,}, full K/V {full_values_per_token(k2) * 2:,} "
           f"({full_values_per_token(k2) / LatentCache.values_per_token(k2):.1f}x)")
+    experts = k2.num_moe_layers * k2.num_experts_per_tok  # the experts one token runs through
+    weights = 3 * k2.hidden_size * k2.moe_intermediate_size  # per expert: gate, up, down
+    scales = 3 * -(-k2.hidden_size // 128) * -(-k2.moe_intermediate_size // 128)
+    print(f"Kimi K2 routed expert bytes read per decoded token at batch 1 ({k2.num_experts_per_tok} of "
+          f"{k2.n_routed_experts} experts x {k2.num_moe_layers} layers): FP8 "
+          f"{experts * (weights + 4 * scales) / 1e9:.1f} GB (scales included), "
+          f"bf16 {experts * weights * 2 / 1e9:.1f} GB")
 
 
 if __name__ == "__main__":
