@@ -218,6 +218,8 @@ def _lower(config, step: str, mesh):
         parts = {"parameters": _per_chip_bytes(state.params) + _per_chip_bytes(state.rest),
                  "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
         return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg
+    from k2jax.checkpoint import WEIGHTS
+    from k2jax.fp8_experts import abstract_fp8_experts
     from k2jax.generate import Generator, LatentCache
     from k2jax.placement import abstract_model
     cfg = model_config(config)
@@ -226,6 +228,12 @@ def _lower(config, step: str, mesh):
         raise AotError(f"infer.max_len {infer.max_len} exceeds the model's max_position_embeddings "
                        f"{cfg.max_position_embeddings}")
     model = abstract_model(cfg, mesh, config.mesh.strategy)
+    if infer.weights == "fp8":
+        if not cfg.num_moe_layers:
+            raise AotError("infer.weights='fp8' keeps the routed experts FP8, and this model has no MoE layers")
+        model = abstract_fp8_experts(model)
+    elif infer.weights != "dequantized":
+        raise AotError(f"infer.weights must be one of {WEIGHTS}, got {infer.weights!r}")
     weights = _per_chip_bytes(nnx.state(model))
     lowered = Generator(model).lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
     cache_bytes = LatentCache.values_per_token(cfg) * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
@@ -253,7 +261,9 @@ def _advice(report: dict) -> str:
     big = max(("parameters", "optimizer_state", "temporaries", "cache"), key=lambda k: m.get(k, 0))
     train = report["step"] == "train"
     tips = {
-        "parameters": "more chips on the fsdp / expert axes, or bfloat16 parameters (model.overrides.param_dtype)",
+        "parameters": "more chips on the fsdp / expert axes, or bfloat16 parameters (model.overrides.param_dtype)"
+                      + ("" if train or report["model"].get("weights") == "fp8" else
+                         ", or FP8-resident routed experts (infer.weights='fp8')"),
         "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",
         "temporaries": ("model.overrides.remat='full', more grad_accum microbatches, fewer tokens per chip, or a "
                         "smaller expert-parallel buffer (model.overrides.ep_capacity_factor)") if train else
@@ -295,6 +305,8 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
         report["model"] = {"layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts,
                            "params": cfg.num_params(), "param_dtype": cfg.param_dtype, "dtype": cfg.dtype,
                            "remat": cfg.remat}
+        if step != "train":
+            report["model"]["weights"] = config.infer.weights
         arguments = sum(parts.values())
         if arguments > hbm:  # no compile needs to say so (it would take minutes for a large model)
             report.update(fits=False, memory=dict(parts), error=f"the step's arguments alone take "
@@ -308,11 +320,14 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
             message = str(e)
             if "memory" not in message.lower() and "RESOURCE_EXHAUSTED" not in message:
                 raise
-            temporaries = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+            required = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
             memory = dict(parts)
-            if temporaries:  # the compiler's figure, in its units (powers of 1024)
-                memory["temporaries"] = int(float(temporaries.group(1)) * 1024 ** "KMGT".index(
-                    temporaries.group(2)) * 1024)
+            if required:  # the compiler's figure, in its units (powers of 1024): arguments + temporaries, as
+                # measured against programs that fit (2026-12-02, libtpu 0.0.42.1: the figure of a reduced K2
+                # decode that overflowed by its cache was its arguments plus the temporaries its half-size fit had)
+                total = int(float(required.group(1)) * 1024 ** "KMGT".index(required.group(2)) * 1024)
+                memory.update(temporaries=max(total - sum(parts.values()), 0), total=total)
+                report["hbm_margin"] = (hbm - total) / hbm
             report.update(fits=False, compile_seconds=round(time.perf_counter() - hb.start, 1),
                           error=message.strip().splitlines()[0][:500], memory=memory)
             report["advice"] = _advice(report)
@@ -369,7 +384,8 @@ def format_report(r: dict) -> str:
     if "model" in r:
         m = r["model"]
         lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {m['params'] / 1e9:.3g}B params, "
-                     f"{m['param_dtype']} params / {m['dtype']} compute, remat {m['remat']}")
+                     f"{m['param_dtype']} params / {m['dtype']} compute, remat {m['remat']}"
+                     + (", routed experts FP8-resident" if m.get("weights") == "fp8" else ""))
     lines.append("memory per chip (GiB):")
     for k, v in r["memory"].items():
         lines.append(f"  {k.replace('_', ' '):<22}{v / GiB:>9.2f}")

@@ -79,8 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.metrics = ml_collections.ConfigDict({"every": 10, "tensorboard": True, "peak_tflops_per_device": 0.0})
     c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 3})
     # inference shapes the Generator is compiled for ahead of time (k2jax-aot --step=prefill|decode): rows,
-    # cache slots per row, prompt tokens per prefill
-    c.infer = ml_collections.ConfigDict({"batch": 8, "max_len": 4096, "prompt_len": 1024})
+    # cache slots per row, prompt tokens per prefill; weights as load_checkpoint(weights=...) would hold them:
+    # "dequantized" (every weight in param_dtype) or "fp8" (the routed experts FP8-resident, e4m3 + block scales)
+    c.infer = ml_collections.ConfigDict({"batch": 8, "max_len": 4096, "prompt_len": 1024,
+                                         "weights": "dequantized"})
     c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
     # routed rows dropped by expert parallelism's bounded receive buffer (model.overrides.ep_capacity_factor > 0):
     # "drop": counted in the metrics (ep_dropped_rows) and said on the step's line; "fail": the job stops at that

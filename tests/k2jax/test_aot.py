@@ -3,10 +3,12 @@ for a deviceless v5p-8 (4 chips): train and decode reports, and a planted oversi
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from k2jax import aot
@@ -56,10 +58,35 @@ def _aot(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=900)
 
 
+def _expert_bytes_per_chip(config) -> tuple[int, int]:
+    """(bytes per chip of the config's routed expert weights in param_dtype, of them FP8-resident: e4m3 + f32
+    scales per 128x128 block), from the shapes and the mesh: experts split over 'expert', the weights' D over
+    'fsdp', the scales over 'expert' only."""
+    from k2jax.training.loop import model_config
+    cfg, axes = model_config(config), dict(config.mesh.axes)
+    L, E, D, F = cfg.num_moe_layers, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    values = 3 * L * E * D * F // (axes["expert"] * axes["fsdp"])
+    scales = 3 * L * (E // axes["expert"]) * -(-D // 128) * -(-F // 128)
+    return values * np.dtype(cfg.param_dtype).itemsize, values + 4 * scales
+
+
+def _dequantized_parameters_per_chip(config) -> int:
+    """Bytes per chip of the config's model with every weight in param_dtype, on the v5p-8 mesh (no compile)."""
+    from flax import nnx
+
+    from k2jax.placement import abstract_model
+    from k2jax.training.loop import model_config
+    from sharding.mesh import make_mesh
+    mesh = make_mesh(dict(config.mesh.axes), aot.parse_topology("v5p-8").devices())
+    return aot._per_chip_bytes(nnx.state(abstract_model(model_config(config), mesh, config.mesh.strategy)))
+
+
+# decode runs FP8-resident (infer.weights="fp8"); the dequantised decode step is compiled in test_generate_compile
 @pytest.mark.parametrize("step", ["train", "decode"])
 def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
     report_path = tmp_path / "report.json"
-    run = _aot(f"--step={step}", f"--report={report_path}")
+    weights = ["--config.infer.weights=fp8"] if step == "decode" else []
+    run = _aot(f"--step={step}", f"--report={report_path}", *weights)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(report_path.read_text())
     assert (r["step"], r["topology"], r["chips"], r["fits"]) == (step, "v5p-8", 4, True)
@@ -84,6 +111,11 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
     else:
         assert m["cache"] > 0 and r["hbm_bytes_per_generated_token"] > 0
         assert r["pallas_kernels"] >= 1 + 3  # absorbed decode; the experts' grouped matmuls
+        assert r["model"]["weights"] == "fp8" and "routed experts FP8-resident" in run.stdout
+        # the parameters are the dequantised model's with the routed experts' bytes replaced by their FP8 form
+        config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
+        dense, fp8 = _expert_bytes_per_chip(config)
+        assert m["parameters"] == _dequantized_parameters_per_chip(config) - dense + fp8
     assert "fits" in run.stdout and "memory per chip" in run.stdout
 
 
@@ -108,3 +140,25 @@ def test_cli_mesh_that_cannot_split_the_model_is_one_line():
     run = _aot("--topology=v5p:1x1x3", '--config.mesh.axes={"fsdp": 3}')
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 2 and last.startswith("k2jax-aot: the mesh {'fsdp': 3} cannot split the model: "), last
+
+
+def test_unknown_infer_weights_is_an_error_before_compiling():
+    config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
+    config.infer.weights = "int4"
+    with pytest.raises(aot.AotError, match=r"infer.weights must be one of \('dequantized', 'fp8'\), got 'int4'"):
+        aot.compile_report(config, step="decode", log=lambda s: None)
+
+
+def test_a_step_that_overflows_when_compiled_reports_its_temporaries():
+    """Arguments that fit (a 56 GiB latent cache per chip) and temporaries that do not: XLA's HBM check fails the
+    compile, and the report splits the compiler's required total into the arguments and the temporaries."""
+    config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
+    config.infer.batch = 40960
+    r = aot.compile_report(config, step="decode", log=lambda s: None)
+    m = r["memory"]
+    assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"] and "compile_seconds" in r
+    assert m["parameters"] + m["cache"] < r["hbm_per_chip"] < m["total"]
+    assert m["total"] == m["parameters"] + m["cache"] + m["temporaries"] and r["hbm_margin"] < 0
+    # a decode step's temporaries hold about one more copy of the cache (the fitting half-size step: 1.12 x)
+    assert 0.8 * m["cache"] < m["temporaries"] < 1.5 * m["cache"]
+    assert "DOES NOT FIT" in aot.format_report(r) and "infer.batch" in r["advice"]
