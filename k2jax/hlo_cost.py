@@ -13,10 +13,10 @@ computation is weighted by how often it runs (XLA's `known_trip_count`, else the
                2 x the multiplied elements), and each Pallas kernel's declared pl.CostEstimate. Elementwise work is not
                counted (XLA counts ~1 FLOP per element; it is under 1 % of a transformer step).
   hbm_bytes    for each op outside fused computations: the bytes of its operands read and result written,
-               a slice / dynamic-slice (also inside a fusion) reading only what it takes and an in-place
-               dynamic-update-slice or scatter writing only the update; values in VMEM (memory space S(1)) and bookkeeping
-               ops (tuples, bitcasts, parameters, loops themselves) move no HBM bytes; a Pallas kernel's bytes
-               are its declared bytes_accessed.
+               a slice / dynamic-slice (also inside a fusion, through its copies and transposes) reading only
+               what it takes and an in-place dynamic-update-slice or scatter writing only the update; values in
+               VMEM (memory space S(1)) and bookkeeping ops (tuples, bitcasts, parameters, loops themselves) move
+               no HBM bytes; a Pallas kernel's bytes are its declared bytes_accessed.
   collectives  every all-gather / all-reduce / reduce-scatter / all-to-all / ragged-all-to-all /
                collective-permute: executions and result bytes per device (async pairs once, at -start).
   pallas       Pallas kernel launches in the program text (Mosaic custom calls made by a pallas_call).
@@ -55,6 +55,10 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
 _SLICING = ("dynamic-slice", "slice", "gather")
 _IN_PLACE = ("dynamic-update-slice", "scatter")  # operand 0 is the buffer, updated where it lies
 _VIEWS = ("bitcast", "reshape", "get-tuple-element")  # a user that passes the value on: its users decide
+# inside a fused computation, ops that only move elements (a layout change, a transpose): a slice of their result
+# reads that slice's elements of their operand, nothing more (XLA:TPU slices one layer of an FP8 stack through
+# a copy from its T(32,128) tiling to T(8,128) and back; the whole stack is never copied)
+_REMAPS = ("copy", "transpose")
 
 
 class _Instruction:
@@ -224,7 +228,7 @@ class HloCost:
                 read += _bytes(u.type)
             elif u.op in _IN_PLACE and u.operands[0] == value:
                 continue
-            elif u.op in _VIEWS or u.op == "fusion":
+            elif u.op in _VIEWS or u.op in _REMAPS or u.op == "fusion":
                 inner = self._called(u) if u.op == "fusion" else None
                 if inner is None:
                     r = self._read(u.name, body, full, depth + 1)

@@ -207,3 +207,37 @@ def test_a_cache_update_in_place_moves_only_the_new_rows():
     """A decode step's latent-cache write (a scatter into [layers, batch, slots, 576]): the update, not the cache."""
     new, at = 2 * 576 * 2, 2 * 4 * 4
     assert HloCost(SCATTER).hbm_bytes == 2 * new + (at + new + new)  # top level: read + write; fused: + indices
+
+
+# XLA:TPU's slice of one layer of a stacked FP8 expert weight in a decode step (full K2, v5p): the stack's
+# T(32,128) tiling copied to T(8,128) in a nested fusion, one layer sliced, and copied back
+LAYER_OF_A_RETILED_STACK = """
+HloModule retile
+
+%copy_fusion (input: f8e4m3fn[60,24,256,512]) -> f8e4m3fn[60,24,256,512] {
+  %input = f8e4m3fn[60,24,256,512]{3,2,1,0:T(32,128)(4,1)} parameter(0)
+  ROOT %copy.1 = f8e4m3fn[60,24,256,512]{3,2,1,0:T(8,128)(4,1)} copy(%input)
+}
+
+%slice_layer (p0: f8e4m3fn[60,24,256,512], p1: s32[]) -> f8e4m3fn[24,512,256] {
+  %p0 = f8e4m3fn[60,24,256,512]{3,2,1,0:T(32,128)(4,1)} parameter(0)
+  %retiled = f8e4m3fn[60,24,256,512]{3,2,1,0:T(8,128)(4,1)} fusion(%p0), kind=kLoop, calls=%copy_fusion
+  %p1 = s32[]{:T(128)} parameter(1)
+  %zero = s32[]{:T(128)} constant(0)
+  %ds = f8e4m3fn[1,24,256,512]{3,2,1,0:T(8,128)(4,1)} dynamic-slice(%retiled, %p1, %zero, %zero, %zero), dynamic_slice_sizes={1,24,256,512}
+  %b = f8e4m3fn[24,256,512]{2,1,0:T(8,128)(4,1)} bitcast(%ds)
+  %t = f8e4m3fn[24,512,256]{2,1,0:T(8,128)(4,1)} transpose(%b), dimensions={0,2,1}
+  ROOT %back = f8e4m3fn[24,512,256]{2,1,0:T(32,128)(4,1)} copy(%t)
+}
+
+ENTRY %main (w: f8e4m3fn[60,24,256,512], i: s32[]) -> f8e4m3fn[24,512,256] {
+  %w = f8e4m3fn[60,24,256,512]{3,2,1,0:T(32,128)(4,1)} parameter(0)
+  %i = s32[]{:T(128)} parameter(1)
+  ROOT %layer = f8e4m3fn[24,512,256]{2,1,0:T(32,128)(4,1)} fusion(%w, %i), kind=kLoop, calls=%slice_layer
+}
+"""
+
+
+def test_a_slice_through_a_retiling_copy_reads_only_the_slice():
+    layer = 24 * 256 * 512  # e4m3: one byte each
+    assert HloCost(LAYER_OF_A_RETILED_STACK).hbm_bytes == layer + 4 + layer  # the layer and the index; the result
