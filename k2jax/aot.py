@@ -261,7 +261,9 @@ def _advice(report: dict) -> str:
     big = max(("parameters", "optimizer_state", "temporaries", "cache"), key=lambda k: m.get(k, 0))
     train = report["step"] == "train"
     tips = {
-        "parameters": "more chips on the fsdp / expert axes, or bfloat16 parameters (model.overrides.param_dtype)"
+        "parameters": "more chips on the fsdp / expert axes"
+                      + (", or bfloat16 parameters (model.overrides.param_dtype)"
+                         if report["model"]["param_dtype"] == "float32" else "")
                       + ("" if train or report["model"].get("weights") == "fp8" else
                          ", or FP8-resident routed experts (infer.weights='fp8')"),
         "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",

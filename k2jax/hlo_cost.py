@@ -138,19 +138,43 @@ class HloCost:
         return self.times[comp] or 1  # a computation not reached from the entry (none expected) counts once
 
     def _trip_count(self, loop: _Instruction, callees: list[tuple[str, str]]) -> int:
-        """A while loop's iterations: XLA's known_trip_count when the text has it, else the bound N of its
-        condition `i < N` (the loops jax emits count from 0 by 1)."""
+        """A while loop's iterations: XLA's known_trip_count when the text has it, else from its condition `i < N`
+        and the step the body adds to i, counting from 0 (jax's loops step by 1; XLA:TPU's windowed-einsum
+        loops, which overlap a matmul with the collective that feeds it, count u32 by 2)."""
         known = _TRIP_COUNT.search(loop.attrs)
         if known:
             return int(known.group(1))
-        condition = next((c for kind, c in callees if kind == "condition"), None)
-        body = self.computations.get(condition, [])
-        bounds = [int(i.args) for i in body if i.op == "constant" and i.type.startswith("s32[]")
-                  and i.args.isdigit()]
-        compares = any(i.op == "compare" and "direction=LT" in i.attrs for i in body)
-        return max(bounds) if bounds and compares else 1
+        kinds = dict((kind, c) for kind, c in callees)
+        cond = self.computations.get(kinds.get("condition"), [])
+        by_name = {i.name: i for i in cond}
+        compare = next((i for i in cond if i.op == "compare" and "direction=LT" in i.attrs), None)
+        if compare is None or len(compare.operands) < 2:
+            return 1
+        counter, bound = (by_name.get(o) for o in compare.operands[:2])
+        if bound is None or bound.op != "constant" or not re.match(r"[su](32|64)\[\]", bound.type) \
+                or not bound.args.isdigit():
+            return 1
+        step = self._loop_step(self.computations.get(kinds.get("body"), []), counter)
+        return max(1, -(-int(bound.args) // step))
 
-    # ---- FLOPs ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _loop_step(body: list[_Instruction], counter: _Instruction | None) -> int:
+        """What a loop body adds to the counter the condition reads (get-tuple-element `index=k` of the loop
+        state): the constant of `add(state[k], c)` in the body's result tuple; 1 when the text does not say."""
+        index = re.search(r"index=(\d+)", counter.attrs) if counter is not None and \
+            counter.op == "get-tuple-element" else None
+        if not body or index is None or body[-1].op != "tuple":
+            return 1
+        by_name = {i.name: i for i in body}
+        k = int(index.group(1))
+        update = by_name.get(body[-1].operands[k]) if k < len(body[-1].operands) else None
+        if update is None or update.op != "add":
+            return 1
+        steps = [by_name[o] for o in update.operands if o in by_name and by_name[o].op == "constant"]
+        reads = [by_name[o] for o in update.operands if o in by_name and by_name[o].op == "get-tuple-element"
+                 and re.search(r"index=(\d+)", by_name[o].attrs).group(1) == str(k)]
+        return int(steps[0].args) if len(steps) == 1 and reads and steps[0].args.isdigit() \
+            and int(steps[0].args) > 0 else 1
 
     def _flops(self, i: _Instruction) -> float:
         if i.op == "convolution":

@@ -241,3 +241,42 @@ ENTRY %main (w: f8e4m3fn[60,24,256,512], i: s32[]) -> f8e4m3fn[24,512,256] {
 def test_a_slice_through_a_retiling_copy_reads_only_the_slice():
     layer = 24 * 256 * 512  # e4m3: one byte each
     assert HloCost(LAYER_OF_A_RETILED_STACK).hbm_bytes == layer + 4 + layer  # the layer and the index; the result
+
+
+# XLA:TPU's windowed einsum (a matmul overlapped with the all-gather of its weight): a u32 counter from 0 by 2
+# below 16, two matmuls of a weight shard per trip (one per direction around the ring)
+WINDOWED_EINSUM = """
+HloModule windowed
+
+%cond (p: (u32[], bf16[128,256], bf16[256,64])) -> pred[] {
+  %p = (u32[], bf16[128,256]{1,0}, bf16[256,64]{1,0}) parameter(0)
+  %bound = u32[]{:T(128)} constant(16)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %bound), direction=LT
+}
+
+%body (q: (u32[], bf16[128,256], bf16[256,64])) -> (u32[], bf16[128,256], bf16[256,64]) {
+  %q = (u32[], bf16[128,256]{1,0}, bf16[256,64]{1,0}) parameter(0)
+  %i = u32[]{:T(128)} get-tuple-element(%q), index=0
+  %x = bf16[128,256]{1,0} get-tuple-element(%q), index=1
+  %w = bf16[256,64]{1,0} get-tuple-element(%q), index=2
+  %y0 = bf16[128,64]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %y1 = bf16[128,64]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = u32[]{:T(128)} constant(2)
+  %next = u32[]{:T(128)} add(%i, %two)
+  ROOT %t = (u32[], bf16[128,256]{1,0}, bf16[256,64]{1,0}) tuple(%next, %x, %w)
+}
+
+ENTRY %main (x: bf16[128,256], w: bf16[256,64]) -> bf16[128,256] {
+  %x = bf16[128,256]{1,0} parameter(0)
+  %w = bf16[256,64]{1,0} parameter(1)
+  %zero = u32[]{:T(128)} constant(0)
+  %init = (u32[], bf16[128,256]{1,0}, bf16[256,64]{1,0}) tuple(%zero, %x, %w)
+  %loop = (u32[], bf16[128,256]{1,0}, bf16[256,64]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = bf16[128,256]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_a_windowed_einsum_loop_counts_its_trips_by_its_step():
+    assert HloCost(WINDOWED_EINSUM).flops == 8 * 2 * (2 * 128 * 64 * 256)  # 0, 2, ..., 14: 8 trips of 2 dots
