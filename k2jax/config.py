@@ -23,6 +23,7 @@ _MOE_IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
 _ATTENTION_IMPLS = ("auto", "xla", "pallas", "interpret")
 _REMAT = ("none", "full", "dots")
 _PLATFORMS = ("auto", "cpu", "tpu", "gpu")
+_FP8_ACTIVATIONS = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,9 @@ class K2Config:
     #     0 = dropless (room for every row of every device: n_expert_devices x the balanced load)
     platform: str = "auto"  # what the program is compiled for: auto (the mesh's devices, else the default
     #                         device) | cpu | tpu | gpu; every per-platform choice follows it (k2jax/target.py)
+    fp8_activations: str = "auto"  # FP8-resident experts (k2jax.fp8_experts): quantise the routed rows to e4m3 per
+    #     row x 128 columns (the release's dynamic activation scheme) for e4m3 x e4m3 dots: auto (on for GPU,
+    #     whose FP8 tensor cores run them; off on TPU v5p, which has no FP8 MXU, and CPU) | on | off
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -135,6 +139,8 @@ class K2Config:
         need(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
              f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
         need(self.platform in _PLATFORMS, f"platform must be one of {_PLATFORMS}, got {self.platform!r}")
+        need(self.fp8_activations in _FP8_ACTIVATIONS,
+             f"fp8_activations must be one of {_FP8_ACTIVATIONS}, got {self.fp8_activations!r}")
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
         need(isinstance(self.ep_capacity_factor, (int, float)) and self.ep_capacity_factor >= 0,
              f"ep_capacity_factor must be >= 0 (0: dropless), got {self.ep_capacity_factor!r}")
@@ -228,7 +234,8 @@ class K2Config:
 
 
 _RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate",
-                "pipeline_microbatches", "remat", "scan_unroll", "ep_capacity_factor", "platform")
+                "pipeline_microbatches", "remat", "scan_unroll", "ep_capacity_factor", "platform",
+                "fp8_activations")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

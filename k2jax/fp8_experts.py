@@ -18,7 +18,9 @@ gradients reach the FFN's input (so the rest of a model can still be differentia
 
 The FFN by target (k2jax.target; the compile target, never the host's backend):
   TPU / GPU   pallas_kernels.fp8_grouped_matmul's Pallas kernels, three grouped matmuls with SwiGLU between (each
-              e4m3 block dequantised in VMEM / registers, its scale applied to the f32 block product);
+              e4m3 block dequantised in VMEM / registers, its scale applied to the f32 block product; on GPU, by
+              default, the rows quantised to e4m3 per row x 128 columns too, for the FP8 tensor cores:
+              cfg.fp8_activations);
   CPU         k2jax.cpu_grouped_ffn with the scales: the tile loop dequantises one expert when it reaches it, so no
               whole-layer dequantised copy exists, and it does only the routed work;
   cfg.moe_impl "ragged_dot": fp8_grouped_matmul's XLA reference (dequantises the whole layer: the oracle form);
@@ -42,6 +44,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from k2jax import quant
+from k2jax.config import ConfigError
 from k2jax.cpu_grouped_ffn import cpu_grouped_ffn
 from k2jax.layers import swiglu
 from k2jax.model import Transformer
@@ -97,6 +100,10 @@ class FP8RoutedExperts(RoutedExperts):
         """ffn(rows, *expert_arrays, group_sizes, rows_in_use=None) -> [M, D] in the target's form (module
         docstring)."""
         if target.moe_impl == "tiled":
+            if target.fp8_activations:
+                raise ConfigError("fp8_activations='on' needs moe_impl 'ragged_dot', 'pallas' or 'interpret': the "
+                                  "tiled CPU form (k2jax.cpu_grouped_ffn) multiplies dequantised weights")
+
             def cpu_ffn(x_MD, w_gate, w_up, w_down, s_gate, s_up, s_down, group_sizes_E, rows_in_use=None):
                 return cpu_grouped_ffn(x_MD, w_gate, w_up, w_down, group_sizes_E, scales=(s_gate, s_up, s_down),
                                        stacked=stacked, rows_in_use=rows_in_use)
@@ -106,7 +113,7 @@ class FP8RoutedExperts(RoutedExperts):
 
         def kernel_ffn(x_MD, w_gate, w_up, w_down, s_gate, s_up, s_down, group_sizes_E, rows_in_use=None):
             mm = functools.partial(fp8_grouped_matmul, group_sizes_G=group_sizes_E, backend=backend,
-                                   rows_in_use=rows_in_use, **launch)
+                                   fp8_activations=target.fp8_activations, rows_in_use=rows_in_use, **launch)
             return mm(swiglu(mm(x_MD, w_gate, scales_GIbOb=s_gate), mm(x_MD, w_up, scales_GIbOb=s_up)), w_down,
                       scales_GIbOb=s_down)
         return kernel_ffn

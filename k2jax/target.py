@@ -13,6 +13,7 @@ without being told.
     t.ep_exchange               # expert-parallel row exchange
     t.scan_unroll               # MoE blocks per iteration of their scan
     t.cpu_matmul                # dense projections use the CPU matmul form (k2jax.cpu_matmul)
+    t.fp8_activations           # FP8-resident experts run e4m3 x e4m3 dots (routed rows quantised)
     t.launch("mla_attention", dtype)   # the kernel's block sizes and launch settings on this platform
 
 What each platform gets, and why:
@@ -27,8 +28,11 @@ What each platform gets, and why:
                   (forward + backward 7 % faster).
   dense matmul    TPU / GPU: `jnp.dot`; CPU: `k2jax.cpu_matmul`, whose weight gradient transposes x first (XLA:CPU
                   runs a transposed lhs at half speed).
+  FP8 experts     GPU: e4m3 x e4m3 dots on the FP8 tensor cores, the routed rows quantised per row x 128 columns
+                  (the release's dynamic activation scheme); TPU v5p (no FP8 MXU) and CPU: each e4m3 weight block
+                  dequantised and multiplied in the compute dtype.
 
-The cfg fields `attention_impl`, `moe_impl` and `scan_unroll` override the "auto" choice.
+The cfg fields `attention_impl`, `moe_impl`, `scan_unroll` and `fp8_activations` override the "auto" choice.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class Target:
     ep_exchange: str
     scan_unroll: int
     cpu_matmul: bool
+    fp8_activations: bool
 
     @classmethod
     def of(cls, cfg: K2Config) -> "Target":
@@ -89,9 +94,10 @@ class Target:
         dims = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
         moe_impl = cfg.moe_impl if cfg.moe_impl != "auto" else _MOE_IMPL[platform]
         scan_unroll = cfg.scan_unroll or (max(1, cfg.num_moe_layers) if on_cpu else 1)
+        fp8_activations = platform == "gpu" if cfg.fp8_activations == "auto" else cfg.fp8_activations == "on"
         return cls(platform=platform, attention=kernel_backend.resolve(cfg.attention_impl, dims, platform),
                    moe_impl=moe_impl, ep_exchange="all_to_all" if on_cpu else "native", scan_unroll=scan_unroll,
-                   cpu_matmul=on_cpu)
+                   cpu_matmul=on_cpu, fp8_activations=fp8_activations)
 
     def launch(self, kernel: str, dtype) -> dict:
         """Keyword arguments for `kernel`'s entry point on this platform and compute dtype: its block sizes and

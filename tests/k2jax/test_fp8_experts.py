@@ -11,7 +11,7 @@ from flax import nnx
 
 import k2jax
 from k2jax import quant
-from k2jax.config import tiny
+from k2jax.config import ConfigError, tiny
 from k2jax.fp8_experts import FP8RoutedExperts, quantize_experts
 from k2jax.generate import Generator
 from k2jax.placement import shard_model
@@ -164,3 +164,20 @@ def test_cpu_form_holds_no_whole_layer_dequantised_copy():
 
     assert not [s for s in stacks if s in hlo("tiled")]
     assert all(s in hlo("ragged_dot") for s in stacks)
+
+
+def test_fp8_activations_quantise_the_rows_in_every_kernel_form():
+    """fp8_activations='on' (the GPU default): the XLA reference and the Pallas kernel (interpreted) give the same
+    FFN, which is not the dequantised-weights FFN (the rows were rounded to e4m3) but within e4m3's rounding of it;
+    the tiled CPU form refuses it in one line."""
+    experts, plain, x, sizes = _experts_and_rows()
+    want = np.asarray(reference_ffn(x, *plain, sizes))
+    got = {}
+    for moe_impl in ("ragged_dot", "interpret"):
+        ffn = experts.grouped_ffn(Target.of(CFG.replace(moe_impl=moe_impl, fp8_activations="on")), None)
+        got[moe_impl] = np.asarray(jax.jit(lambda x: ffn(x, *experts.expert_arrays(), sizes))(x))
+    scale = np.max(np.abs(want))
+    assert np.max(np.abs(got["interpret"] - got["ragged_dot"])) <= 1e-5 * np.max(np.abs(got["ragged_dot"]))
+    assert 1e-4 * scale < np.max(np.abs(got["ragged_dot"] - want)) < 0.1 * scale
+    with pytest.raises(ConfigError, match="fp8_activations='on' needs moe_impl"):
+        experts.grouped_ffn(Target.of(CFG.replace(moe_impl="tiled", fp8_activations="on")), None)
