@@ -1,10 +1,10 @@
 """grouped_weight_grad (the grouped matmul's weight gradient, "tgmm"), both launch forms in the Pallas interpreter,
-against its XLA reference (ragged_dot_general contracting the ragged rows = ragged_dot's transpose): odd M, K, N,
+against its XLA reference (ragged_dot_general contracting the ragged rows = ragged_dot's transpose): odd M, I, O,
 empty groups, one group, all rows in one group, groups straddling row blocks, rows past the groups NaN (and the
 kernel's padding NaN) never leaking; bf16; and deviceless compiles for H100 (Triton) and TPU v5p (Mosaic) at K2's
 expert shapes, with no dense [G, M, ...] fallback left in the compiled program.
 
-Letter legend: M rows, K x's feature dim, N dy's feature dim, G groups."""
+Letter legend: M rows, I x's features (the forward's in), O dy's features (its out), G groups."""
 
 import re
 
@@ -16,7 +16,7 @@ import pytest
 from pallas_kernels.grouped_weight_grad import grouped_weight_grad, reference, visit_schedule
 from tests.pallas_kernels.kernel_checks import nan_padding, rel_err
 
-CASES = {  # M, K, N, group sizes
+CASES = {  # M, I, O, group sizes
     "odd_sizes_with_empty_groups": (300, 200, 150, [5, 0, 140, 1, 0, 100]),  # 54 rows past the groups
     "one_group": (77, 130, 40, [70]),
     "all_rows_in_one_group": (130, 128, 129, [0, 130, 0]),
@@ -27,12 +27,12 @@ FORMS = ["gpu", "tpu"]
 
 
 def _inputs(case, dtype=jnp.float32, seed=0):
-    """x [M, K], dy [M, N] with NaN in every row past sum(group sizes), group sizes [G]."""
-    M, K, N, sizes = CASES[case]
+    """x [M, I], dy [M, O] with NaN in every row past sum(group sizes), group sizes [G]."""
+    M, I, O, sizes = CASES[case]
     rng = np.random.default_rng(seed)
     n = sum(sizes)
-    x = jnp.asarray(rng.standard_normal((M, K)), dtype).at[n:].set(jnp.nan)
-    dy = jnp.asarray(rng.standard_normal((M, N)), dtype).at[n:].set(jnp.nan)
+    x = jnp.asarray(rng.standard_normal((M, I)), dtype).at[n:].set(jnp.nan)
+    dy = jnp.asarray(rng.standard_normal((M, O)), dtype).at[n:].set(jnp.nan)
     return x, dy, jnp.asarray(sizes, jnp.int32)
 
 
@@ -76,7 +76,7 @@ def test_bf16(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_other_block_sizes(form):
-    """Launch options: 16-row blocks (many blocks per group) and 32 x 64 dw tiles (ragged K and N padding)."""
+    """Launch options: 16-row blocks (many blocks per group) and 32 x 64 dw tiles (ragged I and O padding)."""
     x, dy, sizes = _inputs("odd_sizes_with_empty_groups")
     got = _kernel(x, dy, sizes, form, block_m=32, block_k=32, block_n=64)
     assert rel_err(got, reference(x, dy, sizes)) <= 1e-5
@@ -121,12 +121,12 @@ def test_bad_inputs_are_named():
 KERNEL_CALL = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
-def _compiled_text(platform, M, K, N, G, dtype, backend):
+def _compiled_text(platform, M, I, O, G, dtype, backend):
     from tests.compile_targets import abstract, gpu_mesh, tpu_mesh
     mesh = (gpu_mesh if platform == "gpu" else tpu_mesh)({"x": 1})
     fn = jax.jit(lambda x, dy, sizes: grouped_weight_grad(x, dy, sizes, backend=backend))
     with jax.set_mesh(mesh):  # target_platform() -> platform while tracing
-        return fn.lower(abstract((M, K), dtype, mesh), abstract((M, N), dtype, mesh),
+        return fn.lower(abstract((M, I), dtype, mesh), abstract((M, O), dtype, mesh),
                         abstract((G,), jnp.int32, mesh)).compile().as_text()
 
 
@@ -136,12 +136,12 @@ def _dense_fallback(text, G, M) -> bool:
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("K, N", [(7168, 2048), (2048, 7168)], ids=["gate_up", "down"])
+@pytest.mark.parametrize("I, O", [(7168, 2048), (2048, 7168)], ids=["gate_up", "down"])
 @pytest.mark.parametrize("platform", ["gpu", "tpu"], ids=["h100", "v5p"])
-def test_k2_expert_shapes_compile(platform, K, N, dtype):
+def test_k2_expert_shapes_compile(platform, I, O, dtype):
     """K2's expert weight gradients (hidden 7168, expert FFN 2048), 8 groups of 1024 rows: the Triton / Mosaic
     kernel compiles (H100 shared-memory and v5p VMEM limits included) and nothing runs densely over G x M."""
-    text = _compiled_text(platform, 1024, K, N, 8, dtype, "auto")
+    text = _compiled_text(platform, 1024, I, O, 8, dtype, "auto")
     assert KERNEL_CALL[platform] in text
     assert not _dense_fallback(text, 8, 1024)
 
