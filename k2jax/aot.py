@@ -45,7 +45,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from k2jax.hlo_cost import HloCost
+from k2jax.hlo_cost import HloCost, memory_parts
 
 GiB = 2 ** 30
 
@@ -335,14 +335,8 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
             report["advice"] = _advice(report)
             return report
     report["compile_seconds"] = round(hb.seconds, 1)
-    mem = compiled.memory_analysis()
-    memory = dict(parts)
-    memory.update(arguments=mem.argument_size_in_bytes, temporaries=mem.temp_size_in_bytes,
-                  outputs_not_aliased=max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0),
-                  generated_code=mem.generated_code_size_in_bytes)
-    total = (memory["arguments"] + memory["temporaries"] + memory["outputs_not_aliased"]
-             + memory["generated_code"])
-    memory["total"] = total
+    memory = {**parts, **memory_parts(compiled.memory_analysis())}
+    total = memory["total"]
     report["memory"] = memory
     report["fits"] = total <= hbm
     report["hbm_margin"] = (hbm - total) / hbm

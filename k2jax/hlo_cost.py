@@ -298,6 +298,16 @@ def _parameters(body: list[_Instruction]) -> dict[int, str]:
     return {int(p.args): p.name for p in body if p.op == "parameter"}
 
 
+def memory_parts(stats) -> dict[str, int]:
+    """Bytes per device a compiled program needs, from its memory_analysis(): arguments, temporaries, outputs not
+    aliased to arguments, generated code, and their `total` (what train.py checks against a device and k2jax-aot
+    against a chip's HBM)."""
+    parts = {"arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+             "outputs_not_aliased": max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0),
+             "generated_code": getattr(stats, "generated_code_size_in_bytes", 0)}
+    return {**parts, "total": sum(parts.values())}
+
+
 def _update_operand(i: _Instruction) -> int:
     """Which operand of an in-place op is the update: dynamic-update-slice(buffer, update, indices...),
     scatter(buffer, indices, updates)."""

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from k2jax.checkpoint import load_checkpoint
 from k2jax.commands import UsageError, one_line
 from k2jax.config import ConfigError, K2Config, preset
+from k2jax.hlo_cost import memory_parts
 from k2jax.model import Transformer, describe_parallelism, param_info, param_name, parallelism
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from k2jax.training.checkpoints import TrainCheckpoints, with_shardings
@@ -272,12 +273,13 @@ def _gib(n: int) -> str:
 
 
 def check_fits(compiled, config) -> int:
-    """Bytes per device the compiled step needs (its arguments, outputs not aliased to them, temporaries); a
-    TrainConfigError naming what to change when that is more than a device holds."""
+    """Bytes per device the compiled step needs (k2jax.hlo_cost.memory_parts' total: its arguments, outputs not
+    aliased to them, temporaries, code); a TrainConfigError naming what to change when that is more than a device
+    holds."""
     m = compiled.memory_analysis()
     if m is None:
         return 0
-    need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    need = memory_parts(m)["total"]
     limit = device_memory()
     if limit is not None and need > limit[0]:
         raise TrainConfigError(
