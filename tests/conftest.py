@@ -5,9 +5,8 @@ notebook kernel), so a computation compiled once (the tiny model's forward, a tr
 optimisation off (`--xla_backend_optimization_level=0`, also for the subprocesses: the suite is compile-bound,
 measured 27 % faster on two compile-heavy tests; TPU programs compiled by libtpu come out the same, checked on
 k2jax-aot's report); and pytest-xdist's defaults
-(`-n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder`: 2 workers on 2 cores, one test file per
-worker at a time, the longest files first) when xdist is loaded and `-n` was not given, so `pytest -p no:xdist`
-and `-n 0` run in one process."""
+(`-n auto --maxprocesses=4 --dist loadfile`: 2 workers on 2 cores, one test file per worker at a time) when
+xdist is loaded and `-n` was not given, so `pytest -p no:xdist` and `-n 0` run in one process."""
 
 import atexit
 import os
@@ -42,23 +41,3 @@ def pytest_cmdline_main(config):
         config.option.maxprocesses = config.option.maxprocesses or 4
         if config.option.dist == "no":
             config.option.dist = "loadfile"
-            config.option.loadscopereorder = False  # files in collection order (pytest_collection_modifyitems)
-
-
-# The longest test files, longest first (their tests' seconds summed, measured 2026-12-02 on the 2-core VM:
-# test_train 286 ... test_optimizer_state 45; every other file under 30), then the rest as collected: xdist's
-# loadfile hands out files in this order (its reordering by test count is turned off in pytest_cmdline_main), so
-# no long file starts late and keeps one worker busy after the other has run out of work.
-_LONGEST_FIRST = (
-    "tests/k2jax/training/test_train.py", "tests/k2jax/test_model.py", "tests/k2jax/optim/test_muon_clip.py",
-    "tests/k2jax/test_generate.py", "tests/k2jax/training/test_compile.py", "tests/k2jax/training/test_step.py",
-    "tests/benchmarks/test_benchmarks.py", "tests/k2jax/test_convert.py", "tests/notebooks/test_inference_notebook.py",
-    "tests/k2jax/test_aot.py", "tests/sharding/test_pipeline.py", "tests/sharding/test_rules.py",
-    "tests/sharding/test_expert_parallel.py", "tests/k2jax/test_checkpoint_fp8.py",
-    "tests/k2jax/test_generate_compile.py", "tests/sharding/test_optimizer_state.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Test files in _LONGEST_FIRST's order, then the rest as collected; tests within a file keep their order."""
-    rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
