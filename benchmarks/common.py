@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from k2jax.config import YarnScaling, tiny
+from k2jax.model.config import YarnScaling, tiny
 
 # Compute-dominated small K2: hidden 512, 4 layers (1 dense), 32 experts top-4.
 BENCH_CFG = tiny(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=512,

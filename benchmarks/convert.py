@@ -27,12 +27,11 @@ import tempfile
 import time
 
 import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
-
 import numpy as np
 from absl import app, flags
 
-from k2jax.config import kimi_k2
-from k2jax.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
+from k2jax.checkpoint.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
+from k2jax.model.config import kimi_k2
 
 _EXPERTS = flags.DEFINE_integer("experts", 16, "Routed experts in the MoE layer (384 = a full K2 layer, ~17 GB).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "fp8"], "Converter output dtype.")

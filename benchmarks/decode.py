@@ -8,7 +8,7 @@ All three decode one token per row over `context` cached tokens of the same mode
 k2jax.Generator.decode (absorbed attention over C + R = 576 values per token per layer). The naive path caches
 k = [k_nope | k_rope] and v per head, N (P + R + U) values per token per layer (U: the value head dim), and runs
 standard attention; it is written here, next to its only use, and shares every other piece of the model. The FP8
-path is the latent path on the same model with its routed experts FP8-resident (k2jax.fp8_experts.
+path is the latent path on the same model with its routed experts FP8-resident (k2jax.model.fp8_experts.
 quantize_experts: e4m3 weights and float32 128x128 block scales, the form load_checkpoint(weights="fp8") loads),
 through Generator.decode. Prints step times, the latent / full ratio (goal <= 0.5), the FP8 / latent ratio, the
 cache bytes per token of the two caches and the weight bytes of the two expert forms (a step reads every expert
@@ -18,7 +18,6 @@ its rows route to: all of them once batch x top-k covers the experts), also for 
 from __future__ import annotations
 
 import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,12 +26,12 @@ from flax import nnx
 
 import k2jax
 from benchmarks.common import best_time
-from k2jax.config import kimi_k2, tiny
-from k2jax.fp8_experts import quantize_experts
-from k2jax.generate import Generator, LatentCache
-from k2jax.host_memory import keep_freed_memory_on_cpu
-from k2jax.layers import project
-from k2jax.rope import rope_tables
+from k2jax.inference.generate import Generator, LatentCache
+from k2jax.model.config import kimi_k2, tiny
+from k2jax.model.fp8_experts import quantize_experts
+from k2jax.model.layers import project
+from k2jax.model.rope import rope_tables
+from k2jax.tools.host_memory import keep_freed_memory_on_cpu
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows decoded per step.")
 _CONTEXT = flags.DEFINE_integer("context", 4096, "Tokens already in the cache.")
@@ -112,7 +111,7 @@ def weight_bytes(model) -> tuple[int, int]:
 
 def main(argv):
     del argv
-    keep_freed_memory_on_cpu()  # every path of the comparison runs with it (k2jax/host_memory.py)
+    keep_freed_memory_on_cpu()  # every path of the comparison runs with it (k2jax/tools/host_memory.py)
     cfg, B, S = DECODE_CFG, _BATCH.value, _CONTEXT.value
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 
 import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +22,7 @@ from flax import nnx
 
 import k2jax
 from benchmarks.common import BENCH_CFG, best_time
-from k2jax.host_memory import keep_freed_memory_on_cpu
+from k2jax.tools.host_memory import keep_freed_memory_on_cpu
 from k2jax.training.step import token_nll
 from tests.oracle import oracle_model, random_release_tensors
 
@@ -66,7 +65,7 @@ def matmul_ceiling(cfg: k2jax.K2Config, B: int, T: int, iters: int) -> tuple[flo
     also timed as 8 back to back in one call (lax.map), which hides the per-call overhead; the faster counts.
     Returns (forward s, forward+backward s, their forward FLOPs)."""
     rng = np.random.default_rng(0)
-    # xᵀ·g also from an x transposed beforehand (what k2jax.layers.project's CPU gradient does)
+    # xᵀ·g also from an x transposed beforehand (what k2jax.model.layers.project's CPU gradient does)
     specs = {"fwd": "bmk,bkn->bmn", "dx": "bmn,bkn->bmk", "dw": "bmk,bmn->bkn", "dw_t": "bkm,bmn->bkn"}
     fwd_s = train_s = flops = 0.0
     for count, batch, m, k, n in model_matmuls(cfg, B, T):
@@ -88,7 +87,7 @@ def matmul_ceiling(cfg: k2jax.K2Config, B: int, T: int, iters: int) -> tuple[flo
 
 def main(argv):
     del argv
-    kept = keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
+    kept = keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/tools/host_memory.py)
     cfg, B, T, iters = BENCH_CFG, _BATCH.value, _SEQ_LEN.value, _ITERS.value
     tensors = random_release_tensors(cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))

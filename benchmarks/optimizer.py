@@ -12,7 +12,6 @@ shapes: <= 1.3). The update's cost is per step, the model's per token: tokens pe
 from __future__ import annotations
 
 import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +21,9 @@ from flax import nnx
 
 import k2jax
 from benchmarks.common import BENCH_CFG, best_time
-from k2jax.config import kimi_k2
-from k2jax.host_memory import keep_freed_memory_on_cpu
+from k2jax.model.config import kimi_k2
 from k2jax.optim.muon_clip import muon_clip, param_rules
+from k2jax.tools.host_memory import keep_freed_memory_on_cpu
 from k2jax.training.step import TrainState, make_train_step, next_token_loss
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per microbatch.")
@@ -35,7 +34,7 @@ _ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations per measurement (aft
 
 def main(argv):
     del argv
-    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
+    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/tools/host_memory.py)
     cfg = BENCH_CFG
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     rows, T = _BATCH.value * _ACCUM.value, _SEQ_LEN.value

@@ -16,7 +16,6 @@ from collections import Counter
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import _repo_root  # noqa: E402, F401  (the repo root first on sys.path: before any project import)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -25,9 +24,9 @@ from flax import nnx  # noqa: E402
 
 import k2jax  # noqa: E402
 from benchmarks.common import best_time  # noqa: E402
-from k2jax.config import tiny  # noqa: E402
-from k2jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
-from k2jax.placement import shard_model  # noqa: E402
+from k2jax.model.config import tiny  # noqa: E402
+from k2jax.model.placement import shard_model  # noqa: E402
+from k2jax.tools.host_memory import keep_freed_memory_on_cpu  # noqa: E402
 from k2jax.training.step import token_nll  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 from sharding.pipeline import bubble_fraction  # noqa: E402
@@ -77,7 +76,7 @@ def _train_step(model, tokens):
 
 def main(argv):
     del argv
-    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/host_memory.py)
+    keep_freed_memory_on_cpu()  # both sides of the comparison run with it (k2jax/tools/host_memory.py)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, PARALLEL_CFG.vocab_size, (_BATCH.value,
                                                                                          _SEQ_LEN.value + 1)))
     base = k2jax.Transformer(PARALLEL_CFG, rngs=nnx.Rngs(0))

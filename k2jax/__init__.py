@@ -1,6 +1,6 @@
 """k2jax: Kimi K2 in JAX (Flax NNX).
 
-    cfg = k2jax.K2Config.from_hf("config.json")      # or k2jax.config.kimi_k2(), tiny(), ...
+    cfg = k2jax.K2Config.from_hf("config.json")      # or k2jax.model.config.kimi_k2(), tiny(), ...
     model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens_BT)                        # [B, T, V] float32
     model = k2jax.from_hf_tensors(cfg, tensors)      # {release tensor name: dequantised array}
@@ -13,18 +13,18 @@
     reply = k2jax.parse_tool_calls(outs[0], tokenizer)   # K2 tool calls in generated ids or text
 """
 
-from k2jax.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from k2jax.config import ConfigError, K2Config, YarnScaling
-from k2jax.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
-from k2jax.hf_mapping import from_hf_tensors, to_hf_tensors
-from k2jax.model import Transformer, param_info
-from k2jax.generate import Completion, Generator, LatentCache, Sampling, generate
-from k2jax.tokenizer import Tokenizer, TokenizerError
-from k2jax.chat_template import ChatTemplateError
-from k2jax.tool_calls import ParsedReply, ToolCall, ToolCallParser, parse_tool_calls
-from k2jax.chat import Chat
-from k2jax.placement import init_sharded, shard_model
-from k2jax.fp8_experts import FP8RoutedExperts, quantize_experts
+from k2jax.checkpoint.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
+from k2jax.checkpoint.hf_mapping import from_hf_tensors, to_hf_tensors
+from k2jax.checkpoint.orbax_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from k2jax.inference.chat import Chat
+from k2jax.inference.chat_template import ChatTemplateError
+from k2jax.inference.generate import Completion, Generator, LatentCache, Sampling, generate
+from k2jax.inference.tokenizer import Tokenizer, TokenizerError
+from k2jax.inference.tool_calls import ParsedReply, ToolCall, ToolCallParser, parse_tool_calls
+from k2jax.model.config import ConfigError, K2Config, YarnScaling
+from k2jax.model.fp8_experts import FP8RoutedExperts, quantize_experts
+from k2jax.model.placement import init_sharded, shard_model
+from k2jax.model.transformer import Transformer, param_info
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",

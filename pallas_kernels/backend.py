@@ -16,7 +16,7 @@ Kernels pad their row axes up to a whole number of blocks. The padded rows are f
 (0); the tests set it to NaN to prove that padding never reaches a result.
 
 Every launch declares its work with `cost(...)` (a pl.CostEstimate): XLA's cost analysis counts a kernel as 0
-FLOPs and 0 bytes otherwise, so a compiled program's totals (k2jax.aot) would leave out attention and experts.
+FLOPs and 0 bytes otherwise, so a compiled program's totals (k2jax.tools.aot) would leave out attention and experts.
 
 Also shared by the kernel bodies: 2-D dots with float32 accumulation in the three orientations they need, the
 online-softmax step of the attention kernels, and the spec of a scalar table (SMEM on TPU).

@@ -33,7 +33,7 @@ compiles to a dense every-row-by-every-group product on TPU and GPU).
 Both forms run in the Pallas interpreter in the tests (platform="tpu" | "gpu" with backend="interpret") and
 compile for their platform (TPU v5p, H100) at K2's expert shapes (7168 -> 2048 and 2048 -> 7168; FP8 weights with
 bf16 or FP8 activations, bf16 / f32 weights with their gradient), the gpu form with Triton's num_warps / num_stages
-from k2jax.target.KERNEL_LAUNCH (tests/pallas_kernels/test_compile.py); neither has been run or timed on a device
+from k2jax.model.target.KERNEL_LAUNCH (tests/pallas_kernels/test_compile.py); neither has been run or timed on a device
 yet.
 
 Letter legend: M rows, I / O a matmul's in (contraction) / out features, G groups, Ib / Ob I and O in 128-blocks (the
@@ -59,8 +59,8 @@ FP8 = jnp.float8_e4m3fn
 # ---- XLA reference -------------------------------------------------------------------------------------------
 def dequantize(w_GIO: jax.Array, scales_GIbOb: jax.Array | None, dtype=F32) -> jax.Array:
     """W = float32(w) * scale per 128x128 block of the last two axes, cast to dtype (any leading axes; ragged last
-    blocks: the scale covers what exists). The one block dequantisation: k2jax.quant (host, after its checks) and
-    k2jax.checkpoint (on the devices at load) call it too."""
+    blocks: the scale covers what exists). The one block dequantisation: k2jax.formats.quant (host, after its
+    checks) and k2jax.checkpoint.orbax_checkpoint (on the devices at load) call it too."""
     if scales_GIbOb is None:
         return w_GIO.astype(dtype)
     I, O = w_GIO.shape[-2:]
@@ -358,7 +358,7 @@ def fp8_grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Arr
                        num_stages: int = 2, rows_in_use: int | None = None) -> jax.Array:
     """[M, I] rows sorted by group, [G, I, O] weights (float8_e4m3fn with [G, ceil(I/128), ceil(O/128)] scales,
     or bf16 / f32 without), [G] group sizes -> [M, O] in x's dtype. fp8_activations: see the module docstring.
-    num_warps / num_stages: Triton's, for the gpu form (k2jax.target.KERNEL_LAUNCH holds them per dtype).
+    num_warps / num_stages: Triton's, for the gpu form (k2jax.model.target.KERNEL_LAUNCH holds them per dtype).
     rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer),
     for the kernels' cost estimates only; default all M (the kernels skip tiles past the last group)."""
     if x_MI.ndim != 2 or w_GIO.ndim != 3 or group_sizes_G.shape != w_GIO.shape[:1] or x_MI.shape[1] != w_GIO.shape[1]:

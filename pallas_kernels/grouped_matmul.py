@@ -4,7 +4,7 @@
     grouped_ffn(x, w_gate, w_up, w_down, sizes)
                                            out[i] = (silu(x[i] @ w_gate[g]) * (x[i] @ w_up[g])) @ w_down[g]
 
-where rows [start_g, start_g + sizes[g]) belong to group g (`pallas_kernels.group_rows` puts routed rows in this
+where rows [start_g, start_g + sizes[g]) belong to group g (`sharding.group_rows` puts routed rows in this
 layout and back); rows past sum(sizes) come out as zeros.
 
 One dispatch point, `impl=`:
@@ -14,7 +14,8 @@ One dispatch point, `impl=`:
   - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode; its weight
     gradient by `pallas_kernels.grouped_weight_grad`), compiled or run by the Pallas interpreter.
   - "auto": "pallas" when compiling for TPU / GPU, "ragged_dot" for CPU (`backend.target_platform`).
-The CPU form that does only the routed work is `k2jax.cpu_grouped_ffn` (the model picks it through k2jax.target).
+The CPU form that does only the routed work is `k2jax.model.cpu_grouped_ffn` (the model picks it through
+k2jax.model.target).
 
 Letter legend: M rows, I / O a matmul's in (contraction) / out features, D the FFN's in and out width (hidden),
 F ffn, G groups.
@@ -67,7 +68,7 @@ def reference_ffn(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G) -> jax.
 def grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array, *, impl: str = "auto",
                    launch: dict | None = None, rows_in_use: int | None = None) -> jax.Array:
     """[M, I] rows sorted by group, [G, I, O] weights, [G] sizes -> [M, O] in x's dtype. launch: keyword
-    arguments of the Pallas kernel (platform, Triton settings: k2jax.target.Target.launch) for impl "pallas".
+    arguments of the Pallas kernel (platform, Triton settings: k2jax.model.target.Target.launch) for impl "pallas".
     rows_in_use: the rows expected to hold data, for the kernels' cost estimates (fp8_grouped_matmul)."""
     check_shapes(x_MI, (w_GIO,), group_sizes_G)
     impl = _resolve(impl)

@@ -22,7 +22,7 @@ Padding: T is padded to whole blocks; padded keys lie after every real query (ne
 zeroed before any product with probabilities, padded queries are zeroed in the dk/dv loop, padded outputs dropped.
 
 Launch settings (block sizes, and Triton's warps / stages on GPU) are per platform and dtype in
-k2jax.target.KERNEL_LAUNCH; the backward may use blocks other than the forward's. With them the three kernels
+k2jax.model.target.KERNEL_LAUNCH; the backward may use blocks other than the forward's. With them the three kernels
 compile for TPU v5p and H100 at K2's head dims (nope 128, rope 64, value 128), 64 heads, 1K and 4K tokens, bf16
 and float32 (tests/pallas_kernels/test_compile.py); they have not been run or timed on a device yet. On TPU a
 program keeps a head's whole key / value rows (forward, dq) or query rows (dk/dv) in VMEM: 4K tokens take about a
@@ -323,7 +323,7 @@ def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: j
     """Causal, segment-masked MLA attention -> (out [B, N, T, U] in q's dtype, rowmax [B, N, T] float32).
     Differentiable in q, k and v (rowmax is a statistic: no gradient). See the module docstring.
 
-    Launch settings (k2jax.target.KERNEL_LAUNCH holds them per platform and dtype): block_q / block_k rows per
+    Launch settings (k2jax.model.target.KERNEL_LAUNCH holds them per platform and dtype): block_q / block_k rows per
     query / key block and, on GPU, Triton's num_warps / num_stages, for the forward kernel; the bwd_* ones for
     the dq and dk/dv kernels (default: the forward's). Every block size divides the padded length."""
     B, N, T, P = q_nope_BNTP.shape

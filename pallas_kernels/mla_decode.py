@@ -5,7 +5,7 @@ With kv_b's key half folded into the query (q_lat = q_nope . W_UK), MLA attentio
     logit[b, t, n, s] = (q_lat[b, t, n] . c[b, s] + q_rope[b, t, n] . k_rope[b, s]) * scale
     o_lat[b, t, n]    = sum_s softmax_s(logit) c[b, s]            over visible slots s <= positions[b, t]
 
-where cache[b, s] = [c (C values) | k_rope (R values)] is exactly what `k2jax.generate.LatentCache` stores per
+where cache[b, s] = [c (C values) | k_rope (R values)] is exactly what `k2jax.inference.generate.LatentCache` stores per
 layer. The value is the latent itself; W_UV and o_proj are applied by the caller. All N heads (and all T new
 tokens) of a row share the keys, so one program handles the T·N query rows of a row against a block of slots:
 a [T·N, C + R] x [C + R, block] product, the shape FlashMLA uses.
@@ -31,7 +31,7 @@ Two launch forms, picked by platform (one block step, `_block_step`, shared):
         the programs of one chunk read the same cache blocks (from L2 after the first).
 
 Both forms compile for their platform (TPU v5p, H100) at K2's sizes (64 heads, C = 512, R = 64, 4K and 128K
-slots, 1 and 4 new tokens, bf16 and float32) with the launch settings in k2jax.target.KERNEL_LAUNCH
+slots, 1 and 4 new tokens, bf16 and float32) with the launch settings in k2jax.model.target.KERNEL_LAUNCH
 (tests/pallas_kernels/test_compile.py), and run in the Pallas interpreter in the tests; they have not been run
 or timed on a device yet.
 
@@ -144,7 +144,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
                num_stages: int = 2) -> jax.Array:
     """-> o_lat [B, T, N, C] float32. See the module docstring.
 
-    Launch settings (k2jax.target.KERNEL_LAUNCH holds them per platform and dtype): block_s slots per block (on
+    Launch settings (k2jax.model.target.KERNEL_LAUNCH holds them per platform and dtype): block_s slots per block (on
     TPU one grid step and one DMA each), num_splits chunks per row (default: default_splits), and on GPU block_m
     query rows (of the T·N) per program (default all: one program reads each cache block once; fewer keep the
     [block_m, C] float32 accumulator in registers) with Triton's num_warps / num_stages."""

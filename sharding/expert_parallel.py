@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.backend import target_platform
-from pallas_kernels.group_rows import combine_sorted, sort_by_group
+from sharding.group_rows import combine_sorted, sort_by_group
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes the tokens are split over (those present in the mesh)

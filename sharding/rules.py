@@ -183,7 +183,7 @@ def optimizer_state_specs(opt_state, params: Mapping[str, ParamInfo], mesh_shape
     """A PartitionSpec for every leaf of an optimizer state (concrete or from jax.eval_shape). A leaf that
     mirrors a parameter (its tree path ends in the parameter's path: momentum, Adam moments) gets the
     parameter's spec, plus ZeRO-1 over `data` when `zero1`; anything else (step counts) is replicated.
-    name_of(path) turns a tree path into a parameter name (k2jax.model.param_name)."""
+    name_of(path) turns a tree path into a parameter name (k2jax.model.transformer.param_name)."""
     def spec_for(path, leaf):
         shape = tuple(np.shape(leaf))
         for start in range(len(path)):

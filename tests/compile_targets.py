@@ -62,7 +62,7 @@ def abstract(shape, dtype, mesh, spec=None) -> jax.ShapeDtypeStruct:
 def reduced_k2(**overrides):
     """Kimi K2 cut down for compile tests on 2 cores: K2's head dims, MLA ranks, rope and router, with a small
     hidden size, 4 heads, 3 layers (1 dense + 2 MoE), 8 experts top-2 and a 1K vocabulary; bf16 compute."""
-    from k2jax.config import kimi_k2
+    from k2jax.model.config import kimi_k2
     return kimi_k2(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
                    num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                    param_dtype="float32", dtype="bfloat16").replace(**overrides)

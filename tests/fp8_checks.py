@@ -1,10 +1,10 @@
-"""Checks shared by the FP8-resident expert tests (tests/k2jax/test_fp8_experts.py, test_checkpoint_fp8.py)."""
+"""Checks shared by the FP8-resident expert tests (tests/k2jax/model/test_fp8_experts.py, test_checkpoint_fp8.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax.fp8_experts import FP8RoutedExperts, FP8Scale, FP8Weight
+from k2jax.model.fp8_experts import FP8RoutedExperts, FP8Scale, FP8Weight
 
 
 def assert_same_logits(got, want):

@@ -12,8 +12,8 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds3
 
-from k2jax.config import K2Config
-from k2jax.hf_mapping import hf_tensor_specs
+from k2jax.checkpoint.hf_mapping import hf_tensor_specs
+from k2jax.model.config import K2Config
 
 
 def hf_config(cfg: K2Config) -> DeepseekV3Config:

@@ -40,8 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
 
-from k2jax.config import K2Config
-from k2jax.model import param_name
+from k2jax.model.config import K2Config
+from k2jax.model.transformer import param_name
 from sharding.rules import mesh_axes
 
 K2_NS_COEFFS = (3.4445, -4.7750, 2.0315)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from k2jax.model import Transformer
+from k2jax.model.transformer import Transformer
 
 
 def router_bias_update(bias_LE: jnp.ndarray, expert_load_LE: jnp.ndarray, rate: float) -> jnp.ndarray:

@@ -20,8 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from k2jax.checkpoint import CheckpointError
-from k2jax.commands import one_line
+from k2jax.checkpoint.orbax_checkpoint import CheckpointError
+from k2jax.tools.commands import one_line
 from k2jax.training.step import TrainState
 
 

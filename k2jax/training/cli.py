@@ -2,7 +2,7 @@
 
     k2jax-train --config=configs/tiny.py --config.steps=100 --workdir=DIR
 
-Exit codes (k2jax/commands.py): 0 the workdir is at --config.steps (trained there now, or already: "already at
+Exit codes (k2jax/tools/commands.py): 0 the workdir is at --config.steps (trained there now, or already: "already at
 step N"); 1 a step was not finite or the data / init_from checkpoint is bad (one line); 2 a bad flag or config
 value (one line naming it; nothing trained); 75 preempted by SIGTERM after saving: run the same command again to
 resume. --verbosity=0 shows library INFO logs, --verbosity=1 tracebacks too.
@@ -16,11 +16,12 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from k2jax import commands
-from k2jax.checkpoint import CheckpointError
-from k2jax.host_memory import keep_freed_memory_on_cpu
+from k2jax.checkpoint.orbax_checkpoint import CheckpointError
+from k2jax.tools import commands
+from k2jax.tools.host_memory import keep_freed_memory_on_cpu
 from k2jax.training.data import DataError
 from k2jax.training.loop import EPOverflowError, NonFiniteError, train
+
 
 def _define_flags() -> None:
     """Flags exist only for the command line (defining them at import would clash with other entry points)."""
@@ -58,7 +59,7 @@ def main(argv):
         raise commands.UsageError(f"--config={flags.FLAGS['config'].config_filename}: cannot load it: "
                                   f"{lines[-1] if lines else type(e).__name__}") from None
     source = " ".join([flags.FLAGS["config"].config_filename] + [a for a in sys.argv[1:] if a.startswith("--config.")])
-    keep_freed_memory_on_cpu()  # on CPU, a step reuses the host pages the last one freed (k2jax/host_memory.py)
+    keep_freed_memory_on_cpu()  # on CPU, a step reuses the host pages the last one freed (k2jax/tools/host_memory.py)
     result = train(config, flags.FLAGS.workdir, config_source=source)
     if result["status"] == "already_done":
         print(f"already at step {result['step']} (config.steps={config.steps}): nothing to train; raise "

@@ -27,7 +27,7 @@ import grain
 import jax
 import numpy as np
 
-from k2jax.tokenizer import Tokenizer
+from k2jax.inference.tokenizer import Tokenizer
 
 
 class DataError(ValueError):

@@ -32,19 +32,25 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from k2jax.checkpoint import load_checkpoint
-from k2jax.commands import UsageError, one_line
-from k2jax.config import ConfigError, K2Config, preset
-from k2jax.hlo_cost import memory_parts
-from k2jax.model import Transformer, describe_parallelism, param_info, param_name, parallelism
+from k2jax.checkpoint.orbax_checkpoint import load_checkpoint
+from k2jax.model.config import ConfigError, K2Config, preset
+from k2jax.model.transformer import Transformer, describe_parallelism, parallelism, param_info, param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
+from k2jax.tools.commands import UsageError, one_line
+from k2jax.tools.hlo_cost import memory_parts
 from k2jax.training.checkpoints import TrainCheckpoints, with_shardings
 from k2jax.training.data import make_iterator
 from k2jax.training.metrics import MetricWriter, Throughput
 from k2jax.training.step import TrainState, make_train_step
 from sharding.mesh import MeshError, make_mesh, resolve_axis_sizes
-from sharding.rules import (STRATEGIES, ShardingRuleError, activation_spec, optimizer_state_specs,
-                            param_shardings, param_specs)
+from sharding.rules import (
+    STRATEGIES,
+    ShardingRuleError,
+    activation_spec,
+    optimizer_state_specs,
+    param_shardings,
+    param_specs,
+)
 
 
 class EPOverflowError(RuntimeError):
@@ -273,7 +279,7 @@ def _gib(n: int) -> str:
 
 
 def check_fits(compiled, config) -> int:
-    """Bytes per device the compiled step needs (k2jax.hlo_cost.memory_parts' total: its arguments, outputs not
+    """Bytes per device the compiled step needs (k2jax.tools.hlo_cost.memory_parts' total: its arguments, outputs not
     aliased to them, temporaries, code); a TrainConfigError naming what to change when that is more than a device
     holds."""
     m = compiled.memory_analysis()

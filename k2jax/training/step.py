@@ -10,7 +10,7 @@ over microbatches; expert loads and the routed rows dropped by expert parallelis
 (`ep_dropped_rows`, 0 when dropless) are summed. A step whose loss or gradients are not finite changes nothing
 (`metrics["finite"]` is False): the caller stops before saving it. The metrics also say which explicit
 parallelism the step was traced with (`expert_parallel`, `pipeline_stages`, `pipeline_microbatches`:
-k2jax.model.parallelism of the mesh set with jax.set_mesh).
+k2jax.model.transformer.parallelism of the mesh set with jax.set_mesh).
 
 Letter legend: A accumulation microbatches, b rows per microbatch, T tokens per row.
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from k2jax.model import parallelism
+from k2jax.model.transformer import parallelism
 from k2jax.optim.router_bias import router_bias_update
 
 

@@ -1,5 +1,5 @@
 """Every Pallas kernel compiles for one TPU v5p chip (Mosaic) and one H100 (Triton, ptxas) at Kimi K2's shapes with
-the launch settings of k2jax.target.KERNEL_LAUNCH, forward and backward, bf16 and float32: deviceless, on this CPU
+the launch settings of k2jax.model.target.KERNEL_LAUNCH, forward and backward, bf16 and float32: deviceless, on this CPU
 machine (tests/compile_targets.py). A compile runs Mosaic's layout inference and VMEM check and Triton's
 shared-memory check, which a lowering does not.
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from k2jax.target import KERNEL_LAUNCH
+from k2jax.model.target import KERNEL_LAUNCH
 from pallas_kernels.fp8_grouped_matmul import FP8, fp8_grouped_matmul
 from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import mla_decode

@@ -1,7 +1,7 @@
 """grouped_matmul / grouped_ffn dispatch: impls checked, "auto" by the platform compiled for, shapes checked, and the
 interpreted Pallas kernel against the XLA reference (jax.lax.ragged_dot) through the dispatch, with gradients.
 The kernels' own tests are in test_fp8_grouped_matmul.py and test_grouped_weight_grad.py; the CPU form's in
-tests/k2jax/test_cpu_grouped_ffn.py."""
+tests/k2jax/model/test_cpu_grouped_ffn.py."""
 
 import jax
 import jax.extend.core
@@ -26,7 +26,7 @@ def test_auto_is_the_reference_on_cpu_and_impls_are_checked():
     x, w, sizes = _inputs()
     got = jax.jit(lambda a, b, s: grouped_matmul(a, b, s))(x, w, sizes)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(x, w, sizes)))
-    for impl in ("cuda", "tiled"):  # the CPU form is k2jax.cpu_grouped_ffn, not an impl here
+    for impl in ("cuda", "tiled"):  # the CPU form is k2jax.model.cpu_grouped_ffn, not an impl here
         with pytest.raises(ValueError, match="impl must be one of"):
             grouped_matmul(x, w, sizes, impl=impl)
 

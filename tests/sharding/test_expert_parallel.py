@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.config import tiny
-from k2jax.placement import init_sharded, shard_model
+from k2jax.model.config import tiny
+from k2jax.model.placement import init_sharded, shard_model
 from sharding.expert_parallel import ragged_all_to_all
 from sharding.mesh import make_mesh
 

@@ -9,12 +9,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import k2jax
-from k2jax.config import kimi_k2, tiny
-from k2jax.model import param_name
+from k2jax.model.config import kimi_k2, tiny
+from k2jax.model.transformer import param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from sharding.mesh import abstract_mesh, make_mesh
-from sharding.rules import (optimizer_state_specs, param_shardings, total_bytes_per_device, tree_bytes_per_device,
-                            zero1_spec)
+from sharding.rules import (
+    optimizer_state_specs,
+    param_shardings,
+    total_bytes_per_device,
+    tree_bytes_per_device,
+    zero1_spec,
+)
 
 HBM = 95 * 2**30
 

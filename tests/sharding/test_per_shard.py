@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import k2jax
-from k2jax.config import tiny
-from k2jax.placement import shard_model
+from k2jax.model.config import tiny
+from k2jax.model.placement import shard_model
 from sharding.mesh import make_mesh
 from sharding.per_shard import per_shard
 

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.config import tiny
-from k2jax.model import parallelism
-from k2jax.placement import shard_model
+from k2jax.model.config import tiny
+from k2jax.model.placement import shard_model
+from k2jax.model.transformer import parallelism
 from sharding.mesh import make_mesh
 from sharding.pipeline import bubble_fraction, pipeline_scan
 

@@ -7,10 +7,17 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.config import kimi_k2, tiny
+from k2jax.model.config import kimi_k2, tiny
 from sharding.mesh import MeshError, abstract_mesh, make_mesh, resolve_axis_sizes
-from sharding.rules import (MAY_REPLICATE, STRATEGIES, ShardingRuleError, param_shardings, partition_spec,
-                            sharding_table, total_bytes_per_device)
+from sharding.rules import (
+    MAY_REPLICATE,
+    STRATEGIES,
+    ShardingRuleError,
+    param_shardings,
+    partition_spec,
+    sharding_table,
+    total_bytes_per_device,
+)
 
 
 def test_mesh_sizes_and_errors():

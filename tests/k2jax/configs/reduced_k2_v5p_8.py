@@ -1,6 +1,6 @@
 """A reduced Kimi K2 (tests/compile_targets.reduced_k2: K2's head dims, MLA ranks, rope and router; 8 experts)
 with 5 layers (1 dense + 4 MoE: MuonClip's layer-sharded Newton-Schulz splits the 4 stacked layers over the 4
-chips with no padding) on a v5p-8 slice (4 chips, EP 2 x FSDP 2), for tests/k2jax/test_aot.py:
+chips with no padding) on a v5p-8 slice (4 chips, EP 2 x FSDP 2), for tests/k2jax/tools/test_aot.py:
 
     k2jax-aot --config=tests/k2jax/configs/reduced_k2_v5p_8.py [--step=decode]
 """

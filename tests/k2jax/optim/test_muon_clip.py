@@ -6,14 +6,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-import k2jax
-from k2jax.config import tiny
-from k2jax.model import param_name
-from k2jax.optim.muon_clip import (K2_NS_COEFFS, MUON_RMS, muon_clip, newton_schulz, param_rules, qk_clip,
-                                   rules_table)
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz
+
+import k2jax
+from k2jax.model.config import tiny
+from k2jax.model.transformer import param_name
+from k2jax.optim.muon_clip import K2_NS_COEFFS, MUON_RMS, muon_clip, newton_schulz, param_rules, qk_clip, rules_table
 from tests.oracle import random_release_tensors
 
 CFG = tiny()
@@ -66,7 +65,8 @@ def test_newton_schulz_keeps_a_sharded_expert_axis():
     """[layers, experts, D, F] with experts split over 8 devices: each device orthogonalises its own experts (no
     all-gather; optax's batching flattens layers x experts and gathers every expert everywhere) and the result
     equals optax's."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     g = np.random.default_rng(2).standard_normal((2, 8, 16, 24)).astype(np.float32)
     dims = MuonDimensionNumbers((2,), (3,))
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -92,9 +92,10 @@ def test_layer_sharded_newton_schulz_runs_whole_matrices_on_each_chip():
     layers are split over fsdp (padded to 8), each chip orthogonalises its 2 layers x 1 expert of whole matrices
     with no collective (the FLOPs per chip are exactly those), two all-to-alls move them, and the result is
     the unsharded one's."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from k2jax.hlo_cost import HloCost
+    from k2jax.tools.hlo_cost import HloCost
     g = np.random.default_rng(2).standard_normal((6, 2, 16, 24)).astype(np.float32)
     dims = MuonDimensionNumbers((2,), (3,))
     mesh = jax.make_mesh((2, 4), ("expert", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -117,9 +118,10 @@ def test_layer_sharded_newton_schulz_splits_the_data_replicas_in_a_second_level(
     """[L=3, E=2, D, F], momentum split like ZeRO-1 (F over data too) on data 2 x expert 2 x fsdp 2: the layers
     go over fsdp (padded to 4), then each fsdp chip's 2 over data, so each chip orthogonalises one matrix (the
     data replicas no longer repeat the work), and the result is the unsharded one's."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from k2jax.hlo_cost import HloCost
+    from k2jax.tools.hlo_cost import HloCost
     g = np.random.default_rng(3).standard_normal((3, 2, 16, 24)).astype(np.float32)
     dims = MuonDimensionNumbers((2,), (3,))
     mesh = jax.make_mesh((2, 2, 2), ("data", "expert", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -338,13 +340,14 @@ def test_qk_clip_in_a_jitted_step_on_8_devices_uses_the_global_max():
 
 def test_newton_schulz_flops_is_what_the_compiled_update_computes():
     """One MuonClip update of the tiny model, compiled for one deviceless v5p chip: its matrix FLOPs (every
-    layer-loop trip counted, k2jax.hlo_cost) are newton_schulz_flops' closed form (nothing else in the update
+    layer-loop trip counted, k2jax.tools.hlo_cost) are newton_schulz_flops' closed form (nothing else in the update
     multiplies matrices)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from k2jax import aot
-    from k2jax.hlo_cost import HloCost
     from k2jax.optim.muon_clip import newton_schulz_flops
+    from k2jax.tools import aot
+    from k2jax.tools.hlo_cost import HloCost
     jax.config.update("jax_platforms", "cpu")
     chip = NamedSharding(jax.sharding.Mesh(np.array(aot.parse_topology("v5p-8").devices()[:1]), ("x",)), P())
     model = nnx.eval_shape(lambda: k2jax.Transformer(CFG, rngs=nnx.Rngs(0)))

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.config import tiny
+from k2jax.model.config import tiny
 from k2jax.optim.router_bias import router_bias_update, update_router_bias
 from tests.oracle import random_release_tensors
 

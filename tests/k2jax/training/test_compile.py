@@ -36,7 +36,7 @@ def _compile(config, mesh):
 
 
 @pytest.mark.parametrize("axes,strategy,remat", [
-    # 8 chips: EP inside FSDP, full remat (slow set: tests/k2jax/test_aot.py compiles EP x FSDP with full remat on
+    # 8 chips: EP inside FSDP, full remat (slow set: tests/k2jax/tools/test_aot.py compiles EP x FSDP with full remat on
     # 4 chips through k2jax-aot in CI)
     pytest.param({"fsdp": 2, "expert": 4}, "ep_fsdp", "full", marks=pytest.mark.slow),
     pytest.param({"fsdp": 4}, "fsdp", "none", marks=pytest.mark.slow),  # 4 chips: FSDP only (ep8 has FSDP too)

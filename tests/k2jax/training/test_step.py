@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.config import tiny
+from k2jax.model.config import tiny
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from k2jax.training import step as step_module
 from k2jax.training.step import TrainState, make_train_step, token_nll

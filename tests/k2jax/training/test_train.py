@@ -313,7 +313,7 @@ def test_init_from_a_converted_checkpoint(tmp_path):
     from flax import nnx
 
     import k2jax
-    from k2jax.config import tiny
+    from k2jax.model.config import tiny
     model = k2jax.Transformer(tiny(num_hidden_layers=2), rngs=nnx.Rngs(5))
     model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
     k2jax.save_checkpoint(str(tmp_path / "k2"), model)

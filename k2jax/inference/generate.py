@@ -1,0 +1,293 @@
+"""Generation with an MLA latent cache: jitted prefill and decode, sampling, stop tokens.
+
+    gen = k2jax.Generator(model)
+    outs = gen.generate([[1, 5, 9], [1, 7]], max_new_tokens=32,
+                        sampling=k2jax.Sampling(temperature=0.7, top_p=0.9), stop_tokens=[eos], seed=0)
+    outs[0].tokens, outs[0].finish_reason                          # new ids (stop token excluded), "stop" | "length"
+    for step_B in gen.stream(prompts, max_new_tokens=32): ...      # one new id per row per step (-1 once a row ended)
+
+The cache stores only what MLA needs per token per layer: the normed kv latent c and the roped shared key,
+C + R values (576 for K2; a cache of full per-head keys and values would hold N (P + R + V) = 28,672), in
+`cache.kv_LBSX` [L, B, S, C + R]. A row's token at position p lives in slot p. Prompts are right-padded; the pad
+slots are overwritten by the row's next tokens and are never visible (a token sees slots <= its position).
+
+  prefill   the prompt, attention in the expanded (training) form over its own slots only (compute-bound)
+  decode    one token per row, attention in the absorbed form over the latent (bandwidth-bound); the same
+            function also extends a cache by several tokens (a chat's next turn)
+
+Both are jitted once per shape (prompt lengths are padded to a power of two) with the cache donated, so decode
+updates it in place. Weights may be sharded (e.g. `load_checkpoint(..., shardings=...)` with the ep_fsdp rules);
+jit follows their shardings.
+
+Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token,
+Z = R/2 rope frequencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from k2jax.model.config import K2Config
+from k2jax.model.rope import rope_tables
+from k2jax.model.transformer import Transformer
+from sharding.rules import activation_spec, constrain
+
+FINISHED = -1  # what stream() yields for a row that has already stopped
+# the latent cache's layout under a mesh: rows split as activations are (sharding.rules.activation_spec); extend
+# returns it in this layout, so a decode step takes the cache it returned (left to XLA, the layout a step returns
+# may differ from the one it took, and every later step would compile again)
+CACHE_AXES_LBSX = (None, "batch", None, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy (argmax). Otherwise softmax(logits / temperature) restricted to the top_k most
+    likely tokens (0: no limit) and then to the smallest set whose probability reaches top_p (1.0: no limit)."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"Sampling: temperature must be a finite number >= 0, got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"Sampling: top_k must be an int >= 0 (0 = no limit), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"Sampling: top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits_BV: jnp.ndarray, key: jax.Array, sampling: Sampling) -> jnp.ndarray:
+    """Next token per row [B] int32 from float32 logits [B, V]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if sampling.top_p < 1:
+        sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        # the smallest prefix reaching top_p: keep a token while the mass before it is still short of top_p
+        threshold_B1 = jnp.min(jnp.where(mass_before_BV < sampling.top_p, sorted_BV, jnp.inf), axis=-1,
+                               keepdims=True)
+        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LatentCache:
+    """kv_LBSX: [num_hidden_layers, B, S, kv_lora_rank + qk_rope_head_dim]; lengths_B: tokens stored per row."""
+    kv_LBSX: jax.Array
+    lengths_B: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: K2Config, batch: int, max_len: int, dtype=None) -> "LatentCache":
+        X = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        kv = jnp.zeros((cfg.num_hidden_layers, batch, max_len, X), dtype or cfg.dtype)
+        return cls(kv, jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.kv_LBSX.shape[2]
+
+    @staticmethod
+    def values_per_token(cfg: K2Config) -> int:
+        """Cached values per token over all layers."""
+        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cache: LatentCache, *,
+           prefill: bool, all_logits: bool = False) -> tuple[jnp.ndarray, LatentCache]:
+    """Runs row b's first n_new_B[b] tokens of tokens_BT at positions lengths_B[b], lengths_B[b] + 1, ...,
+    writing their latents into the cache. Returns the logits of each row's last new token [B, V] (all_logits:
+    of every token [B, T, V]; entries past n_new_B are junk) and the cache with lengths_B + n_new_B.
+    prefill: the cache is empty (attention in the expanded form over the new tokens only); otherwise absorbed
+    attention over the whole cache."""
+    B, T = tokens_BT.shape
+    positions_BT = cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
+    cos_BTZ, sin_BTZ = rope_tables(model.cfg, positions_BT)
+
+    def layer(block, x_BTD, kv_LBSX, index):
+        x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, kv_LBSX, index,
+                                      prefill=prefill)
+        return x_BTD, kv_LBSX, None
+
+    x_BTD, kv_LBSX, _, _ = model.run_layers(model.embed(tokens_BT), layer, cache.kv_LBSX)
+    if not all_logits:
+        x_BTD = x_BTD[jnp.arange(B), jnp.maximum(n_new_B - 1, 0)][:, None]
+    logits = model.logits(x_BTD)
+    return (logits if all_logits else logits[:, 0]), LatentCache(constrain(kv_LBSX, CACHE_AXES_LBSX),
+                                                                 cache.lengths_B + n_new_B)
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]     # generated ids, without the stop token
+    finish_reason: str    # "stop" (a stop token came) or "length" (max_new_tokens reached)
+
+
+def _bucket(n: int) -> int:
+    """Padded length for n new tokens: a power of two >= 8, so the jitted functions compile a few times only."""
+    return max(8, 1 << (n - 1).bit_length())
+
+
+class Generator:
+    """Jitted prefill / decode / sampling for one model. The model is split once; each call passes its state."""
+
+    def __init__(self, model: Transformer):
+        self.cfg = model.cfg
+        self._graphdef, self._state = nnx.split(model)
+        self._extend = jax.jit(self._extend_fn, static_argnames=("prefill", "all_logits"),
+                               donate_argnames=("cache",))
+        self._sample = jax.jit(sample, static_argnames=("sampling",))
+
+    def _extend_fn(self, state, tokens_BT, n_new_B, cache, *, prefill, all_logits):
+        return extend(nnx.merge(self._graphdef, state), tokens_BT, n_new_B, cache, prefill=prefill,
+                      all_logits=all_logits)
+
+    def new_cache(self, batch: int, max_len: int) -> LatentCache:
+        if max_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        return LatentCache.empty(self.cfg, batch, max_len)
+
+    def _pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("every row needs at least one token")
+        V = self.cfg.vocab_size
+        for i, r in enumerate(rows):
+            bad = [t for t in r if not 0 <= int(t) < V]
+            if bad:
+                raise ValueError(f"row {i}: token ids {bad[:3]} are outside the vocabulary [0, {V})")
+        lengths = np.array([len(r) for r in rows], np.int32)
+        tokens = np.zeros((len(rows), _bucket(int(lengths.max()))), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = r
+        return tokens, lengths
+
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: LatentCache, *, all_logits: bool = False
+                ) -> tuple[jnp.ndarray, LatentCache]:
+        """Prompts (lists of ids) into an empty cache with one row per prompt -> (last-token logits [B, V], cache).
+        The cache is donated: use the returned one."""
+        tokens, lengths = self._pad(prompts)
+        if len(prompts) != cache.kv_LBSX.shape[1]:
+            raise ValueError(f"prefill: {len(prompts)} prompts for a cache of batch {cache.kv_LBSX.shape[1]}")
+        if np.any(np.asarray(cache.lengths_B)):
+            raise ValueError("prefill needs an empty cache; use extend() to add tokens to a filled one")
+        if tokens.shape[1] > cache.max_len:
+            if lengths.max() > cache.max_len:
+                raise ValueError(f"prompt of {lengths.max()} tokens does not fit a cache of {cache.max_len}")
+            tokens = tokens[:, :cache.max_len]
+        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, prefill=True,
+                            all_logits=all_logits)
+
+    def extend(self, rows: Sequence[Sequence[int]], cache: LatentCache, *, all_logits: bool = False
+               ) -> tuple[jnp.ndarray, LatentCache]:
+        """Appends row b's tokens after what its cache row holds (absorbed attention over the whole cache)."""
+        tokens, lengths = self._pad(rows)
+        free = cache.max_len - int(np.asarray(cache.lengths_B).max())
+        if lengths.max() > free:
+            raise ValueError(f"extend: {lengths.max()} new tokens do not fit: the cache has {free} free slots")
+        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, prefill=False,
+                            all_logits=all_logits)
+
+    def decode(self, tokens_B: jnp.ndarray, cache: LatentCache) -> tuple[jnp.ndarray, LatentCache]:
+        """One token per row -> (logits [B, V], cache). No host sync: the caller makes sure slots are left."""
+        tokens_B = jnp.asarray(tokens_B, jnp.int32)
+        return self._extend(self._state, tokens_B[:, None], jnp.ones_like(tokens_B), cache, prefill=False,
+                            all_logits=False)
+
+    def sample(self, logits_BV: jnp.ndarray, sampling: Sampling, key: jax.Array) -> jnp.ndarray:
+        return self._sample(logits_BV, key, sampling)
+
+    def lower(self, step: str, *, batch: int, max_len: int, prompt_len: int = 0) -> jax.stages.Lowered:
+        """The jitted step for abstract inputs, ready to .compile() ahead of time: "prefill" (prompts of
+        prompt_len tokens into an empty cache of max_len slots, as `prefill`) or "decode" (one token per row, as
+        `decode`). The model may be abstract (`k2jax.model.placement.abstract_model`: no memory for weights); its
+        shardings are kept. Under `jax.set_mesh(mesh)` the tokens and the cache are split over the batch as
+        activations are (sharding.rules.activation_spec)."""
+        if step not in ("prefill", "decode"):
+            raise ValueError(f"Generator.lower: step must be 'prefill' or 'decode', got {step!r}")
+        T = _bucket(prompt_len) if step == "prefill" else 1
+        if step == "prefill" and not 0 < prompt_len <= max_len:
+            raise ValueError(f"Generator.lower: prompt_len must be in [1, max_len={max_len}], got {prompt_len}")
+        mesh = jax.sharding.get_mesh()
+
+        def arg(shape, dtype, axes):
+            sharding = (None if mesh.empty else
+                        jax.sharding.NamedSharding(mesh, activation_spec(shape, axes, mesh)))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        X = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+        cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.dtype),
+                                CACHE_AXES_LBSX), arg((batch,), jnp.int32, ("batch",)))
+        tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                             self._state)
+        return self._extend.lower(state, tokens, n_new, cache, prefill=step == "prefill", all_logits=False)
+
+    def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
+               stop_tokens: Sequence[int] = (), seed: int = 0, max_len: int | None = None,
+               cache: LatentCache | None = None) -> Iterator[np.ndarray]:
+        """Yields the next token of every row [B] (int32, FINISHED for rows that stopped) until every row has
+        stopped or max_new_tokens steps ran. A stop token is yielded, then the row reads FINISHED.
+
+        cache: continue rows already in this cache (a chat's next turn) instead of starting from empty ones.
+        The final cache is available as `self.last_cache` when the generator ends."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        key = jax.random.key(seed)
+        stops = jnp.asarray(sorted(set(int(t) for t in stop_tokens)) or [FINISHED], jnp.int32)
+        if cache is None:
+            need = max(len(p) for p in prompts) + max_new_tokens
+            cache = self.new_cache(len(prompts), max_len or min(_bucket(need), self.cfg.max_position_embeddings))
+            if need > cache.max_len:
+                raise ValueError(f"the longest prompt ({need - max_new_tokens} tokens) + max_new_tokens "
+                                 f"({max_new_tokens}) exceeds the cache's {cache.max_len} slots")
+            logits_BV, cache = self.prefill(prompts, cache)
+        else:
+            used = int(np.asarray(cache.lengths_B).max()) + max(len(p) for p in prompts)
+            if used + max_new_tokens > cache.max_len:
+                raise ValueError(f"{used} tokens in the cache + max_new_tokens ({max_new_tokens}) exceed its "
+                                 f"{cache.max_len} slots")
+            logits_BV, cache = self.extend(prompts, cache)
+        done_B = jnp.zeros((len(prompts),), bool)
+        for step in range(max_new_tokens):
+            token_B = self.sample(logits_BV, sampling, jax.random.fold_in(key, step))
+            out_B = np.asarray(jnp.where(done_B, FINISHED, token_B))
+            yield out_B
+            done_B = done_B | jnp.isin(token_B, stops)
+            if bool(done_B.all()) or step == max_new_tokens - 1:
+                break
+            logits_BV, cache = self.decode(token_B, cache)
+        self.last_cache = cache
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_tokens: Sequence[int] = (), seed: int = 0, max_len: int | None = None) -> list[Completion]:
+        stops = set(int(t) for t in stop_tokens)
+        outs = [Completion([], "length") for _ in prompts]
+        for step_B in self.stream(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                  stop_tokens=stop_tokens, seed=seed, max_len=max_len):
+            for out, t in zip(outs, step_B.tolist()):
+                if t == FINISHED or out.finish_reason == "stop":
+                    continue
+                if t in stops:
+                    out.finish_reason = "stop"
+                else:
+                    out.tokens.append(t)
+        return outs
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], **kwargs) -> list[Completion]:
+    """One-off `Generator(model).generate(prompts, **kwargs)` (compiles each time; keep a Generator to reuse)."""
+    return Generator(model).generate(prompts, **kwargs)

@@ -1,0 +1,175 @@
+"""Multi-head Latent Attention (MLA): the layer, its train / prefill attention and its absorbed decode.
+
+    q  = q_b(norm(q_a(x)))            (or q_proj(x) without q_lora)      -> per head [nope | rope]
+    kv_a(x) = [c | k_rope]            c: kv_lora latent, k_rope: one rope key shared by all heads
+    kv_b(norm(c)) = per head [k_nope | v]
+    logits = (q_nope·k_nope + rope(q_rope)·rope(k_rope)) · softmax_scale
+
+`latent(x)` returns exactly what a decode cache stores (normed c and roped k_rope, C + R values per token).
+Two ways to attend over it, same weights; the model owns no attention math, each is one kernel module's op:
+  attend        expands c into per-head k_nope and v with kv_b, then causal self-attention within segments
+                (`pallas_kernels.mla_attention`; training and prefill: T is large)
+  attend_cache  folds kv_b into the query and the output instead (`pallas_kernels.mla_decode`; decode: q_nope.W_UK
+                gives a query in latent space, attention runs over the C + R cached values shared by all heads,
+                then W_UV)
+`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, C + R] and attends.
+The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real tokens, which
+QK-Clip needs.
+
+Each op runs with the backend k2jax.model.target picks (cfg.attention_impl overrides it): "pallas" on TPU / GPU (the
+kernel, under `sharding.per_shard`: per example and head / per row on every device of the mesh, with the
+platform's block sizes), "xla" on CPU (the kernel module's XLA reference), or "interpret" (tests).
+
+Letter legend: B batch, T query len, S key len, D hidden, N heads, H head dim (P nope, R rope, U value),
+Q q_lora, C kv_lora, X = C + R (one cache slot), L layers, Z = R/2 rope frequencies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.model.config import K2Config
+from k2jax.model.layers import RMSNorm, project, weight
+from k2jax.model.rope import apply_rope, softmax_scale
+from k2jax.model.target import Target
+from pallas_kernels.mla_attention import mla_attention
+from pallas_kernels.mla_decode import mla_decode
+from sharding.per_shard import per_shard
+
+# q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLAttention(nnx.Module):
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+        D, N, C, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.cfg = cfg
+        if cfg.q_lora_rank is None:
+            self.q_proj = weight(rngs, (D, N, cfg.qk_head_dim), ("embed", "heads", "qk_head_dim"), cfg)
+        else:
+            Q = cfg.q_lora_rank
+            self.q_a_proj = weight(rngs, (D, Q), ("embed", "q_lora"), cfg)
+            self.q_a_layernorm = RMSNorm(Q, cfg, eps=LATENT_NORM_EPS, axis_name="q_lora")
+            self.q_b_proj = weight(rngs, (Q, N, cfg.qk_head_dim), ("q_lora", "heads", "qk_head_dim"), cfg)
+        self.kv_a_proj_with_mqa = weight(rngs, (D, C + R), ("embed", "kv_lora_rope"), cfg)
+        self.kv_a_layernorm = RMSNorm(C, cfg, eps=LATENT_NORM_EPS, axis_name="kv_lora")
+        self.kv_b_proj = weight(rngs, (C, N, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                ("kv_lora", "heads", "kv_head_dim"), cfg)
+        self.o_proj = weight(rngs, (N, cfg.v_head_dim, D), ("heads", "v_head_dim", "embed"), cfg,
+                             fan_in=N * cfg.v_head_dim, n_in=2)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.scale = softmax_scale(cfg)
+
+    def _w(self, p: nnx.Param) -> jnp.ndarray:
+        return p[...].astype(self.dtype)
+
+    def _project(self, x, p: nnx.Param, n_in: int = 1) -> jnp.ndarray:
+        return project(x, self._w(p), n_in, cpu_form=Target.of(self.cfg).cpu_matmul)
+
+    def queries(self, x_BTD, cos_BTZ, sin_BTZ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """q_nope [B, T, N, P] and roped q_rope [B, T, N, R]."""
+        x = x_BTD.astype(self.dtype)
+        if self.cfg.q_lora_rank is None:
+            q_BTNH = self._project(x, self.q_proj)
+        else:
+            q_BTQ = self.q_a_layernorm(self._project(x, self.q_a_proj))
+            q_BTNH = self._project(q_BTQ, self.q_b_proj)
+        P = self.cfg.qk_nope_head_dim
+        q_rope = apply_rope(q_BTNH[..., P:], cos_BTZ, sin_BTZ, interleave=self.cfg.rope_interleave)
+        return q_BTNH[..., :P], q_rope
+
+    def latent(self, x_BTD, cos_BTZ, sin_BTZ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The per-token cacheable state: normed latent c [B, T, C] and roped shared key k_rope [B, T, R]."""
+        C = self.cfg.kv_lora_rank
+        kv_BTX = self._project(x_BTD.astype(self.dtype), self.kv_a_proj_with_mqa)
+        c_BTC = self.kv_a_layernorm(kv_BTX[..., :C])
+        k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTZ, sin_BTZ, interleave=self.cfg.rope_interleave)
+        return c_BTC, k_rope_BTR
+
+    def attend(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, target: Target
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Causal self-attention within segments (`pallas_kernels.mla_attention`, the target's backend): expands
+        the latent into per-head keys and values. -> (o_proj output [B, T, D], max pre-softmax logit per head [N]
+        over visible pairs of real queries (segment > 0); -inf if there are none)."""
+        k_nope_BNTP, v_BNTU = self._keys_values(c_BTC)
+        heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+        kernel = functools.partial(mla_attention, scale=self.scale, backend=target.attention,
+                                   **target.launch("mla_attention", self.dtype))
+        if target.attention != "xla":  # a kernel runs per device: each device's examples and heads
+            per_head, shared = ("batch", "heads", None, None), ("batch", None, None)
+            kernel = per_shard(kernel, in_axes=(per_head, per_head, per_head, shared, per_head, ("batch", None)),
+                               out_axes=(per_head, ("batch", "heads", None)))
+        out_BNTU, rowmax_BNT = kernel(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNTP, k_rope_BTR,
+                                      v_BNTU, segment_ids_BT)
+        max_logit_N = jnp.max(jnp.where((segment_ids_BT > 0)[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
+        return self._output(heads_first(out_BNTU)), max_logit_N
+
+    def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_BSX, positions_BT, target: Target) -> jnp.ndarray:
+        """Absorbed attention over a latent cache (`pallas_kernels.mla_decode`, the target's backend): the query
+        goes to latent space (q_nope . W_UK), attends over the C + R cached values per slot shared by all heads
+        (slots <= each token's position), and comes back through W_UV and o_proj -> [B, T, D]. Per new token it
+        reads C + R values per cached token instead of N (P + U)."""
+        kernel = functools.partial(mla_decode, scale=self.scale, backend=target.attention,
+                                   **target.launch("mla_decode", self.dtype))
+        if target.attention != "xla":  # a kernel runs per device: each device's rows (and heads)
+            per_head = ("batch", None, "heads", None)
+            kernel = per_shard(kernel, in_axes=(per_head, per_head, ("batch", None, None), ("batch", None)),
+                               out_axes=per_head)
+        o_lat_BTNC = kernel(self._absorb_query(q_nope_BTNP), q_rope_BTNR, cache_BSX, positions_BT)
+        return self._expand_output(o_lat_BTNC)
+
+    def _keys_values(self, c_BSC) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """kv_b expansion of the latent, head-major: k_nope [B, N, S, P] and v [B, N, S, U]."""
+        kv_BNSH = self._project(c_BSC, self.kv_b_proj).transpose(0, 2, 1, 3)
+        P = self.cfg.qk_nope_head_dim
+        return kv_BNSH[..., :P], kv_BNSH[..., P:]
+
+    def _output(self, out_BTNU) -> jnp.ndarray:
+        """Per-head attention outputs through o_proj -> [B, T, D]."""
+        return self._project(out_BTNU, self.o_proj, n_in=2)
+
+    def _absorb_query(self, q_nope_BTNP) -> jnp.ndarray:
+        """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype)."""
+        w_CNH = self._w(self.kv_b_proj)
+        return jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_CNH[..., :self.cfg.qk_nope_head_dim],
+                          preferred_element_type=jnp.float32).astype(self.dtype)
+
+    def _expand_output(self, o_lat_BTNC) -> jnp.ndarray:
+        """(attention-weighted latent) . W_UV, then o_proj -> [B, T, D]."""
+        w_CNH = self._w(self.kv_b_proj)
+        return self._output(jnp.einsum("btnc,cnv->btnv", o_lat_BTNC.astype(self.dtype),
+                                       w_CNH[..., self.cfg.qk_nope_head_dim:]))
+
+    @jax.named_scope("attention")
+    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Causal self-attention within segments (segment_ids > 0 real tokens, 0 padding) -> (out [B, T, D], max
+        pre-softmax logit per head [N] over visible pairs of real queries)."""
+        q_nope, q_rope = self.queries(x_BTD, cos_BTZ, sin_BTZ)
+        c, k_rope = self.latent(x_BTD, cos_BTZ, sin_BTZ)
+        return self.attend(q_nope, q_rope, c, k_rope, segment_ids_BT, Target.of(self.cfg))
+
+    @jax.named_scope("attention")
+    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, cache_LBSX, layer, *, prefill: bool
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The generation path: T new tokens per row at `positions` (= their cache slots) -> (out [B, T, D], cache).
+
+        Writes the tokens' latents into slots cache[layer, b, positions[b, t]] (slots past S are dropped).
+        prefill (the cache is empty, positions are 0 .. T-1): the tokens attend causally to each other in the
+        expanded form, as in training (compute-bound). Otherwise each token attends in the absorbed form to the
+        slots s <= its position (decode, or extending a filled cache), so a row's stale slots beyond its length
+        never leak."""
+        B, T = positions_BT.shape
+        q_nope, q_rope = self.queries(x_BTD, cos_BTZ, sin_BTZ)
+        c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTZ, sin_BTZ)
+        new_BTX = jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype)
+        cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
+        target = Target.of(self.cfg)
+        if prefill:
+            out_BTD, _ = self.attend(q_nope, q_rope, c_BTC, k_rope_BTR, jnp.ones((B, T), jnp.int32), target)
+            return out_BTD, cache_LBSX
+        keys_BSX = jax.lax.dynamic_index_in_dim(cache_LBSX, layer, axis=0, keepdims=False).astype(self.dtype)
+        return self.attend_cache(q_nope, q_rope, keys_BSX, positions_BT, target), cache_LBSX

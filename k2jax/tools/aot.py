@@ -1,0 +1,462 @@
+"""Ahead-of-time compile of a k2jax job for a TPU slice, on a machine without one: does it fit, and what it costs.
+
+    k2jax-aot --config=configs/k2_v5p_256.py                       # the train step, for the slice the mesh needs
+    k2jax-aot --config=configs/k2_infer_v5p.py --step=decode --report=decode.json
+    k2jax-aot --config=configs/tiny.py --topology=v5p-8 --config.mesh.axes='{"fsdp": 4}'
+
+    report = compile_report(config, step="train", topology="v5p-512")   # the same from Python: a dict
+
+libtpu builds the slice's devices without the chips (`jax.experimental.topologies`, as MaxText's train_compile);
+the config's mesh is laid over them, the state is abstract (ShapeDtypeStructs with their shardings: no memory
+for weights anywhere), and the very functions train.py and the Generator jit are lowered and compiled by XLA:TPU
+(Mosaic compiles the Pallas kernels, the memory planner runs). The report, per chip:
+
+  memory      parameters, optimizer state, batch (or latent cache), temporaries (activations and workspace),
+              outputs not aliased to inputs, generated code; their total against the chip's HBM, and `fits`
+  flops       the compiled program's matrix FLOPs, every loop's trip count applied (k2jax/tools/hlo_cost.py; Pallas
+              kernels count through their pl.CostEstimate), next to the useful FLOPs: the model's
+              (cfg.flops_per_token x tokens per chip; x 4/3 under full remat, whose forward runs twice) and,
+              for train, MuonClip's Newton-Schulz (newton_schulz_flops / chips). XLA's own cost analysis,
+              which counts each loop body once, is kept for reference.
+  hbm bytes   bytes the program reads and writes in HBM (hlo_cost, trip counts applied); for decode, the
+              bound this puts on tokens/s at the chip's bandwidth
+  collectives every all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute: executions per
+              step (loop trip counts applied) and bytes moved per chip
+
+A program that does not fit (its arguments alone, found before compiling; the compiler's HBM check; or the total
+above the chip's HBM) exits 1 with what to change. `--report` writes the dict as JSON (keys in README.md,
+"Compile ahead of time").
+
+TPU generations (name counts as in `gcloud`: TensorCores for v4 / v5p, chips for v5e / v6e) are in TPUS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from k2jax.tools.hlo_cost import HloCost, memory_parts
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """A TPU generation as libtpu names it, and what one chip has."""
+    libtpu_name: str        # topology prefix for get_topology_desc ("v5p:4x8x8")
+    hbm_bytes: float        # HBM per chip the compiler may use
+    peak_bf16_flops: float  # per chip
+    hbm_bandwidth: float    # bytes/s per chip
+    cores_per_chip: int     # TensorCores per chip: what the slice name counts for v4 / v5p (megacore)
+    dims: int               # torus dimensions (3: v4 / v5p, 2: v5e / v6e)
+
+    @property
+    def chip_config(self) -> str:
+        return "megacore" if self.cores_per_chip == 2 else "default"
+
+
+# Public per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm); v5p's HBM is what libtpu's
+# memory planner reports as available (95.74 GiB of the 96).
+TPUS: dict[str, TpuGeneration] = {
+    "v4": TpuGeneration("v4", 32 * GiB, 275e12, 1.2e12, 2, 3),
+    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3),
+    "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, 0.819e12, 1, 2),
+    "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, 1.64e12, 1, 2),
+}
+_ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
+STEPS = ("train", "prefill", "decode")
+
+
+class AotError(ValueError):
+    """A topology, config or step that cannot be compiled as asked; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    generation: str
+    shape: tuple[int, ...]  # chips along each torus dimension
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def spec(self) -> TpuGeneration:
+        return TPUS[self.generation]
+
+    @property
+    def name(self) -> str:
+        """The slice's usual name (v5p-512: 512 TensorCores = 256 chips)."""
+        return f"{self.generation}-{self.chips * self.spec.cores_per_chip}"
+
+    def devices(self) -> list:
+        """The slice's chips as deviceless jax devices (one per chip: megacore on v4 / v5p)."""
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: no chip to hold exclusively
+        from jax.experimental import topologies
+        libtpu_name = f"{self.spec.libtpu_name}:{'x'.join(map(str, self.shape))}"
+        per_host = tuple(min(2, s) for s in self.shape[:2]) + (1,)
+        try:
+            topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
+                                                chip_config_name=self.spec.chip_config,
+                                                chips_per_host_bounds=per_host, num_slices=1)
+        except RuntimeError as e:
+            if "TPU support not installed" not in str(e):
+                raise
+            raise AotError(f"compiling for TPU needs libtpu: pip install 'jax[tpu]=={jax.__version__}' (or "
+                           f"pip install -e '.[test]')") from None
+        return list(topo.devices)
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+    """The usual slice shape for a power-of-two chip count (as gcloud lays them out): up to one host's 2x2 chips,
+    then the last of the smallest dimensions doubled in turn (v5p: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ..., 4x8x8
+    for v5p-512; v5e: 2x2, 2x4, 4x4, 4x8, ..., 16x16)."""
+    if chips < 1 or chips & (chips - 1):
+        raise AotError(f"no standard TPU slice has {chips} chips (a power of two); name the shape, e.g. v5p:4x4x12")
+    small = {1: (1, 1), 2: (1, 2), 4: (2, 2)}
+    if chips in small:
+        return small[chips] + (1,) * (dims - 2)
+    shape = [2] * dims
+    while math.prod(shape) < chips:
+        i = max(d for d in range(dims) if shape[d] == min(shape))
+        shape[i] *= 2
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> Topology:
+    """"v5p-512" (gcloud's name: TensorCores on v4 / v5p, chips on v5e / v6e), or "v5p:4x8x8" (chips per
+    dimension, libtpu's form). Generations: TPUS."""
+    m = re.fullmatch(r"(v\w+?)(?:litepod)?([-:])([\dx]+)", name.strip())
+    if not m:
+        raise AotError(f"topology {name!r}: expected e.g. v5p-512 or v5p:4x8x8")
+    gen = _ALIASES.get(m.group(1), m.group(1))
+    if "litepod" in name:
+        gen = "v5e"
+    if gen not in TPUS:
+        raise AotError(f"topology {name!r}: unknown TPU generation {gen!r} (have {sorted(TPUS)})")
+    spec = TPUS[gen]
+    if m.group(2) == ":":
+        shape = tuple(int(s) for s in m.group(3).split("x"))
+        if len(shape) != spec.dims or min(shape) < 1:
+            raise AotError(f"topology {name!r}: a {gen} slice has {spec.dims} dimensions")
+        return Topology(gen, shape)
+    cores = int(m.group(3))
+    if cores % spec.cores_per_chip:
+        raise AotError(f"topology {name!r}: {gen} slices count {spec.cores_per_chip} cores per chip")
+    return Topology(gen, _torus(cores // spec.cores_per_chip, spec.dims))
+
+
+def default_topology(axes: dict, generation: str = "v5p") -> Topology:
+    """The smallest standard slice the mesh axes need (their product; no -1 axis)."""
+    if any(int(s) < 1 for s in axes.values()):
+        raise AotError(f"mesh axes {dict(axes)} have a -1: give --topology (the slice fills it in)")
+    return Topology(generation, _torus(math.prod(int(s) for s in axes.values()), TPUS[generation].dims))
+
+
+# ---- compiling a job ------------------------------------------------------------------------------------------
+
+def _per_chip_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+class _Heartbeat:
+    """Prints "compiling ... N s" every `every` seconds until stopped (a compile takes minutes on 2 cores)."""
+
+    def __init__(self, what: str, log: Callable[[str], None], every: float = 30.0):
+        self.what, self.log, self.every = what, log, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.start = time.perf_counter()
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.log(f"  {self.what}: {time.perf_counter() - self.start:.0f} s")
+
+    def __enter__(self):
+        self.log(f"{self.what} ...")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.seconds = time.perf_counter() - self.start
+
+
+def _lower(config, step: str, mesh):
+    """(lowered program, {memory part: per-chip bytes of the arguments}, {"model": FLOPs of the model's forward
+    (and backward) in one run, "optimizer": MuonClip's Newton-Schulz}, tokens per run, the model config)."""
+    from flax import nnx
+
+    from k2jax.model.transformer import Transformer
+    from k2jax.optim.muon_clip import newton_schulz_flops
+    from k2jax.training.loop import model_config, train_program
+    if step == "train":
+        program = train_program(config, mesh)
+        state, batch = program.abstract_state(), program.abstract_batch(config.global_batch, config.seq_len)
+        tokens = config.global_batch * config.seq_len
+        model_flops = program.cfg.flops_per_token(config.seq_len) * tokens
+        if program.cfg.remat == "full":
+            model_flops *= 4 / 3
+        abstract = nnx.eval_shape(lambda: Transformer(program.cfg, rngs=nnx.Rngs(0)))
+        useful = {"model": model_flops, "optimizer": newton_schulz_flops(abstract, config.optimizer.ns_steps)}
+        parts = {"parameters": _per_chip_bytes(state.params) + _per_chip_bytes(state.rest),
+                 "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
+        return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg
+    from k2jax.checkpoint.orbax_checkpoint import WEIGHTS
+    from k2jax.inference.generate import Generator, LatentCache
+    from k2jax.model.fp8_experts import abstract_fp8_experts
+    from k2jax.model.placement import abstract_model
+    cfg = model_config(config)
+    infer = config.infer
+    if infer.max_len > cfg.max_position_embeddings:
+        raise AotError(f"infer.max_len {infer.max_len} exceeds the model's max_position_embeddings "
+                       f"{cfg.max_position_embeddings}")
+    model = abstract_model(cfg, mesh, config.mesh.strategy)
+    if infer.weights == "fp8":
+        if not cfg.num_moe_layers:
+            raise AotError("infer.weights='fp8' keeps the routed experts FP8, and this model has no MoE layers")
+        model = abstract_fp8_experts(model)
+    elif infer.weights != "dequantized":
+        raise AotError(f"infer.weights must be one of {WEIGHTS}, got {infer.weights!r}")
+    weights = _per_chip_bytes(nnx.state(model))
+    lowered = Generator(model).lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
+    cache_bytes = LatentCache.values_per_token(cfg) * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
+    if step == "prefill":
+        tokens = infer.batch * infer.prompt_len
+        useful = {"model": cfg.flops_per_token(infer.prompt_len, training=False) * tokens}
+    else:
+        tokens = infer.batch
+        useful = {"model": cfg.flops_per_token(infer.max_len, training=False, causal=False) * tokens}
+    return lowered, {"parameters": weights, "cache": cache_bytes // _batch_shards(infer.batch, mesh)}, useful, \
+        tokens, cfg
+
+
+def _batch_shards(batch: int, mesh) -> int:
+    """Devices a batch of `batch` rows is split over (as the Generator's tokens and cache are)."""
+    from sharding.rules import activation_spec
+    spec = activation_spec((batch,), ("batch",), mesh)
+    axes = spec[0] if len(spec) else None
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(dict(mesh.shape)[a] for a in axes)
+
+
+def _advice(report: dict) -> str:
+    m = report["memory"]
+    big = max(("parameters", "optimizer_state", "temporaries", "cache"), key=lambda k: m.get(k, 0))
+    train = report["step"] == "train"
+    tips = {
+        "parameters": "more chips on the fsdp / expert axes"
+                      + (", or bfloat16 parameters (model.overrides.param_dtype)"
+                         if report["model"]["param_dtype"] == "float32" else "")
+                      + ("" if train or report["model"].get("weights") == "fp8" else
+                         ", or FP8-resident routed experts (infer.weights='fp8')"),
+        "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",
+        "temporaries": ("model.overrides.remat='full', more grad_accum microbatches, fewer tokens per chip, or a "
+                        "smaller expert-parallel buffer (model.overrides.ep_capacity_factor)") if train else
+                       "a smaller infer.batch or infer.prompt_len, or more chips on the batch axes",
+        "cache": "a smaller infer.batch or infer.max_len, or more chips on the batch axes",
+    }
+    return f"the largest part is {big.replace('_', ' ')} ({m.get(big, 0) / GiB:.1f} GiB): try {tips[big]}"
+
+
+def compile_report(config, *, step: str = "train", topology: str | None = None,
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Compiles `step` of the job `config` (base_config() + a configs/ file) for a deviceless TPU slice and
+    returns the report (module docstring). topology: a name for parse_topology; default: the smallest v5p
+    slice the config's mesh needs. Never raises for a program that does not fit: report["fits"] is False."""
+    from sharding.mesh import MeshError, make_mesh
+    from sharding.rules import ShardingRuleError
+    if step not in STEPS:
+        raise AotError(f"step must be one of {STEPS}, got {step!r}")
+    jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are deviceless
+    topo = parse_topology(topology) if topology else default_topology(dict(config.mesh.axes))
+    devices = topo.devices()
+    try:
+        mesh = make_mesh(dict(config.mesh.axes), devices)
+    except MeshError as e:
+        raise AotError(f"the config's mesh does not fit {topo.name} ({topo.chips} chips): {e}") from None
+    hbm = topo.spec.hbm_bytes
+    report = {"step": step, "topology": topo.name, "chips": topo.chips, "mesh": dict(mesh.shape),
+              "strategy": config.mesh.strategy, "hbm_per_chip": hbm, "libtpu": _libtpu_version(),
+              "jax": jax.__version__}
+    log(f"k2jax-aot: {step} step on {topo.name} ({topo.chips} chips, mesh {dict(mesh.shape)}, "
+        f"strategy {config.mesh.strategy})")
+    with jax.set_mesh(mesh):
+        with _Heartbeat("tracing and lowering", log) as hb:
+            try:
+                lowered, parts, useful, tokens, cfg = _lower(config, step, mesh)
+            except ShardingRuleError as e:
+                raise AotError(f"the mesh {dict(mesh.shape)} cannot split the model: {e}") from None
+        report["lower_seconds"] = round(hb.seconds, 1)
+        report["model"] = {"layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts,
+                           "params": cfg.num_params(), "param_dtype": cfg.param_dtype, "dtype": cfg.dtype,
+                           "remat": cfg.remat}
+        if step != "train":
+            report["model"]["weights"] = config.infer.weights
+        arguments = sum(parts.values())
+        if arguments > hbm:  # no compile needs to say so (it would take minutes for a large model)
+            report.update(fits=False, memory=dict(parts), error=f"the step's arguments alone take "
+                          f"{arguments / GiB:.2f} GiB per chip, more than its {hbm / GiB:.2f} GiB of HBM")
+            report["advice"] = _advice(report)
+            return report
+        try:
+            with _Heartbeat("compiling for TPU (minutes for a large model on 2 cores)", log) as hb:
+                compiled = lowered.compile()
+        except Exception as e:  # XLA's HBM check raises at compile time (RESOURCE_EXHAUSTED)
+            message = str(e)
+            if "memory" not in message.lower() and "RESOURCE_EXHAUSTED" not in message:
+                raise
+            required = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+            memory = dict(parts)
+            if required:  # the compiler's figure, in its units (powers of 1024): arguments + temporaries, as
+                # measured against programs that fit (2026-12-02, libtpu 0.0.42.1: the figure of a reduced K2
+                # decode that overflowed by its cache was its arguments plus the temporaries its half-size fit had)
+                total = int(float(required.group(1)) * 1024 ** "KMGT".index(required.group(2)) * 1024)
+                memory.update(temporaries=max(total - sum(parts.values()), 0), total=total)
+                report["hbm_margin"] = (hbm - total) / hbm
+            report.update(fits=False, compile_seconds=round(time.perf_counter() - hb.start, 1),
+                          error=message.strip().splitlines()[0][:500], memory=memory)
+            report["advice"] = _advice(report)
+            return report
+    report["compile_seconds"] = round(hb.seconds, 1)
+    memory = {**parts, **memory_parts(compiled.memory_analysis())}
+    total = memory["total"]
+    report["memory"] = memory
+    report["fits"] = total <= hbm
+    report["hbm_margin"] = (hbm - total) / hbm
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+    text = compiled.as_text()
+    cost = HloCost(text)
+    flops, hbm_bytes = cost.flops, cost.hbm_bytes
+    per_chip = {f"{k}_per_chip": v / topo.chips for k, v in useful.items()}
+    useful_per_chip = sum(per_chip.values())
+    report["flops"] = {"compiled_per_chip": flops, "useful_per_chip": useful_per_chip, **per_chip,
+                       "compiled_over_useful": flops / useful_per_chip if useful_per_chip else None,
+                       "xla_cost_analysis_per_chip": float(xla.get("flops", 0.0))}
+    report["hbm_bytes_accessed_per_chip"] = hbm_bytes
+    report["xla_bytes_accessed_per_chip"] = float(xla.get("bytes accessed", 0.0))
+    seconds_bound = max(flops / topo.spec.peak_bf16_flops, hbm_bytes / topo.spec.hbm_bandwidth)
+    report["step_seconds_lower_bound"] = seconds_bound
+    report["tokens_per_step"] = tokens
+    report["tokens_per_second_bound"] = tokens / seconds_bound if seconds_bound else None
+    if step == "decode":
+        report["hbm_bytes_per_generated_token"] = hbm_bytes * topo.chips / tokens
+    report["collectives"] = cost.collectives()
+    report["pallas_kernels"] = cost.pallas_kernels()
+    if not report["fits"]:
+        report["advice"] = _advice(report)
+    return report
+
+
+def _libtpu_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("libtpu")
+    except Exception:
+        return None
+
+
+def format_report(r: dict) -> str:
+    """The report as the table the CLI prints."""
+    lines = [f"{r['step']} step, {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, strategy {r['strategy']}"
+             f"  [libtpu {r['libtpu']}, jax {r['jax']}]"]
+    if "model" in r:
+        m = r["model"]
+        lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {m['params'] / 1e9:.3g}B params, "
+                     f"{m['param_dtype']} params / {m['dtype']} compute, remat {m['remat']}"
+                     + (", routed experts FP8-resident" if m.get("weights") == "fp8" else ""))
+    lines.append("memory per chip (GiB):")
+    for k, v in r["memory"].items():
+        lines.append(f"  {k.replace('_', ' '):<22}{v / GiB:>9.2f}")
+    hbm = r["hbm_per_chip"] / GiB
+    if "total" in r["memory"]:
+        lines.append(f"  {'of HBM':<22}{hbm:>9.2f}   {'fits' if r['fits'] else 'DOES NOT FIT'}"
+                     f" (margin {100 * r['hbm_margin']:.1f} %)")
+    else:
+        lines.append(f"  does not fit {hbm:.2f} GiB: {r['error']}")
+    if "compile_seconds" in r:
+        lines.append(f"compile: {r['compile_seconds']:.0f} s (lowering {r['lower_seconds']:.0f} s)")
+    if "flops" in r:
+        f = r["flops"]
+        ratio = f["compiled_over_useful"]
+        parts = ", ".join(f"{k.removesuffix('_per_chip')} {v:.3e}" for k, v in f.items()
+                          if k.endswith("_per_chip") and k not in ("compiled_per_chip", "useful_per_chip",
+                                                                   "xla_cost_analysis_per_chip"))
+        lines.append(f"FLOPs per chip: compiled {f['compiled_per_chip']:.3e}, useful {f['useful_per_chip']:.3e}"
+                     f" ({parts})" + (f"; compiled / useful {ratio:.2f}" if ratio else ""))
+        lines.append(f"HBM bytes accessed per chip: {r['hbm_bytes_accessed_per_chip']:.3e}; step >= "
+                     f"{r['step_seconds_lower_bound'] * 1e3:.2f} ms, <= {r['tokens_per_second_bound']:.0f} tokens/s")
+        if "hbm_bytes_per_generated_token" in r:
+            lines.append(f"HBM bytes per generated token (all chips): {r['hbm_bytes_per_generated_token']:.3e}")
+        lines.append(f"Pallas kernels in the program: {r['pallas_kernels']}")
+        lines.append("collectives per step (count, bytes per chip):")
+        for c in r["collectives"]:
+            lines.append(f"  {c['op']:<20}{c['count']:>8}  {c['bytes'] / GiB:>9.3f} GiB")
+    if "advice" in r:
+        lines.append(f"to fit: {r['advice']}")
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (its get_config()); override any field "
+                                    "with --config.FIELD=VALUE.", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU slice to compile for: v5p-512 (gcloud's name) or v5p:4x8x8; "
+                        f"generations {', '.join(TPUS)}. Default: the smallest v5p slice the config's mesh needs.")
+    flags.DEFINE_enum("step", "train", list(STEPS), "train: the train step as train.py runs it; prefill / "
+                      "decode: the Generator's, at config.infer's batch, max_len and prompt_len.")
+    flags.DEFINE_string("report", None, "Also write the report as JSON to this file.")
+    flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> int:
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    try:
+        report = compile_report(FLAGS.config, step=FLAGS.step, topology=FLAGS.topology)
+    except AotError as e:
+        print(f"k2jax-aot: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if FLAGS.report:
+        with open(FLAGS.report, "w") as f:
+            json.dump(report, f, indent=1)
+    if not report["fits"]:
+        print(f"k2jax-aot: the {report['step']} step does not fit {report['topology']}: {report['advice']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli():
+    from absl import app, flags
+    _define_flags()
+    for name in ["config", "topology", "step", "report"]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    cli()
