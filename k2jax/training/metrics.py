@@ -174,16 +174,22 @@ class Throughput:
     `done` counts the steps known finished at `now`: the step whose metrics were just fetched, plus the next one
     if its outputs are ready too (on CPU a dispatch often runs the step before returning). Counting it makes
     windows of synchronous and asynchronous dispatch alike, and never reports the near-zero windows that gave
-    millions of tokens per second."""
+    millions of tokens per second. A mark at which no step finished since the last one (the previous mark counted
+    this step already) returns the last window again and keeps the clock running, so every row after the first
+    has a throughput."""
 
     def __init__(self):
         self._since: tuple[float, int] | None = None
+        self._last: tuple[int, float] | None = None
 
     def mark(self, now: float, done: int) -> tuple[int, float] | None:
-        since, self._since = self._since, (now, done)
-        if since is None or done <= since[1] or now <= since[0]:
-            return None
-        return done - since[1], now - since[0]
+        since = self._since
+        if since is not None and (done <= since[1] or now <= since[0]):
+            return self._last
+        self._since = (now, done)
+        if since is not None:
+            self._last = (done - since[1], now - since[0])
+        return self._last
 
     def mark_after_pause(self, now: float, done: int) -> None:
         self._since = (now, done)

@@ -31,8 +31,10 @@ def test_throughput_counts_the_steps_finished_between_marks():
     assert t.mark(10.0, 1) is None  # the clock starts (after the first step: no compilation, no warm-up)
     assert t.mark(11.0, 3) == (2, 1.0)
     # synchronous dispatch: step 4 had already run when step 3's metrics were fetched; the next fetch, of a step
-    # that had also already run, finds no step finished since: no window rather than a near-zero one
+    # that had also already run, finds no step finished since: the last window again rather than a near-zero one,
+    # and the clock keeps running from the mark that counted the step (a run's last row gets a throughput too)
     assert t.mark(11.5, 5) == (2, 0.5)
-    assert t.mark(11.5001, 5) is None
-    t.mark_after_pause(20.0, 5)  # a checkpoint save: its time is nobody's step
-    assert t.mark(21.0, 7) == (2, 1.0)
+    assert t.mark(11.5001, 5) == (2, 0.5)
+    assert t.mark(12.5, 7) == (2, 1.0)
+    t.mark_after_pause(20.0, 7)  # a checkpoint save: its time is nobody's step
+    assert t.mark(21.0, 9) == (2, 1.0)
