@@ -18,14 +18,12 @@ On a CPU it says so and exits: there is nothing to measure (the interpreter is a
 from __future__ import annotations
 
 import _repo_root  # noqa: F401  (the repo root first on sys.path: before any project import)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from benchmarks.common import best_time
-from pallas_kernels.backend import target_platform
 from pallas_kernels.fp8_grouped_matmul import FP8, dequantize, fp8_grouped_matmul
 from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import mla_decode
@@ -64,7 +62,7 @@ def timed(fn, *args):
     return best_time(lambda: jax.block_until_ready(f(*args)), FLAGS.value)
 
 
-def bench_attention(backend, peaks, small):
+def bench_attention(backend, platform, peaks, small):
     B, N, T, P, R, V = (1, 2, 64, 16, 8, 16) if small else (1, 16, 4096, 128, 64, 128)
     ks = jax.random.split(jax.random.key(0), 5)
     shapes = ((B, N, T, P), (B, N, T, R), (B, N, T, P), (B, T, R), (B, N, T, V))
@@ -76,9 +74,10 @@ def bench_attention(backend, peaks, small):
     print(f"attention  B={B} N={N} T={T} (nope {P}, rope {R}, v {V}), causal, bf16")
     results = {}
     for name, be in (("pallas", backend), ("xla", "xla")):
-        fwd = lambda *a, be=be: mla_attention(*a, seg, scale=0.1, backend=be, **blocks)[0]  # noqa: E731
-        step = jax.grad(lambda *a, be=be: jnp.sum(  # noqa: E731
-            mla_attention(*a, seg, scale=0.1, backend=be, **blocks)[0].astype(jnp.float32)), argnums=range(5))
+        kw = dict(scale=0.1, backend=be, platform=platform, **blocks)
+        fwd = lambda *a, kw=kw: mla_attention(*a, seg, **kw)[0]  # noqa: E731
+        step = jax.grad(lambda *a, kw=kw: jnp.sum(  # noqa: E731
+            mla_attention(*a, seg, **kw)[0].astype(jnp.float32)), argnums=range(5))
         results[name] = (timed(fwd, *args), timed(step, *args))
         report(f"{name} forward", results[name][0], flops, bytes_, peaks)
         report(f"{name} forward+backward", results[name][1], 3.5 * flops, 3 * bytes_, peaks)
@@ -86,7 +85,7 @@ def bench_attention(backend, peaks, small):
           f"forward+backward {results['xla'][1] / results['pallas'][1]:.2f}x")
 
 
-def bench_decode(backend, peaks, small):
+def bench_decode(backend, platform, peaks, small):
     B, N, S, C, R = (2, 4, 256, 16, 8) if small else (8, 64, 32768, 512, 64)
     ks = jax.random.split(jax.random.key(1), 3)
     q_lat = jax.random.normal(ks[0], (B, 1, N, C), jnp.bfloat16)
@@ -99,13 +98,14 @@ def bench_decode(backend, peaks, small):
     print(f"decode     B={B} N={N} S={S} slots of {C}+{R}, bf16 cache ({cache.size * 2 / 1e9:.2f} GB)")
     t = {}
     for name, be in (("pallas", backend), ("xla", "xla")):
-        t[name] = timed(lambda a, b, c, d, be=be: mla_decode(a, b, c, d, scale=0.1, backend=be, **blocks),
+        t[name] = timed(lambda a, b, c, d, be=be: mla_decode(a, b, c, d, scale=0.1, backend=be, platform=platform,
+                                                             **blocks),
                         q_lat, q_rope, cache, positions)
         report(name, t[name], flops, bytes_, peaks)
     print(f"  xla / pallas: {t['xla'] / t['pallas']:.2f}x")
 
 
-def bench_gmm(backend, peaks, small):
+def bench_gmm(backend, platform, peaks, small):
     M, G, K, N = (256, 4, 256, 128) if small else (16384, 32, 7168, 2048)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
@@ -118,7 +118,8 @@ def bench_gmm(backend, peaks, small):
     print(f"gmm        M={M} rows, G={G} experts, {K} -> {N}, fp8 weights, bf16 activations")
     t = {}
     for name, fn, args in (
-            ("pallas fp8", lambda a, b, c, s: fp8_grouped_matmul(a, b, c, s, backend=backend), (x, w, sizes, scales)),
+            ("pallas fp8", lambda a, b, c, s: fp8_grouped_matmul(a, b, c, s, backend=backend, platform=platform),
+             (x, w, sizes, scales)),
             ("xla dequantise + ragged_dot", lambda a, b, c, s: fp8_grouped_matmul(a, b, c, s, backend="xla"),
              (x, w, sizes, scales)),
             ("xla ragged_dot on bf16 weights", lambda a, b, c: jax.lax.ragged_dot(a, b, c), (x, w_bf16, sizes))):
@@ -129,7 +130,8 @@ def bench_gmm(backend, peaks, small):
 
 
 def main(_):
-    platform = target_platform()  # the device this runs on (no mesh is set)
+    platform = jax.devices()[0].platform  # the device this runs on: the kernels are compiled for it
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
     if platform == "cpu" and not SMOKE.value:
         print("benchmarks/kernels.py: no accelerator (platform cpu); nothing to measure. "
               "Run it on a TPU or GPU, or with --smoke to check the script in the Pallas interpreter.")
@@ -139,7 +141,8 @@ def main(_):
     backend = "interpret" if SMOKE.value else "pallas"
     print(f"device: {kind} ({platform}), jax {jax.__version__}, peaks {peaks or 'unknown'}; best of {FLAGS.value}")
     for name in ONLY.value:
-        {"attention": bench_attention, "decode": bench_decode, "gmm": bench_gmm}[name](backend, peaks, SMOKE.value)
+        {"attention": bench_attention, "decode": bench_decode, "gmm": bench_gmm}[name](backend, platform, peaks,
+                                                                                       SMOKE.value)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """The one dispatch rule every kernel in pallas_kernels/ follows, and what the Pallas launches share.
 
-    backend="xla"        the XLA reference in the kernel's module (plain jax.numpy; runs anywhere)
-    backend="pallas"     the Pallas kernel, compiled for the platform it runs on: Mosaic on TPU, Triton on GPU
-    backend="interpret"  the same Pallas kernel run by the Pallas interpreter (CPU tests)
-    backend="auto"       "pallas" on TPU and GPU when the kernel's feature dims are powers of two >= 16 (what
-                         Triton's tiles need; K2's are), else "xla"; "xla" on CPU
+Every kernel entry point takes a concrete `backend` (one of BACKENDS, default "pallas") and `platform` (the
+platform the program is compiled for: "tpu" | "gpu", or "cpu"; None when not named). There is no "auto" here, and
+nothing reads a mesh or the host's devices: k2jax.model.target makes those choices and passes them down.
 
-The platform is the one the program is compiled for (`target_platform`): named explicitly ("cpu" | "tpu" |
-"gpu"), else that of the mesh in context (`jax.set_mesh`; inside jit and shard_map its abstract mesh carries the
-devices' platform), else that of the default device (a program with no mesh runs there). It is never guessed from
-the host: a CPU-only machine compiles the TPU or GPU program by setting a mesh of deviceless TPU / GPU devices
-(see tests/compile_targets.py). `platform` also picks the compiler parameters of a "pallas" launch.
+    backend="xla"        the XLA reference in the kernel's module (plain jax.numpy; runs anywhere)
+    backend="pallas"     the Pallas kernel compiled for `platform`: Mosaic for "tpu", Triton for "gpu" (any other
+                         platform is an error)
+    backend="interpret"  the same Pallas kernel run by the Pallas interpreter (CPU tests), in the launch form of
+                         `platform`: the "tpu" form when platform == "tpu", else the "gpu" form
+
+`launch_form` is that rule; `check` refuses anything else in one line. A kernel's launch settings (block sizes,
+Triton's warps and stages) live in a table beside it, per (launch form, compute dtype); `launch_settings` picks
+them for an entry point whose setting arguments are left None.
 
 Kernels pad their row axes up to a whole number of blocks. The padded rows are filled with `pad_value()`
 (0); the tests set it to NaN to prove that padding never reaches a result.
@@ -28,11 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-BACKENDS = ("auto", "xla", "pallas", "interpret")
+BACKENDS = ("xla", "pallas", "interpret")
+PLATFORMS = ("cpu", "tpu", "gpu")  # what a program is compiled for ("cpu": only with "xla" or "interpret")
 _PAD = {"value": 0.0}
-
-
-PLATFORMS = ("cpu", "tpu", "gpu")
 
 
 def cost(*, flops, bytes_accessed, transcendentals=0) -> pl.CostEstimate:
@@ -46,38 +46,40 @@ def nbytes(*arrays) -> int:
     return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays)
 
 
-def target_platform(platform: str | None = None) -> str:
-    """"cpu" | "tpu" | "gpu": the platform a program being traced now is compiled for. `platform` when given
-    ("auto" counts as not given; "cuda" / "rocm" as "gpu"); else the platform of the mesh set with jax.set_mesh
-    (inside jit / shard_map: of its abstract mesh); else of the default device."""
-    if platform not in (None, "auto"):
-        p = "gpu" if platform in ("cuda", "rocm") else platform
-        if p not in PLATFORMS:
-            raise ValueError(f"platform must be one of {('auto',) + PLATFORMS}, got {platform!r}")
-        return p
-    mesh = jax.sharding.get_abstract_mesh()
-    p = mesh.abstract_device.platform if not mesh.empty and mesh.abstract_device is not None else None
-    p = p or jax.devices()[0].platform
-    return "gpu" if p in ("cuda", "rocm") else p
-
-
-def resolve(backend: str, dims: tuple[int, ...] = (), platform: str | None = None) -> str:
-    """"auto" -> "pallas" when compiling for TPU/GPU (target_platform(platform)) if every one of `dims` is a power
-    of two >= 16, else "xla"; anything else is checked and returned as it is."""
+def check(kernel: str, backend: str, platform: str | None) -> str:
+    """`backend` after checking it and `platform` (see the module docstring); a one-line ValueError naming `kernel`
+    otherwise."""
     if backend not in BACKENDS:
-        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        fits = all(d >= 16 and d & (d - 1) == 0 for d in dims)
-        return "pallas" if target_platform(platform) != "cpu" and fits else "xla"
+        raise ValueError(f"{kernel}: backend must be one of {BACKENDS}, got {backend!r}")
+    if platform is not None and platform not in PLATFORMS:
+        raise ValueError(f"{kernel}: platform must be one of {PLATFORMS} (or None), got {platform!r}")
+    if backend == "pallas" and platform not in ("tpu", "gpu"):
+        raise ValueError(f"{kernel}: backend='pallas' needs platform='tpu' or 'gpu' (the platform the program is "
+                         f"compiled for), got {platform!r}; use backend='interpret' or 'xla' on CPU")
     return backend
 
 
-def platform_of(platform: str | None) -> str:
-    """"tpu" or "gpu" for a Pallas launch (target_platform(platform); an error on CPU)."""
-    p = target_platform(platform)
-    if p not in ("tpu", "gpu"):
-        raise ValueError(f"backend='pallas' needs a TPU or GPU (platform {p!r}); use backend='interpret' or 'xla'")
-    return p
+def launch_form(backend: str, platform: str | None) -> str:
+    """"tpu" or "gpu": the form a Pallas kernel launches in. backend="pallas": the platform compiled for (checked:
+    "tpu" or "gpu"); "interpret": the "tpu" form when platform == "tpu", else the "gpu" form."""
+    if backend == "interpret":
+        return "tpu" if platform == "tpu" else "gpu"
+    if backend == "pallas" and platform in ("tpu", "gpu"):
+        return platform
+    raise ValueError(f"a Pallas launch needs backend='pallas' with platform 'tpu' or 'gpu', or backend='interpret'; "
+                     f"got backend={backend!r}, platform={platform!r}")
+
+
+def launch_settings(table: dict[tuple[str, str], dict], defaults: dict, backend: str, platform: str | None, dtype,
+                    **given) -> dict:
+    """A kernel's launch settings, one per key of `defaults`: the value given (not None), else the table's for
+    (launch_form(backend, platform), dtype's name), else the kernel's generic default. `table` is the kernel's own
+    (beside it); a key in `given` or the table that `defaults` lacks is an error."""
+    row = table.get((launch_form(backend, platform), jnp.dtype(dtype).name), {})
+    unknown = (set(given) | set(row)) - set(defaults)
+    if unknown:
+        raise ValueError(f"launch settings: unknown {sorted(unknown)}; expected {tuple(defaults)}")
+    return {k: given[k] if given.get(k) is not None else row.get(k, v) for k, v in defaults.items()}
 
 
 def launch_options(backend: str, platform: str | None, num_grid_dims: int, *, sequential: tuple[int, ...] = (),
@@ -87,7 +89,7 @@ def launch_options(backend: str, platform: str | None, num_grid_dims: int, *, se
     into the same output block ("arbitrary")."""
     if backend == "interpret":
         return {"interpret": True}
-    if platform_of(platform) == "tpu":
+    if launch_form(backend, platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         semantics = tuple("arbitrary" if d in sequential else "parallel" for d in range(num_grid_dims))
         return {"compiler_params": pltpu.CompilerParams(dimension_semantics=semantics)}
@@ -98,7 +100,7 @@ def launch_options(backend: str, platform: str | None, num_grid_dims: int, *, se
 def scalar_table_spec(backend: str, platform: str | None):
     """A small int table the kernel indexes with program ids, read as scalars: SMEM on TPU, a plain whole-array
     ref elsewhere."""
-    if backend == "pallas" and platform_of(platform) == "tpu":
+    if backend == "pallas" and launch_form(backend, platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         return pl.BlockSpec(memory_space=pltpu.SMEM)
     return pl.BlockSpec()

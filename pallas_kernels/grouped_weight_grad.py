@@ -17,7 +17,8 @@ compiled HLO; tests/pallas_kernels/test_grouped_weight_grad.py checks it). Hence
 
 dw is computed in 128 x 128 tiles along I and O (block_k x block_n; I and O padded to multiples of them with
 `backend.pad_axis`); rows are read in `block_m`-row blocks (M padded to a multiple of block_m). f32 inputs use the
-dot's default precision (TF32 tensor cores on H100, as XLA's own f32 dots there). Two launch forms, by platform:
+dot's default precision (TF32 tensor cores on H100, as XLA's own f32 dots there). Two launch forms, by platform
+(backend.launch_form):
   "gpu" (Triton; also the default interpreted form): grid (G, I / 128, O / 128). A program owns one [128, 128]
         block of dw[g]: it walks the aligned row blocks that overlap group g's rows (none for an empty group),
         reads x and dy blocks through whole-column refs (pointers on GPU), selects the group's rows and
@@ -30,20 +31,20 @@ dot's default precision (TF32 tensor cores on H100, as XLA's own f32 dots there)
         VMEM, and the output block dw[g] stays resident across the group's consecutive visits, accumulated in a
         VMEM f32 scratch (zeroed on a group's first visit, stored on its last).
 
-Launch options (`**launch`): block_m (rows per step; 128 by default on TPU and for 16-bit inputs on GPU, 64 for
-f32 on GPU), block_k / block_n (the dw tile, 128 by default; powers of two), num_warps / num_stages (Triton;
-GPU_DEFAULTS). A Triton stage holds an x and a dy block ([h, 128] each); the GPU defaults (3 stages of 64 KiB, an f32
-[128, 128] accumulator in registers over 8 warps) compile for H100 (227 KiB of shared memory per block; 128-row f32
-blocks or 4 bf16 stages do not) at K2's expert shapes (x [1024, 7168], dy [1024, 2048] and the transposed pair,
-G = 8) in bf16 and f32; the TPU form compiles for v5p at the same shapes (deviceless compiles in
-tests/pallas_kernels/test_grouped_weight_grad.py). Neither has been run or timed on a device yet: with 128 tiles the
+Launch settings (keyword arguments; None: LAUNCH's for the launch form and x's dtype, beside the kernel, else
+DEFAULTS): block_m (rows per step; 128 on TPU and for 16-bit inputs on GPU, 64 for f32 on GPU), block_k / block_n
+(the dw tile, 128; powers of two), num_warps / num_stages (Triton). A Triton stage holds an x and a dy block
+([h, 128] each); the GPU settings (3 stages of 64 KiB, an f32 [128, 128] accumulator in registers over 8 warps)
+compile for H100 (227 KiB of shared memory per block; 128-row f32 blocks or 4 bf16 stages do not) at K2's expert
+shapes (x [1024, 7168], dy [1024, 2048] and the transposed pair, G = 8) in bf16 and f32; the TPU form compiles for
+v5p at the same shapes (deviceless compiles in tests/pallas_kernels/test_grouped_weight_grad.py, and with no launch
+arguments in tests/pallas_kernels/test_compile.py). Neither has been run or timed on a device yet: with 128 tiles the
 TPU form takes (I/128)(O/128)(M/128 + G - 1) grid steps, so larger block_m / block_k / block_n (e.g. 512) are the
 first thing to try there. Both forms run in the Pallas interpreter on CPU (backend="interpret", platform="gpu" |
 "tpu").
 
-Dispatch (backend.py's rule): "xla" the reference, "pallas" the kernel for the target platform, "interpret" the
-kernel in the interpreter, "auto" "pallas" when compiling for GPU or TPU (I and O are padded, so any sizes fit),
-"xla" on CPU.
+Dispatch (backend.py's rule): "xla" the reference, "pallas" the kernel compiled for platform "tpu" or "gpu" (I and
+O are padded, so any sizes fit), "interpret" the kernel in the interpreter in the form of `platform`.
 
 Letter legend: M rows, I x's features (the forward's in / contraction), O dy's features (the forward's out), G groups,
 h rows per block (block_m).
@@ -61,13 +62,16 @@ from pallas_kernels import backend as kb
 
 F32 = jnp.float32
 BLOCK = 128  # the default I and O tile
-LAUNCH_KEYS = ("block_m", "block_k", "block_n", "num_warps", "num_stages")
-# Triton settings per input width (bytes), chosen to compile for H100: a stage holds x and dy blocks [h, 128] each
-# (bf16 h = 128 or f32 h = 64: 64 KiB; 3 stages: 192 KiB of the 227), the f32 [128, 128] accumulator (64 KiB) lives
-# in registers over 8 warps.
-GPU_DEFAULTS = {2: {"block_m": 128, "num_warps": 8, "num_stages": 3},
-                4: {"block_m": 64, "num_warps": 8, "num_stages": 3}}
-TPU_BLOCK_M = 128
+# Launch settings per (launch form, input dtype) for the arguments left None (backend.launch_settings). The gpu
+# form's Triton settings are chosen to compile for H100: a stage holds x and dy blocks [h, 128] each (16-bit h = 128
+# or f32 h = 64: 64 KiB; 3 stages: 192 KiB of the 227), the f32 [128, 128] accumulator (64 KiB) lives in registers
+# over 8 warps. The tpu form takes DEFAULTS (128-row blocks, 128 x 128 dw tiles).
+LAUNCH: dict[tuple[str, str], dict] = {
+    ("gpu", "bfloat16"): dict(block_m=128, num_warps=8, num_stages=3),
+    ("gpu", "float16"): dict(block_m=128, num_warps=8, num_stages=3),
+    ("gpu", "float32"): dict(block_m=64, num_warps=8, num_stages=3),
+}
+DEFAULTS = dict(block_m=128, block_k=BLOCK, block_n=BLOCK, num_warps=4, num_stages=2)  # any other form / dtype
 
 
 # ---- XLA reference -------------------------------------------------------------------------------------------
@@ -191,23 +195,12 @@ def _launch_tpu_form(x, dy, starts, ends, *, G, block_m, block_k, block_n, out_d
                           cost_estimate=_work(x, dy, G, out_dtype, rows), **opts)(*schedule, starts, ends, x, dy)
 
 
-def _form(backend, platform) -> str:
-    """"tpu" or "gpu": the launch form. Interpreted runs use the form of `platform` when one is named "tpu", else
-    the gpu form."""
-    if backend == "interpret":
-        return "tpu" if platform == "tpu" else "gpu"
-    return kb.platform_of(platform)
-
-
-def _launch(x_MI, dy_MO, group_sizes_G, *, out_dtype, backend, platform, launch, rows_in_use):
+def _launch(x_MI, dy_MO, group_sizes_G, *, out_dtype, backend, platform, settings, rows_in_use):
     M, I = x_MI.shape
     O = dy_MO.shape[1]
     G = group_sizes_G.shape[0]
-    form = _form(backend, platform)
-    width = 2 if jnp.dtype(x_MI.dtype).itemsize <= 2 else 4
-    settings = {"block_k": BLOCK, "block_n": BLOCK}
-    settings.update(GPU_DEFAULTS[width] if form == "gpu" else {"block_m": TPU_BLOCK_M})
-    settings.update(launch)
+    form = kb.launch_form(backend, platform)
+    settings = dict(settings)
     block_m, block_k, block_n = (settings.pop(key) for key in ("block_m", "block_k", "block_n"))
     ends = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), M)  # rows past M belong to no group
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
@@ -228,12 +221,15 @@ def _launch(x_MI, dy_MO, group_sizes_G, *, out_dtype, backend, platform, launch,
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def grouped_weight_grad(x_MI: jax.Array, dy_MO: jax.Array, group_sizes_G: jax.Array, *, out_dtype=None,
-                        backend: str = "auto", platform: str | None = None, rows_in_use: int | None = None,
-                        **launch) -> jax.Array:
+                        backend: str = "pallas", platform: str | None = None, rows_in_use: int | None = None,
+                        block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
     """dw [G, I, O] = per group x[rows of g]ᵀ @ dy[rows of g] (f32 accumulation, out_dtype default x's dtype).
     x [M, I] and dy [M, O] rows sorted by group (dy is cast to x's dtype), group_sizes [G] int (rows past their
-    sum belong to no group). `launch`: block_m, block_k, block_n, num_warps, num_stages (see the module docstring).
-    rows_in_use: rows expected to hold data, for the kernel's cost estimate only (default all M)."""
+    sum belong to no group). backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas":
+    "tpu" or "gpu"; "interpret": "tpu" runs the tpu form, anything else the gpu form). block_m, block_k, block_n,
+    num_warps, num_stages: launch settings (None: LAUNCH's, else DEFAULTS; see the module docstring). rows_in_use:
+    rows expected to hold data, for the kernel's cost estimate only (default all M)."""
     if (x_MI.ndim != 2 or dy_MO.ndim != 2 or group_sizes_G.ndim != 1 or x_MI.shape[0] != dy_MO.shape[0]
             or not jnp.issubdtype(group_sizes_G.dtype, jnp.integer)):
         raise ValueError(f"grouped_weight_grad: expected x [M, I], dy [M, O], integer group_sizes [G]; got x "
@@ -241,17 +237,15 @@ def grouped_weight_grad(x_MI: jax.Array, dy_MO: jax.Array, group_sizes_G: jax.Ar
     if x_MI.shape[0] == 0 or group_sizes_G.shape[0] == 0:
         raise ValueError(f"grouped_weight_grad: needs at least one row and one group; got x {x_MI.shape}, "
                          f"group_sizes {group_sizes_G.shape}")
-    unknown = set(launch) - set(LAUNCH_KEYS)
-    if unknown:
-        raise ValueError(f"grouped_weight_grad: unknown launch options {sorted(unknown)}; expected {LAUNCH_KEYS}")
-    for key in ("block_m", "block_k", "block_n"):
-        size = launch.get(key, 16)
-        if not isinstance(size, int) or size < 16 or size & (size - 1):
-            raise ValueError(f"grouped_weight_grad: {key} must be a power of two >= 16, got {size!r}")
     out_dtype = jnp.dtype(out_dtype or x_MI.dtype)
     dy_MO = dy_MO.astype(x_MI.dtype)
-    backend = kb.resolve(backend, (), platform)
-    if backend == "xla":
+    if kb.check("grouped_weight_grad", backend, platform) == "xla":
         return reference(x_MI, dy_MO, group_sizes_G, out_dtype)
+    settings = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, x_MI.dtype, block_m=block_m, block_k=block_k,
+                                  block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    for key in ("block_m", "block_k", "block_n"):
+        size = settings[key]
+        if not isinstance(size, int) or size < 16 or size & (size - 1):
+            raise ValueError(f"grouped_weight_grad: {key} must be a power of two >= 16, got {size!r}")
     return _launch(x_MI, dy_MO, group_sizes_G, out_dtype=out_dtype, backend=backend, platform=platform,
-                   launch=launch, rows_in_use=rows_in_use)
+                   settings=settings, rows_in_use=rows_in_use)

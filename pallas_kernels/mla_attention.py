@@ -10,7 +10,9 @@ broadcast to N heads. rowmax is the online softmax's running max at the end of t
 per head (max of rowmax over valid queries) comes at no extra pass over memory. It carries no gradient.
 
     mla_attention(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, scale=...,
-                  backend="auto") -> (out_BNTU in q's dtype, rowmax_BNT float32)
+                  backend="pallas", platform="tpu") -> (out_BNTU in q's dtype, rowmax_BNT float32)
+
+backend and platform as pallas_kernels.backend says ("xla": the reference; "pallas": platform "tpu" or "gpu").
 
 Kernels (grid over batch x heads x query blocks, or key blocks for dk/dv; the other sequence axis is a loop inside
 the program, so nothing is accumulated across grid steps and one kernel body compiles on both Mosaic and Triton):
@@ -21,12 +23,13 @@ the program, so nothing is accumulated across grid steps and one kernel body com
 Padding: T is padded to whole blocks; padded keys lie after every real query (never visible) and their rows are
 zeroed before any product with probabilities, padded queries are zeroed in the dk/dv loop, padded outputs dropped.
 
-Launch settings (block sizes, and Triton's warps / stages on GPU) are per platform and dtype in
-k2jax.model.target.KERNEL_LAUNCH; the backward may use blocks other than the forward's. With them the three kernels
-compile for TPU v5p and H100 at K2's head dims (nope 128, rope 64, value 128), 64 heads, 1K and 4K tokens, bf16
-and float32 (tests/pallas_kernels/test_compile.py); they have not been run or timed on a device yet. On TPU a
-program keeps a head's whole key / value rows (forward, dq) or query rows (dk/dv) in VMEM: 4K tokens take about a
-third (bf16) to a half (float32) of the 16 MiB scoped VMEM, so much longer sequences need a key-block grid axis.
+Launch settings (block sizes, and Triton's warps / stages on GPU) are per launch form and dtype in LAUNCH, beside
+the kernel: the entry point's setting arguments left None take them. The backward may use blocks other than the
+forward's. With them (no launch arguments) the three kernels compile for TPU v5p and H100 at K2's head dims (nope
+128, rope 64, value 128), 64 heads, 1K and 4K tokens, bf16 and float32 (tests/pallas_kernels/test_compile.py);
+they have not been run or timed on a device yet. On TPU a program keeps a head's whole key / value rows (forward,
+dq) or query rows (dk/dv) in VMEM: 4K tokens take about a third (bf16) to a half (float32) of the 16 MiB scoped
+VMEM, so much longer sequences need a key-block grid axis.
 
 Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, U value dim, q = N·T query rows.
 """
@@ -44,6 +47,28 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend as kb
 
 F32 = jnp.float32
+
+# Launch settings per (launch form, compute dtype) for the arguments left None (backend.launch_settings): block sizes
+# and, on GPU, Triton's warps and pipeline stages; bwd_* for the dq and dk/dv kernels. The blocks must keep the tiles
+# inside VMEM (TPU) or shared memory (GPU, H100: 227 KiB per block); tests/pallas_kernels/test_compile.py compiles
+# the kernels with these for TPU v5p and H100.
+#   TPU (compiled, v5p; VMEM at 4K tokens / per block): 128x128 blocks, forward ~4.8 MiB bf16 / 8.9 MiB f32 of the
+#   16 MiB scoped limit (whole K/V rows of a head stay in VMEM: up to 8K tokens bf16, 4K f32).
+#   H100 (compiled; shared memory of 227 KiB per block, ptxas: no register spills unless noted): forward bf16 128x64
+#   tiles, 8 warps, 3 stages (168 KiB); backward (dq, dk/dv) 64x64, 8 warps, 2 stages (120 / 136 KiB, dk/dv spills
+#   8 bytes); float32 tiles hold twice the bytes: forward 128x32 (192 KiB), backward 32x32 unpipelined (60 KiB,
+#   dk/dv spills 20 bytes).
+LAUNCH: dict[tuple[str, str], dict] = {
+    ("tpu", "bfloat16"): dict(block_q=128, block_k=128),
+    ("tpu", "float32"): dict(block_q=128, block_k=128),
+    ("gpu", "bfloat16"): dict(block_q=128, block_k=64, num_warps=8, num_stages=3, bwd_block_q=64, bwd_block_k=64,
+                              bwd_num_warps=8, bwd_num_stages=2),
+    ("gpu", "float32"): dict(block_q=128, block_k=32, num_warps=8, num_stages=3, bwd_block_q=32, bwd_block_k=32,
+                             bwd_num_warps=8, bwd_num_stages=1),
+}
+# any other form / dtype; bwd_* None: the forward's
+DEFAULTS = dict(block_q=128, block_k=128, num_warps=4, num_stages=2, bwd_block_q=None, bwd_block_k=None,
+                bwd_num_warps=None, bwd_num_stages=None)
 
 
 # ---- XLA reference -------------------------------------------------------------------------------------------
@@ -315,17 +340,19 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: jax.Array, k_rope_BSR: jax.Array,
-                  v_BNSU: jax.Array, segment_ids_BT: jax.Array, *, scale: float, backend: str = "auto",
-                  platform: str | None = None, block_q: int = 128, block_k: int = 128, num_warps: int = 4,
-                  num_stages: int = 2, bwd_block_q: int | None = None, bwd_block_k: int | None = None,
-                  bwd_num_warps: int | None = None, bwd_num_stages: int | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+                  v_BNSU: jax.Array, segment_ids_BT: jax.Array, *, scale: float, backend: str = "pallas",
+                  platform: str | None = None, block_q: int | None = None, block_k: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None, bwd_block_q: int | None = None,
+                  bwd_block_k: int | None = None, bwd_num_warps: int | None = None,
+                  bwd_num_stages: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Causal, segment-masked MLA attention -> (out [B, N, T, U] in q's dtype, rowmax [B, N, T] float32).
     Differentiable in q, k and v (rowmax is a statistic: no gradient). See the module docstring.
 
-    Launch settings (k2jax.model.target.KERNEL_LAUNCH holds them per platform and dtype): block_q / block_k rows per
-    query / key block and, on GPU, Triton's num_warps / num_stages, for the forward kernel; the bwd_* ones for
-    the dq and dk/dv kernels (default: the forward's). Every block size divides the padded length."""
+    backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
+    picks the launch settings' form). Launch settings, None: LAUNCH's for the platform and q's dtype, else DEFAULTS:
+    block_q / block_k rows per query / key block and, on GPU, Triton's num_warps / num_stages, for the forward
+    kernel; the bwd_* ones for the dq and dk/dv kernels (default: the forward's). The blocks set the padded length
+    (a multiple of all four)."""
     B, N, T, P = q_nope_BNTP.shape
     R, U = q_rope_BNTR.shape[-1], v_BNSU.shape[-1]
     expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, T, P), "k_rope": (B, T, R), "v": (B, N, T, U),
@@ -335,12 +362,13 @@ def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: j
     bad = [f"{k} {got[k]} (expected {v})" for k, v in expect.items() if tuple(got[k]) != v]
     if bad:
         raise ValueError(f"mla_attention: q_nope {q_nope_BNTP.shape} and " + ", ".join(bad))
-    backend = kb.resolve(backend, (P, R, U), platform)
-    if backend == "xla":
+    if kb.check("mla_attention", backend, platform) == "xla":
         return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, scale=scale)
-    fwd = _Launch(block_q, block_k, num_warps, num_stages)
-    bwd = _Launch(bwd_block_q or block_q, bwd_block_k or block_k, bwd_num_warps or num_warps,
-                  bwd_num_stages or num_stages)
+    s = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, q_nope_BNTP.dtype, block_q=block_q, block_k=block_k,
+                           num_warps=num_warps, num_stages=num_stages, bwd_block_q=bwd_block_q,
+                           bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps, bwd_num_stages=bwd_num_stages)
+    fwd = _Launch(s["block_q"], s["block_k"], s["num_warps"], s["num_stages"])
+    bwd = _Launch(*(s["bwd_" + k] or s[k] for k in ("block_q", "block_k", "num_warps", "num_stages")))
     multiple = math.lcm(fwd.bq, fwd.bk, bwd.bq, bwd.bk)
     pad = functools.partial(kb.pad_axis, axis=2, multiple=multiple)
     args = (pad(q_nope_BNTP), pad(q_rope_BNTR), pad(k_nope_BNSP), kb.pad_axis(k_rope_BSR, 1, multiple),

@@ -10,8 +10,10 @@ layer. The value is the latent itself; W_UV and o_proj are applied by the caller
 tokens) of a row share the keys, so one program handles the T·N query rows of a row against a block of slots:
 a [T·N, C + R] x [C + R, block] product, the shape FlashMLA uses.
 
-    mla_decode(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=..., backend="auto")
+    mla_decode(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=..., backend="pallas", platform="tpu")
         -> o_lat [B, T, N, C] float32
+
+backend and platform as pallas_kernels.backend says ("xla": the reference; "pallas": platform "tpu" or "gpu").
 
 Split-K ("flash decoding"): the S slots are cut into `num_splits` chunks, one program per (row, chunk) writes a
 partial softmax (normalised output and logsumexp) and the chunks are merged outside the kernel, so a batch of
@@ -19,7 +21,7 @@ one long context still fills the device. Ragged rows: only the blocks holding sl
 are read, so a short row costs little in a batch of long ones; slots past a row's last position are masked and
 zeroed (stale or uninitialised cache memory never reaches a result, NaN included).
 
-Two launch forms, picked by platform (one block step, `_block_step`, shared):
+Two launch forms, picked by platform (backend.launch_form; one block step, `_block_step`, shared):
   "tpu" (Mosaic): the grid is (row, chunk, block of `block_s` slots), the last axis sequential with the running
         softmax in VMEM scratch; the cache's BlockSpec copies one [block_s, C + R] block per step, and the blocks
         past a row's last position map to its last needed block, so they are never copied (a scalar-prefetched
@@ -30,10 +32,11 @@ Two launch forms, picked by platform (one block step, `_block_step`, shared):
         [block_m, C] float32 accumulator in registers and the [block_m + block_s, C] operands in shared memory;
         the programs of one chunk read the same cache blocks (from L2 after the first).
 
-Both forms compile for their platform (TPU v5p, H100) at K2's sizes (64 heads, C = 512, R = 64, 4K and 128K
-slots, 1 and 4 new tokens, bf16 and float32) with the launch settings in k2jax.model.target.KERNEL_LAUNCH
-(tests/pallas_kernels/test_compile.py), and run in the Pallas interpreter in the tests; they have not been run
-or timed on a device yet.
+Launch settings per launch form and cache dtype are in LAUNCH, beside the kernel: the entry point's setting
+arguments left None take them. With them (no launch arguments) both forms compile for their platform (TPU v5p,
+H100) at K2's sizes (64 heads, C = 512, R = 64, 4K and 128K slots, 1 and 4 new tokens, bf16 and float32;
+tests/pallas_kernels/test_compile.py), and run in the Pallas interpreter in the tests; they have not been run or
+timed on a device yet.
 
 Letter legend: B batch, T new tokens per row, N heads, S cache slots, C kv_lora, R rope dim, X = C + R, q = T·N
 query rows (all, or a block_m of them: q'), k split-K chunks.
@@ -50,6 +53,22 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend as kb
 
 F32 = jnp.float32
+
+# Launch settings per (launch form, cache dtype) for the arguments left None (backend.launch_settings); the cache's
+# blocks are what fill VMEM / shared memory (H100: 227 KiB per block). tests/pallas_kernels/test_compile.py compiles
+# both forms with these for TPU v5p and H100.
+#   TPU (compiled, v5p): one 1024-slot (bf16) / 512-slot (f32) cache block per grid step, ~1.2 MB per copy.
+#   H100 (compiled; ptxas: no register spills unless noted): 16 of the T·N query rows per program (the [rows, 512]
+#   float32 accumulator in registers), 64-slot blocks (218 KiB bf16; float32 32-slot blocks, 174 KiB, spills 668
+#   bytes).
+LAUNCH: dict[tuple[str, str], dict] = {
+    ("tpu", "bfloat16"): dict(block_s=1024),
+    ("tpu", "float32"): dict(block_s=512),
+    ("gpu", "bfloat16"): dict(block_m=16, block_s=64, num_warps=8, num_stages=2),
+    ("gpu", "float32"): dict(block_m=16, block_s=32, num_warps=8, num_stages=2),
+}
+# any other form / dtype; num_splits None: default_splits, block_m None: all T·N query rows
+DEFAULTS = dict(block_s=128, num_splits=None, block_m=None, num_warps=4, num_stages=2)
 
 
 # ---- XLA reference -------------------------------------------------------------------------------------------
@@ -130,24 +149,18 @@ def default_splits(num_slots: int, block_s: int) -> int:
     return max(1, min(16, -(-num_slots // max(1024, block_s))))
 
 
-def _form(backend, platform) -> str:
-    """"tpu" (grid over slot blocks) or "gpu" (loop over slot blocks): by platform; interpreted runs use the form
-    of `platform` when one is named, else the gpu form."""
-    if backend == "interpret":
-        return "tpu" if platform == "tpu" else "gpu"
-    return kb.platform_of(platform)
-
-
 def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Array, positions_BT: jax.Array, *,
-               scale: float, backend: str = "auto", platform: str | None = None, block_s: int = 128,
-               num_splits: int | None = None, block_m: int | None = None, num_warps: int = 4,
-               num_stages: int = 2) -> jax.Array:
+               scale: float, backend: str = "pallas", platform: str | None = None, block_s: int | None = None,
+               num_splits: int | None = None, block_m: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None) -> jax.Array:
     """-> o_lat [B, T, N, C] float32. See the module docstring.
 
-    Launch settings (k2jax.model.target.KERNEL_LAUNCH holds them per platform and dtype): block_s slots per block (on
-    TPU one grid step and one DMA each), num_splits chunks per row (default: default_splits), and on GPU block_m
-    query rows (of the T·N) per program (default all: one program reads each cache block once; fewer keep the
-    [block_m, C] float32 accumulator in registers) with Triton's num_warps / num_stages."""
+    backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
+    "tpu" runs the tpu form, anything else the gpu form). Launch settings, None: LAUNCH's for the form and the
+    cache's dtype, else DEFAULTS: block_s slots per block (on TPU one grid step and one DMA each), num_splits chunks
+    per row (default: default_splits), and in the gpu form block_m query rows (of the T·N) per program (default
+    all: one program reads each cache block once; fewer keep the [block_m, C] float32 accumulator in registers)
+    with Triton's num_warps / num_stages."""
     B, T, N, C = q_lat_BTNC.shape
     R = q_rope_BTNR.shape[-1]
     S, X = cache_BSX.shape[1:]
@@ -156,11 +169,12 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
                          f"{cache_BSX.shape} do not agree (cache slots hold kv_lora + rope = C + R values)")
     if positions_BT.shape != (B, T):
         raise ValueError(f"mla_decode: positions must be [B, T] = {(B, T)}, got {positions_BT.shape}")
-    backend = kb.resolve(backend, (C, R), platform)
-    if backend == "xla":
+    if kb.check("mla_decode", backend, platform) == "xla":
         return reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=scale)
-
-    splits = num_splits or default_splits(S, block_s)
+    launch = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, cache_BSX.dtype, block_s=block_s,
+                                num_splits=num_splits, block_m=block_m, num_warps=num_warps, num_stages=num_stages)
+    block_s = launch["block_s"]
+    splits = launch["num_splits"] or default_splits(S, block_s)
     cache = kb.pad_axis(cache_BSX, 1, splits * block_s)
     chunk = cache.shape[1] // splits
     q = T * N
@@ -175,7 +189,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     work = kb.cost(flops=2 * B * q * S * (2 * C + R), transcendentals=B * q * S,
                    bytes_accessed=kb.nbytes(cache_BSX, q_lat_BTNC, q_rope_BTNR, *out_shape))
 
-    if _form(backend, platform) == "tpu":
+    if kb.launch_form(backend, platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         per_chunk = chunk // block_s
 
@@ -195,7 +209,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
         )(last_B1[:, 0], q_lat, q_rope, pos_Bq1, cache)
         return merge_splits(o_BkqC, lse_Bkq1).reshape(B, T, N, C)
 
-    bm = block_m or q
+    bm = launch["block_m"] or q
     qp = -(-q // bm) * bm  # padded query rows: position -1 sees no slot, and their outputs are dropped
     q_lat, q_rope = (kb.pad_axis(a, 1, bm, value=0) for a in (q_lat, q_rope))
     pos_Bq1 = kb.pad_axis(pos_Bq1, 1, bm, value=-1)
@@ -210,7 +224,8 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
                   pl.BlockSpec((None, chunk, X), lambda b, k, i: (b, k, 0))],
         out_specs=[part(C), part(1)],
         out_shape=[jax.ShapeDtypeStruct((B, splits, qp, C), F32), jax.ShapeDtypeStruct((B, splits, qp, 1), F32)],
-        cost_estimate=work, **kb.launch_options(backend, platform, 3, num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=work,
+        **kb.launch_options(backend, platform, 3, num_warps=launch["num_warps"], num_stages=launch["num_stages"]),
     )(nblk_Bk, q_lat, q_rope, pos_Bq1, cache)
     return merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]).reshape(B, T, N, C)
 

@@ -36,7 +36,8 @@ def one_chip(platform: str) -> jax.sharding.Mesh:
 
 def compile_for(platform: str, fn, *args: tuple[tuple[int, ...], object]) -> jax.stages.Compiled:
     """jit(fn) compiled for one chip of `platform` ("tpu" | "gpu") on this CPU machine; args are (shape, dtype)
-    pairs. The kernels see the platform through the mesh (kb.target_platform)."""
+    pairs, placed on a one-chip mesh of that platform. The kernels in fn are told the platform (platform=...): they
+    never read it from the mesh."""
     mesh = one_chip(platform)
     with jax.set_mesh(mesh):
         return jax.jit(fn).lower(*(abstract(shape, dtype, mesh) for shape, dtype in args)).compile()

@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fp8_grouped_matmul import (FP8, dequantize_activations, fp8_grouped_matmul, quantize_activations,
-                                               reference)
+from pallas_kernels.fp8_grouped_matmul import (
+    FP8,
+    dequantize_activations,
+    fp8_grouped_matmul,
+    quantize_activations,
+    reference,
+)
 from tests.pallas_kernels.kernel_checks import nan_padding, rel_err
 
 CASES = {  # M, K, N, group sizes

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_weight_grad import grouped_weight_grad, reference, visit_schedule
-from tests.pallas_kernels.kernel_checks import nan_padding, rel_err
+from tests.pallas_kernels.kernel_checks import compile_for, nan_padding, rel_err
 
 CASES = {  # M, I, O, group sizes
     "odd_sizes_with_empty_groups": (300, 200, 150, [5, 0, 140, 1, 0, 100]),  # 54 rows past the groups
@@ -111,7 +111,7 @@ def test_bad_inputs_are_named():
         grouped_weight_grad(x, dy[:5], sizes, backend="interpret")
     with pytest.raises(ValueError, match="integer group_sizes"):
         grouped_weight_grad(x, dy, sizes.astype(jnp.float32), backend="interpret")
-    with pytest.raises(ValueError, match="unknown launch options"):
+    with pytest.raises(TypeError, match="block_q"):  # launch settings are named arguments
         grouped_weight_grad(x, dy, sizes, backend="interpret", block_q=64)
     with pytest.raises(ValueError, match="block_m must be a power of two"):
         grouped_weight_grad(x, dy, sizes, backend="interpret", block_m=48)
@@ -122,12 +122,8 @@ KERNEL_CALL = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
 def _compiled_text(platform, M, I, O, G, dtype, backend):
-    from tests.compile_targets import abstract, gpu_mesh, tpu_mesh
-    mesh = (gpu_mesh if platform == "gpu" else tpu_mesh)({"x": 1})
-    fn = jax.jit(lambda x, dy, sizes: grouped_weight_grad(x, dy, sizes, backend=backend))
-    with jax.set_mesh(mesh):  # target_platform() -> platform while tracing
-        return fn.lower(abstract((M, I), dtype, mesh), abstract((M, O), dtype, mesh),
-                        abstract((G,), jnp.int32, mesh)).compile().as_text()
+    fn = lambda x, dy, sizes: grouped_weight_grad(x, dy, sizes, backend=backend, platform=platform)  # noqa: E731
+    return compile_for(platform, fn, ((M, I), dtype), ((M, O), dtype), ((G,), jnp.int32)).as_text()
 
 
 def _dense_fallback(text, G, M) -> bool:
@@ -140,8 +136,9 @@ def _dense_fallback(text, G, M) -> bool:
 @pytest.mark.parametrize("platform", ["gpu", "tpu"], ids=["h100", "v5p"])
 def test_k2_expert_shapes_compile(platform, I, O, dtype):
     """K2's expert weight gradients (hidden 7168, expert FFN 2048), 8 groups of 1024 rows: the Triton / Mosaic
-    kernel compiles (H100 shared-memory and v5p VMEM limits included) and nothing runs densely over G x M."""
-    text = _compiled_text(platform, 1024, I, O, 8, dtype, "auto")
+    kernel compiles with its default launch settings (H100 shared-memory and v5p VMEM limits included) and nothing
+    runs densely over G x M."""
+    text = _compiled_text(platform, 1024, I, O, 8, dtype, "pallas")
     assert KERNEL_CALL[platform] in text
     assert not _dense_fallback(text, 8, 1024)
 

@@ -20,9 +20,9 @@ def _inputs(B, N, T, P=16, R=8, V=12, dtype=jnp.float32, seed=0):
     return tuple(jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(ks, shapes))
 
 
-def _loss_and_grads(backend, args, segment_ids, **blocks):
+def _loss_and_grads(backend, args, segment_ids, **launch):
     def loss(*a):
-        out, rowmax = mla_attention(*a, segment_ids, scale=SCALE, backend=backend, **blocks)
+        out, rowmax = mla_attention(*a, segment_ids, scale=SCALE, backend=backend, **launch)
         return jnp.sum(jnp.sin(out.astype(jnp.float32))), (out, rowmax)
     (_, (out, rowmax)), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*args)
     return out, rowmax, grads
@@ -33,10 +33,11 @@ SEGMENTS = np.array([[1] * 10 + [2] * 20 + [3] * 7, [5] * 37], np.int32)
 
 
 def test_matches_reference_f32_with_nan_padding():
+    """The tpu form's launch table sets no backward blocks: the backward takes the forward's (16 x 8)."""
     args = _inputs(2, 2, 37)
     want_out, want_max, want_grads = _loss_and_grads("xla", args, SEGMENTS)
     with nan_padding():
-        out, rowmax, grads = _loss_and_grads("interpret", args, SEGMENTS, block_q=16, block_k=8)
+        out, rowmax, grads = _loss_and_grads("interpret", args, SEGMENTS, platform="tpu", block_q=16, block_k=8)
     assert rel_err(out, want_out) <= 1e-5
     # the max itself is exact; the logits under it differ from XLA's by dot-product rounding (~1 ulp of max|logit|)
     assert rel_err(rowmax, want_max) <= 1e-6
@@ -51,8 +52,8 @@ def test_bf16_within_1e2():
     args = _inputs(1, 2, 40, dtype=jnp.bfloat16, seed=1)
     seg = np.ones((1, 40), np.int32)
     want_out, want_max, want_grads = _loss_and_grads("xla", args, seg)
-    out, rowmax, grads = _loss_and_grads("interpret", args, seg, block_q=8, block_k=16, bwd_block_q=16,
-                                          bwd_block_k=8)
+    out, rowmax, grads = _loss_and_grads("interpret", args, seg, platform="gpu", block_q=8, block_k=16,
+                                          bwd_block_q=16, bwd_block_k=8)
     assert out.dtype == jnp.bfloat16 and rel_err(out, want_out) <= 1e-2
     assert rel_err(rowmax, want_max) <= 1e-2
     for g, want in zip(grads, want_grads):
@@ -63,7 +64,7 @@ def test_single_block_and_query_max_logit_is_the_visible_max():
     """T smaller than one block; the reported max is the max over each query's visible keys only."""
     args = _inputs(1, 2, 5)
     seg = np.array([[1, 1, 2, 2, 2]], np.int32)
-    _, rowmax = mla_attention(*args, seg, scale=SCALE, backend="interpret", block_q=8, block_k=8)
+    _, rowmax = mla_attention(*args, seg, scale=SCALE, backend="interpret", platform="tpu", block_q=8, block_k=8)
     qn, qr, kn, kr, _ = (np.asarray(a, np.float64) for a in args)
     logits = (np.einsum("bntp,bnsp->bnts", qn, kn) + np.einsum("bntr,bsr->bnts", qr, kr)) * SCALE
     for t in range(5):
@@ -75,5 +76,5 @@ def test_rejects_mismatched_shapes():
     qn, qr, kn, kr, v = _inputs(1, 2, 8)
     with pytest.raises(ValueError, match="k_rope"):
         mla_attention(qn, qr, kn, kr[:, :4], v, np.ones((1, 8), np.int32), scale=1.0, backend="interpret")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="backend must be one of"):
         mla_attention(qn, qr, kn, kr, v, np.ones((1, 8), np.int32), scale=1.0, backend="cuda")

@@ -27,10 +27,11 @@ def _stale(cache, positions):
     return jnp.where(past[..., None], jnp.nan, cache)
 
 
-@pytest.mark.parametrize("form, block_m", [("gpu", None), ("gpu", 3), ("tpu", None)])
+@pytest.mark.parametrize("form, block_m", [("gpu", 8), ("gpu", 3), ("tpu", None)])
 @pytest.mark.parametrize("num_splits, block_s", [(1, 8), (3, 8), (4, 16)])
 def test_ragged_rows_match_reference(num_splits, block_s, form, block_m):
-    """Both launch forms; the gpu form also with the T·N = 8 query rows in blocks of 3 (one padded block)."""
+    """Both launch forms; the gpu form with all T·N = 8 query rows in one program, and in blocks of 3 (one padded
+    block)."""
     q_lat, q_rope, cache = _inputs(3, 2, 4, 70)
     positions = jnp.array([[3, 4], [40, 41], [68, 69]], jnp.int32)  # short, middle, full rows
     cache = _stale(cache, positions)
