@@ -8,7 +8,7 @@ All three decode one token per row over `context` cached tokens of the same mode
 k2jax.Generator.decode (absorbed attention over C + R = 576 values per token per layer). The naive path caches
 k = [k_nope | k_rope] and v per head, N (P + R + U) values per token per layer (U: the value head dim), and runs
 standard attention; it is written here, next to its only use, and shares every other piece of the model. The FP8
-path is the latent path on the same model with its routed experts FP8-resident (k2jax.model.fp8_experts.
+path is the latent path on the same model with its routed experts FP8-resident (k2jax.model.experts.
 quantize_experts: e4m3 weights and float32 128x128 block scales, the form load_checkpoint(weights="fp8") loads),
 through Generator.decode. Prints step times, the latent / full ratio (goal <= 0.5), the FP8 / latent ratio, the
 cache bytes per token of the two caches and the weight bytes of the two expert forms (a step reads every expert
@@ -28,7 +28,7 @@ import k2jax
 from benchmarks.common import best_time
 from k2jax.inference.generate import Generator, LatentCache
 from k2jax.model.config import kimi_k2, tiny
-from k2jax.model.fp8_experts import quantize_experts
+from k2jax.model.experts import quantize_experts
 from k2jax.model.layers import project
 from k2jax.model.rope import rope_tables
 from k2jax.tools.host_memory import keep_freed_memory_on_cpu
@@ -57,7 +57,8 @@ def naive_decode(model, tokens_B, k_LBNSH, v_LBNSU, lengths_B):
     cos, sin = rope_tables(cfg, positions_B1)
     rows = jnp.arange(B)
 
-    def layer(block, x_B1D, caches, index):
+    def layer(block, x_B1D, caches, at):
+        index = at.index
         k_cache, v_cache = caches
         attn = block.self_attn
         h = block.input_layernorm(x_B1D)
@@ -88,7 +89,8 @@ def expand_latent_cache(model, kv_LBSX):
     C, P, N = model.cfg.kv_lora_rank, model.cfg.qk_nope_head_dim, model.cfg.num_attention_heads
     L, B, S, _ = kv_LBSX.shape
 
-    def layer(block, x, caches, index):
+    def layer(block, x, caches, at):
+        index = at.index
         attn = block.self_attn
         latent_BSX = kv_LBSX[index]
         kv_BSNH = project(latent_BSX[..., :C], attn._w(attn.kv_b_proj))

@@ -22,6 +22,7 @@ from flax import nnx
 import k2jax
 from benchmarks.common import BENCH_CFG, best_time
 from k2jax.model.config import kimi_k2
+from k2jax.model.placement import abstract_model
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from k2jax.tools.host_memory import keep_freed_memory_on_cpu
 from k2jax.training.step import TrainState, make_train_step, next_token_loss
@@ -79,7 +80,7 @@ K2_TOKENS_PER_STEP = 67e6  # the K2 report's global batch
 def ns_flops(cfg, steps: int = 5) -> float:
     """FLOPs of Newton-Schulz over every Muon matrix of the model, per optimizer step (m <= n after the
     transpose): each iteration forms X Xᵀ (2 m² n), A A (2 m³) and B X (2 m² n)."""
-    abstract = nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     rules = param_rules(abstract)
     total = 0.0
     for name, (shape, _, _) in k2jax.param_info(abstract).items():

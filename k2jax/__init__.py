@@ -7,7 +7,7 @@
     model = k2jax.load_hf_checkpoint("dir/", mesh=mesh, shardings="ep_fsdp")   # the release layout, streamed
     model = k2jax.load_checkpoint("k2-bf16", mesh=mesh, shardings="ep_fsdp")   # a converted (Orbax) checkpoint
     model = k2jax.load_checkpoint("k2-fp8", mesh=mesh, shardings="ep_fsdp", weights="fp8")  # FP8-resident experts
-    model = k2jax.quantize_experts(model)            # a loaded model's routed experts -> FP8-resident, in place
+    model = k2jax.quantize_experts(model, "fp8")     # a loaded model's routed experts -> FP8 (or "int4"), in place
     outs = k2jax.Generator(model).generate(prompts, max_new_tokens=64, sampling=k2jax.Sampling(temperature=0.6))
     chat = k2jax.Chat(model, k2jax.Tokenizer.from_dir("Kimi-K2-Instruct")); chat.send("Hello")
     reply = k2jax.parse_tool_calls(outs[0], tokenizer)   # K2 tool calls in generated ids or text
@@ -22,7 +22,7 @@ from k2jax.inference.generate import Completion, Generator, LatentCache, Samplin
 from k2jax.inference.tokenizer import Tokenizer, TokenizerError
 from k2jax.inference.tool_calls import ParsedReply, ToolCall, ToolCallParser, parse_tool_calls
 from k2jax.model.config import ConfigError, K2Config, YarnScaling
-from k2jax.model.fp8_experts import FP8RoutedExperts, quantize_experts
+from k2jax.model.experts import RoutedExperts, quantize_experts
 from k2jax.model.placement import init_sharded, shard_model
 from k2jax.model.transformer import Transformer, param_info
 
@@ -30,4 +30,4 @@ __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_ten
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",
            "save_checkpoint", "param_info", "Generator", "Sampling", "LatentCache", "Completion", "generate",
            "Tokenizer", "TokenizerError", "ChatTemplateError", "parse_tool_calls", "ToolCallParser", "ToolCall",
-           "ParsedReply", "Chat", "init_sharded", "shard_model", "FP8RoutedExperts", "quantize_experts"]
+           "ParsedReply", "Chat", "init_sharded", "shard_model", "RoutedExperts", "quantize_experts"]

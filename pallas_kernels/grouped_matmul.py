@@ -1,24 +1,36 @@
-"""Grouped matmuls for routed experts: rows sorted by group, each group's rows multiplied by its own weights.
+"""The routed experts' grouped matmul and SwiGLU FFN: one dispatch over the weight formats and the forms that run them.
 
-    grouped_matmul(x, w, sizes)            out[i] = x[i] @ w[g(i)]
-    grouped_ffn(x, w_gate, w_up, w_down, sizes)
-                                           out[i] = (silu(x[i] @ w_gate[g]) * (x[i] @ w_up[g])) @ w_down[g]
+    y_MD = grouped_ffn(x_MD, experts, group_sizes_G, impl="pallas", platform="tpu")
+    y_MO = grouped_matmul(x_MI, w_GIO, group_sizes_G, impl="interpret")        # one matmul, plain weights
 
-where rows [start_g, start_g + sizes[g]) belong to group g (`sharding.group_rows` puts routed rows in this
-layout and back); rows past sum(sizes) come out as zeros.
+where rows [start_g, start_g + sizes[g]) belong to group g (`sharding.group_rows` puts routed rows in this layout
+and back), experts is a `pallas_kernels.expert_weights.ExpertWeights` ("plain", "fp8" or "int4"), and
 
-One dispatch point, `impl=`:
-  - "ragged_dot": `jax.lax.ragged_dot`, the XLA reference every other form is tested against. Its forward is native
-    on TPU; its weight gradient compiles to a dense form that multiplies every row by every group's matrix (G x the
-    work) on TPU and GPU, and on CPU and GPU so does its forward.
-  - "pallas" / "interpret": the Pallas kernel of `pallas_kernels.fp8_grouped_matmul` (plain-weight mode; its weight
-    gradient by `pallas_kernels.grouped_weight_grad`), compiled or run by the Pallas interpreter.
-  - "auto": "pallas" when compiling for TPU / GPU, "ragged_dot" for CPU (`backend.target_platform`).
-The CPU form that does only the routed work is `k2jax.model.cpu_grouped_ffn` (the model picks it through
-k2jax.model.target).
+    grouped_ffn:     out[i] = (silu(x[i] @ gate[g]) * (x[i] @ up[g])) @ down[g]
+    grouped_matmul:  out[i] = x[i] @ w[g]
+
+Rows past sum(sizes) come out as zeros.
+
+Forms (`impl`, one of IMPLS; the caller names it: k2jax.model.target chooses per platform, nothing here resolves
+"auto" or looks at the host):
+  "ragged_dot"  the XLA reference every other form is tested against: each projection dequantised (the FP8 and INT4
+                kernels' own references), then `jax.lax.ragged_dot`. Its forward is native on TPU; its weight gradient
+                compiles to a dense every-row-by-every-group product on TPU and GPU, and on CPU and GPU so does its
+                forward (G x the work).
+  "tiled"       `pallas_kernels.cpu_grouped_ffn`, the CPU form: a loop over each group's row tiles that does only the
+                routed work, dequantising one expert at a time.
+  "pallas"      the Pallas kernels compiled for `platform` ("tpu": Mosaic, "gpu": Triton): fp8_grouped_matmul for
+                plain and FP8 weights (the plain weight gradient by grouped_weight_grad), int4_grouped_matmul for INT4.
+  "interpret"   the same kernels run by the Pallas interpreter (`platform` picks the launch form; CPU tests).
+FP8 and INT4 weights are frozen (gradients reach x only). `fp8_activations` (FP8 weights): the routed rows are
+quantised to e4m3 per row x 128 columns for e4m3 x e4m3 dots (pallas_kernels.fp8_grouped_matmul).
+
+Scanned layers: `stack=(experts of all scanned layers [L, G, ...], layer)` (gradient stopped) lets a form read the
+layer's weights from the stacks in place: "tiled" does; the other forms take `experts`, the layer's own slices,
+which also carry the gradient.
 
 Letter legend: M rows, I / O a matmul's in (contraction) / out features, D the FFN's in and out width (hidden),
-F ffn, G groups.
+F ffn, G groups, L layers.
 """
 
 from __future__ import annotations
@@ -28,15 +40,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import target_platform
+from pallas_kernels.cpu_grouped_ffn import cpu_grouped_ffn, cpu_grouped_matmul
+from pallas_kernels.expert_weights import ExpertWeights
 from pallas_kernels.fp8_grouped_matmul import fp8_grouped_matmul
+from pallas_kernels.int4_grouped_matmul import int4_grouped_matmul
 
-IMPLS = ("auto", "ragged_dot", "pallas", "interpret")
+IMPLS = ("ragged_dot", "tiled", "pallas", "interpret")
 
 
-def _resolve(impl: str) -> str:
-    if impl == "auto":
-        return "ragged_dot" if target_platform() == "cpu" else "pallas"
+def check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul: impl must be one of {IMPLS}, got {impl!r}")
     return impl
@@ -54,41 +66,61 @@ def check_shapes(x_MI, ws, group_sizes_G):
 
 # ---- references (XLA) ---------------------------------------------------------------------------------------
 def reference(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
-    """The XLA reference: jax.lax.ragged_dot."""
+    """The XLA reference of one plain grouped matmul: jax.lax.ragged_dot."""
     return jax.lax.ragged_dot(x_MI, w_GIO.astype(x_MI.dtype), group_sizes_G.astype(jnp.int32))
 
 
 def reference_ffn(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G) -> jax.Array:
+    """The XLA reference of the SwiGLU FFN with plain weights."""
     gate = reference(x_MD, w_gate_GDF, group_sizes_G)
     up = reference(x_MD, w_up_GDF, group_sizes_G)
     return reference(jax.nn.silu(gate) * up, w_down_GFD, group_sizes_G)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
-def grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array, *, impl: str = "auto",
-                   launch: dict | None = None, rows_in_use: int | None = None) -> jax.Array:
-    """[M, I] rows sorted by group, [G, I, O] weights, [G] sizes -> [M, O] in x's dtype. launch: keyword
-    arguments of the Pallas kernel (platform, Triton settings: k2jax.model.target.Target.launch) for impl "pallas".
-    rows_in_use: the rows expected to hold data, for the kernels' cost estimates (fp8_grouped_matmul)."""
+def _matmul(x_MI, w, scale, group_sizes_G, *, fmt, group_size, impl, platform, fp8_activations, rows_in_use):
+    """One projection of `fmt` in the form `impl` (not "tiled")."""
+    if fmt == "plain" and impl == "ragged_dot":
+        return reference(x_MI, w, group_sizes_G)
+    backend = "xla" if impl == "ragged_dot" else impl
+    if fmt == "int4":
+        return int4_grouped_matmul(x_MI, w, group_sizes_G, scale, group_size=group_size, backend=backend,
+                                   platform=platform, rows_in_use=rows_in_use)
+    if fmt == "plain":
+        w = w.astype(x_MI.dtype)
+    return fp8_grouped_matmul(x_MI, w, group_sizes_G, scale, fp8_activations=fp8_activations and fmt == "fp8",
+                              backend=backend, platform=platform, rows_in_use=rows_in_use)
+
+
+def grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array, *, impl: str,
+                   platform: str | None = None, rows_in_use: int | None = None) -> jax.Array:
+    """[M, I] rows sorted by group, [G, I, O] plain weights, [G] sizes -> [M, O] in x's dtype. platform: what a
+    "pallas" launch compiles for ("tpu" | "gpu"; an "interpret" run's launch form). rows_in_use: the rows expected
+    to hold data, for the kernels' cost estimates (fp8_grouped_matmul)."""
     check_shapes(x_MI, (w_GIO,), group_sizes_G)
-    impl = _resolve(impl)
-    if impl == "ragged_dot":
-        return reference(x_MI, w_GIO, group_sizes_G)
-    return fp8_grouped_matmul(x_MI, w_GIO.astype(x_MI.dtype), group_sizes_G, backend=impl, rows_in_use=rows_in_use,
-                              **(launch or {}))
+    if check_impl(impl) == "tiled":
+        return cpu_grouped_matmul(x_MI, w_GIO, group_sizes_G)
+    return _matmul(x_MI, w_GIO, None, group_sizes_G, fmt="plain", group_size=0, impl=impl, platform=platform,
+                   fp8_activations=False, rows_in_use=rows_in_use)
 
 
-def grouped_ffn(x_MD: jax.Array, w_gate_GDF: jax.Array, w_up_GDF: jax.Array, w_down_GFD: jax.Array,
-                group_sizes_G: jax.Array, *, impl: str = "auto", launch: dict | None = None,
-                rows_in_use: int | None = None) -> jax.Array:
-    """SwiGLU expert FFN over rows sorted by group -> [M, D] in x's dtype. launch, rows_in_use: see
-    grouped_matmul."""
-    check_shapes(x_MD, (w_gate_GDF, w_up_GDF), group_sizes_G)
-    if w_down_GFD.shape != w_gate_GDF.shape[:1] + w_gate_GDF.shape[2:] + x_MD.shape[1:]:
-        raise ValueError(f"grouped_ffn: w_down {w_down_GFD.shape} does not fit w_gate {w_gate_GDF.shape}")
-    impl = _resolve(impl)
-    if impl == "ragged_dot":
-        return reference_ffn(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G)
-    mm = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=impl, launch=launch,
-                           rows_in_use=rows_in_use)
-    return mm(jax.nn.silu(mm(x_MD, w_gate_GDF)) * mm(x_MD, w_up_GDF), w_down_GFD)
+def grouped_ffn(x_MD: jax.Array, experts: ExpertWeights, group_sizes_G: jax.Array, *, impl: str,
+                platform: str | None = None, fp8_activations: bool = False,
+                stack: tuple[ExpertWeights, jax.Array] | None = None, rows_in_use: int | None = None) -> jax.Array:
+    """SwiGLU expert FFN over rows sorted by group -> [M, D] in x's dtype (module docstring). platform,
+    rows_in_use: see grouped_matmul."""
+    experts.check("grouped_ffn")
+    if (x_MD.ndim != 2 or group_sizes_G.ndim != 1 or experts.gate.ndim != 3 or x_MD.shape[1] != experts.hidden
+            or experts.gate.shape[0] != group_sizes_G.shape[0]):
+        raise ValueError(f"grouped_ffn: expected x [M, D], group_sizes [G] for experts of hidden D = "
+                         f"{experts.hidden} in G = {experts.gate.shape[0]} groups; got x {x_MD.shape}, group_sizes "
+                         f"{group_sizes_G.shape}, experts {experts.gate.shape[:-2]}")
+    if check_impl(impl) == "tiled":
+        if fp8_activations:
+            raise ValueError("grouped_ffn: fp8_activations needs impl 'ragged_dot', 'pallas' or 'interpret': the "
+                             "tiled CPU form multiplies dequantised weights")
+        return cpu_grouped_ffn(x_MD, experts, group_sizes_G, stack=stack)
+    mm = functools.partial(_matmul, group_sizes_G=group_sizes_G, fmt=experts.fmt, group_size=experts.group_size,
+                           impl=impl, platform=platform, fp8_activations=fp8_activations, rows_in_use=rows_in_use)
+    (gate, s_gate, _), (up, s_up, _), (down, s_down, _) = experts.projections()
+    return mm(jax.nn.silu(mm(x_MD, gate, s_gate)) * mm(x_MD, up, s_up), down, s_down)

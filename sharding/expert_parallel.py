@@ -1,11 +1,11 @@
 """Dropless expert parallelism with `jax.shard_map`: tokens travel to the devices that own their experts.
 
     with jax.set_mesh(mesh):                  # a mesh with an `expert` axis (see sharding/mesh.py)
-        out_TD = expert_parallel_ffn(x_TD, weights_TK, ids_TK, w_gate_EDF, w_up_EDF, w_down_EFD, ffn=ffn)
+        out_TD = expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, ffn=ffn, impl="native")
 
-The expert arrays after the routing arguments are any number of arrays whose leading axis is the expert axis (the
-weights, and e.g. FP8 weights' block scales): each is split over `expert`, and `ffn` gets the local blocks in the
-same order.
+`experts` is any pytree of arrays whose leading axis is the expert axis (e.g. a
+pallas_kernels.expert_weights.ExpertWeights: the weights and their scales): every leaf is split over `expert`, and
+`ffn` gets the same pytree of the local blocks.
 
 Tokens are split over every batch-like mesh axis (data, fsdp and expert); the E experts over `expert` (device
 j of the expert axis owns experts [j e, (j + 1) e)). Per device:
@@ -14,7 +14,7 @@ j of the expert axis owns experts [j e, (j + 1) e)). Per device:
   2. exchange row counts (an all_gather of [E] int32 per device: tiny) so every device knows every
      (source, destination, expert) count, hence all offsets;
   3. ragged all-to-all the rows to their experts' devices; re-sort the received rows by local expert;
-  4. `ffn(rows, *expert_arrays, group_sizes, rows_in_use=M)` on the local experts (a grouped matmul;
+  4. `ffn(rows, local experts, group_sizes, rows_in_use=M)` on the local experts (a grouped matmul;
      rows_in_use, the balanced load, is for the kernels' cost estimates: the buffer's empty tail is skipped);
   5. the reverse ragged all-to-all brings the results back to the rows' sources, which un-sort them and
      combine each token's K results with its routing weights.
@@ -29,8 +29,8 @@ room for a destination receiving twice its balanced share (K2's aux-loss-free bi
 
 `jax.lax.ragged_all_to_all` is native on TPU and GPU; XLA:CPU has no kernel for it, so on CPU `ragged_all_to_all`
 below runs the same exchange as an `all_to_all` of fixed-size chunks (same results, more bytes moved); `impl`
-picks, by default by the platform compiled for. This module knows nothing of K2: it works on arrays and a
-callable.
+(IMPLS) names which: the caller chooses for the platform compiled for (k2jax.model.target). This module knows
+nothing of K2: it works on arrays and a callable.
 
 Letter legend: T tokens (per device inside shard_map), K choices per token, M = T K rows, E experts, e experts
 per device (E / n), D hidden, F ffn, n expert-axis size, s source, j destination, r receive-buffer rows, p rows per
@@ -46,12 +46,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.backend import target_platform
 from sharding.group_rows import combine_sorted, sort_by_group
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes the tokens are split over (those present in the mesh)
-IMPLS = ("auto", "native", "all_to_all")
+IMPLS = ("native", "all_to_all")
 
 
 def _exclusive_cumsum(x, axis=0):
@@ -59,14 +58,11 @@ def _exclusive_cumsum(x, axis=0):
 
 
 def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                      axis_name: str, max_send: int | None = None, impl: str = "auto"):
+                      axis_name: str, impl: str, max_send: int | None = None):
     """jax.lax.ragged_all_to_all's contract: rows [input_offsets[j], + send_sizes[j]) of `operand` go to device
     j of `axis_name`, landing at rows [output_offsets[j], ...) of j's `output`; recv_sizes[i] rows arrive
     from device i. impl "native" is jax.lax.ragged_all_to_all (TPU/GPU); "all_to_all" sends a fixed chunk of
-    max_send rows (static; default all of operand) to every device and scatters the valid rows; "auto" picks
-    native except when compiling for CPU."""
-    if impl == "auto":
-        impl = "all_to_all" if target_platform() == "cpu" else "native"
+    max_send rows (static; default all of operand) to every device and scatters the valid rows (CPU)."""
     if impl == "native":
         return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                          axis_name=axis_name)
@@ -103,14 +99,14 @@ def _kept(sizes_sje, r: int):
     return jnp.transpose(kept.reshape(n, n, e), (1, 0, 2))
 
 
-def _local_expert_ffn(x_TD, weights_TK, ids_TK, *local_arrays, ffn: Callable, expert_axis: str,
+def _local_expert_ffn(x_TD, weights_TK, ids_TK, local_experts, *, ffn: Callable, expert_axis: str,
                       other_token_axes: tuple[str, ...], impl: str, capacity_factor: float):
-    """One device's part (inside shard_map; local_arrays: its blocks of the expert arrays, [e, ...] each) ->
+    """One device's part (inside shard_map; local_experts: its blocks of the expert arrays, [e, ...] each) ->
     (combined output [T, D], rows dropped on every device)."""
     n = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     T, K = ids_TK.shape
-    e = local_arrays[0].shape[0]
+    e = jax.tree.leaves(local_experts)[0].shape[0]
     M = T * K
     r = receive_buffer_rows(M, n, capacity_factor)
     # 1. this device's rows sorted by expert, hence by destination device
@@ -136,7 +132,7 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, *local_arrays, ffn: Callable, ex
     by_expert_r = jnp.argsort(local_r, stable=True)
     # 4. the local experts
     # (a balanced load fills M of the r rows: the kernels' cost estimates count those, the empty rest is skipped)
-    y_rD = ffn(recv_rD[by_expert_r], *local_arrays, kept_sje[:, me, :].sum(0), rows_in_use=min(M, r))
+    y_rD = ffn(recv_rD[by_expert_r], local_experts, kept_sje[:, me, :].sum(0), rows_in_use=min(M, r))
     y_rD = y_rD[jnp.argsort(by_expert_r)]
     # 5. back to the sources, un-sorted, combined (dropped rows come back as the buffer's zeros)
     with jax.named_scope("ep_exchange"):
@@ -154,15 +150,17 @@ def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AX
     return n > 1 and num_experts % n == 0
 
 
-def expert_parallel_ffn(x_TD, weights_TK, ids_TK, *expert_arrays, ffn: Callable, mesh=None,
+def expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, *, ffn: Callable, impl: str, mesh=None,
                         expert_axis: str = EXPERT_AXIS, token_axes: tuple[str, ...] = TOKEN_AXES,
-                        impl: str = "auto", capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                        capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """(sum_k weights[t, k] * ffn_{ids[t, k]}(x[t]) -> [T, D] float32, rows dropped: int32 scalar), with experts
-    split over `expert_axis` of `mesh` (default: the mesh set with jax.set_mesh). expert_arrays: [E, ...] each
-    (module docstring). T is padded to a multiple of the token-axis devices. capacity_factor: the receive buffer
-    (module docstring); 0 drops nothing."""
+    split over `expert_axis` of `mesh` (default: the mesh set with jax.set_mesh). experts: a pytree of [E, ...]
+    arrays (module docstring). impl: the row exchange (IMPLS). T is padded to a multiple of the token-axis devices.
+    capacity_factor: the receive buffer (module docstring); 0 drops nothing."""
+    if impl not in IMPLS:
+        raise ValueError(f"expert_parallel_ffn: impl must be one of {IMPLS}, got {impl!r}")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    E = expert_arrays[0].shape[0]
+    E = jax.tree.leaves(experts)[0].shape[0]
     if not expert_parallel_enabled(mesh, E, expert_axis):
         raise ValueError(f"expert_parallel_ffn: the mesh {dict(mesh.shape) if mesh is not None else None} needs an "
                          f"'{expert_axis}' axis > 1 that divides the {E} experts")
@@ -181,6 +179,7 @@ def expert_parallel_ffn(x_TD, weights_TK, ids_TK, *expert_arrays, ffn: Callable,
     local = jax.shard_map(
         lambda *a: _local_expert_ffn(*a, ffn=ffn, expert_axis=expert_axis, other_token_axes=others, impl=impl,
                                      capacity_factor=capacity_factor), mesh=mesh,
-        in_specs=(tok, tok, tok) + (P(expert_axis),) * len(expert_arrays), out_specs=(tok, P()), check_vma=False)
-    out_TD, dropped = local(x_TD, weights_TK, ids_TK, *expert_arrays)
+        in_specs=(tok, tok, tok, jax.tree.map(lambda _: P(expert_axis), experts)), out_specs=(tok, P()),
+        check_vma=False)
+    out_TD, dropped = local(x_TD, weights_TK, ids_TK, experts)
     return out_TD[:T], dropped

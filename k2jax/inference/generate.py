@@ -117,12 +117,12 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
     valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
     cos_BTZ, sin_BTZ = rope_tables(model.cfg, positions_BT)
 
-    def layer(block, x_BTD, kv_LBSX, index):
-        x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, kv_LBSX, index,
+    def layer_fn(block, x_BTD, kv_LBSX, layer):
+        x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, kv_LBSX, layer,
                                       prefill=prefill)
         return x_BTD, kv_LBSX, None
 
-    x_BTD, kv_LBSX, _, _ = model.run_layers(model.embed(tokens_BT), layer, cache.kv_LBSX)
+    x_BTD, kv_LBSX, _, _ = model.run_layers(model.embed(tokens_BT), layer_fn, cache.kv_LBSX)
     if not all_logits:
         x_BTD = x_BTD[jnp.arange(B), jnp.maximum(n_new_B - 1, 0)][:, None]
     logits = model.logits(x_BTD)

@@ -5,9 +5,9 @@
     rope.py            YaRN RoPE, softmax scale
     layers.py          parameters with logical axes, RMSNorm, dense projection, SwiGLU MLP
     attention.py       MLA: expanded (train / prefill) and absorbed (decode) attention over one latent
-    moe.py             router, routed experts, shared experts
-    fp8_experts.py     the routed experts FP8-resident (e4m3 + 128x128 block scales)
-    cpu_grouped_ffn.py, cpu_matmul.py   the CPU forms of the routed experts and the dense projections
+    moe.py             router, shared experts, the MoE block
+    experts.py         the routed experts: weights plain, FP8 (e4m3 + 128x128 block scales) or INT4 (packed nibbles +
+                       group scales), a constructor option; their dropless grouped FFN; quantize_experts
     transformer.py     Transformer: embeddings, dense blocks, scanned MoE blocks, head; param_info / param_name
-    placement.py       a model built, placed or described abstractly on a mesh per sharding strategy
+    placement.py       a model built abstractly (the one eval_shape), on a mesh, or placed per sharding strategy
 """

@@ -68,7 +68,7 @@ class MLAttention(nnx.Module):
         return p[...].astype(self.dtype)
 
     def _project(self, x, p: nnx.Param, n_in: int = 1) -> jnp.ndarray:
-        return project(x, self._w(p), n_in, cpu_form=Target.of(self.cfg).cpu_matmul)
+        return project(x, self._w(p), n_in, impl=Target.of(self.cfg).matmul)
 
     def queries(self, x_BTD, cos_BTZ, sin_BTZ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """q_nope [B, T, N, P] and roped q_rope [B, T, N, R]."""
@@ -98,7 +98,7 @@ class MLAttention(nnx.Module):
         k_nope_BNTP, v_BNTU = self._keys_values(c_BTC)
         heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
         kernel = functools.partial(mla_attention, scale=self.scale, backend=target.attention,
-                                   **target.launch("mla_attention", self.dtype))
+                                   platform=target.platform)
         if target.attention != "xla":  # a kernel runs per device: each device's examples and heads
             per_head, shared = ("batch", "heads", None, None), ("batch", None, None)
             kernel = per_shard(kernel, in_axes=(per_head, per_head, per_head, shared, per_head, ("batch", None)),
@@ -114,7 +114,7 @@ class MLAttention(nnx.Module):
         (slots <= each token's position), and comes back through W_UV and o_proj -> [B, T, D]. Per new token it
         reads C + R values per cached token instead of N (P + U)."""
         kernel = functools.partial(mla_decode, scale=self.scale, backend=target.attention,
-                                   **target.launch("mla_decode", self.dtype))
+                                   platform=target.platform)
         if target.attention != "xla":  # a kernel runs per device: each device's rows (and heads)
             per_head = ("batch", None, "heads", None)
             kernel = per_shard(kernel, in_axes=(per_head, per_head, ("batch", None, None), ("batch", None)),

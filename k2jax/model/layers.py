@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.model.config import K2Config
-from k2jax.model.cpu_matmul import cpu_matmul
 from k2jax.model.target import Target
+from pallas_kernels.matmul import matmul
 
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: K2Config, *, fan_in: int | None = None,
@@ -62,19 +62,15 @@ def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.silu(gate) * up
 
 
-def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, *, preferred_element_type=None,
-            cpu_form: bool = False) -> jnp.ndarray:
+def project(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1, *, impl: str = "xla",
+            preferred_element_type=None) -> jnp.ndarray:
     """Contracts the last `n_in` axes of x with the first `n_in` of w: [..., *in] x [*in, *out] -> [..., *out].
 
-    Done as one 2-D matmul over all leading (token) axes: XLA's CPU backward of a 2-D matmul is about 1.5x faster
-    than that of the equivalent multi-axis einsum, and on TPU/GPU it is the same op. cpu_form (k2jax.model.target's
-    choice on CPU): `k2jax.model.cpu_matmul`, whose weight gradient suits XLA:CPU."""
+    Done as one 2-D matmul over all leading (token) axes (XLA's CPU backward of a 2-D matmul is about 1.5x faster
+    than that of the equivalent multi-axis einsum; on TPU/GPU it is the same op) in the form `impl`
+    (pallas_kernels.matmul; k2jax.model.target's `matmul` for the platform compiled for)."""
     lead, inner = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    x_MI, w_IO = x.reshape(-1, inner), w.reshape(inner, -1)
-    if cpu_form:
-        y = cpu_matmul(x_MI, w_IO, preferred_element_type)
-    else:
-        y = jnp.dot(x_MI, w_IO, preferred_element_type=preferred_element_type)
+    y = matmul(x.reshape(-1, inner), w.reshape(inner, -1), impl=impl, preferred_element_type=preferred_element_type)
     return y.reshape(lead + w.shape[n_in:])
 
 
@@ -91,6 +87,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         x = x_BTD.astype(self.dtype)
-        mm = functools.partial(project, cpu_form=Target.of(self.cfg).cpu_matmul)
+        mm = functools.partial(project, impl=Target.of(self.cfg).matmul)
         h_BTF = swiglu(mm(x, self.gate_proj[...].astype(self.dtype)), mm(x, self.up_proj[...].astype(self.dtype)))
         return mm(h_BTF, self.down_proj[...].astype(self.dtype))

@@ -7,34 +7,23 @@ Router (per token, float32):
     ids     = top-K of `choice` inside the chosen groups
     weights = scores[ids] (/ their sum if norm_topk_prob) · routed_scaling_factor
 
-Routed experts are dropless: the T·K (token, expert) pairs are sorted by expert and run through one grouped
-expert FFN in the form k2jax.model.target picks (`pallas_kernels.grouped_matmul.grouped_ffn`'s Pallas kernels on TPU /
-GPU, `k2jax.model.cpu_grouped_ffn` on CPU), then unsorted and combined with the router weights.
-`k2jax.model.fp8_experts` is their FP8-resident form (the release's e4m3 weights and block scales, through the FP8
-grouped matmul). Under a mesh (`with jax.set_mesh(mesh):`) each device routes its own tokens (`sharding.per_shard`: no
-global sort, and a Pallas grouped matmul runs per device); with an `expert` axis the experts run expert-parallel
-instead: `sharding.expert_parallel` sends each row to the device owning its expert with a ragged all-to-all (shard_map).
+Routed experts (k2jax.model.experts): dropless, their weights plain, FP8 or INT4 (`expert_format`); the T·K (token,
+expert) rows sorted by expert run through one grouped FFN in the form k2jax.model.target picks, expert-parallel
+under a mesh with an `expert` axis.
 
 Letter legend: B batch, T tokens, D hidden, E experts, K top-k, F expert ffn, M = T·K routed rows.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.model.config import K2Config
-from k2jax.model.cpu_grouped_ffn import cpu_grouped_ffn, current_stacks
+from k2jax.model.experts import RoutedExperts
 from k2jax.model.layers import MLP, weight
-from k2jax.model.target import Target
-from pallas_kernels.grouped_matmul import grouped_ffn
-from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
-from sharding.group_rows import combine_sorted, sort_by_group
-from sharding.per_shard import per_shard
+from pallas_kernels.int4_grouped_matmul import GROUP_SIZE
 
 
 class RouterBias(nnx.Variable):
@@ -76,78 +65,23 @@ def _keep_top_groups(choice_TE: jnp.ndarray, n_group: int, topk_group: int) -> j
     return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(T, E)
 
 
-class RoutedExperts(nnx.Module):
-    """The routed experts' stacked SwiGLU weights ([E, D, F] gate / up, [E, F, D] down) and their dropless grouped
-    FFN. k2jax.model.fp8_experts.FP8RoutedExperts is the FP8-resident form: it keeps this routing and replaces what the
-    FFN reads (`expert_arrays`, `weight_stacks`) and runs (`grouped_ffn`)."""
-
-    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
-        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg, n_batch=1)
-        self.up_proj = weight(rngs, (E, D, F), ("expert", "embed", "moe_mlp"), cfg, n_batch=1)
-        self.down_proj = weight(rngs, (E, F, D), ("expert", "moe_mlp", "embed"), cfg, fan_in=F, n_batch=1)
-        self.cfg = cfg
-        self.dtype = jnp.dtype(cfg.dtype)
-
-    def weight_stacks(self) -> tuple:
-        """The (gate, up, down) variables' values as stored: what model.run_layers publishes, stacked over the
-        scanned layers, for the CPU FFN to read in place (k2jax.model.cpu_grouped_ffn's `stacked`)."""
-        return tuple(p[...] for p in (self.gate_proj, self.up_proj, self.down_proj))
-
-    def expert_arrays(self) -> tuple[jax.Array, ...]:
-        """The arrays the grouped FFN takes after the rows, each with the expert axis first: (gate, up, down) in
-        the compute dtype."""
-        return tuple(w.astype(self.dtype) for w in self.weight_stacks())
-
-    def grouped_ffn(self, target: Target, stacked: tuple | None) -> Callable:
-        """ffn(rows [M, D], *expert_arrays, group_sizes [E], rows_in_use=None) -> [M, D] in the target's form.
-        stacked: current_stacks() (the scanned layers' weight_stacks and the layer index) or None."""
-        if target.moe_impl == "tiled":  # the CPU form; unsharded, it reads a scanned layer's stacks in place
-            return functools.partial(cpu_grouped_ffn, stacked=stacked)
-        return functools.partial(grouped_ffn, impl=target.moe_impl,
-                                 launch=target.launch("fp8_grouped_matmul", self.dtype))
-
-    @jax.named_scope("experts")
-    def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray
-                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """-> (sum of each token's routed experts' outputs [T, D], routed rows dropped by expert parallelism's
-        receive buffer (cfg.ep_capacity_factor; always 0 without EP or when dropless))."""
-        E = self.cfg.n_routed_experts
-        target = Target.of(self.cfg)
-        mesh = jax.sharding.get_abstract_mesh()
-        ffn = self.grouped_ffn(target, current_stacks() if mesh.empty else None)
-        w = self.expert_arrays()
-        x_TD = x_TD.astype(self.dtype)
-        if expert_parallel_enabled(mesh, E):
-            y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, *w, ffn=ffn, impl=target.ep_exchange,
-                                                capacity_factor=self.cfg.ep_capacity_factor)
-            return y_TD.astype(self.dtype), dropped
-
-        def route_and_run(x_TD, weights_TK, ids_TK, *w):
-            order_M, group_sizes_E = sort_by_group(ids_TK, E)
-            y_MD = ffn(x_TD[order_M // ids_TK.shape[1]], *w, group_sizes_E)
-            return combine_sorted(y_MD, order_M, weights_TK)
-
-        tokens, whole = ("batch", None), tuple((None,) * a.ndim for a in w)
-        y_TD = per_shard(route_and_run, in_axes=(tokens,) * 3 + whole, out_axes=tokens)(
-            x_TD, weights_TK, ids_TK, *w).astype(self.dtype)
-        return y_TD, jnp.zeros((), jnp.int32)
-
-
 class MoE(nnx.Module):
-    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs, expert_format: str = "plain",
+                 expert_group_size: int = GROUP_SIZE):
         self.gate = Router(cfg, rngs=rngs)
-        self.experts = RoutedExperts(cfg, rngs=rngs)
+        self.experts = RoutedExperts(cfg, rngs=rngs, fmt=expert_format, group_size=expert_group_size)
         self.shared_experts = MLP(cfg, cfg.shared_intermediate_size, rngs=rngs) if cfg.n_shared_experts else None
         self.num_experts = cfg.n_routed_experts
 
-    def __call__(self, x_BTD: jnp.ndarray, valid_BT: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    def __call__(self, x_BTD: jnp.ndarray, valid_BT: jnp.ndarray, *, expert_stack=None
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         """-> (output [B, T, D], {"expert_load": [E] int32 routed count of valid tokens, "topk_ids": [B, T, K],
-        "ep_dropped": int32 routed rows expert parallelism's receive buffers dropped})."""
+        "ep_dropped": int32 routed rows expert parallelism's receive buffers dropped}). expert_stack: see
+        RoutedExperts.__call__'s stack."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         weights_TK, ids_TK = self.gate(x_TD)
-        out_TD, dropped = self.experts(x_TD, weights_TK, ids_TK)
+        out_TD, dropped = self.experts(x_TD, weights_TK, ids_TK, stack=expert_stack)
         out_BTD = out_TD.reshape(B, T, D)
         if self.shared_experts is not None:
             with jax.named_scope("shared_experts"):

@@ -22,6 +22,8 @@ Z = R/2 rope frequencies.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,54 +31,70 @@ from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.model.attention import MLAttention
 from k2jax.model.config import K2Config
-from k2jax.model.cpu_grouped_ffn import scanned_expert_stacks
 from k2jax.model.layers import MLP, RMSNorm, project, weight
 from k2jax.model.moe import MoE
 from k2jax.model.rope import rope_tables
 from k2jax.model.target import Target
+from pallas_kernels.expert_weights import ExpertWeights
+from pallas_kernels.int4_grouped_matmul import GROUP_SIZE
 from sharding.expert_parallel import EXPERT_AXIS, expert_parallel_enabled
 from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
 from sharding.rules import ACTIVATION_BTD, constrain
 
 
+class Layer(NamedTuple):
+    """Where run_layers is: the block's index among all layers (a traced scalar inside the MoE scan) and, for a
+    scanned MoE block, its routed experts' stacks over all scanned blocks with its own position in them (what the
+    grouped FFN may read in place: pallas_kernels.grouped_matmul), else None."""
+
+    index: jax.Array | int
+    expert_stack: tuple[ExpertWeights, jax.Array] | None = None
+
+
 class DecoderBlock(nnx.Module):
     """x + attn(norm(x)), then h + ffn(norm(h)), where ffn is the dense MLP or the MoE."""
 
-    def __init__(self, cfg: K2Config, *, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: K2Config, *, moe: bool, rngs: nnx.Rngs, expert_format: str = "plain",
+                 expert_group_size: int = GROUP_SIZE):
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg, eps=eps, axis_name="embed")
         self.self_attn = MLAttention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg, eps=eps, axis_name="embed")
-        self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+        self.mlp = (MoE(cfg, rngs=rngs, expert_format=expert_format, expert_group_size=expert_group_size) if moe
+                    else MLP(cfg, cfg.intermediate_size, rngs=rngs))
         self.is_moe = moe
 
-    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT) -> tuple[jnp.ndarray, dict]:
+    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT, *, layer: Layer | None = None
+                 ) -> tuple[jnp.ndarray, dict]:
         attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, segment_ids_BT)
-        out_BTD, aux = self.ffn(x_BTD + checkpoint_name(attn_BTD, "attention_out"), segment_ids_BT > 0)
+        out_BTD, aux = self.ffn(x_BTD + checkpoint_name(attn_BTD, "attention_out"), segment_ids_BT > 0, layer=layer)
         return out_BTD, {"attn_max_logits": max_logit_N, **aux}
 
-    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, cache_LBSX, layer, *, prefill: bool
+    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, cache_LBSX, layer: Layer, *, prefill: bool
                ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """The generation path: attention through MLAttention.cached (see there for `prefill`)."""
+        """The generation path: attention through MLAttention.cached (see there for `prefill`) at layer.index of
+        the cache."""
         attn_BTD, cache_LBSX = self.self_attn.cached(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, positions_BT,
-                                                     cache_LBSX, layer, prefill=prefill)
-        out_BTD, _ = self.ffn(x_BTD + attn_BTD, valid_BT)
+                                                     cache_LBSX, layer.index, prefill=prefill)
+        out_BTD, _ = self.ffn(x_BTD + attn_BTD, valid_BT, layer=layer)
         return out_BTD, cache_LBSX
 
-    def ffn(self, h_BTD, valid_BT) -> tuple[jnp.ndarray, dict]:
+    def ffn(self, h_BTD, valid_BT, *, layer: Layer | None = None) -> tuple[jnp.ndarray, dict]:
         """h + ffn(norm(h)), and the MoE's aux (empty for a dense block)."""
         if self.is_moe:
-            ffn_BTD, aux = self.mlp(self.post_attention_layernorm(h_BTD), valid_BT)
+            ffn_BTD, aux = self.mlp(self.post_attention_layernorm(h_BTD), valid_BT,
+                                    expert_stack=layer.expert_stack if layer is not None else None)
             return h_BTD + checkpoint_name(ffn_BTD, "ffn_out"), aux
         return h_BTD + checkpoint_name(self.mlp(self.post_attention_layernorm(h_BTD)), "ffn_out"), {}
 
 
-def _stacked_moe_blocks(cfg: K2Config, rngs: nnx.Rngs) -> DecoderBlock:
+def _stacked_moe_blocks(cfg: K2Config, rngs: nnx.Rngs, expert_format: str, expert_group_size: int) -> DecoderBlock:
     """cfg.num_moe_layers MoE blocks as one module whose parameters have a leading "layers" axis."""
 
     @nnx.vmap(in_axes=0, out_axes=0)
     def make(key):
-        return DecoderBlock(cfg, moe=True, rngs=nnx.Rngs(params=key))
+        return DecoderBlock(cfg, moe=True, rngs=nnx.Rngs(params=key), expert_format=expert_format,
+                            expert_group_size=expert_group_size)
 
     blocks = make(jax.random.split(rngs.params(), cfg.num_moe_layers))
     for _, var in nnx.iter_graph(blocks):
@@ -102,12 +120,17 @@ def segment_positions(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+    """The K2 model (module docstring). expert_format: the routed experts' weights, "plain" (trained), "fp8" or
+    "int4" (frozen, as the releases ship them; k2jax.model.experts), with expert_group_size inputs per INT4 scale."""
+
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs, expert_format: str = "plain",
+                 expert_group_size: int = GROUP_SIZE):
         self.cfg = cfg
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = weight(rngs, (V, D), ("vocab", "embed"), cfg)
         self.dense_blocks = nnx.List([DecoderBlock(cfg, moe=False, rngs=rngs) for _ in range(cfg.num_dense_layers)])
-        self.moe_blocks = _stacked_moe_blocks(cfg, rngs) if cfg.num_moe_layers else None
+        self.moe_blocks = (_stacked_moe_blocks(cfg, rngs, expert_format, expert_group_size) if cfg.num_moe_layers
+                           else None)
         self.norm = RMSNorm(D, cfg, eps=cfg.rms_norm_eps, axis_name="embed")
         self.lm_head = weight(rngs, (D, V), ("embed", "vocab"), cfg)
 
@@ -135,12 +158,12 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = segment_positions(segment_ids)
 
-        def layer(block, x_BTD, inputs, _):  # inputs (rope tables, segment ids) ride along unchanged
-            x_BTD, aux = block(x_BTD, *inputs)
+        def layer_fn(block, x_BTD, inputs, layer):  # inputs (rope tables, segment ids) ride along unchanged
+            x_BTD, aux = block(x_BTD, *inputs, layer=layer)
             return constrain(x_BTD, ACTIVATION_BTD), inputs, aux
 
         microbatches = parallelism(cfg)["pipeline_microbatches"]
-        x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer,
+        x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer_fn,
                                                        _layer_inputs(cfg, segment_ids, positions),
                                                        microbatches=microbatches)
         if microbatches and moe_aux is not None:  # [M, L, ...] per microbatch -> as an unsplit batch gives it
@@ -165,37 +188,36 @@ class Transformer(nnx.Module):
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         """Final norm and lm_head: [B, T, D] -> [B, T, V] float32."""
-        return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32,
-                       cpu_form=Target.of(self.cfg).cpu_matmul)
+        return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.dtype), impl=Target.of(self.cfg).matmul,
+                       preferred_element_type=jnp.float32)
 
     def run_layers(self, x_BTD: jnp.ndarray, layer_fn, carry, *, microbatches: int = 0):
-        """Runs every decoder block in order: x, carry, out = layer_fn(block, x, carry, layer_index). The dense
-        blocks run in a Python loop (static index), the stacked MoE blocks in one scan (traced index; `cfg.remat`
-        recomputes each block's activations in the backward pass, the target sets the unroll). The index counts
-        all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the MoE blocks' outs
+        """Runs every decoder block in order: x, carry, out = layer_fn(block, x, carry, layer), `layer` a Layer.
+        The dense blocks run in a Python loop (static index), the stacked MoE blocks in one scan (traced index;
+        `cfg.remat` recomputes each block's activations in the backward pass, the target sets the unroll); a
+        scanned block's Layer also holds the routed experts' stacks (gradient stopped) and its position in them.
+        The index counts all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the MoE blocks' outs
         stacked along a leading layer axis, or None without MoE blocks).
         microbatches > 0: the MoE scan runs as a GPipe pipeline over the mesh's `stage` axis
         (sharding.pipeline.pipeline_scan, the same step): `carry` then holds per-example inputs with a leading batch
         axis, split into microbatches with x, and the MoE outs come back [microbatches, L, ...]."""
         dense_outs = []
         for i, block in enumerate(self.dense_blocks):
-            x_BTD, carry, out = layer_fn(block, x_BTD, carry, i)
+            x_BTD, carry, out = layer_fn(block, x_BTD, carry, Layer(i))
             dense_outs.append(out)
         moe_outs = None
         if self.moe_blocks is not None:
             graphdef, state = nnx.split(self.moe_blocks)
             first = self.cfg.num_dense_layers
             target = Target.of(self.cfg)
-            stacks = None
-            # the CPU grouped FFN reads the expert stacks in place (cpu_grouped_ffn); not inside the pipeline's
-            # shard_map, whose stages hold only their own layers
-            if target.moe_impl == "tiled" and not microbatches:
-                stacks = jax.tree.map(jax.lax.stop_gradient, self.moe_blocks.mlp.experts.weight_stacks())
+            # not inside the pipeline's shard_map, whose stages hold only their own layers
+            stacks = (None if microbatches else
+                      jax.tree.map(jax.lax.stop_gradient, self.moe_blocks.mlp.experts.weights()))
 
             def step(x_carry, xs):
                 layer_state, index = xs
-                with scanned_expert_stacks(stacks, index - first):
-                    x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, index)
+                layer = Layer(index, None if stacks is None else (stacks, index - first))
+                x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, layer)
                 return (x, c), out
 
             if self.cfg.remat != "none":  # recompute each block's activations in the backward pass

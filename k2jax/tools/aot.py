@@ -203,7 +203,7 @@ def _lower(config, step: str, mesh):
     (and backward) in one run, "optimizer": MuonClip's Newton-Schulz}, tokens per run, the model config)."""
     from flax import nnx
 
-    from k2jax.model.transformer import Transformer
+    from k2jax.model.placement import abstract_model
     from k2jax.optim.muon_clip import newton_schulz_flops
     from k2jax.training.loop import model_config, train_program
     if step == "train":
@@ -213,27 +213,24 @@ def _lower(config, step: str, mesh):
         model_flops = program.cfg.flops_per_token(config.seq_len) * tokens
         if program.cfg.remat == "full":
             model_flops *= 4 / 3
-        abstract = nnx.eval_shape(lambda: Transformer(program.cfg, rngs=nnx.Rngs(0)))
-        useful = {"model": model_flops, "optimizer": newton_schulz_flops(abstract, config.optimizer.ns_steps)}
+        useful = {"model": model_flops,
+                  "optimizer": newton_schulz_flops(abstract_model(program.cfg), config.optimizer.ns_steps)}
         parts = {"parameters": _per_chip_bytes(state.params) + _per_chip_bytes(state.rest),
                  "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
         return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg
-    from k2jax.checkpoint.orbax_checkpoint import WEIGHTS
     from k2jax.inference.generate import Generator, LatentCache
-    from k2jax.model.fp8_experts import abstract_fp8_experts
-    from k2jax.model.placement import abstract_model
+    from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS
     cfg = model_config(config)
     infer = config.infer
     if infer.max_len > cfg.max_position_embeddings:
         raise AotError(f"infer.max_len {infer.max_len} exceeds the model's max_position_embeddings "
                        f"{cfg.max_position_embeddings}")
-    model = abstract_model(cfg, mesh, config.mesh.strategy)
-    if infer.weights == "fp8":
-        if not cfg.num_moe_layers:
-            raise AotError("infer.weights='fp8' keeps the routed experts FP8, and this model has no MoE layers")
-        model = abstract_fp8_experts(model)
-    elif infer.weights != "dequantized":
-        raise AotError(f"infer.weights must be one of {WEIGHTS}, got {infer.weights!r}")
+    if infer.weights not in EXPERT_FORMAT_OF_WEIGHTS:
+        raise AotError(f"infer.weights must be one of {tuple(EXPERT_FORMAT_OF_WEIGHTS)}, got {infer.weights!r}")
+    if infer.weights != "dequantized" and not cfg.num_moe_layers:
+        raise AotError(f"infer.weights={infer.weights!r} keeps the routed experts quantised, and this model has no "
+                       f"MoE layers")
+    model = abstract_model(cfg, mesh, config.mesh.strategy, expert_format=EXPERT_FORMAT_OF_WEIGHTS[infer.weights])
     weights = _per_chip_bytes(nnx.state(model))
     lowered = Generator(model).lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
     cache_bytes = LatentCache.values_per_token(cfg) * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
@@ -256,6 +253,13 @@ def _batch_shards(batch: int, mesh) -> int:
     return math.prod(dict(mesh.shape)[a] for a in axes)
 
 
+# what a job whose weights do not fit could hold its routed experts as instead (infer.weights)
+_QUANTISED_ADVICE = {"dequantized": ", or quantised routed experts as the releases ship them (infer.weights='fp8' or "
+                                    "'int4')",
+                     "fp8": ", or INT4-resident routed experts (infer.weights='int4': K2-Thinking and later)",
+                     "int4": ""}
+
+
 def _advice(report: dict) -> str:
     m = report["memory"]
     big = max(("parameters", "optimizer_state", "temporaries", "cache"), key=lambda k: m.get(k, 0))
@@ -264,8 +268,7 @@ def _advice(report: dict) -> str:
         "parameters": "more chips on the fsdp / expert axes"
                       + (", or bfloat16 parameters (model.overrides.param_dtype)"
                          if report["model"]["param_dtype"] == "float32" else "")
-                      + ("" if train or report["model"].get("weights") == "fp8" else
-                         ", or FP8-resident routed experts (infer.weights='fp8')"),
+                      + ("" if train else _QUANTISED_ADVICE[report["model"].get("weights", "dequantized")]),
         "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",
         "temporaries": ("model.overrides.remat='full', more grad_accum microbatches, fewer tokens per chip, or a "
                         "smaller expert-parallel buffer (model.overrides.ep_capacity_factor)") if train else
@@ -381,7 +384,8 @@ def format_report(r: dict) -> str:
         m = r["model"]
         lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {m['params'] / 1e9:.3g}B params, "
                      f"{m['param_dtype']} params / {m['dtype']} compute, remat {m['remat']}"
-                     + (", routed experts FP8-resident" if m.get("weights") == "fp8" else ""))
+                     + (f", routed experts {m['weights'].upper()}-resident" if m.get("weights") in ("fp8", "int4")
+                        else ""))
     lines.append("memory per chip (GiB):")
     for k, v in r["memory"].items():
         lines.append(f"  {k.replace('_', ' '):<22}{v / GiB:>9.2f}")

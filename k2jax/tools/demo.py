@@ -35,6 +35,7 @@ from k2jax.checkpoint.orbax_checkpoint import CheckpointError
 from k2jax.inference.tokenizer import SPECIAL_TOKENS, train_bpe, write_bpe_ranks
 from k2jax.model import config as k2config
 from k2jax.model.config import ConfigError
+from k2jax.model.placement import abstract_model
 from k2jax.tools import commands
 
 # the tokenizer's own fixed English text (k2jax's prose can change without changing the demo's tokenizer)
@@ -125,7 +126,7 @@ def main(argv=None):
     print(f"expert load per MoE layer (tokens per expert): min {load.min(axis=1).tolist()} "
           f"max {load.max(axis=1).tolist()}")
     k2 = k2config.kimi_k2()
-    abstract = nnx.state(nnx.eval_shape(lambda: k2jax.Transformer(k2, rngs=nnx.Rngs(0))))
+    abstract = nnx.state(abstract_model(k2))
     total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract))
     print(f"Kimi K2 (jax.eval_shape): {total:,} parameters, {k2.num_active_params():,} active per token, "
           f"{k2.flops_per_token(4096) / 1e9:.1f} GFLOP per training token at 4K context")

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from k2jax.checkpoint.orbax_checkpoint import load_checkpoint
 from k2jax.model.config import ConfigError, K2Config, preset
+from k2jax.model.placement import abstract_model, state_shardings
 from k2jax.model.transformer import Transformer, describe_parallelism, parallelism, param_info, param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from k2jax.tools.commands import UsageError, one_line
@@ -87,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 3})
     # inference shapes the Generator is compiled for ahead of time (k2jax-aot --step=prefill|decode): rows,
     # cache slots per row, prompt tokens per prefill; weights as load_checkpoint(weights=...) would hold them:
-    # "dequantized" (every weight in param_dtype) or "fp8" (the routed experts FP8-resident, e4m3 + block scales)
+    # "dequantized" (every weight in param_dtype), "fp8" (the routed experts FP8-resident, e4m3 + block scales) or
+    # "int4" (INT4-resident: packed 4-bit values + group scales, as the K2-Thinking / K2.5+ releases ship them)
     c.infer = ml_collections.ConfigDict({"batch": 8, "max_len": 4096, "prompt_len": 1024,
                                          "weights": "dequantized"})
     c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
@@ -127,11 +129,11 @@ def train_program(config, mesh) -> TrainProgram:
     """The model, MuonClip, the sharded state's shapes and the jitted step for `config` on `mesh`. Call under
     `jax.set_mesh(mesh)`."""
     cfg = model_config(config)
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed)))
+    abstract = abstract_model(cfg, seed=config.seed)
     o = config.optimizer
     schedule = _schedule(config)
-    info = param_info(abstract_model)
-    rules = param_rules(abstract_model, param_shardings(info, mesh, config.mesh.strategy))  # layer-sharded NS
+    info = param_info(abstract)
+    rules = param_rules(abstract, param_shardings(info, mesh, config.mesh.strategy))  # layer-sharded NS
     tx = muon_clip(schedule, rules=rules, cfg=cfg, weight_decay=o.weight_decay,
                    momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps, ns_dtype=o.ns_dtype,
                    adam_b1=o.adam_b1, adam_b2=o.adam_b2, qk_clip_tau=o.qk_clip_tau or None)
@@ -182,13 +184,10 @@ def _state_shardings(abstract: TrainState, info: dict, mesh, strategy: str):
     info: param_info of the model."""
     by_name = param_shardings(info, mesh, strategy)
 
-    def for_params(tree):
-        return jax.tree_util.tree_map_with_path(lambda path, _: by_name[param_name(path)], tree)
-
     specs = optimizer_state_specs(abstract.opt_state, info, dict(mesh.shape), strategy, param_name)
     opt = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return TrainState(NamedSharding(mesh, PartitionSpec()), for_params(abstract.params), for_params(abstract.rest),
-                      opt, abstract.graphdef)
+    return TrainState(NamedSharding(mesh, PartitionSpec()), state_shardings(abstract.params, by_name),
+                      state_shardings(abstract.rest, by_name), opt, abstract.graphdef)
 
 
 class _Preemption:
@@ -240,7 +239,7 @@ def check_config(config, workdir: str) -> K2Config:
     except MeshError as e:
         raise TrainConfigError(f"config.mesh.axes: {e}") from None
     try:
-        param_specs(param_info(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))), mesh_shape,
+        param_specs(param_info(abstract_model(cfg)), mesh_shape,
                     config.mesh.strategy)
     except ShardingRuleError as e:
         raise TrainConfigError(f"config.mesh.axes={mesh_shape}: {e}") from None

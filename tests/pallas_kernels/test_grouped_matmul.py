@@ -1,7 +1,7 @@
-"""grouped_matmul / grouped_ffn dispatch: impls checked, "auto" by the platform compiled for, shapes checked, and the
-interpreted Pallas kernel against the XLA reference (jax.lax.ragged_dot) through the dispatch, with gradients.
-The kernels' own tests are in test_fp8_grouped_matmul.py and test_grouped_weight_grad.py; the CPU form's in
-tests/k2jax/model/test_cpu_grouped_ffn.py."""
+"""grouped_matmul / grouped_ffn dispatch: impls and shapes checked, every form against the XLA reference
+(jax.lax.ragged_dot) through the dispatch in every weight format, with gradients. The kernels' own tests are in
+test_fp8_grouped_matmul.py, test_int4_grouped_matmul.py and test_grouped_weight_grad.py; the CPU form's in
+test_cpu_grouped_ffn.py."""
 
 import jax
 import jax.extend.core
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import grouped_ffn, grouped_matmul, reference, reference_ffn
+from pallas_kernels.expert_weights import ExpertWeights
+from pallas_kernels.grouped_matmul import IMPLS, grouped_ffn, grouped_matmul, reference, reference_ffn
 from tests.pallas_kernels.kernel_checks import rel_err
 
 SIZES = [5, 0, 17, 1, 0, 14]  # 37 rows, odd sizes and empty groups
@@ -22,23 +23,29 @@ def _inputs(m=40, k=13, n=11, sizes=SIZES, seed=0):
     return x, w, jnp.asarray(sizes, jnp.int32)
 
 
-def test_auto_is_the_reference_on_cpu_and_impls_are_checked():
+RUNNABLE_HERE = [impl for impl in IMPLS if impl != "pallas"]  # compiled Pallas needs a TPU / GPU (test_compile.py)
+
+
+@pytest.mark.parametrize("impl", RUNNABLE_HERE)
+def test_every_form_is_the_reference(impl):
     x, w, sizes = _inputs()
-    got = jax.jit(lambda a, b, s: grouped_matmul(a, b, s))(x, w, sizes)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(x, w, sizes)))
-    for impl in ("cuda", "tiled"):  # the CPU form is k2jax.model.cpu_grouped_ffn, not an impl here
-        with pytest.raises(ValueError, match="impl must be one of"):
-            grouped_matmul(x, w, sizes, impl=impl)
+    got = jax.jit(lambda a, b, s: grouped_matmul(a, b, s, impl=impl))(x, w, sizes)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(reference(x, w, sizes)), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_fail_clearly():
     x, w, sizes = _inputs()
+    for impl in ("auto", "cuda"):  # the caller (k2jax.model.target) resolves "auto": nothing here guesses
+        with pytest.raises(ValueError, match="impl must be one of"):
+            grouped_matmul(x, w, sizes, impl=impl)
     with pytest.raises(ValueError, match="do not agree"):
-        grouped_matmul(x, w[:, :5], sizes)
+        grouped_matmul(x, w[:, :5], sizes, impl="ragged_dot")
     with pytest.raises(ValueError, match="expected x"):
-        grouped_matmul(x[None], w, sizes)
-    with pytest.raises(ValueError, match="w_down"):
-        grouped_ffn(x, w, w, w, sizes)
+        grouped_matmul(x[None], w, sizes, impl="ragged_dot")
+    with pytest.raises(ValueError, match="gate weights must be"):
+        grouped_ffn(x, ExpertWeights("plain", w, w, w), sizes, impl="ragged_dot")
+    with pytest.raises(ValueError, match="format must be one of"):
+        grouped_ffn(x, ExpertWeights("int8", w, w, w), sizes, impl="ragged_dot")
 
 
 def test_interpreted_kernel_ffn_and_gradients_match_reference():
@@ -51,11 +58,46 @@ def test_interpreted_kernel_ffn_and_gradients_match_reference():
         return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a, sizes) * dy), argnums=(0, 1, 2, 3)))(
             x, w_gate, w_up, w_down)
 
-    got = value_and_grads(lambda *a: grouped_ffn(*a, impl="interpret"))
+    got = value_and_grads(lambda x, wg, wu, wd, s: grouped_ffn(x, ExpertWeights("plain", wg, wu, wd), s,
+                                                                impl="interpret"))
     want = value_and_grads(reference_ffn)
     assert rel_err(got[0], want[0]) <= 1e-5
     for name, g, r in zip(("dx", "dw_gate", "dw_up", "dw_down"), got[1], want[1]):
         assert rel_err(g, r) <= 1e-5, name
+
+
+def _quantised_experts(fmt, G=6, D=40, F=24, seed=5):
+    """Random experts in `fmt` (FP8 by k2jax's block quantiser, INT4 as random nibbles and scales: the format only)."""
+    rng = np.random.default_rng(seed)
+    if fmt == "fp8":
+        from k2jax.formats import quant
+        pairs = [[quant.quantize(rng.standard_normal((i, o)).astype(np.float32) / np.sqrt(i)) for _ in range(G)]
+                 for i, o in ((D, F), (D, F), (F, D))]
+        ws = [jnp.asarray(np.stack([p[0] for p in ps])) for ps in pairs]
+        scales = [jnp.asarray(np.stack([p[1] for p in ps])) for ps in pairs]
+        return ExpertWeights("fp8", *ws, *scales)
+    packed = [jnp.asarray(rng.integers(-2**31, 2**31, (G, -(-i // 8), o)), jnp.int32) for i, o in ((D, F), (D, F), (F, D))]
+    scales = [jnp.asarray(rng.uniform(0.5, 1.5, (G, -(-i // 32), o)) / (4 * np.sqrt(i)), jnp.bfloat16)
+              for i, o in ((D, F), (D, F), (F, D))]
+    return ExpertWeights("int4", *packed, *scales, group_size=32)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("impl", RUNNABLE_HERE)
+def test_every_form_of_the_ffn_in_every_format_is_the_dequantised_ffn(fmt, impl):
+    """Each form over FP8 / INT4 experts against the plain reference over the same weights dequantised, with the
+    gradient to the rows (the weights are frozen)."""
+    experts = _quantised_experts(fmt)
+    plain = experts.dequantized()
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((37, experts.hidden)), jnp.float32)
+    sizes = jnp.asarray(SIZES, jnp.int32)
+
+    def loss(f):
+        return jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(f(x)))))(x)
+
+    got = loss(lambda x: grouped_ffn(x, experts, sizes, impl=impl))
+    want = loss(lambda x: reference_ffn(x, plain.gate, plain.up, plain.down, sizes))
+    assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
 
 
 def _declared_flops(fn, *args) -> list[int]:

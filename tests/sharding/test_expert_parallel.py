@@ -92,9 +92,11 @@ def test_init_sharded_builds_the_same_model_in_shards():
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
 
 
-def _row_ffn(x_RD, w_gate_LDF, w_up_LDF, w_down_LFD, sizes_L, *, rows_in_use):
+def _row_ffn(x_RD, experts, sizes_L, *, rows_in_use):
     """A grouped SwiGLU FFN written per row (each row's expert found from the group sizes): the buffer's rows past
-    the groups get expert L, clamped; their output is never read. rows_in_use: a cost-estimate hint (unused)."""
+    the groups get expert L, clamped; their output is never read. experts: (gate, up, down) blocks of this device
+    (any pytree of [L, ...] arrays travels). rows_in_use: a cost-estimate hint (unused)."""
+    w_gate_LDF, w_up_LDF, w_down_LFD = experts
     assert 0 < rows_in_use <= x_RD.shape[0]
     expert_R = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_L), jnp.arange(x_RD.shape[0]), side="right"),
                            len(sizes_L) - 1)
@@ -146,8 +148,9 @@ def test_bounded_receive_buffer_drops_and_counts_the_overflow(capacity_factor):
     want, want_dropped = _expected_with_buffer(x, w, ids, wg, wu, wd, n, R)
     mesh = make_mesh({"expert": n}, devices=jax.devices()[:n])
     with jax.set_mesh(mesh):
-        got, dropped = jax.jit(lambda *a: expert_parallel_ffn(*a, ffn=_row_ffn, capacity_factor=capacity_factor))(
-            x, w, ids.astype(np.int32), wg, wu, wd)
+        got, dropped = jax.jit(lambda *a: expert_parallel_ffn(*a, ffn=_row_ffn, impl="all_to_all",
+                                                              capacity_factor=capacity_factor))(
+            x, w, ids.astype(np.int32), (wg, wu, wd))
     assert int(dropped) == want_dropped
     assert (want_dropped > 0) == (0 < capacity_factor < 2), (capacity_factor, want_dropped)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

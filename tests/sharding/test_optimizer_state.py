@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import k2jax
 from k2jax.model.config import kimi_k2, tiny
+from k2jax.model.placement import abstract_model
 from k2jax.model.transformer import param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
 from sharding.mesh import abstract_mesh, make_mesh
@@ -88,7 +89,7 @@ def test_zero1_step_on_8_devices_equals_unsharded():
 def test_kimi_k2_params_and_optimizer_state_fit_a_v5p_chip():
     """fp32 parameters (master copy) + MuonClip state, planned with eval_shape on 256 and 1024 chip meshes."""
     cfg = kimi_k2(param_dtype="float32")
-    abstract = nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     info = k2jax.param_info(abstract)
     params = nnx.state(abstract, nnx.Param)
     tx = muon_clip(1e-3, rules=param_rules(abstract), cfg=cfg)

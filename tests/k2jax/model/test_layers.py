@@ -1,5 +1,5 @@
-"""k2jax.model.layers: `project`, in both forms (plain and the CPU form with its hand-written gradient), against plain
-autodiff of einsum."""
+"""k2jax.model.layers: `project`, in both forms of pallas_kernels.matmul (plain and the CPU form with its hand-written
+gradient), against plain autodiff of einsum."""
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +9,17 @@ import pytest
 from k2jax.model.layers import project
 
 
-@pytest.mark.parametrize("cpu_form", [True, False])
+@pytest.mark.parametrize("impl", ["cpu", "xla"])
 @pytest.mark.parametrize("n_in,dtype,out_dtype", [(1, jnp.float32, None), (2, jnp.float32, None),
                                                   (1, jnp.bfloat16, jnp.float32), (2, jnp.bfloat16, None)])
-def test_project_and_its_gradient_match_einsum(n_in, dtype, out_dtype, cpu_form):
+def test_project_and_its_gradient_match_einsum(n_in, dtype, out_dtype, impl):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 5, 4, 6)), dtype)  # [B, T, *in]: in = (6,) or (4, 6)
     w = jnp.asarray(rng.standard_normal((6, 7, 2) if n_in == 1 else (4, 6, 7)), dtype)
     eq = "btnh,hvd->btnvd" if n_in == 1 else "btnh,nhd->btd"
 
     def ours(a, b):
-        return project(a, b, n_in, preferred_element_type=out_dtype, cpu_form=cpu_form)
+        return project(a, b, n_in, impl=impl, preferred_element_type=out_dtype)
 
     def ref(a, b):
         return jnp.einsum(eq, a, b, preferred_element_type=out_dtype)

@@ -2,10 +2,11 @@
 devices, else the default device), never the host."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from k2jax.model.config import ConfigError, kimi_k2, tiny
-from k2jax.model.target import KERNEL_LAUNCH, Target
+from k2jax.model.target import Target, target_platform
 from tests.compile_targets import gpu_mesh, tpu_mesh
 
 K2 = kimi_k2()
@@ -20,10 +21,10 @@ def _traced(cfg) -> Target:
 
 def test_cpu_gets_the_cpu_paths():
     t = Target.of(K2)
-    assert (t.platform, t.attention, t.moe_impl, t.ep_exchange, t.cpu_matmul) == ("cpu", "xla", "tiled",
-                                                                                 "all_to_all", True)
+    assert (t.platform, t.attention, t.moe_impl, t.ep_exchange, t.matmul) == ("cpu", "xla", "tiled",
+                                                                                 "all_to_all", "cpu")
     assert not t.fp8_activations
-    assert t.scan_unroll == K2.num_moe_layers and t.launch("mla_attention", "bfloat16") == {}
+    assert t.scan_unroll == K2.num_moe_layers
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
@@ -31,13 +32,12 @@ def test_the_meshs_devices_decide(platform):
     mesh = (tpu_mesh if platform == "tpu" else gpu_mesh)({"expert": 2})
     with jax.set_mesh(mesh):
         for t in (Target.of(K2), _traced(K2)):
-            assert (t.platform, t.attention, t.moe_impl, t.ep_exchange, t.scan_unroll, t.cpu_matmul) == (
-                platform, "pallas", "pallas", "native", 1, False)
+            assert (t.platform, t.attention, t.moe_impl, t.ep_exchange, t.scan_unroll, t.matmul) == (
+                platform, "pallas", "pallas", "native", 1, "xla")
             assert t.fp8_activations == (platform == "gpu")  # FP8 tensor cores on H100; v5p has no FP8 MXU
-            launch = t.launch("mla_attention", "bfloat16")
-            assert launch == {"platform": platform, **KERNEL_LAUNCH[("mla_attention", platform, "bfloat16")]}
         # tiny's head dims (rope 8) do not suit the kernels' tiles: XLA attention even on an accelerator
         assert Target.of(tiny()).attention == "xla"
+        assert Target.of(K2.replace(qk_nope_head_dim=192)).attention == "xla"  # nor dims that are not powers of 2
         # cfg.platform names the platform outright; cfg fields override single choices
         assert Target.of(K2.replace(platform="cpu")).moe_impl == "tiled"
         assert Target.of(K2.replace(attention_impl="xla", scan_unroll=3)).attention == "xla"
@@ -47,8 +47,27 @@ def test_the_meshs_devices_decide(platform):
     assert Target.of(K2.replace(platform=platform)).platform == platform  # no mesh needed
 
 
+def test_the_target_platform_is_named_or_the_meshs():
+    assert target_platform() == "cpu"  # no mesh: the default device
+    assert target_platform("tpu") == "tpu" and target_platform("cuda") == "gpu"
+    assert target_platform("auto") == "cpu"
+    with pytest.raises(ValueError, match="platform must be one of"):
+        target_platform("metal")
+    for mesh, want in ((tpu_mesh({"x": 4}), "tpu"), (gpu_mesh({"x": 2}), "gpu"),
+                       (jax.make_mesh((8,), ("x",)), "cpu")):
+        with jax.set_mesh(mesh):
+            assert target_platform() == want
+            seen = []  # while tracing (the abstract mesh)
+            jax.jit(lambda: seen.append(target_platform()) or jnp.zeros(())).trace()
+            assert seen == [want]
+        assert target_platform() == "cpu"
+
+
 def test_platform_is_checked():
     with pytest.raises(ConfigError, match="platform must be one of"):
         kimi_k2(platform="metal")
+    for field in ("moe_impl", "attention_impl"):  # each knob's values are those of the module that runs it
+        with pytest.raises(ConfigError, match=f"{field} must be one of"):
+            kimi_k2(**{field: "cuda"})
     with pytest.raises(ConfigError, match="fp8_activations must be one of"):
         kimi_k2(fp8_activations=True)

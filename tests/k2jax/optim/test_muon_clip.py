@@ -11,6 +11,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz
 
 import k2jax
 from k2jax.model.config import tiny
+from k2jax.model.placement import abstract_model
 from k2jax.model.transformer import param_name
 from k2jax.optim.muon_clip import K2_NS_COEFFS, MUON_RMS, muon_clip, newton_schulz, param_rules, qk_clip, rules_table
 from tests.oracle import random_release_tensors
@@ -350,7 +351,7 @@ def test_newton_schulz_flops_is_what_the_compiled_update_computes():
     from k2jax.tools.hlo_cost import HloCost
     jax.config.update("jax_platforms", "cpu")
     chip = NamedSharding(jax.sharding.Mesh(np.array(aot.parse_topology("v5p-8").devices()[:1]), ("x",)), P())
-    model = nnx.eval_shape(lambda: k2jax.Transformer(CFG, rngs=nnx.Rngs(0)))
+    model = abstract_model(CFG)
     tx = muon_clip(0.02, rules=param_rules(model), qk_clip_tau=None)
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=chip), nnx.state(model, nnx.Param))
     state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=chip), jax.eval_shape(tx.init, params))

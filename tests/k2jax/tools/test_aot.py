@@ -58,16 +58,20 @@ def _aot(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=900)
 
 
-def _expert_bytes_per_chip(config) -> tuple[int, int]:
-    """(bytes per chip of the config's routed expert weights in param_dtype, of them FP8-resident: e4m3 + f32
-    scales per 128x128 block), from the shapes and the mesh: experts split over 'expert', the weights' D over
-    'fsdp', the scales over 'expert' only."""
+def _expert_bytes_per_chip(config, weights: str) -> tuple[int, int]:
+    """(bytes per chip of the config's routed expert weights in param_dtype, of them resident in `weights`: FP8,
+    e4m3 + f32 scales per 128x128 block (the scales split over 'expert' only); INT4, 4 bits per value + a bf16 scale
+    per 32 inputs (split like the weights)), from the shapes and the mesh: experts split over 'expert', the
+    weights' D over 'fsdp'."""
     from k2jax.training.loop import model_config
     cfg, axes = model_config(config), dict(config.mesh.axes)
     L, E, D, F = cfg.num_moe_layers, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     values = 3 * L * E * D * F // (axes["expert"] * axes["fsdp"])
-    scales = 3 * L * (E // axes["expert"]) * -(-D // 128) * -(-F // 128)
-    return values * np.dtype(cfg.param_dtype).itemsize, values + 4 * scales
+    if weights == "int4":
+        resident = values // 2 + 2 * (values // 32)
+    else:
+        resident = values + 4 * 3 * L * (E // axes["expert"]) * -(-D // 128) * -(-F // 128)
+    return values * np.dtype(cfg.param_dtype).itemsize, resident
 
 
 def _dequantized_parameters_per_chip(config) -> int:
@@ -81,12 +85,11 @@ def _dequantized_parameters_per_chip(config) -> int:
     return aot._per_chip_bytes(nnx.state(abstract_model(model_config(config), mesh, config.mesh.strategy)))
 
 
-# decode runs FP8-resident (infer.weights="fp8"); the dequantised decode step is compiled in test_generate_compile
-@pytest.mark.parametrize("step", ["train", "decode"])
-def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
+# decode runs FP8- and INT4-resident (infer.weights); the dequantised decode step is compiled in test_generate_compile
+@pytest.mark.parametrize("step,weights", [("train", None), ("decode", "fp8"), ("decode", "int4")])
+def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step, weights):
     report_path = tmp_path / "report.json"
-    weights = ["--config.infer.weights=fp8"] if step == "decode" else []
-    run = _aot(f"--step={step}", f"--report={report_path}", *weights)
+    run = _aot(f"--step={step}", f"--report={report_path}", *([f"--config.infer.weights={weights}"] if weights else []))
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(report_path.read_text())
     assert (r["step"], r["topology"], r["chips"], r["fits"]) == (step, "v5p-8", 4, True)
@@ -111,11 +114,11 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step):
     else:
         assert m["cache"] > 0 and r["hbm_bytes_per_generated_token"] > 0
         assert r["pallas_kernels"] >= 1 + 3  # absorbed decode; the experts' grouped matmuls
-        assert r["model"]["weights"] == "fp8" and "routed experts FP8-resident" in run.stdout
-        # the parameters are the dequantised model's with the routed experts' bytes replaced by their FP8 form
+        assert r["model"]["weights"] == weights and f"routed experts {weights.upper()}-resident" in run.stdout
+        # the parameters are the dequantised model's with the routed experts' bytes replaced by their resident form
         config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
-        dense, fp8 = _expert_bytes_per_chip(config)
-        assert m["parameters"] == _dequantized_parameters_per_chip(config) - dense + fp8
+        dense, resident = _expert_bytes_per_chip(config, weights)
+        assert m["parameters"] == _dequantized_parameters_per_chip(config) - dense + resident
     assert "fits" in run.stdout and "memory per chip" in run.stdout
 
 
@@ -144,8 +147,9 @@ def test_cli_mesh_that_cannot_split_the_model_is_one_line():
 
 def test_unknown_infer_weights_is_an_error_before_compiling():
     config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
-    config.infer.weights = "int4"
-    with pytest.raises(aot.AotError, match=r"infer.weights must be one of \('dequantized', 'fp8'\), got 'int4'"):
+    config.infer.weights = "int3"
+    with pytest.raises(aot.AotError, match=r"infer.weights must be one of \('dequantized', 'fp8', 'int4'\), "
+                                           r"got 'int3'"):
         aot.compile_report(config, step="decode", log=lambda s: None)
 
 

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from k2jax.inference.tokenizer import Tokenizer, special_tokens_for, train_bpe, write_bpe_ranks
+from k2jax.inference.tokenizer import Tokenizer, train_bpe, write_bpe_ranks
 from k2jax.training.data import DataError, make_iterator
 
 

@@ -1,23 +1,20 @@
-"""k2jax.model.cpu_grouped_ffn: the tiled CPU grouped matmul and FFN against the XLA reference (jax.lax.ragged_dot).
+"""pallas_kernels.cpu_grouped_ffn: the tiled CPU grouped matmul and FFN against the XLA reference (jax.lax.ragged_dot).
 
 Sizes straddle every tile height (BIG_TILE rows, then a remainder in SMALL_TILE rows, a MID_TILE and at most one
 small tile, or one more BIG_TILE), including groups that are empty, groups that end mid-tile before a short group,
 remainder mid and big tiles that run over the next groups' rows, and rows past the last group."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax.model.cpu_grouped_ffn import (
-    BIG_TILE,
-    MID_TILE,
-    SMALL_TILE,
-    SMALL_TILES_MAX,
-    cpu_grouped_ffn,
-    cpu_grouped_matmul,
-)
-from pallas_kernels.grouped_matmul import reference, reference_ffn
+from pallas_kernels.cpu_grouped_ffn import BIG_TILE, MID_TILE, SMALL_TILE, SMALL_TILES_MAX, cpu_grouped_matmul
+from pallas_kernels.cpu_grouped_ffn import cpu_grouped_ffn as _cpu_grouped_ffn
+from pallas_kernels.expert_weights import ExpertWeights
+from pallas_kernels.grouped_matmul import grouped_ffn, reference, reference_ffn
 
 CASES = {
     "odd_sizes": (37, 13, 11, [5, 0, 17, 1, 0, 14]),
@@ -88,14 +85,9 @@ def test_bf16_within_1e_2():
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-2 * float(jnp.max(jnp.abs(want)))
 
 
-def test_bad_arguments_fail_clearly():
-    x, w, sizes = _inputs(*CASES["odd_sizes"])
-    with pytest.raises(ValueError, match="do not agree"):
-        cpu_grouped_matmul(x, w[:, :5], sizes)
-    with pytest.raises(ValueError, match="expected x"):
-        cpu_grouped_matmul(x[None], w, sizes)
-    with pytest.raises(ValueError, match="w_down"):
-        cpu_grouped_ffn(x, w, w, w, sizes)
+def cpu_grouped_ffn(x, w_gate, w_up, w_down, sizes, stack=None):
+    """The tiled FFN over plain weights (shapes checked by the dispatch, pallas_kernels.grouped_matmul)."""
+    return _cpu_grouped_ffn(x, ExpertWeights("plain", w_gate, w_up, w_down), sizes, stack=stack)
 
 
 def _ffn_inputs(case, dtype=jnp.float32):
@@ -138,7 +130,7 @@ def test_ffn_gradients_match_reference(case):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_ffn_reading_weights_from_layer_stacks_inside_a_scan(dtype):
-    """`stacked`: a scan over 3 layers whose FFN reads each layer's weights from the float32 stacks (cast per
+    """`stack`: a scan over 3 layers whose FFN reads each layer's weights from the float32 stacks (cast per
     group) gives the outputs and gradients of the same scan over the layers' own slices."""
     m, k, f, sizes = CASES["big_remainders"]
     rng = np.random.default_rng(7)
@@ -151,8 +143,8 @@ def test_ffn_reading_weights_from_layer_stacks_inside_a_scan(dtype):
 
         def layer(h, xs):
             *w, index = xs
-            stacked = (*fixed, index) if use_stacks else None
-            return jnp.tanh(cpu_grouped_ffn(h, *(a.astype(dtype) for a in w), sizes, stacked=stacked)), None
+            stack = (ExpertWeights("plain", *fixed), index) if use_stacks else None
+            return jnp.tanh(cpu_grouped_ffn(h, *(a.astype(dtype) for a in w), sizes, stack=stack)), None
 
         return jnp.sum(jax.lax.scan(layer, x, (*ws, jnp.arange(3)))[0].astype(jnp.float32))
 
@@ -165,20 +157,23 @@ def test_ffn_reading_weights_from_layer_stacks_inside_a_scan(dtype):
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6, atol=1e-6 * np.max(np.abs(want)))
 
 
-def test_stacked_must_hold_the_weights_shapes():
+def test_stack_must_hold_the_weights_shapes():
     x, wg, wu, wd, sizes = _ffn_inputs("odd_sizes")
-    with pytest.raises(ValueError, match="are not stacks of"):
-        cpu_grouped_ffn(x, wg, wu, wd, sizes, stacked=(wg[None], wu[None], wg[None], 0))
+    with pytest.raises(ValueError, match="is not a stack of"):
+        cpu_grouped_ffn(x, wg, wu, wd, sizes, stack=(ExpertWeights("plain", wg[None], wu[None], wg[None]), 0))
 
 
-def test_fp8_weights_need_their_block_scales():
-    """float8_e4m3fn weights come with one scale per 128x128 block (tests/k2jax/model/test_fp8_experts.py checks the
-    values); without them they would be read as the weights themselves."""
+def test_quantised_weights_need_their_scales():
+    """float8_e4m3fn weights come with one scale per 128x128 block, INT4 ones with one per group (the values:
+    test_grouped_matmul.py); without them they would be read as the weights themselves."""
     x, wg, wu, wd, sizes = _ffn_inputs("odd_sizes")
     e4m3 = [w.astype(jnp.float8_e4m3fn) for w in (wg, wu, wd)]
+    tiled = functools.partial(grouped_ffn, impl="tiled")
     with pytest.raises(ValueError, match="need their block scales"):
-        cpu_grouped_ffn(x, *e4m3, sizes)
+        tiled(x, ExpertWeights("fp8", *e4m3), sizes)
     with pytest.raises(ValueError, match="one per 128x128 block"):
-        cpu_grouped_ffn(x, *e4m3, sizes, scales=(jnp.ones((len(sizes), 2, 2)),) * 3)
+        tiled(x, ExpertWeights("fp8", *e4m3, *(jnp.ones((len(sizes), 2, 2)),) * 3), sizes)
     with pytest.raises(ValueError, match="not float8_e4m3fn"):
-        cpu_grouped_ffn(x, wg, wu, wd, sizes, scales=(jnp.ones((len(sizes), 1, 1)),) * 3)
+        tiled(x, ExpertWeights("fp8", wg, wu, wd, *(jnp.ones((len(sizes), 1, 1)),) * 3), sizes)
+    with pytest.raises(ValueError, match="int4 gate weights must be"):
+        tiled(x, ExpertWeights("int4", wg, wu, wd, wg, wu, wd, group_size=32), sizes)

@@ -1,13 +1,12 @@
-"""The CPU form of the routed experts' grouped matmul and SwiGLU FFN (k2jax.model.target picks it on CPU;
-`moe_impl="tiled"`).
+"""The CPU form of the routed experts' grouped matmul and SwiGLU FFN (`impl="tiled"` of
+pallas_kernels.grouped_matmul, which k2jax.model.target picks for CPU).
 
     cpu_grouped_matmul(x, w, sizes)            out[i] = x[i] @ w[g(i)]
-    cpu_grouped_ffn(x, w_gate, w_up, w_down, sizes)
-                                               out[i] = (silu(x[i] @ w_gate[g]) * (x[i] @ w_up[g])) @ w_down[g]
+    cpu_grouped_ffn(x, experts, sizes)         out[i] = (silu(x[i] @ gate[g]) * (x[i] @ up[g])) @ down[g]
 
 rows sorted by group as in `pallas_kernels.grouped_matmul` (whose ragged_dot reference these are tested against;
 rows past sum(sizes) come out as zeros). `jax.lax.ragged_dot` has no CPU kernel: XLA:CPU multiplies every row by
-every group's matrix (G x the work). Here a scan over groups slices each group's weights once; an inner loop walks
+every group's matrix (G x the work). Here a scan over groups takes each group's weights once; an inner loop walks
 the group's contiguous rows in tiles (`BIG_TILE` rows, then the remainder in up to two `SMALL_TILE`s, or a
 `MID_TILE` and at most one small tile, or one more big tile) and multiplies only those. Groups run in order, so the
 rows a group's last tile computes past its end are overwritten by the next group: nothing is masked on the
@@ -15,17 +14,14 @@ forward. The FFN fuses gate, up, SwiGLU and down per tile (no [M, F] intermediat
 differentiation it keeps the gate/up pre-activations). Both have explicit VJPs: dx by the same loop against the
 transposed weights, dw added per tile in float32 into the [G, ...] gradient, with rows outside the group masked.
 
-FP8 experts (`scales=`, the FP8-resident model's CPU form): float8_e4m3fn weights with the release's 128x128 block
-scales; each group's weights are dequantised (pallas_kernels.fp8_grouped_matmul.dequantize, to x's dtype) when the
-loop reaches the group, so memory holds one expert's dequantised weights, never a layer's. FP8 weights are frozen:
-the VJP gives dx only.
+Every expert weight format (pallas_kernels.expert_weights: plain, FP8 blocks, INT4 groups): each group's weights
+are dequantised to x's dtype when the loop reaches the group (`ExpertWeights.dense`), so memory holds one
+expert's dequantised weights, never a layer's. FP8 and INT4 weights are frozen: the VJP gives dx only.
 
-Scanned layers (`scanned_expert_stacks`): while model.run_layers traces a scanned MoE block it publishes the
-(gate, up, down) weight stacks of all scanned blocks ([L, E, ...], gradient stopped; FP8 experts: (e4m3, scales)
-pairs) and the scan's layer index;
-the FFN then reads each expert's weights straight from the stacks (`stacked=`): the layer's own slices would be
-copied out of the stacks first (XLA materialises a dynamic slice feeding a loop: ~10 ms per layer in the CPU
-benchmark, forward and again backward). The slices still take the gradient.
+Scanned layers (`stack=(experts of all scanned layers [L, G, ...], layer)`, gradient stopped): each expert's
+weights are read straight from the stacks inside the loop; the layer's own slices would be copied out of the
+stacks first (XLA materialises a dynamic slice feeding a loop: ~10 ms per layer in the CPU benchmark, forward and
+again backward). The slices (`experts`) still take the gradient.
 
 Letter legend: M rows, I / O a matmul's in (contraction) / out features, D the FFN's in and out width (hidden),
 F ffn, G groups, h rows per tile, L layers.
@@ -33,15 +29,12 @@ F ffn, G groups, h rows per tile, L layers.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_grouped_matmul import check_scales, dequantize
-from pallas_kernels.grouped_matmul import check_shapes
+from pallas_kernels.expert_weights import ExpertWeights
 
 # Tile heights. On 2 CPU cores a SwiGLU tile (D = F = 512, forward + backward) costs about 1.0 ms at 16 rows, 2.9
 # at 64 and 4.8 at 128: after the whole big tiles, a group's remainder of r rows runs as up to SMALL_TILES_MAX
@@ -51,59 +44,27 @@ MID_TILE = 64
 SMALL_TILE = 16
 SMALL_TILES_MAX = 2
 
-_EXPERT_STACKS = contextvars.ContextVar("k2jax_expert_stacks", default=None)
-
-
-@contextlib.contextmanager
-def scanned_expert_stacks(stacks: tuple | None, layer: jnp.ndarray):
-    """Within: current_stacks() gives (w_gate, w_up, w_down stacks, layer) for cpu_grouped_ffn's `stacked` (FP8
-    experts: each stack an (e4m3, scales) pair); None: nothing."""
-    token = _EXPERT_STACKS.set(None if stacks is None else (*stacks, layer))
-    try:
-        yield
-    finally:
-        _EXPERT_STACKS.reset(token)
-
-
-def current_stacks() -> tuple | None:
-    return _EXPERT_STACKS.get()
-
 
 def cpu_grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
-    """[M, I] rows sorted by group, [G, I, O] weights, [G] sizes -> [M, O] in x's dtype."""
-    check_shapes(x_MI, (w_GIO,), group_sizes_G)
+    """[M, I] rows sorted by group, [G, I, O] plain weights, [G] sizes -> [M, O] in x's dtype (shapes checked by
+    the dispatch, pallas_kernels.grouped_matmul)."""
     return _tiled_matmul(x_MI, w_GIO.astype(x_MI.dtype), group_sizes_G.astype(jnp.int32))
 
 
-def cpu_grouped_ffn(x_MD: jax.Array, w_gate_GDF: jax.Array, w_up_GDF: jax.Array, w_down_GFD: jax.Array,
-                    group_sizes_G: jax.Array, *, scales: tuple | None = None, stacked: tuple | None = None,
-                    rows_in_use: int | None = None) -> jax.Array:
-    """SwiGLU expert FFN over rows sorted by group -> [M, D] in x's dtype.
-
-    scales: (s_gate [G, ceil(D/128), ceil(F/128)], s_up, s_down [G, ceil(F/128), ceil(D/128)]), the block scales
-    of float8_e4m3fn w_gate, w_up and w_down: each group's weights are dequantised as the loop reaches it, and no
-    gradient goes to them (module docstring). stacked: optional (w_gate_LGDF, w_up_LGDF, w_down_LGFD, layer),
-    stacks of L layers' weights whose [layer] are w_gate, w_up and w_down (with `scales`: each stack an (e4m3
-    [L, G, ...], scales [L, G, ...]) pair): each group's weights are read straight from the stacks inside the
-    loop (see the module docstring). Gradients still go to w_gate, w_up and w_down only; pass the stacks through
-    jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them. rows_in_use: accepted as
-    grouped_ffn does (a cost-estimate hint); the loop here visits the rows in use only anyway."""
-    del rows_in_use
-    check_shapes(x_MD, (w_gate_GDF, w_up_GDF), group_sizes_G)
-    if w_down_GFD.shape != w_gate_GDF.shape[:1] + w_gate_GDF.shape[2:] + x_MD.shape[1:]:
-        raise ValueError(f"grouped_ffn: w_down {w_down_GFD.shape} does not fit w_gate {w_gate_GDF.shape}")
-    dt = x_MD.dtype
-    weights = (w_gate_GDF, w_up_GDF, w_down_GFD)
-    for w, s in zip(weights, scales or (None,) * 3, strict=True):
-        check_scales(w, s, "grouped_ffn")
-    # FP8: (e4m3, scales) pairs, dequantised one group at a time
-    weights = tuple(w.astype(dt) for w in weights) if scales is None else tuple(zip(weights, scales))
-    if stacked is not None and [a.shape[1:] for a in jax.tree.leaves(stacked[:3])] != [
-            a.shape for a in jax.tree.leaves(weights)]:
-        raise ValueError(f"grouped_ffn: stacked {jax.tree.map(jnp.shape, stacked[:3])} are not stacks of "
-                         f"{jax.tree.map(jnp.shape, weights)}")
-    stacks, layer = (None, None) if stacked is None else (tuple(stacked[:3]), jnp.asarray(stacked[3], jnp.int32))
-    return _tiled_ffn(x_MD, *weights, group_sizes_G.astype(jnp.int32), stacks, layer)
+def cpu_grouped_ffn(x_MD: jax.Array, experts: ExpertWeights, group_sizes_G: jax.Array, *,
+                    stack: tuple[ExpertWeights, jax.Array] | None = None) -> jax.Array:
+    """SwiGLU expert FFN over rows sorted by group -> [M, D] in x's dtype (experts checked by the dispatch).
+    stack: optional (experts of L layers [L, G, ...], layer) whose [layer] is `experts`: each group's weights are
+    read straight from the stacks (module docstring). Gradients still go to `experts` only (plain weights); pass
+    the stacks through jax.lax.stop_gradient outside the scan, or the scan carries a zero gradient for them."""
+    if stack is not None:
+        stacks, layer = stack
+        if [a.shape[1:] for a in jax.tree.leaves(stacks)] != [a.shape for a in jax.tree.leaves(experts)] or (
+                stacks.fmt, stacks.group_size) != (experts.fmt, experts.group_size):
+            raise ValueError(f"cpu_grouped_ffn: stack {jax.tree.map(jnp.shape, stacks)} is not a stack of "
+                             f"{jax.tree.map(jnp.shape, experts)}")
+        stack = (stacks, jnp.asarray(layer, jnp.int32))
+    return _tiled_ffn(x_MD, experts, group_sizes_G.astype(jnp.int32), stack)
 
 
 # ---- the tile loop -------------------------------------------------------------------------------------------
@@ -212,28 +173,18 @@ def _tiled_matmul_bwd(res, dy_MO):
 _tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
-def _shape(w) -> tuple[int, ...]:
-    """A weight's shape (an FP8 (e4m3, scales) pair: its e4m3 array's)."""
-    return (w[0] if isinstance(w, tuple) else w).shape
+def _group_weights(experts: ExpertWeights, stack, dt) -> Callable:
+    """g -> group g's (gate, up, down) weights in dt: experts' [g] or, from stacks, stacks' [layer, g]."""
+    if stack is None:
+        return lambda g: experts.dense(g, dt)
+    stacks, layer = stack
+    return lambda g: stacks.dense((layer, g), dt)
 
 
-def _group_weights(weights, layer, dt) -> Callable:
-    """g -> group g's (gate, up, down) weights: weights[i][g] or, from [L, G, ...] stacks, weights[i][layer, g]
-    (cast to dt, one group at a time); an FP8 (e4m3, scales) pair is dequantised to dt there."""
-    at = (lambda a, g: a[g]) if layer is None else (lambda a, g: a[layer, g])
-
-    def one(w, g):
-        if isinstance(w, tuple):
-            return dequantize(at(w[0], g), at(w[1], g), dt)
-        return at(w, g).astype(dt)
-
-    return lambda g: tuple(one(w, g) for w in weights)
-
-
-def _ffn_forward(x_MD, weights, layer, group_sizes_G, *, keep_activations: bool):
+def _ffn_forward(x_MD, experts, stack, group_sizes_G, *, keep_activations: bool):
     """-> (out [M, D], (gate, up) pre-activations [M, F] each if keep_activations else None)."""
     xp = _pad_rows(x_MD)
-    F = _shape(weights[0])[-1]
+    F = experts.ffn
 
     def tile(w, r0, rows, n_valid, out):
         wg, wu, wd = w
@@ -244,34 +195,32 @@ def _ffn_forward(x_MD, weights, layer, group_sizes_G, *, keep_activations: bool)
                      for o, v in zip(out, (y_t, gate_t, up_t) if keep_activations else (y_t,)))
 
     init = (jnp.zeros_like(xp),) + ((jnp.zeros((xp.shape[0], F), xp.dtype),) * 2 if keep_activations else ())
-    out = _tile_loop(group_sizes_G, _group_weights(weights, layer, xp.dtype), tile, init)
+    out = _tile_loop(group_sizes_G, _group_weights(experts, stack, xp.dtype), tile, init)
     y = _finish(out[0], group_sizes_G, x_MD.shape[0])
     return y, (out[1], out[2]) if keep_activations else None
 
 
 @jax.custom_vjp
-def _tiled_ffn(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G, stacks, layer):
-    """The weights are read from `stacks` at [layer] when given (see grouped_ffn's `stacked`), else from w_*."""
-    weights = (w_gate_GDF, w_up_GDF, w_down_GFD) if stacks is None else stacks
-    return _ffn_forward(x_MD, weights, layer, group_sizes_G, keep_activations=False)[0]
+def _tiled_ffn(x_MD, experts, group_sizes_G, stack):
+    """The weights are read from `stack` (stacks, layer) when given, else from experts."""
+    return _ffn_forward(x_MD, experts, stack, group_sizes_G, keep_activations=False)[0]
 
 
-def _tiled_ffn_fwd(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G, stacks, layer):
-    weights = (w_gate_GDF, w_up_GDF, w_down_GFD) if stacks is None else stacks
-    out, (gate, up) = _ffn_forward(x_MD, weights, layer, group_sizes_G, keep_activations=True)
-    return out, (x_MD, gate, up, weights, layer, group_sizes_G)
+def _tiled_ffn_fwd(x_MD, experts, group_sizes_G, stack):
+    out, (gate, up) = _ffn_forward(x_MD, experts, stack, group_sizes_G, keep_activations=True)
+    return out, (x_MD, gate, up, experts, stack, group_sizes_G)
 
 
 def _tiled_ffn_bwd(res, dy_MD):
     """Per tile, from the saved gate/up pre-activations: dx, and dw_gate, dw_up, dw_down added in float32 into
     their [G, ...] gradients in place (no per-group accumulator to copy out). Rows of a tile outside its group get
     x, dy, gate and up = 0, so they add nothing (not even NaN) to any gradient. The stacks get none, and neither
-    do FP8 weights (frozen: dx only)."""
-    x_MD, gate_MF, up_MF, weights, layer, group_sizes_G = res
+    do FP8 / INT4 weights (frozen: dx only)."""
+    x_MD, gate_MF, up_MF, experts, stack, group_sizes_G = res
     dt = x_MD.dtype
     xp, dyp = _pad_rows(x_MD), _pad_rows(dy_MD.astype(dt))
-    frozen = isinstance(weights[0], tuple)
-    D, F = _shape(weights[0])[-2:]
+    frozen = experts.fmt != "plain"
+    D, F = experts.hidden, experts.ffn
     f32 = jnp.float32
 
     def tile(g_w, r0, rows, n_valid, out):
@@ -292,12 +241,13 @@ def _tiled_ffn_bwd(res, dy_MD):
         dx_t = _dot_t(d_gate, wg) + _dot_t(d_up, wu)
         return (jax.lax.dynamic_update_slice_in_dim(dx, dx_t, r0, 0), *dws)
 
-    group_weights = _group_weights(weights, layer, dt)
+    group_weights = _group_weights(experts, stack, dt)
     G = group_sizes_G.shape[0]
     dw_init = () if frozen else (jnp.zeros((G, D, F), f32), jnp.zeros((G, D, F), f32), jnp.zeros((G, F, D), f32))
     dx, *dws = _tile_loop(group_sizes_G, lambda g: (g, group_weights(g)), tile, (jnp.zeros_like(xp), *dw_init))
-    dws = (None,) * 3 if frozen else tuple(dw.astype(dt) for dw in dws)
-    return (_finish(dx, group_sizes_G, x_MD.shape[0]), *dws, None, None, None)
+    d_experts = None if frozen else ExpertWeights("plain", *(dw.astype(w.dtype) for dw, w in
+                                                             zip(dws, (experts.gate, experts.up, experts.down))))
+    return _finish(dx, group_sizes_G, x_MD.shape[0]), d_experts, None, None
 
 
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)

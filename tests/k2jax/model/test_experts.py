@@ -1,7 +1,9 @@
-"""k2jax.model.fp8_experts: the FP8-resident model against the same weights loaded dequantised (W = e4m3 x scale put
-into the plain model), float32 compute: logits within 1e-5 of max|logit| with the same expert choices, and the same
-greedy tokens, unsharded and on 8 devices with expert parallelism. The expert dims (hidden 200, expert FFN 72) are not
-multiples of 128, so every scale grid has ragged edge blocks."""
+"""k2jax.model.experts: the FP8- and INT4-resident models against the same weights loaded dequantised (W = e4m3 x
+scale, or (nibble - 8) x scale, put into the plain model), float32 compute: logits within 1e-5 of max|logit| with
+the same expert choices, and the same greedy tokens, unsharded and on 8 devices with expert parallelism. The expert
+dims (hidden 200, expert FFN 72) are not multiples of 128 (FP8 blocks), 32 (INT4 groups) or 8 (INT4 packing), so
+every scale grid has ragged edges. The FFN's forms on routed rows, in every format: tests/pallas_kernels/
+test_grouped_matmul.py."""
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +14,9 @@ from flax import nnx
 import k2jax
 from k2jax.formats import quant
 from k2jax.inference.generate import Generator
-from k2jax.model.config import ConfigError, tiny
-from k2jax.model.fp8_experts import FP8RoutedExperts, quantize_experts
+from k2jax.model.config import tiny
+from k2jax.model.experts import quantize_experts
 from k2jax.model.placement import shard_model
-from k2jax.model.target import Target
-from pallas_kernels.grouped_matmul import reference_ffn
 from sharding.mesh import make_mesh
 from tests.fp8_checks import assert_fp8_experts, assert_same_logits
 from tests.oracle import random_release_tensors
@@ -75,7 +75,7 @@ def test_experts_are_e4m3_with_ragged_block_scales(fp8):
     assert_fp8_experts(fp8)
     params = {k2jax.model.transformer.param_name(p) for p, _ in nnx.to_flat_state(nnx.state(fp8, nnx.Param))}
     assert not any(".experts." in p for p in params)  # frozen: no optimizer sees them
-    with pytest.raises(ValueError, match="FP8 already"):
+    with pytest.raises(ValueError, match="fp8 already"):
         quantize_experts(fp8)
 
 
@@ -120,65 +120,48 @@ def test_expert_parallel_greedy_generation_gives_the_same_tokens(fp8, want_token
         assert Generator(_sharded(fp8, mesh)).generate(PROMPTS, max_new_tokens=6) == want_tokens
 
 
-# ---- the FFN's forms, on routed rows (no model) ---------------------------------------------------------------
-def _experts_and_rows(G=6, M=150):
-    """FP8 experts of k2jax.formats.quant-quantised random weights, routed rows with ragged and empty groups, and the
-    same weights dequantised."""
-    rng = np.random.default_rng(4)
-    quantized, plain = {}, []
-    for name, (K, N) in (("gate_proj", (D, F)), ("up_proj", (D, F)), ("down_proj", (F, D))):
-        pairs = [quant.quantize(rng.standard_normal((K, N)).astype(np.float32) / np.sqrt(K)) for _ in range(G)]
-        w, s = (jnp.asarray(np.stack(a)) for a in zip(*pairs))
-        quantized[name] = (w, s, ("expert", "embed", "moe_mlp"))
-        plain.append(jnp.asarray(np.stack([quant.dequantize(*p) for p in pairs])))
-    experts = FP8RoutedExperts(CFG, quantized=quantized)
-    x = jnp.asarray(rng.standard_normal((M, D)), jnp.float32)
-    sizes = jnp.asarray([31, 0, 70, 1, 0, 40], jnp.int32)  # 8 rows past the groups
-    return experts, plain, x, sizes
+# ---- INT4-resident experts: the same model with its experts' 4-bit values dequantised into plain weights ---------
+@pytest.fixture(scope="module")
+def int4_and_plain():
+    """A random INT4-resident model and the plain model with the same weights: the same seed builds the same
+    non-expert weights (the expert init draws one key per projection in every format), and its plain experts are
+    set to the INT4 experts dequantised (pallas_kernels.int4_grouped_matmul.dequantize, tested against
+    compressed-tensors' packing in tests/pallas_kernels/test_int4_grouped_matmul.py)."""
+    int4 = k2jax.Transformer(CFG, rngs=nnx.Rngs(3), expert_format="int4")
+    plain = k2jax.Transformer(CFG, rngs=nnx.Rngs(3))
+    dense = int4.moe_blocks.mlp.experts.weights().dequantized()
+    for name, w in zip(("gate_proj", "up_proj", "down_proj"), (dense.gate, dense.up, dense.down)):
+        getattr(plain.moe_blocks.mlp.experts, name)[...] = w
+    return int4, plain
+
+
+def test_int4_experts_are_packed_nibbles_with_group_scales(int4_and_plain):
+    int4, _ = int4_and_plain
+    experts = int4.moe_blocks.mlp.experts
+    assert experts.fmt == "int4"
+    for name, (I, O) in (("gate_proj", (D, F)), ("up_proj", (D, F)), ("down_proj", (F, D))):
+        w, s = getattr(experts, name), getattr(experts, name + "_scale")
+        assert (w.shape, w.dtype) == ((L, E, -(-I // 8), O), jnp.int32)
+        assert (s.shape, s.dtype) == ((L, E, -(-I // 32), O), jnp.bfloat16)
+        assert s.get_metadata("logical_axes") == w.get_metadata("logical_axes")
+    params = {k2jax.model.transformer.param_name(p) for p, _ in nnx.to_flat_state(nnx.state(int4, nnx.Param))}
+    assert not any(".experts." in p for p in params)
 
 
 @pytest.mark.parametrize("moe_impl", ["tiled", "ragged_dot", "interpret"])
-def test_ffn_forms_equal_the_dequantised_ffn(moe_impl):
-    """The CPU tiled loop, fp8_grouped_matmul's XLA reference and its Pallas kernel (interpreted) against the
-    plain FFN over the dequantised weights; the tiled form also under jax.grad (to the rows only)."""
-    experts, plain, x, sizes = _experts_and_rows()
-    ffn = experts.grouped_ffn(Target.of(CFG.replace(moe_impl=moe_impl)), None)
-    got = jax.jit(lambda x: ffn(x, *experts.expert_arrays(), sizes))(x)
-    want = reference_ffn(x, *plain, sizes)
-    assert np.max(np.abs(np.asarray(got - want))) <= 1e-5 * np.max(np.abs(np.asarray(want)))
-    if moe_impl == "tiled":
-        dx = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(ffn(x, *experts.expert_arrays(), sizes)))))(x)
-        want_dx = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(reference_ffn(x, *plain, sizes)))))(x)
-        assert np.max(np.abs(np.asarray(dx - want_dx))) <= 1e-5 * np.max(np.abs(np.asarray(want_dx)))
+def test_int4_logits_equal_the_dequantised_model(int4_and_plain, tokens, moe_impl):
+    """Every form of the FFN in the model: the CPU tiled loop (the default here), the XLA reference and the Pallas
+    kernel (interpreted); the same seed gives the same weights whatever the form."""
+    int4, plain = int4_and_plain
+    if moe_impl != "tiled":
+        int4 = k2jax.Transformer(CFG.replace(moe_impl=moe_impl), rngs=nnx.Rngs(3), expert_format="int4")
+    want_logits, want_aux = _forward(plain, tokens)
+    assert_same_logits(_forward(int4, tokens), (np.asarray(want_logits), np.asarray(want_aux["router_topk_ids"])))
 
 
-def test_cpu_form_holds_no_whole_layer_dequantised_copy():
-    """The compiled tiled FFN has no float32 array of a layer's expert stack; the XLA reference form (the control)
-    does."""
-    experts, _, x, sizes = _experts_and_rows()
-    G = sizes.shape[0]
-    stacks = (f"f32[{G},{D},{F}]", f"f32[{G},{F},{D}]")
-
-    def hlo(moe_impl):
-        ffn = experts.grouped_ffn(Target.of(CFG.replace(moe_impl=moe_impl)), None)
-        return jax.jit(lambda x, *w: ffn(x, *w, sizes)).lower(x, *experts.expert_arrays()).compile().as_text()
-
-    assert not [s for s in stacks if s in hlo("tiled")]
-    assert all(s in hlo("ragged_dot") for s in stacks)
-
-
-def test_fp8_activations_quantise_the_rows_in_every_kernel_form():
-    """fp8_activations='on' (the GPU default): the XLA reference and the Pallas kernel (interpreted) give the same
-    FFN, which is not the dequantised-weights FFN (the rows were rounded to e4m3) but within e4m3's rounding of it;
-    the tiled CPU form refuses it in one line."""
-    experts, plain, x, sizes = _experts_and_rows()
-    want = np.asarray(reference_ffn(x, *plain, sizes))
-    got = {}
-    for moe_impl in ("ragged_dot", "interpret"):
-        ffn = experts.grouped_ffn(Target.of(CFG.replace(moe_impl=moe_impl, fp8_activations="on")), None)
-        got[moe_impl] = np.asarray(jax.jit(lambda x: ffn(x, *experts.expert_arrays(), sizes))(x))
-    scale = np.max(np.abs(want))
-    assert np.max(np.abs(got["interpret"] - got["ragged_dot"])) <= 1e-5 * np.max(np.abs(got["ragged_dot"]))
-    assert 1e-4 * scale < np.max(np.abs(got["ragged_dot"] - want)) < 0.1 * scale
-    with pytest.raises(ConfigError, match="fp8_activations='on' needs moe_impl"):
-        experts.grouped_ffn(Target.of(CFG.replace(moe_impl="tiled", fp8_activations="on")), None)
+def test_int4_expert_parallel_greedy_generation(int4_and_plain):
+    int4, plain = int4_and_plain
+    want = Generator(plain).generate(PROMPTS, max_new_tokens=6)
+    mesh = make_mesh({"expert": 8})
+    with jax.set_mesh(mesh):  # prefill and decode with the packed experts and their scales split over `expert`
+        assert Generator(_sharded(int4, mesh)).generate(PROMPTS, max_new_tokens=6) == want

@@ -1,5 +1,6 @@
 """The FP8-resident decode step of a reduced Kimi K2 (tests/compile_targets.reduced_k2) compiled for deviceless
-TPU v5p chips on an abstract sharded model (k2jax.model.fp8_experts.abstract_fp8_experts: no weights in memory): the
+TPU v5p chips on an abstract sharded model (k2jax.model.placement.abstract_model(..., expert_format="fp8"): no
+weights in memory): the
 routed experts stay float8_e4m3fn on the chips and run through fp8_grouped_matmul's Mosaic kernel inside the
 expert-parallel shard_map, next to the attention kernels. For a deviceless H100 the same step runs Triton kernels
 on e4m3 rows as well (fp8_activations' GPU default: the FP8 tensor cores); v5p's reads bf16 rows."""
@@ -7,7 +8,6 @@ on e4m3 rows as well (fp8_activations' GPU default: the FP8 tensor cores); v5p's
 import jax
 
 from k2jax.inference.generate import Generator
-from k2jax.model.fp8_experts import abstract_fp8_experts
 from k2jax.model.placement import abstract_model
 from tests.compile_targets import gpu_mesh, kernel_calls, reduced_k2, tpu_mesh
 
@@ -20,7 +20,7 @@ KERNELS_PER_STEP = 2 + 3
 def test_fp8_decode_step_compiles_for_v5p():
     mesh = tpu_mesh({"expert": 4})
     with jax.set_mesh(mesh):
-        model = abstract_fp8_experts(abstract_model(CFG, mesh, "ep_fsdp"))
+        model = abstract_model(CFG, mesh, "ep_fsdp", expert_format="fp8")
         compiled = Generator(model).lower("decode", batch=8, max_len=1024).compile()
     text = compiled.as_text()
     assert kernel_calls(text, "tpu") >= KERNELS_PER_STEP
@@ -38,7 +38,7 @@ def test_fp8_decode_step_compiles_for_v5p():
 def test_fp8_decode_step_on_h100_quantises_the_routed_rows():
     mesh = gpu_mesh({"expert": 1})
     with jax.set_mesh(mesh):
-        model = abstract_fp8_experts(abstract_model(CFG, mesh, "ep_fsdp"))
+        model = abstract_model(CFG, mesh, "ep_fsdp", expert_format="fp8")
         text = Generator(model).lower("decode", batch=8, max_len=1024).compile().as_text()
     assert kernel_calls(text, "gpu") >= KERNELS_PER_STEP
     M, D, F = 8 * CFG.num_experts_per_tok, CFG.hidden_size, CFG.moe_intermediate_size
