@@ -1,13 +1,20 @@
-"""HF release (FP8 / BF16 safetensors) <-> k2jax Orbax checkpoint, streamed tensor by tensor.
+"""HF release (FP8 / INT4 / BF16 safetensors) <-> k2jax Orbax checkpoint, streamed tensor by tensor.
 
-    k2jax-convert --hf_dir=Kimi-K2-Instruct --out_dir=k2-bf16 [--dtype=bfloat16|float32|fp8] [--resume]
-    k2jax-convert --to_hf --ckpt_dir=k2-fp8 --out_dir=Kimi-K2-export [--dtype=fp8|bfloat16|float32]
+    k2jax-convert --hf_dir=Kimi-K2-Instruct --out_dir=k2-bf16 [--dtype=bfloat16|float32|fp8|int4] [--resume]
+    k2jax-convert --to_hf --ckpt_dir=k2-fp8 --out_dir=Kimi-K2-export [--dtype=fp8|int4|bfloat16|float32]
     (or: python convert_checkpoint.py ...)
 
---dtype fp8 keeps the release's e4m3 bytes and block scales (k2jax/checkpoint/format.py says how they are stored);
-bfloat16 / float32 dequantise (W = e4m3 x weight_scale_inv per 128x128 block). The export writes the release
-layout (config.json, index, shards): from an fp8 checkpoint with --dtype fp8 it reproduces the release's bytes
-exactly; from a bf16 / f32 checkpoint --dtype fp8 quantises (scale = block amax / 448).
+--dtype fp8 keeps an FP8 release's e4m3 bytes and block scales, --dtype int4 an INT4 release's (K2-Thinking, K2.5:
+compressed-tensors) packed int32 and group scales, its quantization_config recorded in k2jax.json
+(k2jax/checkpoint/format.py says how they are stored); bfloat16 / float32 dequantise (W = e4m3 x weight_scale_inv
+per 128x128 block, (nibble - 8) x weight_scale per group). No conversion between the two quantised formats: --dtype
+int4 of an FP8 release and --dtype fp8 of an INT4 one are errors (requantising would lose the release's exact
+values); a BF16 release quantises to either (fp8: block amax / 448; int4: K2-Thinking's scheme, the routed experts
+in groups of 32, k2jax.formats.quant.quantize_int4). A K2.5-layout release converts its text model (the vision
+tower is left out, its settings kept in k2jax.json). The export writes the release layout (config.json, index,
+shards): from an fp8 / int4 checkpoint in its own dtype it reproduces the release's tensors byte for byte (a
+K2.5 source as its text model, in the K2-Thinking layout: unprefixed names, config model_type kimi_k2); from a
+bf16 / f32 checkpoint --dtype fp8 / int4 quantises as above.
 
 Memory: one release tensor at a time (the largest is the embedding or lm_head, 2.3 GB in BF16), written as it is
 (k2jax checkpoints keep the release's [out, in] orientation: no host transpose) into its slot of the stacked
@@ -45,12 +52,11 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from k2jax.checkpoint.format import DTYPES, SCALES, CheckpointError, read_metadata
+from k2jax.checkpoint.format import DTYPES, INT4_SCALES, QUANTIZED, SCALES, CheckpointError, read_metadata
 from k2jax.checkpoint.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
-from k2jax.checkpoint.hf_mapping import HFTensorSpec, fp8_params
+from k2jax.checkpoint.hf_mapping import HFTensorSpec, fp8_params, int4_params
 from k2jax.checkpoint.stream import CheckpointReader, StreamingWriter
 from k2jax.formats import quant
-from k2jax.model.config import ConfigError
 from k2jax.model.transformer import param_name
 
 PROGRESS = "convert_progress.jsonl"
@@ -164,8 +170,8 @@ def _done_tensors(partial: str, source: str, dtype: str) -> set[str]:
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None, resume: bool = False,
                         show_progress: bool = True, sync_gb: float = SYNC_GB) -> None:
-    """dtype: bfloat16 | float32 | fp8; None: bfloat16, or with `resume` the interrupted run's. show_progress: a
-    progress bar and a line at the start and the end."""
+    """dtype: bfloat16 | float32 | fp8 | int4; None: bfloat16, or with `resume` the interrupted run's.
+    show_progress: a progress bar and a line at the start and the end."""
     out_dir = os.path.abspath(out_dir)
     partial = out_dir + ".partial"
     if dtype is None:
@@ -182,11 +188,12 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None, 
                               f"delete it")
     ckpt = HFCheckpoint(hf_dir)
     ckpt.check()
-    ckpt.check_scales(dtype="bfloat16" if dtype == "fp8" else dtype)  # fp8 loads as bf16 by default
+    scheme = _target_scheme(ckpt.scheme, dtype, hf_dir)
+    ckpt.check_scales(dtype="bfloat16" if dtype in QUANTIZED else dtype)  # fp8 / int4 load as bf16 by default
     source = os.path.abspath(hf_dir)
     done = _done_tensors(partial, source, dtype) if resume else set()
-    writer = _writing(lambda: StreamingWriter(partial, ckpt.config, dtype))
-    fp8 = fp8_params(ckpt.config) if dtype == "fp8" else {}
+    writer = _writing(lambda: StreamingWriter(partial, ckpt.config, dtype, scheme, ckpt.multimodal))
+    kept = fp8_params(ckpt.config) if dtype == "fp8" else int4_params(ckpt.config, scheme) if dtype == "int4" else {}
     specs = list(ckpt.specs.values())
     total = sum(ckpt.stored_nbytes(s.name) for s in specs)
     _say(show_progress, f"converting {hf_dir} ({len(specs)} tensors, {total / 1e9:.2f} GB) to {out_dir} as {dtype}"
@@ -208,7 +215,8 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None, 
             if spec.name not in done:
                 name = param_name(spec.path)
                 slot_shape = writer.shapes[name][0][len(spec.index):]
-                writes = _stored_slots(ckpt, spec, name, slot_shape, writer.shapes[name][1], name in fp8)
+                writes = _stored_slots(ckpt, spec, name, slot_shape, writer.shapes[name][1],
+                                       dtype if name in kept else None, scheme)
                 futures = [_writing(lambda: writer.write(n, spec.index, slot, wait=False)) for n, slot in writes]
                 in_flight.append((futures, spec.name, writes))
                 while len(in_flight) > 1:  # one write overlaps the next tensor's read and transform
@@ -237,15 +245,34 @@ def _publish(partial: str, out_dir: str) -> None:
         os.close(parent)
 
 
-def _stored_slots(ckpt: HFCheckpoint, spec: HFTensorSpec, name: str, slot_shape, target: str, keep_fp8: bool):
+def _target_scheme(scheme: quant.Scheme | None, dtype: str, source: str) -> quant.Int4Scheme | None:
+    """The INT4 scheme a conversion or export to `dtype` writes (int4: the source's, or K2-Thinking's for an
+    unquantised source); a CheckpointError for a conversion between the two quantised formats."""
+    if dtype in QUANTIZED and scheme is not None and scheme.format != dtype:
+        raise CheckpointError(f"{source}: --dtype {dtype} of a {scheme.format} checkpoint would requantise its "
+                              f"{scheme.format.upper()} weights, which k2jax does not do (their exact values would be "
+                              f"lost): use --dtype {scheme.format}, bfloat16 or float32")
+    if dtype != "int4":
+        return None
+    return scheme if scheme is not None else quant.parse_quantization_config(quant.K2_INT4_QUANTIZATION_CONFIG)
+
+
+def _stored_slots(ckpt: HFCheckpoint, spec: HFTensorSpec, name: str, slot_shape, target: str, keep: str | None,
+                  scheme: quant.Int4Scheme | None):
     """[(parameter name, slot array)] to write for one release tensor; `target` is the parameter's stored dtype.
-    A slot holds the release tensor as it is (k2jax.checkpoint.format: no transpose), dequantised unless kept FP8."""
-    if keep_fp8:
+    A slot holds the release tensor as it is (k2jax.checkpoint.format: no transpose), dequantised unless kept
+    (keep: "fp8" / "int4")."""
+    if keep == "fp8":
         q, scale = _fp8_pair(ckpt, spec)
         return [(name, q.reshape(slot_shape)), (f"{SCALES}.{name}", scale)]
-    if ckpt.stored_dtype(spec.name) == quant.E4M3:
+    if keep == "int4":
+        packed, scale = _int4_pair(ckpt, spec, scheme)
+        return [(name, packed.reshape(slot_shape)), (f"{INT4_SCALES}.{name}", scale)]
+    if ckpt.is_int4(spec.name):  # checked: dequantises to finite values of target
+        out = ckpt.read(spec.name, dtype=jnp.dtype(target))
+    elif ckpt.stored_dtype(spec.name) == quant.E4M3:
         raw, scale = ckpt.read_fp8(spec.name, dtype=target)  # no NaN, scales that keep the weights finite
-        out = quant.dequantize(raw, scale, jnp.dtype(target), name=spec.name, checked=True)
+        out = quant.dequantize(raw, scale, jnp.dtype(target), name=ckpt.stored(spec.name), checked=True)
     else:
         out = ckpt.read_raw(spec.name).astype(jnp.dtype(target))
     return [(name, out.reshape(slot_shape))]
@@ -258,9 +285,18 @@ def _fp8_pair(ckpt: HFCheckpoint, spec: HFTensorSpec) -> tuple[np.ndarray, np.nd
     return quant.quantize(ckpt.read_raw(spec.name).astype(np.float32), name=spec.name)
 
 
+def _int4_pair(ckpt: HFCheckpoint, spec: HFTensorSpec, scheme: quant.Int4Scheme) -> tuple[np.ndarray, np.ndarray]:
+    """The release's (weight_packed, weight_scale) as stored, or quantised now if the source holds it unquantised."""
+    if ckpt.is_int4(spec.name):
+        return ckpt.read_int4(spec.name, dtype="bfloat16")  # what load_checkpoint dequantises to by default
+    return quant.quantize_int4(ckpt.read_raw(spec.name).astype(np.float32), name=spec.name,
+                               group_size=scheme.group_size, scale_dtype=scheme.scale_dtype)
+
+
 def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None, show_progress: bool = True) -> None:
-    """A k2jax checkpoint -> the release layout, one tensor in memory at a time. dtype: fp8 | bfloat16 | float32;
-    None: the checkpoint's own (an fp8 checkpoint exports its e4m3 bytes and scales unchanged)."""
+    """A k2jax checkpoint -> the release layout, one tensor in memory at a time. dtype: fp8 | int4 | bfloat16 |
+    float32; None: the checkpoint's own (an fp8 / int4 checkpoint exports its e4m3 bytes and scales, or packed
+    int32, group scales and weight_shapes, unchanged, with the release's quantization_config)."""
     source_dtype = read_metadata(ckpt_dir)["dtype"]
     chosen = dtype is not None
     dtype = dtype or source_dtype
@@ -269,19 +305,26 @@ def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None, show_
     _say(show_progress, f"exporting {ckpt_dir} ({source_dtype} checkpoint) to {out_dir} as {dtype}"
          + ("" if chosen else " (the checkpoint's dtype; --dtype chooses another)"))
     reader = CheckpointReader(ckpt_dir)  # every chunk checked to be on disk
+    scheme = _target_scheme(reader.scheme or (quant.Fp8Scheme() if reader.dtype == "fp8" else None), dtype, ckpt_dir)
     fp8 = fp8_params(reader.cfg) if reader.dtype == "fp8" else {}
+    int4 = int4_params(reader.cfg, reader.scheme) if reader.dtype == "int4" else {}
     dequantized = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
 
     def source(spec: HFTensorSpec):  # a slot is the release tensor as it is (k2jax.checkpoint.format)
         name = param_name(spec.path)
-        slot = reader.slot(name, spec.index).reshape(spec.shape)
+        slot = reader.slot(name, spec.index)
+        if name in int4:
+            scale = reader.slot(f"{INT4_SCALES}.{name}", spec.index)
+            return (slot, scale) if dtype == "int4" else quant.dequantize_int4(
+                slot, scale, spec.shape, dequantized, name=spec.name, group_size=reader.scheme.group_size)
+        slot = slot.reshape(spec.shape)
         if name not in fp8:
             return slot.astype(np.float32)
         scale = reader.slot(f"{SCALES}.{name}", spec.index)
         return (slot, scale) if dtype == "fp8" else quant.dequantize(slot, scale, dequantized, name=spec.name)
 
     try:
-        write_hf_checkpoint(out_dir, reader.cfg, source, dtype=dtype)
+        write_hf_checkpoint(out_dir, reader.cfg, source, dtype=dtype, scheme=scheme)
     except OSError as e:
         raise OutputError(str(e)) from e
     _say(show_progress, f"wrote {out_dir}")

@@ -1,8 +1,12 @@
 """What a k2jax checkpoint is on disk, how a reader knows it is complete and undamaged, and `CheckpointError`,
 the one error every checkpoint reader and writer raises (k2jax's own checkpoints and the HF release alike).
 
-    ckpt/k2jax.json     {"format", "config" (HF config.json dict), "dtype" (bfloat16 | float32 | fp8),
-                         "params" {name: {"shape", "dtype"}}}
+    ckpt/k2jax.json     {"format", "config" (HF config.json dict of the text model), "dtype" (bfloat16 | float32 |
+                         fp8 | int4), "params" {name: {"shape", "dtype"}}, and when converted from a release
+                         "quantization" (int4: the release's scheme, k2jax.formats.quant.Int4Scheme.to_json: its
+                         quantization_config, group size, scale and weight_shape dtypes: what the export needs to
+                         write the release back) and "multimodal" (a K2.5-layout release's settings outside its
+                         text model: vision_config, media ids, ...; the vision tower itself is not converted)}
     ckpt/state/<name>/  one zarr3 array per stored array (Orbax's PyTreeCheckpointHandler, no OCDBT), named by
                         the parameter's path in `nnx.state(Transformer)` ("moe_blocks.mlp.experts.down_proj")
 
@@ -10,7 +14,10 @@ Each array holds its release tensor exactly as the release stores it: matmul wei
 (`k2jax.formats.weight_layout`), stacked MoE layers (and experts) first. FP8 checkpoints (dtype "fp8") store every
 matmul the release stores in FP8 as its e4m3 tensor with its block scales under `fp8_scales.<name>`
 ([..., ceil(out/128), ceil(in/128)], the release's grid); embeddings, norms and the router stay BF16 and the
-router bias F32, as released.
+router bias F32, as released. INT4 checkpoints (dtype "int4") store every matmul the release stores as INT4 groups
+(the routed experts) as its int32 weight_packed [..., out, ceil(in/8)] with its group scales under
+`int4_scales.<name>` ([..., out, ceil(in/G)], the release's dtype, bfloat16); weight_shape is not stored (the
+config gives it; its dtype is in "quantization"); everything else BF16 / F32 as released.
 
 A checkpoint directory is complete when `k2jax.json` is in it: writers put it there last, after everything else
 is on disk. Readers (`load_checkpoint`, `CheckpointReader`, so `init_from` and the export too) first check that
@@ -36,7 +43,9 @@ FORMAT = "k2jax-orbax-v2"  # v2: matmul weights in the release's [out, in] orien
 METADATA = "k2jax.json"
 STATE_DIR = "state"
 SCALES = "fp8_scales"
-DTYPES = ("bfloat16", "float32", "fp8")
+INT4_SCALES = "int4_scales"
+DTYPES = ("bfloat16", "float32", "fp8", "int4")
+QUANTIZED = ("fp8", "int4")  # checkpoint dtypes whose matmuls stay quantised (they load as bfloat16 by default)
 
 
 class CheckpointError(ValueError):
@@ -73,9 +82,15 @@ def nest(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
-def metadata(cfg: K2Config, dtype: str, shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> dict:
-    return {"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype,
+def metadata(cfg: K2Config, dtype: str, shapes: Mapping[str, tuple[tuple[int, ...], str]], *,
+             quantization: Mapping | None = None, multimodal: Mapping | None = None) -> dict:
+    meta = {"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype,
             "params": {n: {"shape": list(s), "dtype": d} for n, (s, d) in shapes.items()}}
+    if quantization is not None:
+        meta["quantization"] = dict(quantization)
+    if multimodal is not None:
+        meta["multimodal"] = dict(multimodal)
+    return meta
 
 
 def write_metadata(path: str, meta: dict) -> None:

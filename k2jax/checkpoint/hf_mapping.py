@@ -7,9 +7,14 @@ matmul, no `weight_scale_inv`), where it lives in `nnx.state(Transformer)` and h
 
 It is also the one table of layouts: a spec's `matmul` says how a linear weight's release [out, in] maps to
 k2jax's [in, ...out] (`k2jax.formats.weight_layout`: the out axis split per head where the layer has heads); embeddings,
-norms and the router bias (`matmul` None) are copied as they are. `matmul_params(cfg)` / `fp8_params(cfg)` are the
-same table keyed by parameter, which k2jax checkpoints store in the release's layout. The converter
-(convert_checkpoint.py) streams through the same specs.
+norms and the router bias (`matmul` None) are copied as they are. `matmul_params(cfg)` / `fp8_params(cfg)` /
+`int4_params(cfg, scheme)` are the same table keyed by parameter, which k2jax checkpoints store in the release's
+layout. The converter (convert_checkpoint.py) streams through the same specs.
+
+Names are the text model's own (`model.layers...`, `lm_head.weight`); a release that prefixes them (K2.5:
+`language_model.model.layers...`, `language_model.lm_head.weight`) is read through a `TextLayout`, found from its
+index by `detect_text_layout`. A quantised weight `X.weight` is stored as `X.weight` + `X.weight_scale_inv` (FP8)
+or as `X.weight_packed` + `X.weight_scale` + `X.weight_shape` (INT4, k2jax.formats.quant).
 
 Letter legend: D hidden, N heads, Q q_lora, C kv_lora, R rope dim, V vocab, E experts, F ffn.
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +31,16 @@ import numpy as np
 from flax import nnx
 
 from k2jax.checkpoint.format import CheckpointError
+from k2jax.formats import quant
 from k2jax.formats.weight_layout import Matmul, from_stored, to_stored
 from k2jax.model.config import K2Config
+from k2jax.model.placement import abstract_model
 from k2jax.model.transformer import Transformer, param_name
 
 SCALE_SUFFIX = "_scale_inv"  # an FP8 weight's block scales: "<weight name>_scale_inv"
+# an INT4 weight's three tensors: "<weight name>_packed" (int32), "_scale" (group scales), "_shape" ([out, in])
+PACKED_SUFFIX, GROUP_SCALE_SUFFIX, SHAPE_SUFFIX = "_packed", "_scale", "_shape"
+INT4_SUFFIXES = (PACKED_SUFFIX, GROUP_SCALE_SUFFIX, SHAPE_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +121,33 @@ def release_dtype(spec: HFTensorSpec) -> str:
     return "bfloat16"
 
 
+def is_router(spec: HFTensorSpec) -> bool:
+    """The MoE router's gate: a matmul, but not an nn.Linear in the release's modeling code (never quantised)."""
+    return spec.name.endswith("mlp.gate.weight")
+
+
+def int4_quantized(spec: HFTensorSpec, scheme: quant.Int4Scheme) -> bool:
+    """Whether an INT4 release stores this tensor as weight_packed / weight_scale / weight_shape: a Linear (a
+    matmul but the router) that no entry of the scheme's ignore list matches, by the text model's module name or
+    by the release's (prefixed: scheme.text_prefixes) one."""
+    stored = TextLayout(*scheme.text_prefixes).stored(spec.name)
+    modules = [n.removesuffix(".weight") for n in (spec.name, stored)]
+    return spec.linear and not is_router(spec) and not scheme.ignores(*modules)
+
+
+def int4_params(cfg: K2Config, scheme: quant.Int4Scheme) -> dict[str, Matmul]:
+    """The matmul weights an INT4 release stores packed (every slot of the parameter; a parameter the ignore list
+    splits, some layers INT4 and some not, is a CheckpointError: k2jax stores a parameter in one format)."""
+    by_param: dict[str, set[bool]] = {}
+    for spec in hf_tensor_specs(cfg):
+        by_param.setdefault(param_name(spec.path), set()).add(int4_quantized(spec, scheme))
+    mixed = sorted(n for n, kinds in by_param.items() if len(kinds) > 1)
+    if mixed:
+        raise CheckpointError(f"quantization_config ignore list {list(scheme.ignore)} quantises only some slots of "
+                              f"{mixed[0]}: k2jax stores each parameter in one format")
+    return {n: m for n, m in matmul_params(cfg).items() if by_param[n] == {True}}
+
+
 def matmul_params(cfg: K2Config) -> dict[str, Matmul]:
     """Every matmul weight (the release's [out, in] linear layers) by parameter name, with its layout."""
     return {param_name(s.path): s.matmul for s in hf_tensor_specs(cfg) if s.linear}
@@ -143,25 +180,72 @@ def is_mtp_tensor(name: str, cfg: K2Config) -> bool:
     return bool(m) and cfg.num_hidden_layers <= int(m.group(1)) < cfg.num_hidden_layers + cfg.num_nextn_predict_layers
 
 
+def quantized_weight(name: str) -> str | None:
+    """The weight a quantisation tensor belongs to ("X.weight" for X.weight_scale_inv / _packed / _scale / _shape);
+    None for any other name."""
+    for suffix in (SCALE_SUFFIX,) + INT4_SUFFIXES:
+        if name.endswith(".weight" + suffix):
+            return name[: -len(suffix)]
+    return None
+
+
 def check_names(cfg: K2Config, names: Iterable[str], specs: list[HFTensorSpec] | None = None, *, source: str = "tensors",
-                fp8_scales: bool = False) -> None:
-    """Raises CheckpointError naming missing or unexpected tensors (MTP layers are neither). fp8_scales: names
-    may include `weight_scale_inv` tensors (a release directory; HFCheckpoint checks each against its weight);
-    otherwise a scale means the weights are still quantised."""
+                quantized: bool = False, display: Callable[[str], str] = str) -> None:
+    """Raises CheckpointError naming missing or unexpected tensors (MTP layers are neither). quantized: names may
+    include quantisation tensors (a release directory: FP8 `weight_scale_inv`, INT4 `weight_packed` /
+    `weight_scale` / `weight_shape` standing for their `weight`; HFCheckpoint checks each against its weight);
+    otherwise they mean the weights are still quantised. display: how to name a tensor in the message (the
+    release's own, prefixed, name)."""
     specs = hf_tensor_specs(cfg) if specs is None else specs
     names = set(names)
-    scales = sorted(n for n in names if n.endswith(SCALE_SUFFIX))
-    if scales and not fp8_scales:
-        raise CheckpointError(f"{source}: {scales[0]} (and {len(scales) - 1} more) are FP8 scales; "
-                              f"dequantise first (k2jax.formats.quant) or use convert_checkpoint.py")
+    companions = sorted(n for n in names if quantized_weight(n) is not None)
+    if companions and not quantized:
+        raise CheckpointError(f"{source}: {display(companions[0])} (and {len(companions) - 1} more) belong to "
+                              f"quantised weights; dequantise first (k2jax.formats.quant) or use convert_checkpoint.py")
+    present = (names - set(companions)) | {quantized_weight(n) for n in companions if n.endswith(PACKED_SUFFIX)}
     expected = {s.name for s in specs}
-    missing = sorted(expected - names)
-    unexpected = sorted(n for n in names - expected - set(scales) if not is_mtp_tensor(n, cfg))
+    missing = sorted(expected - present)
+    unexpected = sorted(n for n in present - expected if not is_mtp_tensor(n, cfg))
     if missing:
-        raise CheckpointError(f"{source}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
+        raise CheckpointError(f"{source}: missing {len(missing)} tensor(s) the config needs, e.g. "
+                              f"{[display(n) for n in missing[:3]]}")
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) the config does not describe, e.g. "
-                              f"{unexpected[:3]} (config/weights mismatch?)")
+                              f"{[display(n) for n in unexpected[:3]]} (config/weights mismatch?)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextLayout:
+    """Where a release keeps the text model's tensors: `model.X` is stored as `body + X` and `lm_head.X` as
+    `head + lm_head.X` (K2: "model." and ""; K2.5: "language_model.model." and "language_model.")."""
+
+    body: str = "model."
+    head: str = ""
+
+    def stored(self, name: str) -> str:
+        return self.head + name if name.startswith("lm_head.") else self.body + name.removeprefix("model.")
+
+    def canonical(self, stored: str) -> str | None:
+        """The text model's name of a stored tensor; None for a tensor outside the text model (a vision tower)."""
+        if stored.startswith(self.head + "lm_head."):
+            return stored[len(self.head):]
+        if stored.startswith(self.body):
+            return "model." + stored[len(self.body):]
+        return None
+
+
+def detect_text_layout(names: Iterable[str]) -> TextLayout:
+    """The layout of a release's text tensors, from the one `...embed_tokens.weight` and the one
+    `...lm_head.weight` outside any layer (MTP layers carry their own embed_tokens); the plain K2 layout when
+    either is missing or ambiguous (check_names then names what is wrong)."""
+    def prefixes(suffix: str) -> set[str]:
+        return {n[: -len(suffix)] for n in names if n.endswith(suffix) and "layers." not in n}
+
+    names = list(names)
+    body, head = prefixes("embed_tokens.weight"), prefixes("lm_head.weight")
+    if len(body) != 1 or len(head) != 1:
+        return TextLayout()
+    return TextLayout(body.pop(), head.pop())
 
 
 def _get(tree: Any, path: tuple) -> Any:
@@ -177,7 +261,7 @@ def from_hf_tensors(cfg: K2Config, tensors: Mapping[str, Any]) -> Transformer:
     is an error. Arrays are cast to cfg.param_dtype."""
     specs = hf_tensor_specs(cfg)
     check_names(cfg, tensors.keys(), specs)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(abstract_model(cfg))
     buffers: dict[tuple, np.ndarray] = {}
     for spec in specs:
         array = np.asarray(tensors[spec.name])

@@ -7,9 +7,10 @@ What is on disk is `k2jax.checkpoint.format`'s (an Orbax PyTree checkpoint plus 
 keep the release's [out, in] orientation (`k2jax.formats.weight_layout`): `load_checkpoint` transposes and reshapes them
 on the devices, where it costs next to nothing, and `save_checkpoint` does the reverse there. So converting the
 release is a copy (plus a dequantisation for bf16 / f32): no host transpose, which cost more than everything else
-in a conversion. FP8 checkpoints (dtype "fp8", written by the converter) are dequantised on the devices too
-(W = e4m3 x scale per block), into cfg.param_dtype (default bfloat16); with weights="fp8" the routed experts stay
-e4m3 with their block scales on the devices instead (`k2jax.model.fp8_experts`). Where each array lands on the mesh:
+in a conversion. FP8 and INT4 checkpoints (dtype "fp8" / "int4", written by the converter) are dequantised on the
+devices too (W = e4m3 x scale per block, or (nibble - 8) x scale per group), into cfg.param_dtype (default
+bfloat16); with weights="fp8" / "int4" the routed experts stay quantised with their scales on the devices instead
+(the model is built with that expert format: `k2jax.model.experts`). Where each array lands on the mesh:
 `k2jax.checkpoint.shardings`. The converter writes and the export reads checkpoints slot by slot
 (`k2jax.checkpoint.stream`).
 """
@@ -21,11 +22,14 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from k2jax.checkpoint.format import (
     DTYPES,
+    INT4_SCALES,
+    QUANTIZED,
     SCALES,
     STATE_DIR,
     CheckpointError,
@@ -37,19 +41,20 @@ from k2jax.checkpoint.format import (
     save_tree,
     write_metadata,
 )
-from k2jax.checkpoint.hf_mapping import fp8_params, matmul_params
+from k2jax.checkpoint.hf_mapping import fp8_params, int4_params, matmul_params
 from k2jax.checkpoint.shardings import ShardingSpec, replicated_like, resolve_shardings, sharding_for, stored_sharding
 from k2jax.formats import quant
 from k2jax.formats.weight_layout import Matmul, from_stored, to_stored
 from k2jax.model.config import K2Config
-from k2jax.model.fp8_experts import EXPERT_PARAMS, resident_experts, scale_sharding
+from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS, EXPERT_PARAMS, SCALE_SUFFIX, scale_sharding
+from k2jax.model.placement import abstract_model
 from k2jax.model.transformer import Transformer, param_name
 
-WEIGHTS = ("dequantized", "fp8")  # load_checkpoint / load_hf_checkpoint's weights= options
+WEIGHTS = tuple(EXPERT_FORMAT_OF_WEIGHTS)  # load_checkpoint / load_hf_checkpoint's weights= options
 
 
 def abstract_state(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.split(abstract_model(cfg))
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -61,11 +66,15 @@ def _unflat_like(template: Any, values: Mapping[str, Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [values[param_name(p)] for p, _ in paths])
 
 
-def stored_template(cfg: K2Config, dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
-    """{name: shape and dtype as stored} for a checkpoint of `dtype`, fp8 scales included."""
+def stored_template(cfg: K2Config, dtype: str, scheme: quant.Int4Scheme | None = None
+                    ) -> dict[str, jax.ShapeDtypeStruct]:
+    """{name: shape and dtype as stored} for a checkpoint of `dtype`, fp8 / int4 scales included. scheme: an int4
+    checkpoint's (which matmuls are INT4, the group size and scale dtype)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"checkpoint dtype must be one of {DTYPES}, got {dtype!r}")
-    _, state = abstract_state(cfg.replace(param_dtype="bfloat16" if dtype == "fp8" else dtype))
+    if (dtype == "int4") != isinstance(scheme, quant.Int4Scheme):
+        raise CheckpointError(f"a {dtype} checkpoint {'needs' if dtype == 'int4' else 'takes no'} an INT4 scheme")
+    _, state = abstract_state(cfg.replace(param_dtype="bfloat16" if dtype in QUANTIZED else dtype))
     template = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in _flat(nnx.to_pure_dict(state)).items()}
     for name, m in matmul_params(cfg).items():
         template[name] = jax.ShapeDtypeStruct(template[name].shape[:m.n_lead] + (m.out_dim, m.in_dim),
@@ -76,6 +85,12 @@ def stored_template(cfg: K2Config, dtype: str) -> dict[str, jax.ShapeDtypeStruct
             template[name] = jax.ShapeDtypeStruct(template[name].shape, quant.E4M3)
             template[f"{SCALES}.{name}"] = jax.ShapeDtypeStruct(lead + quant.scale_shape((m.out_dim, m.in_dim)),
                                                                 jnp.float32)
+    if dtype == "int4":
+        for name, m in int4_params(cfg, scheme).items():
+            lead = template[name].shape[:m.n_lead]
+            packed, scales = quant.int4_shapes((m.out_dim, m.in_dim), scheme.group_size)
+            template[name] = jax.ShapeDtypeStruct(lead + packed, jnp.int32)
+            template[f"{INT4_SCALES}.{name}"] = jax.ShapeDtypeStruct(lead + scales, jnp.dtype(scheme.scale_dtype))
     return template
 
 
@@ -101,21 +116,28 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     shardings: None (with a mesh: replicated on it; without: the default device), a strategy name from
     sharding.rules (e.g. "ep_fsdp"; needs the mesh), a mapping from parameter name to Sharding, or a function
     (name, shape) -> Sharding. Each device reads only its own shard from disk.
-    weights: "dequantized" (default): every weight in cfg.param_dtype (an fp8 checkpoint dequantised on the
-    devices); "fp8" (an fp8 checkpoint only): the routed experts stay FP8-resident (k2jax.model.fp8_experts): their e4m3
+    weights: "dequantized" (default): every weight in cfg.param_dtype (an fp8 / int4 checkpoint dequantised on the
+    devices); "fp8" (an fp8 checkpoint only): the routed experts stay FP8-resident (k2jax.model.experts): their e4m3
     weights read and transposed on the devices with the parameter's sharding, their block scales with its split
-    of the leading (layer, expert) axes and whole along the blocks, never dequantised; every other weight as with
+    of the leading (layer, expert) axes and whole along the blocks, never dequantised; "int4" (an int4 checkpoint
+    only): the same for the routed experts' packed int32 ([..., ceil(I/8), O] with the parameter's sharding) and
+    group scales ([..., ceil(I/G), O], split like their weight: k2jax.model.experts.scale_sharding); every other
+    weight as with
     "dequantized"."""
     check_weights(weights, "load_checkpoint")
     path = os.fspath(path)
     meta = read_metadata(path)
     check_chunks(path)
     stored_dtype = meta["dtype"]
-    overrides = {"param_dtype": "bfloat16" if stored_dtype == "fp8" else stored_dtype, **config_overrides}
+    overrides = {"param_dtype": "bfloat16" if stored_dtype in QUANTIZED else stored_dtype, **config_overrides}
     cfg = K2Config.from_hf(meta["config"], **overrides)
+    try:
+        scheme = quant.scheme_from_json(meta.get("quantization")) if stored_dtype == "int4" else None
+    except quant.QuantError as e:
+        raise CheckpointError(f"{path}: k2jax.json: {e}") from None
     graphdef, state = abstract_state(cfg)
     shardings = resolve_shardings(shardings, mesh, nnx.merge(graphdef, state), "load_checkpoint")
-    stored = stored_template(cfg, stored_dtype)
+    stored = stored_template(cfg, stored_dtype, scheme)
     listed = meta["params"]
     if set(listed) != set(stored):
         missing, extra = sorted(set(stored) - set(listed)), sorted(set(listed) - set(stored))
@@ -125,23 +147,27 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     param_shapes = {n: tuple(a.shape) for n, a in abstract.items()}
     matmuls = matmul_params(cfg)
     fp8 = fp8_params(cfg) if stored_dtype == "fp8" else {}
-    if weights == "fp8" and stored_dtype != "fp8":
-        raise CheckpointError(f"{path}: weights='fp8' needs an fp8 checkpoint (converted with --dtype fp8); this one "
-                              f"is {stored_dtype}: load it with weights='dequantized'")
-    resident = resident_names(path, fp8) if weights == "fp8" else ()
+    int4 = int4_params(cfg, scheme) if stored_dtype == "int4" else {}
+    if weights != "dequantized" and stored_dtype != weights:
+        raise CheckpointError(f"{path}: weights={weights!r} needs an {weights} checkpoint (converted with --dtype "
+                              f"{weights}); this one is {stored_dtype}: load it with weights='dequantized'")
+    resident = resident_names(path, fp8 or int4, weights) if weights != "dequantized" else ()
     targets, final_shardings = {}, {}
     for name, leaf in stored.items():
         if tuple(listed[name]["shape"]) != tuple(leaf.shape):
             raise CheckpointError(f"{path}: {name} has shape {listed[name]['shape']}, config implies "
                                   f"{list(leaf.shape)}")
-        if not name.startswith(SCALES + "."):
+        if _scaled_weight(name) is None:
             final_shardings[name] = sharding_for(name, param_shapes[name], mesh, shardings)
     for name, leaf in stored.items():
-        if name.startswith(SCALES + ".") and name[len(SCALES) + 1:] in resident:  # kept: split like its weight
-            weight = name[len(SCALES) + 1:]
+        weight = _scaled_weight(name)
+        if name.startswith(SCALES + ".") and weight in resident:  # kept: split like its weight
             sharding = scale_sharding(final_shardings[weight], len(param_shapes[weight]))
         elif name.startswith(SCALES + "."):  # small: every device of its weight's sharding gets all of it
-            sharding = replicated_like(final_shardings[name[len(SCALES) + 1:]])
+            sharding = replicated_like(final_shardings[weight])
+        elif weight is not None or name in int4:  # INT4: as its weight's stored form, where the axes divide
+            sharding = _divisible(stored_sharding(final_shardings[weight or name], matmuls[weight or name],
+                                                  param_shapes[weight or name]), leaf.shape)
         elif name in matmuls:
             sharding = stored_sharding(final_shardings[name], matmuls[name], param_shapes[name])
         else:
@@ -156,30 +182,54 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         while cause.__cause__ is not None:
             cause = cause.__cause__
         raise CheckpointError(f"{path}: cannot read it: {' '.join(str(cause).split())[:400]}") from e
-    params, kept = {}, {}
-    for name, value in restored.items():
-        if name.startswith(SCALES + "."):
-            continue
-        if name in resident:  # e4m3 and scales transposed to the model's [..., in, out] on the devices
-            m, scale = matmuls[name], restored[f"{SCALES}.{name}"]
-            value = jax.jit(from_stored, static_argnums=(1, 2), out_shardings=final_shardings[name])(
-                value, m, param_shapes[name])
-            scale = jax.jit(lambda s: s.swapaxes(-1, -2), out_shardings=scale_sharding(
-                final_shardings[name], len(param_shapes[name])))(scale)
-            restored[name] = restored[f"{SCALES}.{name}"] = None
-            kept[name] = (value, scale)
-            params[name] = value  # holds the Param's slot until resident_experts replaces the experts
-            continue
-        if name in matmuls:  # dequantise (FP8) and transpose on the devices, straight into the final sharding
-            scale = restored.get(f"{SCALES}.{name}") if name in fp8 else None
-            value = jax.jit(_stored_to_param, static_argnums=(2, 3, 4), out_shardings=final_shardings[name])(
-                value, scale, matmuls[name], param_shapes[name], jnp.dtype(abstract[name].dtype))
-            restored[name] = None  # the stored copy can go as soon as the parameter exists
-        params[name] = value.astype(abstract[name].dtype) if value.dtype != abstract[name].dtype else value
-    template = nnx.to_pure_dict(state)
-    nnx.replace_by_pure_dict(state, _unflat_like(template, params))
-    model = nnx.merge(graphdef, state)
-    return resident_experts(model, kept) if kept else model
+    params = {n: v for n, v in restored.items() if _scaled_weight(n) is None and n not in resident}
+    for name in [n for n in params if n in matmuls]:  # dequantise and transpose on the devices, into the final
+        m, shape, dtype = matmuls[name], param_shapes[name], jnp.dtype(abstract[name].dtype)  # sharding
+        if name in int4:
+            params[name] = jax.jit(_packed_to_param, static_argnums=(2, 3, 4, 5), out_shardings=final_shardings[
+                name])(params[name], restored.pop(f"{INT4_SCALES}.{name}"), m, shape, dtype, scheme.group_size)
+        else:
+            scale = restored.pop(f"{SCALES}.{name}") if name in fp8 else None
+            params[name] = jax.jit(_stored_to_param, static_argnums=(2, 3, 4), out_shardings=final_shardings[name])(
+                params[name], scale, m, shape, dtype)
+        restored[name] = None  # the stored copy can go as soon as the parameter exists
+    params = {n: v.astype(abstract[n].dtype) if v.dtype != abstract[n].dtype else v for n, v in params.items()}
+    kept = _resident_arrays(restored, resident, weights, matmuls, param_shapes, final_shardings)
+    return with_resident(cfg, params, kept, weights, scheme)
+
+
+def _resident_arrays(restored, resident, fmt, matmuls, param_shapes, final_shardings) -> dict[str, tuple]:
+    """{expert parameter: (weight, scales)} for weights="fp8" / "int4": the stored e4m3 [..., O, I] / packed int32
+    [..., O, ceil(I/8)] and scales transposed to the model's [..., in, out] on the devices, the weight with the
+    parameter's sharding, the scales with k2jax.model.experts.scale_sharding's."""
+    kept = {}
+    for name in resident:  # each stored copy dropped as soon as its transposed one exists
+        scales = restored.pop(f"{SCALES if fmt == 'fp8' else INT4_SCALES}.{name}")
+        sharding, ndim = final_shardings[name], len(param_shapes[name])
+        if fmt == "fp8":
+            weight = jax.jit(from_stored, static_argnums=(1, 2), out_shardings=sharding)(
+                restored.pop(name), matmuls[name], param_shapes[name])
+        else:
+            weight = jax.jit(_swap, out_shardings=sharding)(restored.pop(name))
+        kept[name] = (weight, jax.jit(_swap, out_shardings=scale_sharding(sharding, ndim, fmt))(scales))
+    return kept
+
+
+def _swap(a: jax.Array) -> jax.Array:
+    return a.swapaxes(-1, -2)
+
+
+def with_resident(cfg: K2Config, params: dict, kept: dict, weights: str, scheme) -> Transformer:
+    """The Transformer of `params`, built with the expert format weights= asks for, its routed experts holding the
+    resident arrays `kept` ({expert parameter: (weight, scales)}; none for weights="dequantized")."""
+    fmt = EXPERT_FORMAT_OF_WEIGHTS[weights]
+    group_size = {"expert_group_size": scheme.group_size} if fmt == "int4" else {}
+    graphdef, state = nnx.split(abstract_model(cfg, expert_format=fmt, **group_size))
+    values = dict(params)
+    for name, (w, s) in kept.items():
+        values[name], values[name + SCALE_SUFFIX[fmt]] = w, s
+    nnx.replace_by_pure_dict(state, _unflat_like(nnx.to_pure_dict(state), values))
+    return nnx.merge(graphdef, state)
 
 
 def check_weights(weights: str, caller: str) -> None:
@@ -187,16 +237,42 @@ def check_weights(weights: str, caller: str) -> None:
         raise ValueError(f"{caller}: weights must be one of {WEIGHTS}, got {weights!r}")
 
 
-def resident_names(path: str, fp8: Mapping[str, Matmul]) -> tuple[str, ...]:
-    """The routed expert weights weights="fp8" keeps FP8 (`fp8`: the parameters stored FP8): a CheckpointError
-    when there are none."""
-    if not all(name in fp8 for name in EXPERT_PARAMS):
-        raise CheckpointError(f"{path}: weights='fp8' keeps the routed experts FP8, and this model has no FP8 "
-                              f"routed experts (no MoE layers): load it with weights='dequantized'")
+def resident_names(path: str, quantized: Mapping[str, Matmul], fmt: str = "fp8") -> tuple[str, ...]:
+    """The routed expert weights weights=fmt ("fp8" / "int4") keeps quantised (`quantized`: the parameters stored
+    in fmt): a CheckpointError when there are none."""
+    if not all(name in quantized for name in EXPERT_PARAMS):
+        raise CheckpointError(f"{path}: weights={fmt!r} keeps the routed experts {fmt.upper()}, and this model has no "
+                              f"{fmt.upper()} routed experts (no MoE layers): load it with weights='dequantized'")
     return EXPERT_PARAMS
+
+
+def _scaled_weight(name: str) -> str | None:
+    """The weight whose FP8 / INT4 scales array `name` is; None for any other array."""
+    for prefix in (SCALES, INT4_SCALES):
+        if name.startswith(prefix + "."):
+            return name[len(prefix) + 1:]
+    return None
+
+
+def _divisible(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+    """`sharding` with every axis its mesh axes do not divide held whole (packed INT4 and group-scale axes are
+    8 and G times shorter than the weight's)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    def size(axes):
+        return 1 if axes is None else int(np.prod([sharding.mesh.shape[a] for a in
+                                                   ((axes,) if isinstance(axes, str) else axes)]))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        *(axes if n % size(axes) == 0 else None for axes, n in zip(spec, shape))))
 
 
 def _stored_to_param(w, scale, m: Matmul, shape: tuple[int, ...], dtype) -> jax.Array:
     if scale is not None:
         w = quant.dequantize_blocks(w, scale, dtype)
     return from_stored(w.astype(dtype), m, shape)
+
+
+def _packed_to_param(packed, scale, m: Matmul, shape: tuple[int, ...], dtype, group_size: int) -> jax.Array:
+    w = quant.dequantize_groups(packed, scale, axis=-1, size=m.in_dim, group_size=group_size, dtype=dtype)
+    return from_stored(w, m, shape)

@@ -1,7 +1,7 @@
 """A k2jax checkpoint written and read one parameter slot at a time, never holding a whole parameter (the
 converter and the export stream the release through these).
 
-    w = StreamingWriter(path, cfg, dtype); w.write(name, index, slot_array) ...; w.finish()
+    w = StreamingWriter(path, cfg, dtype[, scheme]); w.write(name, index, slot_array) ...; w.finish()
     r = CheckpointReader(path); r.slot(name, index)
 
 `StreamingWriter` builds the same checkpoint `save_checkpoint` does (`k2jax.checkpoint.format`): Orbax writes the
@@ -34,6 +34,7 @@ from k2jax.checkpoint.format import (
     write_metadata,
 )
 from k2jax.checkpoint.orbax_checkpoint import stored_template
+from k2jax.formats import quant
 from k2jax.model.config import K2Config
 
 _CHUNK_BYTES = 64 * 2 ** 20
@@ -53,11 +54,15 @@ class StreamingWriter:
     """Writes a k2jax checkpoint parameter slot by parameter slot (see the module docstring).
 
     w = StreamingWriter(path, cfg, dtype); w.write(name, index, slot_array) ...; w.finish()
-    `path` may already hold a partial run of the same writer (resume): existing arrays are kept."""
+    `path` may already hold a partial run of the same writer (resume): existing arrays are kept. scheme: an int4
+    checkpoint's INT4 scheme (the release's); multimodal: a K2.5 release's settings outside the text model. Both
+    go into k2jax.json."""
 
-    def __init__(self, path: str | os.PathLike, cfg: K2Config, dtype: str):
+    def __init__(self, path: str | os.PathLike, cfg: K2Config, dtype: str, scheme: quant.Int4Scheme | None = None,
+                 multimodal: dict | None = None):
         self.path, self.cfg, self.dtype = os.fspath(path), cfg, dtype
-        template = stored_template(cfg, dtype)
+        self.scheme, self.multimodal = scheme, multimodal
+        template = stored_template(cfg, dtype, scheme)
         self.shapes = {n: (tuple(a.shape), jnp.dtype(a.dtype).name) for n, a in template.items()}
         self.state_dir = os.path.join(self.path, STATE_DIR)
         self._arrays: dict[str, ts.TensorStore] = {}
@@ -112,7 +117,8 @@ class StreamingWriter:
             if not os.path.exists(os.path.join(self.state_dir, name, ".k2jax_full")):
                 raise CheckpointError(f"{self.path}: parameter {name} was never written")
         self.sync()
-        write_metadata(self.path, metadata(self.cfg, self.dtype, self.shapes))
+        write_metadata(self.path, metadata(self.cfg, self.dtype, self.shapes, multimodal=self.multimodal,
+                                           quantization=None if self.scheme is None else self.scheme.to_json()))
 
 
 class CheckpointReader:
@@ -125,6 +131,10 @@ class CheckpointReader:
         check_chunks(self.path)
         self.dtype = self.meta["dtype"]
         self.cfg = K2Config.from_hf(self.meta["config"])
+        try:
+            self.scheme = quant.scheme_from_json(self.meta.get("quantization")) if self.dtype == "int4" else None
+        except quant.QuantError as e:
+            raise CheckpointError(f"{self.path}: k2jax.json: {e}") from None
         self._arrays: dict[str, ts.TensorStore] = {}
 
     def slot(self, name: str, index: tuple[int, ...]) -> np.ndarray:

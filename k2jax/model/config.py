@@ -4,7 +4,8 @@ Field names follow the HF `config.json` of the release (so a reader can diff the
 options at the end (dtypes, kernel choice). The config is frozen and validated on construction: a
 contradictory config fails at once with one line naming the field.
 
-Presets: `kimi_k2()` (Kimi-K2-Instruct exactly), `kimi_k2_0905()` (256K context), `moonlight_16b()`,
+Presets: `kimi_k2()` (Kimi-K2-Instruct exactly), `kimi_k2_0905()` (256K context), `kimi_k2_thinking()` (the INT4
+releases' text model), `moonlight_16b()`,
 `deepseek_v3()`, `tiny()`. Derived counts (`num_params`, `num_active_params`, `flops_per_token`) are exact
 closed forms of the parameter tree `k2jax.Transformer` builds; tests check them against `jax.eval_shape`.
 
@@ -18,11 +19,18 @@ import json
 import os
 from typing import Any, Mapping
 
+from k2jax.formats import quant
+from pallas_kernels.backend import BACKENDS
+from pallas_kernels.grouped_matmul import IMPLS as GROUPED_MATMUL_IMPLS
+
 _DTYPES = ("float32", "bfloat16", "float16")
-_MOE_IMPLS = ("auto", "ragged_dot", "tiled", "pallas", "interpret")
-_ATTENTION_IMPLS = ("auto", "xla", "pallas", "interpret")
+PLATFORMS = ("cpu", "tpu", "gpu")  # what a program is compiled for (k2jax.model.target resolves "auto")
+# Run options that are a choice between forms take the values of the module that runs them, or "auto" (resolved
+# once, by k2jax.model.target, for the platform compiled for).
+_MOE_IMPLS = ("auto",) + GROUPED_MATMUL_IMPLS
+_ATTENTION_IMPLS = ("auto",) + BACKENDS
 _REMAT = ("none", "full", "dots")
-_PLATFORMS = ("auto", "cpu", "tpu", "gpu")
+_PLATFORMS = ("auto",) + PLATFORMS
 _FP8_ACTIVATIONS = ("auto", "on", "off")
 
 
@@ -80,8 +88,8 @@ class K2Config:
     # k2jax run options
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
-    moe_impl: str = "auto"  # grouped matmul: auto (pallas on TPU/GPU, tiled on CPU) | ragged_dot | tiled
-    #                        (k2jax.model.cpu_grouped_ffn) | pallas | interpret (pallas_kernels.grouped_matmul)
+    moe_impl: str = "auto"  # routed experts' grouped FFN: auto (pallas on TPU/GPU, tiled on CPU) | ragged_dot | tiled
+    #                        | pallas | interpret (pallas_kernels.grouped_matmul)
     attention_impl: str = "auto"  # train/prefill flash attention and absorbed decode: auto (pallas on TPU/GPU for
     #     head dims that are powers of two >= 16, else xla) | xla | pallas | interpret (pallas_kernels.mla_*)
     router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
@@ -93,7 +101,7 @@ class K2Config:
     #     0 = dropless (room for every row of every device: n_expert_devices x the balanced load)
     platform: str = "auto"  # what the program is compiled for: auto (the mesh's devices, else the default
     #                         device) | cpu | tpu | gpu; every per-platform choice follows it (k2jax/model/target.py)
-    fp8_activations: str = "auto"  # FP8-resident experts (k2jax.model.fp8_experts): quantise the routed rows to e4m3
+    fp8_activations: str = "auto"  # FP8-resident experts (k2jax.model.experts): quantise the routed rows to e4m3
     #     per row x 128 columns (the release's dynamic activation scheme) for e4m3 x e4m3 dots: auto (on for GPU,
     #     whose FP8 tensor cores run them; off on TPU v5p, which has no FP8 MXU, and CPU) | on | off
 
@@ -219,7 +227,10 @@ class K2Config:
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> "K2Config":
         """Reads a HF config.json (a file, a directory holding one, or its dict). `overrides` set run options
-        (e.g. dtype="bfloat16") or architecture fields after reading."""
+        (e.g. dtype="bfloat16") or architecture fields after reading. A kimi_k25 config (K2.5 and later) gives its
+        text model (`text_config`; the vision settings are not part of K2Config: split_multimodal returns them).
+        The quantization_config must be one k2jax reads (k2jax.formats.quant.parse_quantization_config: 128x128
+        FP8, or compressed-tensors INT4 groups); it is not part of K2Config either."""
         return _from_hf(cls, path_or_dict, overrides)
 
     def to_hf(self) -> dict[str, Any]:
@@ -243,6 +254,16 @@ _IGNORED_HF_KEYS = frozenset({
     "pretraining_tp", "aux_loss_alpha", "seq_aux", "ep_size", "output_router_logits", "router_aux_loss_coef",
     "pad_token_id", "return_dict", "output_hidden_states", "output_attentions", "id2label", "label2id",
     "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "quantization_config", "model_type",
+    # transformers' PretrainedConfig bookkeeping and generation defaults that a config saved through transformers
+    # carries (K2.5's text_config does): none changes the computation
+    "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id", "finetuning_task", "is_decoder",
+    "prefix", "pruned_heads", "sep_token_id", "task_specific_params", "tf_legacy_loss", "tie_encoder_decoder",
+    "tokenizer_class", "torchscript", "use_bfloat16", "_attn_implementation", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
 })
 # config.json keys that must hold one value (k2jax implements only that behaviour).
 _FIXED_HF_KEYS = {
@@ -252,36 +273,71 @@ _FIXED_HF_KEYS = {
 _MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 
 
-def _from_hf(cls, path_or_dict, overrides) -> K2Config:
-    src = "config dict"
+_MULTIMODAL_TYPES = ("kimi_k25",)  # K2.5 / K2.6 / K2.7-Code: the K2 text model under text_config, plus vision
+
+
+def read_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[str, dict]:
+    """(what to call it in errors, the JSON object) of a config.json: a file, a directory holding one, or a dict."""
     if isinstance(path_or_dict, Mapping):
-        raw = dict(path_or_dict)
-    else:
-        src = os.fspath(path_or_dict)
-        if os.path.isdir(src):
-            src = os.path.join(src, "config.json")
+        return "config dict", dict(path_or_dict)
+    src = os.fspath(path_or_dict)
+    if os.path.isdir(src):
+        src = os.path.join(src, "config.json")
+    try:
+        with open(src) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{src}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: expected a JSON object, got {type(raw).__name__}")
+    return src, raw
+
+
+def split_multimodal(raw: Mapping[str, Any], src: str) -> tuple[dict, dict | None]:
+    """(the language model's config, the multimodal wrapper's other fields or None). A kimi_k25 config (K2.5 and
+    later) holds the K2 text model under `text_config`, which takes the wrapper's quantization_config (and
+    bos / eos / pad ids) when it has none of its own; the vision tower and projector settings (vision_config,
+    media_placeholder_token_id, ...) are returned, not read. Any other config is its own text model."""
+    if raw.get("model_type") not in _MULTIMODAL_TYPES:
+        return dict(raw), None
+    text = raw.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ConfigError(f"{src}: model_type {raw['model_type']!r} needs a text_config object (the language "
+                          f"model), got {text!r}")
+    if raw.get("tie_word_embeddings", False):
+        raise ConfigError(f"{src}: tie_word_embeddings={raw['tie_word_embeddings']!r} is not supported (k2jax "
+                          f"implements tie_word_embeddings=False)")
+    text = dict(text)
+    for key in ("quantization_config", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in text and raw.get(key) is not None:
+            text[key] = raw[key]
+    return text, {k: v for k, v in raw.items() if k != "text_config"}
+
+
+def _from_hf(cls, path_or_dict, overrides) -> K2Config:
+    src, raw = read_hf_config(path_or_dict)
+    text, wrapper = split_multimodal(raw, src)
+    if wrapper is not None:  # K2.5 layout: every error below names the text_config
         try:
-            with open(src) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{src}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{src}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{src}: expected a JSON object, got {type(raw).__name__}")
+            quant.parse_quantization_config(wrapper.get("quantization_config"))
+        except quant.QuantError as e:
+            raise ConfigError(f"{src}: {e}") from None
+        src, raw = f"{src} text_config", text
 
     def fail(msg: str):
         raise ConfigError(f"{src}: {msg}")
 
     if raw.get("model_type") not in _MODEL_TYPES:
-        fail(f"model_type must be one of {_MODEL_TYPES}, got {raw.get('model_type')!r}")
+        fail(f"model_type must be one of {_MODEL_TYPES + _MULTIMODAL_TYPES}, got {raw.get('model_type')!r}")
     for key, allowed in _FIXED_HF_KEYS.items():
         if key in raw and raw[key] not in allowed:
             fail(f"{key}={raw[key]!r} is not supported (k2jax implements {key}={allowed[0]!r})")
-    qc = raw.get("quantization_config")
-    if qc is not None and (qc.get("quant_method") != "fp8"
-                           or list(qc.get("weight_block_size", [128, 128])) != [128, 128]):
-        fail(f"quantization_config {qc!r} is not supported (expected fp8 with weight_block_size [128, 128])")
+    try:
+        quant.parse_quantization_config(raw.get("quantization_config"))
+    except quant.QuantError as e:
+        fail(str(e))
 
     fields = {f.name for f in dataclasses.fields(cls)} - set(_RUN_OPTIONS)
     kw: dict[str, Any] = {}
@@ -359,6 +415,13 @@ def kimi_k2_0905(**overrides: Any) -> K2Config:
                     rope_scaling=YarnScaling(factor=64.0, original_max_position_embeddings=4096)).replace(**overrides)
 
 
+def kimi_k2_thinking(**overrides: Any) -> K2Config:
+    """Kimi-K2-Thinking's text model, as the INT4 releases (K2-Thinking, and the text_config of K2.5 and later)
+    describe it: K2's architecture with 256K context (YaRN factor 64 over 4096), rms_norm_eps 1e-5 and eos
+    <|im_end|> (163586). The release's INT4 experts are a loading choice (weights="int4"), not part of the config."""
+    return kimi_k2_0905(rms_norm_eps=1e-5, eos_token_id=163586).replace(**overrides)
+
+
 def moonlight_16b(**overrides: Any) -> K2Config:
     """Moonlight-16B-A3B: no q_lora, 64 experts top-6, 2 shared experts, 27 layers, plain RoPE."""
     return K2Config(vocab_size=163840, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
@@ -389,7 +452,8 @@ def tiny(**overrides: Any) -> K2Config:
                     bos_token_id=1, eos_token_id=2).replace(**overrides)
 
 
-PRESETS = {"kimi_k2": kimi_k2, "kimi_k2_0905": kimi_k2_0905, "moonlight_16b": moonlight_16b,
+PRESETS = {"kimi_k2": kimi_k2, "kimi_k2_0905": kimi_k2_0905, "kimi_k2_thinking": kimi_k2_thinking,
+           "moonlight_16b": moonlight_16b,
            "deepseek_v3": deepseek_v3, "tiny": tiny}
 
 

@@ -1,7 +1,7 @@
 """k2jax-convert (convert_checkpoint.py): the command line of k2jax.checkpoint.convert.
 
-    k2jax-convert --hf_dir=Kimi-K2-Instruct --out_dir=k2-bf16 [--dtype=bfloat16|float32|fp8] [--resume]
-    k2jax-convert --to_hf --ckpt_dir=k2-fp8 --out_dir=Kimi-K2-export [--dtype=fp8|bfloat16|float32]
+    k2jax-convert --hf_dir=Kimi-K2-Instruct --out_dir=k2-bf16 [--dtype=bfloat16|float32|fp8|int4] [--resume]
+    k2jax-convert --to_hf --ckpt_dir=k2-fp8 --out_dir=Kimi-K2-export [--dtype=fp8|int4|bfloat16|float32]
 
 What each flag does, crash safety and memory: k2jax/checkpoint/convert.py. Exit codes (k2jax/tools/commands.py):
 0 OUT_DIR is complete; 1 the input is missing, invalid or damaged, or OUT_DIR exists; 2 a bad flag; 74 the output
@@ -29,9 +29,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("ckpt_dir", None, "With --to_hf: the k2jax checkpoint to export.")
     flags.DEFINE_string("out_dir", None, "Where to write the output (a k2jax checkpoint, or with --to_hf the "
                         "release layout); must not exist.")
-    flags.DEFINE_enum("dtype", None, list(DTYPES), "Output dtype. bfloat16 / float32: FP8 weights are "
-                      "dequantised (W = fp8 * weight_scale_inv per 128x128 block); fp8: e4m3 weights and their "
-                      "scales are kept (or, exporting a bf16 / f32 checkpoint, quantised). Default: bfloat16 "
+    flags.DEFINE_enum("dtype", None, list(DTYPES), "Output dtype. bfloat16 / float32: FP8 / INT4 weights are "
+                      "dequantised (W = fp8 * weight_scale_inv per 128x128 block, (nibble - 8) * weight_scale per "
+                      "group); fp8: an FP8 release's e4m3 weights and scales are kept, int4: an INT4 release's "
+                      "(K2-Thinking, K2.5) packed weights and group scales (from a bf16 / f32 source either "
+                      "quantises; fp8 of an INT4 release and int4 of an FP8 one are refused). Default: bfloat16 "
                       "(with --resume: the interrupted run's); with --to_hf the checkpoint's own dtype.")
     flags.DEFINE_bool("resume", False, "Continue an interrupted conversion found at OUT_DIR.partial.")
     flags.DEFINE_float("sync_gb", SYNC_GB, "Make written tensors durable (and resumable) every this many GB of "

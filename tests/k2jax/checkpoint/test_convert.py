@@ -118,7 +118,7 @@ def test_bad_inputs_leave_no_complete_output(hf_dir, converted, tmp_path):
     bad_scale = str(tmp_path / "bad-scale")
     import shutil
     shutil.copytree(hf_dir, bad_scale)
-    from tests.k2jax.test_hf_checkpoint import _rewrite_shard
+    from tests.k2jax.checkpoint.test_hf_checkpoint import _rewrite_shard
     name = "model.layers.2.mlp.experts.9.down_proj.weight_scale_inv"
 
     def poison(tensors):

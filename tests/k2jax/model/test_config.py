@@ -1,37 +1,30 @@
 """K2Config: reading config.json, presets, validation, derived counts vs the actual parameter tree."""
 
+import copy
 import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-import k2jax
-from k2jax.model.config import PRESETS, ConfigError, K2Config, YarnScaling, kimi_k2, kimi_k2_0905, preset, tiny
-
-# config.json of the Kimi-K2-Instruct release (fields as shipped).
-KIMI_K2_CONFIG_JSON = {
-    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
-                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
-                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
-    "aux_loss_alpha": 0.001, "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1,
-    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
-    "kv_lora_rank": 512, "max_position_embeddings": 131072, "model_type": "kimi_k2",
-    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 384,
-    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8,
-    "num_hidden_layers": 61, "num_key_value_heads": 64, "num_nextn_predict_layers": 0, "pretraining_tp": 1,
-    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "scoring_func": "sigmoid", "seq_aux": True,
-    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
-    "transformers_version": "4.48.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 163840,
-}
+from k2jax.model.config import (
+    PRESETS,
+    ConfigError,
+    K2Config,
+    YarnScaling,
+    kimi_k2,
+    kimi_k2_0905,
+    preset,
+    split_multimodal,
+    tiny,
+)
+from k2jax.model.placement import abstract_model
+from tests.release_configs import (
+    INT4_QUANTIZATION_CONFIG,
+    KIMI_K2_CONFIG_JSON,
+    KIMI_K2_THINKING_CONFIG_JSON,
+    KIMI_K25_CONFIG_JSON,
+)
 
 
 def test_release_config_json_reads_as_the_kimi_k2_preset(tmp_path):
@@ -86,6 +79,57 @@ def test_contradictory_or_unknown_fields_fail_with_the_field_named(change, match
         K2Config.from_hf({**KIMI_K2_CONFIG_JSON, **change})
 
 
+def test_k2_thinking_config_reads_every_field():
+    """K2-Thinking: the K2 architecture with a 256K context (YaRN factor 64), rms_norm_eps 1e-5, eos <|im_end|>, and
+    an INT4 quantization_config (not part of K2Config)."""
+    assert K2Config.from_hf(KIMI_K2_THINKING_CONFIG_JSON) == kimi_k2(
+        max_position_embeddings=262144, rms_norm_eps=1e-5, eos_token_id=163586,
+        rope_scaling=YarnScaling(factor=64.0, original_max_position_embeddings=4096)) == preset("kimi_k2_thinking")
+
+
+def test_k25_config_reads_its_text_model_and_keeps_the_vision_settings():
+    """K2.5 (model_type kimi_k25): the text model under text_config (as transformers 5 writes it: rope_parameters,
+    PretrainedConfig bookkeeping fields), beta_fast 32; the vision settings are returned, not read."""
+    assert K2Config.from_hf(KIMI_K25_CONFIG_JSON) == kimi_k2(
+        max_position_embeddings=262144, rms_norm_eps=1e-5,
+        rope_scaling=YarnScaling(factor=64.0, original_max_position_embeddings=4096, beta_fast=32.0))
+    text, wrapper = split_multimodal(KIMI_K25_CONFIG_JSON, "config.json")
+    assert text["model_type"] == "deepseek_v3" and "text_config" not in wrapper
+    assert wrapper["vision_config"]["vt_num_hidden_layers"] == 27 and wrapper["media_placeholder_token_id"] == 163605
+    lean = {k: v for k, v in KIMI_K25_CONFIG_JSON.items() if k != "quantization_config"}
+    lean["text_config"] = {k: v for k, v in lean["text_config"].items() if k not in ("quantization_config",
+                                                                                        "eos_token_id")}
+    lean["eos_token_id"] = 163586
+    text, _ = split_multimodal(lean, "config.json")  # a text_config without its own takes the wrapper's
+    assert "quantization_config" not in text and text["eos_token_id"] == 163586
+    assert K2Config.from_hf(lean).eos_token_id == 163586
+
+
+def _k25(**text_changes):
+    config = copy.deepcopy(KIMI_K25_CONFIG_JSON)
+    config["text_config"].update(text_changes)
+    return config
+
+
+@pytest.mark.parametrize("config, match", [
+    ({**KIMI_K2_THINKING_CONFIG_JSON, "quantization_config": {**INT4_QUANTIZATION_CONFIG, "format": "marlin-24"}},
+     "config dict: quantization_config.format: 'marlin-24' is not supported"),
+    (_k25(model_type="qwen3"), "config dict text_config: model_type must be one of .*, got 'qwen3'"),
+    (_k25(scoring_func="softmax"), "config dict text_config: scoring_func='softmax' is not supported"),
+    (_k25(some_new_knob=1), "config dict text_config: unknown field.*some_new_knob"),
+    (_k25(quantization_config={**INT4_QUANTIZATION_CONFIG, "kv_cache_scheme": {"num_bits": 8}}),
+     "config dict text_config: quantization_config.kv_cache_scheme"),
+    ({**KIMI_K25_CONFIG_JSON, "quantization_config": {"quant_method": "gptq"}},
+     "config dict: quantization_config.quant_method 'gptq' is not supported"),
+    ({**KIMI_K25_CONFIG_JSON, "text_config": None}, "kimi_k25' needs a text_config object"),
+    ({**KIMI_K25_CONFIG_JSON, "tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
+])
+def test_int4_and_k25_configs_k2jax_cannot_read_fail_naming_the_field(config, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        K2Config.from_hf(config)
+    assert "\n" not in str(e.value)
+
+
 def test_bad_files_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         K2Config.from_hf(tmp_path / "missing.json")
@@ -106,7 +150,7 @@ def test_bad_run_options_fail():
 
 def _tree_counts(cfg):
     """(total, active) counted from the abstract parameter tree k2jax.Transformer builds."""
-    state = nnx.state(nnx.eval_shape(lambda: k2jax.Transformer(cfg, rngs=nnx.Rngs(0))))
+    state = nnx.state(abstract_model(cfg))
     total = active = 0
     for path, var in nnx.to_flat_state(state):
         n = int(np.prod(var.shape))
