@@ -12,13 +12,8 @@ longer prompt continues with Generator.extend).
 In a notebook on the slice: `model = k2jax.load_checkpoint(path, mesh=make_mesh(config.mesh.axes),
 shardings=config.mesh.strategy, weights="fp8")` (a `--dtype fp8` conversion) or `k2jax.load_hf_checkpoint(release,
 mesh=..., shardings=..., weights="fp8")`, then `k2jax.Generator(model)` at config.infer's batch and max_len.
-Compiled per chip by k2jax-aot (2026-12-02, libtpu 0.0.42.1, jax 0.10.2):
-
-    decode:  weights 60.44 GiB + latent cache 8.58 GiB + temporaries 10.03 GiB = 79.12 GiB of 95.74 GiB (17 %
-             margin); 81.6 GB of HBM traffic per generated token (estimate; the bf16 job on v5p-64: 144 GB)
-    prefill: weights 60.44 GiB + latent cache 8.58 GiB + temporaries 19.49 GiB = 88.60 GiB (7.5 % margin)
-
-With bf16 weights the job needs v5p-64 (59.74 GiB of weights per chip on 32 chips; 119.49 GiB on 16).
+k2jax-aot (2026-12-02): decode 79.12 GiB and prefill 88.60 GiB of 95.74 GiB per chip, both fit; with bf16 weights
+the job needs v5p-64. The reports are in docs/aot.md.
 """
 
 from configs.k2_infer_v5p import get_config as _k2_infer

@@ -8,11 +8,8 @@ Generator.extend).
 
 In a notebook on the slice: `model = k2jax.load_checkpoint(path, mesh=make_mesh(config.mesh.axes),
 shardings=config.mesh.strategy, param_dtype="bfloat16")`, then `k2jax.Generator(model)` at config.infer's batch
-and max_len. Compiled per chip by k2jax-aot (2026-12-02, libtpu 0.0.42.1, jax 0.10.2):
-
-    decode:  weights 29.87 GiB + latent cache 4.29 GiB + temporaries 4.98 GiB = 39.18 GiB of 95.74 GiB (59 %
-             margin); 226 GB of HBM traffic per step (estimate): >= 82 ms, <= 1569 tokens/s
-    prefill: weights 29.87 GiB + latent cache 4.29 GiB + temporaries 38.35 GiB = 72.57 GiB (24 % margin)
+and max_len. k2jax-aot (2026-12-02): decode 39.18 GiB and prefill 72.57 GiB of 95.74 GiB per chip, both fit;
+the reports are in docs/aot.md.
 """
 
 from k2jax.training.loop import base_config

@@ -5,13 +5,8 @@
     k2jax-aot --config=configs/k2_v5p_1024.py         # compile it for v5p-2048 on any machine: fits?
 
 Run the same command on every host. The 256-chip job (configs/k2_v5p_256.py) four times over data: the same
-tokens per chip, MuonClip state further split over data (ZeRO-1). Compiled per chip by k2jax-aot (2026-12-02,
-libtpu 0.0.42.1, jax 0.10.2; 564 s on 2 CPU cores):
-
-    parameters 14.94 GiB + optimizer state 3.74 GiB + temporaries 29.80 GiB + code 0.23 GiB
-    = 48.73 GiB of 95.74 GiB: fits, 49.1 % margin
-    FLOPs 1.213 P compiled / 1.170 P useful (model 1.122 P, Newton-Schulz 0.047 P) = 1.04: Newton-Schulz
-    layer-sharded over the data replicas too (README, "Compile ahead of time"); step >= 2.64 s
+tokens per chip, MuonClip state further split over data (ZeRO-1). k2jax-aot (2026-12-02): 48.73 GiB of
+95.74 GiB per chip, fits; the report is in docs/aot.md.
 """
 
 from configs.k2_v5p_256 import get_config as _k2_256

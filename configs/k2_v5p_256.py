@@ -6,13 +6,8 @@
 
 Run the same command on every host of the slice (jax.distributed picks up the TPU topology itself). 4K tokens per
 chip, full remat, float32 parameters and MuonClip state, bfloat16 compute, expert-parallel receive buffers of 2x
-the balanced load (rows past them dropped and counted: ep_dropped_rows). Compiled per chip by k2jax-aot
-(2026-12-02, libtpu 0.0.42.1, jax 0.10.2; 619 s on 2 CPU cores):
-
-    parameters 14.94 GiB + optimizer state 14.97 GiB + temporaries 45.44 GiB + code 0.33 GiB
-    = 75.71 GiB of 95.74 GiB: fits, 20.9 % margin
-    FLOPs 1.349 P compiled / 1.312 P useful (model 1.122 P, Newton-Schulz 0.189 P) = 1.03 (MuonClip's
-    Newton-Schulz layer-sharded over fsdp x expert); step >= 2.94 s
+the balanced load (rows past them dropped and counted: ep_dropped_rows). k2jax-aot (2026-12-02): 75.71 GiB of
+95.74 GiB per chip, fits; the report is in docs/aot.md.
 """
 
 from k2jax.training.loop import base_config
