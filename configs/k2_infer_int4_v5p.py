@@ -11,7 +11,8 @@ continues with Generator.extend).
 In a notebook on the slice: `model = k2jax.load_hf_checkpoint("Kimi-K2-Thinking", mesh=make_mesh(config.mesh.axes),
 shardings=config.mesh.strategy, weights="int4")` (the release as shipped, streamed) or `k2jax.load_checkpoint(path,
 ..., weights="int4")` (a `k2jax-convert --dtype int4` conversion), then `k2jax.Generator(model)` at config.infer's
-batch and max_len. Its compiled figures per chip go in docs/aot.md (not yet compiled).
+batch and max_len. Compiled per chip (2026-12-07): decode 87.88 GiB of 95.74 GiB, prefill 90.20 GiB; the report in
+docs/aot.md.
 """
 
 from configs.k2_infer_v5p import get_config as _k2_infer

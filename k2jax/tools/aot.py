@@ -24,8 +24,8 @@ for weights anywhere), and the very functions train.py and the Generator jit are
               step (loop trip counts applied) and bytes moved per chip
 
 A program that does not fit (its arguments alone, found before compiling; the compiler's HBM check; or the total
-above the chip's HBM) exits 1 with what to change. `--report` writes the dict as JSON (keys in README.md,
-"Compile ahead of time").
+above the chip's HBM) exits 1 with what to change. `--report` writes the dict as JSON (keys in docs/aot.md, "The
+report").
 
 TPU generations (name counts as in `gcloud`: TensorCores for v4 / v5p, chips for v5e / v6e) are in TPUS.
 """

@@ -1,9 +1,10 @@
 """The K2 family's INT4 releases (K2-Thinking layout, K2.5 layout), written by compressed-tensors and safetensors
 (tests/int4_release.py, not by k2jax): they read, load (dequantised: float32 logits equal transformers' DeepseekV3
 on the weights compressed-tensors dequantises, the same experts and the same greedy (argmax) token at every
-position, unsharded and with expert parallelism on 8 devices), convert (--dtype int4 keeps the packed int32 and scales; bfloat16 / float32
-dequantise), export back byte for byte, and build the INT4-resident arrays; damage fails in one line naming the
-file and tensor (or field). Both layouts hold the same weights, so one oracle serves both."""
+position, unsharded and with expert parallelism on 8 devices), convert (--dtype int4 keeps the packed int32 and
+scales; bfloat16 / float32 dequantise), export back byte for byte, and load INT4-resident (the oracle's logits, and
+the dequantised load's generated tokens); damage fails in one line naming the file and tensor (or field). Both
+layouts hold the same weights, so one oracle serves both."""
 
 import json
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax import load_checkpoint
+from k2jax import Generator, load_checkpoint
 from k2jax.checkpoint.convert import convert_hf_to_orbax, export_to_hf
 from k2jax.checkpoint.hf_checkpoint import INDEX, HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
 from k2jax.checkpoint.hf_mapping import hf_tensor_specs
@@ -215,6 +216,14 @@ def test_int4_resident_load(releases, converted, oracle, source):
         np.testing.assert_array_equal(np.asarray(dequantize_groups(packed, scales, axis=-2, size=n_in)),
                                       np.asarray(want))
     _assert_matches_oracle(model, oracle, mesh)
+
+
+def test_int4_resident_generates_the_dequantised_loads_tokens(converted, dequantised_model):
+    """Greedy generation (prefill, then decode steps over the latent cache) from prompts of different lengths: the
+    INT4-resident load of the converted K2.5 release gives the tokens of the same weights loaded dequantised."""
+    prompts = [[1, 17, 33, 4, 250, 9, 61], [1, 5, 200]]
+    want = Generator(dequantised_model).generate(prompts, max_new_tokens=6)
+    assert Generator(load_checkpoint(converted, weights="int4", **F32)).generate(prompts, max_new_tokens=6) == want
 
 
 def test_formats_do_not_mix(releases, converted, tmp_path):

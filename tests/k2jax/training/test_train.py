@@ -283,6 +283,19 @@ def test_every_config_loads(path):
     assert "python train.py --config=" in module.__doc__ or "k2jax-aot --config=configs/" in module.__doc__
 
 
+def test_configs_import_each_other_from_any_directory(tmp_path):
+    """configs/ ships with the package: a config that builds on another (`from configs.k2_infer_v5p import ...`)
+    loads when train.py or k2jax-aot reads it from another directory with no PYTHONPATH (it failed with
+    ModuleNotFoundError: configs was not an installed package)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import runpy, sys; c = runpy.run_path(sys.argv[1])['get_config'](); "
+            "print(c.model.preset, c.infer.weights)")
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "configs", "k2_infer_int4_v5p.py")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["kimi_k2_thinking", "int4"]
+
+
 @pytest.mark.slow  # ~60-100 s on 2 cores: outside the 20-minute default suite
 def test_two_processes_train_like_one(straight, tmp_path):
     """jax.distributed with 2 local CPU processes x 4 devices (coordinator on 127.0.0.1) against 1 x 8."""
