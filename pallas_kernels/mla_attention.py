@@ -14,22 +14,33 @@ per head (max of rowmax over valid queries) comes at no extra pass over memory. 
 
 backend and platform as pallas_kernels.backend says ("xla": the reference; "pallas": platform "tpu" or "gpu").
 
-Kernels (grid over batch x heads x query blocks, or key blocks for dk/dv; the other sequence axis is a loop inside
-the program, so nothing is accumulated across grid steps and one kernel body compiles on both Mosaic and Triton):
-  forward  online softmax in float32, keys only up to the causal diagonal; saves logsumexp for the backward
-  dq       recomputes the probabilities from the logsumexp: ds = p (dO.v - delta) with delta = rowsum(dO * out)
-  dk, dv   the same per key block over the query blocks at or after the diagonal, on transposed [keys, queries]
-           tiles (per-query statistics as lane-dense rows); dk_rope per head, summed over heads outside the kernel
+Three kernels, each over the causal (outer block, inner block) pairs of a (b, head):
+  forward  per query block, its key blocks up to the diagonal: online softmax in float32; saves the logsumexp
+  dq       the same pairs again, recomputing the probabilities from the logsumexp: ds = p (dO.v - delta) with
+           delta = rowsum(dO * out); a pass of its own, so no partial dq is summed across key blocks in HBM
+  dk, dv   per key block, its query blocks from the diagonal on, on transposed [keys, queries] tiles (per-query
+           statistics as lane-dense rows); dk_rope per head, summed over heads outside the kernel
+One pair's work (_attend_step, _dq_step, _dkv_step) is the same in both launch forms:
+  TPU (Mosaic)  the inner blocks are the last grid axis: a step copies one inner block into VMEM (Pallas'
+                pipeline overlaps the copy with the step before) and updates float32 accumulators in VMEM
+                scratch (the softmax's running max / sum / output, or the gradient sums), written out at the outer
+                block's last pair, so VMEM holds a few blocks at any length. The causal triangle is folded into
+                the grid (_Pairs): outer blocks o and n-1-o share a grid row, one after the other, so the rows are
+                about equally long and no step lies above the diagonal; a step past its row's end (the middle row
+                of an odd count; a few more where inner blocks are longer than outer ones) repeats the row's last
+                block indices, so nothing is copied, and does nothing. Per-query statistics (logsumexp, max,
+                delta) and segment ids travel as [.., 1, T] rows (XLA pads a [T, 1] column to 128 lanes in HBM)
+                and become columns in VMEM.
+  GPU (Triton)  a program per outer block, its inner blocks a loop over the whole sequence in HBM; per-query
+                statistics as [.., T, 1] columns in the forward and dq
 Padding: T is padded to whole blocks; padded keys lie after every real query (never visible) and their rows are
-zeroed before any product with probabilities, padded queries are zeroed in the dk/dv loop, padded outputs dropped.
+zeroed before any product with probabilities, padded queries are zeroed in the dk/dv pass, padded outputs dropped.
 
 Launch settings (block sizes, and Triton's warps / stages on GPU) are per launch form and dtype in LAUNCH, beside
-the kernel: the entry point's setting arguments left None take them. The backward may use blocks other than the
-forward's. With them (no launch arguments) the three kernels compile for TPU v5p and H100 at K2's head dims (nope
-128, rope 64, value 128), 64 heads, 1K and 4K tokens, bf16 and float32 (tests/pallas_kernels/test_compile.py);
-they have not been run or timed on a device yet. On TPU a program keeps a head's whole key / value rows (forward,
-dq) or query rows (dk/dv) in VMEM: 4K tokens take about a third (bf16) to a half (float32) of the 16 MiB scoped
-VMEM, so much longer sequences need a key-block grid axis.
+the kernel: the entry point's setting arguments left None take them; a block longer than the sequence is cut to
+the sequence rounded up to 128. The backward may use blocks other than the forward's. Compiled (no launch
+arguments) for TPU v5p and H100 at K2's head dims (nope 128, rope 64, value 128), bf16 and float32, up to 262,144
+tokens (tests/pallas_kernels/test_compile.py; figures in docs/kernels.md); not yet run or timed on a device.
 
 Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, U value dim, q = N·T query rows.
 """
@@ -50,17 +61,18 @@ F32 = jnp.float32
 
 # Launch settings per (launch form, compute dtype) for the arguments left None (backend.launch_settings): block sizes
 # and, on GPU, Triton's warps and pipeline stages; bwd_* for the dq and dk/dv kernels. The blocks must keep the tiles
-# inside VMEM (TPU) or shared memory (GPU, H100: 227 KiB per block); tests/pallas_kernels/test_compile.py compiles
-# the kernels with these for TPU v5p and H100.
-#   TPU (compiled, v5p; VMEM at 4K tokens / per block): 128x128 blocks, forward ~4.8 MiB bf16 / 8.9 MiB f32 of the
-#   16 MiB scoped limit (whole K/V rows of a head stay in VMEM: up to 8K tokens bf16, 4K f32).
-#   H100 (compiled; shared memory of 227 KiB per block, ptxas: no register spills unless noted): forward bf16 128x64
-#   tiles, 8 warps, 3 stages (168 KiB); backward (dq, dk/dv) 64x64, 8 warps, 2 stages (120 / 136 KiB, dk/dv spills
-#   8 bytes); float32 tiles hold twice the bytes: forward 128x32 (192 KiB), backward 32x32 unpipelined (60 KiB,
-#   dk/dv spills 20 bytes).
+# inside VMEM (TPU, v5p: 16 MiB scoped) or shared memory (GPU, H100: 227 KiB per block); tests/pallas_kernels/
+# test_compile.py compiles the kernels with these for TPU v5p and H100 at 32K tokens (128K and 256K with -m slow).
+# Chosen from compiles alone (docs/kernels.md has the figures, dated):
+#   TPU v5p: 512 x 512 blocks in all three passes (MaxText's splash-attention defaults; a 128 x 128 pair is ~10
+#   MFLOP, little work for a grid step). Scoped VMEM, forward / dq / dk-dv: bf16 3.9 / 4.6 / 5.0 MiB at 32K tokens,
+#   4.4 / 5.3 / 5.8 at 256K; float32 5.3 / 7.6 / 7.6 at 32K, 5.8 / 8.1 / 8.1 at 256K.
+#   H100: forward bf16 128x64 tiles, 8 warps, 3 stages (168 KiB of shared memory); backward (dq, dk/dv) 64x64,
+#   8 warps, 2 stages (120 / 137 KiB); float32 tiles hold twice the bytes: forward 128x32 (192 KiB), backward 32x32
+#   unpipelined (68 / 88 KiB); no register spills (ptxas 12.9 -v on the PTX XLA compiled). The same at any length.
 LAUNCH: dict[tuple[str, str], dict] = {
-    ("tpu", "bfloat16"): dict(block_q=128, block_k=128),
-    ("tpu", "float32"): dict(block_q=128, block_k=128),
+    ("tpu", "bfloat16"): dict(block_q=512, block_k=512),
+    ("tpu", "float32"): dict(block_q=512, block_k=512),
     ("gpu", "bfloat16"): dict(block_q=128, block_k=64, num_warps=8, num_stages=3, bwd_block_q=64, bwd_block_k=64,
                               bwd_num_warps=8, bwd_num_stages=2),
     ("gpu", "float32"): dict(block_q=128, block_k=32, num_warps=8, num_stages=3, bwd_block_q=32, bwd_block_k=32,
@@ -125,10 +137,10 @@ def _iota(shape, dim, start):
     return start + jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _div(a, b):
-    """a // b for non-negative traced ints (truncating division: floor division's sign fix-up has no Mosaic
-    lowering on every TPU generation)."""
-    return jax.lax.div(a, jnp.int32(b))
+def _div(a, b: int):
+    """a // b for non-negative ints, Python or traced (truncating division: floor division's sign fix-up has no
+    Mosaic lowering on every TPU generation)."""
+    return a // b if isinstance(a, int) else jax.lax.div(a, jnp.int32(b))
 
 
 def _logits(qn, qr, kn, kr, scale):
@@ -141,110 +153,252 @@ def _visible(q_start, bq, k_start, bk, seg_q, seg_k):
     return causal & (seg_q == seg_k)
 
 
-# ---- forward kernel ------------------------------------------------------------------------------------------
-def _forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, max_ref, *,
-                    scale, bq, bk, n_real):
-    i = pl.program_id(2)
+# ---- one (outer block, inner block) pair of each pass: the same in both launch forms ---------------------------
+def _attend_step(qn, qr, kn, kr, v, seg_q, seg_k, q0, k0, carry, *, scale, n_real):
+    """The forward on one pair: the online softmax's (acc, max, sum) of the query block after the key block's
+    visible keys. seg_q [bq, 1], seg_k [1, bk]; q0, k0 the blocks' first rows."""
+    s = jnp.where(_visible(q0, qn.shape[0], k0, kn.shape[0], seg_q, seg_k), _logits(qn, qr, kn, kr, scale), -jnp.inf)
+    return kb.online_softmax_step(s, kb.rows_below(v, k0, n_real), *carry)
+
+
+def _attend_result(acc, m, l):
+    """(out, logsumexp, max) of a finished online softmax; a query that saw no key: out 0, logsumexp 0, max -inf."""
+    l_safe = jnp.where(l == 0, 1.0, l)
+    return acc / l_safe, jnp.where(l == 0, 0.0, m + jnp.log(l_safe)), m
+
+
+def _dq_step(qn, qr, do, lse, delta, seg_q, kn, kr, v, seg_k, q0, k0, *, scale, n_real):
+    """dq on one pair: the key block's terms of (d q_nope [bq, P], d q_rope [bq, R]), float32. lse, delta, seg_q
+    are [bq, 1] columns, seg_k a [1, bk] row."""
+    kn, kr, v = (kb.rows_below(x, k0, n_real) for x in (kn, kr, v))
+    visible = _visible(q0, qn.shape[0], k0, kn.shape[0], seg_q, seg_k)
+    p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
+    ds = (p * (kb.dot_nt(do, v) - delta) * scale).astype(kn.dtype)
+    return kb.dot_nn(ds, kn), kb.dot_nn(ds, kr)
+
+
+def _dkv_step(kn, kr, v, seg_k, qn, qr, do, lse, delta, seg_q, k0, q0, *, scale, n_real):
+    """dk / dv on one pair, on a transposed [keys, queries] tile: the query block's terms of (d k_nope [bk, P],
+    this head's d k_rope [bk, R], dv [bk, U]), float32. seg_k is a [bk, 1] column; the per-query lse, delta and
+    seg_q are [1, bq] rows (lane-dense). Queries past the real ones (padding) are zeroed."""
+    bk, bq = kn.shape[0], qn.shape[0]
+    qn, qr, do = (kb.rows_below(x, q0, n_real) for x in (qn, qr, do))
+    real_q = _iota((1, bq), 1, q0) < n_real
+    lse, delta = (jnp.where(real_q, x, 0.0) for x in (lse, delta))
+    visible = (_iota((bk, bq), 1, q0) >= _iota((bk, bq), 0, k0)) & (seg_k == seg_q) & real_q
+    p_t = jnp.where(visible, jnp.exp(_logits(kn, kr, qn, qr, scale) - lse), 0.0)
+    dv = kb.dot_nn(p_t.astype(do.dtype), do)
+    ds_t = (p_t * (kb.dot_nt(v, do) - delta) * scale).astype(qn.dtype)
+    return kb.dot_nn(ds_t, qn), kb.dot_nn(ds_t, qr), dv
+
+
+class _Pairs(NamedTuple):
+    """The causal (outer block, inner block) pairs of a pass, seen from its outer blocks: the forward and dq go over
+    query blocks (outer) and their key blocks up to the diagonal (inner); dk/dv (by_keys) over key blocks and their
+    query blocks from the diagonal on. Block numbers are Python ints or traced int32 scalars."""
+    by_keys: bool
+    bq: int
+    bk: int
+    n_q: int
+    n_k: int
+
+    @classmethod
+    def of(cls, Tp: int, bq: int, bk: int, *, by_keys: bool) -> _Pairs:
+        return cls(by_keys, bq, bk, Tp // bq, Tp // bk)
+
+    @property
+    def n_outer(self) -> int:
+        return self.n_k if self.by_keys else self.n_q
+
+    def rows(self, side: str) -> int:
+        """Rows of a block on `side` ("outer" | "inner")."""
+        return self.bk if self.by_keys == (side == "outer") else self.bq
+
+    def first(self, o):
+        """The first inner block outer block o meets."""
+        return _div(o * self.bk, self.bq) if self.by_keys else 0
+
+    def count(self, o):
+        """How many inner blocks outer block o meets."""
+        if self.by_keys:
+            return self.n_q - self.first(o)
+        last = _div((o + 1) * self.bq + self.bk - 1, self.bk)
+        return min(last, self.n_k) if isinstance(last, int) else jnp.minimum(last, self.n_k)
+
+    # The TPU form's grid (rows, steps): row r runs outer block r's pairs, then outer block n_outer - 1 - r's.
+    @property
+    def grid_rows(self) -> int:
+        return (self.n_outer + 1) // 2
+
+    @property
+    def grid_steps(self) -> int:
+        last = self.n_outer - 1
+        return max(self.count(r) + (self.count(last - r) if last - r != r else 0) for r in range(self.grid_rows))
+
+    def at(self, r, s) -> _Step:
+        """What step s of grid row r does (traced ints). A step past the row's end repeats its last pair's block
+        indices (Pallas copies nothing) and has no work."""
+        a, b = r, self.n_outer - 1 - r
+        ca = self.count(a)
+        total = ca + jnp.where(b == a, 0, self.count(b))
+        t = jnp.minimum(s, total - 1)
+        in_a = t < ca
+        return _Step(outer=jnp.where(in_a, a, b), inner=jnp.where(in_a, self.first(a) + t, self.first(b) + t - ca),
+                     work=s < total, first=(t == 0) | (t == ca), last=(t == ca - 1) | (t == total - 1))
+
+
+class _Step(NamedTuple):
+    outer: jax.Array  # outer and inner block numbers
+    inner: jax.Array
+    work: jax.Array  # whether the step has a pair to do, whether it is its outer block's first one, its last one
+    first: jax.Array
+    last: jax.Array
+
+
+# ---- GPU form: a program per outer block, its inner blocks a loop (Triton) ------------------------------------
+def _gpu_forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, max_ref, *,
+                        pairs, scale, n_real):
+    i, bq, bk = pl.program_id(2), pairs.bq, pairs.bk
     qn, qr, seg_q = qn_ref[...], qr_ref[...], segq_ref[...]
 
     def body(j, carry):
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        s = _logits(qn, qr, kn_ref[ks, :], kr_ref[ks, :], scale)
-        s = jnp.where(_visible(i * bq, bq, j * bk, bk, seg_q, segk_ref[:, ks]), s, -jnp.inf)
-        return kb.online_softmax_step(s, kb.rows_below(v_ref[ks, :], j * bk, n_real), *carry)
+        return _attend_step(qn, qr, kn_ref[ks, :], kr_ref[ks, :], v_ref[ks, :], seg_q, segk_ref[:, ks], i * bq,
+                            j * bk, carry, scale=scale, n_real=n_real)
 
-    n_blocks = jnp.minimum(_div((i + 1) * bq + bk - 1, bk), kn_ref.shape[0] // bk)  # up to the causal diagonal
     init = (jnp.zeros((bq, v_ref.shape[1]), F32), jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32))
-    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
-    l_safe = jnp.where(l == 0, 1.0, l)
-    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l == 0, 0.0, m + jnp.log(l_safe))
-    max_ref[...] = m
+    out, lse_ref[...], max_ref[...] = _attend_result(*jax.lax.fori_loop(0, pairs.count(i), body, init))
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
-# ---- backward kernels ----------------------------------------------------------------------------------------
-def _dq_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
-               dqn_ref, dqr_ref, *, scale, bq, bk, n_real):
-    i = pl.program_id(2)
-    qn, qr, seg_q, do = qn_ref[...], qr_ref[...], segq_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+def _gpu_dq_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+                   dqn_ref, dqr_ref, *, pairs, scale, n_real):
+    i, bq, bk = pl.program_id(2), pairs.bq, pairs.bk
+    q_side = (qn_ref[...], qr_ref[...], do_ref[...], lse_ref[...], delta_ref[...], segq_ref[...])
 
     def body(j, carry):
-        dqn, dqr = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        kn, kr, v = (kb.rows_below(r[ks, :], j * bk, n_real) for r in (kn_ref, kr_ref, v_ref))
-        visible = _visible(i * bq, bq, j * bk, bk, seg_q, segk_ref[:, ks])
-        p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
-        ds = (p * (kb.dot_nt(do, v) - delta) * scale).astype(kn.dtype)
-        return dqn + kb.dot_nn(ds, kn), dqr + kb.dot_nn(ds, kr)
+        dqn, dqr = _dq_step(*q_side, kn_ref[ks, :], kr_ref[ks, :], v_ref[ks, :], segk_ref[:, ks], i * bq, j * bk,
+                            scale=scale, n_real=n_real)
+        return carry[0] + dqn, carry[1] + dqr
 
-    n_blocks = jnp.minimum(_div((i + 1) * bq + bk - 1, bk), kn_ref.shape[0] // bk)
-    dqn, dqr = jax.lax.fori_loop(0, n_blocks, body, (jnp.zeros(qn.shape, F32), jnp.zeros(qr.shape, F32)))
+    init = (jnp.zeros(qn_ref.shape, F32), jnp.zeros(qr_ref.shape, F32))
+    dqn, dqr = jax.lax.fori_loop(0, pairs.count(i), body, init)
     dqn_ref[...] = dqn.astype(dqn_ref.dtype)
     dqr_ref[...] = dqr.astype(dqr_ref.dtype)
 
 
-def _dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
-                dkn_ref, dkr_ref, dv_ref, *, scale, bq, bk, n_real):
-    """Transposed tiles [keys, queries]: the per-query statistics and segment ids come as lane-dense rows [1, T]
-    (a [T, 1] column of a whole sequence would take 128x its bytes of VMEM), the key segment ids as a column."""
-    j = pl.program_id(2)
-    kn, kr, v, seg_k = kn_ref[...], kr_ref[...], v_ref[...], segk_ref[...]
+def _gpu_dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+                    dkn_ref, dkr_ref, dv_ref, *, pairs, scale, n_real):
+    """The per-query statistics and segment ids come as lane-dense [1, T] rows (a [T, 1] column of a whole
+    sequence would take 128x its bytes), the key segment ids as a column."""
+    j, bq, bk = pl.program_id(2), pairs.bq, pairs.bk
+    k_side = (kn_ref[...], kr_ref[...], v_ref[...], segk_ref[...])
 
     def body(i, carry):
-        dkn, dkr, dv = carry
         qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        qn, qr, do = (kb.rows_below(r[qs, :], i * bq, n_real) for r in (qn_ref, qr_ref, do_ref))
-        real_q = _iota((1, bq), 1, i * bq) < n_real
-        lse, delta = (jnp.where(real_q, r[:, qs], 0.0) for r in (lse_ref, delta_ref))  # [1, bq]
-        causal = _iota((bk, bq), 1, i * bq) >= _iota((bk, bq), 0, j * bk)
-        visible = causal & (seg_k == segq_ref[:, qs]) & real_q
-        p_t = jnp.where(visible, jnp.exp(_logits(kn, kr, qn, qr, scale) - lse), 0.0)  # [bk, bq]
-        dv = dv + kb.dot_nn(p_t.astype(do.dtype), do)
-        ds_t = (p_t * (kb.dot_nt(v, do) - delta) * scale).astype(qn.dtype)
-        return dkn + kb.dot_nn(ds_t, qn), dkr + kb.dot_nn(ds_t, qr), dv
+        terms = _dkv_step(*k_side, qn_ref[qs, :], qr_ref[qs, :], do_ref[qs, :], lse_ref[:, qs], delta_ref[:, qs],
+                          segq_ref[:, qs], j * bk, i * bq, scale=scale, n_real=n_real)
+        return tuple(c + t for c, t in zip(carry, terms))
 
-    first = _div(j * bk, bq)  # query blocks before the diagonal see none of these keys
-    init = (jnp.zeros(kn.shape, F32), jnp.zeros(kr.shape, F32), jnp.zeros(v.shape, F32))
-    dkn, dkr, dv = jax.lax.fori_loop(first, qn_ref.shape[0] // bq, body, init)
+    init = tuple(jnp.zeros(r.shape, F32) for r in (kn_ref, kr_ref, v_ref))
+    first = pairs.first(j)
+    dkn, dkr_ref[...], dv = jax.lax.fori_loop(first, first + pairs.count(j), body, init)
     dkn_ref[...] = dkn.astype(dkn_ref.dtype)
-    dkr_ref[...] = dkr
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+# ---- TPU form: the inner blocks a grid axis, accumulators in VMEM scratch (Mosaic) ----------------------------
+def _row(column):
+    """[n, 1] -> [1, n]: a transpose of the lane-broadcast tile (Mosaic transposes whole (8, 128) tiles)."""
+    return jnp.transpose(jnp.broadcast_to(column, (column.shape[0], 128)))[:1, :]
+
+
+def _column(row):
+    """[1, n] -> [n, 1], as _row."""
+    return jnp.transpose(jnp.broadcast_to(row, (128, row.shape[1])))[:, :1]
+
+
+def _tpu_pass(pairs, scratch, start, step, finish):
+    """The body of a TPU-form kernel at grid step (r, s): at an outer block's first pair, `start()` returns the
+    scratch refs' first values (accumulators first, then what stays fixed for the outer block); at each pair,
+    `step(outer row, inner row, values)` returns the accumulators' next values; at its last pair, `finish(values)`
+    writes the outputs."""
+    at = pairs.at(pl.program_id(2), pl.program_id(3))
+
+    def values():
+        return tuple(ref[...] for ref in scratch)
+
+    def store(new):
+        for ref, value in zip(scratch, new):
+            ref[...] = value
+
+    pl.when(at.work & at.first)(lambda: store(start()))
+    o0, i0 = at.outer * pairs.rows("outer"), at.inner * pairs.rows("inner")
+    pl.when(at.work)(lambda: store(step(o0, i0, values())))
+    pl.when(at.work & at.last)(lambda: finish(values()))
+
+
+def _tpu_forward_kernel(qn_ref, qr_ref, segq_ref, kn_ref, kr_ref, v_ref, segk_ref, o_ref, lse_ref, max_ref,
+                        *scratch, pairs, scale, n_real):
+    def start():
+        bq = qn_ref.shape[0]
+        return (jnp.zeros((bq, v_ref.shape[1]), F32), jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32),
+                _column(segq_ref[...]))
+
+    def step(q0, k0, values):
+        acc, m, l, seg_q = values
+        return _attend_step(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], v_ref[...], seg_q, segk_ref[...],
+                            q0, k0, (acc, m, l), scale=scale, n_real=n_real)
+
+    def finish(values):
+        out, lse, m = _attend_result(*values[:3])
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...], max_ref[...] = _row(lse), _row(m)
+
+    _tpu_pass(pairs, scratch, start, step, finish)
+
+
+def _tpu_dq_kernel(qn_ref, qr_ref, do_ref, lse_ref, delta_ref, segq_ref, kn_ref, kr_ref, v_ref, segk_ref,
+                   dqn_ref, dqr_ref, *scratch, pairs, scale, n_real):
+    def start():
+        return (jnp.zeros(dqn_ref.shape, F32), jnp.zeros(dqr_ref.shape, F32),
+                *(_column(r[...]) for r in (lse_ref, delta_ref, segq_ref)))
+
+    def step(q0, k0, values):
+        dqn, dqr, *columns = values
+        terms = _dq_step(qn_ref[...], qr_ref[...], do_ref[...], *columns, kn_ref[...], kr_ref[...], v_ref[...],
+                         segk_ref[...], q0, k0, scale=scale, n_real=n_real)
+        return dqn + terms[0], dqr + terms[1]
+
+    def finish(values):
+        dqn_ref[...] = values[0].astype(dqn_ref.dtype)
+        dqr_ref[...] = values[1].astype(dqr_ref.dtype)
+
+    _tpu_pass(pairs, scratch, start, step, finish)
+
+
+def _tpu_dkv_kernel(kn_ref, kr_ref, v_ref, segk_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, segq_ref,
+                    dkn_ref, dkr_ref, dv_ref, *scratch, pairs, scale, n_real):
+    outs = (dkn_ref, dkr_ref, dv_ref)
+
+    def start():
+        return *(jnp.zeros(r.shape, F32) for r in outs), _column(segk_ref[...])
+
+    def step(k0, q0, values):
+        *sums, seg_k = values
+        terms = _dkv_step(kn_ref[...], kr_ref[...], v_ref[...], seg_k, qn_ref[...], qr_ref[...], do_ref[...],
+                          lse_ref[...], delta_ref[...], segq_ref[...], k0, q0, scale=scale, n_real=n_real)
+        return tuple(s + t for s, t in zip(sums, terms))
+
+    def finish(values):
+        for ref, value in zip(outs, values):
+            ref[...] = value.astype(ref.dtype)
+
+    _tpu_pass(pairs, scratch, start, step, finish)
+
+
 # ---- launches ------------------------------------------------------------------------------------------------
-# Layouts the kernels see: for a block of queries (forward, dq), its per-query vectors (logsumexp, rowmax, delta)
-# as [B, N, T, 1] columns and segment ids as [B, T, 1] (query side) and [B, 1, T] (key side), so a row statistic
-# broadcasts against a [queries, keys] tile without a relayout. The dk/dv kernel works on [keys, queries] tiles
-# and reads all queries of a head: its per-query vectors come as [B, N, 1, T] rows, the segment ids swapped.
-# Every block's last two dims are whole or (8, 128)-aligned (Mosaic's rule).
-def _q_specs(Tp, blk, dims, *, blocked: bool):
-    """Specs for per-head query-side arrays [B, N, T, d] (d in dims), blocked along T or whole rows."""
-    rows = blk if blocked else Tp
-    at = (lambda b, n, i: (b, n, i, 0)) if blocked else (lambda b, n, i: (b, n, 0, 0))
-    return [pl.BlockSpec((None, None, rows, d), at) for d in dims]
-
-
-def _k_specs(Tp, blk, P, R, U, *, blocked: bool):
-    """Specs for k_nope [B,N,S,P], k_rope [B,S,R], v [B,N,S,U]."""
-    rows = blk if blocked else Tp
-    at = (lambda i: i) if blocked else (lambda i: 0)
-    return [pl.BlockSpec((None, None, rows, P), lambda b, n, i: (b, n, at(i), 0)),
-            pl.BlockSpec((None, rows, R), lambda b, n, i: (b, at(i), 0)),
-            pl.BlockSpec((None, None, rows, U), lambda b, n, i: (b, n, at(i), 0))]
-
-
-def _seg_specs(Tp, blk):
-    """Specs for segment ids [B, T, 1] blocked along T and [B, 1, T] whole: the forward and dq kernels read the
-    query side blocked and the key side whole, the dk/dv kernel the other way round."""
-    return [pl.BlockSpec((None, blk, 1), lambda b, n, i: (b, i, 0)),
-            pl.BlockSpec((None, 1, Tp), lambda b, n, i: (b, 0, 0))]
-
-
-def _shape(a, dtype=None):
-    return jax.ShapeDtypeStruct(a.shape if hasattr(a, "shape") else a, dtype or a.dtype)
-
-
 class _Launch(NamedTuple):
     """One pass's launch: query / key block rows and, on GPU, Triton's warps and pipeline stages."""
     bq: int
@@ -252,86 +406,209 @@ class _Launch(NamedTuple):
     num_warps: int
     num_stages: int
 
-    def options(self, backend, platform):
-        return kb.launch_options(backend, platform, 3, num_warps=self.num_warps, num_stages=self.num_stages)
+
+class _Config(NamedTuple):
+    scale: float
+    n_real: int  # T before padding
+    backend: str
+    platform: str | None
+    fwd: _Launch
+    bwd: _Launch
+
+    @property
+    def form(self) -> str:
+        return kb.launch_form(self.backend, self.platform)
+
+    def call(self, kernel, pairs: _Pairs, grid, launch: _Launch, **specs):
+        """pallas_call of kernel (given pairs, scale, n_real) over grid: the GPU form's (b, n, outer block), or the
+        TPU form's (b, n, rows, steps) with its last axis sequential."""
+        tpu = self.form == "tpu"
+        options = kb.launch_options(self.backend, self.platform, len(grid), sequential=(3,) if tpu else (),
+                                    num_warps=launch.num_warps, num_stages=launch.num_stages)
+        body = functools.partial(kernel, pairs=pairs, scale=self.scale, n_real=self.n_real)
+        return pl.pallas_call(body, grid=grid, **specs, **options)
+
+
+def _shape(a, dtype=None):
+    return jax.ShapeDtypeStruct(a.shape if hasattr(a, "shape") else a, dtype or a.dtype)
+
+
+def _costs(qn, qr, kn, kr, v, seg, fwd: _Launch, bwd: _Launch):
+    """Cost estimates of the (forward, dq, dk/dv) launches: FLOPs of the visited pairs, operand bytes once."""
+    B, N, Tp, P = qn.shape
+    R, U = qr.shape[-1], v.shape[-1]
+    vec = B * N * Tp * 4  # a float32 per query
+    inputs = kb.nbytes(qn, qr, kn, kr, v, seg)
+
+    def pairs(launch, by_keys):
+        p = _Pairs.of(Tp, launch.bq, launch.bk, by_keys=by_keys)
+        return B * N * sum(p.count(o) for o in range(p.n_outer)) * launch.bq * launch.bk
+
+    fwd_pairs, dq_pairs, dkv_pairs = pairs(fwd, False), pairs(bwd, False), pairs(bwd, True)
+    backward = inputs + kb.nbytes(v) + 2 * vec  # + dO, logsumexp, delta
+    return (kb.cost(flops=2 * fwd_pairs * (P + R + U), transcendentals=fwd_pairs,
+                    bytes_accessed=inputs + kb.nbytes(v) + 2 * vec),  # scores, p v; out, logsumexp, max
+            kb.cost(flops=2 * dq_pairs * (2 * (P + R) + U), transcendentals=dq_pairs,  # scores, dp = do v^T, ds k
+                    bytes_accessed=backward + kb.nbytes(qn, qr)),
+            kb.cost(flops=2 * dkv_pairs * (2 * (P + R) + 2 * U), transcendentals=dkv_pairs,  # + dv = p^T do
+                    bytes_accessed=backward + kb.nbytes(kn, v) + B * N * Tp * R * 4))
+
+
+# GPU layouts: a program reads its outer block and the whole sequence of the inner side (its loop slices it). The
+# forward and dq see per-query vectors as [B, N, T, 1] columns and segment ids as [B, T, 1] (query side) and [B, 1, T]
+# (key side); dk/dv works on [keys, queries] tiles and gets its per-query vectors as [B, N, 1, T] rows.
+def _gpu_specs(Tp, blk, dims, *, blocked: bool, shared: bool = False):
+    """Specs for per-head arrays [B, N, T, d] (d in dims; shared: one [B, T, d]), blocked along T or whole rows."""
+    rows = blk if blocked else Tp
+    at = (lambda i: i) if blocked else (lambda i: 0)
+    if shared:
+        return [pl.BlockSpec((None, rows, d), lambda b, n, i: (b, at(i), 0)) for d in dims]
+    return [pl.BlockSpec((None, None, rows, d), lambda b, n, i: (b, n, at(i), 0)) for d in dims]
+
+
+def _gpu_seg_specs(Tp, blk):
+    """Segment ids [B, T, 1] blocked along T and [B, 1, T] whole."""
+    return [pl.BlockSpec((None, blk, 1), lambda b, n, i: (b, i, 0)),
+            pl.BlockSpec((None, 1, Tp), lambda b, n, i: (b, 0, 0))]
+
+
+def _gpu_kv_specs(Tp, blk, P, R, U, *, blocked: bool):
+    """Specs for k_nope [B,N,S,P], k_rope [B,S,R], v [B,N,S,U]."""
+    nope, value = _gpu_specs(Tp, blk, (P, U), blocked=blocked)
+    return [nope, *_gpu_specs(Tp, blk, (R,), blocked=blocked, shared=True), value]
+
+
+def _gpu_forward(qn, qr, kn, kr, v, seg, cfg, cost):
+    B, N, Tp, P = qn.shape
+    R, U = qr.shape[-1], v.shape[-1]
+    bq, bk = cfg.fwd.bq, cfg.fwd.bk
+    vec = (B, N, Tp, 1)
+    out, lse, rowmax = cfg.call(
+        _gpu_forward_kernel, _Pairs.of(Tp, bq, bk, by_keys=False), (B, N, Tp // bq), cfg.fwd,
+        in_specs=[*_gpu_specs(Tp, bq, (P, R), blocked=True), *_gpu_kv_specs(Tp, bk, P, R, U, blocked=False),
+                  *_gpu_seg_specs(Tp, bq)],
+        out_specs=_gpu_specs(Tp, bq, (U, 1, 1), blocked=True),
+        out_shape=[_shape((B, N, Tp, U), qn.dtype), _shape(vec, F32), _shape(vec, F32)], cost_estimate=cost,
+    )(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
+    return out, rowmax[..., 0], lse
+
+
+def _gpu_backward(qn, qr, kn, kr, v, seg, do, lse, delta_BNT, cfg, costs):
+    B, N, Tp, P = qn.shape
+    R, U = qr.shape[-1], v.shape[-1]
+    bq, bk = cfg.bwd.bq, cfg.bwd.bk
+    seg_col, seg_row = seg[:, :, None], seg[:, None, :]
+    qn_s, qr_s, do_s, lse_s, delta_s = _gpu_specs(Tp, bq, (P, R, U, 1, 1), blocked=True)
+    dqn, dqr = cfg.call(
+        _gpu_dq_kernel, _Pairs.of(Tp, bq, bk, by_keys=False), (B, N, Tp // bq), cfg.bwd,
+        in_specs=[qn_s, qr_s, *_gpu_kv_specs(Tp, bk, P, R, U, blocked=False), *_gpu_seg_specs(Tp, bq), do_s, lse_s,
+                  delta_s],
+        out_specs=_gpu_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)],
+        cost_estimate=costs[0],
+    )(qn, qr, kn, kr, v, seg_col, seg_row, do, lse, delta_BNT[..., None])
+
+    qn_s, qr_s, do_s = _gpu_specs(Tp, bq, (P, R, U), blocked=False)
+    row = pl.BlockSpec((None, None, 1, Tp), lambda b, n, i: (b, n, 0, 0))
+    segk_s, segq_s = _gpu_seg_specs(Tp, bk)
+    dkn, dkr_BNSR, dv = cfg.call(
+        _gpu_dkv_kernel, _Pairs.of(Tp, bq, bk, by_keys=True), (B, N, Tp // bk), cfg.bwd,
+        in_specs=[qn_s, qr_s, *_gpu_kv_specs(Tp, bk, P, R, U, blocked=True), segq_s, segk_s, do_s, row, row],
+        out_specs=_gpu_specs(Tp, bk, (P, R, U), blocked=True),  # per-head key blocks: dk_rope summed outside
+        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], cost_estimate=costs[1],
+    )(qn, qr, kn, kr, v, seg_row, seg_col, do, lse.reshape(B, N, 1, Tp), delta_BNT[:, :, None, :])
+    return dqn, dqr, dkn, dkr_BNSR, dv
+
+
+# TPU layouts: every operand blocked along T, on the outer or the inner side of a pass; per-query vectors (logsumexp,
+# max, delta) and segment ids as [.., 1, T] rows.
+def _tpu_spec(pairs: _Pairs, side: str, *dims):
+    """BlockSpec of a TPU-form operand: dims are the block's, None for the batch and head axes (the grid's first
+    two indices, in that order), "T" for the sequence axis (the `side` block's rows), other dims whole."""
+    def index(b, n, r, s):
+        t, grid = getattr(pairs.at(r, s), side), iter((b, n))
+        return tuple(next(grid) if d is None else t if d == "T" else 0 for d in dims)
+    return pl.BlockSpec(tuple(pairs.rows(side) if d == "T" else d for d in dims), index)
+
+
+def _tpu_operands(pairs: _Pairs, side: str, P, R, U, *, stats: int = 0):
+    """Specs for (nope [B, N, T, P], rope [B, N, T, R] or the shared [B, T, R], value [B, N, T, U]) of `side`, then
+    `stats` per-head rows [B, N, 1, T] and the segment-id row [B, 1, T]; the rope key is shared on the key side."""
+    spec = functools.partial(_tpu_spec, pairs, side)
+    keys = pairs.by_keys == (side == "outer")
+    rope = spec(None, "T", R) if keys else spec(None, None, "T", R)
+    return [spec(None, None, "T", P), rope, spec(None, None, "T", U), *(spec(None, None, 1, "T"),) * stats,
+            spec(None, 1, "T")]
+
+
+def _tpu_forward(qn, qr, kn, kr, v, seg, cfg, cost):
+    from jax.experimental.pallas import tpu as pltpu
+    B, N, Tp, P = qn.shape
+    R, U = qr.shape[-1], v.shape[-1]
+    pairs = _Pairs.of(Tp, cfg.fwd.bq, cfg.fwd.bk, by_keys=False)
+    bq, row = pairs.bq, _shape((B, N, 1, Tp), F32)
+    q_spec = functools.partial(_tpu_spec, pairs, "outer")
+    qn_s, qr_s, _, segq_s = _tpu_operands(pairs, "outer", P, R, U)
+    out, lse, rowmax = cfg.call(
+        _tpu_forward_kernel, pairs, (B, N, pairs.grid_rows, pairs.grid_steps), cfg.fwd,
+        in_specs=[qn_s, qr_s, segq_s, *_tpu_operands(pairs, "inner", P, R, U)],
+        out_specs=[q_spec(None, None, "T", U), q_spec(None, None, 1, "T"), q_spec(None, None, 1, "T")],
+        out_shape=[_shape((B, N, Tp, U), qn.dtype), row, row], cost_estimate=cost,
+        scratch_shapes=[pltpu.VMEM((bq, U), F32), pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32),
+                        pltpu.VMEM((bq, 1), jnp.int32)],
+    )(qn, qr, seg[:, None, :], kn, kr, v, seg[:, None, :])
+    return out, rowmax.reshape(B, N, Tp), lse
+
+
+def _tpu_backward(qn, qr, kn, kr, v, seg, do, lse, delta_BNT, cfg, costs):
+    from jax.experimental.pallas import tpu as pltpu
+    B, N, Tp, P = qn.shape
+    R, U = qr.shape[-1], v.shape[-1]
+    seg_row, delta = seg[:, None, :], delta_BNT[:, :, None, :]
+    pairs = _Pairs.of(Tp, cfg.bwd.bq, cfg.bwd.bk, by_keys=False)
+    q_spec = functools.partial(_tpu_spec, pairs, "outer")
+    qn_s, qr_s, do_s, lse_s, delta_s, segq_s = _tpu_operands(pairs, "outer", P, R, U, stats=2)
+    bq = pairs.bq
+    dqn, dqr = cfg.call(
+        _tpu_dq_kernel, pairs, (B, N, pairs.grid_rows, pairs.grid_steps), cfg.bwd,
+        in_specs=[qn_s, qr_s, do_s, lse_s, delta_s, segq_s, *_tpu_operands(pairs, "inner", P, R, U)],
+        out_specs=[q_spec(None, None, "T", P), q_spec(None, None, "T", R)], out_shape=[_shape(qn), _shape(qr)],
+        cost_estimate=costs[0],
+        scratch_shapes=[pltpu.VMEM((bq, P), F32), pltpu.VMEM((bq, R), F32), pltpu.VMEM((bq, 1), F32),
+                        pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), jnp.int32)],
+    )(qn, qr, do, lse, delta, seg_row, kn, kr, v, seg_row)
+
+    pairs = _Pairs.of(Tp, cfg.bwd.bq, cfg.bwd.bk, by_keys=True)
+    k_spec = functools.partial(_tpu_spec, pairs, "outer")
+    bk = pairs.bk
+    dkn, dkr_BNSR, dv = cfg.call(
+        _tpu_dkv_kernel, pairs, (B, N, pairs.grid_rows, pairs.grid_steps), cfg.bwd,
+        in_specs=[*_tpu_operands(pairs, "outer", P, R, U), *_tpu_operands(pairs, "inner", P, R, U, stats=2)],
+        out_specs=[k_spec(None, None, "T", d) for d in (P, R, U)],  # per-head dk_rope, summed outside
+        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], cost_estimate=costs[1],
+        scratch_shapes=[pltpu.VMEM((bk, P), F32), pltpu.VMEM((bk, R), F32), pltpu.VMEM((bk, U), F32),
+                        pltpu.VMEM((bk, 1), jnp.int32)],
+    )(kn, kr, v, seg_row, qn, qr, do, lse, delta, seg_row)
+    return dqn, dqr, dkn, dkr_BNSR, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _flash(qn, qr, kn, kr, v, seg, cfg):
-    return _flash_forward(qn, qr, kn, kr, v, seg, cfg)[:2]
-
-
-def _visited_pairs(B, N, Tp, bq, bk, *, by_keys: bool) -> int:
-    """(query, key) pairs in the blocks a kernel visits: each query block up to the causal diagonal (forward,
-    dq), or each key block from its diagonal on (dk/dv)."""
-    if by_keys:
-        blocks = sum(Tp // bq - (j * bk) // bq for j in range(Tp // bk))
-    else:
-        blocks = sum(min(-(-(i + 1) * bq // bk), Tp // bk) for i in range(Tp // bq))
-    return B * N * blocks * bq * bk
-
-
-def _flash_forward(qn, qr, kn, kr, v, seg, cfg):
-    scale, n_real, backend, platform, launch, _ = cfg
-    bq, bk = launch.bq, launch.bk
-    B, N, Tp, P = qn.shape
-    R, U = qr.shape[-1], v.shape[-1]
-    vec = (B, N, Tp, 1)
-    pairs = _visited_pairs(B, N, Tp, bq, bk, by_keys=False)
-    out_shape = [_shape((B, N, Tp, U), qn.dtype), _shape(vec, F32), _shape(vec, F32)]
-    work = kb.cost(flops=2 * pairs * (P + R + U), transcendentals=pairs,
-                   bytes_accessed=kb.nbytes(qn, qr, kn, kr, v, seg, *out_shape))
-    out, lse, rowmax = pl.pallas_call(
-        functools.partial(_forward_kernel, scale=scale, bq=bq, bk=bk, n_real=n_real), grid=(B, N, Tp // bq),
-        in_specs=[*_q_specs(Tp, bq, (P, R), blocked=True), *_k_specs(Tp, bk, P, R, U, blocked=False),
-                  *_seg_specs(Tp, bq)],
-        out_specs=_q_specs(Tp, bq, (U, 1, 1), blocked=True),
-        out_shape=out_shape, cost_estimate=work,
-        **launch.options(backend, platform))(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
-    return out, rowmax[..., 0], lse
+    return _flash_fwd(qn, qr, kn, kr, v, seg, cfg)[0]
 
 
 def _flash_fwd(qn, qr, kn, kr, v, seg, cfg):
-    out, rowmax, lse = _flash_forward(qn, qr, kn, kr, v, seg, cfg)
+    forward = _tpu_forward if cfg.form == "tpu" else _gpu_forward
+    out, rowmax, lse = forward(qn, qr, kn, kr, v, seg, cfg, _costs(qn, qr, kn, kr, v, seg, cfg.fwd, cfg.bwd)[0])
     return (out, rowmax), (qn, qr, kn, kr, v, seg, out, lse)
 
 
 def _flash_bwd(cfg, res, cotangents):
-    scale, n_real, backend, platform, _, launch = cfg
-    bq, bk = launch.bq, launch.bk
     qn, qr, kn, kr, v, seg, out, lse = res
     do = cotangents[0].astype(out.dtype)  # rowmax carries no gradient
-    delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1, keepdims=True)
-    B, N, Tp, P = qn.shape
-    R, U = qr.shape[-1], v.shape[-1]
-    opts = launch.options(backend, platform)
-    kw = dict(scale=scale, bq=bq, bk=bk, n_real=n_real)
-    seg_col, seg_row = seg[:, :, None], seg[:, None, :]
-    operands = kb.nbytes(qn, qr, kn, kr, v, seg, do, lse, delta)
-    pairs_q = _visited_pairs(B, N, Tp, bq, bk, by_keys=False)  # scores again, dp = do v^T, dq = ds k
-    dq_work = kb.cost(flops=2 * pairs_q * (2 * (P + R) + U), transcendentals=pairs_q,
-                      bytes_accessed=operands + kb.nbytes(qn, qr))
-    pairs_k = _visited_pairs(B, N, Tp, bq, bk, by_keys=True)  # scores, dp, dv = p^T do, dk = ds^T q
-    dkv_work = kb.cost(flops=2 * pairs_k * (2 * (P + R) + 2 * U), transcendentals=pairs_k,
-                       bytes_accessed=operands + kb.nbytes(kn, v) + B * N * Tp * R * 4)
-
-    qn_s, qr_s, do_s, lse_s, delta_s = _q_specs(Tp, bq, (P, R, U, 1, 1), blocked=True)
-    dqn, dqr = pl.pallas_call(
-        functools.partial(_dq_kernel, **kw), grid=(B, N, Tp // bq),
-        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, U, blocked=False), *_seg_specs(Tp, bq), do_s, lse_s, delta_s],
-        out_specs=_q_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)],
-        cost_estimate=dq_work, **opts,
-    )(qn, qr, kn, kr, v, seg_col, seg_row, do, lse, delta)
-
-    qn_s, qr_s, do_s = _q_specs(Tp, bq, (P, R, U), blocked=False)
-    row = pl.BlockSpec((None, None, 1, Tp), lambda b, n, i: (b, n, 0, 0))
-    segk_s, segq_s = _seg_specs(Tp, bk)
-    dkn, dkr_BNSR, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **kw), grid=(B, N, Tp // bk),
-        in_specs=[qn_s, qr_s, *_k_specs(Tp, bk, P, R, U, blocked=True), segq_s, segk_s, do_s, row, row],
-        out_specs=_q_specs(Tp, bk, (P, R, U), blocked=True),  # per-head key blocks: dk_rope summed below
-        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], cost_estimate=dkv_work, **opts,
-    )(qn, qr, kn, kr, v, seg_row, seg_col, do, lse.reshape(B, N, 1, Tp), delta.reshape(B, N, 1, Tp))
+    delta_BNT = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1)
+    backward = _tpu_backward if cfg.form == "tpu" else _gpu_backward
+    costs = _costs(qn, qr, kn, kr, v, seg, cfg.fwd, cfg.bwd)[1:]
+    dqn, dqr, dkn, dkr_BNSR, dv = backward(qn, qr, kn, kr, v, seg, do, lse, delta_BNT, cfg, costs)
     return dqn, dqr, dkn, jnp.sum(dkr_BNSR, axis=1).astype(kr.dtype), dv, None
 
 
@@ -351,8 +628,8 @@ def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: j
     backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
     picks the launch settings' form). Launch settings, None: LAUNCH's for the platform and q's dtype, else DEFAULTS:
     block_q / block_k rows per query / key block and, on GPU, Triton's num_warps / num_stages, for the forward
-    kernel; the bwd_* ones for the dq and dk/dv kernels (default: the forward's). The blocks set the padded length
-    (a multiple of all four)."""
+    kernel; the bwd_* ones for the dq and dk/dv kernels (default: the forward's). A block longer than T is cut to T
+    rounded up to 128; the blocks set the padded length (a multiple of all four)."""
     B, N, T, P = q_nope_BNTP.shape
     R, U = q_rope_BNTR.shape[-1], v_BNSU.shape[-1]
     expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, T, P), "k_rope": (B, T, R), "v": (B, N, T, U),
@@ -367,11 +644,13 @@ def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: j
     s = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, q_nope_BNTP.dtype, block_q=block_q, block_k=block_k,
                            num_warps=num_warps, num_stages=num_stages, bwd_block_q=bwd_block_q,
                            bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps, bwd_num_stages=bwd_num_stages)
-    fwd = _Launch(s["block_q"], s["block_k"], s["num_warps"], s["num_stages"])
-    bwd = _Launch(*(s["bwd_" + k] or s[k] for k in ("block_q", "block_k", "num_warps", "num_stages")))
+    longest = -(-T // 128) * 128
+    fwd = _Launch(min(s["block_q"], longest), min(s["block_k"], longest), s["num_warps"], s["num_stages"])
+    bwd = _Launch(*(min(s["bwd_" + k] or s[k], longest) for k in ("block_q", "block_k")),
+                  *(s["bwd_" + k] or s[k] for k in ("num_warps", "num_stages")))
     multiple = math.lcm(fwd.bq, fwd.bk, bwd.bq, bwd.bk)
     pad = functools.partial(kb.pad_axis, axis=2, multiple=multiple)
     args = (pad(q_nope_BNTP), pad(q_rope_BNTR), pad(k_nope_BNSP), kb.pad_axis(k_rope_BSR, 1, multiple),
             pad(v_BNSU), kb.pad_axis(segment_ids_BT.astype(jnp.int32), 1, multiple, value=-1))
-    out, rowmax = _flash(*args, (float(scale), T, backend, platform, fwd, bwd))
+    out, rowmax = _flash(*args, _Config(float(scale), T, backend, platform, fwd, bwd))
     return out[:, :, :T], rowmax[:, :, :T]

@@ -5,9 +5,10 @@ the LAUNCH table beside it), forward and backward, bf16 and float32: deviceless,
 which a lowering does not. Also: "pallas" without a TPU / GPU platform, and "auto", are one-line errors.
 
 Sizes the kernels' programs do not depend on are cut for time: batch 1, 2 attention heads (heads are a grid axis
-of mla_attention), 1K tokens (the sequence is a loop bound and a whole-array block), 8 experts (a grid / schedule
-length). mla_decode's program does depend on its heads (T·N query rows per block): 64 heads here. The 4K-token,
-64-head attention and the 128K-slot decode run with -m slow."""
+of mla_attention), 8 experts (a grid / schedule length). mla_attention compiles at 32K tokens (its TPU form's VMEM
+holds blocks, not sequences; the GPU form's programs loop over the sequence); 128K and 256K run with -m slow.
+mla_decode's program does depend on its heads (T·N query rows per block): 64 heads here. The 4K-token, 64-head
+attention and the 128K-slot decode run with -m slow too."""
 
 import inspect
 
@@ -98,9 +99,17 @@ def _compile_attention(platform, dtype, B, N, T):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_mla_attention_forward_and_backward_compile(platform, dtype):
-    """The forward, dq and dk/dv kernels of a training step."""
-    assert kernel_calls(_compile_attention(platform, dtype, 1, 2, 1024), platform) == 3
+def test_mla_attention_forward_and_backward_compile_at_32k_tokens(platform, dtype):
+    """The forward, dq and dk/dv kernels of a training step, 32,768 tokens."""
+    assert kernel_calls(_compile_attention(platform, dtype, 1, 2, 32768), platform) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokens", [131072, 262144])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_mla_attention_forward_and_backward_compile_at_128k_and_256k_tokens(platform, dtype, tokens):
+    assert kernel_calls(_compile_attention(platform, dtype, 1, 2, tokens), platform) == 3
 
 
 def _compile_decode(platform, dtype, S, Ts, N=64):

@@ -1,13 +1,17 @@
-"""MLA flash attention (interpret mode) against its XLA reference: outputs, the per-query max logit (exact),
-gradients of q_nope, q_rope, k_nope, the shared k_rope and v; packed segments; lengths that are not a multiple of
-either block; NaN in the kernel's own padding; separate forward / backward blocks. The TPU / GPU compiles are in
-test_compile.py."""
+"""MLA flash attention (interpret mode) in both launch forms against its XLA reference: outputs, the per-query max
+logit, gradients of q_nope, q_rope, k_nope, the shared k_rope and v; packed segments (segment 0 = padding); lengths
+that are not a multiple of either block; NaN in the kernel's own padding; query blocks longer and shorter than key
+blocks, separate forward / backward blocks; the TPU form's folded causal schedule (every pair below the diagonal
+once, nothing above it). The TPU / GPU compiles are in test_compile.py."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import mla_attention as attention_module
 from pallas_kernels.mla_attention import mla_attention
 from tests.pallas_kernels.kernel_checks import nan_padding, rel_err
 
@@ -28,16 +32,19 @@ def _loss_and_grads(backend, args, segment_ids, **launch):
     return out, rowmax, grads
 
 
-# T = 37: not a multiple of either block; three packed segments in row 0, one in row 1.
-SEGMENTS = np.array([[1] * 10 + [2] * 20 + [3] * 7, [5] * 37], np.int32)
+# T = 37: not a multiple of either block; row 0: three packed segments crossing block edges; row 1: one segment,
+# then padding (segment 0: attends only to itself, as in the reference).
+SEGMENTS = np.array([[1] * 10 + [2] * 20 + [3] * 7, [5] * 30 + [0] * 7], np.int32)
 
 
-def test_matches_reference_f32_with_nan_padding():
-    """The tpu form's launch table sets no backward blocks: the backward takes the forward's (16 x 8)."""
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_matches_reference_f32_with_nan_padding(platform):
+    """Query blocks twice the key blocks (16 x 8); no backward blocks given: the backward takes the forward's. TPU
+    form: 3 query blocks, so the folded grid has a middle row that runs one block and then idles."""
     args = _inputs(2, 2, 37)
     want_out, want_max, want_grads = _loss_and_grads("xla", args, SEGMENTS)
     with nan_padding():
-        out, rowmax, grads = _loss_and_grads("interpret", args, SEGMENTS, platform="tpu", block_q=16, block_k=8)
+        out, rowmax, grads = _loss_and_grads("interpret", args, SEGMENTS, platform=platform, block_q=16, block_k=8)
     assert rel_err(out, want_out) <= 1e-5
     # the max itself is exact; the logits under it differ from XLA's by dot-product rounding (~1 ulp of max|logit|)
     assert rel_err(rowmax, want_max) <= 1e-6
@@ -46,18 +53,47 @@ def test_matches_reference_f32_with_nan_padding():
         assert rel_err(g, want) <= 1e-5, name
 
 
-def test_bf16_within_1e2():
-    """Also the other block order (query blocks smaller than key blocks), and backward blocks other than the
-    forward's."""
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_bf16_within_1e2(platform):
+    """The other block order (query blocks half the key blocks; TPU form: an even number of query blocks), and
+    backward blocks other than the forward's."""
     args = _inputs(1, 2, 40, dtype=jnp.bfloat16, seed=1)
-    seg = np.ones((1, 40), np.int32)
+    seg = np.array([[3] * 13 + [4] * 27], np.int32)
     want_out, want_max, want_grads = _loss_and_grads("xla", args, seg)
-    out, rowmax, grads = _loss_and_grads("interpret", args, seg, platform="gpu", block_q=8, block_k=16,
-                                          bwd_block_q=16, bwd_block_k=8)
+    with nan_padding():
+        out, rowmax, grads = _loss_and_grads("interpret", args, seg, platform=platform, block_q=8, block_k=16,
+                                              bwd_block_q=16, bwd_block_k=8)
     assert out.dtype == jnp.bfloat16 and rel_err(out, want_out) <= 1e-2
     assert rel_err(rowmax, want_max) <= 1e-2
     for g, want in zip(grads, want_grads):
         assert g.dtype == jnp.bfloat16 and rel_err(g, want) <= 1e-2
+
+
+@pytest.mark.parametrize("by_keys", [False, True], ids=["by_queries", "by_keys"])
+@pytest.mark.parametrize("Tp, bq, bk", [(64, 8, 8), (56, 8, 8), (48, 16, 8), (48, 8, 16), (96, 32, 8), (16, 16, 16)])
+def test_tpu_schedule_visits_each_causal_pair_once_and_nothing_above_the_diagonal(Tp, bq, bk, by_keys):
+    """The TPU form's grid (rows x steps, outer blocks o and n-1-o in one row): the pairs it works on are exactly the
+    (query block, key block) pairs that hold a visible (query >= key) position, each once, an outer block's in one
+    run from its first to its last flag; every step's block indices (what Pallas copies) are such a pair, and a step
+    without work repeats the step before it (nothing copied)."""
+    pairs = attention_module._Pairs.of(Tp, bq, bk, by_keys=by_keys)
+    r, s = np.meshgrid(np.arange(pairs.grid_rows), np.arange(pairs.grid_steps), indexing="ij")
+    at = pairs.at(jnp.asarray(r, jnp.int32), jnp.asarray(s, jnp.int32))
+    outer, inner, work, first, last = (np.asarray(x) for x in at)
+    q_blk, k_blk = (inner, outer) if by_keys else (outer, inner)
+
+    causal = {(i, j) for i, j in itertools.product(range(Tp // bq), range(Tp // bk)) if (i + 1) * bq - 1 >= j * bk}
+    assert all((i, j) in causal for i, j in zip(q_blk.ravel(), k_blk.ravel()))
+    done = [(int(i), int(j)) for i, j in zip(q_blk[work], k_blk[work])]
+    assert sorted(done) == sorted(causal)
+    assert (work[:, 0]).all() and not (np.diff(work.astype(int), axis=1) > 0).any()  # work, then idle
+    idle = ~work[:, 1:]
+    assert (outer[:, 1:][idle] == outer[:, :-1][idle]).all() and (inner[:, 1:][idle] == inner[:, :-1][idle]).all()
+    for row in range(pairs.grid_rows):
+        runs = np.split(np.arange(work[row].sum()), np.flatnonzero(first[row][work[row]])[1:])
+        for run in runs:  # one outer block each, first .. last
+            assert len(set(outer[row][run])) == 1 and last[row][run[-1]] and not last[row][run[:-1]].any()
+    assert len({int(o) for o in outer[work]}) == pairs.n_outer
 
 
 def test_single_block_and_query_max_logit_is_the_visible_max():
@@ -70,6 +106,15 @@ def test_single_block_and_query_max_logit_is_the_visible_max():
     for t in range(5):
         visible = [s for s in range(t + 1) if seg[0, s] == seg[0, t]]
         np.testing.assert_allclose(rowmax[0, :, t], logits[0, :, t, visible].max(axis=0), rtol=1e-6)
+
+
+def test_default_launch_cuts_blocks_to_the_sequence():
+    """No launch arguments: the TPU form's 512-row blocks are cut to T rounded up to 128 (one block here)."""
+    args = _inputs(1, 2, 37)
+    want_out, want_max = mla_attention(*args, SEGMENTS[:1], scale=SCALE, backend="xla")
+    out, rowmax = jax.jit(lambda *a: mla_attention(*a, SEGMENTS[:1], scale=SCALE, backend="interpret",
+                                                   platform="tpu"))(*args)
+    assert rel_err(out, want_out) <= 1e-5 and rel_err(rowmax, want_max) <= 1e-6
 
 
 def test_rejects_mismatched_shapes():
