@@ -87,6 +87,7 @@ def naive_decode(model, tokens_B, k_LBNSH, v_LBNSU, lengths_B):
 def expand_latent_cache(model, kv_LBSX):
     """The full per-head K/V cache holding the same keys and values as a latent cache."""
     C, P, N = model.cfg.kv_lora_rank, model.cfg.qk_nope_head_dim, model.cfg.num_attention_heads
+    R = model.cfg.qk_rope_head_dim
     L, B, S, _ = kv_LBSX.shape
 
     def layer(block, x, caches, at):
@@ -94,7 +95,7 @@ def expand_latent_cache(model, kv_LBSX):
         attn = block.self_attn
         latent_BSX = kv_LBSX[index]
         kv_BSNH = project(latent_BSX[..., :C], attn._w(attn.kv_b_proj))
-        k_rope = jnp.broadcast_to(latent_BSX[:, :, None, C:], (B, S, N, latent_BSX.shape[-1] - C))
+        k_rope = jnp.broadcast_to(latent_BSX[:, :, None, C:C + R], (B, S, N, R))
         k_cache, v_cache = caches
         k_BNSH = jnp.concatenate([kv_BSNH[..., :P], k_rope], axis=-1).transpose(0, 2, 1, 3)
         k_cache = k_cache.at[index].set(k_BNSH)

@@ -120,12 +120,14 @@ def _block_product(x_blk, w_blk, s_row, xs_col, transpose_w):
     return prod
 
 
-def _gpu_product(x_ref, w_ref, s_ref, xs_ref, g, c, *, transpose_w, has_scales, has_x_scales):
-    """Group g's contraction block c, sliced from whole-array refs (weights stored [G, O, I] when transpose_w)."""
+def _gpu_product(x_ref, w_ref, s_ref, xs_ref, g, c, layer, *, transpose_w, has_scales, has_x_scales):
+    """Group g's contraction block c, sliced from whole-array refs (weights stored [G, O, I] when transpose_w; with
+    a layer, [L, G, ...] stacks read at it)."""
     cs = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
-    return _block_product(x_ref[:, cs], w_ref[g, :, cs] if transpose_w else w_ref[g, cs, :],
-                          s_ref[g, pl.ds(c, 1), :] if has_scales else None, xs_ref[c] if has_x_scales else None,
-                          transpose_w)
+    at = (g,) if layer is None else (layer, g)
+    w_blk = w_ref[(*at, slice(None), cs)] if transpose_w else w_ref[(*at, cs, slice(None))]
+    return _block_product(x_ref[:, cs], w_blk, s_ref[g, pl.ds(c, 1), :] if has_scales else None,
+                          xs_ref[c] if has_x_scales else None, transpose_w)
 
 
 def _tpu_product(x_ref, w_ref, s_ref, xs_ref, *, transpose_w, has_scales, has_x_scales):
@@ -134,26 +136,44 @@ def _tpu_product(x_ref, w_ref, s_ref, xs_ref, *, transpose_w, has_scales, has_x_
                           xs_ref[...] if has_x_scales else None, transpose_w)
 
 
-def _tpu_operands(w, scales_rows, x_scales, transpose_w):
-    G = w.shape[0]
+def _tpu_operands(w, scales_rows, x_scales, transpose_w, n_contract, layered):
+    """The TPU form's operands and BlockSpecs: the weight block (stacked weights: at the scalar-prefetched layer),
+    its scale row and the activations' scales, each at the visit's group and contraction block (gt.contraction_block:
+    pinned on inactive visits, so nothing is fetched for them)."""
+    G = w.shape[-3]
     # scales [G, I / 128, 1, O]: a (1, 128) row block per visit, Mosaic's (8, 128) rule met by the unit dim
     s = scales_rows[:, :, None, :] if scales_rows is not None else jnp.zeros((G, 1, 1, BLOCK), F32)
-    w_spec = (pl.BlockSpec((None, BLOCK, BLOCK), lambda o, v, c, tile, group, *_: (group[v], o, c)) if transpose_w
-              else pl.BlockSpec((None, BLOCK, BLOCK), lambda o, v, c, tile, group, *_: (group[v], c, o)))
-    s_spec = (pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, tile, group, *_: (group[v], c, 0, o))
-              if scales_rows is not None else pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, *_: (0, 0, 0, 0)))
+    lead = (None,) * (w.ndim - 2)
+
+    def w_map(o, v, c, tile, group, active, *rest):
+        cb = gt.contraction_block(c, v, active, n_contract)
+        at = (group[v],) if not layered else (rest[-1][0], group[v])
+        return (*at, o, cb) if transpose_w else (*at, cb, o)
+
+    def s_map(o, v, c, tile, group, active, *_):
+        return group[v], gt.contraction_block(c, v, active, n_contract), 0, o
+
+    def xs_map(o, v, c, tile, group, active, *_):
+        return gt.contraction_block(c, v, active, n_contract), tile[v], 0
+
+    w_spec = pl.BlockSpec((*lead, BLOCK, BLOCK), w_map)
+    s_spec = (pl.BlockSpec((None, None, 1, BLOCK), s_map) if scales_rows is not None
+              else pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, *_: (0, 0, 0, 0)))
     xs = x_scales if x_scales is not None else jnp.ones((1, BLOCK, 1), F32)
-    xs_spec = (pl.BlockSpec((None, BLOCK, 1), lambda o, v, c, tile, *_: (c, tile[v], 0)) if x_scales is not None
+    xs_spec = (pl.BlockSpec((None, BLOCK, 1), xs_map) if x_scales is not None
                else pl.BlockSpec((None, BLOCK, 1), lambda o, v, c, *_: (0, 0, 0)))
     return (w, s, xs), (w_spec, s_spec, xs_spec)
 
 
-def _gpu_operands(w, scales_rows, x_scales, transpose_w):
-    G = w.shape[0]
-    I = w.shape[2] if transpose_w else w.shape[1]
+def _gpu_operands(w, scales_rows, x_scales, transpose_w, n_contract, layered):
+    del n_contract
+    G = w.shape[-3]
+    I = w.shape[-1] if transpose_w else w.shape[-2]
     s = scales_rows if scales_rows is not None else jnp.zeros((G, 1, BLOCK), F32)  # unused; one kernel signature
-    w_spec = (pl.BlockSpec((G, BLOCK, I), lambda m, o: (0, o, 0)) if transpose_w
-              else pl.BlockSpec((G, I, BLOCK), lambda m, o: (0, 0, o)))
+    whole = w.shape[:-2]  # the (layer,) group axes: whole-array refs
+    zeros = (0,) * len(whole)
+    w_spec = (pl.BlockSpec((*whole, BLOCK, I), lambda m, o: (*zeros, o, 0)) if transpose_w
+              else pl.BlockSpec((*whole, I, BLOCK), lambda m, o: (*zeros, 0, o)))
     s_spec = (pl.BlockSpec((G, I // BLOCK, BLOCK), lambda m, o: (0, 0, o)) if scales_rows is not None
               else pl.BlockSpec((G, 1, BLOCK), lambda m, o: (0, 0, 0)))
     xs = x_scales if x_scales is not None else jnp.ones((1, BLOCK, 1), F32)
@@ -163,22 +183,26 @@ def _gpu_operands(w, scales_rows, x_scales, transpose_w):
 
 
 def _launch(x_MI, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
-            out_dtype=None, triton=(4, 2), rows_in_use=None):
-    """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ), I and O already multiples of BLOCK. scales_rows is
-    [G, I / BLOCK, O] (each block scale repeated along its output columns) or None; x_scales [I / BLOCK, M, 1]
-    the FP8 activations' block scales or None. triton: (num_warps, num_stages) of the gpu form."""
-    O = w.shape[1] if transpose_w else w.shape[2]
+            out_dtype=None, triton=(4, 2), rows_in_use=None, layer=None):
+    """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ; with `layer`, w is a stack [L, G, ...] read at it), I and O
+    already multiples of BLOCK. scales_rows is [G, I / BLOCK, O] (each block scale repeated along its output
+    columns; the layer's) or None; x_scales [I / BLOCK, M, 1] the FP8 activations' block scales or None. triton:
+    (num_warps, num_stages) of the gpu form."""
+    O = w.shape[-2] if transpose_w else w.shape[-1]
+    I = x_MI.shape[1]
     if x_scales is not None:
         x_scales = kb.pad_axis(x_scales, 1, BLOCK, value=1.0)
-    operand_bytes = kb.nbytes(w, *(a for a in (scales_rows, x_scales) if a is not None))
+    one_layer = kb.nbytes(w) // (w.shape[0] if layer is not None else 1)
+    operand_bytes = one_layer + kb.nbytes(*(a for a in (scales_rows, x_scales) if a is not None))
     form = kb.launch_form(backend, platform)
-    operands, specs = (_tpu_operands if form == "tpu" else _gpu_operands)(w, scales_rows, x_scales, transpose_w)
+    operands, specs = (_tpu_operands if form == "tpu" else _gpu_operands)(w, scales_rows, x_scales, transpose_w,
+                                                                          I // BLOCK, layer is not None)
     product = functools.partial(_tpu_product if form == "tpu" else _gpu_product, transpose_w=transpose_w,
                                 has_scales=scales_rows is not None, has_x_scales=x_scales is not None)
     return gt.launch(form, product, x_MI, operands, specs, group_sizes_G, n_out=O, operand_bytes=operand_bytes,
                      name="fp8_grouped_matmul_dx" if transpose_w else "fp8_grouped_matmul",
                      out_dtype=out_dtype or x_MI.dtype, backend=backend, platform=platform, triton=triton,
-                     rows_in_use=rows_in_use)
+                     rows_in_use=rows_in_use, layer=layer)
 
 
 def _scale_rows(scales_GIbOb, n_out, along_o: bool):
@@ -188,46 +212,55 @@ def _scale_rows(scales_GIbOb, n_out, along_o: bool):
     return jnp.repeat(s.astype(F32), BLOCK, axis=2)[:, :, :n_out]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(x_MI, w_GIO, scales, group_sizes_G, opts):
-    return _forward(x_MI, w_GIO, scales, group_sizes_G, opts)
+def _layer_scales(scales, layer):
+    """The block scales of the weights at `layer` (a stack's [L, G, ...]: one layer's, 1/16384 of its weights),
+    or all of them."""
+    return scales if scales is None or layer is None else jax.lax.dynamic_index_in_dim(scales, layer, 0, False)
 
 
-def _forward(x_MI, w_GIO, scales, group_sizes_G, opts):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gmm(x_MI, w_GIO, scales, group_sizes_G, layer, opts):
+    return _forward(x_MI, w_GIO, scales, group_sizes_G, layer, opts)
+
+
+def _forward(x_MI, w_GIO, scales, group_sizes_G, layer, opts):
     backend, platform, fp8_activations, triton, rows_in_use = opts
-    I, O = w_GIO.shape[1:]
+    I, O = w_GIO.shape[-2:]
     x = gt.pad_to_blocks(x_MI, [1])
-    w = gt.pad_to_blocks(w_GIO, [1, 2])
+    w = gt.pad_to_blocks(w_GIO, [w_GIO.ndim - 2, w_GIO.ndim - 1])
+    scales = _layer_scales(scales, layer)
     s = None if scales is None else kb.pad_axis(_scale_rows(scales, O, along_o=True), 2, BLOCK, value=0)
     x_scales = None
     if fp8_activations:
         x, x_scales_MIb = quantize_activations(x)
         x_scales = x_scales_MIb.T[:, :, None]  # [Ib, M, 1]: one [rows, 1] column per contraction block
     out = _launch(x, w, s, group_sizes_G, transpose_w=False, backend=backend, platform=platform,
-                  x_scales=x_scales, out_dtype=x_MI.dtype, triton=triton, rows_in_use=rows_in_use)
+                  x_scales=x_scales, out_dtype=x_MI.dtype, triton=triton, rows_in_use=rows_in_use, layer=layer)
     return out[:, :O]
 
 
-def _gmm_fwd(x_MI, w_GIO, scales, group_sizes_G, opts):
-    return _forward(x_MI, w_GIO, scales, group_sizes_G, opts), (x_MI, w_GIO, scales, group_sizes_G)
+def _gmm_fwd(x_MI, w_GIO, scales, group_sizes_G, layer, opts):
+    return (_forward(x_MI, w_GIO, scales, group_sizes_G, layer, opts),
+            (x_MI, w_GIO, scales, group_sizes_G, layer))
 
 
 def _gmm_bwd(opts, res, dy_MO):
-    backend, platform, _, triton, rows_in_use = opts  # FP8 activations: the quantisation's gradient is taken as the identity
-    x_MI, w_GIO, scales, group_sizes_G = res
-    I, O = w_GIO.shape[1:]
+    backend, platform, _, triton, rows_in_use = opts  # FP8 activations: the quantisation's gradient is the identity
+    x_MI, w_GIO, scales, group_sizes_G, layer = res
+    I, O = w_GIO.shape[-2:]
     dy = gt.pad_to_blocks(dy_MO.astype(x_MI.dtype), [1])
-    w = gt.pad_to_blocks(w_GIO, [1, 2])
-    s = None if scales is None else kb.pad_axis(_scale_rows(scales, I, along_o=False), 2, BLOCK, value=0)
+    w = gt.pad_to_blocks(w_GIO, [w_GIO.ndim - 2, w_GIO.ndim - 1])
+    layer_scales = _layer_scales(scales, layer)
+    s = None if scales is None else kb.pad_axis(_scale_rows(layer_scales, I, along_o=False), 2, BLOCK, value=0)
     dx = _launch(dy, w, s, group_sizes_G, transpose_w=True, backend=backend, platform=platform,
-                 triton=triton, rows_in_use=rows_in_use)[:, :I]
-    if scales is None:
+                 triton=triton, rows_in_use=rows_in_use, layer=layer)[:, :I]
+    if scales is None and layer is None:
         dw = grouped_weight_grad(x_MI, dy_MO.astype(x_MI.dtype), group_sizes_G, out_dtype=w_GIO.dtype,
                                  backend=backend, platform=platform, rows_in_use=rows_in_use)
         ds = None
-    else:  # FP8 weights are frozen: no gradient flows to them or their scales
-        dw, ds = jnp.zeros_like(w_GIO), jnp.zeros_like(scales)
-    return dx, dw, ds, None
+    else:  # FP8 weights are frozen, and a stack read at a layer is read-only: no gradient flows to them
+        dw = ds = None
+    return dx, dw, ds, None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -250,24 +283,33 @@ def check_scales(w_GIO: jax.Array, scales_GIbOb: jax.Array | None, caller: str) 
 
 
 def fp8_grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array,
-                       scales_GIbOb: jax.Array | None = None, *, fp8_activations: bool = False,
-                       backend: str = "pallas", platform: str | None = None, num_warps: int | None = None,
-                       num_stages: int | None = None, rows_in_use: int | None = None) -> jax.Array:
+                       scales_GIbOb: jax.Array | None = None, *, layer: jax.Array | int | None = None,
+                       fp8_activations: bool = False, backend: str = "pallas", platform: str | None = None,
+                       num_warps: int | None = None, num_stages: int | None = None,
+                       rows_in_use: int | None = None) -> jax.Array:
     """[M, I] rows sorted by group, [G, I, O] weights (float8_e4m3fn with [G, ceil(I/128), ceil(O/128)] scales,
-    or bf16 / f32 without), [G] group sizes -> [M, O] in x's dtype. fp8_activations: see the module docstring.
-    backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
-    "tpu" runs the tpu form, anything else the gpu form). num_warps / num_stages: Triton's, for the gpu form; None:
-    LAUNCH's for x's dtype, else DEFAULTS.
+    or bf16 / f32 without), [G] group sizes -> [M, O] in x's dtype. layer: the weights (and scales) are stacks of
+    layers [L, G, ...] read in place at this layer index (no copy of the layer's slice; no gradient reaches them).
+    fp8_activations: see the module docstring. backend: "xla" | "pallas" | "interpret"; platform: the one compiled
+    for ("pallas": "tpu" or "gpu"; "interpret": "tpu" runs the tpu form, anything else the gpu form). num_warps /
+    num_stages: Triton's, for the gpu form; None: LAUNCH's for x's dtype, else DEFAULTS.
     rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer),
     for the kernels' cost estimates only; default all M (the kernels skip tiles past the last group)."""
-    if x_MI.ndim != 2 or w_GIO.ndim != 3 or group_sizes_G.shape != w_GIO.shape[:1] or x_MI.shape[1] != w_GIO.shape[1]:
-        raise ValueError(f"fp8_grouped_matmul: expected x [M, I], w [G, I, O], group_sizes [G]; got x {x_MI.shape}, "
-                         f"w {w_GIO.shape}, group_sizes {group_sizes_G.shape}")
+    stacked = layer is not None
+    lead = w_GIO.shape[:1 + stacked]
+    if (x_MI.ndim != 2 or w_GIO.ndim != 3 + stacked or group_sizes_G.shape != lead[-1:]
+            or x_MI.shape[1] != w_GIO.shape[-2]):
+        raise ValueError(f"fp8_grouped_matmul: expected x [M, I], w {'[L, G, I, O]' if stacked else '[G, I, O]'}, "
+                         f"group_sizes [G]; got x {x_MI.shape}, w {w_GIO.shape}, group_sizes {group_sizes_G.shape}")
     check_scales(w_GIO, scales_GIbOb, "fp8_grouped_matmul")
     if fp8_activations and scales_GIbOb is None:
         raise ValueError("fp8_grouped_matmul: fp8_activations needs FP8 weights (with their scales)")
     if kb.check("fp8_grouped_matmul", backend, platform) == "xla":
+        if stacked:  # the reference reads the layer's slice
+            w_GIO = jax.lax.dynamic_index_in_dim(w_GIO, layer, 0, False)
+            scales_GIbOb = _layer_scales(scales_GIbOb, layer)
         return reference(x_MI, w_GIO, group_sizes_G, scales_GIbOb, fp8_activations)
     s = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, x_MI.dtype, num_warps=num_warps, num_stages=num_stages)
     return _gmm(x_MI, w_GIO, scales_GIbOb, group_sizes_G.astype(jnp.int32),
+                None if layer is None else jnp.asarray(layer, jnp.int32),
                 (backend, platform, fp8_activations, (s["num_warps"], s["num_stages"]), rows_in_use))

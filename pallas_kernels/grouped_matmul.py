@@ -26,8 +26,10 @@ FP8 and INT4 weights are frozen (gradients reach x only). `fp8_activations` (FP8
 quantised to e4m3 per row x 128 columns for e4m3 x e4m3 dots (pallas_kernels.fp8_grouped_matmul).
 
 Scanned layers: `stack=(experts of all scanned layers [L, G, ...], layer)` (gradient stopped) lets a form read the
-layer's weights from the stacks in place: "tiled" does; the other forms take `experts`, the layer's own slices,
-which also carry the gradient.
+layer's weights from the stacks in place, with no copy of the layer's slice (XLA materialises a dynamic slice that
+feeds a loop or a custom call): "tiled", "pallas" and "interpret" do (the kernels take the layer index, on TPU
+scalar-prefetched into their index maps); "ragged_dot" reads `experts`. The plain weights' gradient still goes to
+`experts`, the layer's own arrays (which, unread, cost nothing when nothing is differentiated).
 
 Letter legend: M rows, I / O a matmul's in (contraction) / out features, D the FFN's in and out width (hidden),
 F ffn, G groups, L layers.
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 from pallas_kernels.cpu_grouped_ffn import cpu_grouped_ffn, cpu_grouped_matmul
 from pallas_kernels.expert_weights import ExpertWeights
 from pallas_kernels.fp8_grouped_matmul import fp8_grouped_matmul
+from pallas_kernels.grouped_weight_grad import grouped_weight_grad
 from pallas_kernels.int4_grouped_matmul import int4_grouped_matmul
 
 IMPLS = ("ragged_dot", "tiled", "pallas", "interpret")
@@ -78,18 +81,50 @@ def reference_ffn(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, group_sizes_G) -> jax.
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
-def _matmul(x_MI, w, scale, group_sizes_G, *, fmt, group_size, impl, platform, fp8_activations, rows_in_use):
-    """One projection of `fmt` in the form `impl` (not "tiled")."""
+def _matmul(x_MI, w, scale, group_sizes_G, *, fmt, group_size, impl, platform, fp8_activations, rows_in_use,
+            stacked=None):
+    """One projection of `fmt` in the form `impl` (not "tiled"). stacked: (weight stack, scale stack, layer) for
+    the Pallas forms to read in place (w / scale are then the layer's own arrays, the gradient's for plain weights)."""
     if fmt == "plain" and impl == "ragged_dot":
         return reference(x_MI, w, group_sizes_G)
     backend = "xla" if impl == "ragged_dot" else impl
+    kernel = dict(backend=backend, platform=platform, rows_in_use=rows_in_use)
+    if stacked is not None and backend != "xla":
+        w_stack, s_stack, layer = stacked
+        if fmt == "plain":
+            return _plain_from_stack(x_MI, w, w_stack, layer, group_sizes_G, tuple(kernel.items()))
+        w, scale, kernel["layer"] = w_stack, s_stack, layer
     if fmt == "int4":
-        return int4_grouped_matmul(x_MI, w, group_sizes_G, scale, group_size=group_size, backend=backend,
-                                   platform=platform, rows_in_use=rows_in_use)
+        return int4_grouped_matmul(x_MI, w, group_sizes_G, scale, group_size=group_size, **kernel)
     if fmt == "plain":
         w = w.astype(x_MI.dtype)
     return fp8_grouped_matmul(x_MI, w, group_sizes_G, scale, fp8_activations=fp8_activations and fmt == "fp8",
-                              backend=backend, platform=platform, rows_in_use=rows_in_use)
+                              **kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _plain_from_stack(x_MI, w_GIO, w_LGIO, layer, group_sizes_G, kernel):
+    """x @ W[g] with the plain weights read in place from the stack w_LGIO at `layer` (no copy of the layer's
+    slice); the weight gradient goes to w_GIO, the layer's own (unread) array."""
+    return fp8_grouped_matmul(x_MI, w_LGIO, group_sizes_G, layer=layer, **dict(kernel))
+
+
+def _plain_from_stack_fwd(x_MI, w_GIO, w_LGIO, layer, group_sizes_G, kernel):
+    return _plain_from_stack(x_MI, w_GIO, w_LGIO, layer, group_sizes_G, kernel), (x_MI, w_GIO, w_LGIO, layer,
+                                                                                  group_sizes_G)
+
+
+def _plain_from_stack_bwd(kernel, res, dy_MO):
+    x_MI, w_GIO, w_LGIO, layer, group_sizes_G = res
+    kernel = dict(kernel)
+    dy_MO = dy_MO.astype(x_MI.dtype)
+    _, dx_of = jax.vjp(lambda x: fp8_grouped_matmul(x, w_LGIO, group_sizes_G, layer=layer, **kernel), x_MI)
+    dw = grouped_weight_grad(x_MI, dy_MO, group_sizes_G, out_dtype=w_GIO.dtype, backend=kernel["backend"],
+                             platform=kernel["platform"], rows_in_use=kernel["rows_in_use"])
+    return dx_of(dy_MO)[0], dw, None, None, None
+
+
+_plain_from_stack.defvjp(_plain_from_stack_fwd, _plain_from_stack_bwd)
 
 
 def grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array, *, impl: str,
@@ -122,5 +157,8 @@ def grouped_ffn(x_MD: jax.Array, experts: ExpertWeights, group_sizes_G: jax.Arra
         return cpu_grouped_ffn(x_MD, experts, group_sizes_G, stack=stack)
     mm = functools.partial(_matmul, group_sizes_G=group_sizes_G, fmt=experts.fmt, group_size=experts.group_size,
                            impl=impl, platform=platform, fp8_activations=fp8_activations, rows_in_use=rows_in_use)
-    (gate, s_gate, _), (up, s_up, _), (down, s_down, _) = experts.projections()
-    return mm(jax.nn.silu(mm(x_MD, gate, s_gate)) * mm(x_MD, up, s_up), down, s_down)
+    projections = experts.projections()
+    stacked = (None,) * 3 if stack is None else tuple((w, s, stack[1]) for w, s, _ in stack[0].projections())
+    (gate, s_gate, _), (up, s_up, _), (down, s_down, _) = projections
+    h_MF = jax.nn.silu(mm(x_MD, gate, s_gate, stacked=stacked[0])) * mm(x_MD, up, s_up, stacked=stacked[1])
+    return mm(h_MF, down, s_down, stacked=stacked[2])

@@ -10,11 +10,13 @@ past sum(group_sizes) come out 0 and empty groups are skipped; a tile's rows may
 group's product is taken by its own rows only (a select: other rows' values, NaN included, never mix in). The two
 forms (backend.launch_form picks one; see fp8_grouped_matmul's docstring):
   "gpu" (Triton; also the default interpreted form): grid (row tile, column tile); a program walks the groups
-        overlapping its tile and, per group, the contraction blocks: product(x_ref, *weight_refs, g, c) reads its
-        own slices of whole-array refs.
+        with rows in its tile and, per group, the contraction blocks: product(x_ref, *weight_refs, g, c, layer)
+        reads its own slices of whole-array refs.
   "tpu" (Mosaic): grid (column tile, visit, contraction block) over the scalar-prefetched visit schedule;
         product(x_ref, *weight_refs) multiplies the blocks the index maps DMA'd for this step, accumulated in a
-        VMEM f32 scratch.
+        VMEM f32 scratch. Only visits whose group has rows in their tile fetch and multiply weight blocks.
+Weights may be stacks of layers ([L, G, ...], the scanned MoE blocks' own arrays) read in place at a layer index
+(`layer`): no copy of a layer's slice exists (XLA materialises a dynamic slice that feeds a custom call).
 
 Letter legend: M rows, I / O a matmul's in (contraction) / out features, G groups, V visits of the TPU form.
 """
@@ -44,20 +46,41 @@ def tables(group_sizes_G, num_tiles):
     return first, last, starts, ends
 
 
-def visit_schedule(first, last, num_groups):
+def visit_schedule(first, last, starts, ends):
     """The (row tile, group) pairs the TPU form visits, in order, from each tile's first and last group (see
-    tables), padded to the static bound tiles + G - 1: tile [V], group [V], active [V] (0 on padding visits, which
-    repeat the last pair so nothing is re-fetched), first [V] (1 on a tile's first visit)."""
-    num_tiles = first.shape[0]
+    tables), padded to the static bound tiles + G - 1: tile [V], group [V], active [V], first [V] (1 on a tile's
+    first visit). Only a visit whose group has rows in its tile is active (its weight blocks are read and multiplied);
+    the others (empty groups, tiles past the last group, the padding) keep the group of the last active visit, so
+    their index maps ask for blocks already in VMEM and nothing is fetched, and a tile with no active visit is still
+    written (zeros)."""
+    num_tiles, num_groups = first.shape[0], starts.shape[0]
     counts = last - first + 1  # every tile gets >= 1 visit, so rows past the groups are written (zeros)
-    ends = jnp.cumsum(counts)
+    visits_end = jnp.cumsum(counts)
     V = num_tiles + num_groups - 1
     v = jnp.arange(V, dtype=jnp.int32)
-    tile = jnp.minimum(jnp.searchsorted(ends, v, side="right"), num_tiles - 1).astype(jnp.int32)
-    active = v < ends[-1]
-    group = jnp.where(active, first[tile] + v - (ends - counts)[tile], last[-1]).astype(jnp.int32)
-    first_visit = active & (v == (ends - counts)[tile])
+    tile = jnp.minimum(jnp.searchsorted(visits_end, v, side="right"), num_tiles - 1).astype(jnp.int32)
+    listed = v < visits_end[-1]
+    group = jnp.where(listed, first[tile] + v - (visits_end - counts)[tile], last[-1]).astype(jnp.int32)
+    first_visit = listed & (v == (visits_end - counts)[tile])
+    tile_start = tile * BLOCK
+    active = listed & (starts[group] < jnp.minimum(ends[group], tile_start + BLOCK)) & (ends[group] > tile_start)
+    # an inactive visit keeps the last active visit's group (the first active one's before any)
+    last_active = jax.lax.cummax(jnp.where(active, v, -1))
+    first_active = jnp.argmax(active)
+    group = group[jnp.where(last_active >= 0, last_active, first_active)]
     return tile, group, active.astype(jnp.int32), first_visit.astype(jnp.int32)
+
+
+def visited_share(rows: int, num_groups: int) -> float:
+    """The expected share of num_groups groups that `rows` rows reach when each row's group is uniform: what the
+    weights' bytes are scaled by in a launch's cost estimate (the kernels read the blocks of groups with rows only)."""
+    return 1.0 - (1.0 - 1.0 / num_groups) ** rows if num_groups else 0.0
+
+
+def contraction_block(c, v, active_ref, n_contract):
+    """The contraction block an index map asks for at grid step (visit v, block c): c on an active visit, the last
+    one on an inactive visit (where the previous visit ended: nothing is fetched)."""
+    return jnp.where(active_ref[v] == 1, c, n_contract - 1)
 
 
 def pad_to_blocks(a, axes, multiple=BLOCK):
@@ -68,15 +91,18 @@ def pad_to_blocks(a, axes, multiple=BLOCK):
 
 
 # ---- kernel bodies -------------------------------------------------------------------------------------------
-def _gpu_kernel(first_ref, last_ref, start_ref, end_ref, *refs, product, n_contract):
-    """o[tile] = sum over the tile's groups g of rows_in(g) ? sum_c product(g, c) : (previous value)."""
+def _gpu_kernel(first_ref, last_ref, start_ref, end_ref, *refs, product, n_contract, layered):
+    """o[tile] = sum over the tile's groups g with rows in it of rows_in(g) ? sum_c product(g, c) : (previous)."""
+    layer_ref, *refs = refs if layered else (None, *refs)
     *in_refs, o_ref = refs
     m = pl.program_id(0)
     tm, to = o_ref.shape
     rows = m * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+    layer = layer_ref[0] if layered else None
 
     def group_product(g):
-        return jax.lax.fori_loop(0, n_contract, lambda c, acc: acc + product(*in_refs, g, c), jnp.zeros((tm, to), F32))
+        return jax.lax.fori_loop(0, n_contract, lambda c, acc: acc + product(*in_refs, g, c, layer),
+                                 jnp.zeros((tm, to), F32))
 
     def per_group(g, out):
         start, end = start_ref[g], end_ref[g]
@@ -84,13 +110,16 @@ def _gpu_kernel(first_ref, last_ref, start_ref, end_ref, *refs, product, n_contr
         def take(out):
             in_group = (rows >= start) & (rows < end)
             return jnp.where(in_group, group_product(g), out)
-        return jax.lax.cond(end > start, take, lambda out: out, out)
+        has_rows_here = (end > start) & (start < (m + 1) * tm) & (end > m * tm)
+        return jax.lax.cond(has_rows_here, take, lambda out: out, out)
 
     out = jax.lax.fori_loop(first_ref[m], last_ref[m] + 1, per_group, jnp.zeros((tm, to), F32))
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, *refs, product):
+def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, *refs, product, layered):
+    if layered:
+        refs = refs[1:]  # the layer index: read by the index maps only
     *in_refs, o_ref, acc_ref = refs
     v, c = pl.program_id(1), pl.program_id(2)
     tm = o_ref.shape[0]
@@ -114,41 +143,54 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
 
 # ---- launch --------------------------------------------------------------------------------------------------
 def launch(launch_form, product, x_MI, operands, specs, group_sizes_G, *, n_out, operand_bytes, out_dtype, name,
-           backend, platform, block_k=BLOCK, block_n=BLOCK, triton=(4, 2), rows_in_use=None):
+           backend, platform, block_k=BLOCK, block_n=BLOCK, triton=(4, 2), rows_in_use=None, layer=None):
     """out [M, n_out] (out_dtype): the grouped product of x [M, I] (I a multiple of block_k, n_out of block_n;
     rows padded here) with the weights `operands`, read through `specs` (BlockSpecs of `launch_form`: index maps
-    (o, v, c, *schedule) on TPU, (m, o) on GPU) by `product` (see the module docstring). The cost estimate: every one of
-    `rows_in_use` rows (default all; tiles past the last group are skipped at run time) times an [I, n_out] weight
-    once (a TPU tile's extra visits at group boundaries, at most G - 1, are not counted); bytes: those rows of x,
-    `operand_bytes` (weights, scales) once, the output rows. name: the kernel's name in the compiled program (and
-    profiles). triton: (num_warps, num_stages) of the gpu form."""
+    (o, v, c, tile, group, active, first, starts, ends[, layer]) on TPU (use contraction_block for the contraction
+    index), (m, o) on GPU) by `product` (see the module docstring; on GPU product(*refs, g, c, layer)).
+    layer: an int32 scalar when the weights are stacks of layers [L, G, ...] read in place (the TPU index maps get
+    it scalar-prefetched as their last argument; the GPU product gets it as `layer`), else None.
+    The cost estimate: every one of `rows_in_use` rows (default all; tiles past the last group are skipped at run
+    time) times an [I, n_out] weight once (a TPU tile's extra visits at group boundaries, at most G - 1, are not
+    counted); bytes: those rows of x, `operand_bytes` (one layer's weights and scales) times the share of the
+    groups those rows reach (visited_share: blocks of groups without rows are not read), the output rows. name:
+    the kernel's name in the compiled program (and profiles). triton: (num_warps, num_stages) of the gpu form."""
     x = kb.pad_axis(x_MI, 0, BLOCK)
     Mp, I = x.shape
+    G = group_sizes_G.shape[0]
     rows = Mp if rows_in_use is None else min(Mp, rows_in_use)
-    cost = kb.cost(flops=2 * rows * I * n_out, bytes_accessed=(operand_bytes + rows * I * jnp.dtype(x.dtype).itemsize
-                                                               + rows * n_out * jnp.dtype(out_dtype).itemsize))
+    cost = kb.cost(flops=2 * rows * I * n_out,
+                   bytes_accessed=(operand_bytes * visited_share(rows, G) + rows * I * jnp.dtype(x.dtype).itemsize
+                                   + rows * n_out * jnp.dtype(out_dtype).itemsize))
     first, last, starts, ends = tables(group_sizes_G, Mp // BLOCK)
     out_shape = jax.ShapeDtypeStruct((Mp, n_out), out_dtype)
+    layered = layer is not None
+    layer_args = (jnp.asarray(layer, jnp.int32).reshape(1),) if layered else ()
     if launch_form == "tpu":
         from jax.experimental.pallas import tpu as pltpu
-        schedule = visit_schedule(first, last, group_sizes_G.shape[0])
+        schedule = visit_schedule(first, last, starts, ends)
+        n_contract = I // block_k
+
+        def x_map(o, v, c, tile, group, active, *_):
+            return tile[v], contraction_block(c, v, active, n_contract)
+
         grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=6, grid=(n_out // block_n, schedule[0].shape[0], I // block_k),
-            in_specs=[pl.BlockSpec((BLOCK, block_k), lambda o, v, c, tile, *_: (tile[v], c)), *specs],
+            num_scalar_prefetch=6 + layered, grid=(n_out // block_n, schedule[0].shape[0], n_contract),
+            in_specs=[pl.BlockSpec((BLOCK, block_k), x_map), *specs],
             out_specs=pl.BlockSpec((BLOCK, block_n), lambda o, v, c, tile, *_: (tile[v], o)),
             scratch_shapes=[pltpu.VMEM((BLOCK, block_n), F32)])
         # visits of a tile and the contraction blocks accumulate into one output block: only columns are parallel
         opts = kb.launch_options(backend, platform, 3, sequential=(1, 2))
-        out = pl.pallas_call(functools.partial(_tpu_kernel, product=product), grid_spec=grid_spec,
+        out = pl.pallas_call(functools.partial(_tpu_kernel, product=product, layered=layered), grid_spec=grid_spec,
                              out_shape=out_shape, cost_estimate=cost, name=name, **opts)(
-            *schedule, starts, ends, x, *operands)
+            *schedule, starts, ends, *layer_args, x, *operands)
     else:
+        table = kb.scalar_table_spec(backend, platform)
         out = pl.pallas_call(
-            functools.partial(_gpu_kernel, product=product, n_contract=I // block_k),
+            functools.partial(_gpu_kernel, product=product, n_contract=I // block_k, layered=layered),
             grid=(Mp // BLOCK, n_out // block_n),
-            in_specs=[kb.scalar_table_spec(backend, platform)] * 4 + [pl.BlockSpec((BLOCK, I), lambda m, o: (m, 0)),
-                                                                      *specs],
+            in_specs=[table] * (4 + layered) + [pl.BlockSpec((BLOCK, I), lambda m, o: (m, 0)), *specs],
             out_specs=pl.BlockSpec((BLOCK, block_n), lambda m, o: (m, o)), out_shape=out_shape, cost_estimate=cost,
             name=name, **kb.launch_options(backend, platform, 2, num_warps=triton[0], num_stages=triton[1]),
-        )(first, last, starts, ends, x, *operands)
+        )(first, last, starts, ends, *layer_args, x, *operands)
     return out[:x_MI.shape[0]]

@@ -153,16 +153,19 @@ def _block_product(x_blk, p_blk, s_blk, transpose_w, group_size):
     return (kb.dot_nt if transpose_w else kb.dot_nn)(x_blk, w)
 
 
-def _gpu_product(x_ref, p_ref, s_ref, g, c, *, transpose_w, group_size, block_k):
-    """Group g's contraction block c from whole-array refs: block_k packed / scale rows' worth along I (forward), or
-    128 columns along O (d/dx, where a program's refs hold its output tile's rows)."""
+def _gpu_product(x_ref, p_ref, s_ref, g, c, layer, *, transpose_w, group_size, block_k):
+    """Group g's contraction block c from whole-array refs (with a layer: [L, G, ...] stacks read at it):
+    block_k packed / scale rows' worth along I (forward), or 128 columns along O (d/dx, where a program's refs hold
+    its output tile's rows)."""
+    at = (g,) if layer is None else (layer, g)
     if transpose_w:
         cs = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
-        return _block_product(x_ref[:, cs], p_ref[g, :, cs], s_ref[g, :, cs], transpose_w, group_size)
+        return _block_product(x_ref[:, cs], p_ref[(*at, slice(None), cs)], s_ref[(*at, slice(None), cs)],
+                              transpose_w, group_size)
     n_p, n_s = block_k // PACK, block_k // group_size
     x_blk = x_ref[:, pl.ds(pl.multiple_of(c * block_k, block_k), block_k)]
-    p_blk = p_ref[g, pl.ds(pl.multiple_of(c * n_p, n_p), n_p), :]
-    return _block_product(x_blk, p_blk, s_ref[g, pl.ds(c * n_s, n_s), :], transpose_w, group_size)
+    p_blk = p_ref[(*at, pl.ds(pl.multiple_of(c * n_p, n_p), n_p), slice(None))]
+    return _block_product(x_blk, p_blk, s_ref[(*at, pl.ds(c * n_s, n_s), slice(None))], transpose_w, group_size)
 
 
 def _tpu_product(x_ref, p_ref, s_ref, *, transpose_w, group_size):
@@ -170,70 +173,78 @@ def _tpu_product(x_ref, p_ref, s_ref, *, transpose_w, group_size):
     return _block_product(x_ref[...], p_ref[...], s_ref[...], transpose_w, group_size)
 
 
-def _operands(form, packed, scales, transpose_w, group_size, block_k):
-    """BlockSpecs of the padded packed weights [G, Ip / 8, Op] and scales [G, Ip / group_size, Op]: a weight block
-    covers block_k inputs and 128 outputs. Forward: I is the contraction (grid axis 2 on TPU, the loop on GPU), O
-    the output tiles; d/dx the other way round."""
-    G, Pp, Op = packed.shape
+def _operands(form, packed, scales, transpose_w, group_size, block_k, n_contract, layered):
+    """BlockSpecs of the padded packed weights [(L,) G, Ip / 8, Op] and scales [(L,) G, Ip / group_size, Op]
+    (stacks of layers read at the scalar-prefetched layer when `layered`): a weight block covers block_k inputs and
+    128 outputs. Forward: I is the contraction (grid axis 2 on TPU, the loop on GPU), O the output tiles; d/dx the
+    other way round. On TPU the contraction index is gt.contraction_block's (pinned on inactive visits)."""
+    *lead, Pp, Op = packed.shape
     n_p, n_s = block_k // PACK, block_k // group_size
-    p_block, s_block = (None, n_p, BLOCK), (None, n_s, BLOCK)
     if form == "tpu":
-        if transpose_w:  # grid (I tile j, visit, O block c)
-            w_map = lambda j, v, c, tile, group, *_: (group[v], j, c)
-        else:  # grid (O tile o, visit, I block c)
-            w_map = lambda o, v, c, tile, group, *_: (group[v], c, o)
-        return pl.BlockSpec(p_block, w_map), pl.BlockSpec(s_block, w_map)
+        none = (None,) * len(lead)
+
+        def w_map(o, v, c, tile, group, active, *rest):
+            at = (group[v],) if not layered else (rest[-1][0], group[v])
+            cb = gt.contraction_block(c, v, active, n_contract)
+            return (*at, o, cb) if transpose_w else (*at, cb, o)  # d/dx: grid (I tile, visit, O block)
+        return pl.BlockSpec((*none, n_p, BLOCK), w_map), pl.BlockSpec((*none, n_s, BLOCK), w_map)
+    zeros = (0,) * len(lead)
     if transpose_w:  # a program's I tile: its packed and scale rows, every O column
-        return (pl.BlockSpec((G, n_p, Op), lambda m, j: (0, j, 0)), pl.BlockSpec((G, n_s, Op), lambda m, j: (0, j, 0)))
-    return (pl.BlockSpec((G, Pp, BLOCK), lambda m, o: (0, 0, o)),
-            pl.BlockSpec((G, scales.shape[1], BLOCK), lambda m, o: (0, 0, o)))
+        return (pl.BlockSpec((*lead, n_p, Op), lambda m, j: (*zeros, j, 0)),
+                pl.BlockSpec((*lead, n_s, Op), lambda m, j: (*zeros, j, 0)))
+    return (pl.BlockSpec((*lead, Pp, BLOCK), lambda m, o: (*zeros, 0, o)),
+            pl.BlockSpec((*lead, scales.shape[-2], BLOCK), lambda m, o: (*zeros, 0, o)))
 
 
-def _launch(x, packed, scales, group_sizes_G, *, transpose_w, opts):
+def _launch(x, packed, scales, group_sizes_G, layer, *, transpose_w, opts):
     """x [M, Ip] against the padded weights -> [M, Op] (forward), or dy [M, Op] -> dx [M, Ip] (transposed)."""
     backend, platform, group_size, block_k, triton, rows_in_use, _ = opts
     form = kb.launch_form(backend, platform)
-    specs = _operands(form, packed, scales, transpose_w, group_size, block_k)
+    n_contract = x.shape[1] // (BLOCK if transpose_w else block_k)
+    specs = _operands(form, packed, scales, transpose_w, group_size, block_k, n_contract, layer is not None)
     product = (functools.partial(_tpu_product, transpose_w=transpose_w, group_size=group_size) if form == "tpu"
                else functools.partial(_gpu_product, transpose_w=transpose_w, group_size=group_size, block_k=block_k))
     blocks = {"block_k": BLOCK, "block_n": block_k} if transpose_w else {"block_k": block_k, "block_n": BLOCK}
+    layers = packed.shape[0] if layer is not None else 1
     return gt.launch(form, product, x, (packed, scales), specs, group_sizes_G,
-                     n_out=packed.shape[1] * PACK if transpose_w else packed.shape[2],
-                     operand_bytes=kb.nbytes(packed, scales), out_dtype=x.dtype,
+                     n_out=packed.shape[-2] * PACK if transpose_w else packed.shape[-1],
+                     operand_bytes=kb.nbytes(packed, scales) // layers, out_dtype=x.dtype,
                      name="int4_grouped_matmul_dx" if transpose_w else "int4_grouped_matmul", backend=backend,
-                     platform=platform, **blocks, triton=triton, rows_in_use=rows_in_use)
+                     platform=platform, **blocks, triton=triton, rows_in_use=rows_in_use, layer=layer)
 
 
 def _pad_weights(packed_GPO, scales_GSO, group_size, block_k):
-    """I to a multiple of block_k (packed rows and scales), O to 128: with zeros."""
-    packed = gt.pad_to_blocks(gt.pad_to_blocks(packed_GPO, [1], block_k // PACK), [2])
-    scales = gt.pad_to_blocks(gt.pad_to_blocks(scales_GSO, [1], block_k // group_size), [2])
+    """I to a multiple of block_k (packed rows and scales), O to 128: with zeros (any leading axes)."""
+    p_rows, s_rows = packed_GPO.ndim - 2, scales_GSO.ndim - 2
+    packed = gt.pad_to_blocks(gt.pad_to_blocks(packed_GPO, [p_rows], block_k // PACK), [p_rows + 1])
+    scales = gt.pad_to_blocks(gt.pad_to_blocks(scales_GSO, [s_rows], block_k // group_size), [s_rows + 1])
     return packed, scales
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(x_MI, packed_GPO, scales_GSO, group_sizes_G, opts):
-    return _forward(x_MI, packed_GPO, scales_GSO, group_sizes_G, opts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gmm(x_MI, packed_GPO, scales_GSO, group_sizes_G, layer, opts):
+    return _forward(x_MI, packed_GPO, scales_GSO, group_sizes_G, layer, opts)
 
 
-def _forward(x_MI, packed_GPO, scales_GSO, group_sizes_G, opts):
+def _forward(x_MI, packed_GPO, scales_GSO, group_sizes_G, layer, opts):
     group_size, block_k = opts[2:4]
     packed, scales = _pad_weights(packed_GPO, scales_GSO, group_size, block_k)
     x = gt.pad_to_blocks(x_MI, [1], block_k)  # zeros: 0 x a finite weight stays 0
-    return _launch(x, packed, scales, group_sizes_G, transpose_w=False, opts=opts)[:, :packed_GPO.shape[2]]
+    return _launch(x, packed, scales, group_sizes_G, layer, transpose_w=False, opts=opts)[:, :packed_GPO.shape[-1]]
 
 
-def _gmm_fwd(x_MI, packed_GPO, scales_GSO, group_sizes_G, opts):
-    return _forward(x_MI, packed_GPO, scales_GSO, group_sizes_G, opts), (packed_GPO, scales_GSO, group_sizes_G)
+def _gmm_fwd(x_MI, packed_GPO, scales_GSO, group_sizes_G, layer, opts):
+    return (_forward(x_MI, packed_GPO, scales_GSO, group_sizes_G, layer, opts),
+            (packed_GPO, scales_GSO, group_sizes_G, layer))
 
 
 def _gmm_bwd(opts, res, dy_MO):
     """dx = dy @ W[g]ᵀ by the same kernel; the frozen INT4 weights, their scales and the group sizes get none."""
-    packed_GPO, scales_GSO, group_sizes_G = res
+    packed_GPO, scales_GSO, group_sizes_G, layer = res
     group_size, block_k = opts[2:4]
     packed, scales = _pad_weights(packed_GPO, scales_GSO, group_size, block_k)
-    dx = _launch(gt.pad_to_blocks(dy_MO, [1]), packed, scales, group_sizes_G, transpose_w=True, opts=opts)
-    return dx[:, :opts[-1]], None, None, None
+    dx = _launch(gt.pad_to_blocks(dy_MO, [1]), packed, scales, group_sizes_G, layer, transpose_w=True, opts=opts)
+    return dx[:, :opts[-1]], None, None, None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -291,21 +302,32 @@ def launch_settings(backend: str, platform: str | None, dtype, scales_dtype, gro
 
 
 def int4_grouped_matmul(x_MI: jax.Array, packed_GPO: jax.Array, group_sizes_G: jax.Array, scales_GSO: jax.Array, *,
-                        group_size: int = GROUP_SIZE, backend: str = "pallas", platform: str | None = None,
-                        block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                        rows_in_use: int | None = None) -> jax.Array:
+                        layer: jax.Array | int | None = None, group_size: int = GROUP_SIZE, backend: str = "pallas",
+                        platform: str | None = None, block_k: int | None = None, num_warps: int | None = None,
+                        num_stages: int | None = None, rows_in_use: int | None = None) -> jax.Array:
     """[M, I] rows sorted by group (bf16 or f32), packed INT4 weights int32 [G, ceil(I/8), O], [G] group sizes,
-    scales [G, ceil(I/group_size), O] (bf16 or f32) -> [M, O] in x's dtype. backend: "xla" | "pallas" |
-    "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret": "tpu" runs the tpu form,
-    anything else the gpu form). block_k: inputs per weight block (a multiple of 128); num_warps / num_stages:
+    scales [G, ceil(I/group_size), O] (bf16 or f32) -> [M, O] in x's dtype. layer: the weights and scales are stacks
+    of layers [L, G, ...] read in place at this layer index (no copy of the layer's slice). backend: "xla" |
+    "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret": "tpu" runs the tpu
+    form, anything else the gpu form). block_k: inputs per weight block (a multiple of 128); num_warps / num_stages:
     Triton's, for the gpu form; None: LAUNCH's (see launch_settings). rows_in_use: the rows expected to hold data,
     for the kernel's cost estimate only (default all M). d/dx by the kernel; the weights are frozen (no gradient on
     any backend)."""
-    _check(x_MI, packed_GPO, group_sizes_G, scales_GSO, group_size)
+    if layer is not None:
+        if packed_GPO.ndim != 4 or scales_GSO.ndim != 4 or packed_GPO.shape[0] != scales_GSO.shape[0]:
+            raise ValueError(f"int4_grouped_matmul: with a layer, packed [L, G, P, O] and scales [L, G, S, O]; got "
+                             f"packed {packed_GPO.shape}, scales {scales_GSO.shape}")
+        _check(x_MI, packed_GPO[0], group_sizes_G, scales_GSO[0], group_size)
+    else:
+        _check(x_MI, packed_GPO, group_sizes_G, scales_GSO, group_size)
     if kb.check("int4_grouped_matmul", backend, platform) == "xla":  # the weights are frozen on every backend
+        if layer is not None:  # the reference reads the layer's slice
+            packed_GPO, scales_GSO = (jax.lax.dynamic_index_in_dim(a, layer, 0, False)
+                                      for a in (packed_GPO, scales_GSO))
         return reference(x_MI, packed_GPO, jax.lax.stop_gradient(scales_GSO), group_sizes_G, group_size=group_size)
     s = launch_settings(backend, platform, x_MI.dtype, scales_GSO.dtype, group_size, block_k=block_k,
                         num_warps=num_warps, num_stages=num_stages)
     opts = (backend, platform, group_size, s["block_k"], (s["num_warps"], s["num_stages"]), rows_in_use,
             x_MI.shape[1])
-    return _gmm(x_MI, packed_GPO, scales_GSO, group_sizes_G.astype(jnp.int32), opts)
+    return _gmm(x_MI, packed_GPO, scales_GSO, group_sizes_G.astype(jnp.int32),
+                None if layer is None else jnp.asarray(layer, jnp.int32), opts)

@@ -4,11 +4,11 @@ With kv_b's key half folded into the query (q_lat = q_nope . W_UK), MLA attentio
 
     logit[b, t, n, s] = (q_lat[b, t, n] . c[b, s] + q_rope[b, t, n] . k_rope[b, s]) * scale
     o_lat[b, t, n]    = sum_s softmax_s(logit) c[b, s]            over visible slots s <= positions[b, t]
-
-where cache[b, s] = [c (C values) | k_rope (R values)] is exactly what `k2jax.inference.generate.LatentCache` stores per
-layer. The value is the latent itself; W_UV and o_proj are applied by the caller. All N heads (and all T new
-tokens) of a row share the keys, so one program handles the T·N query rows of a row against a block of slots:
-a [T·N, C + R] x [C + R, block] product, the shape FlashMLA uses.
+ where cache[b, s] = [c (C values) | k_rope (R values) | padding] is what `k2jax.inference.generate.LatentCache`
+stores per layer (a slot may be padded past C + R: TPU keeps it a multiple of 128 values, unread). The value is the
+latent itself; W_UV and o_proj are applied by the caller. All N heads (and all T new tokens) of a row share the keys,
+so one program handles the T·N query rows of a row against a block of slots: a [T·N, C + R] x [C + R, block] product,
+the shape FlashMLA uses.
 
     mla_decode(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=..., backend="pallas", platform="tpu")
         -> o_lat [B, T, N, C] float32
@@ -74,7 +74,8 @@ DEFAULTS = dict(block_s=128, num_splits=None, block_m=None, num_warps=4, num_sta
 # ---- XLA reference -------------------------------------------------------------------------------------------
 def reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, *, scale: float) -> jax.Array:
     C = q_lat_BTNC.shape[-1]
-    c_BSC, k_rope_BSR = cache_BSX[..., :C], cache_BSX[..., C:]
+    R = q_rope_BTNR.shape[-1]
+    c_BSC, k_rope_BSR = cache_BSX[..., :C], cache_BSX[..., C:C + R]
     logits_BTNS = (jnp.einsum("btnc,bsc->btns", q_lat_BTNC, c_BSC, preferred_element_type=F32)
                    + jnp.einsum("btnr,bsr->btns", q_rope_BTNR, k_rope_BSR, preferred_element_type=F32)) * scale
     visible_BTS = jnp.arange(cache_BSX.shape[1])[None, None, :] <= positions_BT[:, :, None]
@@ -102,15 +103,17 @@ def _finish(acc, m, l, o_ref, lse_ref):
     lse_ref[...] = jnp.where(l == 0, -jnp.inf, m + jnp.log(l_safe))
 
 
-def _loop_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, *, scale, bs, C, R, chunk):
+def _loop_kernel(nblk_ref, *refs, scale, bs, C, R, chunk, layered):
     """GPU form: one program per (row, chunk, query-row block) loops over the chunk's blocks up to the row's last
-    position, reading them through the chunk's ref (a pointer on GPU)."""
+    position, reading them through the chunk's ref (a pointer on GPU; a stack of layers' caches: at the layer)."""
+    layer_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref = refs if layered else (None, *refs)
     b, split = pl.program_id(0), pl.program_id(1)
     ql, qr, pos = ql_ref[...], qr_ref[...], pos_ref[...]  # [q', C], [q', R], [q', 1]
+    at = (layer_ref[0],) if layered else ()
 
     def body(j, carry):
         rows = pl.ds(pl.multiple_of(j * bs, bs), bs)
-        return _block_step(ql, qr, pos, cache_ref[rows, pl.ds(0, C)], cache_ref[rows, pl.ds(C, R)],
+        return _block_step(ql, qr, pos, cache_ref[(*at, rows, pl.ds(0, C))], cache_ref[(*at, rows, pl.ds(C, R))],
                            split * chunk + j * bs, carry, scale=scale)
 
     n_rows = ql.shape[0]
@@ -118,11 +121,11 @@ def _loop_kernel(nblk_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, *
     _finish(*jax.lax.fori_loop(0, nblk_ref[b, split], body, init), o_ref, lse_ref)
 
 
-def _grid_kernel(last_ref, ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, scale,
-                 bs, C, R, chunk):
+def _grid_kernel(last_ref, *refs, scale, bs, C, R, chunk, layered):
     """TPU form: one grid step per block of slots (the innermost, sequential grid axis), the running softmax in
     VMEM scratch. Blocks past the row's last position are skipped, and their index map repeats the last needed
-    block, so they are not even copied in."""
+    block, so they are not even copied in. (A stack of layers' caches is read at the scalar-prefetched layer.)"""
+    ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs[layered:]
     b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     first_slot = split * chunk + j * bs
 
@@ -150,10 +153,11 @@ def default_splits(num_slots: int, block_s: int) -> int:
 
 
 def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Array, positions_BT: jax.Array, *,
-               scale: float, backend: str = "pallas", platform: str | None = None, block_s: int | None = None,
-               num_splits: int | None = None, block_m: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None) -> jax.Array:
-    """-> o_lat [B, T, N, C] float32. See the module docstring.
+               scale: float, layer: jax.Array | int | None = None, backend: str = "pallas",
+               platform: str | None = None, block_s: int | None = None, num_splits: int | None = None,
+               block_m: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
+    """-> o_lat [B, T, N, C] float32. See the module docstring. layer: cache_BSX is the stack of every layer's
+    cache [L, B, S, X], read in place at this layer index (no copy of the layer's slab).
 
     backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
     "tpu" runs the tpu form, anything else the gpu form). Launch settings, None: LAUNCH's for the form and the
@@ -163,50 +167,60 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     with Triton's num_warps / num_stages."""
     B, T, N, C = q_lat_BTNC.shape
     R = q_rope_BTNR.shape[-1]
-    S, X = cache_BSX.shape[1:]
-    if q_rope_BTNR.shape[:3] != (B, T, N) or cache_BSX.shape[0] != B or X != C + R:
+    layered = layer is not None
+    S, X = cache_BSX.shape[-2:]
+    if (q_rope_BTNR.shape[:3] != (B, T, N) or cache_BSX.ndim != 3 + layered or cache_BSX.shape[-3] != B
+            or X < C + R):
         raise ValueError(f"mla_decode: q_lat {q_lat_BTNC.shape}, q_rope {q_rope_BTNR.shape} and cache "
-                         f"{cache_BSX.shape} do not agree (cache slots hold kv_lora + rope = C + R values)")
+                         f"{cache_BSX.shape} do not agree (cache {'[L, B, S, X]' if layered else '[B, S, X]'}: "
+                         f"slots hold kv_lora + rope = C + R values, then any padding)")
     if positions_BT.shape != (B, T):
         raise ValueError(f"mla_decode: positions must be [B, T] = {(B, T)}, got {positions_BT.shape}")
     if kb.check("mla_decode", backend, platform) == "xla":
+        if layered:
+            cache_BSX = jax.lax.dynamic_index_in_dim(cache_BSX, layer, 0, False)
         return reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=scale)
     launch = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, cache_BSX.dtype, block_s=block_s,
                                 num_splits=num_splits, block_m=block_m, num_warps=num_warps, num_stages=num_stages)
     block_s = launch["block_s"]
     splits = launch["num_splits"] or default_splits(S, block_s)
-    cache = kb.pad_axis(cache_BSX, 1, splits * block_s)
-    chunk = cache.shape[1] // splits
+    if layered and S % (splits * block_s):  # padding a stack would copy every layer: pad the layer's slab only
+        cache_BSX, layered = jax.lax.dynamic_index_in_dim(cache_BSX, layer, 0, False), False
+    cache = kb.pad_axis(cache_BSX, cache_BSX.ndim - 2, splits * block_s)
+    layer_args = (jnp.asarray(layer, jnp.int32).reshape(1),) if layered else ()
+    chunk = cache.shape[-2] // splits
     q = T * N
     pos_BT = positions_BT.astype(jnp.int32)
     last_B1 = pos_BT.max(axis=1, keepdims=True)  # each row's last visible slot
     q_lat, q_rope = q_lat_BTNC.reshape(B, q, C), q_rope_BTNR.reshape(B, q, R)  # query row t * N + n
     pos_Bq1 = jnp.repeat(pos_BT, N, axis=1)[..., None]
-    kw = dict(scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk)
+    kw = dict(scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk, layered=layered)
     out_shape = [jax.ShapeDtypeStruct((B, splits, q, C), F32), jax.ShapeDtypeStruct((B, splits, q, 1), F32)]
     # every slot of the cache once per row (an upper bound: blocks past a row's last position are skipped):
     # scores over the latent and the rope key, values over the latent
     work = kb.cost(flops=2 * B * q * S * (2 * C + R), transcendentals=B * q * S,
-                   bytes_accessed=kb.nbytes(cache_BSX, q_lat_BTNC, q_rope_BTNR, *out_shape))
+                   bytes_accessed=kb.nbytes(cache_BSX) // (cache_BSX.shape[0] if layered else 1)
+                   + kb.nbytes(q_lat_BTNC, q_rope_BTNR, *out_shape))
 
     if kb.launch_form(backend, platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         per_chunk = chunk // block_s
 
-        def cache_at(b, k, j, last):  # blocks past the row's last needed one repeat it: no new copy
-            return b, jnp.minimum(k * per_chunk + j, jax.lax.div(jnp.maximum(last[b], 0), block_s)), 0
+        def cache_at(b, k, j, last, *layer):  # blocks past the row's last needed one repeat it: no new copy
+            block = jnp.minimum(k * per_chunk + j, jax.lax.div(jnp.maximum(last[b], 0), block_s))
+            return (*(lr[0] for lr in layer), b, block, 0)
 
-        row = lambda d: pl.BlockSpec((None, q, d), lambda b, k, j, _: (b, 0, 0))  # noqa: E731
-        part = lambda d: pl.BlockSpec((None, None, q, d), lambda b, k, j, _: (b, k, 0, 0))  # noqa: E731
+        row = lambda d: pl.BlockSpec((None, q, d), lambda b, k, j, *_: (b, 0, 0))  # noqa: E731
+        part = lambda d: pl.BlockSpec((None, None, q, d), lambda b, k, j, *_: (b, k, 0, 0))  # noqa: E731
         grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, splits, per_chunk),
-            in_specs=[row(C), row(R), row(1), pl.BlockSpec((None, block_s, X), cache_at)],
+            num_scalar_prefetch=1 + layered, grid=(B, splits, per_chunk),
+            in_specs=[row(C), row(R), row(1), pl.BlockSpec((None,) * (1 + layered) + (block_s, X), cache_at)],
             out_specs=[part(C), part(1)],
             scratch_shapes=[pltpu.VMEM((q, C), F32), pltpu.VMEM((q, 1), F32), pltpu.VMEM((q, 1), F32)])
         o_BkqC, lse_Bkq1 = pl.pallas_call(
             functools.partial(_grid_kernel, **kw), grid_spec=grid_spec, out_shape=out_shape, cost_estimate=work,
             **kb.launch_options(backend, platform, 3, sequential=(2,)),
-        )(last_B1[:, 0], q_lat, q_rope, pos_Bq1, cache)
+        )(last_B1[:, 0], *layer_args, q_lat, q_rope, pos_Bq1, cache)
         return merge_splits(o_BkqC, lse_Bkq1).reshape(B, T, N, C)
 
     bm = launch["block_m"] or q
@@ -218,15 +232,16 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     nblk_Bk = jnp.clip((last_B1 + 1 - starts + block_s - 1) // block_s, 0, chunk // block_s).astype(jnp.int32)
     row = lambda d: pl.BlockSpec((None, bm, d), lambda b, k, i: (b, i, 0))  # noqa: E731
     part = lambda d: pl.BlockSpec((None, None, bm, d), lambda b, k, i: (b, k, i, 0))  # noqa: E731
+    stack = cache.shape[:1] if layered else ()  # a stack of layers: the whole layer axis, read at the layer
     o_BkqC, lse_Bkq1 = pl.pallas_call(
         functools.partial(_loop_kernel, **kw), grid=(B, splits, qp // bm),
-        in_specs=[kb.scalar_table_spec(backend, platform), row(C), row(R), row(1),
-                  pl.BlockSpec((None, chunk, X), lambda b, k, i: (b, k, 0))],
+        in_specs=[kb.scalar_table_spec(backend, platform)] * (1 + layered) + [
+            row(C), row(R), row(1), pl.BlockSpec((*stack, None, chunk, X), lambda b, k, i: (*(0,) * layered, b, k, 0))],
         out_specs=[part(C), part(1)],
         out_shape=[jax.ShapeDtypeStruct((B, splits, qp, C), F32), jax.ShapeDtypeStruct((B, splits, qp, 1), F32)],
         cost_estimate=work,
         **kb.launch_options(backend, platform, 3, num_warps=launch["num_warps"], num_stages=launch["num_stages"]),
-    )(nblk_Bk, q_lat, q_rope, pos_Bq1, cache)
+    )(nblk_Bk, *layer_args, q_lat, q_rope, pos_Bq1, cache)
     return merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]).reshape(B, T, N, C)
 
 

@@ -99,10 +99,11 @@ def _kept(sizes_sje, r: int):
     return jnp.transpose(kept.reshape(n, n, e), (1, 0, 2))
 
 
-def _local_expert_ffn(x_TD, weights_TK, ids_TK, local_experts, *, ffn: Callable, expert_axis: str,
+def _local_expert_ffn(x_TD, weights_TK, ids_TK, local_experts, local_stack, *, ffn: Callable, expert_axis: str,
                       other_token_axes: tuple[str, ...], impl: str, capacity_factor: float):
-    """One device's part (inside shard_map; local_experts: its blocks of the expert arrays, [e, ...] each) ->
-    (combined output [T, D], rows dropped on every device)."""
+    """One device's part (inside shard_map; local_experts: its blocks of the expert arrays, [e, ...] each;
+    local_stack: (its blocks of the stacks [L, e, ...], layer) or None) -> (combined output [T, D], rows dropped on
+    every device)."""
     n = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     T, K = ids_TK.shape
@@ -132,7 +133,8 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, local_experts, *, ffn: Callable,
     by_expert_r = jnp.argsort(local_r, stable=True)
     # 4. the local experts
     # (a balanced load fills M of the r rows: the kernels' cost estimates count those, the empty rest is skipped)
-    y_rD = ffn(recv_rD[by_expert_r], local_experts, kept_sje[:, me, :].sum(0), rows_in_use=min(M, r))
+    stack = {} if local_stack is None else {"stack": local_stack}
+    y_rD = ffn(recv_rD[by_expert_r], local_experts, kept_sje[:, me, :].sum(0), rows_in_use=min(M, r), **stack)
     y_rD = y_rD[jnp.argsort(by_expert_r)]
     # 5. back to the sources, un-sorted, combined (dropped rows come back as the buffer's zeros)
     with jax.named_scope("ep_exchange"):
@@ -152,11 +154,13 @@ def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AX
 
 def expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, *, ffn: Callable, impl: str, mesh=None,
                         expert_axis: str = EXPERT_AXIS, token_axes: tuple[str, ...] = TOKEN_AXES,
-                        capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                        capacity_factor: float = 0.0, stack=None) -> tuple[jax.Array, jax.Array]:
     """(sum_k weights[t, k] * ffn_{ids[t, k]}(x[t]) -> [T, D] float32, rows dropped: int32 scalar), with experts
     split over `expert_axis` of `mesh` (default: the mesh set with jax.set_mesh). experts: a pytree of [E, ...]
     arrays (module docstring). impl: the row exchange (IMPLS). T is padded to a multiple of the token-axis devices.
-    capacity_factor: the receive buffer (module docstring); 0 drops nothing."""
+    capacity_factor: the receive buffer (module docstring); 0 drops nothing. stack: optional (a pytree of stacks of
+    layers [L, E, ...] whose [layer] is `experts`, layer): split on their expert axis too, and ffn gets
+    stack=(its blocks [L, e, ...], layer) to read in place."""
     if impl not in IMPLS:
         raise ValueError(f"expert_parallel_ffn: impl must be one of {IMPLS}, got {impl!r}")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
@@ -176,10 +180,11 @@ def expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, *, ffn: Callable, imp
         ids_TK = jnp.pad(ids_TK, ((0, pad), (0, 0)))
     tok = P(axes or None)
     others = tuple(a for a in axes if a != expert_axis)
+    stack_specs = None if stack is None else (jax.tree.map(lambda _: P(None, expert_axis), stack[0]), P())
     local = jax.shard_map(
         lambda *a: _local_expert_ffn(*a, ffn=ffn, expert_axis=expert_axis, other_token_axes=others, impl=impl,
                                      capacity_factor=capacity_factor), mesh=mesh,
-        in_specs=(tok, tok, tok, jax.tree.map(lambda _: P(expert_axis), experts)), out_specs=(tok, P()),
+        in_specs=(tok, tok, tok, jax.tree.map(lambda _: P(expert_axis), experts), stack_specs), out_specs=(tok, P()),
         check_vma=False)
-    out_TD, dropped = local(x_TD, weights_TK, ids_TK, experts)
+    out_TD, dropped = local(x_TD, weights_TK, ids_TK, experts, stack)
     return out_TD[:T], dropped

@@ -155,6 +155,16 @@ def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...]
     return PartitionSpec(*spec)
 
 
+def fully_split(size: int, logical_axis: str, mesh) -> bool:
+    """A dimension of `size` along `logical_axis` is split over every mesh axis ACTIVATION_RULES list for it that the
+    mesh has (> 1): each device holds its own part, no copy of another's (always true without a mesh)."""
+    if mesh is None or mesh.empty:
+        return True
+    wanted = [a for a in ACTIVATION_RULES.get(logical_axis, ()) if dict(mesh.shape).get(a, 1) > 1]
+    got = activation_spec((size,), (logical_axis,), mesh)[0] or ()
+    return len(got if isinstance(got, tuple) else (got,)) == len(wanted)
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """with_sharding_constraint by activation_spec against the mesh set with jax.set_mesh (no-op without one)."""
     mesh = jax.sharding.get_abstract_mesh()

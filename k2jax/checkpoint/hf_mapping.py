@@ -189,8 +189,8 @@ def quantized_weight(name: str) -> str | None:
     return None
 
 
-def check_names(cfg: K2Config, names: Iterable[str], specs: list[HFTensorSpec] | None = None, *, source: str = "tensors",
-                quantized: bool = False, display: Callable[[str], str] = str) -> None:
+def check_names(cfg: K2Config, names: Iterable[str], specs: list[HFTensorSpec] | None = None, *,
+                source: str = "tensors", quantized: bool = False, display: Callable[[str], str] = str) -> None:
     """Raises CheckpointError naming missing or unexpected tensors (MTP layers are neither). quantized: names may
     include quantisation tensors (a release directory: FP8 `weight_scale_inv`, INT4 `weight_packed` /
     `weight_scale` / `weight_shape` standing for their `weight`; HFCheckpoint checks each against its weight);

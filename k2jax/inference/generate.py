@@ -6,9 +6,9 @@
     outs[0].tokens, outs[0].finish_reason                          # new ids (stop token excluded), "stop" | "length"
     for step_B in gen.stream(prompts, max_new_tokens=32): ...      # one new id per row per step (-1 once a row ended)
 
-The cache stores only what MLA needs per token per layer: the normed kv latent c and the roped shared key,
-C + R values (576 for K2; a cache of full per-head keys and values would hold N (P + R + V) = 28,672), in
-`cache.kv_LBSX` [L, B, S, C + R]. A row's token at position p lives in slot p. Prompts are right-padded; the pad
+The cache stores only what MLA needs per token per layer: the normed kv latent c and the roped shared key, C + R values
+(576 for K2; a cache of full per-head keys and values would hold N (P + R + V) = 28,672), in `cache.kv_LBSX` [L, B, S,
+X] (X = C + R, on TPU padded to 640). A row's token at position p lives in slot p. Prompts are right-padded; the pad
 slots are overwritten by the row's next tokens and are never visible (a token sees slots <= its position).
 
   prefill   the prompt, attention in the expanded (training) form over its own slots only (compute-bound)
@@ -16,10 +16,12 @@ slots are overwritten by the row's next tokens and are never visible (a token se
             function also extends a cache by several tokens (a chat's next turn)
 
 Both are jitted once per shape (prompt lengths are padded to a power of two) with the cache donated, so decode
-updates it in place. Weights may be sharded (e.g. `load_checkpoint(..., shardings=...)` with the ep_fsdp rules);
-jit follows their shardings.
+updates it in place. `stream` / `generate` decode on the device: one host call runs up to `steps_per_call` steps
+(a lax.while_loop that samples, marks the rows that stopped and decodes the sampled tokens, ending early once every
+row has stopped), so the host syncs once per chunk of tokens, not once per token. Weights may be sharded (e.g.
+`load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings.
 
-Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token,
+Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token (a slot),
 Z = R/2 rope frequencies.
 """
 
@@ -34,16 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from k2jax.model.attention import CACHE_AXES_LBSX
 from k2jax.model.config import K2Config
 from k2jax.model.rope import rope_tables
-from k2jax.model.transformer import Transformer
+from k2jax.model.target import Target
+from k2jax.model.transformer import Transformer, param_info
 from sharding.rules import activation_spec, constrain
 
 FINISHED = -1  # what stream() yields for a row that has already stopped
-# the latent cache's layout under a mesh: rows split as activations are (sharding.rules.activation_spec); extend
-# returns it in this layout, so a decode step takes the cache it returned (left to XLA, the layout a step returns
-# may differ from the one it took, and every later step would compile again)
-CACHE_AXES_LBSX = (None, "batch", None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,14 +85,17 @@ def sample(logits_BV: jnp.ndarray, key: jax.Array, sampling: Sampling) -> jnp.nd
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LatentCache:
-    """kv_LBSX: [num_hidden_layers, B, S, kv_lora_rank + qk_rope_head_dim]; lengths_B: tokens stored per row."""
+    """kv_LBSX: [num_hidden_layers, B, S, X]: per slot kv_lora_rank + qk_rope_head_dim values, padded with zeros to
+    the platform's slot width (k2jax.model.target's latent_slot: a multiple of 128 on TPU); lengths_B: tokens
+    stored per row."""
     kv_LBSX: jax.Array
     lengths_B: jax.Array
 
     @classmethod
     def empty(cls, cfg: K2Config, batch: int, max_len: int, dtype=None) -> "LatentCache":
-        X = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        kv = jnp.zeros((cfg.num_hidden_layers, batch, max_len, X), dtype or cfg.dtype)
+        """An empty cache for the platform compiled for (the mesh set with jax.set_mesh, else the default
+        device's: its slot width)."""
+        kv = jnp.zeros((cfg.num_hidden_layers, batch, max_len, Target.of(cfg).latent_slot), dtype or cfg.dtype)
         return cls(kv, jnp.zeros((batch,), jnp.int32))
 
     @property
@@ -103,6 +106,28 @@ class LatentCache:
     def values_per_token(cfg: K2Config) -> int:
         """Cached values per token over all layers."""
         return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def decode_bytes_minimum(model: Transformer, batch: int, max_len: int, cache_dtype=None) -> float:
+    """The fewest HBM bytes one decode step of `batch` rows over a cache of max_len slots can move, over all
+    devices: the routed experts the rows reach, in the form the model holds them (weights and scales; under
+    uniform routing a layer's batch x top-K choices reach E (1 - (1 - K / E)^batch) of its E experts), every other
+    weight once (the embedding table: only the batch's rows), and the whole latent cache once. `model` may be
+    abstract (k2jax.model.placement.abstract_model). k2jax-aot divides a compiled step's bytes by this."""
+    cfg = model.cfg
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    experts = others = 0.0
+    for name, (shape, dtype, _) in param_info(model).items():
+        nbytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+        if name.startswith("moe_blocks.mlp.experts."):
+            experts += nbytes
+        elif name == "embed_tokens":
+            others += batch * shape[1] * jnp.dtype(dtype).itemsize
+        else:
+            others += nbytes
+    reached = 1 - (1 - K / E) ** batch  # the share of a layer's experts the batch reaches
+    cache = LatentCache.values_per_token(cfg) * batch * max_len * jnp.dtype(cache_dtype or cfg.dtype).itemsize
+    return experts * reached + others + cache
 
 
 def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cache: LatentCache, *,
@@ -150,6 +175,7 @@ class Generator:
         self._extend = jax.jit(self._extend_fn, static_argnames=("prefill", "all_logits"),
                                donate_argnames=("cache",))
         self._sample = jax.jit(sample, static_argnames=("sampling",))
+        self._loop = jax.jit(self._loop_fn, static_argnames=("sampling", "steps_per_call"), donate_argnames=("cache",))
 
     def _extend_fn(self, state, tokens_BT, n_new_B, cache, *, prefill, all_logits):
         return extend(nnx.merge(self._graphdef, state), tokens_BT, n_new_B, cache, prefill=prefill,
@@ -228,7 +254,7 @@ class Generator:
                         jax.sharding.NamedSharding(mesh, activation_spec(shape, axes, mesh)))
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-        X = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+        X = Target.of(self.cfg).latent_slot
         cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.dtype),
                                 CACHE_AXES_LBSX), arg((batch,), jnp.int32, ("batch",)))
         tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
@@ -236,16 +262,47 @@ class Generator:
                              self._state)
         return self._extend.lower(state, tokens, n_new, cache, prefill=step == "prefill", all_logits=False)
 
+    def _loop_fn(self, state, logits_BV, cache, done_B, key, first_step, steps_left, stops, *, sampling,
+                 steps_per_call):
+        """Up to steps_per_call decode steps on the device: each samples a token per row (key folded with its
+        step), records it (FINISHED for rows already stopped), marks rows whose token is a stop token, and, unless
+        every row has stopped or this was the last of steps_left, decodes the tokens for the next step's logits.
+        -> (tokens [steps_per_call, B], steps run, logits, cache, done, stopped)."""
+        model = nnx.merge(self._graphdef, state)
+
+        def decode(token_B, cache):
+            return extend(model, token_B[:, None], jnp.ones_like(token_B), cache, prefill=False)
+
+        def body(carry):
+            i, logits_BV, cache, done_B, out_NB, _ = carry
+            token_B = sample(logits_BV, jax.random.fold_in(key, first_step + i), sampling)
+            out_NB = out_NB.at[i].set(jnp.where(done_B, FINISHED, token_B))
+            done_B = done_B | jnp.isin(token_B, stops)
+            stopped = jnp.all(done_B) | (i + 1 >= steps_left)
+            logits_BV, cache = jax.lax.cond(stopped, lambda t, c: (logits_BV, c), decode, token_B, cache)
+            return i + 1, logits_BV, cache, done_B, out_NB, stopped
+
+        out_NB = jnp.full((steps_per_call, logits_BV.shape[0]), FINISHED, jnp.int32)
+        carry = (jnp.int32(0), logits_BV, cache, done_B, out_NB, jnp.bool_(False))
+        i, logits_BV, cache, done_B, out_NB, stopped = jax.lax.while_loop(
+            lambda c: (c[0] < steps_per_call) & ~c[5], body, carry)
+        return out_NB, i, logits_BV, cache, done_B, stopped
+
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_tokens: Sequence[int] = (), seed: int = 0, max_len: int | None = None,
-               cache: LatentCache | None = None) -> Iterator[np.ndarray]:
+               cache: LatentCache | None = None, steps_per_call: int = 16) -> Iterator[np.ndarray]:
         """Yields the next token of every row [B] (int32, FINISHED for rows that stopped) until every row has
-        stopped or max_new_tokens steps ran. A stop token is yielded, then the row reads FINISHED.
+        stopped or max_new_tokens steps ran. A stop token is yielded, then the row reads FINISHED. Tokens are
+        decoded on the device steps_per_call at a time (one host sync each) and yielded as each chunk arrives;
+        token t of row b is the one a step-by-step loop of `sample` (key fold_in(key(seed), t)) and `decode` gives.
 
         cache: continue rows already in this cache (a chat's next turn) instead of starting from empty ones.
-        The final cache is available as `self.last_cache` when the generator ends."""
+        The final cache (holding every token but the last one sampled) is `self.last_cache` when the generator
+        ends."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not (isinstance(steps_per_call, int) and steps_per_call >= 1):
+            raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
         key = jax.random.key(seed)
         stops = jnp.asarray(sorted(set(int(t) for t in stop_tokens)) or [FINISHED], jnp.int32)
         if cache is None:
@@ -262,22 +319,26 @@ class Generator:
                                  f"{cache.max_len} slots")
             logits_BV, cache = self.extend(prompts, cache)
         done_B = jnp.zeros((len(prompts),), bool)
-        for step in range(max_new_tokens):
-            token_B = self.sample(logits_BV, sampling, jax.random.fold_in(key, step))
-            out_B = np.asarray(jnp.where(done_B, FINISHED, token_B))
-            yield out_B
-            done_B = done_B | jnp.isin(token_B, stops)
-            if bool(done_B.all()) or step == max_new_tokens - 1:
+        step = 0
+        while True:
+            out_NB, ran, logits_BV, cache, done_B, stopped = self._loop(
+                self._state, logits_BV, cache, done_B, key, jnp.int32(step), jnp.int32(max_new_tokens - step),
+                stops, sampling=sampling, steps_per_call=min(steps_per_call, max_new_tokens))
+            ran = int(ran)
+            yield from np.asarray(out_NB)[:ran]
+            step += ran
+            if bool(stopped):
                 break
-            logits_BV, cache = self.decode(token_B, cache)
         self.last_cache = cache
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_tokens: Sequence[int] = (), seed: int = 0, max_len: int | None = None) -> list[Completion]:
+                 stop_tokens: Sequence[int] = (), seed: int = 0, max_len: int | None = None,
+                 steps_per_call: int = 16) -> list[Completion]:
         stops = set(int(t) for t in stop_tokens)
         outs = [Completion([], "length") for _ in prompts]
         for step_B in self.stream(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                  stop_tokens=stop_tokens, seed=seed, max_len=max_len):
+                                  stop_tokens=stop_tokens, seed=seed, max_len=max_len,
+                                  steps_per_call=steps_per_call):
             for out, t in zip(outs, step_B.tolist()):
                 if t == FINISHED or out.finish_reason == "stop":
                     continue

@@ -12,7 +12,8 @@ Two ways to attend over it, same weights; the model owns no attention math, each
   attend_cache  folds kv_b into the query and the output instead (`pallas_kernels.mla_decode`; decode: q_nope.W_UK
                 gives a query in latent space, attention runs over the C + R cached values shared by all heads,
                 then W_UV)
-`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, C + R] and attends.
+`cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, X] (a slot: C + R values,
+padded on TPU) and attends.
 The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real tokens, which
 QK-Clip needs.
 
@@ -39,6 +40,12 @@ from k2jax.model.target import Target
 from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import mla_decode
 from sharding.per_shard import per_shard
+from sharding.rules import fully_split
+
+# the latent cache's layout under a mesh: rows split as activations are (sharding.rules.activation_spec);
+# Generator.extend returns it in this layout, so a decode step takes the cache it returned (left to XLA, the layout
+# a step returns may differ from the one it took, and every later step would compile again)
+CACHE_AXES_LBSX = (None, "batch", None, None)
 
 # q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
@@ -108,18 +115,30 @@ class MLAttention(nnx.Module):
         max_logit_N = jnp.max(jnp.where((segment_ids_BT > 0)[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
         return self._output(heads_first(out_BNTU)), max_logit_N
 
-    def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_BSX, positions_BT, target: Target) -> jnp.ndarray:
-        """Absorbed attention over a latent cache (`pallas_kernels.mla_decode`, the target's backend): the query
-        goes to latent space (q_nope . W_UK), attends over the C + R cached values per slot shared by all heads
-        (slots <= each token's position), and comes back through W_UV and o_proj -> [B, T, D]. Per new token it
-        reads C + R values per cached token instead of N (P + U)."""
-        kernel = functools.partial(mla_decode, scale=self.scale, backend=target.attention,
-                                   platform=target.platform)
+    def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_LBSX, layer, positions_BT, target: Target) -> jnp.ndarray:
+        """Absorbed attention over layer `layer` of a latent cache (`pallas_kernels.mla_decode`, the target's
+        backend; the kernels read the stacked cache in place at the layer): the query goes to latent space
+        (q_nope . W_UK), attends over the C + R cached values per slot shared by all heads (slots <= each token's
+        position), and comes back through W_UV and o_proj -> [B, T, D]. Per new token it reads C + R values per
+        cached token instead of N (P + U)."""
+        q_lat_BTNC = self._absorb_query(q_nope_BTNP)
+        # the kernel reads the stack in place where each device holds its own rows' caches; a batch of fewer rows
+        # than devices leaves the stack to XLA's placement, which may split it along its values: then every layer
+        # would gather the whole stack back, where its slab is gathered now (splitting a few rows' caches over
+        # their slots instead is the decode issue's next step)
+        rows_split = fully_split(cache_LBSX.shape[1], "batch", jax.sharding.get_abstract_mesh())
+        in_place = target.attention != "xla" and cache_LBSX.dtype == self.dtype and rows_split
+        cache = (cache_LBSX if in_place else
+                 jax.lax.dynamic_index_in_dim(cache_LBSX, layer, 0, False).astype(self.dtype))
+
+        def kernel(q_lat, q_rope, cache, positions, at):
+            return mla_decode(q_lat, q_rope, cache, positions, scale=self.scale, layer=at if in_place else None,
+                              backend=target.attention, platform=target.platform)
+
         if target.attention != "xla":  # a kernel runs per device: each device's rows (and heads)
-            per_head = ("batch", None, "heads", None)
-            kernel = per_shard(kernel, in_axes=(per_head, per_head, ("batch", None, None), ("batch", None)),
-                               out_axes=per_head)
-        o_lat_BTNC = kernel(self._absorb_query(q_nope_BTNP), q_rope_BTNR, cache_BSX, positions_BT)
+            per_head, rows = ("batch", None, "heads", None), (None, "batch", None, None)[1 - in_place:]
+            kernel = per_shard(kernel, in_axes=(per_head, per_head, rows, ("batch", None), ()), out_axes=per_head)
+        o_lat_BTNC = kernel(q_lat_BTNC, q_rope_BTNR, cache, positions_BT, jnp.asarray(layer, jnp.int32))
         return self._expand_output(o_lat_BTNC)
 
     def _keys_values(self, c_BSC) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -166,10 +185,10 @@ class MLAttention(nnx.Module):
         q_nope, q_rope = self.queries(x_BTD, cos_BTZ, sin_BTZ)
         c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTZ, sin_BTZ)
         new_BTX = jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype)
+        new_BTX = jnp.pad(new_BTX, ((0, 0), (0, 0), (0, cache_LBSX.shape[-1] - new_BTX.shape[-1])))  # slot width
         cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
         target = Target.of(self.cfg)
         if prefill:
             out_BTD, _ = self.attend(q_nope, q_rope, c_BTC, k_rope_BTR, jnp.ones((B, T), jnp.int32), target)
             return out_BTD, cache_LBSX
-        keys_BSX = jax.lax.dynamic_index_in_dim(cache_LBSX, layer, axis=0, keepdims=False).astype(self.dtype)
-        return self.attend_cache(q_nope, q_rope, keys_BSX, positions_BT, target), cache_LBSX
+        return self.attend_cache(q_nope, q_rope, cache_LBSX, layer, positions_BT, target), cache_LBSX

@@ -53,7 +53,7 @@ from pallas_kernels.expert_weights import FORMATS, ExpertWeights
 from pallas_kernels.fp8_grouped_matmul import BLOCK, FP8
 from pallas_kernels.grouped_matmul import grouped_ffn
 from pallas_kernels.int4_grouped_matmul import GROUP_SIZE, PACK
-from sharding.expert_parallel import expert_parallel_enabled, expert_parallel_ffn
+from sharding.expert_parallel import EXPERT_AXIS, expert_parallel_enabled, expert_parallel_ffn
 from sharding.group_rows import combine_sorted, sort_by_group
 from sharding.per_shard import per_shard
 
@@ -148,8 +148,9 @@ class RoutedExperts(nnx.Module):
                  stack: tuple[ExpertWeights, jax.Array] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """-> (sum of each token's routed experts' outputs [T, D], routed rows dropped by expert parallelism's
         receive buffer (cfg.ep_capacity_factor; always 0 without EP or when dropless)). stack: the experts of all
-        scanned MoE blocks ([L, E, ...], gradient stopped) and this block's index among them, which a form may read
-        in place (pallas_kernels.grouped_matmul); used unsharded only."""
+        scanned MoE blocks ([L, E, ...], gradient stopped) and this block's index among them, which the forms read
+        in place (pallas_kernels.grouped_matmul): unsharded, and under expert parallelism when the mesh splits the
+        weights over `expert` only (inference meshes)."""
         E = self.cfg.n_routed_experts
         target = Target.of(self.cfg)
         mesh = jax.sharding.get_abstract_mesh()
@@ -158,10 +159,14 @@ class RoutedExperts(nnx.Module):
         experts = self.weights(self.dtype)
         x_TD = x_TD.astype(self.dtype)
         if expert_parallel_enabled(mesh, E):
+            # the stacks are read in place only where the mesh splits them over `expert` alone: a split over
+            # fsdp would gather every layer's weights to each expert group, per layer
+            whole = all(n == 1 for a, n in dict(mesh.shape).items() if a not in (EXPERT_AXIS, "data"))
             y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, ffn=ffn, impl=target.ep_exchange,
-                                                capacity_factor=self.cfg.ep_capacity_factor)
+                                                capacity_factor=self.cfg.ep_capacity_factor,
+                                                stack=stack if whole else None)
             return y_TD.astype(self.dtype), dropped
-        stack = stack if mesh.empty else None
+        stack = stack if mesh.empty else None  # per_shard would gather the stacks' fsdp splits whole, per layer
 
         leaves, treedef = jax.tree.flatten(experts)
 

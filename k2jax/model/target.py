@@ -16,6 +16,7 @@ and never look at the host.
     t.scan_unroll               # MoE blocks per iteration of their scan
     t.matmul                    # form of the dense projections (pallas_kernels.matmul.IMPLS)
     t.fp8_activations           # FP8-resident experts run e4m3 x e4m3 dots (routed rows quantised)
+    t.latent_slot               # values a latent-cache slot holds: kv_lora + rope, padded on TPU (below)
 
 What each platform gets, and why:
   attention       TPU / GPU: the Pallas flash-attention and absorbed-decode kernels (head dims that are powers of
@@ -31,6 +32,10 @@ What each platform gets, and why:
                   (forward + backward 7 % faster).
   dense matmul    TPU / GPU: "xla" (`jnp.dot`); CPU: "cpu" (`pallas_kernels.matmul`), whose weight gradient transposes
                   x first (XLA:CPU runs a transposed lhs at half speed).
+  latent cache    TPU: a slot padded to a multiple of 128 values (K2: 576 -> 640), so the cache's layout is the one the
+                  decode kernel reads and the step's scatter writes; with 576 XLA:TPU keeps the jitted step's cache
+                  slot-minor (no padding) and re-lays the whole cache out twice per step (37 GB per v5p chip for
+                  the FP8 config). CPU / GPU: kv_lora + rope exactly.
   FP8 experts     GPU: e4m3 x e4m3 dots on the FP8 tensor cores, the routed rows quantised per row x 128 columns
                   (the release's dynamic activation scheme); TPU v5p (no FP8 MXU) and CPU: each e4m3 weight block
                   dequantised and multiplied in the compute dtype.
@@ -80,6 +85,7 @@ class Target:
     scan_unroll: int
     matmul: str
     fp8_activations: bool
+    latent_slot: int
 
     @classmethod
     def of(cls, cfg: K2Config) -> "Target":
@@ -93,6 +99,8 @@ class Target:
         moe_impl = cfg.moe_impl if cfg.moe_impl != "auto" else _MOE_IMPL[platform]
         scan_unroll = cfg.scan_unroll or (max(1, cfg.num_moe_layers) if on_cpu else 1)
         fp8_activations = platform == "gpu" if cfg.fp8_activations == "auto" else cfg.fp8_activations == "on"
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         return cls(platform=platform, attention=attention, moe_impl=moe_impl,
                    ep_exchange="all_to_all" if on_cpu else "native", scan_unroll=scan_unroll,
-                   matmul="cpu" if on_cpu else "xla", fp8_activations=fp8_activations)
+                   matmul="cpu" if on_cpu else "xla", fp8_activations=fp8_activations,
+                   latent_slot=-(-latent // 128) * 128 if platform == "tpu" else latent)

@@ -196,8 +196,8 @@ class Transformer(nnx.Module):
         The dense blocks run in a Python loop (static index), the stacked MoE blocks in one scan (traced index;
         `cfg.remat` recomputes each block's activations in the backward pass, the target sets the unroll); a
         scanned block's Layer also holds the routed experts' stacks (gradient stopped) and its position in them.
-        The index counts all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the MoE blocks' outs
-        stacked along a leading layer axis, or None without MoE blocks).
+        The index counts all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the
+        MoE blocks' outs stacked along a leading layer axis, or None without MoE blocks).
         microbatches > 0: the MoE scan runs as a GPipe pipeline over the mesh's `stage` axis
         (sharding.pipeline.pipeline_scan, the same step): `carry` then holds per-example inputs with a leading batch
         axis, split into microbatches with x, and the MoE outs come back [microbatches, L, ...]."""

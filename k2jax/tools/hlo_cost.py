@@ -242,8 +242,9 @@ class HloCost:
 
     def _read(self, value: str, body: list[_Instruction], full: float, depth: int = 0) -> float | None:
         """Bytes of `value` (a fused computation's parameter, `full` bytes) that the body reads: slices read
-        what they take, an in-place dynamic-update-slice or scatter does not read its buffer, views and nested fusions are
-        followed; any other use reads it all. None: the value only passes on to the body's result (as a view)."""
+        what they take, an in-place dynamic-update-slice or scatter does not read its buffer, views and nested
+        fusions are followed; any other use reads it all. None: the value only passes on to the body's result (as a
+        view)."""
         if depth > 16:
             return full
         read, passes_on = 0.0, bool(body) and body[-1].name == value

@@ -3,6 +3,8 @@
 test_fp8_grouped_matmul.py, test_int4_grouped_matmul.py and test_grouped_weight_grad.py; the CPU form's in
 test_cpu_grouped_ffn.py."""
 
+import functools
+
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -98,6 +100,31 @@ def test_every_form_of_the_ffn_in_every_format_is_the_dequantised_ffn(fmt, impl)
     got = loss(lambda x: grouped_ffn(x, experts, sizes, impl=impl))
     want = loss(lambda x: reference_ffn(x, plain.gate, plain.up, plain.down, sizes))
     assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
+
+
+# each kernel module's products in both launch forms (plain and FP8 weights share fp8_grouped_matmul's)
+@pytest.mark.parametrize("fmt, form", [("plain", "tpu"), ("fp8", "gpu"), ("int4", "tpu"), ("int4", "gpu")])
+def test_stacks_read_in_place_equal_the_layers_own_weights(fmt, form):
+    """stack=(experts of 3 layers, layer): the kernels read layer 1 straight from the stacks (the layer index
+    scalar-prefetched on TPU) and give what its own arrays give, with the gradient to the rows and, for plain
+    weights, to the layer's own arrays."""
+    layers = [_quantised_experts(fmt, seed=s) if fmt != "plain" else
+              ExpertWeights("plain", *(_quantised_experts("fp8", seed=s).dequantized().projections()[i][0]
+                                       for i in range(3))) for s in (7, 8, 9)]
+    stacks = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((37, stacks.hidden)), jnp.float32)
+    sizes = jnp.asarray(SIZES, jnp.int32)
+    ffn = functools.partial(grouped_ffn, group_sizes_G=sizes, impl="interpret", platform=form)
+
+    def run(stack):
+        def loss(x, own):
+            return jnp.sum(jnp.sin(ffn(x, own, stack=stack)))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if fmt == "plain" else 0))(x, layers[1])
+
+    got, want = run((jax.lax.stop_gradient(stacks), jnp.int32(1))), run(None)
+    assert rel_err(got[0], want[0]) <= 1e-6
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert rel_err(g, w) <= 1e-6
 
 
 def _declared_flops(fn, *args) -> list[int]:

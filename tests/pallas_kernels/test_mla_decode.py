@@ -69,3 +69,18 @@ def test_rejects_a_cache_of_the_wrong_width():
     q_lat, q_rope, cache = _inputs(1, 1, 2, 8)
     with pytest.raises(ValueError, match="C \\+ R"):
         mla_decode(q_lat, q_rope, cache[..., :-1], jnp.zeros((1, 1), jnp.int32), scale=1.0, backend="interpret")
+
+
+@pytest.mark.parametrize("form", ["gpu", "tpu"])
+@pytest.mark.parametrize("S", [64, 70])
+def test_a_stack_of_layers_caches_is_read_at_the_layer(form, S):
+    """layer=: the kernel reads layer 1 of a [3, B, S, X] stack of caches in place (the layer index scalar-prefetched
+    on TPU) and gives what that layer's slab gives; a slot count the chunks do not divide (70) pads the layer's slab
+    only."""
+    q_lat, q_rope, _ = _inputs(2, 1, 4, S)
+    caches = jnp.stack([_inputs(2, 1, 4, S, seed=s)[2] for s in (1, 2, 3)])
+    positions = jnp.array([[20], [S - 1]], jnp.int32)
+    kw = dict(scale=0.3, backend="interpret", platform=form, block_s=16, num_splits=2)
+    want = mla_decode(q_lat, q_rope, caches[1], positions, **kw)
+    got = mla_decode(q_lat, q_rope, caches, positions, layer=jnp.int32(1), **kw)
+    assert rel_err(got, want) <= 1e-6

@@ -125,6 +125,39 @@ def test_stop_tokens_end_rows_independently(gen):
         assert column[:cut] == full.tokens[:cut] and all(t == FINISHED for t in column[cut + 1:])
 
 
+def _host_loop(gen, prompts, max_new_tokens, sampling, seed, stop_tokens):
+    """The step-by-step loop the device loop replaces: sample on the host's call, one decode per call."""
+    key, stops = jax.random.key(seed), np.asarray(stop_tokens)
+    logits, cache = gen.prefill(prompts, gen.new_cache(len(prompts), 32))
+    done, steps = np.zeros(len(prompts), bool), []
+    for step in range(max_new_tokens):
+        token = np.asarray(gen.sample(logits, sampling, jax.random.fold_in(key, step)))
+        steps.append(np.where(done, FINISHED, token))
+        done |= np.isin(token, stops)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits, cache = gen.decode(jnp.asarray(token), cache)
+    return np.stack(steps), cache
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, top_k=40, top_p=0.9)])
+def test_device_loop_equals_the_host_loop(gen, sampling):
+    """stream() decodes steps_per_call steps per host call on the device: the same tokens (a stop token that ends
+    one row early, sampled rows included), the same number of steps, and the same cache afterwards, whether the
+    chunks divide the steps or not."""
+    first, _ = _host_loop(gen, PROMPTS, 10, sampling, 4, [])
+    stop = int(first[3, 1])  # row 1 stops at its 4th token; the others go on (or meet it too)
+    want, want_cache = _host_loop(gen, PROMPTS, 10, sampling, 4, [stop])
+    for steps_per_call in (1, 3, 16):
+        got = np.stack(list(gen.stream(PROMPTS, max_new_tokens=10, sampling=sampling, seed=4, stop_tokens=[stop],
+                                       max_len=32, steps_per_call=steps_per_call)))
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.asarray(gen.last_cache.lengths_B), np.asarray(want_cache.lengths_B))
+        np.testing.assert_array_equal(np.asarray(gen.last_cache.kv_LBSX), np.asarray(want_cache.kv_LBSX))
+    with pytest.raises(ValueError, match="steps_per_call must be an int >= 1"):
+        next(gen.stream(PROMPTS, max_new_tokens=4, steps_per_call=0))
+
+
 def test_sampling_rules(gen):
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50)).astype(np.float32) * 3)
     greedy = np.asarray(sample(logits, jax.random.key(0), Sampling()))

@@ -30,6 +30,10 @@ def test_fp8_decode_step_compiles_for_v5p():
     assert "ragged-all-to-all" in text
     L, E, D, F = CFG.num_moe_layers, CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
     assert f"f8e4m3fn[{L},{E // 4},{D},{F}]" in text  # each chip holds its experts' e4m3 weights, not bf16
+    # the kernels read a layer's experts and cache straight from the stacks: no copy of a layer's slice exists
+    X = CFG.kv_lora_rank + CFG.qk_rope_head_dim
+    assert f"f8e4m3fn[{E // 4},{D},{F}]" not in text and f"f8e4m3fn[{E // 4},{F},{D}]" not in text
+    assert f"[{8 // 4},1024,{X}]" not in text
     assert 0 < compiled.memory_analysis().argument_size_in_bytes < 80 * 2**30
     M = 8 * CFG.num_experts_per_tok  # no FP8 MXU on v5p: the rows stay bf16 (fp8_activations' TPU default)
     assert f"f8e4m3fn[{M},{CFG.hidden_size}]" not in text and f"bf16[{M},{CFG.hidden_size}]" in text
