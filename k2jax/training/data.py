@@ -9,6 +9,11 @@ Sources (`config.data.source`):
   jsonl:PATH[,PATH...]          one JSON object per line; `config.data.text_field` is tokenised on the fly with
                                 the tokenizer in `config.data.tokenizer_dir` (the release's tiktoken.model)
   array_record:PATH[,PATH...]   records of little-endian int32 token ids, one document per record
+  chat:PATH[,PATH...]           conversations for fine-tuning, one JSON object per line: {"messages": [...],
+                                "tools": [...]} (OpenAI / release form: tool calls, tool results, reasoning),
+                                rendered by the chat template of `config.data.tokenizer_dir` (the release's own)
+                                with a loss weight per token: 1 on what the assistant produces, 0 elsewhere
+                                (k2jax.training.chat_data)
 
 Pipeline: documents -> global shuffle (seeded; every epoch a new permutation) -> row r of every global batch (of R rows)
 is its own stream of documents r, r + R, r + 2R, ..., tokenised, ended with an end-of-document token, packed end
@@ -16,6 +21,13 @@ to end into rows of T + 1 tokens with segment ids / positions (no padding; a doc
 that row of the next batch) -> a host interleaves the streams of its own rows -> batch -> prefetch (a thread).
 So the global batch is the same whatever the number of hosts, the same seed gives the same batches, and
 restoring the iterator state resumes exactly where the checkpoint was taken.
+
+Chat data is packed differently: a conversation is never split between rows (it would lose its context). Each
+row stream packs whole conversations first-fit into `config.data.packing_bins` rows at a time, padding the rest
+(segment 0), and the batch carries `loss_weights` float32 [R, T + 1] (the weight of each token as a target) and
+per-row counts `conversations_truncated` / `conversations_dropped` int32 [R]: a conversation longer than a row
+(seq_len + 1 tokens) is cut to the row or left out, as `config.data.too_long` says ("truncate" | "drop"), and
+counted in the step's metrics. `batch_shapes(config.data, R, T)` says which leaves a source's batches have.
 """
 
 from __future__ import annotations
@@ -27,27 +39,36 @@ import grain
 import jax
 import numpy as np
 
+from k2jax.inference.chat_template import ChatTemplateError
 from k2jax.inference.tokenizer import Tokenizer
+from k2jax.tools.commands import UsageError
+from k2jax.training.chat_data import CONVERSATION_COUNTS, ChatMaskError, render_chat, show_trained
 
 
 class DataError(ValueError):
     """A data source that cannot be read."""
 
 
-class _JsonlText:
-    """The text field of every line of some JSONL files, addressed by (file, byte offset)."""
+class DataConfigError(DataError, UsageError):
+    """A data option that cannot work (train.py exits 2: a bad config value; nothing is trained)."""
 
-    def __init__(self, paths: list[str], field: str):
-        self._index: list[tuple[str, int]] = []
-        self.field = field
+
+TOO_LONG = ("truncate", "drop")  # what config.data.too_long can say about a conversation longer than a row
+
+
+class _Jsonl:
+    """The lines of some JSONL files, addressed by (file, byte offset, line number)."""
+
+    def __init__(self, paths: list[str]):
+        self._index: list[tuple[str, int, int]] = []
         for path in paths:
             if not os.path.exists(path):
                 raise DataError(f"{path}: no such JSONL file")
             with open(path, "rb") as f:
                 offset = 0
-                for line in f:
+                for number, line in enumerate(f, 1):
                     if line.strip():
-                        self._index.append((path, offset))
+                        self._index.append((path, offset, number))
                     offset += len(line)
         if not self._index:
             raise DataError(f"{paths}: no documents")
@@ -55,16 +76,54 @@ class _JsonlText:
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: int) -> str:
-        path, offset = self._index[i]
+    def _line(self, i: int) -> bytes:
+        path, offset, _ = self._index[i]
         with open(path, "rb") as f:
             f.seek(offset)
-            line = f.readline()
+            return f.readline()
+
+
+class _JsonlText(_Jsonl):
+    """The text field of every line."""
+
+    def __init__(self, paths: list[str], field: str):
+        super().__init__(paths)
+        self.field = field
+
+    def __getitem__(self, i: int) -> str:
+        line = self._line(i)
         try:
             record = json.loads(line)
             return record[self.field]
         except (ValueError, KeyError, TypeError) as e:
+            path, offset, _ = self._index[i]
             raise DataError(f"{path} at byte {offset}: not a JSON object with a {self.field!r} string ({e})") from None
+
+
+class _JsonlChats(_Jsonl):
+    """Every line as (record, "path:line")."""
+
+    def __getitem__(self, i: int) -> tuple[object, str]:
+        path, _, number = self._index[i]
+        where = f"{path}:{number}"
+        try:
+            return json.loads(self._line(i)), where
+        except ValueError as e:
+            raise DataError(f"{where}: not a JSON line ({e})") from None
+
+
+def render_record(tokenizer: Tokenizer, record, where: str):
+    """A chat line's conversation -> chat_data.RenderedChat; DataError naming the line (and the turn) otherwise."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        raise DataError(f"{where}: expected a JSON object with a 'messages' list (and optionally 'tools'), got "
+                        f"{str(record)[:80]!r}")
+    tools = record.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"{where}: 'tools' must be a list of JSON schemas, got {str(tools)[:80]!r}")
+    try:
+        return render_chat(tokenizer, record["messages"], tools=tools)
+    except (ChatMaskError, ChatTemplateError) as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 class _Synthetic:
@@ -83,21 +142,58 @@ class _Synthetic:
         return np.resize(motif, int(rng.integers(8, 257))).astype(np.int32)
 
 
+def _kind(data_cfg) -> str:
+    return data_cfg.source.partition(":")[0]
+
+
 def _source(data_cfg, vocab_size: int, seed: int):
     kind, _, spec = data_cfg.source.partition(":")
     paths = [p for p in spec.split(",") if p]
     if kind == "synthetic":
         return _Synthetic(vocab_size, seed), None
-    if kind == "jsonl":
+    if kind in ("jsonl", "chat"):
         if not data_cfg.get("tokenizer_dir"):
-            raise DataError("data.source jsonl needs data.tokenizer_dir (a directory with tiktoken.model)")
-        return _JsonlText(paths, data_cfg.get("text_field", "text")), Tokenizer.from_dir(data_cfg.tokenizer_dir)
+            raise DataError(f"data.source {kind} needs data.tokenizer_dir (a directory with tiktoken.model)")
+        tokenizer = Tokenizer.from_dir(data_cfg.tokenizer_dir)
+        if tokenizer.vocab_size > vocab_size:
+            raise DataConfigError(
+                f"config.data.tokenizer_dir={data_cfg.tokenizer_dir}: its tokenizer has {tokenizer.vocab_size:,} "
+                f"token ids, more than the model's vocab_size {vocab_size:,}: use the release's model "
+                f"(config.model.hf_config) or set config.model.overrides.vocab_size to {tokenizer.vocab_size}")
+        if kind == "chat":
+            return _JsonlChats(paths), tokenizer
+        return _JsonlText(paths, data_cfg.get("text_field", "text")), tokenizer
     if kind == "array_record":
         missing = [p for p in paths if not os.path.exists(p)]
         if not paths or missing:
             raise DataError(f"data.source array_record: missing files {missing or spec!r}")
         return grain.sources.ArrayRecordDataSource(paths), None
-    raise DataError(f"data.source must be synthetic, jsonl:PATHS or array_record:PATHS, got {data_cfg.source!r}")
+    raise DataError(f"data.source must be synthetic, jsonl:PATHS, chat:PATHS or array_record:PATHS, got "
+                    f"{data_cfg.source!r}")
+
+
+def batch_shapes(data_cfg, rows: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """{leaf: (shape, dtype)} of a batch of `rows` rows from this source (what the train step is compiled for)."""
+    shapes = {k: ((rows, seq_len + 1), np.int32) for k in ("tokens", "segment_ids", "positions")}
+    if _kind(data_cfg) == "chat":
+        shapes["loss_weights"] = ((rows, seq_len + 1), np.float32)
+        shapes.update({k: ((rows,), np.int32) for k in CONVERSATION_COUNTS})
+    return shapes
+
+
+def sample_text(data_cfg, *, seq_len: int) -> str | None:
+    """Chat data: its first conversation rendered, the trained tokens between ⟦ and ⟧ (train.py prints it at
+    start-up); None for other sources. Raises DataError as the pipeline would for that conversation."""
+    if _kind(data_cfg) != "chat":
+        return None
+    source, tokenizer = _source(data_cfg, vocab_size=1 << 62, seed=0)
+    chat = render_record(tokenizer, *source[0])
+    trained = int(np.count_nonzero(chat.weights))
+    fate = (f"; longer than a row of seq_len + 1 = {seq_len + 1} tokens: {data_cfg.too_long}"
+            if chat.ids.size > seq_len + 1 else "")
+    return (f"sample conversation ({source[0][1]}): {chat.ids.size} tokens, {trained} trained (between ⟦ and ⟧; "
+            f"turn this off with config.data.print_sample=False){fate}\n"
+            f"{show_trained(tokenizer, chat.ids, chat.weights)}")
 
 
 def make_iterator(data_cfg, *, seq_len: int, global_batch: int, vocab_size: int, seed: int,
@@ -107,6 +203,8 @@ def make_iterator(data_cfg, *, seq_len: int, global_batch: int, vocab_size: int,
     eod = int(data_cfg.get("eod_token_id", -1))
     if tokenizer is not None and eod < 0:
         eod = tokenizer.special("[EOS]")
+    if isinstance(source, _JsonlChats):
+        _chat_options(data_cfg)  # a bad option fails here, not in the pipeline's threads
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     batch_size = global_batch // process_count
@@ -130,6 +228,8 @@ def make_iterator(data_cfg, *, seq_len: int, global_batch: int, vocab_size: int,
 
     def row_stream(row: int):
         """Global row `row` of every batch: documents row, row + R, row + 2R, ... packed end to end."""
+        if isinstance(source, _JsonlChats):
+            return _chat_rows(documents[row::global_batch], tokenizer, data_cfg, seq_len)
         ds = documents[row::global_batch].map(to_tokens).filter(lambda ex: ex["tokens"].size > 0)
         ds = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
         return ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
@@ -141,6 +241,41 @@ def make_iterator(data_cfg, *, seq_len: int, global_batch: int, vocab_size: int,
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(data_cfg.get("prefetch", 2)))
     return DataIterator(iter(ds))
+
+
+def _chat_options(data_cfg) -> tuple[str, int]:
+    """(config.data.too_long, config.data.packing_bins), checked."""
+    too_long, bins = data_cfg.get("too_long", "truncate"), data_cfg.get("packing_bins", 8)
+    if too_long not in TOO_LONG:
+        raise DataConfigError(f"config.data.too_long={too_long!r}: 'truncate' or 'drop' (what to do with a "
+                              f"conversation longer than a row of seq_len + 1 tokens)")
+    if not isinstance(bins, int) or bins < 1:
+        raise DataConfigError(f"config.data.packing_bins={bins!r}: must be a whole number, at least 1")
+    return too_long, bins
+
+
+def _chat_rows(conversations, tokenizer: Tokenizer, data_cfg, seq_len: int):
+    """Rows of whole conversations (first-fit, padded; never one split between rows) with their loss weights and
+    the count of conversations cut to a row or left out (config.data.too_long)."""
+    (too_long, bins), row_len = _chat_options(data_cfg), seq_len + 1
+
+    def to_example(item) -> dict:  # (ids below vocab_size: _source checked the tokenizer's size)
+        chat = render_record(tokenizer, *item)
+        ids, weights = chat.ids, chat.weights
+        over = ids.size > row_len
+        keep = 0 if over and too_long == "drop" else row_len  # a dropped one: no tokens, only its count
+        return {"tokens": ids[:keep], "loss_weights": weights[:keep],
+                "conversations_truncated": np.int32(over and too_long == "truncate"),
+                "conversations_dropped": np.int32(over and too_long == "drop")}
+
+    # rendering is Python work: a few conversations ahead per stream, not grain's default 500 on 16 threads
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * bins)
+    ds = grain.experimental.FirstFitPackIterDataset(
+        conversations.map(to_example).to_iter_dataset(read), length_struct={"tokens": row_len, "loss_weights": row_len},
+        num_packing_bins=bins, shuffle_bins=False, meta_features=CONVERSATION_COUNTS)
+    return ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
+                              "positions": ex["tokens_positions"], "loss_weights": ex["loss_weights"],
+                              **{k: np.int32(sum(ex[k])) for k in CONVERSATION_COUNTS}})
 
 
 class DataIterator:

@@ -9,7 +9,10 @@ wrote for steps >= S (between that checkpoint and the kill) are dropped first, s
 as one run, each step once.
 
 `Throughput` turns the times at which the loop learns that steps are done into steps per second without
-counting compilation, checkpoint saves or a step still running.
+counting compilation, checkpoint saves or a step still running; `token_rates` turns a window of it into tokens
+per second: all targets (`tokens_per_s`) and the trained ones (`trained_tokens_per_s`: chat data's assistant
+tokens). `RowSums` adds up counts of every step between two rows (conversations cut to a row or left out), so a
+column's sum over the rows is the run's total.
 """
 
 from __future__ import annotations
@@ -193,3 +196,45 @@ class Throughput:
 
     def mark_after_pause(self, now: float, done: int) -> None:
         self._since = (now, done)
+
+
+def token_rates(metrics: dict, steps: int, seconds: float) -> dict[str, float]:
+    """Tokens per second over a window of `steps` steps like this one: every next-token target within a segment
+    (tokens_per_s) and those the loss is computed on (trained_tokens_per_s)."""
+    rate = steps / seconds
+    return {"tokens_per_s": float(metrics["tokens"]) * rate,
+            "trained_tokens_per_s": float(metrics.get("trained_tokens", metrics["tokens"])) * rate}
+
+
+def describe_rates(rates: dict, *, trained: bool) -> str:
+    """", 12,345 tok/s" (trained: ", 12,345 tok/s (4,567 trained)") for a step's line."""
+    text = f", {rates['tokens_per_s']:,.0f} tok/s"
+    return text + (f" ({rates['trained_tokens_per_s']:,.0f} trained)" if trained else "")
+
+
+class RowSums:
+    """Counts of every step summed until the next metrics row takes them.
+
+        sums = RowSums(("conversations_truncated", "conversations_dropped"))
+        sums.add(metrics)     # every step (keys a step does not have are left alone)
+        row.update(sums.take())   # at a row: the sums since the previous row, then zero again
+    """
+
+    def __init__(self, keys):
+        self.keys = tuple(keys)
+        self._sums: dict[str, int] = {}
+
+    def add(self, metrics: dict) -> None:
+        for k in self.keys:
+            if k in metrics:
+                self._sums[k] = self._sums.get(k, 0) + int(metrics[k])
+
+    def take(self) -> dict[str, int]:
+        sums, self._sums = self._sums, {k: 0 for k in self._sums}
+        return sums
+
+
+def describe_conversations(counts: dict[str, int]) -> str:
+    """"; 3 conversations longer than a row truncated" (or dropped) for a step's line; "" when there were none."""
+    said = [f"{n} {k.removeprefix('conversations_')}" for k, n in counts.items() if n]
+    return f"; conversations longer than a row since the last line: {', '.join(said)}" if said else ""

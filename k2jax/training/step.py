@@ -4,12 +4,17 @@
     step_fn = make_train_step(state.graphdef, tx, grad_accum=2)
     state, metrics = jax.jit(step_fn, donate_argnums=0)(state, batch)   # batch leaves [b, T + 1]
 
-The batch's rows are split into `grad_accum` microbatches run one after another (a scan), gradients summed
-weighted by their target-token counts, so the update equals one big batch's. The QK-Clip statistics are the max
-over microbatches; expert loads and the routed rows dropped by expert parallelism's bounded receive buffers
-(`ep_dropped_rows`, 0 when dropless) are summed. A step whose loss or gradients are not finite changes nothing
-(`metrics["finite"]` is False): the caller stops before saving it. The metrics also say which explicit
-parallelism the step was traced with (`expert_parallel`, `pipeline_stages`, `pipeline_microbatches`:
+The loss is the weighted mean of the next-token losses over the step's targets, across all devices: a target
+counts within its segment (not across a packed boundary, not on padding) with the batch's `loss_weights` of the
+target token when the batch has them (chat data: 1 on what the assistant produces, 0 elsewhere;
+k2jax.training.chat_data), else 1. The batch's rows are split into `grad_accum` microbatches run one after another
+(a scan), weighted losses and gradients summed and divided by the step's total weight, so the update equals one
+big batch's. The metrics count `tokens` (targets within segments) and `trained_tokens` (those with a weight > 0),
+and sum the batch's `conversations_truncated` / `conversations_dropped` (chat data longer than a row). The QK-Clip
+statistics are the max over microbatches; expert loads and the routed rows dropped by expert parallelism's bounded
+receive buffers (`ep_dropped_rows`, 0 when dropless) are summed. A step whose loss or gradients are not finite
+changes nothing (`metrics["finite"]` is False): the caller stops before saving it. The metrics also say which
+explicit parallelism the step was traced with (`expert_parallel`, `pipeline_stages`, `pipeline_microbatches`:
 k2jax.model.transformer.parallelism of the mesh set with jax.set_mesh).
 
 Letter legend: A accumulation microbatches, b rows per microbatch, T tokens per row.
@@ -27,6 +32,7 @@ from flax import nnx
 
 from k2jax.model.transformer import parallelism
 from k2jax.optim.router_bias import router_bias_update
+from k2jax.training.chat_data import CONVERSATION_COUNTS
 
 
 @jax.tree_util.register_dataclass
@@ -72,15 +78,36 @@ def chunked_token_nll(model, hidden_BTD: jax.Array, targets_BT: jax.Array, chunk
     return nll_nBC.swapaxes(0, 1).reshape(B, T)
 
 
+def target_weights(batch) -> tuple[jax.Array, jax.Array]:
+    """(weight [b, T] float32, within [b, T] bool) of each next-token target of a batch of rows [b, T + 1]: within
+    is True where the target continues its token's segment (not across a packed boundary, not padding); weight is
+    the target token's `loss_weights` there (1 when the batch has none), 0 elsewhere."""
+    seg = batch["segment_ids"]
+    within = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    weights = batch.get("loss_weights")
+    if weights is None:
+        return within.astype(jnp.float32), within
+    return jnp.where(within, weights[:, 1:].astype(jnp.float32), 0.0), within
+
+
+def weighted_nll_sum(model, hidden_BTD: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array) -> jax.Array:
+    """sum(weight * cross-entropy) over the positions of weight > 0: a position of weight 0 adds exactly 0 (a
+    select, not a product: an infinite loss there does not turn the sum into NaN) and its logits get exactly 0
+    gradient."""
+    nll = chunked_token_nll(model, hidden_BTD, targets_BT)
+    return jnp.sum(jnp.where(weights_BT > 0, nll * weights_BT, 0.0))
+
+
 def next_token_loss(model, batch) -> tuple[jax.Array, tuple[jax.Array, dict]]:
-    """Summed cross-entropy of each token's successor within its segment, the number of such targets, aux.
-    batch: tokens, segment_ids, positions [b, T + 1] int32."""
+    """Weighted sum of the cross-entropy of each token's successor within its segment (target_weights), the sum
+    of the weights, aux (the model's, plus the step's `tokens` and `trained_tokens` counts).
+    batch: tokens, segment_ids, positions [b, T + 1] int32, optional loss_weights [b, T + 1] float32."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     hidden, aux = model(tokens[:, :-1], segment_ids=seg[:, :-1], positions=pos[:, :-1], return_aux=True,
                         return_hidden=True)
-    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    nll = chunked_token_nll(model, hidden, tokens[:, 1:])
-    return jnp.sum(nll * mask), (jnp.sum(mask), aux)
+    weights, within = target_weights(batch)
+    counts = {"tokens": jnp.sum(within, dtype=jnp.int32), "trained_tokens": jnp.sum(weights > 0, dtype=jnp.int32)}
+    return weighted_nll_sum(model, hidden, tokens[:, 1:], weights), (jnp.sum(weights), {**aux, **counts})
 
 
 def _global_norm(tree) -> jax.Array:
@@ -93,36 +120,41 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
         def loss_fn(p):
             return next_token_loss(nnx.merge(graphdef, p, rest), micro)
 
-        (loss_sum, (count, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss_sum, count, aux, grads
+        (loss_sum, (weight, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss_sum, weight, aux, grads
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         rows = batch["tokens"].shape[0]
         if rows % grad_accum:
             raise ValueError(f"train step: {rows} rows per step do not split into grad_accum={grad_accum}")
+        counts = {k: jnp.sum(batch[k]) for k in CONVERSATION_COUNTS if k in batch}
+        batch = {k: v for k, v in batch.items() if k not in CONVERSATION_COUNTS}
 
         def one(mb):
-            l, c, aux, g = grads_of(state.params, state.rest, mb)
-            return l, c, aux["attn_max_logits"], aux["expert_load"], jnp.sum(aux["ep_dropped"]), g
+            """(what adds up over microbatches, what is their max, gradients) of one microbatch."""
+            loss_sum, weight, aux, g = grads_of(state.params, state.rest, mb)
+            sums = {"loss_sum": loss_sum, "weight": weight, "tokens": aux["tokens"],
+                    "trained_tokens": aux["trained_tokens"], "expert_load": aux["expert_load"],
+                    "ep_dropped": jnp.sum(aux["ep_dropped"])}
+            return sums, aux["attn_max_logits"], g
 
         if grad_accum == 1:  # nothing to add up: no accumulator, no scan
-            loss_sum, count, max_logits, load, dropped, grads = one(batch)
+            sums, max_logits, grads = one(batch)
         else:
             micro = jax.tree.map(lambda a: a.reshape((grad_accum, rows // grad_accum) + a.shape[1:]), batch)
 
             def accumulate(carry, mb):
-                l, c, m, ld, d, g = one(mb)
-                loss_sum, count, max_logits, load, dropped, grads = carry
-                return (loss_sum + l, count + c, jnp.maximum(max_logits, m), load + ld, dropped + d,
-                        jax.tree.map(jnp.add, grads, g)), None
+                sums, max_logits, grads = one(mb)
+                return (jax.tree.map(jnp.add, carry[0], sums), jnp.maximum(carry[1], max_logits),
+                        jax.tree.map(jnp.add, carry[2], grads)), None
 
             shapes = jax.eval_shape(one, jax.tree.map(lambda a: a[0], micro))
-            zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.full(shapes[2].shape, -jnp.inf),
-                     jnp.zeros(shapes[3].shape, jnp.int32), jnp.zeros((), jnp.int32),
-                     jax.tree.map(jnp.zeros_like, state.params))
-            (loss_sum, count, max_logits, load, dropped, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        denom = jnp.maximum(count, 1).astype(jnp.float32)
-        loss = loss_sum / denom
+            zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0]),
+                     jnp.full(shapes[1].shape, -jnp.inf), jax.tree.map(jnp.zeros_like, state.params))
+            (sums, max_logits, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        load, dropped = sums["expert_load"], sums["ep_dropped"]
+        denom = jnp.maximum(sums["weight"], 1e-9)  # no trained target at all: loss and gradients 0
+        loss = sums["loss_sum"] / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = _global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -150,7 +182,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
         # the parallelism this step was traced with (the mesh set with jax.set_mesh decides it)
         explicit = parallelism(nnx.merge(graphdef, state.params, state.rest).cfg)
         metrics = {**explicit, "loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
-                   "param_norm": param_norm, "tokens": count, "finite": finite,
+                   "param_norm": param_norm, "tokens": sums["tokens"], "trained_tokens": sums["trained_tokens"],
+                   **counts, "finite": finite,
                    "attn_max_logit": max_logits,  # [layers, heads]
                    "ep_dropped_rows": dropped,  # routed rows EP receive buffers dropped (cfg.ep_capacity_factor)
                    "expert_load_max_over_mean": jnp.max(load_f, -1) / jnp.maximum(jnp.mean(load_f, -1), 1e-9)}

@@ -2,7 +2,8 @@
 compiled for deviceless TPU v5p slices and H100s, as train.py builds it (MuonClip, router-bias update, the
 config's mesh and strategy): the Pallas attention kernels run per device under shard_map, expert parallelism
 exchanges rows with the native ragged all-to-all, and the program fits in memory. About a minute of compile per
-test on 2 cores; the 8-chip EP x FSDP, FSDP-only and single-H100 programs are in the slow set (`-m slow`)."""
+test on 2 cores; the 8-chip EP x FSDP, FSDP-only and single-H100 programs are in the slow set (`-m slow`). The
+4-chip pipeline program is the fine-tuning step (data.source chat:...): per-token loss weights in the batch."""
 
 import jax
 import pytest
@@ -14,8 +15,10 @@ ATTENTION_KERNELS = 3  # forward, dq, dk/dv: once for the dense block, once in t
 GROUPED_MATMUL_KERNELS = 3 * 3  # gate, up, down: forward, dx and dw each (once, in the MoE blocks' scan body)
 
 
-def _config(axes: dict, strategy: str, **model):
+def _config(axes: dict, strategy: str, sft: bool = False, **model):
     config = base_config()
+    if sft:  # the batch carries loss_weights and conversation counts (k2jax.training.data.batch_shapes)
+        config.data.source, config.data.tokenizer_dir = "chat:conversations.jsonl", "Kimi-K2-Instruct"
     config.model.preset = "kimi_k2"
     cfg = reduced_k2(**model)
     config.model.overrides = {f: getattr(cfg, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
@@ -30,20 +33,20 @@ def _config(axes: dict, strategy: str, **model):
 def _compile(config, mesh):
     with jax.set_mesh(mesh):
         program = train_program(config, mesh)
-        lowered = program.step_fn.lower(program.abstract_state(),
-                                        program.abstract_batch(config.global_batch, config.seq_len))
-        return lowered.compile()
+        batch = program.abstract_batch(config.global_batch, config.seq_len)
+        assert ("loss_weights" in batch) == config.data.source.startswith("chat:")
+        return program.step_fn.lower(program.abstract_state(), batch).compile()
 
 
-@pytest.mark.parametrize("axes,strategy,remat", [
+@pytest.mark.parametrize("axes,strategy,remat,sft", [
     # 8 chips: EP inside FSDP, full remat (slow set: tests/k2jax/tools/test_aot.py compiles EP x FSDP with full remat on
     # 4 chips through k2jax-aot in CI)
-    pytest.param({"fsdp": 2, "expert": 4}, "ep_fsdp", "full", marks=pytest.mark.slow),
-    pytest.param({"fsdp": 4}, "fsdp", "none", marks=pytest.mark.slow),  # 4 chips: FSDP only (ep8 has FSDP too)
-    ({"expert": 2, "stage": 2}, "ep_pp", "none"),     # 4 chips: 2 pipeline stages, EP inside each
-], ids=["ep8", "fsdp4", "pp4"])
-def test_train_step_compiles_for_tpu_v5p(axes, strategy, remat):
-    compiled = _compile(_config(axes, strategy, remat=remat), tpu_mesh(axes))
+    pytest.param({"fsdp": 2, "expert": 4}, "ep_fsdp", "full", False, marks=pytest.mark.slow),
+    pytest.param({"fsdp": 4}, "fsdp", "none", False, marks=pytest.mark.slow),  # 4 chips: FSDP only (ep8 has FSDP)
+    ({"expert": 2, "stage": 2}, "ep_pp", "none", True),     # 4 chips: 2 pipeline stages, EP inside each; SFT
+], ids=["ep8", "fsdp4", "pp4_sft"])
+def test_train_step_compiles_for_tpu_v5p(axes, strategy, remat, sft):
+    compiled = _compile(_config(axes, strategy, sft, remat=remat), tpu_mesh(axes))
     text = compiled.as_text()
     assert kernel_calls(text, "tpu") >= ATTENTION_KERNELS + GROUPED_MATMUL_KERNELS
     assert ("ragged-all-to-all" in text) == ("expert" in axes)

@@ -1,6 +1,8 @@
 """The Grain pipeline: sources, packing, host split invariance, checkpointable position, clear errors."""
 
 import json
+import os
+import re
 
 import ml_collections
 import numpy as np
@@ -90,3 +92,95 @@ def test_array_record_and_errors(tmp_path):
     small = make_iterator(_cfg(f"array_record:{path}"), seq_len=8, global_batch=2, vocab_size=8, seed=0)
     with pytest.raises(Exception, match="outside the model's vocabulary"):
         _take(small, 3)
+
+
+def _chat_dir(tmp_path):
+    """A tokenizer directory with Kimi-K2-Instruct-0905's chat template (tests/k2jax/inference/chat_templates)."""
+    import shutil
+    template = os.path.join(os.path.dirname(os.path.dirname(__file__)), "inference", "chat_templates",
+                            "k2_instruct_0905", "chat_template.jinja")
+    path = tmp_path / "tokenizer"
+    path.mkdir()
+    write_bpe_ranks(path / "tiktoken.model", train_bpe(["Be brief. What is 12 plus 7? It is 19. Thanks!"] * 4, 300))
+    shutil.copy(template, path)
+    return str(path), Tokenizer.from_dir(path)
+
+
+def _conversation(i):
+    ask = f"What is {i} plus {i}?" + " Please" * (80 if i == 3 else 0)  # conversation 3: longer than a row
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ask},
+                         {"role": "assistant", "content": f"It is {2 * i}."},
+                         {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "Welcome."}]}
+
+
+def _segments(batch):
+    """(tokens, loss_weights) of every conversation in a batch's rows; padding must be segment 0 with weight 0."""
+    out = []
+    for tokens, seg, w in zip(batch["tokens"], batch["segment_ids"], batch["loss_weights"]):
+        assert not w[seg == 0].any()
+        out += [(tuple(tokens[seg == s]), tuple(w[seg == s])) for s in np.unique(seg[seg > 0])]
+    return out
+
+
+@pytest.mark.parametrize("too_long", ["truncate", "drop"])
+def test_chat_rows_pack_whole_conversations_with_their_weights(tmp_path, too_long):
+    from k2jax.training.chat_data import render_chat
+    from k2jax.training.data import sample_text
+    tok_dir, tok = _chat_dir(tmp_path)
+    convs = [_conversation(i) for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    cfg = _cfg(f"chat:{tmp_path / 'c.jsonl'}", tokenizer_dir=tok_dir, too_long=too_long, packing_bins=2)
+    T = 127
+    rendered = [render_chat(tok, c["messages"]) for c in convs]
+    assert rendered[3].ids.size > T + 1 >= max(r.ids.size for i, r in enumerate(rendered) if i != 3)
+    want = {(tuple(r.ids[:T + 1]), tuple(r.weights[:T + 1])): i for i, r in enumerate(rendered)}
+    it = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=tok.vocab_size, seed=0)
+    batches = _take(it, 6)
+    b = batches[0]
+    assert b["loss_weights"].shape == (2, T + 1) and b["loss_weights"].dtype == np.float32
+    assert b["conversations_truncated"].shape == (2,)
+    seen = [want[s] for batch in batches for s in _segments(batch)]  # each segment: one whole conversation
+    kept = [0, 1, 2, 3, 4, 5] if too_long == "truncate" else [0, 1, 2, 4, 5]
+    assert sorted(set(seen)) == kept and min(seen.count(i) for i in kept) >= 2  # epochs of them
+    key, other = ("conversations_truncated", "conversations_dropped")[::1 if too_long == "truncate" else -1]
+    counted = sum(int(batch[key].sum()) for batch in batches)
+    assert counted == seen.count(3) if too_long == "truncate" else counted >= 2
+    assert not any(batch[other].any() for batch in batches)
+    # the iterator's position restores exactly
+    state = it.get_state()
+    after = _take(it, 2)
+    it2 = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=tok.vocab_size, seed=0)
+    it2.set_state(state)
+    for x, y in zip(after, _take(it2, 2)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    sample = sample_text(cfg, seq_len=T)
+    assert sample.startswith(f"sample conversation ({tmp_path / 'c.jsonl'}:1): {rendered[0].ids.size} tokens, "
+                             f"{int(rendered[0].weights.sum())} trained (between ⟦ and ⟧")
+    assert sample.endswith("<|im_assistant|>assistant<|im_middle|>⟦It is 0.<|im_end|>⟧<|im_user|>user<|im_middle|>"
+                           "Thanks!<|im_end|><|im_assistant|>assistant<|im_middle|>⟦Welcome.<|im_end|>⟧")
+
+
+def test_chat_errors_name_the_line_and_the_option(tmp_path):
+    from k2jax.tools.commands import UsageError
+    from k2jax.training.data import DataConfigError
+    tok_dir, tok = _chat_dir(tmp_path)
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(_conversation(1)) + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "name": "kimi"}]}) + "\n")
+    cfg = _cfg(f"chat:{path}", tokenizer_dir=tok_dir, too_long="truncate", packing_bins=1)
+    with pytest.raises(DataError, match=rf"^{path}:2: message 1 \(assistant\): the chat template renders the "
+                                        r"conversation up to this turn with the generation prompt as .*assistant"):
+        _take(make_iterator(cfg, seq_len=63, global_batch=1, vocab_size=tok.vocab_size, seed=0), 4)
+    for key, value, match in [("too_long", "cut", "config.data.too_long='cut': 'truncate' or 'drop'"),
+                              ("packing_bins", 0, "config.data.packing_bins=0: must be a whole number")]:
+        with pytest.raises(DataConfigError, match=re.escape(match)):
+            make_iterator(_cfg(f"chat:{path}", tokenizer_dir=tok_dir, **{key: value}), seq_len=63, global_batch=1,
+                          vocab_size=tok.vocab_size, seed=0)
+    with pytest.raises(UsageError, match=rf"its tokenizer has {tok.vocab_size} token ids, more than the model's "
+                                         rf"vocab_size 256: .* set config.model.overrides.vocab_size to "
+                                         rf"{tok.vocab_size}"):
+        make_iterator(cfg, seq_len=63, global_batch=1, vocab_size=256, seed=0)
+    path.write_text('{"messages": "hi"}\n')
+    with pytest.raises(DataError, match=rf"{path}:1: expected a JSON object with a 'messages' list"):
+        _take(make_iterator(cfg, seq_len=63, global_batch=1, vocab_size=tok.vocab_size, seed=0), 1)

@@ -1,4 +1,5 @@
-"""Metrics: a resumed run's metrics.jsonl and TensorBoard read as one run; throughput counts finished steps only."""
+"""Metrics: a resumed run's metrics.jsonl and TensorBoard read as one run; throughput counts finished steps only;
+trained-token rates and the conversations cut to a row, summed between rows."""
 
 from k2jax.training.metrics import MetricWriter, Throughput, read_metrics, read_tensorboard
 
@@ -38,3 +39,20 @@ def test_throughput_counts_the_steps_finished_between_marks():
     assert t.mark(12.5, 7) == (2, 1.0)
     t.mark_after_pause(20.0, 7)  # a checkpoint save: its time is nobody's step
     assert t.mark(21.0, 9) == (2, 1.0)
+
+
+def test_trained_token_rates_and_conversation_counts_between_rows():
+    from k2jax.training.metrics import RowSums, describe_conversations, describe_rates, token_rates
+    rates = token_rates({"tokens": 1000, "trained_tokens": 250}, steps=2, seconds=4.0)
+    assert rates == {"tokens_per_s": 500.0, "trained_tokens_per_s": 125.0}
+    assert describe_rates(rates, trained=True) == ", 500 tok/s (125 trained)"
+    assert describe_rates(rates, trained=False) == ", 500 tok/s"
+    assert token_rates({"tokens": 10}, 1, 1.0)["trained_tokens_per_s"] == 10.0  # data without loss weights
+    sums = RowSums(("conversations_truncated", "conversations_dropped"))
+    for truncated in (1, 0, 2):  # three steps, then a row
+        sums.add({"conversations_truncated": truncated, "conversations_dropped": 0, "loss": 1.0})
+    counts = sums.take()
+    assert counts == {"conversations_truncated": 3, "conversations_dropped": 0}
+    assert describe_conversations(counts) == "; conversations longer than a row since the last line: 3 truncated"
+    assert sums.take() == {"conversations_truncated": 0, "conversations_dropped": 0}  # the next row: none since
+    assert describe_conversations({}) == "" and RowSums(("x",)).take() == {}  # data without counts

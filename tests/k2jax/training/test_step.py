@@ -1,9 +1,11 @@
 """The train step: gradient accumulation equals one big batch, remat changes nothing, a bad step changes
-nothing."""
+nothing; the weighted loss (chat data's loss weights) equals the masked loss by hand, masked-out tokens get exactly
+zero gradient, and packed weighted rows over 8 devices equal the unpacked conversations."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -117,3 +119,101 @@ def test_chunked_loss_equals_whole_logits_and_gradients():
     assert len(got_grads) == len(want_grads) > 1
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
+def _weights(batch, seed=1):
+    """0/1 loss weights for a batch (about half the tokens trained), as chat data carries them."""
+    rng = np.random.default_rng(seed)
+    return {**batch, "loss_weights": jnp.asarray(rng.integers(0, 2, batch["tokens"].shape), jnp.float32)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return k2jax.Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def test_the_weighted_loss_equals_the_masked_loss_by_hand(model):
+    from k2jax.training.step import next_token_loss
+    batch = _weights(_batch())
+
+    def both(m, b):
+        return next_token_loss(m, b), m(b["tokens"][:, :-1], segment_ids=b["segment_ids"][:, :-1],
+                                        positions=b["positions"][:, :-1])
+
+    (loss_sum, (weight, aux)), logits = nnx.jit(both)(model, batch)
+    tokens, seg, w = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "loss_weights"))
+    nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32))), tokens[:, 1:, None],
+                              -1)[..., 0]
+    within = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    trained = within & (w[:, 1:] > 0)
+    assert 0 < trained.sum() < within.sum()
+    assert abs(float(loss_sum / weight) - nll[trained].mean()) <= 1e-6 * nll[trained].mean()
+    assert (int(aux["tokens"]), int(aux["trained_tokens"]), float(weight)) == (within.sum(), trained.sum(),
+                                                                              trained.sum())
+
+
+def test_the_logits_of_masked_out_tokens_get_exactly_zero_gradient(model):
+    """Through the chunked loss (4 pieces of 16 positions): the final hidden states, so the logits, of a position of
+    weight 0 get exactly 0 gradient; the trained ones do get some. (The whole step with every weight 0: below.)"""
+    from k2jax.training.step import weighted_nll_sum
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((2, 64, model.cfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (2, 64)), jnp.int32)
+    weights = rng.integers(0, 2, (2, 64)).astype(np.float32)
+    grad = np.asarray(nnx.jit(nnx.grad(lambda h, m: weighted_nll_sum(m, h, targets, jnp.asarray(weights))))(
+        hidden, model))
+    assert np.all(grad[weights == 0] == 0.0)
+    assert np.all(np.abs(grad[weights == 1]).max(-1) > 0)
+
+
+def _keep_gradients():
+    """An 'optimizer' that changes nothing and keeps the step's gradients as its state."""
+    def update(grads, state, params=None, **extra):
+        return jax.tree.map(jnp.zeros_like, grads), grads
+    return optax.GradientTransformationExtraArgs(lambda params: jax.tree.map(jnp.zeros_like, params), update)
+
+
+def _pack(convs, rows: int, row_len: int, first_fit: bool = True) -> dict:
+    """Conversations [(tokens, weights)] packed first-fit into `rows` rows of row_len tokens, padded (or one per
+    row)."""
+    packed = {k: np.zeros((rows, row_len), dt) for k, dt in (("tokens", np.int32), ("segment_ids", np.int32),
+                                                            ("positions", np.int32), ("loss_weights", np.float32))}
+    fill = np.zeros(rows, int)
+    for i, (toks, w) in enumerate(convs):
+        r = int(np.argmax(fill + toks.size <= row_len)) if first_fit else i  # the first row with room
+        assert fill[r] + toks.size <= row_len
+        at = slice(fill[r], fill[r] + toks.size)
+        packed["tokens"][r, at], packed["loss_weights"][r, at], packed["positions"][r, at] = toks, w, np.arange(
+            toks.size)
+        packed["segment_ids"][r, at] = packed["segment_ids"][r].max() + 1
+        fill[r] += toks.size
+    return packed
+
+
+def test_packed_weighted_rows_across_8_devices_equal_the_unpacked_conversations(model):
+    """Conversations of 6..20 tokens with 0/1 weights, packed first-fit into 8 rows of 33 tokens (padded) and split
+    over 8 devices, give the loss, token counts and gradients of the same conversations one per row on one
+    device: the step's loss is the weighted mean over every device's trained tokens. With every weight 0 the
+    step's loss and every gradient are exactly 0."""
+    rng = np.random.default_rng(3)
+    convs = [(rng.integers(0, CFG.vocab_size, n), rng.integers(0, 2, n).astype(np.float32))
+             for n in rng.integers(6, 21, 14)]
+    packed = _pack(convs, 8, 33)
+    assert (packed["segment_ids"].max(1) >= 2).sum() >= 4 and (packed["segment_ids"] == 0).any()
+    unpacked = _pack(convs, len(convs), max(t.size for t, _ in convs), first_fit=False)
+    tx = _keep_gradients()
+    state = TrainState.create(model, tx)
+    step = jax.jit(make_train_step(state.graphdef, tx))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    with jax.set_mesh(mesh):
+        got, got_m = step(state, jax.device_put(packed, rows))
+        none, none_m = step(state, jax.device_put({**packed, "loss_weights": np.zeros((8, 33), np.float32)}, rows))
+    want, want_m = step(state, unpacked)
+    for k in ("tokens", "trained_tokens"):
+        assert int(got_m[k]) == int(want_m[k])
+    assert int(got_m["trained_tokens"]) == int(sum(w[1:].sum() for _, w in convs))
+    assert abs(float(got_m["loss"]) - float(want_m["loss"])) <= 1e-5 * abs(float(want_m["loss"]))
+    _close(got.opt_state, want.opt_state, rel=1e-4)
+    assert float(none_m["loss"]) == 0.0 and int(none_m["trained_tokens"]) == 0
+    assert all(np.all(np.asarray(g) == 0.0) for g in jax.tree.leaves(none.opt_state))
