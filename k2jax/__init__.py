@@ -13,18 +13,41 @@
     reply = k2jax.parse_tool_calls(outs[0], tokenizer)   # K2 tool calls in generated ids or text
 """
 
-from k2jax.checkpoint.hf_checkpoint import HFCheckpoint, load_hf_checkpoint, write_hf_checkpoint
-from k2jax.checkpoint.hf_mapping import from_hf_tensors, to_hf_tensors
-from k2jax.checkpoint.orbax_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from k2jax.inference.chat import Chat
-from k2jax.inference.chat_template import ChatTemplateError
-from k2jax.inference.generate import Completion, Generator, LatentCache, Sampling, generate
-from k2jax.inference.tokenizer import Tokenizer, TokenizerError
-from k2jax.inference.tool_calls import ParsedReply, ToolCall, ToolCallParser, parse_tool_calls
-from k2jax.model.config import ConfigError, K2Config, YarnScaling
-from k2jax.model.experts import RoutedExperts, quantize_experts
-from k2jax.model.placement import init_sharded, shard_model
-from k2jax.model.transformer import Transformer, param_info
+import importlib
+
+# where each public name lives. `import k2jax` imports none of them, so a command can quiet the libraries' start-up
+# before jax is imported (k2jax/tools/startup.py); the first public name used imports them all, as `import k2jax`
+# used to (k2jax.model.placement, ... are there after it)
+_PUBLIC = {
+    "k2jax.checkpoint.hf_checkpoint": ("HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint"),
+    "k2jax.checkpoint.hf_mapping": ("from_hf_tensors", "to_hf_tensors"),
+    "k2jax.checkpoint.orbax_checkpoint": ("CheckpointError", "load_checkpoint", "save_checkpoint"),
+    "k2jax.inference.chat": ("Chat",),
+    "k2jax.inference.chat_template": ("ChatTemplateError",),
+    "k2jax.inference.generate": ("Completion", "Generator", "LatentCache", "Sampling", "generate"),
+    "k2jax.inference.tokenizer": ("Tokenizer", "TokenizerError"),
+    "k2jax.inference.tool_calls": ("ParsedReply", "ToolCall", "ToolCallParser", "parse_tool_calls"),
+    "k2jax.model.config": ("ConfigError", "K2Config", "YarnScaling"),
+    "k2jax.model.experts": ("RoutedExperts", "quantize_experts"),
+    "k2jax.model.placement": ("init_sharded", "shard_model"),
+    "k2jax.model.transformer": ("Transformer", "param_info"),
+}
+
+
+def __getattr__(name: str):
+    """The public names and subpackages, imported on first use."""
+    if not name.startswith("__"):
+        for module, names in _PUBLIC.items():
+            imported = importlib.import_module(module)
+            globals().update({n: getattr(imported, n) for n in names})
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module 'k2jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {n for names in _PUBLIC.values() for n in names})
+
 
 __all__ = ["K2Config", "YarnScaling", "ConfigError", "Transformer", "from_hf_tensors", "to_hf_tensors",
            "CheckpointError", "HFCheckpoint", "load_hf_checkpoint", "write_hf_checkpoint", "load_checkpoint",

@@ -52,7 +52,15 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from k2jax.checkpoint.format import DTYPES, INT4_SCALES, QUANTIZED, SCALES, CheckpointError, read_metadata
+from k2jax.checkpoint.format import (
+    DTYPES,
+    INT4_SCALES,
+    QUANTIZED,
+    SCALES,
+    CheckpointError,
+    local_path,
+    read_metadata,
+)
 from k2jax.checkpoint.hf_checkpoint import HFCheckpoint, write_hf_checkpoint
 from k2jax.checkpoint.hf_mapping import HFTensorSpec, fp8_params, int4_params
 from k2jax.checkpoint.stream import CheckpointReader, StreamingWriter
@@ -172,7 +180,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None, 
                         show_progress: bool = True, sync_gb: float = SYNC_GB) -> None:
     """dtype: bfloat16 | float32 | fp8 | int4; None: bfloat16, or with `resume` the interrupted run's.
     show_progress: a progress bar and a line at the start and the end."""
-    out_dir = os.path.abspath(out_dir)
+    hf_dir, out_dir = local_path(hf_dir), os.path.abspath(local_path(out_dir))
     partial = out_dir + ".partial"
     if dtype is None:
         header = _partial_header(partial) if resume else None
@@ -226,6 +234,9 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None, 
             land_oldest()
         sync_start = time.perf_counter()
         _writing(log.close)  # everything durable and recorded
+    except (CheckpointError, quant.QuantError) as e:  # a bad weight found while streaming (an e4m3 NaN)
+        raise type(e)(f"{e}; {partial} is kept: once the input is fixed, run the same command with --resume to "
+                      f"continue") from e
     finally:
         bar.close()  # an error message then starts on its own line
     seconds, sync_s = time.perf_counter() - loop_start, time.perf_counter() - sync_start
@@ -297,6 +308,7 @@ def export_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None, show_
     """A k2jax checkpoint -> the release layout, one tensor in memory at a time. dtype: fp8 | int4 | bfloat16 |
     float32; None: the checkpoint's own (an fp8 / int4 checkpoint exports its e4m3 bytes and scales, or packed
     int32, group scales and weight_shapes, unchanged, with the release's quantization_config)."""
+    ckpt_dir, out_dir = local_path(ckpt_dir), local_path(out_dir)
     source_dtype = read_metadata(ckpt_dir)["dtype"]
     chosen = dtype is not None
     dtype = dtype or source_dtype

@@ -53,6 +53,16 @@ class CheckpointError(ValueError):
     it is loaded for."""
 
 
+def local_path(path: str | os.PathLike) -> str:
+    """A path argument in one spelling, as every reader and writer uses it: `~` expanded, trailing and doubled
+    slashes dropped ("out/" -> "out": a writer's temporary `out.partial...` then sits beside it, not inside it).
+    "" and URLs (gs://...) are left as they are."""
+    path = os.fspath(path)
+    if not path or "://" in path:
+        return path
+    return os.path.normpath(os.path.expanduser(path))
+
+
 def checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True))
 

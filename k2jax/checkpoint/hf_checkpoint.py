@@ -46,7 +46,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from k2jax.checkpoint.format import CheckpointError
+from k2jax.checkpoint.format import CheckpointError, local_path
 from k2jax.checkpoint.hf_mapping import (
     GROUP_SCALE_SUFFIX,
     INT4_SUFFIXES,
@@ -585,7 +585,7 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: K2Config,
         raise CheckpointError(f"write_hf_checkpoint: dtype must be one of {_STORE_DTYPES}, got {dtype!r}")
     if dtype == "int4" and scheme is None:
         scheme = quant.parse_quantization_config(quant.K2_INT4_QUANTIZATION_CONFIG)
-    out_dir = os.fspath(out_dir)
+    out_dir = local_path(out_dir)
     if os.path.exists(out_dir):
         raise CheckpointError(f"{out_dir}: already exists; refusing to overwrite")
     specs = hf_tensor_specs(cfg)

@@ -35,6 +35,7 @@ from k2jax.checkpoint.format import (
     CheckpointError,
     check_chunks,
     checkpointer,
+    local_path,
     metadata,
     nest,
     read_metadata,
@@ -97,7 +98,7 @@ def stored_template(cfg: K2Config, dtype: str, scheme: quant.Int4Scheme | None =
 def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
     """Saves the model's whole state (params and router biases) in cfg.param_dtype. The matmul weights are
     transposed to the stored layout on their devices first (a transient copy of each)."""
-    path = os.fspath(path)
+    path = local_path(path)
     if os.path.exists(path):
         raise CheckpointError(f"{path}: already exists; refusing to overwrite")
     flat = _flat(nnx.to_pure_dict(nnx.state(model)))

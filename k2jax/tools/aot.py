@@ -32,20 +32,24 @@ TPU generations (name counts as in `gcloud`: TensorCores for v4 / v5p, chips for
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
-import re
-import sys
-import threading
-import time
-from typing import Callable
+from k2jax.tools import startup
 
-import jax
-import numpy as np
+startup.quiet()  # before jax is imported: no CUDA / libtpu start-up lines on a machine without those devices
 
-from k2jax.tools.hlo_cost import HloCost, memory_parts
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from k2jax.tools import commands  # noqa: E402
+from k2jax.tools.hlo_cost import HloCost, memory_parts  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -103,6 +107,9 @@ class Topology:
         """The slice's chips as deviceless jax devices (one per chip: megacore on v4 / v5p)."""
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: no chip to hold exclusively
+        if not startup.tpu_present():  # what libtpu would ask the metadata server, or print two lines about
+            os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.name)
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         from jax.experimental import topologies
         libtpu_name = f"{self.spec.libtpu_name}:{'x'.join(map(str, self.shape))}"
         per_host = tuple(min(2, s) for s in self.shape[:2]) + (1,)
@@ -175,29 +182,6 @@ def _per_chip_bytes(tree) -> int:
     return total
 
 
-class _Heartbeat:
-    """Prints "compiling ... N s" every `every` seconds until stopped (a compile takes minutes on 2 cores)."""
-
-    def __init__(self, what: str, log: Callable[[str], None], every: float = 30.0):
-        self.what, self.log, self.every = what, log, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.start = time.perf_counter()
-
-    def _run(self):
-        while not self._stop.wait(self.every):
-            self.log(f"  {self.what}: {time.perf_counter() - self.start:.0f} s")
-
-    def __enter__(self):
-        self.log(f"{self.what} ...")
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.seconds = time.perf_counter() - self.start
-
-
 def _lower(config, step: str, mesh):
     """(lowered program, {memory part: per-chip bytes of the arguments}, {"model": FLOPs of the model's forward
     (and backward) in one run, "optimizer": MuonClip's Newton-Schulz}, tokens per run, the model config)."""
@@ -218,8 +202,9 @@ def _lower(config, step: str, mesh):
         parts = {"parameters": _per_chip_bytes(state.params) + _per_chip_bytes(state.rest),
                  "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
         return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg
-    from k2jax.inference.generate import Generator, LatentCache
+    from k2jax.inference.generate import Generator
     from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS
+    from k2jax.model.target import Target
     cfg = model_config(config)
     infer = config.infer
     if infer.max_len > cfg.max_position_embeddings:
@@ -233,7 +218,8 @@ def _lower(config, step: str, mesh):
     model = abstract_model(cfg, mesh, config.mesh.strategy, expert_format=EXPERT_FORMAT_OF_WEIGHTS[infer.weights])
     weights = _per_chip_bytes(nnx.state(model))
     lowered = Generator(model).lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
-    cache_bytes = LatentCache.values_per_token(cfg) * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
+    slot = Target.of(cfg).latent_slot  # a cache slot's values on this platform (padded on TPU)
+    cache_bytes = cfg.num_hidden_layers * slot * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
     if step == "prefill":
         tokens = infer.batch * infer.prompt_len
         useful = {"model": cfg.flops_per_token(infer.prompt_len, training=False) * tokens}
@@ -242,6 +228,16 @@ def _lower(config, step: str, mesh):
         useful = {"model": cfg.flops_per_token(infer.max_len, training=False, causal=False) * tokens}
     return lowered, {"parameters": weights, "cache": cache_bytes // _batch_shards(infer.batch, mesh)}, useful, \
         tokens, cfg
+
+
+def _decode_minimum(config, cfg) -> float:
+    """The fewest HBM bytes a decode step of config.infer's rows and cache can move over all chips
+    (k2jax.inference.generate.decode_bytes_minimum), the routed experts in infer.weights' form."""
+    from k2jax.inference.generate import decode_bytes_minimum
+    from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS
+    from k2jax.model.placement import abstract_model
+    model = abstract_model(cfg, expert_format=EXPERT_FORMAT_OF_WEIGHTS[config.infer.weights])
+    return decode_bytes_minimum(model, config.infer.batch, config.infer.max_len)
 
 
 def _batch_shards(batch: int, mesh) -> int:
@@ -270,8 +266,8 @@ def _advice(report: dict) -> str:
                          if report["model"]["param_dtype"] == "float32" else "")
                       + ("" if train else _QUANTISED_ADVICE[report["model"].get("weights", "dequantized")]),
         "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",
-        "temporaries": ("model.overrides.remat='full', more grad_accum microbatches, fewer tokens per chip, or a "
-                        "smaller expert-parallel buffer (model.overrides.ep_capacity_factor)") if train else
+        "temporaries": ("--config.model.overrides.remat=full, more grad_accum microbatches, fewer tokens per "
+                        "chip, or a smaller expert-parallel buffer (model.overrides.ep_capacity_factor)") if train else
                        "a smaller infer.batch or infer.prompt_len, or more chips on the batch axes",
         "cache": "a smaller infer.batch or infer.max_len, or more chips on the batch axes",
     }
@@ -301,7 +297,7 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     log(f"k2jax-aot: {step} step on {topo.name} ({topo.chips} chips, mesh {dict(mesh.shape)}, "
         f"strategy {config.mesh.strategy})")
     with jax.set_mesh(mesh):
-        with _Heartbeat("tracing and lowering", log) as hb:
+        with commands.Heartbeat("tracing and lowering", log) as hb:
             try:
                 lowered, parts, useful, tokens, cfg = _lower(config, step, mesh)
             except ShardingRuleError as e:
@@ -319,8 +315,8 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
             report["advice"] = _advice(report)
             return report
         try:
-            with _Heartbeat("compiling for TPU (minutes for a large model on 2 cores)", log) as hb:
-                compiled = lowered.compile()
+            with commands.Heartbeat("compiling for TPU (minutes for a large model on 2 cores)", log) as hb:
+                compiled = commands.interruptible(lowered.compile)  # Ctrl-C does not wait for the compile
         except Exception as e:  # XLA's HBM check raises at compile time (RESOURCE_EXHAUSTED)
             message = str(e)
             if "memory" not in message.lower() and "RESOURCE_EXHAUSTED" not in message:
@@ -361,6 +357,8 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     report["tokens_per_second_bound"] = tokens / seconds_bound if seconds_bound else None
     if step == "decode":
         report["hbm_bytes_per_generated_token"] = hbm_bytes * topo.chips / tokens
+        report["hbm_bytes_minimum_per_step"] = _decode_minimum(config, cfg)
+        report["hbm_bytes_over_minimum"] = hbm_bytes * topo.chips / report["hbm_bytes_minimum_per_step"]
     report["collectives"] = cost.collectives()
     report["pallas_kernels"] = cost.pallas_kernels()
     if not report["fits"]:
@@ -376,13 +374,21 @@ def _libtpu_version() -> str | None:
         return None
 
 
+def count(n: float) -> str:
+    """A count with the unit its size calls for: 1.03T, 32.9B, 16.4M, 12K."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
 def format_report(r: dict) -> str:
     """The report as the table the CLI prints."""
     lines = [f"{r['step']} step, {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, strategy {r['strategy']}"
              f"  [libtpu {r['libtpu']}, jax {r['jax']}]"]
     if "model" in r:
         m = r["model"]
-        lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {m['params'] / 1e9:.3g}B params, "
+        lines.append(f"model: {m['layers']} layers, {m['experts']} experts, {count(m['params'])} params, "
                      f"{m['param_dtype']} params / {m['dtype']} compute, remat {m['remat']}"
                      + (f", routed experts {m['weights'].upper()}-resident" if m.get("weights") in ("fp8", "int4")
                         else ""))
@@ -409,6 +415,8 @@ def format_report(r: dict) -> str:
                      f"{r['step_seconds_lower_bound'] * 1e3:.2f} ms, <= {r['tokens_per_second_bound']:.0f} tokens/s")
         if "hbm_bytes_per_generated_token" in r:
             lines.append(f"HBM bytes per generated token (all chips): {r['hbm_bytes_per_generated_token']:.3e}")
+            least, over = r["hbm_bytes_minimum_per_step"], r["hbm_bytes_over_minimum"]
+            lines.append(f"HBM bytes per step (all chips): {least * over:.3e}, {over:.2f} x the minimum {least:.3e}")
         lines.append(f"Pallas kernels in the program: {r['pallas_kernels']}")
         lines.append("collectives per step (count, bytes per chip):")
         for c in r["collectives"]:
@@ -422,9 +430,7 @@ def format_report(r: dict) -> str:
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (its get_config()); override any field "
-                                    "with --config.FIELD=VALUE.", lock_config=True)
+    commands.define_job_config()
     flags.DEFINE_string("topology", None, "TPU slice to compile for: v5p-512 (gcloud's name) or v5p:4x8x8; "
                         f"generations {', '.join(TPUS)}. Default: the smallest v5p slice the config's mesh needs.")
     flags.DEFINE_enum("step", "train", list(STEPS), "train: the train step as train.py runs it; prefill / "
@@ -434,32 +440,36 @@ def _define_flags() -> None:
 
 
 def main(argv) -> int:
-    from absl import app, flags
+    from absl import flags
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise commands.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
     try:
         report = compile_report(FLAGS.config, step=FLAGS.step, topology=FLAGS.topology)
-    except AotError as e:
-        print(f"k2jax-aot: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        raise commands.Interrupted("interrupted (Ctrl-C): nothing was compiled or written") from None
     print(format_report(report))
     if FLAGS.report:
         with open(FLAGS.report, "w") as f:
             json.dump(report, f, indent=1)
     if not report["fits"]:
-        print(f"k2jax-aot: the {report['step']} step does not fit {report['topology']}: {report['advice']}",
+        print(f"k2jax-aot: error: the {report['step']} step does not fit {report['topology']}: {report['advice']}",
               file=sys.stderr)
-        return 1
-    return 0
+        return commands.FAILED
+    return commands.OK
 
 
 def cli():
-    from absl import app, flags
+    """k2jax-aot: exit 0 it fits, 1 it does not fit (the report says by how much and what to change), 2 a bad flag,
+    config, topology or mesh (one line: `k2jax-aot: error: ...`), 130 Ctrl-C (k2jax/tools/commands.py)."""
+    from absl import flags
+
+    from k2jax.model.config import ConfigError
     _define_flags()
     for name in ["config", "topology", "step", "report"]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-    app.run(lambda argv: sys.exit(main(argv)))
+    commands.run(main, prog="k2jax-aot", job_config=True, doc=__doc__,
+                 errors={AotError: commands.USAGE, ConfigError: commands.USAGE})
 
 
 if __name__ == "__main__":

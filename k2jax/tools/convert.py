@@ -5,21 +5,28 @@
 
 What each flag does, crash safety and memory: k2jax/checkpoint/convert.py. Exit codes (k2jax/tools/commands.py):
 0 OUT_DIR is complete; 1 the input is missing, invalid or damaged, or OUT_DIR exists; 2 a bad flag; 74 the output
-could not be written (disk full, read-only): OUT_DIR.partial is kept and `--resume` continues once that is fixed.
+could not be written (disk full, read-only): OUT_DIR.partial is kept and `--resume` continues once that is fixed;
+130 Ctrl-C: OUT_DIR.partial is kept and `--resume` continues (an export leaves nothing).
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from k2jax.tools import startup
 
-from absl import flags
+startup.quiet()  # before jax is imported: no CUDA / libtpu start-up lines on a machine without those devices
 
-from k2jax.checkpoint.convert import SYNC_GB, OutputError, convert_hf_to_orbax, export_to_hf
-from k2jax.checkpoint.format import DTYPES, CheckpointError
-from k2jax.formats import quant
-from k2jax.model.config import ConfigError
-from k2jax.tools import commands
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+from k2jax.checkpoint.convert import SYNC_GB, OutputError, convert_hf_to_orbax, export_to_hf  # noqa: E402
+from k2jax.checkpoint.format import DTYPES, CheckpointError, local_path  # noqa: E402
+from k2jax.formats import quant  # noqa: E402
+from k2jax.model.config import ConfigError  # noqa: E402
+from k2jax.tools import commands  # noqa: E402
+
+_FLAGS = ["hf_dir", "ckpt_dir", "out_dir", "dtype", "resume", "sync_gb", "to_hf"]
 
 
 def _define_flags() -> None:
@@ -41,6 +48,16 @@ def _define_flags() -> None:
     flags.DEFINE_bool("to_hf", False, "Export --ckpt_dir back to the HF release layout in --out_dir.")
 
 
+def _kept(to_hf: bool, out_dir: str, first: str = "") -> str:
+    """What a conversion or export stopped part-way leaves, and how to continue (after `first`)."""
+    partial = os.path.abspath(out_dir) + ".partial"
+    if to_hf:
+        return f"nothing was left at {out_dir} (the export is all-or-nothing): {first}run it again"
+    if os.path.exists(partial):
+        return f"{partial} is kept: {first}run the same command with --resume to continue"
+    return "nothing was written"
+
+
 def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
@@ -50,27 +67,24 @@ def main(argv):
             raise commands.UsageError("--to_hf takes --ckpt_dir and --out_dir (and no --hf_dir or --resume)")
     elif not FLAGS.hf_dir or not FLAGS.out_dir or FLAGS.ckpt_dir:
         raise commands.UsageError("--hf_dir and --out_dir are required (--ckpt_dir goes with --to_hf)")
+    out_dir = local_path(FLAGS.out_dir)  # "out/" is "out": OUT_DIR.partial sits beside it
     try:
         if FLAGS.to_hf:
-            export_to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, dtype=FLAGS.dtype)
+            export_to_hf(local_path(FLAGS.ckpt_dir), out_dir, dtype=FLAGS.dtype)
         else:
-            convert_hf_to_orbax(FLAGS.hf_dir, FLAGS.out_dir, dtype=FLAGS.dtype, resume=FLAGS.resume,
+            convert_hf_to_orbax(local_path(FLAGS.hf_dir), out_dir, dtype=FLAGS.dtype, resume=FLAGS.resume,
                                 sync_gb=FLAGS.sync_gb)
     except OutputError as e:
-        partial = os.path.abspath(FLAGS.out_dir) + ".partial"
-        if FLAGS.to_hf:
-            hint = f"nothing was left at {FLAGS.out_dir} (the export is all-or-nothing): fix that and run it again"
-        elif os.path.exists(partial):
-            hint = f"{partial} is kept: once that is fixed, run the same command with --resume to continue"
-        else:
-            hint = "nothing was written"
-        raise OutputError(f"cannot write the output: {e}; {hint}") from None
+        raise OutputError(f"cannot write the output: {e}; {_kept(FLAGS.to_hf, out_dir, 'once that is fixed, ')}") \
+            from None
+    except KeyboardInterrupt:
+        raise commands.Interrupted(f"interrupted (Ctrl-C); {_kept(FLAGS.to_hf, out_dir)}") from None
 
 
 def cli():
     _define_flags()
-    for name in ["hf_dir", "ckpt_dir", "out_dir", "dtype", "resume", "sync_gb", "to_hf"]:
+    for name in _FLAGS:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
-    commands.run(main, errors={
+    commands.run(main, doc=__doc__, errors={
         OutputError: commands.IO_ERROR, CheckpointError: commands.FAILED, ConfigError: commands.FAILED,
         quant.QuantError: commands.FAILED})

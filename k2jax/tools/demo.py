@@ -10,44 +10,56 @@ It exercises the public API end to end (Transformer, to_hf_tensors, write_hf_che
 of the full Kimi K2 configuration from `jax.eval_shape` (no memory used). A bad --hf_dir or flag is one line on
 stderr (exit 1 / 2, k2jax/tools/commands.py).
 
-`write_tiny_release(path)` writes a random tiny K2 *with a tokenizer* (tiktoken.model, tokenizer_config.json) in
-the release layout: what notebooks/inference.ipynb and the tests convert, load and chat with when the 1 TB release
-is not at hand.
+`write_tiny_release(path)` writes a random tiny K2 *with a tokenizer* (tiktoken.model, tokenizer_config.json,
+chat_template.jinja) in the release layout: what notebooks/inference.ipynb and the tests convert, load and chat with
+when the 1 TB release is not at hand.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import tempfile
-import time
+from k2jax.tools import startup
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import flags
-from flax import nnx
+startup.quiet()  # before jax is imported: no CUDA / libtpu start-up lines on a machine without those devices
 
-import k2jax
-from k2jax.checkpoint.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint
-from k2jax.checkpoint.orbax_checkpoint import CheckpointError
-from k2jax.inference.tokenizer import SPECIAL_TOKENS, train_bpe, write_bpe_ranks
-from k2jax.model import config as k2config
-from k2jax.model.config import ConfigError
-from k2jax.model.placement import abstract_model
-from k2jax.tools import commands
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import k2jax  # noqa: E402
+from k2jax.checkpoint.format import local_path  # noqa: E402
+from k2jax.checkpoint.hf_checkpoint import load_hf_checkpoint, write_hf_checkpoint  # noqa: E402
+from k2jax.checkpoint.orbax_checkpoint import CheckpointError  # noqa: E402
+from k2jax.inference.chat_template import TEMPLATE_FILE  # noqa: E402
+from k2jax.inference.tokenizer import SPECIAL_TOKENS, train_bpe, write_bpe_ranks  # noqa: E402
+from k2jax.model import config as k2config  # noqa: E402
+from k2jax.model.config import ConfigError  # noqa: E402
+from k2jax.model.placement import abstract_model  # noqa: E402
+from k2jax.tools import commands  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 # the tokenizer's own fixed English text (k2jax's prose can change without changing the demo's tokenizer)
-_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_corpus.txt")
+_CORPUS = os.path.join(_HERE, "demo_corpus.txt")
+# Kimi-K2-Instruct-0905's chat_template.jinja, which k2jax's built-in template renders exactly as (so a tiny release
+# loads with a template of its own, as the releases do, and without the "no chat template" warning)
+_CHAT_TEMPLATE = os.path.join(_HERE, "k2_instruct_0905_chat_template.jinja")
 
 
 def write_tiny_release(path: str | os.PathLike, *, vocab_size: int = 1024, seed: int = 0) -> k2config.K2Config:
     """A random `tiny` K2 in the release's directory layout, tokenizer included: FP8 shards with 128x128 scales,
     index, config.json, tiktoken.model (a byte-level BPE trained on the fixed English text of
-    k2jax/demo_corpus.txt, so English text takes few tokens) and tokenizer_config.json naming the special tokens.
-    For notebooks and tests without the 1 TB release; the weights are random, so replies are gibberish."""
-    path = os.fspath(path)
+    k2jax/demo_corpus.txt, so English text takes few tokens), tokenizer_config.json naming the special tokens and
+    chat_template.jinja (Kimi-K2-Instruct-0905's, as k2jax's built-in template renders). For notebooks and tests
+    without the 1 TB release; the weights are random, so replies are gibberish."""
+    path = local_path(path)
     num_ranks = vocab_size - 256
     with open(_CORPUS, encoding="utf-8") as f:
         ranks = train_bpe([f.read()], num_ranks)
@@ -61,6 +73,7 @@ def write_tiny_release(path: str | os.PathLike, *, vocab_size: int = 1024, seed:
     added = {str(num_ranks + off): {"content": name, "special": True} for off, name in SPECIAL_TOKENS.items()}
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"added_tokens_decoder": added, "bos_token": "[BOS]", "eos_token": "[EOS]"}, f, indent=1)
+    shutil.copyfile(_CHAT_TEMPLATE, os.path.join(path, TEMPLATE_FILE))
     return cfg
 
 
@@ -83,6 +96,7 @@ def run(preset: str, batch: int, seq_len: int, seed: int, hf_dir: str | None = N
     (must not exist)."""
     if hf_dir is not None and keep_dir is not None:
         raise commands.UsageError("--keep_dir keeps the checkpoint the demo generates; with --hf_dir there is none")
+    hf_dir, keep_dir = (local_path(p) if p is not None else None for p in (hf_dir, keep_dir))
     if keep_dir is not None and os.path.exists(keep_dir):
         raise commands.UsageError(f"--keep_dir={keep_dir} already exists; pass a new directory")
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,15 +145,17 @@ def main(argv=None):
     print(f"Kimi K2 (jax.eval_shape): {total:,} parameters, {k2.num_active_params():,} active per token, "
           f"{k2.flops_per_token(4096) / 1e9:.1f} GFLOP per training token at 4K context")
     if FLAGS.keep_dir:
-        print(f"kept the checkpoint in {FLAGS.keep_dir}: run it again with k2jax-demo --hf_dir={FLAGS.keep_dir}, or "
-              f"convert it with k2jax-convert --hf_dir={FLAGS.keep_dir} --out_dir=DIR")
+        kept = local_path(FLAGS.keep_dir)
+        print(f"kept the checkpoint in {kept}: run it again with k2jax-demo --hf_dir={kept}, or convert it with "
+              f"k2jax-convert --hf_dir={kept} --out_dir=DIR")
 
 
 def cli():
     _define_flags()
     for name in ["preset", "batch", "seq_len", "seed", "hf_dir", "keep_dir"]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --help lists it
-    commands.run(main, errors={CheckpointError: commands.FAILED, ConfigError: commands.FAILED}, prog="k2jax-demo")
+    commands.run(main, errors={CheckpointError: commands.FAILED, ConfigError: commands.FAILED,
+                               OSError: commands.FAILED}, prog="k2jax-demo", doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     from k2jax.training.loop import base_config, train
     config = base_config(); config.steps = 20
-    result = train(config, workdir="/tmp/run")  # {"status": "done" | "already_done" | "preempted", "step", "loss"}
+    result = train(config, workdir="/tmp/run")  # {"status": "done" | "already_done" | "preempted" | "interrupted",
+                                                #  "step", "loss"}
 
 The config is checked before anything is built (`check_config`: one line naming the field, TrainConfigError).
 The step is compiled ahead of time ("compiling the train step ..."), and a step that would not fit in the
@@ -10,9 +11,12 @@ devices' memory stops there with a TrainConfigError naming the sizes to change. 
 state and the data iterators' positions are saved (async, keep-last-N); a restart with the same workdir resumes
 from the latest checkpoint automatically and continues with exactly the batches an uninterrupted run would have
 seen, and a workdir already at `steps` returns "already_done" without training. SIGTERM (a TPU preemption
-notice) saves at the next step and returns "preempted" (train.py exits 75: run it again to resume). A step
-whose loss or gradients are not finite leaves the state unchanged and stops the job with NonFiniteError before
-anything after it is saved. Metrics every `metrics.every` steps go to metrics.jsonl and TensorBoard (a resumed
+notice) saves at the next step and returns "preempted" (train.py exits 75: run it again to resume), Ctrl-C
+(SIGINT) once the steps run likewise returns "interrupted" (exit 130; before the first step, or a second Ctrl-C, it
+raises Interrupted at once: nothing new to save). A workdir or init_from checkpoint of another model than the job's
+is a TrainConfigError naming the fields that differ, before anything is built; a failed run leaves no empty workdir
+or checkpoints/. A step whose loss or gradients are not finite leaves the state unchanged and stops the job with
+NonFiniteError before anything after it is saved. Metrics every `metrics.every` steps go to metrics.jsonl and TensorBoard (a resumed
 run first drops what the earlier run logged after its checkpoint); they are fetched one step late so the host
 never waits on the device for them. Process 0 prints a banner, then a line per logged step.
 """
@@ -20,28 +24,43 @@ never waits on the device for them. Process 0 prints a banner, then a line per l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from k2jax.checkpoint.format import local_path, read_metadata
 from k2jax.checkpoint.orbax_checkpoint import load_checkpoint
 from k2jax.model.config import ConfigError, K2Config, preset
 from k2jax.model.placement import abstract_model, state_shardings
 from k2jax.model.transformer import Transformer, describe_parallelism, parallelism, param_info, param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
-from k2jax.tools.commands import UsageError, one_line
+from k2jax.tools.commands import Heartbeat, Interrupted, UsageError, interruptible, one_line
 from k2jax.tools.hlo_cost import memory_parts
-from k2jax.training.checkpoints import TrainCheckpoints, with_shardings
-from k2jax.training.data import make_iterator
-from k2jax.training.metrics import MetricWriter, Throughput
+from k2jax.training.chat_data import CONVERSATION_COUNTS
+from k2jax.training.checkpoints import (
+    MODEL_RECORD,
+    TrainCheckpoints,
+    model_differences,
+    recorded_model,
+    with_shardings,
+)
+from k2jax.training.data import batch_shapes, make_iterator, sample_text
+from k2jax.training.metrics import (
+    MetricWriter,
+    RowSums,
+    Throughput,
+    describe_conversations,
+    describe_rates,
+    token_rates,
+)
 from k2jax.training.step import TrainState, make_train_step
 from sharding.mesh import MeshError, make_mesh, resolve_axis_sizes
 from sharding.rules import (
@@ -81,8 +100,13 @@ def base_config() -> ml_collections.ConfigDict:
         "nesterov": True, "ns_steps": 5, "ns_dtype": "float32", "adam_b1": 0.9, "adam_b2": 0.95,
         "qk_clip_tau": 100.0})
     c.mesh = ml_collections.ConfigDict({"axes": {"fsdp": -1}, "strategy": "fsdp"})
+    # chat:PATHS (fine-tuning on conversations, k2jax/training/chat_data.py): too_long, a conversation longer than a
+    # row of seq_len + 1 tokens: "truncate" (cut to the row) or "drop", counted in the metrics either way;
+    # packing_bins: rows each row stream packs whole conversations into at a time; print_sample: train.py prints
+    # the first conversation with its trained tokens marked at start-up
     c.data = ml_collections.ConfigDict({"source": "synthetic", "tokenizer_dir": "", "text_field": "text",
-                                        "eod_token_id": -1, "prefetch": 2})
+                                        "eod_token_id": -1, "prefetch": 2, "too_long": "truncate",
+                                        "packing_bins": 8, "print_sample": True})
     c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3, "async_save": True})
     c.metrics = ml_collections.ConfigDict({"every": 10, "tensorboard": True, "peak_tflops_per_device": 0.0})
     c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 3})
@@ -113,6 +137,7 @@ class TrainProgram:
     shardings: TrainState
     step_fn: Callable
     batch_rows: NamedSharding
+    batch_shapes: Callable[[int, int], dict]  # (rows, seq_len) -> {leaf: (shape, dtype)}: the data's batches
 
     def abstract_state(self) -> TrainState:
         """The state as ShapeDtypeStructs carrying their shardings: the first argument of step_fn.lower()."""
@@ -121,8 +146,8 @@ class TrainProgram:
 
     def abstract_batch(self, global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         """A batch as ShapeDtypeStructs: the second argument of step_fn.lower()."""
-        rows = lambda dtype: jax.ShapeDtypeStruct((global_batch, seq_len + 1), dtype, sharding=self.batch_rows)  # noqa: E731
-        return {"tokens": rows(jnp.int32), "segment_ids": rows(jnp.int32), "positions": rows(jnp.int32)}
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_rows)
+                for k, (shape, dtype) in self.batch_shapes(global_batch, seq_len).items()}
 
 
 def train_program(config, mesh) -> TrainProgram:
@@ -146,11 +171,18 @@ def train_program(config, mesh) -> TrainProgram:
     step_fn = jax.jit(make_train_step(shapes.graphdef, tx, grad_accum=config.grad_accum), donate_argnums=0,
                       out_shardings=(shardings, None))
     rows = NamedSharding(mesh, activation_spec((config.global_batch,), ("batch",), mesh))
-    return TrainProgram(cfg, tx, schedule, fresh_state, shapes, shardings, step_fn, rows)
+    return TrainProgram(cfg, tx, schedule, fresh_state, shapes, shardings, step_fn, rows,
+                        functools.partial(batch_shapes, config.data))
 
 
 def model_config(config) -> K2Config:
+    """The job's K2Config: config.model's preset or hf_config with its overrides (a ConfigError naming an override
+    that is not a K2Config field)."""
     overrides = dict(config.model.overrides)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(K2Config)})
+    if unknown:
+        raise ConfigError(f"config.model.overrides.{unknown[0]}: K2Config has no field {unknown[0]!r} (its fields: "
+                          f"k2jax.model.config.K2Config)")
     if config.model.hf_config:
         return K2Config.from_hf(config.model.hf_config, **overrides)
     return preset(config.model.preset, **overrides)
@@ -191,17 +223,27 @@ def _state_shardings(abstract: TrainState, info: dict, mesh, strategy: str):
 
 
 class _Preemption:
-    """SIGTERM -> save at the next step and stop."""
+    """SIGTERM, or Ctrl-C (SIGINT) once the steps run -> save at the next step and stop ("preempted" /
+    "interrupted"). Ctrl-C before the first step (nothing new to save) or a second one stops at once
+    (KeyboardInterrupt)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None  # "SIGTERM" | "SIGINT"
+        self.stepping = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def _handle(self, *_):
-        self.requested = True
+    def _handle(self, signum, _frame):
+        if signum == signal.SIGINT and (not self.stepping or self.requested == "SIGINT"):
+            raise KeyboardInterrupt
+        self.requested = self.requested or signal.Signals(signum).name
+
+    @property
+    def status(self) -> str:
+        return "interrupted" if self.requested == "SIGINT" else "preempted"
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def check_config(config, workdir: str) -> K2Config:
@@ -246,7 +288,30 @@ def check_config(config, workdir: str) -> K2Config:
     need(config.checkpoint.every >= 1, f"config.checkpoint.every={config.checkpoint.every}: must be at least 1")
     need(config.metrics.every >= 1, f"config.metrics.every={config.metrics.every}: must be at least 1")
     need(config.ep_overflow in ("drop", "fail"), f"config.ep_overflow={config.ep_overflow!r}: 'drop' or 'fail'")
+    kind = config.data.source.partition(":")[0]
+    need(kind not in ("jsonl", "chat") or bool(config.data.tokenizer_dir),
+         f"config.data.source={config.data.source}: {kind} data needs config.data.tokenizer_dir (a directory with "
+         f"the release's tiktoken.model)")
+    if config.init_from:  # a missing or damaged checkpoint: CheckpointError (exit 1)
+        _same_model(read_metadata(local_path(config.init_from))["config"], cfg,
+                    f"config.init_from={config.init_from} holds another model than the job's",
+                    "describe it in config.model (preset, hf_config, overrides)")
+    recorded = recorded_model(workdir)
+    if recorded is not None:
+        _same_model(recorded, cfg, f"--workdir={workdir} holds checkpoints of another model than the job's",
+                    f"resume it with its own model (--config.model.hf_config={os.path.join(workdir, MODEL_RECORD)}) "
+                    f"or pass a new --workdir")
     return cfg
+
+
+def _same_model(saved: dict, cfg: K2Config, what: str, change: str) -> None:
+    """A TrainConfigError naming the fields on which `saved` (a HF config dict) and the job's model differ."""
+    try:
+        differences = model_differences(saved, cfg)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise TrainConfigError(f"{what}: its model config does not read: {one_line(e)}") from None
+    if differences:
+        raise TrainConfigError(f"{what}: {differences}; {change}")
 
 
 def _mem_available() -> int | None:
@@ -290,7 +355,8 @@ def check_fits(compiled, config) -> int:
         raise TrainConfigError(
             f"the train step needs {_gib(need)} per device, more than the {_gib(limit[0])} of {limit[1]} "
             f"(config.seq_len={config.seq_len}, config.global_batch={config.global_batch}): lower seq_len or "
-            f"global_batch, raise grad_accum, use more devices, or set config.model.overrides.remat='full'")
+            f"global_batch, raise grad_accum, use more devices, or recompute activations: "
+            f"--config.model.overrides.remat=full")
     return need
 
 
@@ -318,25 +384,51 @@ def _banner(config, cfg: K2Config, mesh, workdir: str, start: int, origin: str, 
 
 
 def train(config, workdir: str, *, config_source: str = "") -> dict:
-    """Runs (or resumes) the job. Returns {"status": "done" | "already_done" | "preempted", "step": steps
-    completed, "loss": the last step's loss (None when no step ran)}. config_source: how the config was made
+    """Runs (or resumes) the job. Returns {"status": "done" | "already_done" | "preempted" | "interrupted", "step":
+    steps completed, "loss": the last step's loss (None when no step ran)}. config_source: how the config was made
     (e.g. its file and overrides), for the banner."""
+    workdir = local_path(workdir)
     maybe_initialize_distributed(config)
     cfg = check_config(config, workdir)
     mesh = make_mesh(dict(config.mesh.axes))
     proc = jax.process_index()
-    preemption = _Preemption()  # from here on SIGTERM stops the job cleanly (saving what it has)
+    preemption = _Preemption()  # from here on SIGTERM and Ctrl-C stop the job cleanly (saving what it has)
+    created = not os.path.exists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with jax.set_mesh(mesh):
             ckpts = TrainCheckpoints(workdir, keep=config.checkpoint.keep, every=config.checkpoint.every,
-                                     async_save=config.checkpoint.async_save)
+                                     async_save=config.checkpoint.async_save, model=cfg)
             try:
                 return _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source)
+            except KeyboardInterrupt:
+                ckpts.wait()
+                when = ("before the first step: nothing new to save" if not preemption.stepping else
+                        "again: stopped without waiting for the next step")
+                raise Interrupted(f"interrupted (Ctrl-C) {when}; {_latest(ckpts)}") from None
             finally:
                 ckpts.close()
+    except BaseException:
+        _remove_if_empty(os.path.join(workdir, "checkpoints"), *([workdir] if created else []))  # none left empty
+        raise
     finally:
         preemption.restore()
+
+
+def _latest(ckpts: TrainCheckpoints) -> str:
+    step = ckpts.latest_step()
+    return f"the latest checkpoint is step {step} in {ckpts.directory}" if step is not None else "no checkpoint yet"
+
+
+def _remove_if_empty(*directories: str) -> None:
+    """Each directory, in order, if it is there and empty (process 0 of a multi-process job only)."""
+    if jax.process_index() != 0:
+        return
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:  # not there, or not empty
+            pass
 
 
 def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -> dict:
@@ -350,12 +442,14 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
     _banner(config, cfg, mesh, workdir, latest or 0, origin, config_source)
     data = make_iterator(config.data, seq_len=config.seq_len, global_batch=config.global_batch,
                          vocab_size=cfg.vocab_size, seed=config.seed)  # a missing data file fails before compiling
-    _say("compiling the train step ...")
-    t = time.perf_counter()
-    step_fn = program.step_fn.lower(program.abstract_state(),
-                                    program.abstract_batch(config.global_batch, config.seq_len)).compile()
+    if proc == 0 and config.data.print_sample:  # chat data: what the loss is computed on, before paying for it
+        sample = sample_text(config.data, seq_len=config.seq_len)
+        if sample is not None:
+            _say(sample)
+    step_fn, seconds, cached = _compile(program, config)
     need = check_fits(step_fn, config)
-    _say(f"compiled in {time.perf_counter() - t:.1f} s" + (f"; it needs {_gib(need)} per device" if need else ""))
+    _say(f"compiled in {seconds:.1f} s" + (" (from the compilation cache)" if cached else "")
+         + (f"; it needs {_gib(need)} per device" if need else ""))
     if latest is not None:
         state = ckpts.restore(latest, with_shardings(program.state_shapes, shardings), data)
     else:
@@ -373,10 +467,11 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
     flops_per_step = cfg.flops_per_token(config.seq_len) * config.global_batch * config.seq_len
     report = _Reporter(config, ckpts, writer, schedule, flops_per_step)
     pending, result = None, {"status": "done", "step": start, "loss": None}
+    preemption.stepping = True  # Ctrl-C now saves at the next step
     try:
         for step in range(start, config.steps):
             if step == start and preemption.requested:  # SIGTERM before the first step: nothing new to save
-                result["status"] = "preempted"
+                result["status"] = preemption.status
                 break
             if step == config.profile.start_step:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -399,13 +494,36 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
                 report.speed.mark_after_pause(time.perf_counter(), done)  # a save is not a step
             result["step"] = done
             if stop:
-                result["status"] = "preempted"
+                result["status"] = preemption.status
                 break
         if pending is not None:
             result["loss"] = report(*pending, force=True)
     finally:
         writer.close()
     return result
+
+
+_CACHE_HITS: list[int] = []  # one entry per persistent compilation cache hit (jax.monitoring) while _compile runs
+
+
+def _count_cache_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS.append(1)
+
+
+def _compile(program: TrainProgram, config):
+    """(the compiled step, seconds, whether it came from the persistent compilation cache). A line every 30 s while
+    it compiles; Ctrl-C stops the job at once (the compile runs in a worker thread)."""
+    _CACHE_HITS.clear()
+    jax.monitoring.register_event_listener(_count_cache_hit)
+    try:
+        with Heartbeat("compiling the train step", _say) as compiling:
+            lowered = program.step_fn.lower(program.abstract_state(),
+                                            program.abstract_batch(config.global_batch, config.seq_len))
+            step_fn = interruptible(lowered.compile)
+    finally:
+        jax.monitoring.unregister_event_listener(_count_cache_hit)
+    return step_fn, compiling.seconds, bool(_CACHE_HITS)
 
 
 def _check_ep_overflow(step, metrics, ckpts, policy: str) -> int:
@@ -437,6 +555,7 @@ class _Reporter:
         self.config, self.ckpts, self.writer, self.schedule = config, ckpts, writer, schedule
         self.flops_per_step = flops_per_step
         self.speed = Throughput()
+        self.conversations = RowSums(CONVERSATION_COUNTS)  # chat data cut to a row or left out, between rows
         self.started = False
 
     def __call__(self, step: int, metrics, *, next_metrics=None, force: bool = False) -> float:
@@ -445,6 +564,7 @@ class _Reporter:
         _check_finite(step, metrics, self.ckpts)
         dropped = _check_ep_overflow(step, metrics, self.ckpts, self.config.ep_overflow)
         loss = float(metrics["loss"])
+        self.conversations.add(metrics)
         if dropped:
             _say(f"step {step}: expert parallelism dropped {dropped} routed rows (buffers of "
                  f"ep_capacity_factor x the balanced load are full)")
@@ -467,15 +587,19 @@ class _Reporter:
     def _write(self, step: int, metrics: dict, loss: float, window: tuple[int, float] | None) -> None:
         scalars = {k: v for k, v in metrics.items() if k != "finite"}
         scalars["lr"] = float(self.schedule(step))
+        counts = self.conversations.take()  # since the previous row
+        scalars.update(counts)
         line = f"step {step}/{self.config.steps}: loss {loss:.4f}, grad_norm {float(metrics['grad_norm']):.3f}"
         if window is not None:
             steps, seconds = window
             tflops = self.flops_per_step * steps / seconds / jax.device_count() / 1e12
             peak = self.config.metrics.peak_tflops_per_device
-            scalars.update(tokens_per_s=float(metrics["tokens"]) * steps / seconds, tflops_per_device=tflops,
+            scalars.update(token_rates(metrics, steps, seconds), tflops_per_device=tflops,
                            **({"mfu": tflops / peak} if peak else {}))
-            line += f", {scalars['tokens_per_s']:,.0f} tok/s, {tflops:.3g} TFLOP/s per device"
+            line += describe_rates(scalars, trained=bool(counts))
+            line += f", {tflops:.3g} TFLOP/s per device"
             if peak:
                 line += f", MFU {scalars['mfu']:.1%}"
+        line += describe_conversations(counts)
         self.writer.write(step, scalars)
         _say(line)

@@ -130,6 +130,15 @@ def test_bad_inputs_leave_no_complete_output(hf_dir, converted, tmp_path):
     with pytest.raises(CheckpointError, match=f"{name}: block \\[0, 0\\] is inf"):
         convert_hf_to_orbax(bad_scale, str(tmp_path / "y"), show_progress=False)
     assert not os.path.exists(tmp_path / "y") and not os.path.exists(tmp_path / "y.partial")
+    # an e4m3 NaN is found while streaming: what was converted is kept for --resume, and the error says so
+    from tests.k2jax.checkpoint.test_hf_checkpoint import NAN
+    nan = str(tmp_path / "nan")
+    shutil.copytree(hf_dir, nan)
+    NAN[0](nan)
+    with pytest.raises(CheckpointError, match=NAN[1] + ".*; " + re.escape(
+            f"{tmp_path}/z.partial is kept: once the input is fixed, run the same command with --resume to continue")):
+        convert_hf_to_orbax(nan, str(tmp_path / "z") + "/", show_progress=False)
+    assert os.path.exists(tmp_path / "z.partial") and not os.path.exists(tmp_path / "z")
     os.makedirs(tmp_path / "x.partial")
     with pytest.raises(CheckpointError, match="--resume"):
         convert_hf_to_orbax(hf_dir, str(tmp_path / "x"), show_progress=False)
@@ -159,8 +168,9 @@ def _on_a_small_disk(cmd):
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     """SIGKILL mid-run, then: without --resume, one line saying to pass it; --resume with another --dtype, one
-    line saying which --dtype resumes; a full disk, exit 74 with OUT_DIR.partial kept; finally --resume (no
-    --dtype: the interrupted run's) completes, printing its own lines and no library logs, and equals an
+    line saying which --dtype resumes; a full disk, exit 74 with OUT_DIR.partial kept; Ctrl-C, one line (it was a
+    38-line traceback) saying OUT_DIR.partial is kept, exit 130; finally --resume (no --dtype: the interrupted
+    run's; --out_dir with a trailing slash) completes, printing its own lines and no library logs, and equals an
     uninterrupted conversion."""
     cfg = CFG.replace(n_routed_experts=64, num_hidden_layers=4)  # more tensors: a wider window to kill in
     hf = str(tmp_path / "hf")
@@ -187,7 +197,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert "pass --resume to continue it" in _one_line_error(result, 1)
     with pytest.raises(CheckpointError, match="writes float32, not fp8: add --dtype=float32 to resume it"):
         convert_hf_to_orbax(hf, out, dtype="fp8", resume=True, show_progress=False)  # it said "delete it"
-    resume = [sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), f"--hf_dir={hf}", f"--out_dir={out}",
+    resume = [sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), f"--hf_dir={hf}/", f"--out_dir={out}/",
               "--resume"]
     no_cache = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # its files are over 20 kB too
     full = subprocess.run(_on_a_small_disk(resume), env=no_cache, capture_output=True, text=True)
@@ -195,6 +205,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert "cannot write the output: " in error and "File too large" in error, error
     assert f"{out}.partial is kept: once that is fixed, run the same command with --resume to continue" in error
     assert not os.path.exists(out) and os.path.exists(progress)
+    interrupted = subprocess.Popen(resume + ["--sync_gb=0"], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+    done_before = sum(1 for _ in open(progress))
+    while sum(1 for _ in open(progress)) < done_before + 20:
+        if interrupted.poll() is not None:
+            pytest.fail("the conversion ended before it could be interrupted")
+        time.sleep(0.005)
+    interrupted.send_signal(signal.SIGINT)
+    _, err = interrupted.communicate(timeout=300)
+    error = _one_line_error(subprocess.CompletedProcess(interrupted.args, interrupted.returncode, "", err), 130)
+    assert error.endswith(f"interrupted (Ctrl-C); {out}.partial is kept: run the same command with --resume to "
+                          f"continue"), error
     result = subprocess.run(resume, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"converting {hf} " in result.stderr and f" to {out} as float32; " in result.stderr
@@ -270,9 +292,11 @@ def test_fp8_round_trip_is_bit_exact(hf_dir, tmp_path):
     assert read_metadata(k2)["params"]["moe_blocks.mlp.experts.down_proj"]["dtype"] == "float8_e4m3fn"
     back = str(tmp_path / "hf-again")
     # the command line without --dtype: the checkpoint's own (fp8); it used to write bfloat16 without a word
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), "--to_hf", f"--ckpt_dir={k2}",
-                        f"--out_dir={back}"], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+    # (trailing slashes: the export used to exit 74 and leave an empty OUT_DIR behind)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), "--to_hf", f"--ckpt_dir={k2}/",
+                        f"--out_dir={back}/"], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
     assert r.returncode == 0 and "as fp8 (the checkpoint's dtype" in r.stderr, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["hf-again", "k2-fp8"]
     original, again = _raw_tensors(hf_dir), _raw_tensors(back)
     assert original.keys() == again.keys()
     for name, a in original.items():
@@ -360,7 +384,8 @@ def test_progress_log_records_a_tensor_only_after_the_sync_that_makes_it_durable
 def test_a_bf16_release_converts(tmp_path, dtype):
     """A release stored in BF16 (no FP8 tensors): kept as it is, or quantised to the FP8 layout on the way."""
     hf, out = str(tmp_path / "hf"), str(tmp_path / "out")
-    write_hf_checkpoint(hf, CFG, random_release_tensors(CFG, seed=6), dtype="bfloat16")
+    write_hf_checkpoint(hf + "/", CFG, random_release_tensors(CFG, seed=6), dtype="bfloat16")  # "out/": an OSError
+    assert os.listdir(tmp_path) == ["hf"]
     convert_hf_to_orbax(hf, out, dtype=dtype, show_progress=False)
     loaded = _params(load_checkpoint(out))
     if dtype == "bfloat16":

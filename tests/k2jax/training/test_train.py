@@ -6,6 +6,7 @@ line, every config in configs/ loads."""
 
 import glob
 import importlib.util
+import json
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 from flax import nnx
 
 import k2jax
+from k2jax.model.config import tiny
 from k2jax.model.placement import abstract_model
 from k2jax.training.metrics import read_metrics, read_tensorboard
 from sharding.mesh import resolve_axis_sizes
@@ -166,7 +168,8 @@ def test_preemption_and_sigkill_then_resume_bit_identically(straight, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 8 in _steps(workdir) and 12 not in _steps(workdir), "the kill came too late to test anything"
-    _train(workdir, *args)
+    r = _train(workdir, *args)
+    assert "compiled in" in r.stdout and "(from the compilation cache)" in r.stdout, r.stdout  # compiled before
     want, got = _losses(straight), _losses(workdir)
     for step in range(first[-1], 12):
         assert got[step] == want[step], step
@@ -175,6 +178,39 @@ def test_preemption_and_sigkill_then_resume_bit_identically(straight, tmp_path):
     board = read_tensorboard(workdir)["loss"]
     assert [step for step, _ in board] == list(range(12))
     assert all(abs(value - got[step]) <= 1e-6 * abs(got[step]) for step, value in board)
+
+
+def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
+    """Ctrl-C (SIGINT) was a 48-line KeyboardInterrupt traceback that lost the steps since the last checkpoint: now,
+    like SIGTERM, it saves at the next step, says so in one line and exits 130. Before the first step there is
+    nothing to save: Ctrl-C during the compile stops the job at once (it used to wait for the compile to end) and
+    leaves no empty workdir behind."""
+    compiling = str(tmp_path / "compiling")
+    out = tmp_path / "compiling.out"
+    with open(out, "w") as f:  # another learning rate: a program no other run compiled (the compile takes ~30 s)
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py",
+                                 f"--workdir={compiling}", *FAST, "--config.optimizer.lr=0.00123"], env=_env(8),
+                                stdout=f, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, lambda: "compiling the train step ..." in out.read_text())
+    proc.send_signal(signal.SIGINT)
+    sent = time.perf_counter()
+    _, err = proc.communicate(timeout=300)
+    stopped = time.perf_counter() - sent
+    assert proc.returncode == 130 and "compiled in" not in out.read_text(), err[-2000:]
+    assert "train.py: error: interrupted (Ctrl-C) before the first step: nothing new to save; no checkpoint yet" \
+        in _one_line_error(subprocess.CompletedProcess(proc.args, 130, "", err), 130)
+    assert stopped < 10, stopped
+    assert not os.path.exists(compiling)
+    workdir = str(tmp_path / "stepping")  # the preemption test's program: compiled once for both
+    proc = _start(workdir, "--config.steps=12", "--config.checkpoint.every=4", "--config.metrics.tensorboard=True")
+    _wait_for(proc, lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(read_metrics(workdir)) >= 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    saved = _steps(workdir)
+    assert saved and 2 <= saved[-1] < 12, saved  # saved where it stopped, not only on the schedule
+    assert err.strip().splitlines()[-1] == (f"train.py: interrupted (Ctrl-C) at step {saved[-1]}: saved in {workdir}; "
+                                            f"run the same command again to resume (exit 130)")
 
 
 def test_a_damaged_checkpoint_is_one_line_and_the_one_before_resumes_onto_a_different_mesh(straight, tmp_path):
@@ -209,10 +245,15 @@ def test_a_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path
 
 
 def test_bad_configs_fail_in_one_line_before_anything_runs(tmp_path):
-    """Each used to be a 20-55 line traceback (or, for seq_len, a silent run); --verbosity=1 still shows it."""
+    """Each used to be a 20-55 line traceback (or, for seq_len, a silent run; for another model's init_from
+    checkpoint, a TypeError after compiling for 38 s); --verbosity=1 adds the traceback and keeps the exit code (it
+    was 1). Run from another directory: --config=tiny is the installed configs/tiny.py, and a model field given on
+    its own (--config.model.overrides.remat) reaches the model."""
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     workdir = tmp_path / "never-created"
+    bigger = str(tmp_path / "bigger")
+    k2jax.save_checkpoint(bigger, k2jax.Transformer(tiny(), rngs=nnx.Rngs(0)))  # 3 layers, not FAST's 2
     cases = {  # arguments: (exit code, the error)
         ("--config.stepz=20",): (2, "--config.stepz=20: the config has no field 'stepz' (Did you mean \"steps\""),
         ("--config.mesh.axes={'fsdp': 3}",): (2, "config.mesh.axes: mesh {'fsdp': 3} has 3 devices, but 8 are available"),
@@ -223,20 +264,51 @@ def test_bad_configs_fail_in_one_line_before_anything_runs(tmp_path):
         ("--workdir=gs://bucket/run",): (2, "--workdir=gs://bucket/run: k2jax reads and writes it with local file APIs"),
         ("--config.data.source=array_record:/no/such.arrayrecord", f"--workdir={tmp_path / 'data'}"):
             (1, "missing files ['/no/such.arrayrecord']"),
-        ("--config.stepz=20", "--verbosity=1"): (None, None),
+        (f"--config.init_from={bigger}/",):
+            (2, f"config.init_from={bigger}/ holds another model than the job's: num_hidden_layers 3 there, 2 here; "
+                f"describe it in config.model"),
+        ("--config=tiny", "--config.model.overrides.remat=fool"):  # "the config has no field 'remat'"
+            (2, "config.model: K2Config: remat must be one of ('none', 'full', 'dots'), got 'fool'"),
+        ("--config.steps=-1", "--verbosity=1"): (2, "config.steps=-1: must be at least 1"),  # and its traceback
     }
     procs = {args: subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-         *FAST, *args], env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in cases}
+         *FAST, *args] if not args[0].startswith("--config=") else  # --config comes before its overrides
+        [sys.executable, os.path.join(ROOT, "train.py"), args[0], f"--workdir={workdir}", *FAST, *args[1:]],
+        cwd=tmp_path, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in cases}
     for args, (code, want) in cases.items():
         out, err = procs[args].communicate(timeout=300)
-        r = subprocess.CompletedProcess(args, procs[args].returncode, out, err)
-        if want is None:
-            assert r.returncode != 0 and "Traceback" in err, err[-2000:]  # the debug view
-        else:
-            assert want in _one_line_error(r, code), err[-2000:]
-            assert "compiling" not in out
+        assert ("Traceback" in err) == ("--verbosity=1" in args), err[-2000:]  # the debug view: the same code
+        last = err.strip().splitlines()[-1:] if "--verbosity=1" in args else err.splitlines()
+        assert want in _one_line_error(subprocess.CompletedProcess(args, procs[args].returncode, out,
+                                                                   "\n".join(last)), code), err[-2000:]
+        assert "compiling" not in out
     assert not workdir.exists()  # a config error writes nothing
+    assert not (tmp_path / "data").exists()  # nor does a run that fails: no empty workdir or checkpoints/ (it did)
+
+
+def test_another_models_workdir_and_text_data_without_a_tokenizer_are_config_errors(straight):
+    """Checked before anything is built or written (train.py exits 2, as for every TrainConfigError): a workdir
+    whose checkpoints hold another model (it said "cannot restore it: ... tree structures do not match" after
+    compiling, and the README's advice for that exit 1, move the checkpoint away, was wrong for it); jsonl data
+    without a tokenizer (exit 1, after the banner and creating workdir/checkpoints/)."""
+    from k2jax.training import loop
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.overrides = {"num_hidden_layers": 2}
+    assert loop.check_config(config, straight) == tiny(num_hidden_layers=2)  # its own model: resumes
+    config.model.preset = "moonlight_16b"
+    with pytest.raises(loop.TrainConfigError) as e:
+        loop.check_config(config, straight)
+    assert str(e.value).startswith(f"--workdir={straight} holds checkpoints of another model than the job's: ")
+    assert "hidden_size 64 there, 2048 here" in str(e.value) and str(e.value).endswith(
+        f"resume it with its own model (--config.model.hf_config={straight}/model_config.json) or pass a new --workdir")
+    config.model.preset, config.data.source = "tiny", "jsonl:/no/such.jsonl"
+    with pytest.raises(loop.TrainConfigError, match="config.data.source=jsonl:/no/such.jsonl: jsonl data needs "
+                                                    "config.data.tokenizer_dir"):
+        loop.check_config(config, "/no/such/workdir")
 
 
 def test_a_step_too_big_for_the_devices_is_a_config_error(monkeypatch):
@@ -252,8 +324,10 @@ def test_a_step_too_big_for_the_devices_is_a_config_error(monkeypatch):
     config = loop.base_config()
     monkeypatch.setattr(loop, "device_memory", lambda: (2 * 2**30, "test memory"))
     with pytest.raises(loop.TrainConfigError, match=r"needs 4.00 GiB per device, more than the 2.00 GiB of test "
-                                                    r"memory \(config.seq_len=128, config.global_batch=8\): lower"):
+                                                    r"memory \(config.seq_len=128, config.global_batch=8\): "
+                                                    r"lower") as e:
         loop.check_fits(Compiled(), config)
+    assert str(e.value).endswith("--config.model.overrides.remat=full")  # a flag that works as printed
     monkeypatch.setattr(loop, "device_memory", lambda: (8 * 2**30, "test memory"))
     assert loop.check_fits(Compiled(), config) == 4 * 2**30
     monkeypatch.undo()
@@ -320,19 +394,28 @@ def test_two_processes_train_like_one(straight, tmp_path):
 
 
 def test_init_from_a_converted_checkpoint(tmp_path):
-    """init_from loads parameters only: with a zeroed lm_head every logit is 0, so step 0's loss is ln(V)."""
+    """init_from loads parameters only: with a zeroed lm_head every logit is 0, so step 0's loss is ln(V). Paths
+    with a trailing slash (save_checkpoint's, --workdir's); the compiled step goes to --compilation_cache (where
+    JAX_COMPILATION_CACHE_DIR is not set: the tests' own cache, which train.py otherwise leaves alone); the
+    workdir records its model."""
     import math
 
     import jax.numpy as jnp
 
-    import k2jax
-    from k2jax.model.config import tiny
     model = k2jax.Transformer(tiny(num_hidden_layers=2), rngs=nnx.Rngs(5))
     model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
-    k2jax.save_checkpoint(str(tmp_path / "k2"), model)
-    workdir = str(tmp_path / "init")
-    _train(workdir, "--config.steps=1", f"--config.init_from={tmp_path / 'k2'}")
+    k2jax.save_checkpoint(str(tmp_path / "k2") + "/", model)
+    workdir, cache = str(tmp_path / "init"), tmp_path / "cache"
+    env = {k: v for k, v in _env(8).items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py",
+                        f"--workdir={workdir}/", *FAST, "--config.steps=1", f"--config.init_from={tmp_path / 'k2'}",
+                        f"--compilation_cache={cache}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert abs(_losses(workdir)[0] - math.log(model.cfg.vocab_size)) < 1e-5
+    assert sorted(os.listdir(tmp_path)) == ["cache", "init", "k2"] and _steps(workdir) == [1]
+    assert os.listdir(cache)  # the compiled step (and the smaller programs compiled for more than a second)
+    with open(os.path.join(workdir, "model_config.json")) as f:
+        assert k2jax.K2Config.from_hf(json.load(f)) == tiny(num_hidden_layers=2)
 
 
 def test_ep_overflow_fail_stops_at_the_step_that_dropped_rows(tmp_path, capsys):
