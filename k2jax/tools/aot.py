@@ -36,6 +36,7 @@ from k2jax.tools import startup
 
 startup.quiet()  # before jax is imported: no CUDA / libtpu start-up lines on a machine without those devices
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -105,24 +106,36 @@ class Topology:
 
     def devices(self) -> list:
         """The slice's chips as deviceless jax devices (one per chip: megacore on v4 / v5p)."""
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless: no chip to hold exclusively
+        libtpu_env = {"TPU_SKIP_MDS_QUERY": "1",  # no metadata server off a TPU VM
+                      "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # deviceless: no chip to hold exclusively
         if not startup.tpu_present():  # what libtpu would ask the metadata server, or print two lines about
-            os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.name)
-            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+            libtpu_env |= {"TPU_ACCELERATOR_TYPE": self.name, "TPU_WORKER_HOSTNAMES": "localhost"}
         from jax.experimental import topologies
         libtpu_name = f"{self.spec.libtpu_name}:{'x'.join(map(str, self.shape))}"
         per_host = tuple(min(2, s) for s in self.shape[:2]) + (1,)
         try:
-            topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
-                                                chip_config_name=self.spec.chip_config,
-                                                chips_per_host_bounds=per_host, num_slices=1)
+            with _environ_defaults(libtpu_env):  # for libtpu alone: a child process must not see a TPU host
+                topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
+                                                    chip_config_name=self.spec.chip_config,
+                                                    chips_per_host_bounds=per_host, num_slices=1)
         except RuntimeError as e:
             if "TPU support not installed" not in str(e):
                 raise
             raise AotError(f"compiling for TPU needs libtpu: pip install 'jax[tpu]=={jax.__version__}' (or "
                            f"pip install -e '.[test]')") from None
         return list(topo.devices)
+
+
+@contextlib.contextmanager
+def _environ_defaults(values: dict[str, str]):
+    """Sets each of `values` not already in os.environ for the block, and removes them again after it."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _torus(chips: int, dims: int) -> tuple[int, ...]:

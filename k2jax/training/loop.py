@@ -190,8 +190,8 @@ def model_config(config) -> K2Config:
 
 def maybe_initialize_distributed(config) -> None:
     """jax.distributed.initialize for multi-process jobs: from config.distributed when num_processes > 1 (CPU
-    or GPU clusters; CPU collectives then go over gloo), or with no arguments when the platform says so (TPU pod
-    slices and SLURM/Open MPI launches report their own topology)."""
+    or GPU clusters; CPU collectives then go over gloo), or with no arguments when the launcher says the job has
+    several processes (TPU pod slices and SLURM/Open MPI launches report their own topology)."""
     d = config.distributed
     if jax.distributed.is_initialized():
         return
@@ -199,9 +199,21 @@ def maybe_initialize_distributed(config) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                                    process_id=d.process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID") or os.environ.get(
-            "OMPI_COMM_WORLD_SIZE"):
+    elif launched_processes(os.environ) > 1:
         jax.distributed.initialize()
+
+
+def launched_processes(environ) -> int:
+    """How many processes the launcher says this job has: the hosts of a TPU pod slice (TPU_WORKER_HOSTNAMES),
+    a SLURM step's tasks, an Open MPI world; 1 when none says more (a single host needs no jax.distributed)."""
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    counts = [len(hosts)]
+    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            counts.append(int(environ.get(name, "1")))
+        except ValueError:
+            continue
+    return max(counts)
 
 
 def _schedule(config):

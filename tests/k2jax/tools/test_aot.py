@@ -50,6 +50,14 @@ def test_without_libtpu_it_says_what_to_install(monkeypatch):
         aot.parse_topology("v5p-8").devices()
 
 
+def test_the_deviceless_topology_leaves_the_environment_as_it_was():
+    """libtpu's settings for a deviceless topology are set for its call alone: a process started afterwards (a
+    train.py run by a test or a notebook) must not find TPU_WORKER_HOSTNAMES and take itself for a pod host."""
+    before = dict(os.environ)
+    aot.parse_topology("v5p-8").devices()
+    assert dict(os.environ) == before
+
+
 def test_default_topology_is_the_smallest_slice_for_the_mesh():
     assert aot.default_topology({"expert": 64, "fsdp": 4}).name == "v5p-512"
     with pytest.raises(aot.AotError, match="-1"):

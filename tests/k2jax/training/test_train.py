@@ -435,3 +435,17 @@ def test_ep_overflow_fail_stops_at_the_step_that_dropped_rows(tmp_path, capsys):
         train(config, str(tmp_path / "run"))
     assert _steps(str(tmp_path / "run")) == []
     assert "parallelism: expert parallel over 4 groups" in capsys.readouterr().out  # the banner says EP runs
+
+
+@pytest.mark.parametrize("environ,processes", [
+    ({}, 1),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, 1),  # one TPU VM (or a deviceless compile's setting)
+    ({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3"}, 4),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, 1),  # a single-task SLURM allocation
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "8"}, 16),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, 2),
+    ({"OMPI_COMM_WORLD_SIZE": "two"}, 1),
+])
+def test_jax_distributed_starts_only_for_a_launch_of_several_processes(environ, processes):
+    from k2jax.training.loop import launched_processes
+    assert launched_processes(environ) == processes
