@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 
 from k2jax.tools import commands  # noqa: E402
 from k2jax.tools.hlo_cost import HloCost, memory_parts  # noqa: E402
+from k2jax.tools.step_time import Machine, StepTime  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -64,22 +65,29 @@ class TpuGeneration:
     hbm_bandwidth: float    # bytes/s per chip
     cores_per_chip: int     # TensorCores per chip: what the slice name counts for v4 / v5p (megacore)
     dims: int               # torus dimensions (3: v4 / v5p, 2: v5e / v6e)
+    ici_link_bandwidth: float  # bytes/s of one ICI link in one direction
+    wrap_from: int          # a slice dimension of at least this many chips has its wraparound links (a ring)
 
     @property
     def chip_config(self) -> str:
         return "megacore" if self.cores_per_chip == 2 else "default"
 
 
-# Public per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm); v5p's HBM is what libtpu's
-# memory planner reports as available (95.74 GiB of the 96).
+# Public per-chip figures (cloud.google.com/tpu/docs/v4, /v5p, /v5e, /v6e); v5p's HBM is what libtpu's memory
+# planner reports as available (95.74 GiB of the 96). ICI: the pages' "interchip interconnect bandwidth" per chip
+# (v4 2,400 Gbps, v5p 4,800, v5e 1,600, v6e 3,584; v5p's page also gives 1,200 GB/s bidirectional, so the figure
+# is one direction) over the chip's links (6 on a 3D torus, 4 on a 2D one: v5e / v6e's "ICI ports per chip"):
+# 50, 100, 50 and 112 GB/s per link and direction. Wraparound: v4 / v5p slices close a dimension into a ring from
+# 4 chips (a full cube face), v5e / v6e only across the whole 16-chip pod dimension.
 TPUS: dict[str, TpuGeneration] = {
-    "v4": TpuGeneration("v4", 32 * GiB, 275e12, 1.2e12, 2, 3),
-    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3),
-    "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, 0.819e12, 1, 2),
-    "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, 1.64e12, 1, 2),
+    "v4": TpuGeneration("v4", 32 * GiB, 275e12, 1.2e12, 2, 3, 2400e9 / 8 / 6, 4),
+    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3, 4800e9 / 8 / 6, 4),
+    "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, 0.819e12, 1, 2, 1600e9 / 8 / 4, 16),
+    "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, 1.64e12, 1, 2, 3584e9 / 8 / 4, 16),
 }
 _ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
 STEPS = ("train", "prefill", "decode")
+_libtpu_started: list[bool] = []  # the overlap setting of this process's compiles (libtpu reads its flags once)
 
 
 class AotError(ValueError):
@@ -103,6 +111,12 @@ class Topology:
     def name(self) -> str:
         """The slice's usual name (v5p-512: 512 TensorCores = 256 chips)."""
         return f"{self.generation}-{self.chips * self.spec.cores_per_chip}"
+
+    def machine(self, coords: list[tuple[int, ...]]) -> Machine:
+        """What the step-time estimate needs of the slice; coords: each of the program's devices' chip."""
+        spec = self.spec
+        return Machine(spec.peak_bf16_flops, spec.hbm_bandwidth, spec.ici_link_bandwidth, self.shape,
+                       tuple(d >= spec.wrap_from for d in self.shape), tuple(coords))
 
     def devices(self) -> list:
         """The slice's chips as deviceless jax devices (one per chip: megacore on v4 / v5p)."""
@@ -298,14 +312,20 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
         raise AotError(f"step must be one of {STEPS}, got {step!r}")
     jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are deviceless
     topo = parse_topology(topology) if topology else default_topology(dict(config.mesh.axes))
+    overlap = bool(config.mesh.overlap_collectives)
+    if startup.overlap_collectives(overlap) and _libtpu_started:
+        raise AotError(f"mesh.overlap_collectives={overlap} differs from what libtpu started with in this process; "
+                       f"compile it in a new process (k2jax-aot runs one compile per process)")
     devices = topo.devices()
+    _libtpu_started.append(overlap)
     try:
         mesh = make_mesh(dict(config.mesh.axes), devices)
     except MeshError as e:
         raise AotError(f"the config's mesh does not fit {topo.name} ({topo.chips} chips): {e}") from None
     hbm = topo.spec.hbm_bytes
     report = {"step": step, "topology": topo.name, "chips": topo.chips, "mesh": dict(mesh.shape),
-              "strategy": config.mesh.strategy, "hbm_per_chip": hbm, "libtpu": _libtpu_version(),
+              "strategy": config.mesh.strategy, "overlap_collectives": overlap, "hbm_per_chip": hbm,
+              "libtpu": _libtpu_version(),
               "jax": jax.__version__}
     log(f"k2jax-aot: {step} step on {topo.name} ({topo.chips} chips, mesh {dict(mesh.shape)}, "
         f"strategy {config.mesh.strategy})")
@@ -374,6 +394,11 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
         report["hbm_bytes_over_minimum"] = hbm_bytes * topo.chips / report["hbm_bytes_minimum_per_step"]
     report["collectives"] = cost.collectives()
     report["pallas_kernels"] = cost.pallas_kernels()
+    estimate = StepTime(cost, topo.machine([tuple(d.coords) for d in mesh.devices.flat]))
+    report["step_seconds_estimate"] = estimate.seconds
+    report["mfu_estimate"] = useful_per_chip / (estimate.seconds * topo.spec.peak_bf16_flops) \
+        if estimate.seconds else None
+    report["step_time"] = estimate.summary()
     if not report["fits"]:
         report["advice"] = _advice(report)
     return report
@@ -431,12 +456,31 @@ def format_report(r: dict) -> str:
             least, over = r["hbm_bytes_minimum_per_step"], r["hbm_bytes_over_minimum"]
             lines.append(f"HBM bytes per step (all chips): {least * over:.3e}, {over:.2f} x the minimum {least:.3e}")
         lines.append(f"Pallas kernels in the program: {r['pallas_kernels']}")
+        if r.get("step_seconds_estimate"):
+            lines += _step_time_lines(r)
         lines.append("collectives per step (count, bytes per chip):")
         for c in r["collectives"]:
             lines.append(f"  {c['op']:<20}{c['count']:>8}  {c['bytes'] / GiB:>9.3f} GiB")
     if "advice" in r:
         lines.append(f"to fit: {r['advice']}")
     return "\n".join(lines)
+
+
+def _step_time_lines(r: dict) -> list[str]:
+    est, st = r["step_seconds_estimate"], r["step_time"]
+    lines = [f"step time estimate: {est * 1e3:.2f} ms" + (f", MFU {100 * r['mfu_estimate']:.1f} %"
+                                                           if r.get("mfu_estimate") else "")
+             + f" (compute {st['compute_seconds'] * 1e3:.2f} ms, memory-bound ops "
+               f"{st['memory_bound_seconds'] * 1e3:.2f} ms, exposed communication "
+               f"{sum(st['exposed_seconds'].values()) * 1e3:.2f} ms)"]
+    for kind, busy in st["collective_busy_seconds"].items():
+        lines.append(f"  {kind:<20} {busy * 1e3:>10.2f} ms on the interconnect, "
+                     f"{st['exposed_seconds'].get(kind, 0.0) * 1e3:.2f} ms exposed")
+    if st["exposed_seconds"].get("copy"):
+        lines.append(f"  {'DMA copies':<20} {st['exposed_seconds']['copy'] * 1e3:>10.2f} ms exposed")
+    lines.append("  costliest ops:")
+    lines += [f"    {o['seconds'] * 1e3:>9.2f} ms  {o['op'][:110]}" for o in st["top_ops"]]
+    return lines
 
 
 # ---- command line ---------------------------------------------------------------------------------------------

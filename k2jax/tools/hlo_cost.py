@@ -27,6 +27,7 @@ computation is weighted by how often it runs (XLA's `known_trip_count`, else the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -76,6 +77,22 @@ class _Instruction:
         self.args = rest[:end]  # operands; a constant's value; a parameter's number
         self.operands = _OPERAND.findall(self.args)
         self.attrs = rest[end + 1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """A collective as one op outside fused computations runs it."""
+    op: _Instruction          # the op: the collective itself, its -start / -done, or a fusion holding it
+    collective: _Instruction  # the collective (inside the op's computation for a fusion)
+    kind: str                 # what it does: one of COLLECTIVES ("reduce-scatter" for an all-reduce-scatter fusion)
+    role: str                 # "sync", "start", "done", or "step" (an async collective fusion's progress)
+    operand_bytes: float      # bytes of the collective's first operand per device (what a device sends)
+
+    @property
+    def result_bytes(self) -> float:
+        """Bytes of the collective's result per device (its last array: an async op's tuple ends with it)."""
+        arrays = _arrays(self.collective.type)
+        return math.prod(arrays[-1][1]) * _DTYPE_BYTES[arrays[-1][0]] if arrays else 0.0
 
 
 def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -273,20 +290,77 @@ class HloCost:
 
     # ---- collectives and kernels ----------------------------------------------------------------------------
 
+    def launches(self, comp: str) -> dict[str, Launch]:
+        """The collectives that the ops of `comp` (a computation outside fusions) run, by op name. XLA:TPU writes
+        a collective as the op itself (synchronous), as an -start / -done pair or async-start / async-done around
+        a computation holding it, or fused: a reduce-scatter as an `all-reduce-scatter` fusion (an all-reduce and
+        the slice each device keeps), and with async collective fusion as an `async-collective-start` fusion, the
+        `async_collective_fusion` steps that advance it inside compute fusions, and an `async-collective-done`
+        fusion (each of the three holds the collective: it is one launch, at the start)."""
+        found: dict[str, Launch] = {}
+        for i in self.computations.get(comp, []):
+            base = i.op.removesuffix("-start").removesuffix("-done")
+            if base in COLLECTIVES:
+                role = "start" if i.op.endswith("-start") else "done" if i.op.endswith("-done") else "sync"
+                found[i.name] = Launch(i, i, base, role, self._operand_bytes(i))
+                continue
+            if i.op not in ("fusion", "async-start", "async-done"):
+                continue
+            callee = next((c for k, c in _CALLEES.findall(i.attrs) if k == "calls"), "")
+            inner = self._collective_in(callee)
+            if inner is None:
+                continue
+            kind = inner.op.removesuffix("-start")
+            if i.op == "async-start" or i.name.startswith("async-collective-start"):
+                role = "start"
+            elif i.op == "async-done" or i.name.startswith("async-collective-done"):
+                role = "done"
+            elif callee.startswith("async_collective_fusion"):
+                role = "step"
+            else:
+                role = "sync"
+                kind = "reduce-scatter" if callee.startswith("all-reduce-scatter") else kind
+            found[i.name] = Launch(i, inner, kind, role, self._operand_bytes(inner))
+        return found
+
+    def _operand_bytes(self, i: _Instruction) -> float:
+        return _bytes(self.types.get(i.operands[0], "")) if i.operands else 0.0
+
+    def _collective_in(self, comp: str, depth: int = 0) -> _Instruction | None:
+        """The first collective in `comp` or the computations it calls."""
+        for i in self.computations.get(comp, []):
+            if i.op.removesuffix("-start") in COLLECTIVES:
+                return i
+            for _, callee in _CALLEES.findall(i.attrs):
+                found = self._collective_in(callee, depth + 1) if depth < 8 else None
+                if found is not None:
+                    return found
+        return None
+
     def collectives(self) -> list[dict]:
-        """[{op, count, bytes}]: executions per run and the result bytes of all of them per device."""
+        """[{op, count, bytes}]: executions per run and the result bytes of all of them per device (each launch
+        once: a synchronous collective or the start of an asynchronous one)."""
         found: dict[str, list[float]] = {}
-        for comp, instructions in self.computations.items():
-            for i in instructions:
-                op = i.op.removesuffix("-start")
-                if op not in COLLECTIVES or i.op.endswith("-done"):
+        for comp in self.computations:
+            if comp in self.fused:
+                continue
+            for launch in self.launches(comp).values():
+                if launch.role not in ("sync", "start"):
                     continue
-                arrays = _arrays(i.type)
-                size = math.prod(arrays[-1][1]) * _DTYPE_BYTES[arrays[-1][0]] if arrays else 0
-                row = found.setdefault(op, [0, 0])
+                row = found.setdefault(launch.collective.op.removesuffix("-start"), [0, 0])
                 row[0] += self._times(comp)
-                row[1] += self._times(comp) * size
+                row[1] += self._times(comp) * launch.result_bytes
         return [{"op": op, "count": int(c), "bytes": int(b)} for op, (c, b) in sorted(found.items())]
+
+    def op_flops(self, i: _Instruction) -> float:
+        """An op's matrix FLOPs, a fusion's summed over the computations it calls."""
+        if i.op != "fusion":
+            return self._flops(i)
+        return sum(self.op_flops(j) for j in self._called(i))
+
+    def op_hbm_bytes(self, i: _Instruction) -> float:
+        """An op's HBM bytes (module docstring), for an op outside fused computations."""
+        return self._hbm_bytes(i)
 
     def pallas_kernels(self) -> int:
         return sum(1 for ins in self.computations.values() for i in ins
@@ -339,3 +413,44 @@ def _valid_taps(n_in: int, n_out: int, *, size: int, stride: int, pad_lo: int, l
         valid = (at >= 0) & (at <= (n_in - 1) * lhs_dilate) & (at % lhs_dilate == 0)
         total += int(valid.sum())
     return total
+
+
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+                          r"(?: \{([^}]*)\})?")
+_LIST_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """iota(prod dims) reshaped to dims and transposed by perm: XLA's iota device list."""
+    shape = [int(d) for d in dims.split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def replica_groups(attrs: str, devices: int) -> list[list[int]]:
+    """The device groups of a collective (ids as the program numbers its partitions), in each of the forms XLA
+    prints: explicit lists `{{0,1},{2,3}}` (`{}`: all devices), iota `[G,S]<=[dims]T(perm)`, and mesh axes
+    `mesh['a'=2,'b'=4], device_ids=([dims]T(perm)) {'b'}` (the groups vary along the named axes); a
+    collective-permute's source_target_pairs as two-device groups."""
+    m = _IOTA_GROUPS.search(attrs)
+    if m:
+        return _iota(m.group(2), m.group(3)).reshape([int(d) for d in m.group(1).split(",")]).tolist()
+    m = _MESH_GROUPS.search(attrs)
+    if m:
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        sizes = [int(n) for _, n in axes]
+        ids = (_iota(m.group(2), m.group(3)) if m.group(2) else np.arange(math.prod(sizes))).reshape(sizes)
+        grouped = re.findall(r"'([^']+)'", m.group(4) or "")
+        names = [a for a, _ in axes]
+        order = [k for k, a in enumerate(names) if a not in grouped] + [names.index(a) for a in grouped]
+        size = math.prod(sizes[names.index(a)] for a in grouped)
+        return ids.transpose(order).reshape(-1, size).tolist()
+    m = _PAIRS.search(attrs)
+    if m:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+    m = _LIST_GROUPS.search(attrs)
+    if m and re.search(r"\d", m.group(1)):
+        return [[int(d) for d in g.split(",") if d] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    return [list(range(devices))]

@@ -41,6 +41,40 @@ _NOISE = re.compile(r"cudart_stub\.cc:\d+\] Could not find cuda drivers on your 
 _PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 
+# libtpu's async collective fusion: all-gathers and all-reduces start early and advance inside compute fusions, so a
+# step waits only for what compute does not cover (the flags MaxText sets in LIBTPU_INIT_ARGS for its MoE runs).
+# libtpu reads LIBTPU_INIT_ARGS once, when it starts in a process.
+OVERLAP_FLAGS = ("--xla_tpu_enable_async_collective_fusion=true "
+                 "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+                 "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+                 "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
+                 "--xla_enable_async_all_reduce=true")
+
+
+def overlap_collectives(enabled: bool) -> bool:
+    """Puts OVERLAP_FLAGS in LIBTPU_INIT_ARGS (or takes them out) for libtpu to read when it starts. Returns
+    whether the environment changed."""
+    args = os.environ.get("LIBTPU_INIT_ARGS", "")
+    has = OVERLAP_FLAGS in args
+    if enabled == has:
+        return False
+    args = f"{args} {OVERLAP_FLAGS}" if enabled else args.replace(OVERLAP_FLAGS, "")
+    if args.strip():
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(args.split())
+    else:
+        os.environ.pop("LIBTPU_INIT_ARGS", None)
+    return True
+
+
+def jax_backends_started() -> bool:
+    """Whether jax has started its backends in this process (libtpu has read its flags then)."""
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a jax without it: assume started, so a late change is reported
+        return True
+
+
 def accelerator_present() -> bool:
     """A TPU or a GPU device file (NVIDIA, WSL, AMD) on this machine."""
     return tpu_present() or any(os.path.exists(path) for path in _GPU_DEVICE_FILES)

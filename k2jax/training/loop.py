@@ -42,6 +42,7 @@ from k2jax.model.config import ConfigError, K2Config, preset
 from k2jax.model.placement import abstract_model, state_shardings
 from k2jax.model.transformer import Transformer, describe_parallelism, parallelism, param_info, param_name
 from k2jax.optim.muon_clip import muon_clip, param_rules
+from k2jax.tools import startup
 from k2jax.tools.commands import Heartbeat, Interrupted, UsageError, interruptible, one_line
 from k2jax.tools.hlo_cost import memory_parts
 from k2jax.training.chat_data import CONVERSATION_COUNTS
@@ -99,7 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
         "lr": 3e-3, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.1, "momentum": 0.95,
         "nesterov": True, "ns_steps": 5, "ns_dtype": "float32", "adam_b1": 0.9, "adam_b2": 0.95,
         "qk_clip_tau": 100.0})
-    c.mesh = ml_collections.ConfigDict({"axes": {"fsdp": -1}, "strategy": "fsdp"})
+    # overlap_collectives: libtpu's async collective fusion (k2jax.tools.startup.OVERLAP_FLAGS), the gathers and
+    # reductions running beside compute; set before libtpu starts (train.py, k2jax-aot), TPU only
+    c.mesh = ml_collections.ConfigDict({"axes": {"fsdp": -1}, "strategy": "fsdp", "overlap_collectives": False})
     # chat:PATHS (fine-tuning on conversations, k2jax/training/chat_data.py): too_long, a conversation longer than a
     # row of seq_len + 1 tokens: "truncate" (cut to the row) or "drop", counted in the metrics either way;
     # packing_bins: rows each row stream packs whole conversations into at a time; print_sample: train.py prints
@@ -400,6 +403,9 @@ def train(config, workdir: str, *, config_source: str = "") -> dict:
     steps completed, "loss": the last step's loss (None when no step ran)}. config_source: how the config was made
     (e.g. its file and overrides), for the banner."""
     workdir = local_path(workdir)
+    if startup.overlap_collectives(bool(config.mesh.overlap_collectives)) and startup.jax_backends_started():
+        raise UsageError(f"mesh.overlap_collectives={config.mesh.overlap_collectives} comes too late: jax has started "
+                         f"its backends in this process (train.py sets it before; in a notebook, call train() first)")
     maybe_initialize_distributed(config)
     cfg = check_config(config, workdir)
     mesh = make_mesh(dict(config.mesh.axes))

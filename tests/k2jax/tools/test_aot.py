@@ -123,6 +123,13 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step, weights):
     assert r["hbm_bytes_accessed_per_chip"] > 0 and r["tokens_per_second_bound"] > 0
     ops = {c["op"]: c for c in r["collectives"]}
     assert "ragged-all-to-all" in ops and ops["ragged-all-to-all"]["count"] >= 2  # EP there and back
+    # the step-time estimate: at least the roofline bound, made of its parts, every collective kind costed
+    st = r["step_time"]
+    assert r["step_seconds_estimate"] >= f["compiled_per_chip"] / aot.TPUS["v5p"].peak_bf16_flops
+    assert r["step_seconds_estimate"] == pytest.approx(st["compute_seconds"] + st["memory_bound_seconds"]
+                                                       + sum(st["exposed_seconds"].values()))
+    assert set(st["collective_busy_seconds"]) >= {"ragged-all-to-all"} and len(st["top_ops"]) == 5
+    assert 0 < r["mfu_estimate"] <= 1 and "step time estimate:" in run.stdout
     if step == "train":
         assert m["optimizer_state"] > m["parameters"]  # MuonClip momentum + AdamW moments, f32
         assert r["model"]["remat"] == "full"
