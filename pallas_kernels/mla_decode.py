@@ -22,10 +22,12 @@ are read, so a short row costs little in a batch of long ones; slots past a row'
 zeroed (stale or uninitialised cache memory never reaches a result, NaN included).
 
 Two launch forms, picked by platform (backend.launch_form; one block step, `_block_step`, shared):
-  "tpu" (Mosaic): the grid is (row, chunk, block of `block_s` slots), the last axis sequential with the running
-        softmax in VMEM scratch; the cache's BlockSpec copies one [block_s, C + R] block per step, and the blocks
-        past a row's last position map to its last needed block, so they are never copied (a scalar-prefetched
-        table of last blocks). VMEM holds a block, not the chunk: a 128K-slot cache compiles.
+  "tpu" (Mosaic): the grid is (row, chunk, block of `block_m` query rows, block of `block_s` slots), the last
+        axis sequential with the running softmax in VMEM scratch; the cache's BlockSpec copies one [block_s, C + R]
+        block per step, and the blocks past the last position of a query-row block map to its last needed block,
+        so they are never copied (a scalar-prefetched table of last positions per row and query-row block: a
+        chunk of a prompt skips the slots after its tokens causally). VMEM holds a block of slots and one of query
+        rows, not the chunk or all T·N rows: a 128K-slot cache and a prefill chunk of thousands of tokens compile.
   "gpu" (Triton; also the default interpreted form): one program per (row, chunk, `block_m` of the T·N query
         rows) loops over its chunk's blocks up to the row's last position (a per-(row, chunk) block count
         computed outside the kernel), loading them through the chunk's ref. Fewer query rows per program keep the
@@ -38,8 +40,11 @@ H100) at K2's sizes (64 heads, C = 512, R = 64, 4K and 128K slots, 1 and 4 new t
 tests/pallas_kernels/test_compile.py), and run in the Pallas interpreter in the tests; they have not been run or
 timed on a device yet.
 
+Split-K is for few query rows (decode): with many (a prefill chunk: T·N >= SPLIT_K_ROWS) the query-row blocks fill
+the device and each row's partials would cost a [T·N, C] float32 copy per chunk, so the default is one chunk.
+
 Letter legend: B batch, T new tokens per row, N heads, S cache slots, C kv_lora, R rope dim, X = C + R, q = T·N
-query rows (all, or a block_m of them: q'), k split-K chunks.
+query rows (all, or a block_m of them: q'), k split-K chunks, i query-row blocks.
 """
 
 from __future__ import annotations
@@ -57,17 +62,19 @@ F32 = jnp.float32
 # Launch settings per (launch form, cache dtype) for the arguments left None (backend.launch_settings); the cache's
 # blocks are what fill VMEM / shared memory (H100: 227 KiB per block). tests/pallas_kernels/test_compile.py compiles
 # both forms with these for TPU v5p and H100.
-#   TPU (compiled, v5p): one 1024-slot (bf16) / 512-slot (f32) cache block per grid step, ~1.2 MB per copy.
+#   TPU (compiled, v5p): one 1024-slot (bf16) / 512-slot (f32) cache block per grid step, ~1.2 MB per copy, and
+#   256 query rows per block (decode's T·N = 64 rows are one block; a prefill chunk's T·N rows come in blocks).
 #   H100 (compiled; ptxas: no register spills unless noted): 16 of the T·N query rows per program (the [rows, 512]
 #   float32 accumulator in registers), 64-slot blocks (218 KiB bf16; float32 32-slot blocks, 174 KiB, spills 668
 #   bytes).
 LAUNCH: dict[tuple[str, str], dict] = {
-    ("tpu", "bfloat16"): dict(block_s=1024),
-    ("tpu", "float32"): dict(block_s=512),
+    ("tpu", "bfloat16"): dict(block_s=1024, block_m=256),
+    ("tpu", "float32"): dict(block_s=512, block_m=256),
     ("gpu", "bfloat16"): dict(block_m=16, block_s=64, num_warps=8, num_stages=2),
     ("gpu", "float32"): dict(block_m=16, block_s=32, num_warps=8, num_stages=2),
 }
 # any other form / dtype; num_splits None: default_splits, block_m None: all T·N query rows
+SPLIT_K_ROWS = 2048  # query rows (T·N) from which default_splits is 1
 DEFAULTS = dict(block_s=128, num_splits=None, block_m=None, num_warps=4, num_stages=2)
 
 
@@ -122,11 +129,12 @@ def _loop_kernel(nblk_ref, *refs, scale, bs, C, R, chunk, layered):
 
 
 def _grid_kernel(last_ref, *refs, scale, bs, C, R, chunk, layered):
-    """TPU form: one grid step per block of slots (the innermost, sequential grid axis), the running softmax in
-    VMEM scratch. Blocks past the row's last position are skipped, and their index map repeats the last needed
-    block, so they are not even copied in. (A stack of layers' caches is read at the scalar-prefetched layer.)"""
+    """TPU form: one grid step per (query-row block, block of slots) (the slots the innermost, sequential grid axis),
+    the running softmax in VMEM scratch. Blocks past the query-row block's last position (last_ref, flat [row,
+    query-row block]) are skipped, and their index map repeats the last needed block, so they are not even copied
+    in. (A stack of layers' caches is read at the scalar-prefetched layer.)"""
     ql_ref, qr_ref, pos_ref, cache_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs[layered:]
-    b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, split, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     first_slot = split * chunk + j * bs
 
     @pl.when(j == 0)
@@ -135,20 +143,22 @@ def _grid_kernel(last_ref, *refs, scale, bs, C, R, chunk, layered):
         m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
         l_ref[...] = jnp.zeros_like(l_ref)
 
-    @pl.when(first_slot <= last_ref[b])
+    @pl.when(first_slot <= last_ref[b * pl.num_programs(2) + i])
     def _():
         carry = (acc_ref[...], m_ref[...], l_ref[...])
         acc, m, l = _block_step(ql_ref[...], qr_ref[...], pos_ref[...], cache_ref[:, pl.ds(0, C)],
                                 cache_ref[:, pl.ds(C, R)], first_slot, carry, scale=scale)
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
-    @pl.when(j == pl.num_programs(2) - 1)
+    @pl.when(j == pl.num_programs(3) - 1)
     def _():
         _finish(acc_ref[...], m_ref[...], l_ref[...], o_ref, lse_ref)
 
 
-def default_splits(num_slots: int, block_s: int) -> int:
-    """One chunk per ~1024 slots, at most 16."""
+def default_splits(num_slots: int, block_s: int, query_rows: int = 1) -> int:
+    """One chunk per ~1024 slots, at most 16; one when the T·N query rows are many (SPLIT_K_ROWS)."""
+    if query_rows >= SPLIT_K_ROWS:
+        return 1
     return max(1, min(16, -(-num_slots // max(1024, block_s))))
 
 
@@ -162,9 +172,10 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
     "tpu" runs the tpu form, anything else the gpu form). Launch settings, None: LAUNCH's for the form and the
     cache's dtype, else DEFAULTS: block_s slots per block (on TPU one grid step and one DMA each), num_splits chunks
-    per row (default: default_splits), and in the gpu form block_m query rows (of the T·N) per program (default
-    all: one program reads each cache block once; fewer keep the [block_m, C] float32 accumulator in registers)
-    with Triton's num_warps / num_stages."""
+    per row (default: default_splits), block_m query rows (of the T·N) per program (gpu form) or per block of
+    the grid (tpu form) (default all: each cache block is read once; fewer keep the [block_m, C] float32
+    accumulator in registers / VMEM, and on TPU let each block stop at its own last position), and in the gpu form
+    Triton's num_warps / num_stages."""
     B, T, N, C = q_lat_BTNC.shape
     R = q_rope_BTNR.shape[-1]
     layered = layer is not None
@@ -183,7 +194,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     launch = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, cache_BSX.dtype, block_s=block_s,
                                 num_splits=num_splits, block_m=block_m, num_warps=num_warps, num_stages=num_stages)
     block_s = launch["block_s"]
-    splits = launch["num_splits"] or default_splits(S, block_s)
+    splits = launch["num_splits"] or default_splits(S, block_s, T * N)
     if layered and S % (splits * block_s):  # padding a stack would copy every layer: pad the layer's slab only
         cache_BSX, layered = jax.lax.dynamic_index_in_dim(cache_BSX, layer, 0, False), False
     cache = kb.pad_axis(cache_BSX, cache_BSX.ndim - 2, splits * block_s)
@@ -195,7 +206,13 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     q_lat, q_rope = q_lat_BTNC.reshape(B, q, C), q_rope_BTNR.reshape(B, q, R)  # query row t * N + n
     pos_Bq1 = jnp.repeat(pos_BT, N, axis=1)[..., None]
     kw = dict(scale=float(scale), bs=block_s, C=C, R=R, chunk=chunk, layered=layered)
-    out_shape = [jax.ShapeDtypeStruct((B, splits, q, C), F32), jax.ShapeDtypeStruct((B, splits, q, 1), F32)]
+    bm = min(launch["block_m"] or q, q)
+    qp = -(-q // bm) * bm  # padded query rows: position -1 sees no slot, and their outputs are dropped
+    q_lat, q_rope = (kb.pad_axis(a, 1, bm, value=0) for a in (q_lat, q_rope))
+    pos_Bq1 = kb.pad_axis(pos_Bq1, 1, bm, value=-1)
+    row = lambda d: pl.BlockSpec((None, bm, d), lambda b, k, i, *_: (b, i, 0))  # noqa: E731
+    part = lambda d: pl.BlockSpec((None, None, bm, d), lambda b, k, i, *_: (b, k, i, 0))  # noqa: E731
+    out_shape = [jax.ShapeDtypeStruct((B, splits, qp, C), F32), jax.ShapeDtypeStruct((B, splits, qp, 1), F32)]
     # every slot of the cache once per row (an upper bound: blocks past a row's last position are skipped):
     # scores over the latent and the rope key, values over the latent
     work = kb.cost(flops=2 * B * q * S * (2 * C + R), transcendentals=B * q * S,
@@ -205,41 +222,33 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     if kb.launch_form(backend, platform) == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         per_chunk = chunk // block_s
+        nq = qp // bm
+        last_Bi = pos_Bq1.reshape(B, nq, bm).max(axis=2)  # each query-row block's last visible slot
 
-        def cache_at(b, k, j, last, *layer):  # blocks past the row's last needed one repeat it: no new copy
-            block = jnp.minimum(k * per_chunk + j, jax.lax.div(jnp.maximum(last[b], 0), block_s))
+        def cache_at(b, k, i, j, last, *layer):  # blocks past the query rows' last needed one repeat it: no copy
+            block = jnp.minimum(k * per_chunk + j, jax.lax.div(jnp.maximum(last[b * nq + i], 0), block_s))
             return (*(lr[0] for lr in layer), b, block, 0)
 
-        row = lambda d: pl.BlockSpec((None, q, d), lambda b, k, j, *_: (b, 0, 0))  # noqa: E731
-        part = lambda d: pl.BlockSpec((None, None, q, d), lambda b, k, j, *_: (b, k, 0, 0))  # noqa: E731
         grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1 + layered, grid=(B, splits, per_chunk),
+            num_scalar_prefetch=1 + layered, grid=(B, splits, nq, per_chunk),
             in_specs=[row(C), row(R), row(1), pl.BlockSpec((None,) * (1 + layered) + (block_s, X), cache_at)],
             out_specs=[part(C), part(1)],
-            scratch_shapes=[pltpu.VMEM((q, C), F32), pltpu.VMEM((q, 1), F32), pltpu.VMEM((q, 1), F32)])
+            scratch_shapes=[pltpu.VMEM((bm, C), F32), pltpu.VMEM((bm, 1), F32), pltpu.VMEM((bm, 1), F32)])
         o_BkqC, lse_Bkq1 = pl.pallas_call(
             functools.partial(_grid_kernel, **kw), grid_spec=grid_spec, out_shape=out_shape, cost_estimate=work,
-            **kb.launch_options(backend, platform, 3, sequential=(2,)),
-        )(last_B1[:, 0], *layer_args, q_lat, q_rope, pos_Bq1, cache)
-        return merge_splits(o_BkqC, lse_Bkq1).reshape(B, T, N, C)
+            **kb.launch_options(backend, platform, 4, sequential=(3,)),
+        )(last_Bi.reshape(-1), *layer_args, q_lat, q_rope, pos_Bq1, cache)
+        return merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]).reshape(B, T, N, C)
 
-    bm = launch["block_m"] or q
-    qp = -(-q // bm) * bm  # padded query rows: position -1 sees no slot, and their outputs are dropped
-    q_lat, q_rope = (kb.pad_axis(a, 1, bm, value=0) for a in (q_lat, q_rope))
-    pos_Bq1 = kb.pad_axis(pos_Bq1, 1, bm, value=-1)
     # blocks of each chunk holding slots <= the row's last position
     starts = jnp.arange(splits, dtype=jnp.int32)[None, :] * chunk
     nblk_Bk = jnp.clip((last_B1 + 1 - starts + block_s - 1) // block_s, 0, chunk // block_s).astype(jnp.int32)
-    row = lambda d: pl.BlockSpec((None, bm, d), lambda b, k, i: (b, i, 0))  # noqa: E731
-    part = lambda d: pl.BlockSpec((None, None, bm, d), lambda b, k, i: (b, k, i, 0))  # noqa: E731
     stack = cache.shape[:1] if layered else ()  # a stack of layers: the whole layer axis, read at the layer
     o_BkqC, lse_Bkq1 = pl.pallas_call(
         functools.partial(_loop_kernel, **kw), grid=(B, splits, qp // bm),
         in_specs=[kb.scalar_table_spec(backend, platform)] * (1 + layered) + [
             row(C), row(R), row(1), pl.BlockSpec((*stack, None, chunk, X), lambda b, k, i: (*(0,) * layered, b, k, 0))],
-        out_specs=[part(C), part(1)],
-        out_shape=[jax.ShapeDtypeStruct((B, splits, qp, C), F32), jax.ShapeDtypeStruct((B, splits, qp, 1), F32)],
-        cost_estimate=work,
+        out_specs=[part(C), part(1)], out_shape=out_shape, cost_estimate=work,
         **kb.launch_options(backend, platform, 3, num_warps=launch["num_warps"], num_stages=launch["num_stages"]),
     )(nblk_Bk, *layer_args, q_lat, q_rope, pos_Bq1, cache)
     return merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]).reshape(B, T, N, C)

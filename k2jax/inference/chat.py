@@ -14,7 +14,9 @@ Every turn renders the whole conversation with the tokenizer's chat template (ex
 would build) and runs only what the cache does not hold yet: when the cached tokens are a prefix of the new
 prompt, just the rest (the new messages and the assistant header), otherwise the whole prompt again (e.g. after
 an edit of `messages`, or when a reply does not re-encode to the ids that were generated).
-`reused_tokens` says how many prompt tokens the last turn took from the cache. The cache has max_context slots;
+`reused_tokens` says how many prompt tokens the last turn took from the cache. The cache has max_context slots
+(default 4096; up to the model's 128K / 256K positions: a long prompt is prefilled in chunks of prefill_chunk tokens,
+k2jax.inference.generate.Generator);
 a conversation that would outgrow it fails before generating with a message saying so. If a turn is interrupted
 (e.g. a notebook KeyboardInterrupt), the partial reply is dropped and the next turn re-reads the conversation.
 
@@ -36,14 +38,15 @@ from k2jax.model.transformer import Transformer
 class Chat:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, system: str | None = None,
                  tools: Sequence[Mapping[str, Any]] | None = None, sampling: Sampling = Sampling(),
-                 max_new_tokens: int = 512, max_context: int | None = None, seed: int = 0):
+                 max_new_tokens: int = 512, max_context: int | None = None, seed: int = 0,
+                 prefill_chunk: int | None = None):
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
                              f"{model.cfg.vocab_size}")
         self.tokenizer, self.sampling, self.max_new_tokens, self.seed = tokenizer, sampling, max_new_tokens, seed
         self.tools = list(tools) if tools else None
         self.max_context = min(max_context or 4096, model.cfg.max_position_embeddings)
-        self.generator = Generator(model)
+        self.generator = Generator(model, prefill_chunk=prefill_chunk)
         self.system = system
         self._markers = {tokenizer.special_tokens[m]: m for m in MARKERS if m in tokenizer.special_tokens}
         self.reset()

@@ -14,9 +14,13 @@ slots are overwritten by the row's next tokens and are never visible (a token se
   prefill   the prompt, attention in the expanded (training) form over its own slots only (compute-bound)
   decode    one token per row, attention in the absorbed form over the latent (bandwidth-bound); the same
             function also extends a cache by several tokens (a chat's next turn)
+  chunks    a prompt (or an extend) longer than the Generator's prefill_chunk tokens per row: `extend_in_chunks`,
+            a device-side loop of extends of a chunk each, every chunk attending to the cache written so far and
+            to itself in the absorbed form, so a pass holds rows x chunk tokens however long the prompt (K2's
+            128K / 256K contexts); the default chunk is the platform's token budget per pass over the rows
 
-Both are jitted once per shape (prompt lengths are padded to a power of two) with the cache donated, so decode
-updates it in place. `stream` / `generate` decode on the device: one host call runs up to `steps_per_call` steps
+All are jitted once per shape (prompt lengths are padded to a power of two, then to whole chunks) with the cache
+donated, so decode updates it in place. `stream` / `generate` decode on the device: one host call runs up to `steps_per_call` steps
 (a lax.while_loop that samples, marks the rows that stopped and decodes the sampled tokens, ending early once every
 row has stopped), so the host syncs once per chunk of tokens, not once per token. Weights may be sharded (e.g.
 `load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings.
@@ -155,6 +159,38 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
                                                                  cache.lengths_B + n_new_B)
 
 
+def extend_in_chunks(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cache: LatentCache, *,
+                     chunk: int, all_logits: bool = False) -> tuple[jnp.ndarray, LatentCache]:
+    """`extend` (absorbed attention over the cache) chunk tokens per row at a time, in a device-side loop over
+    the T / chunk chunks (T a multiple of chunk): chunk i runs row b's tokens [i chunk, (i + 1) chunk) that are
+    among its first n_new_B[b], attending to the cache written so far and to itself causally, so the pass holds
+    rows x chunk tokens whatever T is. A chunk no row has tokens in is skipped; a row whose tokens ended runs its
+    padding (never visible: it lands in slots past the row's length, which later tokens overwrite). -> (logits of
+    each row's last new token [B, V] (all_logits: of every token [B, T, V], junk past n_new_B), the cache with
+    lengths_B + n_new_B)."""
+    B, T = tokens_BT.shape
+    if T % chunk:
+        raise ValueError(f"extend_in_chunks: {T} tokens per row are not a whole number of chunks of {chunk}")
+    V = model.cfg.vocab_size
+    logits = jnp.zeros((B, T, V) if all_logits else (B, V), jnp.float32)
+
+    def run(i, logits, cache):
+        start = i * chunk
+        n_B = jnp.clip(n_new_B - start, 0, chunk)
+        chunk_logits, cache = extend(model, jax.lax.dynamic_slice_in_dim(tokens_BT, start, chunk, axis=1), n_B,
+                                     cache, prefill=False, all_logits=all_logits)
+        if all_logits:
+            return jax.lax.dynamic_update_slice_in_dim(logits, chunk_logits, start, axis=1), cache
+        return jnp.where((n_B > 0)[:, None], chunk_logits, logits), cache  # the chunk holding each row's last
+
+    def body(i, carry):
+        logits, cache = carry
+        has_tokens = jnp.any(n_new_B > i * chunk)
+        return jax.lax.cond(has_tokens, run, lambda i, lg, c: (lg, c), i, logits, cache)
+
+    return jax.lax.fori_loop(0, T // chunk, body, (logits, cache))
+
+
 @dataclasses.dataclass
 class Completion:
     tokens: list[int]     # generated ids, without the stop token
@@ -167,19 +203,57 @@ def _bucket(n: int) -> int:
 
 
 class Generator:
-    """Jitted prefill / decode / sampling for one model. The model is split once; each call passes its state."""
+    """Jitted prefill / decode / sampling for one model. The model is split once; each call passes its state.
 
-    def __init__(self, model: Transformer):
+    prefill_chunk: prompt tokens per row that one pass of the model takes. A prompt longer than that (and a longer
+    `extend`) runs in chunks of it, in one jitted device-side loop: each chunk attends to the cache written so far
+    and to itself, causally, so what a pass holds (activations, attention's queries, the expert-parallel
+    exchange's buffers) is bounded by rows x chunk, not by the prompt. None: the platform's budget of tokens per
+    pass over all rows (k2jax.model.target's prefill_tokens) / rows, rounded down to a power of two
+    (`chunk_len`)."""
+
+    def __init__(self, model: Transformer, *, prefill_chunk: int | None = None):
+        if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1 (tokens per row per pass) or None, got "
+                             f"{prefill_chunk!r}")
         self.cfg = model.cfg
+        self.prefill_chunk = prefill_chunk
         self._graphdef, self._state = nnx.split(model)
         self._extend = jax.jit(self._extend_fn, static_argnames=("prefill", "all_logits"),
                                donate_argnames=("cache",))
+        self._chunked = jax.jit(self._chunked_fn, static_argnames=("chunk", "all_logits"),
+                                donate_argnames=("cache",))
         self._sample = jax.jit(sample, static_argnames=("sampling",))
         self._loop = jax.jit(self._loop_fn, static_argnames=("sampling", "steps_per_call"), donate_argnames=("cache",))
 
     def _extend_fn(self, state, tokens_BT, n_new_B, cache, *, prefill, all_logits):
         return extend(nnx.merge(self._graphdef, state), tokens_BT, n_new_B, cache, prefill=prefill,
                       all_logits=all_logits)
+
+    def _chunked_fn(self, state, tokens_BT, n_new_B, cache, *, chunk, all_logits):
+        return extend_in_chunks(nnx.merge(self._graphdef, state), tokens_BT, n_new_B, cache, chunk=chunk,
+                                all_logits=all_logits)
+
+    def chunk_len(self, rows: int) -> int:
+        """Tokens per row in one prefill pass for `rows` rows: prefill_chunk, else the target's prefill_tokens
+        budget / rows rounded down to a power of two (at least 8). Call under the mesh compiled for."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        per_row = max(8, Target.of(self.cfg).prefill_tokens // max(1, rows))
+        return 1 << (per_row.bit_length() - 1)
+
+    def _run(self, tokens: np.ndarray, lengths: np.ndarray, cache: LatentCache, *, prefill: bool, all_logits: bool
+             ) -> tuple[jnp.ndarray, LatentCache]:
+        """One pass when the padded tokens fit a chunk (prefill: the expanded form over the prompt alone), else
+        the chunked loop (tokens padded to whole chunks)."""
+        chunk = self.chunk_len(tokens.shape[0])
+        if tokens.shape[1] <= chunk:
+            return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, prefill=prefill,
+                                all_logits=all_logits)
+        tokens = np.pad(tokens, ((0, 0), (0, -tokens.shape[1] % chunk)))
+        out = self._chunked(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, chunk=chunk,
+                            all_logits=all_logits)
+        return (out[0][:, :int(lengths.max())] if all_logits else out[0]), out[1]
 
     def new_cache(self, batch: int, max_len: int) -> LatentCache:
         if max_len > self.cfg.max_position_embeddings:
@@ -204,7 +278,8 @@ class Generator:
     def prefill(self, prompts: Sequence[Sequence[int]], cache: LatentCache, *, all_logits: bool = False
                 ) -> tuple[jnp.ndarray, LatentCache]:
         """Prompts (lists of ids) into an empty cache with one row per prompt -> (last-token logits [B, V], cache).
-        The cache is donated: use the returned one."""
+        A prompt longer than `chunk_len` runs in chunks (the class docstring). The cache is donated: use the
+        returned one."""
         tokens, lengths = self._pad(prompts)
         if len(prompts) != cache.kv_LBSX.shape[1]:
             raise ValueError(f"prefill: {len(prompts)} prompts for a cache of batch {cache.kv_LBSX.shape[1]}")
@@ -214,18 +289,17 @@ class Generator:
             if lengths.max() > cache.max_len:
                 raise ValueError(f"prompt of {lengths.max()} tokens does not fit a cache of {cache.max_len}")
             tokens = tokens[:, :cache.max_len]
-        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, prefill=True,
-                            all_logits=all_logits)
+        return self._run(tokens, lengths, cache, prefill=True, all_logits=all_logits)
 
     def extend(self, rows: Sequence[Sequence[int]], cache: LatentCache, *, all_logits: bool = False
                ) -> tuple[jnp.ndarray, LatentCache]:
-        """Appends row b's tokens after what its cache row holds (absorbed attention over the whole cache)."""
+        """Appends row b's tokens after what its cache row holds (absorbed attention over the whole cache; more
+        than `chunk_len` tokens per row in chunks)."""
         tokens, lengths = self._pad(rows)
         free = cache.max_len - int(np.asarray(cache.lengths_B).max())
         if lengths.max() > free:
             raise ValueError(f"extend: {lengths.max()} new tokens do not fit: the cache has {free} free slots")
-        return self._extend(self._state, jnp.asarray(tokens), jnp.asarray(lengths), cache, prefill=False,
-                            all_logits=all_logits)
+        return self._run(tokens, lengths, cache, prefill=False, all_logits=all_logits)
 
     def decode(self, tokens_B: jnp.ndarray, cache: LatentCache) -> tuple[jnp.ndarray, LatentCache]:
         """One token per row -> (logits [B, V], cache). No host sync: the caller makes sure slots are left."""
@@ -238,15 +312,18 @@ class Generator:
 
     def lower(self, step: str, *, batch: int, max_len: int, prompt_len: int = 0) -> jax.stages.Lowered:
         """The jitted step for abstract inputs, ready to .compile() ahead of time: "prefill" (prompts of
-        prompt_len tokens into an empty cache of max_len slots, as `prefill`) or "decode" (one token per row, as
-        `decode`). The model may be abstract (`k2jax.model.placement.abstract_model`: no memory for weights); its
+        prompt_len tokens into an empty cache of max_len slots, as `prefill` runs them: one pass, or chunks of
+        `chunk_len(batch)` tokens in a loop) or "decode" (one token per row, as `decode`). The model may be abstract (`k2jax.model.placement.abstract_model`: no memory for weights); its
         shardings are kept. Under `jax.set_mesh(mesh)` the tokens and the cache are split over the batch as
         activations are (sharding.rules.activation_spec)."""
         if step not in ("prefill", "decode"):
             raise ValueError(f"Generator.lower: step must be 'prefill' or 'decode', got {step!r}")
-        T = _bucket(prompt_len) if step == "prefill" else 1
         if step == "prefill" and not 0 < prompt_len <= max_len:
             raise ValueError(f"Generator.lower: prompt_len must be in [1, max_len={max_len}], got {prompt_len}")
+        T = min(_bucket(prompt_len), max_len) if step == "prefill" else 1
+        chunk = self.chunk_len(batch)
+        chunked = step == "prefill" and T > chunk
+        T = T + (-T % chunk if chunked else 0)
         mesh = jax.sharding.get_mesh()
 
         def arg(shape, dtype, axes):
@@ -260,6 +337,8 @@ class Generator:
         tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
                              self._state)
+        if chunked:
+            return self._chunked.lower(state, tokens, n_new, cache, chunk=chunk, all_logits=False)
         return self._extend.lower(state, tokens, n_new, cache, prefill=step == "prefill", all_logits=False)
 
     def _loop_fn(self, state, logits_BV, cache, done_B, key, first_step, steps_left, stops, *, sampling,

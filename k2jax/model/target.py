@@ -17,6 +17,7 @@ and never look at the host.
     t.matmul                    # form of the dense projections (pallas_kernels.matmul.IMPLS)
     t.fp8_activations           # FP8-resident experts run e4m3 x e4m3 dots (routed rows quantised)
     t.latent_slot               # values a latent-cache slot holds: kv_lora + rope, padded on TPU (below)
+    t.prefill_tokens            # tokens (over all rows) one prefill pass takes; longer prompts run in chunks
 
 What each platform gets, and why:
   attention       TPU / GPU: the Pallas flash-attention and absorbed-decode kernels (head dims that are powers of
@@ -36,6 +37,13 @@ What each platform gets, and why:
                   decode kernel reads and the step's scatter writes; with 576 XLA:TPU keeps the jitted step's cache
                   slot-minor (no padding) and re-lays the whole cache out twice per step (37 GB per v5p chip for
                   the FP8 config). CPU / GPU: kv_lora + rope exactly.
+  prefill chunks  TPU / GPU: 8192 tokens per pass over all rows (k2jax.inference.generate.Generator splits a longer
+                  prompt into chunks of 8192 / rows tokens per row): a pass's activations, the absorbed attention's
+                  queries and partial outputs (a few GB for one row of K2) and the dropless expert-parallel
+                  exchange's buffers (n_expert x a balanced load: under 1 GB per chip for K2 on 16 chips) stay
+                  bounded whatever the prompt, while a pass's matmuls stay long enough to be compute-bound (K2 on
+                  v5p-32 re-reads its ~60 GiB of weights per chip each pass, ~22 ms, against ~75 ms of matmuls);
+                  CPU: 2048 (tests and small models; memory, not the MXU, is what a CPU pass fills).
   FP8 experts     GPU: e4m3 x e4m3 dots on the FP8 tensor cores, the routed rows quantised per row x 128 columns
                   (the release's dynamic activation scheme); TPU v5p (no FP8 MXU) and CPU: each e4m3 weight block
                   dequantised and multiplied in the compute dtype.
@@ -86,6 +94,7 @@ class Target:
     matmul: str
     fp8_activations: bool
     latent_slot: int
+    prefill_tokens: int
 
     @classmethod
     def of(cls, cfg: K2Config) -> "Target":
@@ -103,4 +112,5 @@ class Target:
         return cls(platform=platform, attention=attention, moe_impl=moe_impl,
                    ep_exchange="all_to_all" if on_cpu else "native", scan_unroll=scan_unroll,
                    matmul="cpu" if on_cpu else "xla", fp8_activations=fp8_activations,
-                   latent_slot=-(-latent // 128) * 128 if platform == "tpu" else latent)
+                   latent_slot=-(-latent // 128) * 128 if platform == "tpu" else latent,
+                   prefill_tokens=2048 if on_cpu else 8192)

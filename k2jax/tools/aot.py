@@ -24,8 +24,9 @@ for weights anywhere), and the very functions train.py and the Generator jit are
               step (loop trip counts applied) and bytes moved per chip
 
 A program that does not fit (its arguments alone, found before compiling; the compiler's HBM check; or the total
-above the chip's HBM) exits 1 with what to change. `--report` writes the dict as JSON (keys in docs/aot.md, "The
-report").
+above the chip's HBM) exits 1 with what to change; so does one with a Pallas kernel launch whose blocks need more
+VMEM (on-chip memory) than a TensorCore has, which the report says is a kernel's launch limit, not HBM
+(`vmem_exceeded`). `--report` writes the dict as JSON (keys in docs/aot.md, "The report").
 
 TPU generations (name counts as in `gcloud`: TensorCores for v4 / v5p, chips for v5e / v6e) are in TPUS.
 """
@@ -54,6 +55,9 @@ from k2jax.tools.hlo_cost import HloCost, memory_parts  # noqa: E402
 from k2jax.tools.step_time import Machine, StepTime  # noqa: E402
 
 GiB = 2 ** 30
+# XLA:TPU's words for a kernel whose VMEM (on-chip scratch) does not suffice: "CompileTimeScopedVmemOom", "Ran out
+# of memory in memory space vmem"
+_VMEM = re.compile(r"vmem", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +215,8 @@ def _per_chip_bytes(tree) -> int:
 
 def _lower(config, step: str, mesh):
     """(lowered program, {memory part: per-chip bytes of the arguments}, {"model": FLOPs of the model's forward
-    (and backward) in one run, "optimizer": MuonClip's Newton-Schulz}, tokens per run, the model config)."""
+    (and backward) in one run, "optimizer": MuonClip's Newton-Schulz}, tokens per run, the model config, the
+    prefill's tokens per row per pass (None for the other steps))."""
     from flax import nnx
 
     from k2jax.model.placement import abstract_model
@@ -228,7 +233,7 @@ def _lower(config, step: str, mesh):
                   "optimizer": newton_schulz_flops(abstract_model(program.cfg), config.optimizer.ns_steps)}
         parts = {"parameters": _per_chip_bytes(state.params) + _per_chip_bytes(state.rest),
                  "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
-        return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg
+        return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg, None
     from k2jax.inference.generate import Generator
     from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS
     from k2jax.model.target import Target
@@ -242,9 +247,15 @@ def _lower(config, step: str, mesh):
     if infer.weights != "dequantized" and not cfg.num_moe_layers:
         raise AotError(f"infer.weights={infer.weights!r} keeps the routed experts quantised, and this model has no "
                        f"MoE layers")
+    if not (isinstance(infer.prefill_chunk, int) and infer.prefill_chunk >= 0):
+        raise AotError(f"infer.prefill_chunk must be an int >= 0 (0: the Generator's default), got "
+                       f"{infer.prefill_chunk!r}")
     model = abstract_model(cfg, mesh, config.mesh.strategy, expert_format=EXPERT_FORMAT_OF_WEIGHTS[infer.weights])
     weights = _per_chip_bytes(nnx.state(model))
-    lowered = Generator(model).lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
+    generator = Generator(model, prefill_chunk=infer.prefill_chunk or None)
+    lowered = generator.lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
+    # the prefill as the Generator runs it: one pass (chunk = the prompt), or chunks of this many tokens per row
+    chunk = min(generator.chunk_len(infer.batch), infer.prompt_len) if step == "prefill" else None
     slot = Target.of(cfg).latent_slot  # a cache slot's values on this platform (padded on TPU)
     cache_bytes = cfg.num_hidden_layers * slot * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
     if step == "prefill":
@@ -254,7 +265,7 @@ def _lower(config, step: str, mesh):
         tokens = infer.batch
         useful = {"model": cfg.flops_per_token(infer.max_len, training=False, causal=False) * tokens}
     return lowered, {"parameters": weights, "cache": cache_bytes // _batch_shards(infer.batch, mesh)}, useful, \
-        tokens, cfg
+        tokens, cfg, chunk
 
 
 def _decode_minimum(config, cfg) -> float:
@@ -332,7 +343,7 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     with jax.set_mesh(mesh):
         with commands.Heartbeat("tracing and lowering", log) as hb:
             try:
-                lowered, parts, useful, tokens, cfg = _lower(config, step, mesh)
+                lowered, parts, useful, tokens, cfg, chunk = _lower(config, step, mesh)
             except ShardingRuleError as e:
                 raise AotError(f"the mesh {dict(mesh.shape)} cannot split the model: {e}") from None
         report["lower_seconds"] = round(hb.seconds, 1)
@@ -341,6 +352,8 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
                            "remat": cfg.remat}
         if step != "train":
             report["model"]["weights"] = config.infer.weights
+        if chunk is not None:
+            report["prefill_chunk"] = chunk
         arguments = sum(parts.values())
         if arguments > hbm:  # no compile needs to say so (it would take minutes for a large model)
             report.update(fits=False, memory=dict(parts), error=f"the step's arguments alone take "
@@ -354,6 +367,17 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
             message = str(e)
             if "memory" not in message.lower() and "RESOURCE_EXHAUSTED" not in message:
                 raise
+            if _VMEM.search(message):  # a kernel's on-chip scratch, not HBM: more chips would not help
+                kernel = re.search(r'op_name="([^"]+)"', message)
+                report.update(fits=False, vmem_exceeded=True, memory=dict(parts),
+                              compile_seconds=round(time.perf_counter() - hb.start, 1),
+                              error=message.strip().splitlines()[0][:500])
+                report["advice"] = (f"a Pallas kernel launch{f' ({kernel.group(1)})' if kernel else ''} needs more "
+                                    f"VMEM (a TensorCore's on-chip memory) than the chip has: a limit of the "
+                                    f"kernel's launch, not of HBM, so more chips do not help; try smaller blocks in "
+                                    f"the kernel's launch settings (LAUNCH beside it in pallas_kernels/) or fewer "
+                                    f"tokens per pass (infer.prefill_chunk)")
+                return report
             required = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
             memory = dict(parts)
             if required:  # the compiler's figure, in its units (powers of 1024): arguments + temporaries, as
@@ -437,8 +461,12 @@ def format_report(r: dict) -> str:
     if "total" in r["memory"]:
         lines.append(f"  {'of HBM':<22}{hbm:>9.2f}   {'fits' if r['fits'] else 'DOES NOT FIT'}"
                      f" (margin {100 * r['hbm_margin']:.1f} %)")
+    elif r.get("vmem_exceeded"):
+        lines.append(f"  does not compile: a kernel launch exceeds its VMEM (not HBM): {r['error']}")
     else:
         lines.append(f"  does not fit {hbm:.2f} GiB: {r['error']}")
+    if "prefill_chunk" in r:
+        lines.append(f"prefill: {r['prefill_chunk']} tokens per row per pass")
     if "compile_seconds" in r:
         lines.append(f"compile: {r['compile_seconds']:.0f} s (lowering {r['lower_seconds']:.0f} s)")
     if "flops" in r:
@@ -510,7 +538,8 @@ def main(argv) -> int:
         with open(FLAGS.report, "w") as f:
             json.dump(report, f, indent=1)
     if not report["fits"]:
-        print(f"k2jax-aot: error: the {report['step']} step does not fit {report['topology']}: {report['advice']}",
+        what = "does not compile for" if report.get("vmem_exceeded") else "does not fit"
+        print(f"k2jax-aot: error: the {report['step']} step {what} {report['topology']}: {report['advice']}",
               file=sys.stderr)
         return commands.FAILED
     return commands.OK

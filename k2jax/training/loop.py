@@ -117,8 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
     # cache slots per row, prompt tokens per prefill; weights as load_checkpoint(weights=...) would hold them:
     # "dequantized" (every weight in param_dtype), "fp8" (the routed experts FP8-resident, e4m3 + block scales) or
     # "int4" (INT4-resident: packed 4-bit values + group scales, as the K2-Thinking / K2.5+ releases ship them)
+    # prefill_chunk: prompt tokens per row per prefill pass as Generator(prefill_chunk=...) takes it (0: the
+    # Generator's default for the platform, k2jax.model.target's prefill_tokens / batch)
     c.infer = ml_collections.ConfigDict({"batch": 8, "max_len": 4096, "prompt_len": 1024,
-                                         "weights": "dequantized"})
+                                         "weights": "dequantized", "prefill_chunk": 0})
     c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
     # routed rows dropped by expert parallelism's bounded receive buffer (model.overrides.ep_capacity_factor > 0):
     # "drop": counted in the metrics (ep_dropped_rows) and said on the step's line; "fail": the job stops at that

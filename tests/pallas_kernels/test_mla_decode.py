@@ -27,11 +27,11 @@ def _stale(cache, positions):
     return jnp.where(past[..., None], jnp.nan, cache)
 
 
-@pytest.mark.parametrize("form, block_m", [("gpu", 8), ("gpu", 3), ("tpu", None)])
+@pytest.mark.parametrize("form, block_m", [("gpu", 8), ("gpu", 3), ("tpu", None), ("tpu", 3)])
 @pytest.mark.parametrize("num_splits, block_s", [(1, 8), (3, 8), (4, 16)])
 def test_ragged_rows_match_reference(num_splits, block_s, form, block_m):
-    """Both launch forms; the gpu form with all T·N = 8 query rows in one program, and in blocks of 3 (one padded
-    block)."""
+    """Both launch forms, with all T·N = 8 query rows in one program (block) and in blocks of 3 (one padded
+    block; on TPU each block stops at its own last position)."""
     q_lat, q_rope, cache = _inputs(3, 2, 4, 70)
     positions = jnp.array([[3, 4], [40, 41], [68, 69]], jnp.int32)  # short, middle, full rows
     cache = _stale(cache, positions)
@@ -84,3 +84,27 @@ def test_a_stack_of_layers_caches_is_read_at_the_layer(form, S):
     want = mla_decode(q_lat, q_rope, caches[1], positions, **kw)
     got = mla_decode(q_lat, q_rope, caches, positions, layer=jnp.int32(1), **kw)
     assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("form", ["gpu", "tpu"])
+def test_a_prompt_chunk_attends_causally_over_the_cache(form):
+    """A prefill chunk in the absorbed form: T = 12 new tokens per row at consecutive positions after rows' filled
+    slots (ragged: 30 and 5 slots), NaN in every slot past each row's last token, query rows in blocks of 8 (on TPU
+    each block skips the slot blocks past its own last token), read from a stack of layers."""
+    B, T, N, S = 2, 12, 4, 64
+    q_lat, q_rope, _ = _inputs(B, T, N, S, seed=4)
+    positions = jnp.array([30, 5], jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    caches = jnp.stack([_stale(_inputs(B, T, N, S, seed=s)[2], positions) for s in (5, 6)])
+    want = reference(q_lat, q_rope, caches[1], positions, scale=0.3)
+    assert np.isfinite(np.asarray(want)).all()
+    with nan_padding():
+        got = mla_decode(q_lat, q_rope, caches, positions, layer=jnp.int32(1), scale=0.3, backend="interpret",
+                         platform=form, block_s=8, num_splits=1, block_m=8)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_many_query_rows_take_one_split():
+    """Split-K is for decode's few query rows: a prefill chunk's T·N rows fill the device themselves."""
+    from pallas_kernels.mla_decode import SPLIT_K_ROWS, default_splits
+    assert default_splits(131072, 1024, 64) == 16 and default_splits(4096, 1024, 4 * 64) == 4
+    assert default_splits(131072, 1024, SPLIT_K_ROWS) == 1

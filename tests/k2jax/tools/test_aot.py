@@ -223,11 +223,12 @@ def test_unknown_infer_weights_is_an_error_before_compiling():
 
 
 def test_a_step_that_overflows_when_compiled_reports_its_temporaries():
-    """Arguments that fit (a 50 GiB latent cache per chip) and temporaries that do not (a prefill's grow with rows x
-    prompt tokens): XLA's HBM check fails the compile, and the report splits the compiler's required total into the
-    arguments and the temporaries."""
+    """Arguments that fit (a 50 GiB latent cache per chip) and temporaries that do not (a one-pass prefill's grow with
+    rows x prompt tokens): XLA's HBM check fails the compile, and the report splits the compiler's required total
+    into the arguments and the temporaries."""
     config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
     config.infer.batch, config.infer.prompt_len, config.infer.max_len = 8192, 4096, 4096
+    config.infer.prefill_chunk = 4096  # one pass
     r = aot.compile_report(config, step="prefill", log=lambda s: None)
     m = r["memory"]
     assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"] and "compile_seconds" in r
@@ -235,3 +236,39 @@ def test_a_step_that_overflows_when_compiled_reports_its_temporaries():
     assert m["total"] == m["parameters"] + m["cache"] + m["temporaries"] and r["hbm_margin"] < 0
     assert m["temporaries"] > r["hbm_per_chip"] - m["parameters"] - m["cache"]  # the temporaries overflow
     assert "DOES NOT FIT" in aot.format_report(r) and "infer.batch" in r["advice"]
+
+
+def _prefill_report(**infer) -> dict:
+    config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
+    for k, v in infer.items():
+        setattr(config.infer, k, v)
+    return aot.compile_report(config, step="prefill", log=lambda s: None)
+
+
+def test_the_prefill_compiles_in_chunks_as_the_generator_runs_it():
+    """A 2048-token prompt for 4 rows in chunks of 128 tokens per row (16 passes in one device-side loop): its
+    temporaries are below the one-pass prefill's, every pass's expert exchange counted (16 chunks x 4 MoE
+    layers x there and back). (This small model's temporaries are mostly fixed costs: 16.9 MB chunked against 32.1
+    MB in one pass, libtpu 0.0.42.1.)"""
+    config = dict(batch=4, prompt_len=2048, max_len=2048)
+    chunked, one_pass = _prefill_report(**config, prefill_chunk=128), _prefill_report(**config, prefill_chunk=2048)
+    assert chunked["fits"] and one_pass["fits"]
+    assert (chunked["prefill_chunk"], one_pass["prefill_chunk"]) == (128, 2048)
+    assert "prefill: 128 tokens per row per pass" in aot.format_report(chunked)
+    assert chunked["memory"]["temporaries"] < one_pass["memory"]["temporaries"] / 1.5
+    ragged = {c["op"]: c["count"] for c in chunked["collectives"]}["ragged-all-to-all"]
+    assert ragged == 16 * 4 * 2
+    assert chunked["flops"]["compiled_per_chip"] > 0.98 * chunked["flops"]["useful_per_chip"]
+
+
+def test_a_kernel_out_of_vmem_is_not_reported_as_hbm(monkeypatch):
+    """The absorbed-decode kernel launched with all of a 4096-token chunk's query rows (x 4 heads) in one block
+    (16,384 rows x 512 float32 accumulators: far past a TensorCore's VMEM): k2jax-aot says a kernel launch is out of VMEM, not
+    that the program needs more chips."""
+    from pallas_kernels import mla_decode
+    monkeypatch.setitem(mla_decode.LAUNCH, ("tpu", "bfloat16"), dict(block_s=1024, block_m=1 << 20))
+    r = _prefill_report(batch=1, prompt_len=8192, max_len=8192, prefill_chunk=4096)
+    assert r["fits"] is False and r["vmem_exceeded"] is True and "compile_seconds" in r
+    assert "VMEM" in r["advice"] and "more chips do not help" in r["advice"] and "fsdp" not in r["advice"]
+    text = aot.format_report(r)
+    assert "exceeds its VMEM (not HBM)" in text and "does not fit" not in text
