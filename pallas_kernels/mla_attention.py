@@ -2,8 +2,15 @@
 
     out[b, n, t]    = sum_s softmax_s(logit[b, n, t, s]) v[b, n, s]       over visible s
     logit[b,n,t,s]  = (q_nope[b,n,t] . k_nope[b,n,s] + q_rope[b,n,t] . k_rope[b,s]) * scale
-    visible(t, s)   = s <= t and segment_ids[b, t] == segment_ids[b, s]    (causal self-attention, packed rows)
+    visible(t, s)   = s <= query_index[b, t] and segment_ids[b, t] == key_segment_ids[b, s]
     rowmax[b, n, t] = max over visible s of logit[b, n, t, s]             (-inf if none)
+
+Self-attention (the default): the queries are the keys (S = T, query_index[b, t] = t, key_segment_ids =
+segment_ids): causal within segments, packed rows. Context parallelism (sharding.context_parallel) gives a device
+T queries out of S = stride x T keys, the whole sequence: query t is key query_index[b, t], with t x stride <=
+query_index[b, t] < (t + 1) x stride (the striped order: query t of context shard r is token t x stride + r), so
+which key blocks a query block can see is known from its place alone and the causal block skipping below still
+holds (stride 1: self-attention).
 
 MLA's rope key is one [S, R] per row shared by all heads, so it is read once per (b, s) block instead of being
 broadcast to N heads. rowmax is the online softmax's running max at the end of the key loop: QK-Clip's max logit
@@ -11,6 +18,7 @@ per head (max of rowmax over valid queries) comes at no extra pass over memory. 
 
     mla_attention(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, scale=...,
                   backend="pallas", platform="tpu") -> (out_BNTU in q's dtype, rowmax_BNT float32)
+    mla_attention(..., key_segment_ids_BS=..., query_index_BT=...)      # T queries of S = stride x T keys
 
 backend and platform as pallas_kernels.backend says ("xla": the reference; "pallas": platform "tpu" or "gpu").
 
@@ -33,8 +41,9 @@ One pair's work (_attend_step, _dq_step, _dkv_step) is the same in both launch f
                 and become columns in VMEM.
   GPU (Triton)  a program per outer block, its inner blocks a loop over the whole sequence in HBM; per-query
                 statistics as [.., T, 1] columns in the forward and dq
-Padding: T is padded to whole blocks; padded keys lie after every real query (never visible) and their rows are
-zeroed before any product with probabilities, padded queries are zeroed in the dk/dv pass, padded outputs dropped.
+Padding: T and S are padded to whole blocks; padded keys lie after every real query (never visible) and their rows
+are zeroed before any product with probabilities, padded queries (index -1: they see nothing) are zeroed in the
+dk/dv pass, padded outputs dropped.
 
 Launch settings (block sizes, and Triton's warps / stages on GPU) are per launch form and dtype in LAUNCH, beside
 the kernel: the entry point's setting arguments left None take them; a block longer than the sequence is cut to
@@ -42,7 +51,7 @@ the sequence rounded up to 128. The backward may use blocks other than the forwa
 arguments) for TPU v5p and H100 at K2's head dims (nope 128, rope 64, value 128), bf16 and float32, up to 262,144
 tokens (tests/pallas_kernels/test_compile.py; figures in docs/kernels.md); not yet run or timed on a device.
 
-Letter legend: B batch, N heads, T queries, S keys (= T), P nope dim, R rope dim, U value dim, q = N·T query rows.
+Letter legend: B batch, N heads, T queries, S keys (T x stride), P nope dim, R rope dim, U value dim, q = N·T query rows.
 """
 
 from __future__ import annotations
@@ -84,11 +93,16 @@ DEFAULTS = dict(block_q=128, block_k=128, num_warps=4, num_stages=2, bwd_block_q
 
 
 # ---- XLA reference -------------------------------------------------------------------------------------------
-def visibility(segment_ids_BT: jax.Array) -> jax.Array:
-    """[B, T, S] bool: s <= t and the same segment."""
-    T = segment_ids_BT.shape[1]
-    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-    return causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+def visibility(segment_ids_BT: jax.Array, key_segment_ids_BS: jax.Array | None = None,
+               query_index_BT: jax.Array | None = None) -> jax.Array:
+    """[B, T, S] bool: s <= query_index[t] (default t) and the same segment (key_segment_ids default: the
+    queries' own)."""
+    seg_k_BS = segment_ids_BT if key_segment_ids_BS is None else key_segment_ids_BS
+    S = seg_k_BS.shape[1]
+    if query_index_BT is None:
+        query_index_BT = jnp.broadcast_to(jnp.arange(segment_ids_BT.shape[1]), segment_ids_BT.shape)
+    causal_BTS = jnp.arange(S)[None, None, :] <= query_index_BT[:, :, None]
+    return causal_BTS & (segment_ids_BT[:, :, None] == seg_k_BS[:, None, :])
 
 
 # The reference runs the queries in causal blocks of at least this many rows (at most this many blocks), each
@@ -99,19 +113,22 @@ CAUSAL_BLOCK = 128
 MAX_CAUSAL_BLOCKS = 8
 
 
-def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, *, scale: float):
+def reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, *, scale: float,
+              key_segment_ids_BS=None, query_index_BT=None):
     """The XLA form (the CPU path and what the kernels are tested against): materialised logits in float32 as
     head-major batched matmuls (2x faster on CPU than the equivalent einsums), the shared rope key multiplied once
     for all heads, float32 softmax, queries in causal blocks (CAUSAL_BLOCK)."""
     T = q_nope_BNTP.shape[2]
+    stride = k_nope_BNSP.shape[2] // T
     n_blocks = max(1, min(MAX_CAUSAL_BLOCKS, T // CAUSAL_BLOCK))
     edges = [T * i // n_blocks for i in range(n_blocks + 1)]
-    visible_BTS = visibility(segment_ids_BT)
+    visible_BTS = visibility(segment_ids_BT, key_segment_ids_BS, query_index_BT)
     outs, rowmaxes = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):  # queries [lo, hi) see keys [0, hi) at most
+    for lo, hi in zip(edges[:-1], edges[1:]):  # queries [lo, hi) see keys [0, hi x stride) at most
+        end = hi * stride
         out_BNTU, rowmax_BNT = _attend_block(q_nope_BNTP[:, :, lo:hi], q_rope_BNTR[:, :, lo:hi],
-                                             k_nope_BNSP[:, :, :hi], k_rope_BSR[:, :hi], v_BNSU[:, :, :hi],
-                                             visible_BTS[:, lo:hi, :hi], scale)
+                                             k_nope_BNSP[:, :, :end], k_rope_BSR[:, :end], v_BNSU[:, :, :end],
+                                             visible_BTS[:, lo:hi, :end], scale)
         outs.append(out_BNTU)
         rowmaxes.append(rowmax_BNT)
     join = (lambda xs: xs[0]) if n_blocks == 1 else (lambda xs: jnp.concatenate(xs, axis=2))  # noqa: E731
@@ -147,18 +164,18 @@ def _logits(qn, qr, kn, kr, scale):
     return (kb.dot_nt(qn, kn) + kb.dot_nt(qr, kr)) * scale
 
 
-def _visible(q_start, bq, k_start, bk, seg_q, seg_k):
-    """[bq, bk] from query segment ids [bq, 1] and key segment ids [1, bk]."""
-    causal = _iota((bq, bk), 0, q_start) >= _iota((bq, bk), 1, k_start)
+def _visible(idx_q, seg_q, k_start, bk, seg_k):
+    """[bq, bk] from the queries' key indices and segment ids [bq, 1] and the key segment ids [1, bk]."""
+    causal = idx_q >= _iota((idx_q.shape[0], bk), 1, k_start)
     return causal & (seg_q == seg_k)
 
 
 # ---- one (outer block, inner block) pair of each pass: the same in both launch forms ---------------------------
-def _attend_step(qn, qr, kn, kr, v, seg_q, seg_k, q0, k0, carry, *, scale, n_real):
+def _attend_step(qn, qr, kn, kr, v, seg_q, idx_q, seg_k, k0, carry, *, scale, n_keys):
     """The forward on one pair: the online softmax's (acc, max, sum) of the query block after the key block's
-    visible keys. seg_q [bq, 1], seg_k [1, bk]; q0, k0 the blocks' first rows."""
-    s = jnp.where(_visible(q0, qn.shape[0], k0, kn.shape[0], seg_q, seg_k), _logits(qn, qr, kn, kr, scale), -jnp.inf)
-    return kb.online_softmax_step(s, kb.rows_below(v, k0, n_real), *carry)
+    visible keys. seg_q, idx_q [bq, 1], seg_k [1, bk]; k0 the key block's first row."""
+    s = jnp.where(_visible(idx_q, seg_q, k0, kn.shape[0], seg_k), _logits(qn, qr, kn, kr, scale), -jnp.inf)
+    return kb.online_softmax_step(s, kb.rows_below(v, k0, n_keys), *carry)
 
 
 def _attend_result(acc, m, l):
@@ -167,25 +184,25 @@ def _attend_result(acc, m, l):
     return acc / l_safe, jnp.where(l == 0, 0.0, m + jnp.log(l_safe)), m
 
 
-def _dq_step(qn, qr, do, lse, delta, seg_q, kn, kr, v, seg_k, q0, k0, *, scale, n_real):
-    """dq on one pair: the key block's terms of (d q_nope [bq, P], d q_rope [bq, R]), float32. lse, delta, seg_q
-    are [bq, 1] columns, seg_k a [1, bk] row."""
-    kn, kr, v = (kb.rows_below(x, k0, n_real) for x in (kn, kr, v))
-    visible = _visible(q0, qn.shape[0], k0, kn.shape[0], seg_q, seg_k)
+def _dq_step(qn, qr, do, lse, delta, seg_q, idx_q, kn, kr, v, seg_k, k0, *, scale, n_keys):
+    """dq on one pair: the key block's terms of (d q_nope [bq, P], d q_rope [bq, R]), float32. lse, delta, seg_q,
+    idx_q are [bq, 1] columns, seg_k a [1, bk] row."""
+    kn, kr, v = (kb.rows_below(x, k0, n_keys) for x in (kn, kr, v))
+    visible = _visible(idx_q, seg_q, k0, kn.shape[0], seg_k)
     p = jnp.where(visible, jnp.exp(_logits(qn, qr, kn, kr, scale) - lse), 0.0)
     ds = (p * (kb.dot_nt(do, v) - delta) * scale).astype(kn.dtype)
     return kb.dot_nn(ds, kn), kb.dot_nn(ds, kr)
 
 
-def _dkv_step(kn, kr, v, seg_k, qn, qr, do, lse, delta, seg_q, k0, q0, *, scale, n_real):
+def _dkv_step(kn, kr, v, seg_k, qn, qr, do, lse, delta, seg_q, idx_q, k0, q0, *, scale, n_queries):
     """dk / dv on one pair, on a transposed [keys, queries] tile: the query block's terms of (d k_nope [bk, P],
-    this head's d k_rope [bk, R], dv [bk, U]), float32. seg_k is a [bk, 1] column; the per-query lse, delta and
-    seg_q are [1, bq] rows (lane-dense). Queries past the real ones (padding) are zeroed."""
+    this head's d k_rope [bk, R], dv [bk, U]), float32. seg_k is a [bk, 1] column; the per-query lse, delta,
+    seg_q and idx_q are [1, bq] rows (lane-dense). Queries past the real ones (padding) are zeroed."""
     bk, bq = kn.shape[0], qn.shape[0]
-    qn, qr, do = (kb.rows_below(x, q0, n_real) for x in (qn, qr, do))
-    real_q = _iota((1, bq), 1, q0) < n_real
+    qn, qr, do = (kb.rows_below(x, q0, n_queries) for x in (qn, qr, do))
+    real_q = _iota((1, bq), 1, q0) < n_queries
     lse, delta = (jnp.where(real_q, x, 0.0) for x in (lse, delta))
-    visible = (_iota((bk, bq), 1, q0) >= _iota((bk, bq), 0, k0)) & (seg_k == seg_q) & real_q
+    visible = (idx_q >= _iota((bk, bq), 0, k0)) & (seg_k == seg_q) & real_q
     p_t = jnp.where(visible, jnp.exp(_logits(kn, kr, qn, qr, scale) - lse), 0.0)
     dv = kb.dot_nn(p_t.astype(do.dtype), do)
     ds_t = (p_t * (kb.dot_nt(v, do) - delta) * scale).astype(qn.dtype)
@@ -195,16 +212,19 @@ def _dkv_step(kn, kr, v, seg_k, qn, qr, do, lse, delta, seg_q, k0, q0, *, scale,
 class _Pairs(NamedTuple):
     """The causal (outer block, inner block) pairs of a pass, seen from its outer blocks: the forward and dq go over
     query blocks (outer) and their key blocks up to the diagonal (inner); dk/dv (by_keys) over key blocks and their
-    query blocks from the diagonal on. Block numbers are Python ints or traced int32 scalars."""
+    query blocks from the diagonal on. Query block o holds keys' indices below (o + 1) bq stride (the module
+    docstring's stride). Block numbers are Python ints or traced int32 scalars."""
     by_keys: bool
     bq: int
     bk: int
     n_q: int
     n_k: int
+    stride: int = 1
 
     @classmethod
-    def of(cls, Tp: int, bq: int, bk: int, *, by_keys: bool) -> _Pairs:
-        return cls(by_keys, bq, bk, Tp // bq, Tp // bk)
+    def of(cls, Tp: int, bq: int, bk: int, *, by_keys: bool, Sp: int | None = None, stride: int = 1) -> _Pairs:
+        """Tp / Sp padded queries / keys (Sp default Tp)."""
+        return cls(by_keys, bq, bk, Tp // bq, (Tp if Sp is None else Sp) // bk, stride)
 
     @property
     def n_outer(self) -> int:
@@ -216,13 +236,13 @@ class _Pairs(NamedTuple):
 
     def first(self, o):
         """The first inner block outer block o meets."""
-        return _div(o * self.bk, self.bq) if self.by_keys else 0
+        return _div(o * self.bk, self.bq * self.stride) if self.by_keys else 0
 
     def count(self, o):
         """How many inner blocks outer block o meets."""
         if self.by_keys:
             return self.n_q - self.first(o)
-        last = _div((o + 1) * self.bq + self.bk - 1, self.bk)
+        last = _div((o + 1) * self.bq * self.stride + self.bk - 1, self.bk)
         return min(last, self.n_k) if isinstance(last, int) else jnp.minimum(last, self.n_k)
 
     # The TPU form's grid (rows, steps): row r runs outer block r's pairs, then outer block n_outer - 1 - r's.
@@ -256,49 +276,51 @@ class _Step(NamedTuple):
 
 
 # ---- GPU form: a program per outer block, its inner blocks a loop (Triton) ------------------------------------
-def _gpu_forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, max_ref, *,
-                        pairs, scale, n_real):
-    i, bq, bk = pl.program_id(2), pairs.bq, pairs.bk
-    qn, qr, seg_q = qn_ref[...], qr_ref[...], segq_ref[...]
+def _gpu_forward_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, idxq_ref, segk_ref, o_ref, lse_ref,
+                        max_ref, *, pairs, scale, n_queries, n_keys):
+    bk = pairs.bk
+    qn, qr, seg_q, idx_q = qn_ref[...], qr_ref[...], segq_ref[...], idxq_ref[...]
 
     def body(j, carry):
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        return _attend_step(qn, qr, kn_ref[ks, :], kr_ref[ks, :], v_ref[ks, :], seg_q, segk_ref[:, ks], i * bq,
-                            j * bk, carry, scale=scale, n_real=n_real)
+        return _attend_step(qn, qr, kn_ref[ks, :], kr_ref[ks, :], v_ref[ks, :], seg_q, idx_q, segk_ref[:, ks],
+                            j * bk, carry, scale=scale, n_keys=n_keys)
 
+    bq = pairs.bq
     init = (jnp.zeros((bq, v_ref.shape[1]), F32), jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32))
-    out, lse_ref[...], max_ref[...] = _attend_result(*jax.lax.fori_loop(0, pairs.count(i), body, init))
+    out, lse_ref[...], max_ref[...] = _attend_result(*jax.lax.fori_loop(0, pairs.count(pl.program_id(2)), body,
+                                                                        init))
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _gpu_dq_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
-                   dqn_ref, dqr_ref, *, pairs, scale, n_real):
-    i, bq, bk = pl.program_id(2), pairs.bq, pairs.bk
-    q_side = (qn_ref[...], qr_ref[...], do_ref[...], lse_ref[...], delta_ref[...], segq_ref[...])
+def _gpu_dq_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, idxq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+                   dqn_ref, dqr_ref, *, pairs, scale, n_queries, n_keys):
+    bk = pairs.bk
+    q_side = (qn_ref[...], qr_ref[...], do_ref[...], lse_ref[...], delta_ref[...], segq_ref[...], idxq_ref[...])
 
     def body(j, carry):
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        dqn, dqr = _dq_step(*q_side, kn_ref[ks, :], kr_ref[ks, :], v_ref[ks, :], segk_ref[:, ks], i * bq, j * bk,
-                            scale=scale, n_real=n_real)
+        dqn, dqr = _dq_step(*q_side, kn_ref[ks, :], kr_ref[ks, :], v_ref[ks, :], segk_ref[:, ks], j * bk,
+                            scale=scale, n_keys=n_keys)
         return carry[0] + dqn, carry[1] + dqr
 
     init = (jnp.zeros(qn_ref.shape, F32), jnp.zeros(qr_ref.shape, F32))
-    dqn, dqr = jax.lax.fori_loop(0, pairs.count(i), body, init)
+    dqn, dqr = jax.lax.fori_loop(0, pairs.count(pl.program_id(2)), body, init)
     dqn_ref[...] = dqn.astype(dqn_ref.dtype)
     dqr_ref[...] = dqr.astype(dqr_ref.dtype)
 
 
-def _gpu_dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
-                    dkn_ref, dkr_ref, dv_ref, *, pairs, scale, n_real):
-    """The per-query statistics and segment ids come as lane-dense [1, T] rows (a [T, 1] column of a whole
-    sequence would take 128x its bytes), the key segment ids as a column."""
+def _gpu_dkv_kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, idxq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+                    dkn_ref, dkr_ref, dv_ref, *, pairs, scale, n_queries, n_keys):
+    """The per-query statistics, segment ids and key indices come as lane-dense [1, T] rows (a [T, 1] column of a
+    whole sequence would take 128x its bytes), the key segment ids as a column."""
     j, bq, bk = pl.program_id(2), pairs.bq, pairs.bk
     k_side = (kn_ref[...], kr_ref[...], v_ref[...], segk_ref[...])
 
     def body(i, carry):
         qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
         terms = _dkv_step(*k_side, qn_ref[qs, :], qr_ref[qs, :], do_ref[qs, :], lse_ref[:, qs], delta_ref[:, qs],
-                          segq_ref[:, qs], j * bk, i * bq, scale=scale, n_real=n_real)
+                          segq_ref[:, qs], idxq_ref[:, qs], j * bk, i * bq, scale=scale, n_queries=n_queries)
         return tuple(c + t for c, t in zip(carry, terms))
 
     init = tuple(jnp.zeros(r.shape, F32) for r in (kn_ref, kr_ref, v_ref))
@@ -339,17 +361,17 @@ def _tpu_pass(pairs, scratch, start, step, finish):
     pl.when(at.work & at.last)(lambda: finish(values()))
 
 
-def _tpu_forward_kernel(qn_ref, qr_ref, segq_ref, kn_ref, kr_ref, v_ref, segk_ref, o_ref, lse_ref, max_ref,
-                        *scratch, pairs, scale, n_real):
+def _tpu_forward_kernel(qn_ref, qr_ref, segq_ref, idxq_ref, kn_ref, kr_ref, v_ref, segk_ref, o_ref, lse_ref, max_ref,
+                        *scratch, pairs, scale, n_queries, n_keys):
     def start():
         bq = qn_ref.shape[0]
         return (jnp.zeros((bq, v_ref.shape[1]), F32), jnp.full((bq, 1), -jnp.inf, F32), jnp.zeros((bq, 1), F32),
-                _column(segq_ref[...]))
+                _column(segq_ref[...]), _column(idxq_ref[...]))
 
     def step(q0, k0, values):
-        acc, m, l, seg_q = values
-        return _attend_step(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], v_ref[...], seg_q, segk_ref[...],
-                            q0, k0, (acc, m, l), scale=scale, n_real=n_real)
+        acc, m, l, seg_q, idx_q = values
+        return _attend_step(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], v_ref[...], seg_q, idx_q,
+                            segk_ref[...], k0, (acc, m, l), scale=scale, n_keys=n_keys)
 
     def finish(values):
         out, lse, m = _attend_result(*values[:3])
@@ -359,16 +381,16 @@ def _tpu_forward_kernel(qn_ref, qr_ref, segq_ref, kn_ref, kr_ref, v_ref, segk_re
     _tpu_pass(pairs, scratch, start, step, finish)
 
 
-def _tpu_dq_kernel(qn_ref, qr_ref, do_ref, lse_ref, delta_ref, segq_ref, kn_ref, kr_ref, v_ref, segk_ref,
-                   dqn_ref, dqr_ref, *scratch, pairs, scale, n_real):
+def _tpu_dq_kernel(qn_ref, qr_ref, do_ref, lse_ref, delta_ref, segq_ref, idxq_ref, kn_ref, kr_ref, v_ref, segk_ref,
+                   dqn_ref, dqr_ref, *scratch, pairs, scale, n_queries, n_keys):
     def start():
         return (jnp.zeros(dqn_ref.shape, F32), jnp.zeros(dqr_ref.shape, F32),
-                *(_column(r[...]) for r in (lse_ref, delta_ref, segq_ref)))
+                *(_column(r[...]) for r in (lse_ref, delta_ref, segq_ref, idxq_ref)))
 
     def step(q0, k0, values):
         dqn, dqr, *columns = values
         terms = _dq_step(qn_ref[...], qr_ref[...], do_ref[...], *columns, kn_ref[...], kr_ref[...], v_ref[...],
-                         segk_ref[...], q0, k0, scale=scale, n_real=n_real)
+                         segk_ref[...], k0, scale=scale, n_keys=n_keys)
         return dqn + terms[0], dqr + terms[1]
 
     def finish(values):
@@ -378,8 +400,8 @@ def _tpu_dq_kernel(qn_ref, qr_ref, do_ref, lse_ref, delta_ref, segq_ref, kn_ref,
     _tpu_pass(pairs, scratch, start, step, finish)
 
 
-def _tpu_dkv_kernel(kn_ref, kr_ref, v_ref, segk_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, segq_ref,
-                    dkn_ref, dkr_ref, dv_ref, *scratch, pairs, scale, n_real):
+def _tpu_dkv_kernel(kn_ref, kr_ref, v_ref, segk_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, segq_ref, idxq_ref,
+                    dkn_ref, dkr_ref, dv_ref, *scratch, pairs, scale, n_queries, n_keys):
     outs = (dkn_ref, dkr_ref, dv_ref)
 
     def start():
@@ -388,7 +410,8 @@ def _tpu_dkv_kernel(kn_ref, kr_ref, v_ref, segk_ref, qn_ref, qr_ref, do_ref, lse
     def step(k0, q0, values):
         *sums, seg_k = values
         terms = _dkv_step(kn_ref[...], kr_ref[...], v_ref[...], seg_k, qn_ref[...], qr_ref[...], do_ref[...],
-                          lse_ref[...], delta_ref[...], segq_ref[...], k0, q0, scale=scale, n_real=n_real)
+                          lse_ref[...], delta_ref[...], segq_ref[...], idxq_ref[...], k0, q0, scale=scale,
+                          n_queries=n_queries)
         return tuple(s + t for s, t in zip(sums, terms))
 
     def finish(values):
@@ -409,7 +432,8 @@ class _Launch(NamedTuple):
 
 class _Config(NamedTuple):
     scale: float
-    n_real: int  # T before padding
+    n_queries: int  # T before padding
+    n_keys: int  # S before padding
     backend: str
     platform: str | None
     fwd: _Launch
@@ -419,13 +443,17 @@ class _Config(NamedTuple):
     def form(self) -> str:
         return kb.launch_form(self.backend, self.platform)
 
+    def pairs(self, launch: _Launch, Tp: int, Sp: int, *, by_keys: bool) -> _Pairs:
+        return _Pairs.of(Tp, launch.bq, launch.bk, by_keys=by_keys, Sp=Sp, stride=self.n_keys // self.n_queries)
+
     def call(self, kernel, pairs: _Pairs, grid, launch: _Launch, **specs):
-        """pallas_call of kernel (given pairs, scale, n_real) over grid: the GPU form's (b, n, outer block), or the
-        TPU form's (b, n, rows, steps) with its last axis sequential."""
+        """pallas_call of kernel (given pairs, scale, n_queries, n_keys) over grid: the GPU form's (b, n, outer
+        block), or the TPU form's (b, n, rows, steps) with its last axis sequential."""
         tpu = self.form == "tpu"
         options = kb.launch_options(self.backend, self.platform, len(grid), sequential=(3,) if tpu else (),
                                     num_warps=launch.num_warps, num_stages=launch.num_stages)
-        body = functools.partial(kernel, pairs=pairs, scale=self.scale, n_real=self.n_real)
+        body = functools.partial(kernel, pairs=pairs, scale=self.scale, n_queries=self.n_queries,
+                                 n_keys=self.n_keys)
         return pl.pallas_call(body, grid=grid, **specs, **options)
 
 
@@ -433,94 +461,101 @@ def _shape(a, dtype=None):
     return jax.ShapeDtypeStruct(a.shape if hasattr(a, "shape") else a, dtype or a.dtype)
 
 
-def _costs(qn, qr, kn, kr, v, seg, fwd: _Launch, bwd: _Launch):
+def _costs(qn, qr, kn, kr, v, segs, cfg: _Config):
     """Cost estimates of the (forward, dq, dk/dv) launches: FLOPs of the visited pairs, operand bytes once."""
     B, N, Tp, P = qn.shape
-    R, U = qr.shape[-1], v.shape[-1]
+    Sp, R, U = kn.shape[2], qr.shape[-1], v.shape[-1]
     vec = B * N * Tp * 4  # a float32 per query
-    inputs = kb.nbytes(qn, qr, kn, kr, v, seg)
+    inputs = kb.nbytes(qn, qr, kn, kr, v, *segs)
 
     def pairs(launch, by_keys):
-        p = _Pairs.of(Tp, launch.bq, launch.bk, by_keys=by_keys)
+        p = cfg.pairs(launch, Tp, Sp, by_keys=by_keys)
         return B * N * sum(p.count(o) for o in range(p.n_outer)) * launch.bq * launch.bk
 
-    fwd_pairs, dq_pairs, dkv_pairs = pairs(fwd, False), pairs(bwd, False), pairs(bwd, True)
-    backward = inputs + kb.nbytes(v) + 2 * vec  # + dO, logsumexp, delta
+    fwd_pairs, dq_pairs, dkv_pairs = pairs(cfg.fwd, False), pairs(cfg.bwd, False), pairs(cfg.bwd, True)
+    out = B * N * Tp * U * qn.dtype.itemsize  # out or dO
+    backward = inputs + out + 2 * vec  # + dO, logsumexp, delta
     return (kb.cost(flops=2 * fwd_pairs * (P + R + U), transcendentals=fwd_pairs,
-                    bytes_accessed=inputs + kb.nbytes(v) + 2 * vec),  # scores, p v; out, logsumexp, max
+                    bytes_accessed=inputs + out + 2 * vec),  # scores, p v; out, logsumexp, max
             kb.cost(flops=2 * dq_pairs * (2 * (P + R) + U), transcendentals=dq_pairs,  # scores, dp = do v^T, ds k
                     bytes_accessed=backward + kb.nbytes(qn, qr)),
             kb.cost(flops=2 * dkv_pairs * (2 * (P + R) + 2 * U), transcendentals=dkv_pairs,  # + dv = p^T do
-                    bytes_accessed=backward + kb.nbytes(kn, v) + B * N * Tp * R * 4))
+                    bytes_accessed=backward + kb.nbytes(kn, v) + B * N * Sp * R * 4))
 
 
 # GPU layouts: a program reads its outer block and the whole sequence of the inner side (its loop slices it). The
-# forward and dq see per-query vectors as [B, N, T, 1] columns and segment ids as [B, T, 1] (query side) and [B, 1, T]
-# (key side); dk/dv works on [keys, queries] tiles and gets its per-query vectors as [B, N, 1, T] rows.
-def _gpu_specs(Tp, blk, dims, *, blocked: bool, shared: bool = False):
-    """Specs for per-head arrays [B, N, T, d] (d in dims; shared: one [B, T, d]), blocked along T or whole rows."""
-    rows = blk if blocked else Tp
+# forward and dq see per-query vectors, segment ids and key indices as [.., T, 1] columns and the key segment ids as
+# a [B, 1, S] row; dk/dv works on [keys, queries] tiles and gets the per-query vectors, segment ids and key indices
+# as rows and the key segment ids as a [B, S, 1] column.
+def _gpu_specs(length, blk, dims, *, blocked: bool, shared: bool = False):
+    """Specs for per-head arrays [B, N, length, d] (d in dims; shared: one [B, length, d]), blocked along the
+    sequence or whole rows."""
+    rows = blk if blocked else length
     at = (lambda i: i) if blocked else (lambda i: 0)
     if shared:
         return [pl.BlockSpec((None, rows, d), lambda b, n, i: (b, at(i), 0)) for d in dims]
     return [pl.BlockSpec((None, None, rows, d), lambda b, n, i: (b, n, at(i), 0)) for d in dims]
 
 
-def _gpu_seg_specs(Tp, blk):
-    """Segment ids [B, T, 1] blocked along T and [B, 1, T] whole."""
-    return [pl.BlockSpec((None, blk, 1), lambda b, n, i: (b, i, 0)),
-            pl.BlockSpec((None, 1, Tp), lambda b, n, i: (b, 0, 0))]
+def _gpu_column(blk):
+    """An int32 vector [B, length, 1] blocked along the sequence."""
+    return pl.BlockSpec((None, blk, 1), lambda b, n, i: (b, i, 0))
 
 
-def _gpu_kv_specs(Tp, blk, P, R, U, *, blocked: bool):
+def _gpu_row(length):
+    """An int32 vector [B, 1, length] whole."""
+    return pl.BlockSpec((None, 1, length), lambda b, n, i: (b, 0, 0))
+
+
+def _gpu_kv_specs(Sp, blk, P, R, U, *, blocked: bool):
     """Specs for k_nope [B,N,S,P], k_rope [B,S,R], v [B,N,S,U]."""
-    nope, value = _gpu_specs(Tp, blk, (P, U), blocked=blocked)
-    return [nope, *_gpu_specs(Tp, blk, (R,), blocked=blocked, shared=True), value]
+    nope, value = _gpu_specs(Sp, blk, (P, U), blocked=blocked)
+    return [nope, *_gpu_specs(Sp, blk, (R,), blocked=blocked, shared=True), value]
 
 
-def _gpu_forward(qn, qr, kn, kr, v, seg, cfg, cost):
+def _gpu_forward(qn, qr, kn, kr, v, segq, idxq, segk, cfg, cost):
     B, N, Tp, P = qn.shape
-    R, U = qr.shape[-1], v.shape[-1]
+    Sp, R, U = kn.shape[2], qr.shape[-1], v.shape[-1]
     bq, bk = cfg.fwd.bq, cfg.fwd.bk
     vec = (B, N, Tp, 1)
     out, lse, rowmax = cfg.call(
-        _gpu_forward_kernel, _Pairs.of(Tp, bq, bk, by_keys=False), (B, N, Tp // bq), cfg.fwd,
-        in_specs=[*_gpu_specs(Tp, bq, (P, R), blocked=True), *_gpu_kv_specs(Tp, bk, P, R, U, blocked=False),
-                  *_gpu_seg_specs(Tp, bq)],
+        _gpu_forward_kernel, cfg.pairs(cfg.fwd, Tp, Sp, by_keys=False), (B, N, Tp // bq), cfg.fwd,
+        in_specs=[*_gpu_specs(Tp, bq, (P, R), blocked=True), *_gpu_kv_specs(Sp, bk, P, R, U, blocked=False),
+                  _gpu_column(bq), _gpu_column(bq), _gpu_row(Sp)],
         out_specs=_gpu_specs(Tp, bq, (U, 1, 1), blocked=True),
         out_shape=[_shape((B, N, Tp, U), qn.dtype), _shape(vec, F32), _shape(vec, F32)], cost_estimate=cost,
-    )(qn, qr, kn, kr, v, seg[:, :, None], seg[:, None, :])
+    )(qn, qr, kn, kr, v, segq[:, :, None], idxq[:, :, None], segk[:, None, :])
     return out, rowmax[..., 0], lse
 
 
-def _gpu_backward(qn, qr, kn, kr, v, seg, do, lse, delta_BNT, cfg, costs):
+def _gpu_backward(qn, qr, kn, kr, v, segq, idxq, segk, do, lse, delta_BNT, cfg, costs):
     B, N, Tp, P = qn.shape
-    R, U = qr.shape[-1], v.shape[-1]
+    Sp, R, U = kn.shape[2], qr.shape[-1], v.shape[-1]
     bq, bk = cfg.bwd.bq, cfg.bwd.bk
-    seg_col, seg_row = seg[:, :, None], seg[:, None, :]
     qn_s, qr_s, do_s, lse_s, delta_s = _gpu_specs(Tp, bq, (P, R, U, 1, 1), blocked=True)
     dqn, dqr = cfg.call(
-        _gpu_dq_kernel, _Pairs.of(Tp, bq, bk, by_keys=False), (B, N, Tp // bq), cfg.bwd,
-        in_specs=[qn_s, qr_s, *_gpu_kv_specs(Tp, bk, P, R, U, blocked=False), *_gpu_seg_specs(Tp, bq), do_s, lse_s,
-                  delta_s],
+        _gpu_dq_kernel, cfg.pairs(cfg.bwd, Tp, Sp, by_keys=False), (B, N, Tp // bq), cfg.bwd,
+        in_specs=[qn_s, qr_s, *_gpu_kv_specs(Sp, bk, P, R, U, blocked=False), _gpu_column(bq), _gpu_column(bq),
+                  _gpu_row(Sp), do_s, lse_s, delta_s],
         out_specs=_gpu_specs(Tp, bq, (P, R), blocked=True), out_shape=[_shape(qn), _shape(qr)],
         cost_estimate=costs[0],
-    )(qn, qr, kn, kr, v, seg_col, seg_row, do, lse, delta_BNT[..., None])
+    )(qn, qr, kn, kr, v, segq[:, :, None], idxq[:, :, None], segk[:, None, :], do, lse, delta_BNT[..., None])
 
     qn_s, qr_s, do_s = _gpu_specs(Tp, bq, (P, R, U), blocked=False)
     row = pl.BlockSpec((None, None, 1, Tp), lambda b, n, i: (b, n, 0, 0))
-    segk_s, segq_s = _gpu_seg_specs(Tp, bk)
     dkn, dkr_BNSR, dv = cfg.call(
-        _gpu_dkv_kernel, _Pairs.of(Tp, bq, bk, by_keys=True), (B, N, Tp // bk), cfg.bwd,
-        in_specs=[qn_s, qr_s, *_gpu_kv_specs(Tp, bk, P, R, U, blocked=True), segq_s, segk_s, do_s, row, row],
-        out_specs=_gpu_specs(Tp, bk, (P, R, U), blocked=True),  # per-head key blocks: dk_rope summed outside
-        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], cost_estimate=costs[1],
-    )(qn, qr, kn, kr, v, seg_row, seg_col, do, lse.reshape(B, N, 1, Tp), delta_BNT[:, :, None, :])
+        _gpu_dkv_kernel, cfg.pairs(cfg.bwd, Tp, Sp, by_keys=True), (B, N, Sp // bk), cfg.bwd,
+        in_specs=[qn_s, qr_s, *_gpu_kv_specs(Sp, bk, P, R, U, blocked=True), _gpu_row(Tp), _gpu_row(Tp),
+                  _gpu_column(bk), do_s, row, row],
+        out_specs=_gpu_specs(Sp, bk, (P, R, U), blocked=True),  # per-head key blocks: dk_rope summed outside
+        out_shape=[_shape(kn), _shape((B, N, Sp, R), F32), _shape(v)], cost_estimate=costs[1],
+    )(qn, qr, kn, kr, v, segq[:, None, :], idxq[:, None, :], segk[:, :, None], do, lse.reshape(B, N, 1, Tp),
+      delta_BNT[:, :, None, :])
     return dqn, dqr, dkn, dkr_BNSR, dv
 
 
-# TPU layouts: every operand blocked along T, on the outer or the inner side of a pass; per-query vectors (logsumexp,
-# max, delta) and segment ids as [.., 1, T] rows.
+# TPU layouts: every operand blocked along its sequence, on the outer or the inner side of a pass; per-query vectors
+# (logsumexp, max, delta), segment ids and the queries' key indices as [.., 1, T] rows.
 def _tpu_spec(pairs: _Pairs, side: str, *dims):
     """BlockSpec of a TPU-form operand: dims are the block's, None for the batch and head axes (the grid's first
     two indices, in that order), "T" for the sequence axis (the `side` block's rows), other dims whole."""
@@ -532,84 +567,85 @@ def _tpu_spec(pairs: _Pairs, side: str, *dims):
 
 def _tpu_operands(pairs: _Pairs, side: str, P, R, U, *, stats: int = 0):
     """Specs for (nope [B, N, T, P], rope [B, N, T, R] or the shared [B, T, R], value [B, N, T, U]) of `side`, then
-    `stats` per-head rows [B, N, 1, T] and the segment-id row [B, 1, T]; the rope key is shared on the key side."""
+    `stats` per-head rows [B, N, 1, T], the segment-id row [B, 1, T] and, on the query side, the key-index row
+    [B, 1, T]; the rope key is shared on the key side."""
     spec = functools.partial(_tpu_spec, pairs, side)
     keys = pairs.by_keys == (side == "outer")
     rope = spec(None, "T", R) if keys else spec(None, None, "T", R)
     return [spec(None, None, "T", P), rope, spec(None, None, "T", U), *(spec(None, None, 1, "T"),) * stats,
-            spec(None, 1, "T")]
+            *(spec(None, 1, "T"),) * (1 if keys else 2)]
 
 
-def _tpu_forward(qn, qr, kn, kr, v, seg, cfg, cost):
+def _tpu_forward(qn, qr, kn, kr, v, segq, idxq, segk, cfg, cost):
     from jax.experimental.pallas import tpu as pltpu
     B, N, Tp, P = qn.shape
-    R, U = qr.shape[-1], v.shape[-1]
-    pairs = _Pairs.of(Tp, cfg.fwd.bq, cfg.fwd.bk, by_keys=False)
+    Sp, R, U = kn.shape[2], qr.shape[-1], v.shape[-1]
+    pairs = cfg.pairs(cfg.fwd, Tp, Sp, by_keys=False)
     bq, row = pairs.bq, _shape((B, N, 1, Tp), F32)
     q_spec = functools.partial(_tpu_spec, pairs, "outer")
-    qn_s, qr_s, _, segq_s = _tpu_operands(pairs, "outer", P, R, U)
+    qn_s, qr_s, _, segq_s, idxq_s = _tpu_operands(pairs, "outer", P, R, U)
     out, lse, rowmax = cfg.call(
         _tpu_forward_kernel, pairs, (B, N, pairs.grid_rows, pairs.grid_steps), cfg.fwd,
-        in_specs=[qn_s, qr_s, segq_s, *_tpu_operands(pairs, "inner", P, R, U)],
+        in_specs=[qn_s, qr_s, segq_s, idxq_s, *_tpu_operands(pairs, "inner", P, R, U)],
         out_specs=[q_spec(None, None, "T", U), q_spec(None, None, 1, "T"), q_spec(None, None, 1, "T")],
         out_shape=[_shape((B, N, Tp, U), qn.dtype), row, row], cost_estimate=cost,
         scratch_shapes=[pltpu.VMEM((bq, U), F32), pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32),
-                        pltpu.VMEM((bq, 1), jnp.int32)],
-    )(qn, qr, seg[:, None, :], kn, kr, v, seg[:, None, :])
+                        pltpu.VMEM((bq, 1), jnp.int32), pltpu.VMEM((bq, 1), jnp.int32)],
+    )(qn, qr, segq[:, None, :], idxq[:, None, :], kn, kr, v, segk[:, None, :])
     return out, rowmax.reshape(B, N, Tp), lse
 
 
-def _tpu_backward(qn, qr, kn, kr, v, seg, do, lse, delta_BNT, cfg, costs):
+def _tpu_backward(qn, qr, kn, kr, v, segq, idxq, segk, do, lse, delta_BNT, cfg, costs):
     from jax.experimental.pallas import tpu as pltpu
     B, N, Tp, P = qn.shape
-    R, U = qr.shape[-1], v.shape[-1]
-    seg_row, delta = seg[:, None, :], delta_BNT[:, :, None, :]
-    pairs = _Pairs.of(Tp, cfg.bwd.bq, cfg.bwd.bk, by_keys=False)
+    Sp, R, U = kn.shape[2], qr.shape[-1], v.shape[-1]
+    segq_row, idxq_row, segk_row, delta = segq[:, None, :], idxq[:, None, :], segk[:, None, :], delta_BNT[:, :, None, :]
+    pairs = cfg.pairs(cfg.bwd, Tp, Sp, by_keys=False)
     q_spec = functools.partial(_tpu_spec, pairs, "outer")
-    qn_s, qr_s, do_s, lse_s, delta_s, segq_s = _tpu_operands(pairs, "outer", P, R, U, stats=2)
     bq = pairs.bq
     dqn, dqr = cfg.call(
         _tpu_dq_kernel, pairs, (B, N, pairs.grid_rows, pairs.grid_steps), cfg.bwd,
-        in_specs=[qn_s, qr_s, do_s, lse_s, delta_s, segq_s, *_tpu_operands(pairs, "inner", P, R, U)],
+        in_specs=[*_tpu_operands(pairs, "outer", P, R, U, stats=2), *_tpu_operands(pairs, "inner", P, R, U)],
         out_specs=[q_spec(None, None, "T", P), q_spec(None, None, "T", R)], out_shape=[_shape(qn), _shape(qr)],
         cost_estimate=costs[0],
         scratch_shapes=[pltpu.VMEM((bq, P), F32), pltpu.VMEM((bq, R), F32), pltpu.VMEM((bq, 1), F32),
-                        pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), jnp.int32)],
-    )(qn, qr, do, lse, delta, seg_row, kn, kr, v, seg_row)
+                        pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), jnp.int32), pltpu.VMEM((bq, 1), jnp.int32)],
+    )(qn, qr, do, lse, delta, segq_row, idxq_row, kn, kr, v, segk_row)
 
-    pairs = _Pairs.of(Tp, cfg.bwd.bq, cfg.bwd.bk, by_keys=True)
+    pairs = cfg.pairs(cfg.bwd, Tp, Sp, by_keys=True)
     k_spec = functools.partial(_tpu_spec, pairs, "outer")
     bk = pairs.bk
     dkn, dkr_BNSR, dv = cfg.call(
         _tpu_dkv_kernel, pairs, (B, N, pairs.grid_rows, pairs.grid_steps), cfg.bwd,
         in_specs=[*_tpu_operands(pairs, "outer", P, R, U), *_tpu_operands(pairs, "inner", P, R, U, stats=2)],
         out_specs=[k_spec(None, None, "T", d) for d in (P, R, U)],  # per-head dk_rope, summed outside
-        out_shape=[_shape(kn), _shape((B, N, Tp, R), F32), _shape(v)], cost_estimate=costs[1],
+        out_shape=[_shape(kn), _shape((B, N, Sp, R), F32), _shape(v)], cost_estimate=costs[1],
         scratch_shapes=[pltpu.VMEM((bk, P), F32), pltpu.VMEM((bk, R), F32), pltpu.VMEM((bk, U), F32),
                         pltpu.VMEM((bk, 1), jnp.int32)],
-    )(kn, kr, v, seg_row, qn, qr, do, lse, delta, seg_row)
+    )(kn, kr, v, segk_row, qn, qr, do, lse, delta, segq_row, idxq_row)
     return dqn, dqr, dkn, dkr_BNSR, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(qn, qr, kn, kr, v, seg, cfg):
-    return _flash_fwd(qn, qr, kn, kr, v, seg, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(qn, qr, kn, kr, v, segq, idxq, segk, cfg):
+    return _flash_fwd(qn, qr, kn, kr, v, segq, idxq, segk, cfg)[0]
 
 
-def _flash_fwd(qn, qr, kn, kr, v, seg, cfg):
+def _flash_fwd(qn, qr, kn, kr, v, segq, idxq, segk, cfg):
     forward = _tpu_forward if cfg.form == "tpu" else _gpu_forward
-    out, rowmax, lse = forward(qn, qr, kn, kr, v, seg, cfg, _costs(qn, qr, kn, kr, v, seg, cfg.fwd, cfg.bwd)[0])
-    return (out, rowmax), (qn, qr, kn, kr, v, seg, out, lse)
+    cost = _costs(qn, qr, kn, kr, v, (segq, idxq, segk), cfg)[0]
+    out, rowmax, lse = forward(qn, qr, kn, kr, v, segq, idxq, segk, cfg, cost)
+    return (out, rowmax), (qn, qr, kn, kr, v, segq, idxq, segk, out, lse)
 
 
 def _flash_bwd(cfg, res, cotangents):
-    qn, qr, kn, kr, v, seg, out, lse = res
+    qn, qr, kn, kr, v, segq, idxq, segk, out, lse = res
     do = cotangents[0].astype(out.dtype)  # rowmax carries no gradient
     delta_BNT = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1)
     backward = _tpu_backward if cfg.form == "tpu" else _gpu_backward
-    costs = _costs(qn, qr, kn, kr, v, seg, cfg.fwd, cfg.bwd)[1:]
-    dqn, dqr, dkn, dkr_BNSR, dv = backward(qn, qr, kn, kr, v, seg, do, lse, delta_BNT, cfg, costs)
-    return dqn, dqr, dkn, jnp.sum(dkr_BNSR, axis=1).astype(kr.dtype), dv, None
+    costs = _costs(qn, qr, kn, kr, v, (segq, idxq, segk), cfg)[1:]
+    dqn, dqr, dkn, dkr_BNSR, dv = backward(qn, qr, kn, kr, v, segq, idxq, segk, do, lse, delta_BNT, cfg, costs)
+    return dqn, dqr, dkn, jnp.sum(dkr_BNSR, axis=1).astype(kr.dtype), dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -617,30 +653,44 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: jax.Array, k_rope_BSR: jax.Array,
-                  v_BNSU: jax.Array, segment_ids_BT: jax.Array, *, scale: float, backend: str = "pallas",
-                  platform: str | None = None, block_q: int | None = None, block_k: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None, bwd_block_q: int | None = None,
-                  bwd_block_k: int | None = None, bwd_num_warps: int | None = None,
+                  v_BNSU: jax.Array, segment_ids_BT: jax.Array, *, scale: float,
+                  key_segment_ids_BS: jax.Array | None = None, query_index_BT: jax.Array | None = None,
+                  backend: str = "pallas", platform: str | None = None, block_q: int | None = None,
+                  block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                  bwd_block_q: int | None = None, bwd_block_k: int | None = None, bwd_num_warps: int | None = None,
                   bwd_num_stages: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Causal, segment-masked MLA attention -> (out [B, N, T, U] in q's dtype, rowmax [B, N, T] float32).
     Differentiable in q, k and v (rowmax is a statistic: no gradient). See the module docstring.
 
+    Self-attention by default (S = T). Keys longer than the queries (S = stride x T, context parallelism) need
+    key_segment_ids_BS [B, S] and query_index_BT [B, T], each query's index among the keys, with t x stride <=
+    query_index[b, t] < (t + 1) x stride (not checked: it is traced).
     backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
     picks the launch settings' form). Launch settings, None: LAUNCH's for the platform and q's dtype, else DEFAULTS:
     block_q / block_k rows per query / key block and, on GPU, Triton's num_warps / num_stages, for the forward
     kernel; the bwd_* ones for the dq and dk/dv kernels (default: the forward's). A block longer than T is cut to T
-    rounded up to 128; the blocks set the padded length (a multiple of all four)."""
+    rounded up to 128; the blocks set the padded lengths (multiples of all four)."""
     B, N, T, P = q_nope_BNTP.shape
-    R, U = q_rope_BNTR.shape[-1], v_BNSU.shape[-1]
-    expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, T, P), "k_rope": (B, T, R), "v": (B, N, T, U),
-              "segment_ids": (B, T)}
+    S, R, U = k_nope_BNSP.shape[2], q_rope_BNTR.shape[-1], v_BNSU.shape[-1]
+    if S % T:
+        raise ValueError(f"mla_attention: {S} keys are not a whole multiple of the {T} queries")
+    if S != T and (key_segment_ids_BS is None or query_index_BT is None):
+        raise ValueError(f"mla_attention: {S} keys for {T} queries need key_segment_ids_BS and query_index_BT")
+    seg_k_BS = segment_ids_BT if key_segment_ids_BS is None else key_segment_ids_BS
+    expect = {"q_rope": (B, N, T, R), "k_nope": (B, N, S, P), "k_rope": (B, S, R), "v": (B, N, S, U),
+              "segment_ids": (B, T), "key_segment_ids": (B, S)}
     got = {"q_rope": q_rope_BNTR.shape, "k_nope": k_nope_BNSP.shape, "k_rope": k_rope_BSR.shape,
-           "v": v_BNSU.shape, "segment_ids": segment_ids_BT.shape}
+           "v": v_BNSU.shape, "segment_ids": segment_ids_BT.shape, "key_segment_ids": seg_k_BS.shape}
+    if query_index_BT is not None:
+        expect["query_index"], got["query_index"] = (B, T), query_index_BT.shape
     bad = [f"{k} {got[k]} (expected {v})" for k, v in expect.items() if tuple(got[k]) != v]
     if bad:
         raise ValueError(f"mla_attention: q_nope {q_nope_BNTP.shape} and " + ", ".join(bad))
     if kb.check("mla_attention", backend, platform) == "xla":
-        return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, scale=scale)
+        return reference(q_nope_BNTP, q_rope_BNTR, k_nope_BNSP, k_rope_BSR, v_BNSU, segment_ids_BT, scale=scale,
+                         key_segment_ids_BS=key_segment_ids_BS, query_index_BT=query_index_BT)
+    if query_index_BT is None:
+        query_index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     s = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, q_nope_BNTP.dtype, block_q=block_q, block_k=block_k,
                            num_warps=num_warps, num_stages=num_stages, bwd_block_q=bwd_block_q,
                            bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps, bwd_num_stages=bwd_num_stages)
@@ -648,9 +698,11 @@ def mla_attention(q_nope_BNTP: jax.Array, q_rope_BNTR: jax.Array, k_nope_BNSP: j
     fwd = _Launch(min(s["block_q"], longest), min(s["block_k"], longest), s["num_warps"], s["num_stages"])
     bwd = _Launch(*(min(s["bwd_" + k] or s[k], longest) for k in ("block_q", "block_k")),
                   *(s["bwd_" + k] or s[k] for k in ("num_warps", "num_stages")))
-    multiple = math.lcm(fwd.bq, fwd.bk, bwd.bq, bwd.bk)
+    multiple = math.lcm(fwd.bq, fwd.bk, bwd.bq, bwd.bk)  # queries and keys alike: padded S <= stride x padded T
     pad = functools.partial(kb.pad_axis, axis=2, multiple=multiple)
+    ints = functools.partial(kb.pad_axis, axis=1, multiple=multiple, value=-1)
     args = (pad(q_nope_BNTP), pad(q_rope_BNTR), pad(k_nope_BNSP), kb.pad_axis(k_rope_BSR, 1, multiple),
-            pad(v_BNSU), kb.pad_axis(segment_ids_BT.astype(jnp.int32), 1, multiple, value=-1))
-    out, rowmax = _flash(*args, _Config(float(scale), T, backend, platform, fwd, bwd))
+            pad(v_BNSU), ints(segment_ids_BT.astype(jnp.int32)), ints(query_index_BT.astype(jnp.int32)),
+            ints(seg_k_BS.astype(jnp.int32)))
+    out, rowmax = _flash(*args, _Config(float(scale), T, S, backend, platform, fwd, bwd))
     return out[:, :, :T], rowmax[:, :, :T]

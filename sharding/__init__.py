@@ -2,7 +2,8 @@
 
 Logical axis names k2jax parameters carry (`logical_axes` metadata on every variable). mesh.py builds meshes,
 rules.py maps these names to mesh axes per strategy (the one table), expert_parallel.py and pipeline.py run EP and
-PP with shard_map, per_shard.py runs kernels and other per-device code under shard_map.
+PP with shard_map, context_parallel.py splits a row's sequence (attention gathers the keys' latent), per_shard.py
+runs kernels and other per-device code under shard_map.
 """
 
 LOGICAL_AXES = (

@@ -7,7 +7,8 @@
 pallas_kernels.expert_weights.ExpertWeights: the weights and their scales): every leaf is split over `expert`, and
 `ffn` gets the same pytree of the local blocks.
 
-Tokens are split over every batch-like mesh axis (data, fsdp and expert); the E experts over `expert` (device
+Tokens are split over every batch-like mesh axis (data, fsdp and expert) and over context (a row's tokens split by
+context parallelism are just more tokens here); the E experts over `expert` (device
 j of the expert axis owns experts [j e, (j + 1) e)). Per device:
 
   1. sort its T x K (token, choice) rows by expert;
@@ -47,9 +48,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sharding.group_rows import combine_sorted, sort_by_group
+from sharding.rules import ACTIVATION_RULES
 
 EXPERT_AXIS = "expert"
-TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes the tokens are split over (those present in the mesh)
+TOKEN_AXES = ACTIVATION_RULES["tokens"]  # mesh axes the tokens are split over (those present in the mesh)
 IMPLS = ("native", "all_to_all")
 
 

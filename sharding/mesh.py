@@ -1,8 +1,9 @@
-"""Named device meshes for k2jax: axes data, fsdp, expert, tensor, stage (any subset, in that order).
+"""Named device meshes for k2jax: axes data, fsdp, expert, context, tensor, stage (any subset, in that order).
 
     mesh = make_mesh({"expert": 4, "fsdp": -1})        # -1: whatever the other axes leave
     mesh = make_mesh({"data": 2, "expert": 4}, devices=jax.devices()[:8])
     mesh = make_mesh({"expert": 8, "fsdp": 2}, dcn={"data": 4})  # multi-slice: 4 slices of 16 chips, data over DCN
+    mesh = make_mesh({"expert": 64, "context": 4})     # long rows: each row's sequence split 4 ways (context parallel)
 
 Axes are created with AxisType.Auto (GSPMD partitions the computation; explicit collectives live in
 shard_map code). Sizes that do not multiply to the device count fail with one line saying so.
@@ -16,7 +17,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor", "stage")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor", "stage")
 
 
 class MeshError(ValueError):

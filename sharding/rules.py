@@ -3,7 +3,8 @@
     shardings = param_shardings(params_by_name, mesh, "ep_fsdp")   # {name: NamedSharding}
     model = k2jax.load_checkpoint(path, shardings=lambda name, shape: shardings[name])
     print(sharding_table(params_by_name, mesh, "ep_fsdp"))        # every parameter, its spec, bytes per device
-    x_BTD = constrain(x_BTD, ACTIVATION_BTD)                      # activations: batch over data, fsdp, expert
+    x_BTD = constrain(x_BTD, ACTIVATION_BTD)                      # activations: batch over data, fsdp, expert;
+                                                                  # sequence over context
 
 `params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Optimizer state
 follows its parameter and is split further over `data` (ZeRO-1): `optimizer_state_specs`. Strategies:
@@ -12,6 +13,9 @@ follows its parameter and is split further over `data` (ZeRO-1): `optimizer_stat
            fsdp x expert together                                            (K2's EP + ZeRO-3 over every chip)
   ep_pp    as ep_fsdp, stacked MoE layers split over `stage`                    (K2's PP16 x EP16)
   tensor   heads / ffn / vocab over `tensor`, hidden over fsdp
+With a `context` axis (context parallelism: a row's sequence split; sharding.context_parallel) every strategy splits
+the hidden axes over it as well (fsdp x context, fsdp x expert x context): its devices hold different tokens of the
+same rows, so it is one more axis to shard the weights over (ZeRO-3), not one more copy of them.
 A logical axis maps to the first of its candidates (a mesh axis, or a tuple of mesh axes split together) whose
 axes exist in the mesh, are not used by an earlier dimension of the same parameter, and together divide the
 dimension. When a candidate's axes are there but none divides the dimension, that dimension would be held whole
@@ -35,12 +39,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sharding import LOGICAL_AXES
 
 # hidden-side axes split over fsdp (ZeRO-style); q_b / kv_b have no embed axis, so their latent axis is used
-_FSDP = {"embed": ("fsdp",), "q_lora": ("fsdp",), "kv_lora": ("fsdp",)}
+# (and over context where the mesh has it: see above)
+_HIDDEN = ("embed", "q_lora", "kv_lora")
+_FSDP = {axis: (("fsdp", "context"), "fsdp") for axis in _HIDDEN}
 # with expert parallelism, the weights outside the experts (attention, shared expert, embeddings) split their hidden
 # axis over fsdp and expert together (ZeRO-3 over every chip: otherwise each of the n expert groups holds a copy,
 # 11 GB per chip of K2 on v5p-512, and as much again for momentum and gradients); an expert weight's expert axis
-# already takes `expert`, so its hidden axis falls back to fsdp alone
-_FSDP_EP = {axis: (("fsdp", "expert"), "fsdp") for axis in _FSDP}
+# already takes `expert`, so its hidden axis falls back to fsdp (x context) alone
+_FSDP_EP = {axis: (("fsdp", "expert", "context"), ("fsdp", "context"), "fsdp") for axis in _HIDDEN}
 RULES: dict[str, dict[str, tuple[str | tuple[str, ...], ...]]] = {
     "fsdp": {**_FSDP},
     "ep_fsdp": {**_FSDP_EP, "expert": ("expert",)},
@@ -132,10 +138,12 @@ def total_bytes_per_device(params: Mapping[str, ParamInfo], mesh_shape: Mapping[
 
 ZERO1_AXIS = "data"
 
-# Activations: the batch is split over every batch-like axis (tokens travel to experts only inside EP), attention
-# heads over tensor, the rest stays whole. The one place activation layouts are decided.
-ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp", "expert"), "heads": ("tensor",)}
-ACTIVATION_BTD = ("batch", None, None)
+# Activations: the batch is split over every batch-like axis (tokens travel to experts only inside EP), a row's
+# sequence over context (context parallelism), a flattened batch x sequence axis ("tokens": the MoE's rows) over
+# both, batch-major, attention heads over tensor, the rest stays whole. The one place activation layouts are decided.
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp", "expert"), "sequence": ("context",),
+                                                "tokens": ("data", "fsdp", "expert", "context"), "heads": ("tensor",)}
+ACTIVATION_BTD = ("batch", "sequence", None)
 
 
 def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh) -> PartitionSpec:

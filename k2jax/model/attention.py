@@ -15,7 +15,8 @@ Two ways to attend over it, same weights; the model owns no attention math, each
 `cached` is the generation path: it writes new tokens' latents into a cache [L, B, S, X] (a slot: C + R values,
 padded on TPU) and attends.
 The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real tokens, which
-QK-Clip needs.
+QK-Clip needs. Under context parallelism (a row's tokens split over the mesh's context axis, `attend(context=True)`)
+the devices exchange the latent (C + R values a token), not per-head keys and values (sharding.context_parallel).
 
 Each op runs with the backend k2jax.model.target picks (cfg.attention_impl overrides it): "pallas" on TPU / GPU (the
 kernel, under `sharding.per_shard`: per example and head / per row on every device of the mesh, with the
@@ -39,6 +40,7 @@ from k2jax.model.rope import apply_rope, softmax_scale
 from k2jax.model.target import Target
 from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import mla_decode
+from sharding.context_parallel import over_context
 from sharding.per_shard import per_shard
 from sharding.rules import fully_split
 
@@ -97,23 +99,48 @@ class MLAttention(nnx.Module):
         k_rope_BTR = apply_rope(kv_BTX[..., C:], cos_BTZ, sin_BTZ, interleave=self.cfg.rope_interleave)
         return c_BTC, k_rope_BTR
 
-    def attend(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, target: Target
-               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def attend(self, q_nope_BTNP, q_rope_BTNR, c_BTC, k_rope_BTR, segment_ids_BT, target: Target, *,
+               context: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Causal self-attention within segments (`pallas_kernels.mla_attention`, the target's backend): expands
         the latent into per-head keys and values. -> (o_proj output [B, T, D], max pre-softmax logit per head [N]
-        over visible pairs of real queries (segment > 0); -inf if there are none)."""
-        k_nope_BNTP, v_BNTU = self._keys_values(c_BTC)
-        heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
-        kernel = functools.partial(mla_attention, scale=self.scale, backend=target.attention,
-                                   platform=target.platform)
-        if target.attention != "xla":  # a kernel runs per device: each device's examples and heads
-            per_head, shared = ("batch", "heads", None, None), ("batch", None, None)
-            kernel = per_shard(kernel, in_axes=(per_head, per_head, per_head, shared, per_head, ("batch", None)),
-                               out_axes=(per_head, ("batch", "heads", None)))
-        out_BNTU, rowmax_BNT = kernel(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNTP, k_rope_BTR,
-                                      v_BNTU, segment_ids_BT)
+        over visible pairs of real queries (segment > 0); -inf if there are none).
+        context: the tokens are in context parallelism's striped order, T split over the mesh's context axis
+        (sharding.context_parallel): each device gathers the latent and segment ids of the whole row (C + R values
+        a token), expands them and attends its own queries to them; the max logit is the max over every shard."""
+        w_kv_b = self._w(self.kv_b_proj)
+        latent_BTX = jnp.concatenate([c_BTC, k_rope_BTR.astype(c_BTC.dtype)], axis=-1)  # what a token's keys need
+        if context:
+            attention = over_context(functools.partial(self._attention, target=target), queries=3, keys=2,
+                                     out_axes=(2, 2))
+            out_BNTU, rowmax_BNT = attention(q_nope_BTNP, q_rope_BTNR, segment_ids_BT, latent_BTX, segment_ids_BT,
+                                             w_kv_b)
+        else:
+            out_BNTU, rowmax_BNT = self._attention(q_nope_BTNP, q_rope_BTNR, segment_ids_BT, latent_BTX,
+                                                   segment_ids_BT, None, w_kv_b, target=target)
         max_logit_N = jnp.max(jnp.where((segment_ids_BT > 0)[:, None, :], rowmax_BNT, -jnp.inf), axis=(0, 2))
-        return self._output(heads_first(out_BNTU)), max_logit_N
+        return self._output(out_BNTU.transpose(0, 2, 1, 3)), max_logit_N
+
+    def _attention(self, q_nope_BTNP, q_rope_BTNR, seg_q_BT, latent_BSX, seg_k_BS, query_index_BT, w_kv_b_CNH,
+                   *, target: Target) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The T queries over the S keys' latent [c | k_rope] (S = T, or the whole row under context parallelism,
+        whose queries' indices among the keys query_index gives) -> (out [B, N, T, U], rowmax [B, N, T])."""
+        C = self.cfg.kv_lora_rank
+        k_rope_BSR = latent_BSX[..., C:]
+        k_nope_BNSP, v_BNSU = self._keys_values(latent_BSX[..., :C], w_kv_b_CNH)
+        index = () if query_index_BT is None else (query_index_BT,)
+
+        def kernel(q_nope, q_rope, k_nope, k_rope, v, seg_q, seg_k, *index):
+            return mla_attention(q_nope, q_rope, k_nope, k_rope, v, seg_q, key_segment_ids_BS=seg_k,
+                                 query_index_BT=index[0] if index else None, scale=self.scale,
+                                 backend=target.attention, platform=target.platform)
+
+        if target.attention != "xla":  # a kernel runs per device: each device's examples and heads
+            per_head, shared, rows = ("batch", "heads", None, None), ("batch", None, None), ("batch", None)
+            kernel = per_shard(kernel, in_axes=(per_head,) * 3 + (shared, per_head) + (rows,) * (2 + len(index)),
+                               out_axes=(per_head, ("batch", "heads", None)))
+        heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+        return kernel(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNSP, k_rope_BSR, v_BNSU, seg_q_BT,
+                      seg_k_BS, *index)
 
     def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_LBSX, layer, positions_BT, target: Target) -> jnp.ndarray:
         """Absorbed attention over layer `layer` of a latent cache (`pallas_kernels.mla_decode`, the target's
@@ -141,9 +168,9 @@ class MLAttention(nnx.Module):
         o_lat_BTNC = kernel(q_lat_BTNC, q_rope_BTNR, cache, positions_BT, jnp.asarray(layer, jnp.int32))
         return self._expand_output(o_lat_BTNC)
 
-    def _keys_values(self, c_BSC) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def _keys_values(self, c_BSC, w_kv_b_CNH) -> tuple[jnp.ndarray, jnp.ndarray]:
         """kv_b expansion of the latent, head-major: k_nope [B, N, S, P] and v [B, N, S, U]."""
-        kv_BNSH = self._project(c_BSC, self.kv_b_proj).transpose(0, 2, 1, 3)
+        kv_BNSH = project(c_BSC, w_kv_b_CNH, 1, impl=Target.of(self.cfg).matmul).transpose(0, 2, 1, 3)
         P = self.cfg.qk_nope_head_dim
         return kv_BNSH[..., :P], kv_BNSH[..., P:]
 
@@ -164,12 +191,13 @@ class MLAttention(nnx.Module):
                                        w_CNH[..., self.cfg.qk_nope_head_dim:]))
 
     @jax.named_scope("attention")
-    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT, *, context: bool = False
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Causal self-attention within segments (segment_ids > 0 real tokens, 0 padding) -> (out [B, T, D], max
-        pre-softmax logit per head [N] over visible pairs of real queries)."""
+        pre-softmax logit per head [N] over visible pairs of real queries). context: see `attend`."""
         q_nope, q_rope = self.queries(x_BTD, cos_BTZ, sin_BTZ)
         c, k_rope = self.latent(x_BTD, cos_BTZ, sin_BTZ)
-        return self.attend(q_nope, q_rope, c, k_rope, segment_ids_BT, Target.of(self.cfg))
+        return self.attend(q_nope, q_rope, c, k_rope, segment_ids_BT, Target.of(self.cfg), context=context)
 
     @jax.named_scope("attention")
     def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, cache_LBSX, layer, *, prefill: bool

@@ -176,7 +176,7 @@ class RoutedExperts(nnx.Module):
                        stack=stack)
             return combine_sorted(y_MD, order_M, weights_TK)
 
-        tokens, whole = ("batch", None), tuple((None,) * a.ndim for a in leaves)
+        tokens, whole = ("tokens", None), tuple((None,) * a.ndim for a in leaves)
         y_TD = per_shard(route_and_run, in_axes=(tokens,) * 3 + whole, out_axes=tokens)(
             x_TD, weights_TK, ids_TK, *leaves).astype(self.dtype)
         return y_TD, jnp.zeros((), jnp.int32)

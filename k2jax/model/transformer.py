@@ -11,6 +11,10 @@ Packed sequences: `segment_ids` [B, T] (>= 1 for real tokens, 0 for padding) res
 segment; `positions` [B, T] feed RoPE and default to the index within the segment. Padding tokens are left out
 of the aux statistics.
 
+Under a mesh with a `context` axis (context parallelism, sharding.context_parallel) each row's T tokens are split
+over it: the call puts tokens, segment ids and positions in the striped order, runs the blocks (attention gathers
+the latent of the whole row) and returns logits, hidden states and aux in the natural order, as without it.
+
 Profiles read in K2's terms: jax.named_scope "attention", "router", "experts", "shared_experts" and (expert
 parallelism) "ep_exchange" name the ops of each block. A block's attention and FFN outputs carry checkpoint_name
 "attention_out" / "ffn_out", so a remat policy may keep them (e.g.
@@ -37,6 +41,7 @@ from k2jax.model.rope import rope_tables
 from k2jax.model.target import Target
 from pallas_kernels.expert_weights import ExpertWeights
 from pallas_kernels.int4_grouped_matmul import GROUP_SIZE
+from sharding.context_parallel import context_parallel_size, from_context_order, to_context_order
 from sharding.expert_parallel import EXPERT_AXIS, expert_parallel_enabled
 from sharding.pipeline import STAGE_AXIS, pipeline_enabled, pipeline_scan
 from sharding.rules import ACTIVATION_BTD, constrain
@@ -64,9 +69,11 @@ class DecoderBlock(nnx.Module):
                     else MLP(cfg, cfg.intermediate_size, rngs=rngs))
         self.is_moe = moe
 
-    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT, *, layer: Layer | None = None
+    def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT, *, layer: Layer | None = None, context: bool = False
                  ) -> tuple[jnp.ndarray, dict]:
-        attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, segment_ids_BT)
+        """context: the row's tokens are split over the mesh's context axis (MLAttention.attend)."""
+        attn_BTD, max_logit_N = self.self_attn(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, segment_ids_BT,
+                                               context=context)
         out_BTD, aux = self.ffn(x_BTD + checkpoint_name(attn_BTD, "attention_out"), segment_ids_BT > 0, layer=layer)
         return out_BTD, {"attn_max_logits": max_logit_N, **aux}
 
@@ -157,15 +164,26 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         if positions is None:
             positions = segment_positions(segment_ids)
+        explicit = parallelism(cfg)
+        microbatches, context = explicit["pipeline_microbatches"], explicit["context_parallel"]
+        if context > 1:  # the tokens and what travels with them in the striped order (sharding.context_parallel)
+            if microbatches:
+                raise ValueError("Transformer: context parallelism does not run inside a pipeline: give the mesh a "
+                                 "context or a stage axis, not both")
+            tokens_BT, segment_ids, positions = (to_context_order(jnp.asarray(a), context)
+                                                 for a in (tokens_BT, segment_ids, positions))
 
         def layer_fn(block, x_BTD, inputs, layer):  # inputs (rope tables, segment ids) ride along unchanged
-            x_BTD, aux = block(x_BTD, *inputs, layer=layer)
+            x_BTD, aux = block(x_BTD, *inputs, layer=layer, context=context > 1)
             return constrain(x_BTD, ACTIVATION_BTD), inputs, aux
 
-        microbatches = parallelism(cfg)["pipeline_microbatches"]
         x_BTD, _, dense_aux, moe_aux = self.run_layers(self.embed(tokens_BT), layer_fn,
                                                        _layer_inputs(cfg, segment_ids, positions),
                                                        microbatches=microbatches)
+        if context > 1:  # back to the natural order (the router's choices [L, B, T, K] too)
+            x_BTD = constrain(from_context_order(x_BTD, context), ACTIVATION_BTD)
+            if moe_aux is not None:
+                moe_aux = {**moe_aux, "topk_ids": from_context_order(moe_aux["topk_ids"], context, axis=2)}
         if microbatches and moe_aux is not None:  # [M, L, ...] per microbatch -> as an unsplit batch gives it
             moe_aux = {"attn_max_logits": moe_aux["attn_max_logits"].max(0),
                        "expert_load": moe_aux["expert_load"].sum(0), "ep_dropped": moe_aux["ep_dropped"].sum(0),
@@ -237,14 +255,16 @@ class Transformer(nnx.Module):
 
 def parallelism(cfg: K2Config, mesh=None) -> dict[str, int]:
     """What the model runs explicitly (shard_map) under `mesh` (default: the one set with jax.set_mesh):
-    expert_parallel, the groups the routed experts are split into (sharding.expert_parallel; 1: none), and
-    pipeline_stages x pipeline_microbatches (sharding.pipeline; 1 x 0: none). The rest is XLA's automatic
-    sharding of the rules' layout."""
+    expert_parallel, the groups the routed experts are split into (sharding.expert_parallel; 1: none),
+    pipeline_stages x pipeline_microbatches (sharding.pipeline; 1 x 0: none) and context_parallel, the shards a
+    row's sequence is split into (sharding.context_parallel; 1: none). The rest is XLA's automatic sharding of the
+    rules' layout."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     ep = dict(mesh.shape)[EXPERT_AXIS] if expert_parallel_enabled(mesh, cfg.n_routed_experts) else 1
     stages = dict(mesh.shape)[STAGE_AXIS] if pipeline_enabled(mesh) and cfg.num_moe_layers else 1
     return {"expert_parallel": ep, "pipeline_stages": stages,
-            "pipeline_microbatches": (cfg.pipeline_microbatches or stages) if stages > 1 else 0}
+            "pipeline_microbatches": (cfg.pipeline_microbatches or stages) if stages > 1 else 0,
+            "context_parallel": context_parallel_size(mesh)}
 
 
 def describe_parallelism(p: dict[str, int]) -> str:
@@ -252,6 +272,9 @@ def describe_parallelism(p: dict[str, int]) -> str:
     parts = []
     if p["expert_parallel"] > 1:
         parts.append(f"expert parallel over {p['expert_parallel']} groups (shard_map all-to-all)")
+    if p["context_parallel"] > 1:
+        parts.append(f"context parallel over {p['context_parallel']} shards of each row (striped; the latent "
+                     f"all-gathered)")
     if p["pipeline_stages"] > 1:
         parts.append(f"pipeline of {p['pipeline_stages']} stages x {p['pipeline_microbatches']} microbatches")
     return ", ".join(parts) or "no expert or pipeline parallelism (XLA shards the layout of the rules)"

@@ -297,6 +297,9 @@ def check_config(config, workdir: str) -> K2Config:
         mesh_shape = resolve_axis_sizes(dict(config.mesh.axes), jax.device_count())
     except MeshError as e:
         raise TrainConfigError(f"config.mesh.axes: {e}") from None
+    context = mesh_shape.get("context", 1)
+    need(config.seq_len % context == 0, f"config.seq_len={config.seq_len} does not split over the mesh's context "
+                                        f"axis ({context}): make it a multiple of {context}")
     try:
         param_specs(param_info(abstract_model(cfg)), mesh_shape,
                     config.mesh.strategy)

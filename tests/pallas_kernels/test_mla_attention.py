@@ -123,3 +123,67 @@ def test_rejects_mismatched_shapes():
         mla_attention(qn, qr, kn, kr[:, :4], v, np.ones((1, 8), np.int32), scale=1.0, backend="interpret")
     with pytest.raises(ValueError, match="backend must be one of"):
         mla_attention(qn, qr, kn, kr, v, np.ones((1, 8), np.int32), scale=1.0, backend="cuda")
+
+
+# Context parallelism's shape of the problem: a device's T queries are every stride-th token of the S = stride x T
+# keys, starting at its shard r (the striped order, sharding.context_parallel).
+def _striped(args, segment_ids, stride, r):
+    """The queries of shard r out of a self-attention problem over S tokens: (q_nope, q_rope, segment ids, key
+    index) of tokens r, r + stride, ..."""
+    qn, qr = args[0][:, :, r::stride], args[1][:, :, r::stride]
+    index = np.broadcast_to(np.arange(r, segment_ids.shape[1], stride, dtype=np.int32), segment_ids[:, r::stride].shape)
+    return qn, qr, segment_ids[:, r::stride], np.ascontiguousarray(index)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("stride,r", [(2, 1), (4, 0), (4, 3)])
+def test_striped_queries_equal_their_rows_of_self_attention(platform, stride, r):
+    """T queries against S = stride x T keys (query t is key t x stride + r): outputs and max logits are the
+    self-attention's rows of those tokens, and the gradients (NaN padding, lengths no block divides) equal the XLA
+    reference's on the same problem."""
+    S = 76 if stride == 4 else 74
+    args = _inputs(2, 2, S, seed=stride + r)
+    seg = np.array([[1] * 23 + [2] * 30 + [3] * (S - 53), [4] * (S - 9) + [0] * 9], np.int32)
+    full_out, full_max = mla_attention(*args, seg, scale=SCALE, backend="xla")
+    qn, qr, seg_q, index = _striped(args, seg, stride, r)
+
+    def run(backend, **launch):
+        def loss(qn, qr, kn, kr, v):
+            out, rowmax = mla_attention(qn, qr, kn, kr, v, seg_q, key_segment_ids_BS=seg, query_index_BT=index,
+                                        scale=SCALE, backend=backend, **launch)
+            return jnp.sum(jnp.sin(out)), (out, rowmax)
+        return jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(qn, qr, *args[2:])
+
+    (_, (want_out, want_max)), want_grads = run("xla")
+    assert rel_err(want_out, full_out[:, :, r::stride]) <= 1e-6
+    np.testing.assert_array_equal(np.asarray(want_max), np.asarray(full_max[:, :, r::stride]))
+    with nan_padding():
+        (_, (out, rowmax)), grads = run("interpret", platform=platform, block_q=8, block_k=16, bwd_block_q=16,
+                                        bwd_block_k=8)
+    assert rel_err(out, want_out) <= 1e-5 and rel_err(rowmax, want_max) <= 1e-6
+    for name, g, want in zip(("q_nope", "q_rope", "k_nope", "k_rope", "v"), grads, want_grads):
+        assert np.isfinite(np.asarray(g)).all(), name
+        assert rel_err(g, want) <= 1e-5, name
+
+
+@pytest.mark.parametrize("by_keys", [False, True], ids=["by_queries", "by_keys"])
+@pytest.mark.parametrize("Tp, bq, bk, stride", [(32, 8, 8, 2), (48, 16, 8, 4), (32, 8, 16, 4), (24, 8, 8, 3)])
+def test_tpu_schedule_with_strided_queries_covers_every_visible_pair(Tp, bq, bk, stride, by_keys):
+    """Queries at key indices t x stride + r (any r < stride): the grid works on each (query block, key block) pair
+    that holds a visible position for some shard r exactly once, and on no other."""
+    pairs = attention_module._Pairs.of(Tp, bq, bk, by_keys=by_keys, Sp=Tp * stride, stride=stride)
+    r, s = np.meshgrid(np.arange(pairs.grid_rows), np.arange(pairs.grid_steps), indexing="ij")
+    outer, inner, work, _, _ = (np.asarray(x) for x in pairs.at(jnp.asarray(r, jnp.int32), jnp.asarray(s, jnp.int32)))
+    q_blk, k_blk = (inner, outer) if by_keys else (outer, inner)
+    needed = {(i, j) for i, j in itertools.product(range(Tp // bq), range(Tp * stride // bk))
+              if ((i + 1) * bq - 1) * stride + stride - 1 >= j * bk}
+    done = [(int(i), int(j)) for i, j in zip(q_blk[work], k_blk[work])]
+    assert sorted(done) == sorted(needed)
+
+
+def test_rejects_keys_without_their_segments_or_a_query_index():
+    qn, qr, kn, kr, v = _inputs(1, 2, 16)
+    with pytest.raises(ValueError, match="need key_segment_ids_BS and query_index_BT"):
+        mla_attention(qn[:, :, :8], qr[:, :, :8], kn, kr, v, np.ones((1, 8), np.int32), scale=1.0, backend="xla")
+    with pytest.raises(ValueError, match="not a whole multiple"):
+        mla_attention(qn[:, :, :6], qr[:, :, :6], kn, kr, v, np.ones((1, 6), np.int32), scale=1.0, backend="xla")

@@ -78,7 +78,8 @@ def test_expert_pipeline_and_data_parallel_together(reference):
     mesh = make_mesh({"data": 2, "expert": 2, "stage": 2})
     sharded = shard_model(model, mesh, "ep_pp")
     sharded.cfg = sharded.cfg.replace(pipeline_microbatches=2)
-    assert parallelism(sharded.cfg, mesh) == {"expert_parallel": 2, "pipeline_stages": 2, "pipeline_microbatches": 2}
+    assert parallelism(sharded.cfg, mesh) == {"expert_parallel": 2, "pipeline_stages": 2, "pipeline_microbatches": 2,
+                                             "context_parallel": 1}
     with jax.set_mesh(mesh):
         step = jax.jit(_loss_and_grads)
         got = step(sharded, tokens, segments)

@@ -5,6 +5,8 @@ exchanges rows with the native ragged all-to-all, and the program fits in memory
 test on 2 cores; the 8-chip EP x FSDP, FSDP-only and single-H100 programs are in the slow set (`-m slow`). The
 4-chip pipeline program is the fine-tuning step (data.source chat:...): per-token loss weights in the batch."""
 
+import re
+
 import jax
 import pytest
 
@@ -65,3 +67,17 @@ def test_train_step_compiles_for_h100(axes, strategy):
     assert ("ragged-all-to-all" in text) == ("expert" in axes)
     assert "ragged-dot" not in text and "ragged_dot" not in text
     assert 0 < compiled.memory_analysis().temp_size_in_bytes < 80 * 2**30
+
+
+def test_context_parallel_train_step_compiles_for_tpu_v5p():
+    """4 chips, each row's 256 tokens split over context 2 inside EP 2: the attention kernels run per device on a
+    shard's striped queries against the gathered row, and the exchange is the latent (576 bf16 values a token)."""
+    axes = {"expert": 2, "context": 2}
+    compiled = _compile(_config(axes, "ep_fsdp", remat="full"), tpu_mesh(axes))
+    text = compiled.as_text()
+    assert kernel_calls(text, "tpu") >= ATTENTION_KERNELS + GROUPED_MATMUL_KERNELS
+    assert "ragged-all-to-all" in text
+    # [rows, t, context x (kv_lora + rope)]: the latent of the row's 256 tokens, gathered per layer
+    assert re.search(r"bf16\[\d+,128,(2,576|1152)\]\S* all-gather.*attention/shard_map/all_gather", text)
+    memory = compiled.memory_analysis()
+    assert 0 < memory.temp_size_in_bytes + memory.argument_size_in_bytes < 95 * 2**30

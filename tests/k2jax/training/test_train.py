@@ -260,6 +260,8 @@ def test_bad_configs_fail_in_one_line_before_anything_runs(tmp_path):
         ("--config.mesh.axes={'tensor': 8}", "--config.mesh.strategy=tensor"):  # the tiny model's 4 heads
             (2, "is not divisible by mesh axis tensor (8) under strategy 'tensor'"),
         ("--config.seq_len=200",): (2, "config.seq_len=200 is longer than the model's max_position_embeddings (128)"),
+        ("--config.mesh.axes={'context': 4, 'fsdp': 2}", "--config.seq_len=30"):
+            (2, "config.seq_len=30 does not split over the mesh's context axis (4): make it a multiple of 4"),
         (f"--workdir={a_file}",): (2, f"--workdir={a_file} is a file, not a directory"),
         ("--workdir=gs://bucket/run",): (2, "--workdir=gs://bucket/run: k2jax reads and writes it with local file APIs"),
         ("--config.data.source=array_record:/no/such.arrayrecord", f"--workdir={tmp_path / 'data'}"):
