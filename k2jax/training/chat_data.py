@@ -20,13 +20,14 @@ the turn ends the conversation, the turn is what follows the prompt rendered wit
 
 Sequences. A turn is trained in a sequence whose tokens start with its prompt + turn. For most templates every
 turn's prompt + turn is a prefix of the whole conversation (earlier turns render the same whatever follows): the
-conversation is one sequence, the whole conversation, as rendered (K2-Instruct, K2-Instruct-0905, k2jax's built-in
-template). A template that renders an earlier turn differently depending on what follows makes the turns whose
-prompt + turn is not a prefix of the whole conversation train elsewhere: turns are placed from the last to the first,
-each in a sequence already made whose tokens start with its prompt + turn, else in a new one made of its own
-prompt + turn (its earlier context as weight 0), which the turns before it then try. So a sequence ends at the turn
-it was made for and holds every earlier turn that renders the same there; `len(sequences) - 1` sequences more than
-one is the price of exactness (the metrics count split conversations and their sequences: k2jax.training.data).
+conversation is one sequence, the whole conversation as rendered (K2-Instruct, K2-Instruct-0905, k2jax's built-in
+template). A template that renders an earlier turn differently once later turns follow leaves some turns' prompt +
+turn out of the whole conversation; those train elsewhere. Turns are placed from the last to the first, each in a
+sequence already made whose tokens start with its prompt + turn, else in a new one made of its own prompt + turn
+(its context weight 0), which the turns before it then try. So a sequence ends at the turn it was made for and
+holds every earlier turn that renders the same there, and each turn trains once. The extra sequences repeat the
+history before them: that is the price of exactness, counted in the metrics (conversations split and the sequences
+they became: k2jax.training.data).
 
 K2-Thinking's template is such a template. It renders the reasoning (`<think>...</think>`) of the tool-call turns
 after the last plain reply (an agentic episode in progress), drops it once a later plain reply is part of the
@@ -46,10 +47,10 @@ own sequence, prompt + its turn rendered without the name.
 
 Refused (ChatMaskError, one line naming the message and what differs): a conversation that starts with the
 assistant; a turn whose rendering starts neither with its prompt nor with its prompt without earlier reasoning (the
-template rewrites more than reasoning: the tokens the model saw cannot be told from the rest); a template that renders
-nothing for a turn; a prompt that ends in text the turn's first token takes (BPE merges across the cut); a
-plain reply with reasoning the template renders without an empty `<think></think>` block to put it in is trained
-as rendered (K2-Instruct has no reasoning).
+template rewrites more than reasoning: the tokens the model saw cannot be told from the rest); a template that
+renders nothing for a turn; a prompt that ends in text the turn's first token takes (BPE merges across the cut).
+Reasoning a template never renders and has no empty `<think></think>` for (K2-Instruct's templates) is not trained:
+those models do not think.
 
 Speed: the whole conversation is tokenised once; each prompt and turn is rendered as text (jinja, no BPE) and found
 in a sequence's token boundaries. Where a cut is not next to one of the template's special tokens (so BPE could
