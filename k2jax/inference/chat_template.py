@@ -55,7 +55,7 @@ SPECIAL_TOKEN_VARIABLES = ("bos_token", "eos_token", "unk_token", "sep_token", "
                            "mask_token")
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"  # private use; the ones transformers uses
 # reasoning fields, in the order transformers reads them (the first one set wins)
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _MEDIA = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
 
 
@@ -183,7 +183,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
             raise ChatTemplateError(f"message {n}: expected a dict with 'role' and 'content', got {message!r:.80}")
         message = {k: v for k, v in plain(dict(message)).items() if v is not None}
         _check_message(n, message)
-        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)

@@ -22,12 +22,15 @@ that row of the next batch) -> a host interleaves the streams of its own rows ->
 So the global batch is the same whatever the number of hosts, the same seed gives the same batches, and
 restoring the iterator state resumes exactly where the checkpoint was taken.
 
-Chat data is packed differently: a conversation is never split between rows (it would lose its context). Each
-row stream packs whole conversations first-fit into `config.data.packing_bins` rows at a time, padding the rest
-(segment 0), and the batch carries `loss_weights` float32 [R, T + 1] (the weight of each token as a target) and
-per-row counts `conversations_truncated` / `conversations_dropped` int32 [R]: a conversation longer than a row
-(seq_len + 1 tokens) is cut to the row or left out, as `config.data.too_long` says ("truncate" | "drop"), and
-counted in the step's metrics. `batch_shapes(config.data, R, T)` says which leaves a source's batches have.
+Chat data is packed differently: a conversation becomes its training sequences (one, or several where its template
+renders earlier turns differently once later ones follow: k2jax.training.chat_data), and a sequence is never split
+between rows (it would lose its context). Each row stream packs whole sequences first-fit into
+`config.data.packing_bins` rows at a time, padding the rest (segment 0), and the batch carries `loss_weights`
+float32 [R, T + 1] (the weight of each token as a target) and per-row counts int32 [R] (CONVERSATION_COUNTS):
+`conversations_truncated` / `conversations_dropped`, a sequence longer than a row (seq_len + 1 tokens) cut to the row
+or left out, as `config.data.too_long` says ("truncate" | "drop"); `conversations_split` / `split_sequences`, the
+conversations made into several sequences and how many sequences those are; all summed in the step's metrics.
+`batch_shapes(config.data, R, T)` says which leaves a source's batches have.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ class _JsonlChats(_Jsonl):
 
 
 def render_record(tokenizer: Tokenizer, record, where: str):
-    """A chat line's conversation -> chat_data.RenderedChat; DataError naming the line (and the turn) otherwise."""
+    """A chat line's conversation -> its training sequences, [chat_data.RenderedChat] (one unless the template
+    renders earlier turns differently depending on what follows); DataError naming the line (and the turn)."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise DataError(f"{where}: expected a JSON object with a 'messages' list (and optionally 'tools'), got "
                         f"{str(record)[:80]!r}")
@@ -187,13 +191,21 @@ def sample_text(data_cfg, *, seq_len: int) -> str | None:
     if _kind(data_cfg) != "chat":
         return None
     source, tokenizer = _source(data_cfg, vocab_size=1 << 62, seed=0)
-    chat = render_record(tokenizer, *source[0])
-    trained = int(np.count_nonzero(chat.weights))
-    fate = (f"; longer than a row of seq_len + 1 = {seq_len + 1} tokens: {data_cfg.too_long}"
-            if chat.ids.size > seq_len + 1 else "")
-    return (f"sample conversation ({source[0][1]}): {chat.ids.size} tokens, {trained} trained (between ⟦ and ⟧; "
-            f"turn this off with config.data.print_sample=False){fate}\n"
-            f"{show_trained(tokenizer, chat.ids, chat.weights)}")
+    chats = render_record(tokenizer, *source[0])
+    off = "(between ⟦ and ⟧; turn this off with config.data.print_sample=False)"
+
+    def described(chat, off: str = "") -> str:
+        fate = (f"; longer than a row of seq_len + 1 = {seq_len + 1} tokens: {data_cfg.too_long}"
+                if chat.ids.size > seq_len + 1 else "")
+        return (f"{chat.ids.size} tokens, {int(np.count_nonzero(chat.weights))} trained{off}{fate}\n"
+                f"{show_trained(tokenizer, chat.ids, chat.weights)}")
+
+    if len(chats) == 1:
+        return f"sample conversation ({source[0][1]}): {described(chats[0], ' ' + off)}"
+    return (f"sample conversation ({source[0][1]}): split into {len(chats)} sequences (its chat template renders "
+            f"earlier turns differently once later ones follow: each assistant turn is trained in one that starts "
+            f"with its own prompt) {off}" + "".join(f"\nsequence {n} of {len(chats)}: {described(chat)}"
+                               for n, chat in enumerate(chats, 1)))
 
 
 def make_iterator(data_cfg, *, seq_len: int, global_batch: int, vocab_size: int, seed: int,
@@ -259,23 +271,39 @@ def _chat_rows(conversations, tokenizer: Tokenizer, data_cfg, seq_len: int):
     the count of conversations cut to a row or left out (config.data.too_long)."""
     (too_long, bins), row_len = _chat_options(data_cfg), seq_len + 1
 
-    def to_example(item) -> dict:  # (ids below vocab_size: _source checked the tokenizer's size)
-        chat = render_record(tokenizer, *item)
-        ids, weights = chat.ids, chat.weights
-        over = ids.size > row_len
-        keep = 0 if over and too_long == "drop" else row_len  # a dropped one: no tokens, only its count
-        return {"tokens": ids[:keep], "loss_weights": weights[:keep],
-                "conversations_truncated": np.int32(over and too_long == "truncate"),
-                "conversations_dropped": np.int32(over and too_long == "drop")}
+    def to_examples(item) -> list[dict]:  # (ids below vocab_size: _source checked the tokenizer's size)
+        chats = render_record(tokenizer, *item)
+        split = len(chats) > 1
+        examples = []
+        for n, chat in enumerate(chats):
+            over = chat.ids.size > row_len
+            keep = 0 if over and too_long == "drop" else row_len  # a dropped one: no tokens, only its count
+            examples.append({"tokens": chat.ids[:keep], "loss_weights": chat.weights[:keep],
+                             "conversations_truncated": np.int32(over and too_long == "truncate"),
+                             "conversations_dropped": np.int32(over and too_long == "drop"),
+                             "conversations_split": np.int32(split and n == 0),  # counted once, on the first
+                             "split_sequences": np.int32(len(chats) if split and n == 0 else 0)})
+        return examples
 
     # rendering is Python work: a few conversations ahead per stream, not grain's default 500 on 16 threads
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * bins)
+    sequences = grain.experimental.FlatMapIterDataset(conversations.map(to_examples).to_iter_dataset(read),
+                                                      _Sequences())
     ds = grain.experimental.FirstFitPackIterDataset(
-        conversations.map(to_example).to_iter_dataset(read), length_struct={"tokens": row_len, "loss_weights": row_len},
+        sequences, length_struct={"tokens": row_len, "loss_weights": row_len},
         num_packing_bins=bins, shuffle_bins=False, meta_features=CONVERSATION_COUNTS)
     return ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
                               "positions": ex["tokens_positions"], "loss_weights": ex["loss_weights"],
                               **{k: np.int32(sum(ex[k])) for k in CONVERSATION_COUNTS}})
+
+
+class _Sequences(grain.experimental.FlatMapTransform):
+    """A conversation's list of sequences (examples) -> its sequences one by one, in order."""
+
+    max_fan_out = 1 << 16
+
+    def flat_map(self, element):
+        return element
 
 
 class DataIterator:

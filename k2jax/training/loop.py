@@ -103,9 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     # overlap_collectives: libtpu's async collective fusion (k2jax.tools.startup.OVERLAP_FLAGS), the gathers and
     # reductions running beside compute; set before libtpu starts (train.py, k2jax-aot), TPU only
     c.mesh = ml_collections.ConfigDict({"axes": {"fsdp": -1}, "strategy": "fsdp", "overlap_collectives": False})
-    # chat:PATHS (fine-tuning on conversations, k2jax/training/chat_data.py): too_long, a conversation longer than a
-    # row of seq_len + 1 tokens: "truncate" (cut to the row) or "drop", counted in the metrics either way;
-    # packing_bins: rows each row stream packs whole conversations into at a time; print_sample: train.py prints
+    # chat:PATHS (fine-tuning on conversations, k2jax/training/chat_data.py; a conversation is one training sequence,
+    # or several where its template renders earlier turns differently once later ones follow): too_long, a sequence
+    # longer than a row of seq_len + 1 tokens: "truncate" (cut to the row) or "drop", counted in the metrics either
+    # way; packing_bins: rows each row stream packs whole sequences into at a time; print_sample: train.py prints
     # the first conversation with its trained tokens marked at start-up
     c.data = ml_collections.ConfigDict({"source": "synthetic", "tokenizer_dir": "", "text_field": "text",
                                         "eod_token_id": -1, "prefetch": 2, "too_long": "truncate",

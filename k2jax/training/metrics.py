@@ -235,6 +235,13 @@ class RowSums:
 
 
 def describe_conversations(counts: dict[str, int]) -> str:
-    """"; 3 conversations longer than a row truncated" (or dropped) for a step's line; "" when there were none."""
-    said = [f"{n} {k.removeprefix('conversations_')}" for k, n in counts.items() if n]
-    return f"; conversations longer than a row since the last line: {', '.join(said)}" if said else ""
+    """"; conversations longer than a row since the last line: 3 truncated" (or dropped) and "; 2 conversations
+    split into 5 sequences since the last line" for a step's line (chat data's counts, k2jax.training.data); ""
+    when there were none."""
+    said = [f"{counts[k]} {k.removeprefix('conversations_')}" for k in ("conversations_truncated",
+                                                                         "conversations_dropped") if counts.get(k)]
+    line = f"; conversations longer than a row since the last line: {', '.join(said)}" if said else ""
+    if counts.get("conversations_split"):
+        line += (f"; {counts['conversations_split']} conversations split into {counts.get('split_sequences', 0)} "
+                 f"sequences since the last line")
+    return line

@@ -10,7 +10,8 @@ target token when the batch has them (chat data: 1 on what the assistant produce
 k2jax.training.chat_data), else 1. The batch's rows are split into `grad_accum` microbatches run one after another
 (a scan), weighted losses and gradients summed and divided by the step's total weight, so the update equals one
 big batch's. The metrics count `tokens` (targets within segments) and `trained_tokens` (those with a weight > 0),
-and sum the batch's `conversations_truncated` / `conversations_dropped` (chat data longer than a row). The QK-Clip
+and sum the batch's chat-data counts (chat_data.CONVERSATION_COUNTS: sequences longer than a row truncated / dropped,
+conversations split into several sequences and how many those are). The QK-Clip
 statistics are the max over microbatches; expert loads and the routed rows dropped by expert parallelism's bounded
 receive buffers (`ep_dropped_rows`, 0 when dropless) are summed. A step whose loss or gradients are not finite
 changes nothing (`metrics["finite"]` is False): the caller stops before saving it. The metrics also say which

@@ -94,11 +94,12 @@ def test_array_record_and_errors(tmp_path):
         _take(small, 3)
 
 
-def _chat_dir(tmp_path):
-    """A tokenizer directory with Kimi-K2-Instruct-0905's chat template (tests/k2jax/inference/chat_templates)."""
+def _chat_dir(tmp_path, template="k2_instruct_0905"):
+    """A tokenizer directory with a release's chat template (Kimi-K2-Instruct-0905's by default;
+    tests/k2jax/inference/chat_templates)."""
     import shutil
     template = os.path.join(os.path.dirname(os.path.dirname(__file__)), "inference", "chat_templates",
-                            "k2_instruct_0905", "chat_template.jinja")
+                            template, "chat_template.jinja")
     path = tmp_path / "tokenizer"
     path.mkdir()
     write_bpe_ranks(path / "tiktoken.model", train_bpe(["Be brief. What is 12 plus 7? It is 19. Thanks!"] * 4, 300))
@@ -131,7 +132,8 @@ def test_chat_rows_pack_whole_conversations_with_their_weights(tmp_path, too_lon
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in convs) + "\n")
     cfg = _cfg(f"chat:{tmp_path / 'c.jsonl'}", tokenizer_dir=tok_dir, too_long=too_long, packing_bins=2)
     T = 127
-    rendered = [render_chat(tok, c["messages"]) for c in convs]
+    rendered = [r for c in convs for r in render_chat(tok, c["messages"])]
+    assert len(rendered) == len(convs)  # one sequence each: this template renders earlier turns alike
     assert rendered[3].ids.size > T + 1 >= max(r.ids.size for i, r in enumerate(rendered) if i != 3)
     want = {(tuple(r.ids[:T + 1]), tuple(r.weights[:T + 1])): i for i, r in enumerate(rendered)}
     it = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=tok.vocab_size, seed=0)
@@ -145,7 +147,7 @@ def test_chat_rows_pack_whole_conversations_with_their_weights(tmp_path, too_lon
     key, other = ("conversations_truncated", "conversations_dropped")[::1 if too_long == "truncate" else -1]
     counted = sum(int(batch[key].sum()) for batch in batches)
     assert counted == seen.count(3) if too_long == "truncate" else counted >= 2
-    assert not any(batch[other].any() for batch in batches)
+    assert not any(batch[k].any() for batch in batches for k in (other, "conversations_split", "split_sequences"))
     # the iterator's position restores exactly
     state = it.get_state()
     after = _take(it, 2)
@@ -167,10 +169,10 @@ def test_chat_errors_name_the_line_and_the_option(tmp_path):
     tok_dir, tok = _chat_dir(tmp_path)
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps(_conversation(1)) + "\n" + json.dumps({"messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "name": "kimi"}]}) + "\n")
+        {"role": "assistant", "content": "yo"}, {"role": "user", "content": "hi"}]}) + "\n")
     cfg = _cfg(f"chat:{path}", tokenizer_dir=tok_dir, too_long="truncate", packing_bins=1)
-    with pytest.raises(DataError, match=rf"^{path}:2: message 1 \(assistant\): the chat template renders the "
-                                        r"conversation up to this turn with the generation prompt as .*assistant"):
+    with pytest.raises(DataError, match=rf"^{path}:2: message 0 \(assistant\): the conversation starts with the "
+                                        r"assistant: there is no prompt it answers"):
         _take(make_iterator(cfg, seq_len=63, global_batch=1, vocab_size=tok.vocab_size, seed=0), 4)
     for key, value, match in [("too_long", "cut", "config.data.too_long='cut': 'truncate' or 'drop'"),
                               ("packing_bins", 0, "config.data.packing_bins=0: must be a whole number")]:
@@ -184,3 +186,61 @@ def test_chat_errors_name_the_line_and_the_option(tmp_path):
     path.write_text('{"messages": "hi"}\n')
     with pytest.raises(DataError, match=rf"{path}:1: expected a JSON object with a 'messages' list"):
         _take(make_iterator(cfg, seq_len=63, global_batch=1, vocab_size=tok.vocab_size, seed=0), 1)
+
+
+def _agentic(i):
+    """K2-Thinking data: odd i an agentic conversation with reasoning (a tool call, its result, an answer; a second
+    user turn and its answer), two training sequences; even i the same without reasoning, one sequence."""
+    call = {"id": "functions.add:0", "type": "function", "function": {"name": "add", "arguments": f"[{i}, {i}]"}}
+    think = (lambda text: {"reasoning_content": text}) if i % 2 else (lambda text: {})
+    thanks = "Thanks!" + " Please" * (40 if i == 3 else 0)  # conversation 3: its second sequence longer than a row
+    return {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                         {"role": "assistant", "content": None, "tool_calls": [call], **think("add")},
+                         {"role": "tool", "tool_call_id": "functions.add:0", "content": str(2 * i)},
+                         {"role": "assistant", "content": f"It is {2 * i}.", **think("so")},
+                         {"role": "user", "content": thanks},
+                         {"role": "assistant", "content": "Welcome.", **think("be nice")}]}
+
+
+def test_chat_rows_pack_the_sequences_of_split_conversations_and_count_them(tmp_path):
+    """A conversation its template splits (K2-Thinking, reasoning: k2jax.training.chat_data) packs as its
+    sequences, each whole in a row with its weights; the metrics count the split conversations and their sequences
+    once, truncation counts per sequence; the position restores exactly between two sequences of a conversation."""
+    from k2jax.training.chat_data import render_chat
+    from k2jax.training.data import sample_text
+    tok_dir, tok = _chat_dir(tmp_path, "k2_thinking")
+    convs = [_agentic(i) for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    cfg = _cfg(f"chat:{tmp_path / 'c.jsonl'}", tokenizer_dir=tok_dir, too_long="truncate", packing_bins=2)
+    T = 255
+    rendered = [render_chat(tok, c["messages"]) for c in convs]
+    assert [len(r) for r in rendered] == [1, 2, 1, 2, 1, 2]
+    assert rendered[3][1].ids.size > T + 1 >= max(s.ids.size for r in rendered for s in r if s is not rendered[3][1])
+    want = {(tuple(s.ids[:T + 1]), tuple(s.weights[:T + 1])): (i, n) for i, r in enumerate(rendered)
+            for n, s in enumerate(r)}
+    it = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=tok.vocab_size, seed=0)
+    batches = _take(it, 12)
+    seen = [want[s] for batch in batches for s in _segments(batch)]  # each segment: one whole sequence
+    assert sorted(set(seen)) == sorted(want.values()) and min(seen.count(v) for v in want.values()) >= 2
+    firsts = sum(seen.count((i, 0)) for i in (1, 3, 5))  # a split conversation is counted with its first sequence
+    assert sum(int(b["conversations_split"].sum()) for b in batches) == firsts
+    assert sum(int(b["split_sequences"].sum()) for b in batches) == 2 * firsts
+    assert sum(int(b["conversations_truncated"].sum()) for b in batches) == seen.count((3, 1))
+    # the iterator's position restores exactly, wherever it is
+    for skip in range(3):
+        state = it.get_state()
+        after = _take(it, 2)
+        it2 = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=tok.vocab_size, seed=0)
+        it2.set_state(state)
+        for x, y in zip(after, _take(it2, 2)):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+    (tmp_path / "one.jsonl").write_text(json.dumps(convs[1]) + "\n")
+    sample = sample_text(_cfg(f"chat:{tmp_path / 'one.jsonl'}", tokenizer_dir=tok_dir, too_long="truncate"),
+                         seq_len=T)
+    first, second = rendered[1]
+    assert sample.startswith(f"sample conversation ({tmp_path / 'one.jsonl'}:1): split into 2 sequences (its chat "
+                             f"template renders earlier turns differently once later ones follow")
+    assert (f"\nsequence 1 of 2: {first.ids.size} tokens, {int(first.weights.sum())} trained\n" in sample
+            and f"\nsequence 2 of 2: {second.ids.size} tokens, {int(second.weights.sum())} trained\n" in sample)
+    assert sample.endswith("<|im_assistant|>assistant<|im_middle|>⟦<think>be nice</think>Welcome.<|im_end|>⟧")

@@ -56,3 +56,8 @@ def test_trained_token_rates_and_conversation_counts_between_rows():
     assert describe_conversations(counts) == "; conversations longer than a row since the last line: 3 truncated"
     assert sums.take() == {"conversations_truncated": 0, "conversations_dropped": 0}  # the next row: none since
     assert describe_conversations({}) == "" and RowSums(("x",)).take() == {}  # data without counts
+    split = {"conversations_truncated": 1, "conversations_dropped": 2, "conversations_split": 2, "split_sequences": 5}
+    assert describe_conversations(split) == ("; conversations longer than a row since the last line: 1 truncated, "
+                                             "2 dropped; 2 conversations split into 5 sequences since the last line")
+    assert describe_conversations({**split, "conversations_truncated": 0, "conversations_dropped": 0}) == (
+        "; 2 conversations split into 5 sequences since the last line")
