@@ -217,7 +217,8 @@ def test_compiled_v5p_program_with_and_without_overlapped_gathers(overlap):
     assert busy == pytest.approx(collective_seconds("all-gather", 4096 * 4096 * 2, chips, v5p_8.machine(chips)))
     if overlap:
         assert exposed < 0.5 * busy
-    else:
-        assert exposed == pytest.approx(busy)
+    else:  # the chip waits for all of it: its own HBM traffic (reading its part, writing the whole) and the rest
+        own_at_most = (4096 * 4096 * 2 * 5 / 4) / v5p_8.spec.hbm_bandwidth
+        assert busy - own_at_most <= exposed <= busy and exposed > 0.5 * busy
     assert got["seconds"] == pytest.approx(got["compute_seconds"] + got["memory_bound_seconds"]
                                            + sum(got["exposed_seconds"].values()))
