@@ -148,14 +148,7 @@ def test_chat_rows_pack_whole_conversations_with_their_weights(tmp_path, too_lon
     counted = sum(int(batch[key].sum()) for batch in batches)
     assert counted == seen.count(3) if too_long == "truncate" else counted >= 2
     assert not any(batch[k].any() for batch in batches for k in (other, "conversations_split", "split_sequences"))
-    # the iterator's position restores exactly
-    state = it.get_state()
-    after = _take(it, 2)
-    it2 = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=tok.vocab_size, seed=0)
-    it2.set_state(state)
-    for x, y in zip(after, _take(it2, 2)):
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+    _assert_restores(it, cfg, T, tok.vocab_size)  # the iterator's position restores exactly
     sample = sample_text(cfg, seq_len=T)
     assert sample.startswith(f"sample conversation ({tmp_path / 'c.jsonl'}:1): {rendered[0].ids.size} tokens, "
                              f"{int(rendered[0].weights.sum())} trained (between ⟦ and ⟧")
@@ -226,15 +219,8 @@ def test_chat_rows_pack_the_sequences_of_split_conversations_and_count_them(tmp_
     assert sum(int(b["conversations_split"].sum()) for b in batches) == firsts
     assert sum(int(b["split_sequences"].sum()) for b in batches) == 2 * firsts
     assert sum(int(b["conversations_truncated"].sum()) for b in batches) == seen.count((3, 1))
-    # the iterator's position restores exactly, wherever it is
-    for skip in range(3):
-        state = it.get_state()
-        after = _take(it, 2)
-        it2 = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=tok.vocab_size, seed=0)
-        it2.set_state(state)
-        for x, y in zip(after, _take(it2, 2)):
-            for k in x:
-                np.testing.assert_array_equal(x[k], y[k])
+    for skip in range(3):  # the iterator's position restores exactly, wherever it is
+        _assert_restores(it, cfg, T, tok.vocab_size)
     (tmp_path / "one.jsonl").write_text(json.dumps(convs[1]) + "\n")
     sample = sample_text(_cfg(f"chat:{tmp_path / 'one.jsonl'}", tokenizer_dir=tok_dir, too_long="truncate"),
                          seq_len=T)
@@ -244,3 +230,14 @@ def test_chat_rows_pack_the_sequences_of_split_conversations_and_count_them(tmp_
     assert (f"\nsequence 1 of 2: {first.ids.size} tokens, {int(first.weights.sum())} trained\n" in sample
             and f"\nsequence 2 of 2: {second.ids.size} tokens, {int(second.weights.sum())} trained\n" in sample)
     assert sample.endswith("<|im_assistant|>assistant<|im_middle|>⟦<think>be nice</think>Welcome.<|im_end|>⟧")
+
+
+def _assert_restores(it, cfg, T, vocab_size):
+    """A new iterator set to `it`'s state yields the next two batches `it` yields (and `it` moves past them)."""
+    state = it.get_state()
+    after = _take(it, 2)
+    it2 = make_iterator(cfg, seq_len=T, global_batch=2, vocab_size=vocab_size, seed=0)
+    it2.set_state(state)
+    for x, y in zip(after, _take(it2, 2)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
