@@ -170,6 +170,11 @@ def activation_layout(layout: str):
         _layout.reset(token)
 
 
+def current_layout() -> str:
+    """The activation layout being traced (ACTIVATION_RULES; "default" outside any activation_layout block)."""
+    return _layout.get()
+
+
 def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh) -> PartitionSpec:
     """The spec the current layout's ACTIVATION_RULES give an activation on `mesh`: a dimension takes every listed
     mesh axis that exists (and is not manual), is not taken by an earlier dimension and, together, divides it."""

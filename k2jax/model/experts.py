@@ -56,7 +56,7 @@ from pallas_kernels.int4_grouped_matmul import GROUP_SIZE, PACK
 from sharding.expert_parallel import EXPERT_AXIS, expert_parallel_enabled, expert_parallel_ffn
 from sharding.group_rows import combine_sorted, sort_by_group
 from sharding.per_shard import per_shard
-from sharding.rules import spec_axes
+from sharding.rules import current_layout
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMS = tuple(f"moe_blocks.mlp.experts.{p}" for p in PROJECTIONS)  # their names in checkpoints
@@ -163,8 +163,8 @@ class RoutedExperts(nnx.Module):
             # the stacks are read in place only where the mesh splits them over `expert` alone: a split over
             # fsdp would gather every layer's weights to each expert group, per layer
             whole = all(n == 1 for a, n in dict(mesh.shape).items() if a not in (EXPERT_AXIS, "data"))
-            # tokens whole on every device (the decode layout, sharding.rules): no exchange, outputs summed
-            every_row = not spec_axes(x_TD.shape[:1], ("batch",), mesh, "batch")
+            # a decode step's tokens are whole on every device (sharding.rules): no exchange, the outputs summed
+            every_row = current_layout() == "decode"
             y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, ffn=ffn, impl=target.ep_exchange,
                                                 capacity_factor=self.cfg.ep_capacity_factor,
                                                 stack=stack if whole else None, every_row=every_row)
