@@ -130,14 +130,14 @@ def _gpu_product(x_ref, w_ref, s_ref, xs_ref, g, c, layer, *, transpose_w, has_s
                           xs_ref[c] if has_x_scales else None, transpose_w)
 
 
-def _tpu_product(x_ref, w_ref, s_ref, xs_ref, *, transpose_w, has_scales, has_x_scales):
+def _tpu_product(x_ref, w_ref, s_ref, xs_ref, o, *, transpose_w, has_scales, has_x_scales):
     """The blocks the visit's index maps DMA'd; the scale: column o (the output tile) of the visit's row of block
     scales [1, Ob], picked by a one-hot sum (a [1, 1] block would break Mosaic's (8, 128) rule)."""
     s = None
     if has_scales:
         row = s_ref[...]
-        s = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, row.shape, 1) == pl.program_id(0), row, 0.0),
-                    axis=1, keepdims=True)
+        s = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, row.shape, 1) == o, row, 0.0), axis=1,
+                    keepdims=True)
     return _block_product(x_ref[...], w_ref[...], s, xs_ref[...] if has_x_scales else None, transpose_w)
 
 
@@ -294,15 +294,16 @@ def fp8_grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Arr
                        scales_GIbOb: jax.Array | None = None, *, layer: jax.Array | int | None = None,
                        fp8_activations: bool = False, backend: str = "pallas", platform: str | None = None,
                        num_warps: int | None = None, num_stages: int | None = None,
-                       rows_in_use: int | None = None) -> jax.Array:
+                       rows_in_use: float | None = None) -> jax.Array:
     """[M, I] rows sorted by group, [G, I, O] weights (float8_e4m3fn with [G, ceil(I/128), ceil(O/128)] scales,
     or bf16 / f32 without), [G] group sizes -> [M, O] in x's dtype. layer: the weights (and scales) are stacks of
     layers [L, G, ...] read in place at this layer index (no copy of the layer's slice; no gradient reaches them).
     fp8_activations: see the module docstring. backend: "xla" | "pallas" | "interpret"; platform: the one compiled
     for ("pallas": "tpu" or "gpu"; "interpret": "tpu" runs the tpu form, anything else the gpu form). num_warps /
     num_stages: Triton's, for the gpu form; None: LAUNCH's for x's dtype, else DEFAULTS.
-    rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer),
-    for the kernels' cost estimates only; default all M (the kernels skip tiles past the last group)."""
+    rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer; an
+    expectation, so it may be fractional), for the kernels' cost estimates only; default all M (the kernels skip
+    tiles past the last group)."""
     stacked = layer is not None
     lead = w_GIO.shape[:1 + stacked]
     if (x_MI.ndim != 2 or w_GIO.ndim != 3 + stacked or group_sizes_G.shape != lead[-1:]

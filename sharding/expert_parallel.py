@@ -179,8 +179,9 @@ def _local_experts_every_row(x_TD, weights_TK, ids_TK, local_experts, local_stac
         first = c * R
         token_R = jax.lax.dynamic_slice_in_dim(order_M, first, R) // K
         sizes_e = jnp.clip(ends_e - first, 0, R) - jnp.clip(starts_e - first, 0, R)  # the chunk's part of each group
-        # a balanced load puts T K / n rows here: the kernels' cost estimates count those (they skip the rest)
-        y_RD = ffn(x_TD[token_R], local_experts, sizes_e, rows_in_use=min(R, -(-T * K // n)), **stack)
+        # a balanced load puts T K / n rows here (fewer than one for a row on many devices): the kernels' cost
+        # estimates count those (they skip the rest)
+        y_RD = ffn(x_TD[token_R], local_experts, sizes_e, rows_in_use=min(R, T * K / n), **stack)
         w_R = jnp.where(first + jnp.arange(R) < count, jax.lax.dynamic_slice_in_dim(weights_M, first, R), 0)
         return out_TD.at[token_R].add(y_RD.astype(jnp.float32) * w_R[:, None])  # rows past the groups come out 0
 
