@@ -12,8 +12,8 @@ longer prompt continues with Generator.extend).
 In a notebook on the slice: `model = k2jax.load_checkpoint(path, mesh=make_mesh(config.mesh.axes),
 shardings=config.mesh.strategy, weights="fp8")` (a `--dtype fp8` conversion) or `k2jax.load_hf_checkpoint(release,
 mesh=..., shardings=..., weights="fp8")`, then `k2jax.Generator(model)` at config.infer's batch and max_len.
-k2jax-aot (2026-12-02): decode 79.12 GiB and prefill 88.60 GiB of 95.74 GiB per chip, both fit; with bf16 weights
-the job needs v5p-64. The reports are in docs/aot.md.
+k2jax-aot: decode 70.25 GiB (2026-12-07; a step moves 1.13 x the least it can) and prefill 88.60 GiB (2026-12-02)
+of 95.74 GiB per chip, both fit; with bf16 weights the job needs v5p-64. The reports are in docs/aot.md.
 """
 
 from configs.k2_infer_v5p import get_config as _k2_infer

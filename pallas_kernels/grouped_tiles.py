@@ -14,7 +14,8 @@ forms (backend.launch_form picks one; see fp8_grouped_matmul's docstring):
         reads its own slices of whole-array refs.
   "tpu" (Mosaic): grid (column tile, visit, contraction block) over the scalar-prefetched visit schedule;
         product(x_ref, *weight_refs, o) multiplies the blocks the index maps DMA'd for this step (o: the column
-        tile), accumulated in a VMEM f32 scratch. Only visits whose group has rows in their tile fetch and multiply weight blocks.
+        tile), accumulated in a VMEM f32 scratch. Only visits whose group has rows in their tile fetch and multiply
+        weight blocks.
 Weights may be stacks of layers ([L, G, ...], the scanned MoE blocks' own arrays) read in place at a layer index
 (`layer`): no copy of a layer's slice exists (XLA materialises a dynamic slice that feeds a custom call).
 

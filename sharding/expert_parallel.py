@@ -150,8 +150,8 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, local_experts, local_stack, *, f
 
 
 def every_row_chunk(rows: int, n: int) -> int:
-    """Rows per chunk of the every_row form (expert_parallel_ffn): room for twice a balanced load (rows / n), in whole 128-row kernel
-    tiles, and never more than all the rows."""
+    """Rows per chunk of the every_row form (expert_parallel_ffn): room for twice a balanced load (rows / n), in
+    whole 128-row kernel tiles, and never more than all the rows."""
     return min(rows, max(128, -(-2 * -(-rows // n) // 128) * 128))
 
 

@@ -2,8 +2,9 @@
 TPU v5p chips on an abstract sharded model (k2jax.model.placement.abstract_model(..., expert_format="fp8"): no
 weights in memory): the
 routed experts stay float8_e4m3fn on the chips and run through fp8_grouped_matmul's Mosaic kernel inside the
-expert-parallel shard_map (each chip its own experts' rows of the whole batch), next to the attention kernels. For a deviceless H100 the same step runs Triton kernels
-on e4m3 rows as well (fp8_activations' GPU default: the FP8 tensor cores); v5p's reads bf16 rows."""
+expert-parallel shard_map (each chip its own experts' rows of the whole batch), next to the attention kernels. For
+a deviceless H100 the same step runs Triton kernels on e4m3 rows as well (fp8_activations' GPU default: the FP8
+tensor cores); v5p's reads bf16 rows."""
 
 import jax
 
