@@ -4,6 +4,7 @@
     model = k2jax.load_checkpoint(path, shardings=lambda name, shape: shardings[name])
     print(sharding_table(params_by_name, mesh, "ep_fsdp"))        # every parameter, its spec, bytes per device
     x_BTD = constrain(x_BTD, ACTIVATION_BTD)                      # activations: batch over data, fsdp, expert
+    with activation_layout("decode"): ...                         # a decode step: rows whole on every device
 
 `params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Optimizer state
 follows its parameter and is split further over `data` (ZeRO-1): `optimizer_state_specs`. Strategies:

@@ -19,7 +19,9 @@ Both are jitted once per shape (prompt lengths are padded to a power of two) wit
 updates it in place. `stream` / `generate` decode on the device: one host call runs up to `steps_per_call` steps
 (a lax.while_loop that samples, marks the rows that stopped and decodes the sampled tokens, ending early once every
 row has stopped), so the host syncs once per chunk of tokens, not once per token. Weights may be sharded (e.g.
-`load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings.
+`load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings. Under a mesh a decode step
+runs in sharding.rules' "decode" activation layout (its rows whole on every device: the weights are used where they
+lie, the experts need no exchange) and the cache is split over its rows, then its slots (CACHE_AXES_LBSX).
 
 Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token (a slot),
 Z = R/2 rope frequencies.
