@@ -17,9 +17,9 @@ docs/aot.md, "Long prompts").
 In a notebook on the slice: `model = k2jax.load_checkpoint(path, mesh=make_mesh(config.mesh.axes),
 shardings=config.mesh.strategy, weights="fp8")` (a `--dtype fp8` conversion) or `k2jax.load_hf_checkpoint(release,
 mesh=..., shardings=..., weights="fp8")`, then `k2jax.Generator(model)` at config.infer's batch and max_len.
-k2jax-aot (2026-12-02): decode 79.12 GiB of 95.74 GiB per chip, fits; prefill (2026-12-07, 4 passes of 128 tokens
-per row) 73.15 GiB, fits; one 128K-token prompt 73.35 GiB, K2-0905's 256K 83.04 GiB. With bf16 weights the job needs
-v5p-64. The reports are in docs/aot.md.
+k2jax-aot: decode 70.25 GiB (2026-12-07; a step moves 1.13 x the least it can); prefill (2026-12-07, 4 passes of 128
+tokens per row) 73.15 GiB, one 128K-token prompt 73.35 GiB, K2-0905's 256K 83.04 GiB; all of 95.74 GiB per chip, all
+fit. With bf16 weights the job needs v5p-64. The reports are in docs/aot.md.
 """
 
 from configs.k2_infer_v5p import get_config as _k2_infer

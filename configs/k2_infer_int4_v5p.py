@@ -11,8 +11,8 @@ continues with Generator.extend).
 In a notebook on the slice: `model = k2jax.load_hf_checkpoint("Kimi-K2-Thinking", mesh=make_mesh(config.mesh.axes),
 shardings=config.mesh.strategy, weights="int4")` (the release as shipped, streamed) or `k2jax.load_checkpoint(path,
 ..., weights="int4")` (a `k2jax-convert --dtype int4` conversion), then `k2jax.Generator(model)` at config.infer's
-batch and max_len. Compiled per chip (2026-12-07): decode 87.88 GiB of 95.74 GiB, prefill 90.20 GiB; the report in
-docs/aot.md.
+batch and max_len. Compiled per chip (2026-12-07): decode 78.84 GiB of 95.74 GiB (a step moves 1.12 x the least it
+can), prefill 90.20 GiB; the report in docs/aot.md.
 """
 
 from configs.k2_infer_v5p import get_config as _k2_infer

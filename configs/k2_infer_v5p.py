@@ -9,8 +9,8 @@ K2-0905's 256K context).
 
 In a notebook on the slice: `model = k2jax.load_checkpoint(path, mesh=make_mesh(config.mesh.axes),
 shardings=config.mesh.strategy, param_dtype="bfloat16")`, then `k2jax.Generator(model)` at config.infer's batch
-and max_len. k2jax-aot (2026-12-02): decode 39.18 GiB and prefill 72.57 GiB (one pass, before chunked prefill) of
-95.74 GiB per chip, both fit; the reports are in docs/aot.md.
+and max_len. k2jax-aot: decode 34.75 GiB (2026-12-07; a step moves 1.23 x the least it can) and prefill 72.57 GiB
+(2026-12-02, one pass, before chunked prefill) of 95.74 GiB per chip, both fit; the reports are in docs/aot.md.
 """
 
 from k2jax.training.loop import base_config

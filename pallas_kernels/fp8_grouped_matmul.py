@@ -130,19 +130,25 @@ def _gpu_product(x_ref, w_ref, s_ref, xs_ref, g, c, layer, *, transpose_w, has_s
                           xs_ref[c] if has_x_scales else None, transpose_w)
 
 
-def _tpu_product(x_ref, w_ref, s_ref, xs_ref, *, transpose_w, has_scales, has_x_scales):
-    """The blocks the visit's index maps DMA'd."""
-    return _block_product(x_ref[...], w_ref[...], s_ref[...] if has_scales else None,
-                          xs_ref[...] if has_x_scales else None, transpose_w)
+def _tpu_product(x_ref, w_ref, s_ref, xs_ref, o, *, transpose_w, has_scales, has_x_scales):
+    """The blocks the visit's index maps DMA'd; the scale: column o (the output tile) of the visit's row of block
+    scales [1, Ob], picked by a one-hot sum (a [1, 1] block would break Mosaic's (8, 128) rule)."""
+    s = None
+    if has_scales:
+        row = s_ref[...]
+        s = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, row.shape, 1) == o, row, 0.0), axis=1,
+                    keepdims=True)
+    return _block_product(x_ref[...], w_ref[...], s, xs_ref[...] if has_x_scales else None, transpose_w)
 
 
-def _tpu_operands(w, scales_rows, x_scales, transpose_w, n_contract, layered):
+def _tpu_operands(w, scales, x_scales, transpose_w, n_contract, layered):
     """The TPU form's operands and BlockSpecs: the weight block (stacked weights: at the scalar-prefetched layer),
-    its scale row and the activations' scales, each at the visit's group and contraction block (gt.contraction_block:
-    pinned on inactive visits, so nothing is fetched for them)."""
+    its row of block scales and the activations' scales, each at the visit's group and contraction block
+    (gt.contraction_block: pinned on inactive visits, so nothing is fetched for them)."""
     G = w.shape[-3]
-    # scales [G, I / 128, 1, O]: a (1, 128) row block per visit, Mosaic's (8, 128) rule met by the unit dim
-    s = scales_rows[:, :, None, :] if scales_rows is not None else jnp.zeros((G, 1, 1, BLOCK), F32)
+    # scales [G, I / 128, 1, O / 128]: the contraction block's row of block scales per visit (a few hundred bytes),
+    # Mosaic's (8, 128) rule met by whole dims
+    s = scales[:, :, None, :] if scales is not None else jnp.zeros((G, 1, 1, 1), F32)
     lead = (None,) * (w.ndim - 2)
 
     def w_map(o, v, c, tile, group, active, *rest):
@@ -151,24 +157,26 @@ def _tpu_operands(w, scales_rows, x_scales, transpose_w, n_contract, layered):
         return (*at, o, cb) if transpose_w else (*at, cb, o)
 
     def s_map(o, v, c, tile, group, active, *_):
-        return group[v], gt.contraction_block(c, v, active, n_contract), 0, o
+        return group[v], gt.contraction_block(c, v, active, n_contract), 0, 0
 
     def xs_map(o, v, c, tile, group, active, *_):
         return gt.contraction_block(c, v, active, n_contract), tile[v], 0
 
     w_spec = pl.BlockSpec((*lead, BLOCK, BLOCK), w_map)
-    s_spec = (pl.BlockSpec((None, None, 1, BLOCK), s_map) if scales_rows is not None
-              else pl.BlockSpec((None, None, 1, BLOCK), lambda o, v, c, *_: (0, 0, 0, 0)))
+    s_spec = (pl.BlockSpec((None, None, 1, s.shape[-1]), s_map) if scales is not None
+              else pl.BlockSpec((None, None, 1, 1), lambda o, v, c, *_: (0, 0, 0, 0)))
     xs = x_scales if x_scales is not None else jnp.ones((1, BLOCK, 1), F32)
     xs_spec = (pl.BlockSpec((None, BLOCK, 1), xs_map) if x_scales is not None
                else pl.BlockSpec((None, BLOCK, 1), lambda o, v, c, *_: (0, 0, 0)))
     return (w, s, xs), (w_spec, s_spec, xs_spec)
 
 
-def _gpu_operands(w, scales_rows, x_scales, transpose_w, n_contract, layered):
+def _gpu_operands(w, scales, x_scales, transpose_w, n_contract, layered):
     del n_contract
     G = w.shape[-3]
     I = w.shape[-1] if transpose_w else w.shape[-2]
+    # each block scale repeated along its output columns [G, I / 128, O] (a (G, I / 128, 128) block per program)
+    scales_rows = None if scales is None else jnp.repeat(scales, BLOCK, axis=2)
     s = scales_rows if scales_rows is not None else jnp.zeros((G, 1, BLOCK), F32)  # unused; one kernel signature
     whole = w.shape[:-2]  # the (layer,) group axes: whole-array refs
     zeros = (0,) * len(whole)
@@ -182,34 +190,34 @@ def _gpu_operands(w, scales_rows, x_scales, transpose_w, n_contract, layered):
     return (w, s, xs), (w_spec, s_spec, xs_spec)
 
 
-def _launch(x_MI, w, scales_rows, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
+def _launch(x_MI, w, scales, group_sizes_G, *, transpose_w, backend, platform, x_scales=None,
             out_dtype=None, triton=(4, 2), rows_in_use=None, layer=None):
     """out [M, O] = grouped x @ W (W[g] = w[g] or w[g]ᵀ; with `layer`, w is a stack [L, G, ...] read at it), I and O
-    already multiples of BLOCK. scales_rows is [G, I / BLOCK, O] (each block scale repeated along its output
-    columns; the layer's) or None; x_scales [I / BLOCK, M, 1] the FP8 activations' block scales or None. triton:
-    (num_warps, num_stages) of the gpu form."""
+    already multiples of BLOCK. scales is the layer's block-scale grid [G, I / BLOCK, O / BLOCK] float32 (contraction
+    blocks, then output blocks) or None; x_scales [I / BLOCK, M, 1] the FP8 activations' block scales or None.
+    triton: (num_warps, num_stages) of the gpu form."""
     O = w.shape[-2] if transpose_w else w.shape[-1]
     I = x_MI.shape[1]
     if x_scales is not None:
         x_scales = kb.pad_axis(x_scales, 1, BLOCK, value=1.0)
     one_layer = kb.nbytes(w) // (w.shape[0] if layer is not None else 1)
-    operand_bytes = one_layer + kb.nbytes(*(a for a in (scales_rows, x_scales) if a is not None))
     form = kb.launch_form(backend, platform)
-    operands, specs = (_tpu_operands if form == "tpu" else _gpu_operands)(w, scales_rows, x_scales, transpose_w,
+    operands, specs = (_tpu_operands if form == "tpu" else _gpu_operands)(w, scales, x_scales, transpose_w,
                                                                           I // BLOCK, layer is not None)
+    given = [a for a, arg in zip(operands[1:], (scales, x_scales)) if arg is not None]  # not the placeholders
+    operand_bytes = one_layer + kb.nbytes(*given)
     product = functools.partial(_tpu_product if form == "tpu" else _gpu_product, transpose_w=transpose_w,
-                                has_scales=scales_rows is not None, has_x_scales=x_scales is not None)
+                                has_scales=scales is not None, has_x_scales=x_scales is not None)
     return gt.launch(form, product, x_MI, operands, specs, group_sizes_G, n_out=O, operand_bytes=operand_bytes,
                      name="fp8_grouped_matmul_dx" if transpose_w else "fp8_grouped_matmul",
                      out_dtype=out_dtype or x_MI.dtype, backend=backend, platform=platform, triton=triton,
                      rows_in_use=rows_in_use, layer=layer)
 
 
-def _scale_rows(scales_GIbOb, n_out, along_o: bool):
-    """Block scales repeated along the output columns: [G, Ib, O] (along_o) or, for the transposed product,
-    [G, Ob, I]."""
-    s = scales_GIbOb if along_o else scales_GIbOb.swapaxes(1, 2)
-    return jnp.repeat(s.astype(F32), BLOCK, axis=2)[:, :, :n_out]
+def _scale_grid(scales_GIbOb, along_o: bool):
+    """The block scales as [G, contraction blocks, output blocks] float32: [G, Ib, Ob] (along_o) or, for the
+    transposed product, [G, Ob, Ib]."""
+    return (scales_GIbOb if along_o else scales_GIbOb.swapaxes(1, 2)).astype(F32)
 
 
 def _layer_scales(scales, layer):
@@ -229,7 +237,7 @@ def _forward(x_MI, w_GIO, scales, group_sizes_G, layer, opts):
     x = gt.pad_to_blocks(x_MI, [1])
     w = gt.pad_to_blocks(w_GIO, [w_GIO.ndim - 2, w_GIO.ndim - 1])
     scales = _layer_scales(scales, layer)
-    s = None if scales is None else kb.pad_axis(_scale_rows(scales, O, along_o=True), 2, BLOCK, value=0)
+    s = None if scales is None else _scale_grid(scales, along_o=True)
     x_scales = None
     if fp8_activations:
         x, x_scales_MIb = quantize_activations(x)
@@ -251,7 +259,7 @@ def _gmm_bwd(opts, res, dy_MO):
     dy = gt.pad_to_blocks(dy_MO.astype(x_MI.dtype), [1])
     w = gt.pad_to_blocks(w_GIO, [w_GIO.ndim - 2, w_GIO.ndim - 1])
     layer_scales = _layer_scales(scales, layer)
-    s = None if scales is None else kb.pad_axis(_scale_rows(layer_scales, I, along_o=False), 2, BLOCK, value=0)
+    s = None if scales is None else _scale_grid(layer_scales, along_o=False)
     dx = _launch(dy, w, s, group_sizes_G, transpose_w=True, backend=backend, platform=platform,
                  triton=triton, rows_in_use=rows_in_use, layer=layer)[:, :I]
     if scales is None and layer is None:
@@ -286,15 +294,16 @@ def fp8_grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Arr
                        scales_GIbOb: jax.Array | None = None, *, layer: jax.Array | int | None = None,
                        fp8_activations: bool = False, backend: str = "pallas", platform: str | None = None,
                        num_warps: int | None = None, num_stages: int | None = None,
-                       rows_in_use: int | None = None) -> jax.Array:
+                       rows_in_use: float | None = None) -> jax.Array:
     """[M, I] rows sorted by group, [G, I, O] weights (float8_e4m3fn with [G, ceil(I/128), ceil(O/128)] scales,
     or bf16 / f32 without), [G] group sizes -> [M, O] in x's dtype. layer: the weights (and scales) are stacks of
     layers [L, G, ...] read in place at this layer index (no copy of the layer's slice; no gradient reaches them).
     fp8_activations: see the module docstring. backend: "xla" | "pallas" | "interpret"; platform: the one compiled
     for ("pallas": "tpu" or "gpu"; "interpret": "tpu" runs the tpu form, anything else the gpu form). num_warps /
     num_stages: Triton's, for the gpu form; None: LAUNCH's for x's dtype, else DEFAULTS.
-    rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer),
-    for the kernels' cost estimates only; default all M (the kernels skip tiles past the last group)."""
+    rows_in_use: the rows expected to hold data (e.g. the balanced load of an expert-parallel receive buffer; an
+    expectation, so it may be fractional), for the kernels' cost estimates only; default all M (the kernels skip
+    tiles past the last group)."""
     stacked = layer is not None
     lead = w_GIO.shape[:1 + stacked]
     if (x_MI.ndim != 2 or w_GIO.ndim != 3 + stacked or group_sizes_G.shape != lead[-1:]

@@ -128,7 +128,7 @@ _plain_from_stack.defvjp(_plain_from_stack_fwd, _plain_from_stack_bwd)
 
 
 def grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array, *, impl: str,
-                   platform: str | None = None, rows_in_use: int | None = None) -> jax.Array:
+                   platform: str | None = None, rows_in_use: float | None = None) -> jax.Array:
     """[M, I] rows sorted by group, [G, I, O] plain weights, [G] sizes -> [M, O] in x's dtype. platform: what a
     "pallas" launch compiles for ("tpu" | "gpu"; an "interpret" run's launch form). rows_in_use: the rows expected
     to hold data, for the kernels' cost estimates (fp8_grouped_matmul)."""
@@ -141,7 +141,7 @@ def grouped_matmul(x_MI: jax.Array, w_GIO: jax.Array, group_sizes_G: jax.Array, 
 
 def grouped_ffn(x_MD: jax.Array, experts: ExpertWeights, group_sizes_G: jax.Array, *, impl: str,
                 platform: str | None = None, fp8_activations: bool = False,
-                stack: tuple[ExpertWeights, jax.Array] | None = None, rows_in_use: int | None = None) -> jax.Array:
+                stack: tuple[ExpertWeights, jax.Array] | None = None, rows_in_use: float | None = None) -> jax.Array:
     """SwiGLU expert FFN over rows sorted by group -> [M, D] in x's dtype (module docstring). platform,
     rows_in_use: see grouped_matmul."""
     experts.check("grouped_ffn")

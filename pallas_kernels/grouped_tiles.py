@@ -13,8 +13,9 @@ forms (backend.launch_form picks one; see fp8_grouped_matmul's docstring):
         with rows in its tile and, per group, the contraction blocks: product(x_ref, *weight_refs, g, c, layer)
         reads its own slices of whole-array refs.
   "tpu" (Mosaic): grid (column tile, visit, contraction block) over the scalar-prefetched visit schedule;
-        product(x_ref, *weight_refs) multiplies the blocks the index maps DMA'd for this step, accumulated in a
-        VMEM f32 scratch. Only visits whose group has rows in their tile fetch and multiply weight blocks.
+        product(x_ref, *weight_refs, o) multiplies the blocks the index maps DMA'd for this step (o: the column
+        tile), accumulated in a VMEM f32 scratch. Only visits whose group has rows in their tile fetch and multiply
+        weight blocks.
 Weights may be stacks of layers ([L, G, ...], the scanned MoE blocks' own arrays) read in place at a layer index
 (`layer`): no copy of a layer's slice exists (XLA materialises a dynamic slice that feeds a custom call).
 
@@ -121,7 +122,7 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
     if layered:
         refs = refs[1:]  # the layer index: read by the index maps only
     *in_refs, o_ref, acc_ref = refs
-    v, c = pl.program_id(1), pl.program_id(2)
+    o, v, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     tm = o_ref.shape[0]
 
     @pl.when(c == 0)
@@ -130,7 +131,7 @@ def _tpu_kernel(tile_ref, group_ref, active_ref, first_ref, start_ref, end_ref, 
 
     @pl.when(active_ref[v] == 1)
     def _():
-        acc_ref[...] += product(*in_refs)
+        acc_ref[...] += product(*in_refs, o)
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _():

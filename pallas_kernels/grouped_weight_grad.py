@@ -221,7 +221,7 @@ def _launch(x_MI, dy_MO, group_sizes_G, *, out_dtype, backend, platform, setting
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
 def grouped_weight_grad(x_MI: jax.Array, dy_MO: jax.Array, group_sizes_G: jax.Array, *, out_dtype=None,
-                        backend: str = "pallas", platform: str | None = None, rows_in_use: int | None = None,
+                        backend: str = "pallas", platform: str | None = None, rows_in_use: float | None = None,
                         block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
                         num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
     """dw [G, I, O] = per group x[rows of g]ᵀ @ dy[rows of g] (f32 accumulation, out_dtype default x's dtype).

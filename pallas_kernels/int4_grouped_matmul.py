@@ -168,8 +168,9 @@ def _gpu_product(x_ref, p_ref, s_ref, g, c, layer, *, transpose_w, group_size, b
     return _block_product(x_blk, p_blk, s_ref[(*at, pl.ds(c * n_s, n_s), slice(None))], transpose_w, group_size)
 
 
-def _tpu_product(x_ref, p_ref, s_ref, *, transpose_w, group_size):
-    """The blocks the visit's index maps DMA'd."""
+def _tpu_product(x_ref, p_ref, s_ref, o, *, transpose_w, group_size):
+    """The blocks the visit's index maps DMA'd (o, the column tile, is in their index maps already)."""
+    del o
     return _block_product(x_ref[...], p_ref[...], s_ref[...], transpose_w, group_size)
 
 
@@ -304,7 +305,7 @@ def launch_settings(backend: str, platform: str | None, dtype, scales_dtype, gro
 def int4_grouped_matmul(x_MI: jax.Array, packed_GPO: jax.Array, group_sizes_G: jax.Array, scales_GSO: jax.Array, *,
                         layer: jax.Array | int | None = None, group_size: int = GROUP_SIZE, backend: str = "pallas",
                         platform: str | None = None, block_k: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None, rows_in_use: int | None = None) -> jax.Array:
+                        num_stages: int | None = None, rows_in_use: float | None = None) -> jax.Array:
     """[M, I] rows sorted by group (bf16 or f32), packed INT4 weights int32 [G, ceil(I/8), O], [G] group sizes,
     scales [G, ceil(I/group_size), O] (bf16 or f32) -> [M, O] in x's dtype. layer: the weights and scales are stacks
     of layers [L, G, ...] read in place at this layer index (no copy of the layer's slice). backend: "xla" |

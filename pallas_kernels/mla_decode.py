@@ -79,7 +79,7 @@ DEFAULTS = dict(block_s=128, num_splits=None, block_m=None, num_warps=4, num_sta
 
 
 # ---- XLA reference -------------------------------------------------------------------------------------------
-def reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, *, scale: float) -> jax.Array:
+def reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, *, scale: float, return_lse: bool = False):
     C = q_lat_BTNC.shape[-1]
     R = q_rope_BTNR.shape[-1]
     c_BSC, k_rope_BSR = cache_BSX[..., :C], cache_BSX[..., C:C + R]
@@ -87,10 +87,19 @@ def reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, *, scale: float)
                    + jnp.einsum("btnr,bsr->btns", q_rope_BTNR, k_rope_BSR, preferred_element_type=F32)) * scale
     visible_BTS = jnp.arange(cache_BSX.shape[1])[None, None, :] <= positions_BT[:, :, None]
     logits_BTNS = jnp.where(visible_BTS[:, :, None, :], logits_BTNS, -jnp.inf)
-    probs_BTNS = jax.nn.softmax(logits_BTNS, axis=-1)
+    # the softmax written out, so that a query that sees no slot (a slot split's device before its position) gives
+    # output 0 and logsumexp -inf
+    m_BTN1 = jnp.max(logits_BTNS, axis=-1, keepdims=True)
+    m_BTN1 = jnp.where(m_BTN1 == -jnp.inf, 0.0, m_BTN1)
+    p_BTNS = jnp.exp(logits_BTNS - m_BTN1)
+    l_BTN1 = jnp.sum(p_BTNS, axis=-1, keepdims=True)
     c_BSC = jnp.where((jnp.arange(cache_BSX.shape[1])[None, :] <= positions_BT.max(1, keepdims=True))[..., None],
                       c_BSC, 0)  # slots past the row's last position may hold anything
-    return jnp.einsum("btns,bsc->btnc", probs_BTNS.astype(c_BSC.dtype), c_BSC, preferred_element_type=F32)
+    o_BTNC = jnp.einsum("btns,bsc->btnc", (p_BTNS / jnp.where(l_BTN1 == 0, 1.0, l_BTN1)).astype(c_BSC.dtype), c_BSC,
+                        preferred_element_type=F32)
+    if not return_lse:
+        return o_BTNC
+    return o_BTNC, jnp.where(l_BTN1 == 0, -jnp.inf, m_BTN1 + jnp.log(jnp.where(l_BTN1 == 0, 1.0, l_BTN1)))[..., 0]
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
@@ -165,9 +174,12 @@ def default_splits(num_slots: int, block_s: int, query_rows: int = 1) -> int:
 def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Array, positions_BT: jax.Array, *,
                scale: float, layer: jax.Array | int | None = None, backend: str = "pallas",
                platform: str | None = None, block_s: int | None = None, num_splits: int | None = None,
-               block_m: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
-    """-> o_lat [B, T, N, C] float32. See the module docstring. layer: cache_BSX is the stack of every layer's
-    cache [L, B, S, X], read in place at this layer index (no copy of the layer's slab).
+               block_m: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+               return_lse: bool = False):
+    """-> o_lat [B, T, N, C] float32 (return_lse: and the logsumexp of each query's visible logits [B, T, N], -inf
+    where it sees no slot, with output 0: what merge_partials needs to combine the parts of a cache split over
+    devices). See the module docstring. layer: cache_BSX is the stack of every layer's cache [L, B, S, X], read in
+    place at this layer index (no copy of the layer's slab).
 
     backend: "xla" | "pallas" | "interpret"; platform: the one compiled for ("pallas": "tpu" or "gpu"; "interpret":
     "tpu" runs the tpu form, anything else the gpu form). Launch settings, None: LAUNCH's for the form and the
@@ -190,10 +202,12 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     if kb.check("mla_decode", backend, platform) == "xla":
         if layered:
             cache_BSX = jax.lax.dynamic_index_in_dim(cache_BSX, layer, 0, False)
-        return reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=scale)
+        return reference(q_lat_BTNC, q_rope_BTNR, cache_BSX, positions_BT, scale=scale, return_lse=return_lse)
     launch = kb.launch_settings(LAUNCH, DEFAULTS, backend, platform, cache_BSX.dtype, block_s=block_s,
                                 num_splits=num_splits, block_m=block_m, num_warps=num_warps, num_stages=num_stages)
     block_s = launch["block_s"]
+    if S < block_s and S % 128 == 0:  # a short cache (a device's part of a slot split) is one block, unpadded
+        block_s = S
     splits = launch["num_splits"] or default_splits(S, block_s, T * N)
     if layered and S % (splits * block_s):  # padding a stack would copy every layer: pad the layer's slab only
         cache_BSX, layered = jax.lax.dynamic_index_in_dim(cache_BSX, layer, 0, False), False
@@ -201,7 +215,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
     layer_args = (jnp.asarray(layer, jnp.int32).reshape(1),) if layered else ()
     chunk = cache.shape[-2] // splits
     q = T * N
-    pos_BT = positions_BT.astype(jnp.int32)
+    pos_BT = jnp.minimum(positions_BT.astype(jnp.int32), S - 1)  # past the cache: every slot (never the padding)
     last_B1 = pos_BT.max(axis=1, keepdims=True)  # each row's last visible slot
     q_lat, q_rope = q_lat_BTNC.reshape(B, q, C), q_rope_BTNR.reshape(B, q, R)  # query row t * N + n
     pos_Bq1 = jnp.repeat(pos_BT, N, axis=1)[..., None]
@@ -238,7 +252,7 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
             functools.partial(_grid_kernel, **kw), grid_spec=grid_spec, out_shape=out_shape, cost_estimate=work,
             **kb.launch_options(backend, platform, 4, sequential=(3,)),
         )(last_Bi.reshape(-1), *layer_args, q_lat, q_rope, pos_Bq1, cache)
-        return merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]).reshape(B, T, N, C)
+        return _result(*merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]), (B, T, N, C), return_lse)
 
     # blocks of each chunk holding slots <= the row's last position
     starts = jnp.arange(splits, dtype=jnp.int32)[None, :] * chunk
@@ -251,15 +265,38 @@ def mla_decode(q_lat_BTNC: jax.Array, q_rope_BTNR: jax.Array, cache_BSX: jax.Arr
         out_specs=[part(C), part(1)], out_shape=out_shape, cost_estimate=work,
         **kb.launch_options(backend, platform, 3, num_warps=launch["num_warps"], num_stages=launch["num_stages"]),
     )(nblk_Bk, *layer_args, q_lat, q_rope, pos_Bq1, cache)
-    return merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]).reshape(B, T, N, C)
+    return _result(*merge_splits(o_BkqC[:, :, :q], lse_Bkq1[:, :, :q]), (B, T, N, C), return_lse)
 
 
-def merge_splits(o_BkqC: jax.Array, lse_Bkq1: jax.Array) -> jax.Array:
-    """Combines per-chunk normalised outputs by their logsumexps -> [B, q, C]. Chunks that saw nothing
-    (lse = -inf) get weight 0."""
-    top_B1q1 = jnp.max(lse_Bkq1, axis=1, keepdims=True)
-    top_B1q1 = jnp.where(top_B1q1 == -jnp.inf, 0.0, top_B1q1)
-    w_Bkq1 = jnp.exp(lse_Bkq1 - top_B1q1)
-    total_Bq1 = jnp.sum(w_Bkq1, axis=1)
-    merged_BqC = jnp.sum(w_Bkq1 * jnp.where(w_Bkq1 > 0, o_BkqC, 0.0), axis=1)
-    return merged_BqC / jnp.where(total_Bq1 == 0, 1.0, total_Bq1)
+def _result(o_BqC, lse_Bq1, shape, return_lse):
+    o_BTNC = o_BqC.reshape(shape)
+    return (o_BTNC, lse_Bq1.reshape(shape[:3])) if return_lse else o_BTNC
+
+
+def merge_splits(o_BkqC: jax.Array, lse_Bkq1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Combines per-chunk normalised outputs by their logsumexps -> (o [B, q, C], lse [B, q, 1]). Chunks that saw
+    nothing (lse = -inf) get weight 0."""
+    w_Bkq1, top_B1q1 = _weights(lse_Bkq1, jnp.max(lse_Bkq1, axis=1, keepdims=True))
+    return _normalised(jnp.sum(w_Bkq1 * jnp.where(w_Bkq1 > 0, o_BkqC, 0.0), axis=1), jnp.sum(w_Bkq1, axis=1),
+                       top_B1q1[:, 0])
+
+
+def merge_partials(o_BTNC: jax.Array, lse_BTN: jax.Array, *, axis_name) -> jax.Array:
+    """Inside shard_map: combines each device's normalised output over its part of the slots with the other
+    devices' along mesh axis (or axes) `axis_name`, by their logsumexps (mla_decode's return_lse) -> o [B, T, N, C]
+    as one device holding every slot computes it. Parts that saw nothing (lse = -inf) get weight 0."""
+    w_BTN, top_BTN = _weights(lse_BTN, jax.lax.pmax(lse_BTN, axis_name))
+    merged = jax.lax.psum(w_BTN[..., None] * jnp.where(w_BTN[..., None] > 0, o_BTNC, 0.0), axis_name)
+    return _normalised(merged, jax.lax.psum(w_BTN, axis_name)[..., None], top_BTN[..., None])[0]
+
+
+def _weights(lse, top):
+    """exp(lse - top) (0 where lse is -inf) and the top used (0 where every part saw nothing)."""
+    top = jnp.where(top == -jnp.inf, 0.0, top)
+    return jnp.exp(lse - top), top
+
+
+def _normalised(merged, total, top):
+    """merged / total (0 where nothing was seen), and the logsumexp of all the parts."""
+    safe = jnp.where(total == 0, 1.0, total)
+    return merged / safe, jnp.where(total == 0, -jnp.inf, top + jnp.log(safe))

@@ -20,6 +20,11 @@ j of the expert axis owns experts [j e, (j + 1) e)). Per device:
   5. the reverse ragged all-to-all brings the results back to the rows' sources, which un-sort them and
      combine each token's K results with its routing weights.
 
+Where every device holds every token (`every_row`: a decode step's few rows, kept whole on each device) nothing is
+exchanged: each device runs the rows routed to its own experts, in chunks of a few balanced loads (a while loop over
+as many as it has, so no buffer holds every device's rows), and the partial outputs are summed over `expert` (an
+all-reduce of [T, D]).
+
 The receive buffer: dropless by default (`capacity_factor=0`): room for every row of every source, n M rows per
 device (for K2 on EP 64 with 4K tokens per device that is 2M rows, 30 GB in bf16, and as much again for the
 results coming back). With `capacity_factor` c > 0 it holds ceil(c M) rows (c times a balanced load): each
@@ -51,7 +56,7 @@ from sharding.group_rows import combine_sorted, sort_by_group
 from sharding.rules import ACTIVATION_RULES
 
 EXPERT_AXIS = "expert"
-TOKEN_AXES = ACTIVATION_RULES["tokens"]  # mesh axes the tokens are split over (those present in the mesh)
+TOKEN_AXES = ACTIVATION_RULES["default"]["tokens"]  # mesh axes the tokens are split over (those present in the mesh)
 IMPLS = ("native", "all_to_all")
 
 
@@ -146,6 +151,46 @@ def _local_expert_ffn(x_TD, weights_TK, ids_TK, local_experts, local_stack, *, f
     return combine_sorted(back_MD, order_M, weights_TK), dropped
 
 
+def every_row_chunk(rows: int, n: int) -> int:
+    """Rows per chunk of the every_row form (expert_parallel_ffn): room for twice a balanced load (rows / n), in
+    whole 128-row kernel tiles, and never more than all the rows."""
+    return min(rows, max(128, -(-2 * -(-rows // n) // 128) * 128))
+
+
+def _local_experts_every_row(x_TD, weights_TK, ids_TK, local_experts, local_stack, *, ffn: Callable,
+                             expert_axis: str, chunk_rows: int | None):
+    """One device's part when every device holds every token (rows whole: a decode step): the rows routed to its
+    own experts run through them where they are, with no exchange, and the partial sums are added up over the expert
+    axis -> (combined output [T, D] in x's dtype, 0 rows dropped). Its rows (sorted by expert, first) go through the
+    FFN in chunks of every_row_chunk rows, as many as it has (a while loop: one chunk for a balanced load, more for a
+    hot device; nothing dropped), so no buffer holds every device's rows. Forward only."""
+    n, me = jax.lax.axis_size(expert_axis), jax.lax.axis_index(expert_axis)
+    T, K = ids_TK.shape
+    e = jax.tree.leaves(local_experts)[0].shape[0]
+    R = chunk_rows or every_row_chunk(T * K, n)
+    local_TK = ids_TK - me * e
+    mine_TK = (local_TK >= 0) & (local_TK < e)
+    order_M, sizes_g = sort_by_group(jnp.where(mine_TK, local_TK, e), e + 1)  # the others' rows sort last
+    ends_e = jnp.cumsum(sizes_g[:e])
+    starts_e, count = ends_e - sizes_g[:e], ends_e[-1]
+    order_M = jnp.pad(order_M, (0, R))  # a chunk past the end reads padding (weight 0)
+    weights_M = jnp.pad(jnp.where(mine_TK, weights_TK, 0).reshape(-1)[order_M[:T * K]], (0, R))
+    stack = {} if local_stack is None else {"stack": local_stack}
+
+    def chunk(c, out_TD):
+        first = c * R
+        token_R = jax.lax.dynamic_slice_in_dim(order_M, first, R) // K
+        sizes_e = jnp.clip(ends_e - first, 0, R) - jnp.clip(starts_e - first, 0, R)  # the chunk's part of each group
+        # a balanced load puts T K / n rows here (fewer than one for a row on many devices): the kernels' cost
+        # estimates count those (they skip the rest)
+        y_RD = ffn(x_TD[token_R], local_experts, sizes_e, rows_in_use=min(R, T * K / n), **stack)
+        w_R = jnp.where(first + jnp.arange(R) < count, jax.lax.dynamic_slice_in_dim(weights_M, first, R), 0)
+        return out_TD.at[token_R].add(y_RD.astype(jnp.float32) * w_R[:, None])  # rows past the groups come out 0
+
+    out_TD = jax.lax.fori_loop(0, -(-count // R), chunk, jnp.zeros(x_TD.shape, jnp.float32))
+    return jax.lax.psum(out_TD.astype(x_TD.dtype), expert_axis), jnp.zeros((), jnp.int32)
+
+
 def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AXIS) -> bool:
     """True when `mesh` (e.g. jax.sharding.get_abstract_mesh()) has an expert axis > 1 dividing num_experts."""
     if mesh is None or mesh.empty or expert_axis not in mesh.axis_names:
@@ -156,13 +201,18 @@ def expert_parallel_enabled(mesh, num_experts: int, expert_axis: str = EXPERT_AX
 
 def expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, *, ffn: Callable, impl: str, mesh=None,
                         expert_axis: str = EXPERT_AXIS, token_axes: tuple[str, ...] = TOKEN_AXES,
-                        capacity_factor: float = 0.0, stack=None) -> tuple[jax.Array, jax.Array]:
+                        capacity_factor: float = 0.0, stack=None, every_row: bool = False,
+                        chunk_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum_k weights[t, k] * ffn_{ids[t, k]}(x[t]) -> [T, D] float32, rows dropped: int32 scalar), with experts
     split over `expert_axis` of `mesh` (default: the mesh set with jax.set_mesh). experts: a pytree of [E, ...]
     arrays (module docstring). impl: the row exchange (IMPLS). T is padded to a multiple of the token-axis devices.
     capacity_factor: the receive buffer (module docstring); 0 drops nothing. stack: optional (a pytree of stacks of
     layers [L, E, ...] whose [layer] is `experts`, layer): split on their expert axis too, and ffn gets
-    stack=(its blocks [L, e, ...], layer) to read in place."""
+    stack=(its blocks [L, e, ...], layer) to read in place. every_row: every device holds every token (a decode
+    step's layout): no exchange; each device runs the rows of its own experts (in chunks of chunk_rows rows,
+    default every_row_chunk's) and the
+    outputs are summed over `expert_axis` in x's dtype (an all-reduce of [T, D]: a few rows), nothing dropped;
+    forward only."""
     if impl not in IMPLS:
         raise ValueError(f"expert_parallel_ffn: impl must be one of {IMPLS}, got {impl!r}")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
@@ -170,6 +220,14 @@ def expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, *, ffn: Callable, imp
     if not expert_parallel_enabled(mesh, E, expert_axis):
         raise ValueError(f"expert_parallel_ffn: the mesh {dict(mesh.shape) if mesh is not None else None} needs an "
                          f"'{expert_axis}' axis > 1 that divides the {E} experts")
+    stack_specs = None if stack is None else (jax.tree.map(lambda _: P(None, expert_axis), stack[0]), P())
+    expert_specs = jax.tree.map(lambda _: P(expert_axis), experts)
+    if every_row:
+        local = jax.shard_map(
+            lambda *a: _local_experts_every_row(*a, ffn=ffn, expert_axis=expert_axis, chunk_rows=chunk_rows),
+            mesh=mesh,
+            in_specs=(P(), P(), P(), expert_specs, stack_specs), out_specs=(P(), P()), check_vma=False)
+        return local(x_TD, weights_TK, ids_TK, experts, stack)
     axes = tuple(a for a in token_axes if a in mesh.axis_names and dict(mesh.shape)[a] > 1)
     shards = 1
     for a in axes:
@@ -182,11 +240,9 @@ def expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, *, ffn: Callable, imp
         ids_TK = jnp.pad(ids_TK, ((0, pad), (0, 0)))
     tok = P(axes or None)
     others = tuple(a for a in axes if a != expert_axis)
-    stack_specs = None if stack is None else (jax.tree.map(lambda _: P(None, expert_axis), stack[0]), P())
     local = jax.shard_map(
         lambda *a: _local_expert_ffn(*a, ffn=ffn, expert_axis=expert_axis, other_token_axes=others, impl=impl,
                                      capacity_factor=capacity_factor), mesh=mesh,
-        in_specs=(tok, tok, tok, jax.tree.map(lambda _: P(expert_axis), experts), stack_specs), out_specs=(tok, P()),
-        check_vma=False)
+        in_specs=(tok, tok, tok, expert_specs, stack_specs), out_specs=(tok, P()), check_vma=False)
     out_TD, dropped = local(x_TD, weights_TK, ids_TK, experts, stack)
     return out_TD[:T], dropped

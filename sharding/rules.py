@@ -5,6 +5,7 @@
     print(sharding_table(params_by_name, mesh, "ep_fsdp"))        # every parameter, its spec, bytes per device
     x_BTD = constrain(x_BTD, ACTIVATION_BTD)                      # activations: batch over data, fsdp, expert;
                                                                   # sequence over context
+    with activation_layout("decode"): ...                         # a decode step: rows whole on every device
 
 `params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Optimizer state
 follows its parameter and is split further over `data` (ZeRO-1): `optimizer_state_specs`. Strategies:
@@ -29,6 +30,8 @@ weight's elements, and a block count fsdp rarely divides).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Mapping
 
@@ -140,37 +143,73 @@ ZERO1_AXIS = "data"
 
 # Activations: the batch is split over every batch-like axis (tokens travel to experts only inside EP), a row's
 # sequence over context (context parallelism), a flattened batch x sequence axis ("tokens": the MoE's rows) over
-# both, batch-major, attention heads over tensor, the rest stays whole. The one place activation layouts are decided.
-ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp", "expert"), "sequence": ("context",),
-                                                "tokens": ("data", "fsdp", "expert", "context"), "heads": ("tensor",)}
+# both, batch-major, attention heads over tensor, the rest stays whole. The one place activation layouts are
+# decided, per layout:
+#   "default"  training and prefill (many tokens per row: compute-bound): each device computes its own rows, and the
+#              weights split over fsdp / expert are gathered to it
+#   "decode"   one new token per row (a few rows, bandwidth-bound): the rows are whole on every device, so a weight
+#              split along its hidden axis is used where it lies (each device contracts its part of the hidden axis
+#              and the [rows, ...] results are summed across devices: activations move, weights never do)
+# The latent cache is laid out the same in both: its rows over the batch-like axes as far as they divide, its slots
+# over the batch-like axes its rows leave (a batch of fewer rows than devices is split along the sequence, never
+# replicated; k2jax.model.attention merges the devices' partial softmaxes).
+_BATCH_AXES = ("data", "fsdp", "expert")
+_CACHE = {"cache_rows": _BATCH_AXES, "cache_slots": _BATCH_AXES}
+ACTIVATION_RULES: dict[str, dict[str, tuple[str, ...]]] = {
+    "default": {"batch": _BATCH_AXES, "sequence": ("context",), "tokens": _BATCH_AXES + ("context",),
+                "heads": ("tensor",), **_CACHE},
+    # "latent": MLA's kv_lora axis of the absorbed query and output, split as the weights' hidden axes are, so they
+    # meet kv_b where it lies (q_nope . W_UK and o_lat . W_UV contract per device; the few rows move instead)
+    "decode": {"batch": (), "sequence": (), "tokens": (), "heads": ("tensor",), "latent": ("fsdp", "expert"),
+               **_CACHE},
+}
+ACTIVATION_LAYOUTS = tuple(ACTIVATION_RULES)
 ACTIVATION_BTD = ("batch", "sequence", None)
+CACHE_AXES_LBSX = (None, "cache_rows", "cache_slots", None)  # a latent cache [layers, rows, slots, values]
+_layout = contextvars.ContextVar("activation_layout", default="default")
+
+
+@contextlib.contextmanager
+def activation_layout(layout: str):
+    """Traces the block's activations in `layout` (ACTIVATION_RULES): `with activation_layout("decode"): ...`."""
+    if layout not in ACTIVATION_RULES:
+        raise ValueError(f"activation layout must be one of {ACTIVATION_LAYOUTS}, got {layout!r}")
+    token = _layout.set(layout)
+    try:
+        yield
+    finally:
+        _layout.reset(token)
+
+
+def current_layout() -> str:
+    """The activation layout being traced (ACTIVATION_RULES; "default" outside any activation_layout block)."""
+    return _layout.get()
 
 
 def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh) -> PartitionSpec:
-    """The spec ACTIVATION_RULES give an activation on `mesh`: a dimension takes every listed mesh axis that
-    exists (and is not manual) and, together, divides it."""
+    """The spec the current layout's ACTIVATION_RULES give an activation on `mesh`: a dimension takes every listed
+    mesh axis that exists (and is not manual), is not taken by an earlier dimension and, together, divides it."""
     sizes = dict(mesh.shape)
     manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual}
+    rules, used = ACTIVATION_RULES[_layout.get()], set(manual)
     spec = []
     for dim, axis in zip(shape, logical_axes):
         chosen, split = [], 1
-        for mesh_axis in ACTIVATION_RULES.get(axis, ()) if axis else ():
+        for mesh_axis in rules.get(axis, ()) if axis else ():
             n = sizes.get(mesh_axis, 1)
-            if n > 1 and mesh_axis not in manual and dim % (split * n) == 0:
+            if n > 1 and mesh_axis not in used and dim % (split * n) == 0:
                 chosen.append(mesh_axis)
                 split *= n
+        used.update(chosen)
         spec.append(tuple(chosen) if chosen else None)
     return PartitionSpec(*spec)
 
 
-def fully_split(size: int, logical_axis: str, mesh) -> bool:
-    """A dimension of `size` along `logical_axis` is split over every mesh axis ACTIVATION_RULES list for it that the
-    mesh has (> 1): each device holds its own part, no copy of another's (always true without a mesh)."""
+def spec_axes(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh, axis: str) -> tuple[str, ...]:
+    """The mesh axes activation_spec splits the dimension named `axis` over (() without a mesh)."""
     if mesh is None or mesh.empty:
-        return True
-    wanted = [a for a in ACTIVATION_RULES.get(logical_axis, ()) if dict(mesh.shape).get(a, 1) > 1]
-    got = activation_spec((size,), (logical_axis,), mesh)[0] or ()
-    return len(got if isinstance(got, tuple) else (got,)) == len(wanted)
+        return ()
+    return mesh_axes(activation_spec(shape, logical_axes, mesh)[list(logical_axes).index(axis)])
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:

@@ -23,7 +23,9 @@ All are jitted once per shape (prompt lengths are padded to a power of two, then
 donated, so decode updates it in place. `stream` / `generate` decode on the device: one host call runs up to `steps_per_call` steps
 (a lax.while_loop that samples, marks the rows that stopped and decodes the sampled tokens, ending early once every
 row has stopped), so the host syncs once per chunk of tokens, not once per token. Weights may be sharded (e.g.
-`load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings.
+`load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings. Under a mesh a decode step
+runs in sharding.rules' "decode" activation layout (its rows whole on every device: the weights are used where they
+lie, the experts need no exchange) and the cache is split over its rows, then its slots (CACHE_AXES_LBSX).
 
 Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token (a slot),
 Z = R/2 rope frequencies.
@@ -40,12 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k2jax.model.attention import CACHE_AXES_LBSX
 from k2jax.model.config import K2Config
 from k2jax.model.rope import rope_tables
 from k2jax.model.target import Target
 from k2jax.model.transformer import Transformer, param_info
-from sharding.rules import activation_spec, constrain
+from sharding.rules import ACTIVATION_BTD, CACHE_AXES_LBSX, activation_layout, activation_spec, constrain
 
 FINISHED = -1  # what stream() yields for a row that has already stopped
 
@@ -140,7 +141,18 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
     writing their latents into the cache. Returns the logits of each row's last new token [B, V] (all_logits:
     of every token [B, T, V]; entries past n_new_B are junk) and the cache with lengths_B + n_new_B.
     prefill: the cache is empty (attention in the expanded form over the new tokens only); otherwise absorbed
-    attention over the whole cache."""
+    attention over the whole cache. One token per row (a decode step) runs in the "decode" activation layout
+    (sharding.rules: the rows whole on every device, the weights used where they lie)."""
+    with activation_layout(step_layout(tokens_BT.shape[1], prefill=prefill)):
+        return _extend(model, tokens_BT, n_new_B, cache, prefill=prefill, all_logits=all_logits)
+
+
+def step_layout(new_tokens: int, *, prefill: bool) -> str:
+    """The activation layout (sharding.rules.ACTIVATION_RULES) of a step adding new_tokens tokens per row."""
+    return "decode" if new_tokens == 1 and not prefill else "default"
+
+
+def _extend(model, tokens_BT, n_new_B, cache, *, prefill, all_logits):
     B, T = tokens_BT.shape
     positions_BT = cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
@@ -149,14 +161,14 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
     def layer_fn(block, x_BTD, kv_LBSX, layer):
         x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, kv_LBSX, layer,
                                       prefill=prefill)
-        return x_BTD, kv_LBSX, None
+        return constrain(x_BTD, ACTIVATION_BTD), kv_LBSX, None
 
     x_BTD, kv_LBSX, _, _ = model.run_layers(model.embed(tokens_BT), layer_fn, cache.kv_LBSX)
     if not all_logits:
         x_BTD = x_BTD[jnp.arange(B), jnp.maximum(n_new_B - 1, 0)][:, None]
     logits = model.logits(x_BTD)
-    return (logits if all_logits else logits[:, 0]), LatentCache(constrain(kv_LBSX, CACHE_AXES_LBSX),
-                                                                 cache.lengths_B + n_new_B)
+    return (logits if all_logits else logits[:, 0]), LatentCache(
+        constrain(kv_LBSX, CACHE_AXES_LBSX), constrain(cache.lengths_B + n_new_B, CACHE_AXES_LBSX[1:2]))
 
 
 def extend_in_chunks(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cache: LatentCache, *,
@@ -313,9 +325,10 @@ class Generator:
     def lower(self, step: str, *, batch: int, max_len: int, prompt_len: int = 0) -> jax.stages.Lowered:
         """The jitted step for abstract inputs, ready to .compile() ahead of time: "prefill" (prompts of
         prompt_len tokens into an empty cache of max_len slots, as `prefill` runs them: one pass, or chunks of
-        `chunk_len(batch)` tokens in a loop) or "decode" (one token per row, as `decode`). The model may be abstract (`k2jax.model.placement.abstract_model`: no memory for weights); its
-        shardings are kept. Under `jax.set_mesh(mesh)` the tokens and the cache are split over the batch as
-        activations are (sharding.rules.activation_spec)."""
+        `chunk_len(batch)` tokens in a loop) or "decode" (one token per row, as `decode`). The model may be abstract
+        (`k2jax.model.placement.abstract_model`: no memory for weights); its shardings are kept. Under
+        `jax.set_mesh(mesh)` the tokens are laid out as the step's activations and the cache as
+        sharding.rules.CACHE_AXES_LBSX says (sharding.rules.activation_spec)."""
         if step not in ("prefill", "decode"):
             raise ValueError(f"Generator.lower: step must be 'prefill' or 'decode', got {step!r}")
         if step == "prefill" and not 0 < prompt_len <= max_len:
@@ -333,8 +346,9 @@ class Generator:
 
         X = Target.of(self.cfg).latent_slot
         cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.dtype),
-                                CACHE_AXES_LBSX), arg((batch,), jnp.int32, ("batch",)))
-        tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
+                                CACHE_AXES_LBSX), arg((batch,), jnp.int32, CACHE_AXES_LBSX[1:2]))
+        with activation_layout(step_layout(T, prefill=step == "prefill")):
+            tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
                              self._state)
         if chunked:

@@ -29,6 +29,7 @@ Q q_lora, C kv_lora, X = C + R (one cache slot), L layers, Z = R/2 rope frequenc
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +40,14 @@ from k2jax.model.layers import RMSNorm, project, weight
 from k2jax.model.rope import apply_rope, softmax_scale
 from k2jax.model.target import Target
 from pallas_kernels.mla_attention import mla_attention
-from pallas_kernels.mla_decode import mla_decode
+from pallas_kernels.mla_decode import merge_partials, mla_decode
 from sharding.context_parallel import over_context
 from sharding.per_shard import per_shard
-from sharding.rules import fully_split
+from sharding.rules import ACTIVATION_BTD, CACHE_AXES_LBSX, constrain, spec_axes
 
-# the latent cache's layout under a mesh: rows split as activations are (sharding.rules.activation_spec);
-# Generator.extend returns it in this layout, so a decode step takes the cache it returned (left to XLA, the layout
-# a step returns may differ from the one it took, and every later step would compile again)
-CACHE_AXES_LBSX = (None, "batch", None, None)
+
+PER_HEAD_BTNH = ("batch", None, "heads", None)  # a per-head activation [B, T, N, H]
+LATENT_BTNC = ("batch", None, "heads", "latent")  # the absorbed query / output in latent space
 
 # q_a_layernorm / kv_a_layernorm use eps 1e-6 in the release code whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
@@ -147,25 +147,31 @@ class MLAttention(nnx.Module):
         backend; the kernels read the stacked cache in place at the layer): the query goes to latent space
         (q_nope . W_UK), attends over the C + R cached values per slot shared by all heads (slots <= each token's
         position), and comes back through W_UV and o_proj -> [B, T, D]. Per new token it reads C + R values per
-        cached token instead of N (P + U)."""
+        cached token instead of N (P + U).
+
+        Under a mesh each device attends over the part of the cache it holds (sharding.rules: rows, then slots,
+        CACHE_AXES_LBSX): where the slots are split, each device's partial softmax over its slots is merged with the
+        others' by log-sum-exp (`mla_decode.merge_partials` across the slots' mesh axes)."""
         q_lat_BTNC = self._absorb_query(q_nope_BTNP)
-        # the kernel reads the stack in place where each device holds its own rows' caches; a batch of fewer rows
-        # than devices leaves the stack to XLA's placement, which may split it along its values: then every layer
-        # would gather the whole stack back, where its slab is gathered now (splitting a few rows' caches over
-        # their slots instead is the decode issue's next step)
-        rows_split = fully_split(cache_LBSX.shape[1], "batch", jax.sharding.get_abstract_mesh())
-        in_place = target.attention != "xla" and cache_LBSX.dtype == self.dtype and rows_split
-        cache = (cache_LBSX if in_place else
-                 jax.lax.dynamic_index_in_dim(cache_LBSX, layer, 0, False).astype(self.dtype))
+        mesh = jax.sharding.get_abstract_mesh()
+        slot_axes = spec_axes(cache_LBSX.shape, CACHE_AXES_LBSX, mesh, "cache_slots")
+        in_place = target.attention != "xla" and cache_LBSX.dtype == self.dtype
+        S = cache_LBSX.shape[2] // math.prod(dict(mesh.shape)[a] for a in slot_axes)  # slots per device
 
         def kernel(q_lat, q_rope, cache, positions, at):
-            return mla_decode(q_lat, q_rope, cache, positions, scale=self.scale, layer=at if in_place else None,
-                              backend=target.attention, platform=target.platform)
+            if not in_place:
+                cache = jax.lax.dynamic_index_in_dim(cache, at, 0, False).astype(self.dtype)
+            if not slot_axes:
+                return mla_decode(q_lat, q_rope, cache, positions, scale=self.scale, layer=at if in_place else None,
+                                  backend=target.attention, platform=target.platform)
+            first = jax.lax.axis_index(slot_axes) * S  # this device's first slot
+            o, lse = mla_decode(q_lat, q_rope, cache, positions - first, scale=self.scale, return_lse=True,
+                                layer=at if in_place else None, backend=target.attention, platform=target.platform)
+            return merge_partials(o, lse, axis_name=slot_axes)
 
-        if target.attention != "xla":  # a kernel runs per device: each device's rows (and heads)
-            per_head, rows = ("batch", None, "heads", None), (None, "batch", None, None)[1 - in_place:]
-            kernel = per_shard(kernel, in_axes=(per_head, per_head, rows, ("batch", None), ()), out_axes=per_head)
-        o_lat_BTNC = kernel(q_lat_BTNC, q_rope_BTNR, cache, positions_BT, jnp.asarray(layer, jnp.int32))
+        rows = ("cache_rows", None, "heads", None)  # per device: its rows (and heads), its slots
+        kernel = per_shard(kernel, in_axes=(rows, rows, CACHE_AXES_LBSX, ("cache_rows", None), ()), out_axes=rows)
+        o_lat_BTNC = kernel(q_lat_BTNC, q_rope_BTNR, cache_LBSX, positions_BT, jnp.asarray(layer, jnp.int32))
         return self._expand_output(o_lat_BTNC)
 
     def _keys_values(self, c_BSC, w_kv_b_CNH) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -179,16 +185,17 @@ class MLAttention(nnx.Module):
         return self._project(out_BTNU, self.o_proj, n_in=2)
 
     def _absorb_query(self, q_nope_BTNP) -> jnp.ndarray:
-        """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype)."""
+        """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype; in the step's layout for latents)."""
         w_CNH = self._w(self.kv_b_proj)
-        return jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_CNH[..., :self.cfg.qk_nope_head_dim],
-                          preferred_element_type=jnp.float32).astype(self.dtype)
+        q_lat = jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_CNH[..., :self.cfg.qk_nope_head_dim],
+                           preferred_element_type=jnp.float32).astype(self.dtype)
+        return constrain(q_lat, LATENT_BTNC)
 
     def _expand_output(self, o_lat_BTNC) -> jnp.ndarray:
         """(attention-weighted latent) . W_UV, then o_proj -> [B, T, D]."""
         w_CNH = self._w(self.kv_b_proj)
-        return self._output(jnp.einsum("btnc,cnv->btnv", o_lat_BTNC.astype(self.dtype),
-                                       w_CNH[..., self.cfg.qk_nope_head_dim:]))
+        o_lat_BTNC = constrain(o_lat_BTNC.astype(self.dtype), LATENT_BTNC)
+        return self._output(jnp.einsum("btnc,cnv->btnv", o_lat_BTNC, w_CNH[..., self.cfg.qk_nope_head_dim:]))
 
     @jax.named_scope("attention")
     def __call__(self, x_BTD, cos_BTZ, sin_BTZ, segment_ids_BT, *, context: bool = False
@@ -210,13 +217,33 @@ class MLAttention(nnx.Module):
         slots s <= its position (decode, or extending a filled cache), so a row's stale slots beyond its length
         never leak."""
         B, T = positions_BT.shape
-        q_nope, q_rope = self.queries(x_BTD, cos_BTZ, sin_BTZ)
+        x_BTD = constrain(x_BTD, ACTIVATION_BTD)  # the step's activation layout (a decode step: rows whole)
+        q_nope, q_rope = (constrain(q, PER_HEAD_BTNH) for q in self.queries(x_BTD, cos_BTZ, sin_BTZ))
         c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTZ, sin_BTZ)
-        new_BTX = jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype)
+        new_BTX = constrain(jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype), ACTIVATION_BTD)
         new_BTX = jnp.pad(new_BTX, ((0, 0), (0, 0), (0, cache_LBSX.shape[-1] - new_BTX.shape[-1])))  # slot width
-        cache_LBSX = cache_LBSX.at[layer, jnp.arange(B)[:, None], positions_BT].set(new_BTX, mode="drop")
+        cache_LBSX = write_cache(cache_LBSX, new_BTX, positions_BT, layer)
         target = Target.of(self.cfg)
         if prefill:
             out_BTD, _ = self.attend(q_nope, q_rope, c_BTC, k_rope_BTR, jnp.ones((B, T), jnp.int32), target)
             return out_BTD, cache_LBSX
-        return self.attend_cache(q_nope, q_rope, cache_LBSX, layer, positions_BT, target), cache_LBSX
+        out_BTD = self.attend_cache(q_nope, q_rope, cache_LBSX, layer, positions_BT, target)
+        return constrain(out_BTD, ACTIVATION_BTD), cache_LBSX
+
+
+def write_cache(cache_LBSX, new_BTX, positions_BT, layer) -> jnp.ndarray:
+    """cache[layer, b, positions[b, t]] = new[b, t] (positions past the cache are dropped), on each device into the
+    part of the cache it holds (rows, then slots: sharding.rules.CACHE_AXES_LBSX), in place."""
+    mesh = jax.sharding.get_abstract_mesh()
+    slot_axes = spec_axes(cache_LBSX.shape, CACHE_AXES_LBSX, mesh, "cache_slots")
+
+    def write(cache, new, positions, at):
+        B, S = cache.shape[1:3]
+        if slot_axes:  # this device's slots start at its index times S
+            positions = positions - jax.lax.axis_index(slot_axes) * S
+        slots = jnp.where((positions >= 0) & (positions < S), positions, S)  # elsewhere: dropped
+        return cache.at[at, jnp.arange(B)[:, None], slots].set(new, mode="drop")
+
+    rows = ("cache_rows", None)
+    return per_shard(write, in_axes=(CACHE_AXES_LBSX, rows + (None,), rows, ()), out_axes=CACHE_AXES_LBSX)(
+        cache_LBSX, new_BTX, positions_BT, jnp.asarray(layer, jnp.int32))

@@ -56,6 +56,7 @@ from pallas_kernels.int4_grouped_matmul import GROUP_SIZE, PACK
 from sharding.expert_parallel import EXPERT_AXIS, expert_parallel_enabled, expert_parallel_ffn
 from sharding.group_rows import combine_sorted, sort_by_group
 from sharding.per_shard import per_shard
+from sharding.rules import current_layout
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMS = tuple(f"moe_blocks.mlp.experts.{p}" for p in PROJECTIONS)  # their names in checkpoints
@@ -162,9 +163,11 @@ class RoutedExperts(nnx.Module):
             # the stacks are read in place only where the mesh splits them over `expert` alone: a split over
             # fsdp would gather every layer's weights to each expert group, per layer
             whole = all(n == 1 for a, n in dict(mesh.shape).items() if a not in (EXPERT_AXIS, "data"))
+            # a decode step's tokens are whole on every device (sharding.rules): no exchange, the outputs summed
+            every_row = current_layout() == "decode"
             y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, ffn=ffn, impl=target.ep_exchange,
                                                 capacity_factor=self.cfg.ep_capacity_factor,
-                                                stack=stack if whole else None)
+                                                stack=stack if whole else None, every_row=every_row)
             return y_TD.astype(self.dtype), dropped
         stack = stack if mesh.empty else None  # per_shard would gather the stacks' fsdp splits whole, per layer
 

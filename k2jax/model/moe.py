@@ -24,6 +24,7 @@ from k2jax.model.config import K2Config
 from k2jax.model.experts import RoutedExperts
 from k2jax.model.layers import MLP, weight
 from pallas_kernels.int4_grouped_matmul import GROUP_SIZE
+from sharding.rules import ACTIVATION_BTD, constrain
 
 
 class RouterBias(nnx.Variable):
@@ -79,6 +80,7 @@ class MoE(nnx.Module):
         "ep_dropped": int32 routed rows expert parallelism's receive buffers dropped}). expert_stack: see
         RoutedExperts.__call__'s stack."""
         B, T, D = x_BTD.shape
+        x_BTD = constrain(x_BTD, ACTIVATION_BTD)  # the router and the shared expert work in the step's layout
         x_TD = x_BTD.reshape(B * T, D)
         weights_TK, ids_TK = self.gate(x_TD)
         out_TD, dropped = self.experts(x_TD, weights_TK, ids_TK, stack=expert_stack)

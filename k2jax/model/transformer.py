@@ -83,8 +83,8 @@ class DecoderBlock(nnx.Module):
         the cache."""
         attn_BTD, cache_LBSX = self.self_attn.cached(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, positions_BT,
                                                      cache_LBSX, layer.index, prefill=prefill)
-        out_BTD, _ = self.ffn(x_BTD + attn_BTD, valid_BT, layer=layer)
-        return out_BTD, cache_LBSX
+        out_BTD, _ = self.ffn(constrain(x_BTD + attn_BTD, ACTIVATION_BTD), valid_BT, layer=layer)
+        return constrain(out_BTD, ACTIVATION_BTD), cache_LBSX
 
     def ffn(self, h_BTD, valid_BT, *, layer: Layer | None = None) -> tuple[jnp.ndarray, dict]:
         """h + ffn(norm(h)), and the MoE's aux (empty for a dense block)."""

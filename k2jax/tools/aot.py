@@ -256,15 +256,15 @@ def _lower(config, step: str, mesh):
     lowered = generator.lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
     # the prefill as the Generator runs it: one pass (chunk = the prompt), or chunks of this many tokens per row
     chunk = min(generator.chunk_len(infer.batch), infer.prompt_len) if step == "prefill" else None
-    slot = Target.of(cfg).latent_slot  # a cache slot's values on this platform (padded on TPU)
-    cache_bytes = cfg.num_hidden_layers * slot * infer.batch * infer.max_len * np.dtype(cfg.dtype).itemsize
+    cache_shape = (cfg.num_hidden_layers, infer.batch, infer.max_len, Target.of(cfg).latent_slot)  # slot padded on TPU
+    cache_bytes = math.prod(cache_shape) * np.dtype(cfg.dtype).itemsize
     if step == "prefill":
         tokens = infer.batch * infer.prompt_len
         useful = {"model": cfg.flops_per_token(infer.prompt_len, training=False) * tokens}
     else:
         tokens = infer.batch
         useful = {"model": cfg.flops_per_token(infer.max_len, training=False, causal=False) * tokens}
-    return lowered, {"parameters": weights, "cache": cache_bytes // _batch_shards(infer.batch, mesh)}, useful, \
+    return lowered, {"parameters": weights, "cache": cache_bytes // _cache_shards(cache_shape, mesh)}, useful, \
         tokens, cfg, chunk
 
 
@@ -278,13 +278,11 @@ def _decode_minimum(config, cfg) -> float:
     return decode_bytes_minimum(model, config.infer.batch, config.infer.max_len)
 
 
-def _batch_shards(batch: int, mesh) -> int:
-    """Devices a batch of `batch` rows is split over (as the Generator's tokens and cache are)."""
-    from sharding.rules import activation_spec
-    spec = activation_spec((batch,), ("batch",), mesh)
-    axes = spec[0] if len(spec) else None
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return math.prod(dict(mesh.shape)[a] for a in axes)
+def _cache_shards(shape: tuple[int, ...], mesh) -> int:
+    """Devices a latent cache of `shape` is split over (its rows, then its slots: sharding.rules.CACHE_AXES_LBSX)."""
+    from sharding.rules import CACHE_AXES_LBSX, activation_spec, mesh_axes
+    return math.prod(dict(mesh.shape)[a] for entry in activation_spec(shape, CACHE_AXES_LBSX, mesh)
+                     for a in mesh_axes(entry))
 
 
 # what a job whose weights do not fit could hold its routed experts as instead (infer.weights)

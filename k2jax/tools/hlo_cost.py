@@ -56,10 +56,11 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
 _SLICING = ("dynamic-slice", "slice", "gather")
 _IN_PLACE = ("dynamic-update-slice", "scatter")  # operand 0 is the buffer, updated where it lies
 _VIEWS = ("bitcast", "reshape", "get-tuple-element")  # a user that passes the value on: its users decide
-# inside a fused computation, ops that only move elements (a layout change, a transpose): a slice of their result
-# reads that slice's elements of their operand, nothing more (XLA:TPU slices one layer of an FP8 stack through
-# a copy from its T(32,128) tiling to T(8,128) and back; the whole stack is never copied)
-_REMAPS = ("copy", "transpose")
+# inside a fused computation, ops that only move elements (a layout change, a transpose, padding): a slice of their
+# result reads at most that slice's elements of their operand (XLA:TPU slices one layer of an FP8 stack through a
+# copy from its T(32,128) tiling to T(8,128) and back, the whole stack never copied; a windowed einsum's loop reads
+# one piece of a padded weight shard per trip)
+_REMAPS = ("copy", "transpose", "pad")
 
 
 class _Instruction:

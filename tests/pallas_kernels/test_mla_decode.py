@@ -108,3 +108,35 @@ def test_many_query_rows_take_one_split():
     from pallas_kernels.mla_decode import SPLIT_K_ROWS, default_splits
     assert default_splits(131072, 1024, 64) == 16 and default_splits(4096, 1024, 4 * 64) == 4
     assert default_splits(131072, 1024, SPLIT_K_ROWS) == 1
+
+
+@pytest.mark.parametrize("form", ["gpu", "tpu", "xla"])
+@pytest.mark.parametrize("S", [64, 40])
+def test_parts_of_the_slots_merge_to_the_whole(form, S):
+    """A cache split along its slots into 4 parts (as devices hold it when rows are fewer than devices): each part
+    attends with positions shifted by its first slot (return_lse), merge_partials combines them by logsumexp, and
+    the result is the whole cache's. Rows end in different parts (the last parts see no slot of the short row:
+    logsumexp -inf, weight 0; the first parts lie wholly before a long row's position, which must not reach the
+    kernel's padding: 10-slot parts in 8-slot blocks), several new tokens per row, NaN in the slots past each
+    row's end."""
+    from pallas_kernels.mla_decode import merge_partials
+    parts = 4
+    q_lat, q_rope, cache = _inputs(3, 2, 4, S, seed=4)
+    positions = jnp.array([[5, 6], [S // 2 - 2, S // 2 - 1], [S - 2, S - 1]], jnp.int32)
+    cache = _stale(cache, positions)
+    want = reference(q_lat, q_rope, cache, positions, scale=0.3)
+    kw = dict(scale=0.3, backend="interpret", platform=form, block_s=8) if form != "xla" else dict(scale=0.3,
+                                                                                                     backend="xla")
+    cache_PBSX = cache.reshape(3, parts, S // parts, C + R).transpose(1, 0, 2, 3)
+
+    def part(cache_BSX, first):
+        o, lse = mla_decode(q_lat, q_rope, cache_BSX, positions - first, return_lse=True, **kw)
+        return merge_partials(o, lse, axis_name="slots"), lse
+
+    got, lse_PBTN = jax.vmap(part, axis_name="slots")(cache_PBSX, jnp.arange(parts) * (S // parts))
+    assert np.isinf(np.asarray(lse_PBTN[1:, 0])).all() and np.isfinite(np.asarray(lse_PBTN[:, 2])).all()
+    for p in range(parts):  # every part ends with the whole result
+        assert rel_err(got[p], want) <= 1e-5
+    # the logsumexp of the whole cache is the merged one's: log sum exp over the parts
+    _, whole_lse = mla_decode(q_lat, q_rope, cache, positions, return_lse=True, **kw)
+    assert rel_err(jax.nn.logsumexp(lse_PBTN, axis=0), whole_lse) <= 1e-6

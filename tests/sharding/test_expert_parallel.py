@@ -156,6 +156,31 @@ def test_bounded_receive_buffer_drops_and_counts_the_overflow(capacity_factor):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("axes,chunk_rows", [({"expert": 4}, None), ({"expert": 4, "fsdp": 2}, None),
+                                             ({"expert": 4}, 3)])
+def test_every_row_form_runs_each_devices_experts_where_the_rows_are(axes, chunk_rows):
+    """every_row (every device holds every token: a decode step): no exchange, each device runs the rows of its own
+    experts, in chunks (3 rows: the hot devices run several), and the outputs are summed over `expert`: the
+    dropless result, herded routing with idle devices included, and nothing dropped."""
+    from sharding.expert_parallel import expert_parallel_ffn
+    n, T, K, E, D, F = 4, 6, 2, 8, 8, 16
+    rng = np.random.default_rng(1)
+    ids = np.stack([rng.permutation(4)[:K] for _ in range(T)]).astype(np.int32)  # experts 4..7 (devices 2, 3) idle
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    w = rng.random((T, K)).astype(np.float32)
+    wg, wu = (rng.standard_normal((E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
+    wd = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
+    want, _ = _expected_with_buffer(x, w, ids, wg, wu, wd, n, T * K)
+    mesh = make_mesh(axes, devices=jax.devices()[:n * axes.get("fsdp", 1)])
+    with jax.set_mesh(mesh):
+        f = jax.jit(lambda *a: expert_parallel_ffn(*a, ffn=_row_ffn, impl="all_to_all", every_row=True,
+                                                   chunk_rows=chunk_rows))
+        got, dropped = f(x, w, ids, (wg, wu, wd))
+        text = f.lower(x, w, ids, (wg, wu, wd)).as_text()
+    assert int(dropped) == 0 and "all_to_all" not in text and "all-to-all" not in text
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_receive_buffer_rows():
     from sharding.expert_parallel import receive_buffer_rows
     assert receive_buffer_rows(100, 8, 0.0) == 800       # dropless: every row of every device

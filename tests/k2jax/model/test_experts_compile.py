@@ -2,8 +2,9 @@
 TPU v5p chips on an abstract sharded model (k2jax.model.placement.abstract_model(..., expert_format="fp8"): no
 weights in memory): the
 routed experts stay float8_e4m3fn on the chips and run through fp8_grouped_matmul's Mosaic kernel inside the
-expert-parallel shard_map, next to the attention kernels. For a deviceless H100 the same step runs Triton kernels
-on e4m3 rows as well (fp8_activations' GPU default: the FP8 tensor cores); v5p's reads bf16 rows."""
+expert-parallel shard_map (each chip its own experts' rows of the whole batch), next to the attention kernels. For
+a deviceless H100 the same step runs Triton kernels on e4m3 rows as well (fp8_activations' GPU default: the FP8
+tensor cores); v5p's reads bf16 rows."""
 
 import jax
 
@@ -27,7 +28,9 @@ def test_fp8_decode_step_compiles_for_v5p():
     fp8_kernels = [line for line in text.splitlines()
                    if 'custom_call_target="tpu_custom_call"' in line and "f8e4m3fn" in line]
     assert len(fp8_kernels) >= 3  # the grouped matmuls read the e4m3 weights themselves
-    assert "ragged-all-to-all" in text
+    # the step's rows are whole on every chip (sharding.rules' decode layout): each chip runs its own experts' rows
+    # and the outputs are summed, no exchange
+    assert "ragged-all-to-all" not in text and "all-reduce" in text
     L, E, D, F = CFG.num_moe_layers, CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
     assert f"f8e4m3fn[{L},{E // 4},{D},{F}]" in text  # each chip holds its experts' e4m3 weights, not bf16
     # the kernels read a layer's experts and cache straight from the stacks: no copy of a layer's slice exists

@@ -244,6 +244,33 @@ def test_a_slice_through_a_retiling_copy_reads_only_the_slice():
     assert HloCost(LAYER_OF_A_RETILED_STACK).hbm_bytes == layer + 4 + layer  # the layer and the index; the result
 
 
+# XLA:TPU's decomposed reduce-scatter of a decode step's projection (full K2, v5p): each trip of its loop takes one
+# piece of the padded weight shard
+PIECE_OF_A_PADDED_WEIGHT = """
+HloModule padded
+
+%piece (p0: bf16[448,1,1536], p1: s32[]) -> bf16[448,2,96] {
+  %p0 = bf16[448,1,1536]{0,2,1:T(8,128)(2,1)} parameter(0)
+  %zero = bf16[]{:T(256)} constant(0)
+  %padded = bf16[448,3,1536]{0,2,1:T(8,128)(2,1)} pad(%p0, %zero), padding=0_0x1_1x0_0
+  %p1 = s32[]{:T(128)} parameter(1)
+  %c0 = s32[]{:T(128)} constant(0)
+  ROOT %ds = bf16[448,2,96]{0,2,1:T(8,128)(2,1)} dynamic-slice(%padded, %c0, %c0, %p1), dynamic_slice_sizes={448,2,96}
+}
+
+ENTRY %main (w: bf16[448,1,1536], i: s32[]) -> bf16[448,2,96] {
+  %w = bf16[448,1,1536]{0,2,1:T(8,128)(2,1)} parameter(0)
+  %i = s32[]{:T(128)} parameter(1)
+  ROOT %r = bf16[448,2,96]{0,2,1:T(8,128)(2,1)} fusion(%w, %i), kind=kLoop, calls=%piece
+}
+"""
+
+
+def test_a_slice_of_a_padded_weight_reads_only_the_slice():
+    piece = 448 * 2 * 96 * 2
+    assert HloCost(PIECE_OF_A_PADDED_WEIGHT).hbm_bytes == piece + 4 + piece  # the piece (at most) and the index; result
+
+
 # XLA:TPU's windowed einsum (a matmul overlapped with the all-gather of its weight): a u32 counter from 0 by 2
 # below 16, two matmuls of a weight shard per trip (one per direction around the ring)
 WINDOWED_EINSUM = """
