@@ -7,7 +7,7 @@
 Each row's 32,768 tokens are split over the mesh's context axis (8 shards of 4,096 tokens in the striped order;
 attention all-gathers the 576-value latent of the row per layer: sharding.context_parallel); 32 rows per step (1M
 tokens), 4K tokens per chip as in configs/k2_v5p_256.py; otherwise as configs/k2_v5p_256_128k.py (float32
-parameters and MuonClip state, bfloat16 compute, full remat, receive buffers of 2x the balanced load). At this length attention is
+parameters and MuonClip state, bfloat16 compute, full remat, heads expanded 2 at a time), but receive buffers of 2x the balanced load as there. At this length attention is
 39 % of the model's useful FLOPs. Not compiled at full size yet (docs/aot.md#long-context-training).
 """
 
@@ -18,4 +18,5 @@ def get_config():
     config = longest_rows_config()
     config.seq_len, config.global_batch = 32_768, 32
     config.mesh.axes = {"expert": 32, "context": 8}
+    config.model.overrides = {**config.model.overrides, "ep_capacity_factor": 2.0}  # 4K tokens per chip: as at 4K
     return config
