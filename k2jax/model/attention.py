@@ -16,7 +16,10 @@ Two ways to attend over it, same weights; the model owns no attention math, each
 padded on TPU) and attends.
 The layer also reports each head's maximum pre-softmax logit over visible (query, key) pairs of real tokens, which
 QK-Clip needs. Under context parallelism (a row's tokens split over the mesh's context axis, `attend(context=True)`)
-the devices exchange the latent (C + R values a token), not per-head keys and values (sharding.context_parallel).
+the devices exchange the latent (C + R values a token), not per-head keys and values (sharding.context_parallel),
+and each expands the whole row's latent for its queries: one group of heads at a time, as many as
+cfg.attention_kv_bytes holds (K2 at 131,072 tokens: 8 heads, 0.5 GiB, where all 64 would take 4 GiB and as much
+again for their gradients), each group recomputed in the backward pass.
 
 Each op runs with the backend k2jax.model.target picks (cfg.attention_impl overrides it): "pallas" on TPU / GPU (the
 kernel, under `sharding.per_shard`: per example and head / per row on every device of the mesh, with the
@@ -43,7 +46,7 @@ from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import merge_partials, mla_decode
 from sharding.context_parallel import over_context
 from sharding.per_shard import per_shard
-from sharding.rules import ACTIVATION_BTD, CACHE_AXES_LBSX, constrain, spec_axes
+from sharding.rules import ACTIVATION_BTD, ACTIVATION_RULES, CACHE_AXES_LBSX, constrain, current_layout, spec_axes
 
 
 PER_HEAD_BTNH = ("batch", None, "heads", None)  # a per-head activation [B, T, N, H]
@@ -124,6 +127,34 @@ class MLAttention(nnx.Module):
                    *, target: Target) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The T queries over the S keys' latent [c | k_rope] (S = T, or the whole row under context parallelism,
         whose queries' indices among the keys query_index gives) -> (out [B, N, T, U], rowmax [B, N, T])."""
+        groups = 1 if query_index_BT is None else self._head_groups(latent_BSX.shape[0] * latent_BSX.shape[1])
+        heads = functools.partial(self._attention_heads, seg_q_BT=seg_q_BT, latent_BSX=latent_BSX, seg_k_BS=seg_k_BS,
+                                  query_index_BT=query_index_BT, target=target)
+        if groups == 1:
+            return heads(q_nope_BTNP, q_rope_BTNR, w_kv_b_CNH)
+        # one group of heads at a time, each recomputed in the backward pass: the row's expanded keys and values
+        # (and their gradients) exist for one group only, not for every head (cfg.attention_kv_bytes)
+        split = lambda a, axis: jnp.moveaxis(a.reshape(a.shape[:axis] + (groups, -1) + a.shape[axis + 1:]), axis, 0)  # noqa: E731
+        out_GBnTU, rowmax_GBnT = jax.lax.map(jax.checkpoint(lambda a: heads(*a)),
+                                             (split(q_nope_BTNP, 2), split(q_rope_BTNR, 2), split(w_kv_b_CNH, 1)))
+        merge = lambda a: jnp.moveaxis(a, 0, 1).reshape((a.shape[1], -1) + a.shape[3:])  # noqa: E731
+        return merge(out_GBnTU), merge(rowmax_GBnT)
+
+    def _head_groups(self, keys: int) -> int:
+        """Under context parallelism: into how many groups attention splits the heads so that one group's expanded
+        keys and values of `keys` (rows x S) key positions fit cfg.attention_kv_bytes: the fewest groups of equal
+        size (each a multiple of the devices the heads are split over), at most one group per head."""
+        N, cfg = self.cfg.num_attention_heads, self.cfg
+        split = math.prod(dict(jax.sharding.get_abstract_mesh().shape).get(a, 1)
+                           for a in ACTIVATION_RULES[current_layout()]["heads"])
+        per_head = keys * (cfg.qk_nope_head_dim + cfg.v_head_dim) * self.dtype.itemsize
+        sizes = [d for d in range(split, N + 1, split) if N % d == 0] or [N]
+        fitting = [d for d in sizes if d * per_head <= cfg.attention_kv_bytes] or sizes[:1]
+        return N // max(fitting)
+
+    def _attention_heads(self, q_nope_BTNP, q_rope_BTNR, w_kv_b_CNH, *, seg_q_BT, latent_BSX, seg_k_BS,
+                         query_index_BT, target: Target) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """_attention for the heads of q and w_kv_b (all of them, or one group)."""
         C = self.cfg.kv_lora_rank
         k_rope_BSR = latent_BSX[..., C:]
         k_nope_BNSP, v_BNSU = self._keys_values(latent_BSX[..., :C], w_kv_b_CNH)

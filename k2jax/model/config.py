@@ -99,6 +99,9 @@ class K2Config:
     ep_capacity_factor: float = 0.0  # expert parallelism: a device's receive buffer holds this many times a
     #     balanced load of routed rows, and rows past it are dropped and counted (step metric ep_dropped_rows);
     #     0 = dropless (room for every row of every device: n_expert_devices x the balanced load)
+    attention_kv_bytes: int = 1 << 29  # context parallelism: the most bytes per device of expanded keys and values
+    #     attention holds at once (as much again for their gradients): the gathered row's latent is expanded and
+    #     attended to by groups of the most heads that fit, one group at a time (k2jax.model.attention)
     platform: str = "auto"  # what the program is compiled for: auto (the mesh's devices, else the default
     #                         device) | cpu | tpu | gpu; every per-platform choice follows it (k2jax/model/target.py)
     fp8_activations: str = "auto"  # FP8-resident experts (k2jax.model.experts): quantise the routed rows to e4m3
@@ -152,6 +155,8 @@ class K2Config:
         need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
         need(isinstance(self.ep_capacity_factor, (int, float)) and self.ep_capacity_factor >= 0,
              f"ep_capacity_factor must be >= 0 (0: dropless), got {self.ep_capacity_factor!r}")
+        need(isinstance(self.attention_kv_bytes, int) and not isinstance(self.attention_kv_bytes, bool)
+             and self.attention_kv_bytes > 0, f"attention_kv_bytes must be a positive int, got {self.attention_kv_bytes!r}")
         need(isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool) and self.scan_unroll >= 0,
              f"scan_unroll must be an int >= 0, got {self.scan_unroll!r}")
         need(self.router_bias_update_rate >= 0,
@@ -246,7 +251,7 @@ class K2Config:
 
 _RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate",
                 "pipeline_microbatches", "remat", "scan_unroll", "ep_capacity_factor", "platform",
-                "fp8_activations")
+                "fp8_activations", "attention_kv_bytes")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({

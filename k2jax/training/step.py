@@ -34,6 +34,8 @@ from flax import nnx
 from k2jax.model.transformer import parallelism
 from k2jax.optim.router_bias import router_bias_update
 from k2jax.training.chat_data import CONVERSATION_COUNTS
+from sharding.context_parallel import context_parallel_size
+from sharding.rules import constrain
 
 
 @jax.tree_util.register_dataclass
@@ -69,14 +71,20 @@ LOSS_CHUNK = 1024  # tokens per row whose logits exist at once in the loss (long
 def chunked_token_nll(model, hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
     """token_nll(model.logits(hidden), targets) [B, T], the logits made `chunk` positions at a time and remade in
     the backward pass (jax.checkpoint): a row of T tokens holds [B, chunk, V] float32 logits and their gradient
-    instead of [B, T, V] (K2 at 4K tokens: 2.5 GB each). T not a multiple of chunk: one piece."""
+    instead of [B, T, V] (K2 at 4K tokens: 2.5 GB each). T not a multiple of chunk: one piece. Under context
+    parallelism (the mesh's context axis splits each row in s contiguous parts) every part runs its own pieces, s at
+    a time: piece i is the i-th chunk of every part (in one sequence of chunks over the whole row, a piece would lie
+    in one part, and each device would gather the whole row's hidden states and make the logits of every chunk)."""
     B, T, D = hidden_BTD.shape
     if T <= chunk or T % chunk:
         return token_nll(model.logits(hidden_BTD), targets_BT)
-    n = T // chunk
-    pieces = (hidden_BTD.reshape(B, n, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, n, chunk).swapaxes(0, 1))
-    nll_nBC = jax.lax.map(jax.checkpoint(lambda p: token_nll(model.logits(p[0]), p[1])), pieces)
-    return nll_nBC.swapaxes(0, 1).reshape(B, T)
+    s = context_parallel_size()
+    s = s if T % (s * chunk) == 0 else 1
+    split = lambda a: jnp.moveaxis(a.reshape((B, s, T // (s * chunk), chunk) + a.shape[2:]), 2, 0)  # noqa: E731
+    pieces = (constrain(split(hidden_BTD), (None, "batch", "sequence", None, None)),
+              constrain(split(targets_BT), (None, "batch", "sequence", None)))
+    nll_mBsC = jax.lax.map(jax.checkpoint(lambda p: token_nll(model.logits(p[0]), p[1])), pieces)
+    return jnp.moveaxis(nll_mBsC, 0, 2).reshape(B, T)
 
 
 def target_weights(batch) -> tuple[jax.Array, jax.Array]:

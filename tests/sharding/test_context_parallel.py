@@ -122,3 +122,38 @@ def test_the_attention_kernel_under_context_parallelism_equals_unsharded(referen
     np.testing.assert_allclose(np.asarray(aux["attn_max_logits"]), np.asarray(want_aux["attn_max_logits"]), rtol=1e-5)
     for (path, g), (_, w) in zip(grads, want_grads):
         assert _rel(g[...], w[...]) <= 1e-5, path
+
+
+def test_attention_splits_the_heads_into_the_fewest_groups_whose_keys_and_values_fit():
+    """cfg.attention_kv_bytes bounds one group's expanded keys and values of the gathered row: tiny's 4 heads of
+    16 + 16 float32 values a key position take 128 bytes per head and position."""
+    from k2jax.model.attention import MLAttention
+    for kv_bytes, groups in [(1 << 20, 1), (2 * 128 * 24, 2), (128 * 24, 4), (1, 4)]:
+        attn = MLAttention(CFG.replace(attention_kv_bytes=kv_bytes), rngs=nnx.Rngs(0))
+        with jax.set_mesh(make_mesh({"context": 4, "expert": 2})):
+            assert attn._head_groups(24) == groups, kv_bytes
+        with jax.set_mesh(make_mesh({"context": 2, "tensor": 2, "expert": 2})):  # a group: whole heads per device
+            assert attn._head_groups(24) == min(groups, 2), kv_bytes
+    with pytest.raises(Exception, match="attention_kv_bytes must be a positive int"):
+        CFG.replace(attention_kv_bytes=0)
+
+
+@pytest.mark.parametrize("axes,kv_bytes,impl", [({"context": 4, "expert": 2}, 128 * 24, "xla"),
+                                                ({"context": 2, "expert": 2, "fsdp": 2}, 2 * 128 * 24, "xla"),
+                                                ({"context": 4, "expert": 2}, 2 * 128 * 24, "interpret")],
+                         ids=["cp4_ep2_1head", "cp2_ep2_fsdp2_2heads", "cp4_ep2_2heads_kernel"])
+def test_context_parallel_attention_by_head_groups_equals_unsharded(reference, axes, kv_bytes, impl):
+    """Heads attended one group at a time (each group's keys and values expanded from the gathered latent and
+    recomputed in the backward pass): logits, max logits, loss and gradients as the unsharded model's."""
+    _, tokens, seg, (want_loss, want_logits, want_aux, want_grads) = reference
+    cfg = CFG.replace(attention_kv_bytes=kv_bytes, attention_impl=impl)
+    model = k2jax.Transformer(cfg, rngs=nnx.Rngs(0))  # the reference's weights
+    mesh = make_mesh(axes)
+    sharded = shard_model(model, mesh, "ep_fsdp")
+    with jax.set_mesh(mesh):
+        assert model.moe_blocks.self_attn._head_groups(T) > 1  # b rows x T keys: at least T
+        loss, logits, aux, grads = jax.jit(_loss_and_grads)(sharded, tokens, seg)
+    assert _rel(logits, want_logits) <= 1e-5 and _rel(loss, want_loss) <= 1e-5
+    np.testing.assert_allclose(np.asarray(aux["attn_max_logits"]), np.asarray(want_aux["attn_max_logits"]), rtol=1e-5)
+    for (path, g), (_, w) in zip(grads, want_grads):
+        assert _rel(g[...], w[...]) <= 1e-5, path

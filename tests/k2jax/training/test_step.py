@@ -121,6 +121,40 @@ def test_chunked_loss_equals_whole_logits_and_gradients():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
 
 
+def test_chunked_loss_under_context_parallelism_runs_each_part_on_its_devices():
+    """A context axis of 4 splits each row of 64 positions in 4 parts: pieces of 8 positions of every part at
+    once, each device its own part's (no all-gather of the hidden states), the same loss and gradients as the
+    whole logits without a mesh."""
+    import re
+
+    from k2jax.model.placement import shard_model
+    from k2jax.training.step import chunked_token_nll
+    from sharding.mesh import make_mesh
+    from sharding.rules import ACTIVATION_BTD, constrain
+    model = k2jax.Transformer(tiny(), rngs=nnx.Rngs(0))
+    D, rng = model.cfg.hidden_size, np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((2, 64, D)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (2, 64)), jnp.int32)
+
+    def run(m, h, chunk):
+        def loss(m, h):
+            return jnp.sum(chunked_token_nll(m, constrain(h, ACTIVATION_BTD), targets, chunk=chunk) * jnp.arange(64))
+        value, (g_model, g_hidden) = nnx.value_and_grad(loss, argnums=(0, 1))(m, h)
+        return value, [g_hidden] + jax.tree.leaves(nnx.state(g_model))
+
+    want, want_grads = jax.jit(run, static_argnums=2)(model, hidden, 64)
+    mesh = make_mesh({"context": 4, "expert": 2})
+    sharded = shard_model(model, mesh, "ep_fsdp")
+    with jax.set_mesh(mesh):
+        got, got_grads = jax.jit(run, static_argnums=2)(sharded, hidden, 8)
+        hlo = jax.jit(run, static_argnums=2).lower(sharded, hidden, 8).compile().as_text()
+    assert not re.findall(rf"= f32\[[\d,]+,{D}\]\S* all-gather", hlo)
+    assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+    assert len(got_grads) == len(want_grads) > 1
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
 def _weights(batch, seed=1):
     """0/1 loss weights for a batch (about half the tokens trained), as chat data carries them."""
     rng = np.random.default_rng(seed)
