@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +143,13 @@ def test_bad_inputs_leave_no_complete_output(hf_dir, converted, tmp_path):
         convert_hf_to_orbax(hf_dir, str(tmp_path / "x"), show_progress=False)
 
 
+def _signalled(cmd, sig: str, after: int):
+    """cmd (a convert_checkpoint.py command) run so that it sends itself SIG`sig` once it has recorded `after`
+    tensors as done (tests/k2jax/checkpoint/signal_after.py): part-way through at a fixed point, on any machine."""
+    assert cmd[1].endswith("convert_checkpoint.py")
+    return [cmd[0], os.path.join(ROOT, "tests", "k2jax", "checkpoint", "signal_after.py"), sig, str(after), *cmd[2:]]
+
+
 def _convert_cmd(hf, out, *extra):
     return [sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), f"--hf_dir={hf}", f"--out_dir={out}",
             "--dtype=float32", *extra]
@@ -172,24 +178,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     38-line traceback) saying OUT_DIR.partial is kept, exit 130; finally --resume (no --dtype: the interrupted
     run's; --out_dir with a trailing slash) completes, printing its own lines and no library logs, and equals an
     uninterrupted conversion."""
-    cfg = CFG.replace(n_routed_experts=64, num_hidden_layers=4)  # more tensors: a wider window to kill in
+    cfg = CFG.replace(n_routed_experts=64, num_hidden_layers=4)  # more tensors than the 200 recorded before the kill
     hf = str(tmp_path / "hf")
     write_hf_checkpoint(hf, cfg, random_release_tensors(cfg, seed=8))
     out = str(tmp_path / "out")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    # --sync_gb=0: every tensor is recorded as soon as it is durable, so the log grows while we watch
-    proc = subprocess.Popen(_convert_cmd(hf, out, "--sync_gb=0"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # --sync_gb=0: every tensor is recorded as soon as it is durable; the run kills itself once 200 are recorded
+    killed = subprocess.run(_signalled(_convert_cmd(hf, out, "--sync_gb=0"), "KILL", 200), env=env,
+                            capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     progress = os.path.join(out + ".partial", PROGRESS)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.exists(progress) and sum(1 for _ in open(progress)) > 200:
-            break
-        if proc.poll() is not None:
-            pytest.fail("the conversion ended before it could be killed")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     assert not os.path.exists(out) and os.path.exists(out + ".partial")
     done_before = sum(1 for _ in open(progress)) - 1
     assert 0 < done_before < len(hf_tensor_specs(cfg))  # killed part-way
@@ -205,16 +203,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert "cannot write the output: " in error and "File too large" in error, error
     assert f"{out}.partial is kept: once that is fixed, run the same command with --resume to continue" in error
     assert not os.path.exists(out) and os.path.exists(progress)
-    interrupted = subprocess.Popen(resume + ["--sync_gb=0"], env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
-    done_before = sum(1 for _ in open(progress))
-    while sum(1 for _ in open(progress)) < done_before + 20:
-        if interrupted.poll() is not None:
-            pytest.fail("the conversion ended before it could be interrupted")
-        time.sleep(0.005)
-    interrupted.send_signal(signal.SIGINT)
-    _, err = interrupted.communicate(timeout=300)
-    error = _one_line_error(subprocess.CompletedProcess(interrupted.args, interrupted.returncode, "", err), 130)
+    done_before = sum(1 for _ in open(progress)) - 1
+    interrupted = subprocess.run(_signalled(resume + ["--sync_gb=0"], "INT", 20), env=env, capture_output=True,
+                                 text=True)
+    assert done_before + 20 <= sum(1 for _ in open(progress)) - 1 < len(hf_tensor_specs(cfg))  # interrupted part-way
+    error = _one_line_error(interrupted, 130)
     assert error.endswith(f"interrupted (Ctrl-C); {out}.partial is kept: run the same command with --resume to "
                           f"continue"), error
     result = subprocess.run(resume, env=env, capture_output=True, text=True)
