@@ -31,10 +31,11 @@ def _auto_axes(mesh) -> frozenset[str]:
     return frozenset(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != manual)
 
 
-def per_shard(fn: Callable, in_axes: Sequence[Axes], out_axes: Axes | Sequence[Axes]) -> Callable:
+def per_shard(fn: Callable, in_axes: Sequence[Axes], out_axes: Axes | Sequence[Axes], layout: str = "default"
+              ) -> Callable:
     """fn(*args) run per device under the mesh in context (see the module docstring). in_axes: one tuple of
     logical axis names (or None) per argument, one entry per dimension; out_axes: the same for the output, or a
-    sequence of them for a tuple output."""
+    sequence of them for a tuple output; layout: the activation layout they are read in (sharding.rules)."""
     multi_out = bool(out_axes) and not isinstance(out_axes[0], (str, type(None)))
 
     def call(*args):
@@ -43,7 +44,7 @@ def per_shard(fn: Callable, in_axes: Sequence[Axes], out_axes: Axes | Sequence[A
         mesh = jax.sharding.get_abstract_mesh()
         if mesh is None or mesh.empty or not _auto_axes(mesh):
             return fn(*args)
-        in_specs = tuple(activation_spec(a.shape, ax, mesh) for a, ax in zip(args, in_axes))
+        in_specs = tuple(activation_spec(a.shape, ax, mesh, layout) for a, ax in zip(args, in_axes))
         # an output dimension's split follows from the size its logical axis has in the arguments
         size_of = {name: dim for a, ax in zip(args, in_axes) for dim, name in zip(a.shape, ax) if name}
 
@@ -51,7 +52,7 @@ def per_shard(fn: Callable, in_axes: Sequence[Axes], out_axes: Axes | Sequence[A
             missing = [name for name in axes if name and name not in size_of]
             if missing:
                 raise ValueError(f"per_shard: output axes {missing} name no argument's axis")
-            return activation_spec(tuple(size_of.get(name, 1) for name in axes), axes, mesh)
+            return activation_spec(tuple(size_of.get(name, 1) for name in axes), axes, mesh, layout)
 
         out_specs = tuple(out_spec(ax) for ax in out_axes) if multi_out else out_spec(out_axes)
         return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names=_auto_axes(mesh),

@@ -5,7 +5,7 @@
     print(sharding_table(params_by_name, mesh, "ep_fsdp"))        # every parameter, its spec, bytes per device
     x_BTD = constrain(x_BTD, ACTIVATION_BTD)                      # activations: batch over data, fsdp, expert;
                                                                   # sequence over context
-    with activation_layout("decode"): ...                         # a decode step: rows whole on every device
+    x_BTD = constrain(x_BTD, ACTIVATION_BTD, "decode")            # a decode step: rows whole on every device
 
 `params_by_name` is {name: (shape, dtype, logical_axes)}; `k2jax.param_info(model)` builds it. Optimizer state
 follows its parameter and is split further over `data` (ZeRO-1): `optimizer_state_specs`. Strategies:
@@ -30,8 +30,6 @@ weight's elements, and a block count fsdp rarely divides).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Mapping
 
@@ -166,32 +164,22 @@ ACTIVATION_RULES: dict[str, dict[str, tuple[str, ...]]] = {
 ACTIVATION_LAYOUTS = tuple(ACTIVATION_RULES)
 ACTIVATION_BTD = ("batch", "sequence", None)
 CACHE_AXES_LBSX = (None, "cache_rows", "cache_slots", None)  # a latent cache [layers, rows, slots, values]
-_layout = contextvars.ContextVar("activation_layout", default="default")
 
 
-@contextlib.contextmanager
-def activation_layout(layout: str):
-    """Traces the block's activations in `layout` (ACTIVATION_RULES): `with activation_layout("decode"): ...`."""
+def check_layout(layout: str) -> str:
+    """`layout` if it names an activation layout (ACTIVATION_RULES), else a ValueError naming them."""
     if layout not in ACTIVATION_RULES:
         raise ValueError(f"activation layout must be one of {ACTIVATION_LAYOUTS}, got {layout!r}")
-    token = _layout.set(layout)
-    try:
-        yield
-    finally:
-        _layout.reset(token)
+    return layout
 
 
-def current_layout() -> str:
-    """The activation layout being traced (ACTIVATION_RULES; "default" outside any activation_layout block)."""
-    return _layout.get()
-
-
-def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh) -> PartitionSpec:
-    """The spec the current layout's ACTIVATION_RULES give an activation on `mesh`: a dimension takes every listed
-    mesh axis that exists (and is not manual), is not taken by an earlier dimension and, together, divides it."""
+def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh, layout: str = "default"
+                    ) -> PartitionSpec:
+    """The spec ACTIVATION_RULES[layout] give an activation on `mesh`: a dimension takes every listed mesh axis that
+    exists (and is not manual), is not taken by an earlier dimension and, together, divides it."""
     sizes = dict(mesh.shape)
     manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual}
-    rules, used = ACTIVATION_RULES[_layout.get()], set(manual)
+    rules, used = ACTIVATION_RULES[check_layout(layout)], set(manual)
     spec = []
     for dim, axis in zip(shape, logical_axes):
         chosen, split = [], 1
@@ -205,19 +193,21 @@ def activation_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...]
     return PartitionSpec(*spec)
 
 
-def spec_axes(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh, axis: str) -> tuple[str, ...]:
+def spec_axes(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], mesh, axis: str,
+              layout: str = "default") -> tuple[str, ...]:
     """The mesh axes activation_spec splits the dimension named `axis` over (() without a mesh)."""
     if mesh is None or mesh.empty:
         return ()
-    return mesh_axes(activation_spec(shape, logical_axes, mesh)[list(logical_axes).index(axis)])
+    return mesh_axes(activation_spec(shape, logical_axes, mesh, layout)[list(logical_axes).index(axis)])
 
 
-def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    """with_sharding_constraint by activation_spec against the mesh set with jax.set_mesh (no-op without one)."""
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...], layout: str = "default") -> jax.Array:
+    """with_sharding_constraint by activation_spec (in `layout`) against the mesh set with jax.set_mesh (no-op
+    without one)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, logical_axes, mesh))
+    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, logical_axes, mesh, layout))
 
 
 def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[str, int],

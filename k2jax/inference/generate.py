@@ -46,7 +46,7 @@ from k2jax.model.config import K2Config
 from k2jax.model.rope import rope_tables
 from k2jax.model.target import Target
 from k2jax.model.transformer import Transformer, param_info
-from sharding.rules import ACTIVATION_BTD, CACHE_AXES_LBSX, activation_layout, activation_spec, constrain
+from sharding.rules import ACTIVATION_BTD, CACHE_AXES_LBSX, activation_spec, constrain
 
 FINISHED = -1  # what stream() yields for a row that has already stopped
 
@@ -135,6 +135,11 @@ def decode_bytes_minimum(model: Transformer, batch: int, max_len: int, cache_dty
     return experts * reached + others + cache
 
 
+def step_layout(new_tokens: int, *, prefill: bool) -> str:
+    """The activation layout (sharding.rules.ACTIVATION_RULES) of a step adding new_tokens tokens per row."""
+    return "decode" if new_tokens == 1 and not prefill else "default"
+
+
 def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cache: LatentCache, *,
            prefill: bool, all_logits: bool = False) -> tuple[jnp.ndarray, LatentCache]:
     """Runs row b's first n_new_B[b] tokens of tokens_BT at positions lengths_B[b], lengths_B[b] + 1, ...,
@@ -143,27 +148,18 @@ def extend(model: Transformer, tokens_BT: jnp.ndarray, n_new_B: jnp.ndarray, cac
     prefill: the cache is empty (attention in the expanded form over the new tokens only); otherwise absorbed
     attention over the whole cache. One token per row (a decode step) runs in the "decode" activation layout
     (sharding.rules: the rows whole on every device, the weights used where they lie)."""
-    with activation_layout(step_layout(tokens_BT.shape[1], prefill=prefill)):
-        return _extend(model, tokens_BT, n_new_B, cache, prefill=prefill, all_logits=all_logits)
-
-
-def step_layout(new_tokens: int, *, prefill: bool) -> str:
-    """The activation layout (sharding.rules.ACTIVATION_RULES) of a step adding new_tokens tokens per row."""
-    return "decode" if new_tokens == 1 and not prefill else "default"
-
-
-def _extend(model, tokens_BT, n_new_B, cache, *, prefill, all_logits):
     B, T = tokens_BT.shape
+    layout = step_layout(T, prefill=prefill)
     positions_BT = cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
     cos_BTZ, sin_BTZ = rope_tables(model.cfg, positions_BT)
 
     def layer_fn(block, x_BTD, kv_LBSX, layer):
         x_BTD, kv_LBSX = block.cached(x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, kv_LBSX, layer,
-                                      prefill=prefill)
-        return constrain(x_BTD, ACTIVATION_BTD), kv_LBSX, None
+                                      prefill=prefill, layout=layout)
+        return constrain(x_BTD, ACTIVATION_BTD, layout), kv_LBSX, None
 
-    x_BTD, kv_LBSX, _, _ = model.run_layers(model.embed(tokens_BT), layer_fn, cache.kv_LBSX)
+    x_BTD, kv_LBSX, _, _ = model.run_layers(model.embed(tokens_BT, layout), layer_fn, cache.kv_LBSX)
     if not all_logits:
         x_BTD = x_BTD[jnp.arange(B), jnp.maximum(n_new_B - 1, 0)][:, None]
     logits = model.logits(x_BTD)
@@ -339,16 +335,17 @@ class Generator:
         T = T + (-T % chunk if chunked else 0)
         mesh = jax.sharding.get_mesh()
 
-        def arg(shape, dtype, axes):
+        def arg(shape, dtype, axes, layout="default"):
             sharding = (None if mesh.empty else
-                        jax.sharding.NamedSharding(mesh, activation_spec(shape, axes, mesh)))
+                        jax.sharding.NamedSharding(mesh, activation_spec(shape, axes, mesh, layout)))
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
         X = Target.of(self.cfg).latent_slot
         cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.dtype),
                                 CACHE_AXES_LBSX), arg((batch,), jnp.int32, CACHE_AXES_LBSX[1:2]))
-        with activation_layout(step_layout(T, prefill=step == "prefill")):
-            tokens, n_new = arg((batch, T), jnp.int32, ("batch", None)), arg((batch,), jnp.int32, ("batch",))
+        layout = step_layout(T, prefill=step == "prefill")
+        tokens = arg((batch, T), jnp.int32, ("batch", None), layout)
+        n_new = arg((batch,), jnp.int32, ("batch",), layout)
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
                              self._state)
         if chunked:

@@ -46,7 +46,7 @@ from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import merge_partials, mla_decode
 from sharding.context_parallel import over_context
 from sharding.per_shard import per_shard
-from sharding.rules import ACTIVATION_BTD, ACTIVATION_RULES, CACHE_AXES_LBSX, constrain, current_layout, spec_axes
+from sharding.rules import ACTIVATION_BTD, ACTIVATION_RULES, CACHE_AXES_LBSX, constrain, spec_axes
 
 
 PER_HEAD_BTNH = ("batch", None, "heads", None)  # a per-head activation [B, T, N, H]
@@ -145,8 +145,9 @@ class MLAttention(nnx.Module):
         keys and values of `keys` (rows x S) key positions fit cfg.attention_kv_bytes: the fewest groups of equal
         size (each a multiple of the devices the heads are split over), at most one group per head."""
         N, cfg = self.cfg.num_attention_heads, self.cfg
+        # (context parallelism splits training rows: the default layout)
         split = math.prod(dict(jax.sharding.get_abstract_mesh().shape).get(a, 1)
-                           for a in ACTIVATION_RULES[current_layout()]["heads"])
+                          for a in ACTIVATION_RULES["default"]["heads"])
         per_head = keys * (cfg.qk_nope_head_dim + cfg.v_head_dim) * self.dtype.itemsize
         sizes = [d for d in range(split, N + 1, split) if N % d == 0] or [N]
         fitting = [d for d in sizes if d * per_head <= cfg.attention_kv_bytes] or sizes[:1]
@@ -173,7 +174,8 @@ class MLAttention(nnx.Module):
         return kernel(heads_first(q_nope_BTNP), heads_first(q_rope_BTNR), k_nope_BNSP, k_rope_BSR, v_BNSU, seg_q_BT,
                       seg_k_BS, *index)
 
-    def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_LBSX, layer, positions_BT, target: Target) -> jnp.ndarray:
+    def attend_cache(self, q_nope_BTNP, q_rope_BTNR, cache_LBSX, layer, positions_BT, target: Target,
+                     layout: str = "default") -> jnp.ndarray:
         """Absorbed attention over layer `layer` of a latent cache (`pallas_kernels.mla_decode`, the target's
         backend; the kernels read the stacked cache in place at the layer): the query goes to latent space
         (q_nope . W_UK), attends over the C + R cached values per slot shared by all heads (slots <= each token's
@@ -182,8 +184,9 @@ class MLAttention(nnx.Module):
 
         Under a mesh each device attends over the part of the cache it holds (sharding.rules: rows, then slots,
         CACHE_AXES_LBSX): where the slots are split, each device's partial softmax over its slots is merged with the
-        others' by log-sum-exp (`mla_decode.merge_partials` across the slots' mesh axes)."""
-        q_lat_BTNC = self._absorb_query(q_nope_BTNP)
+        others' by log-sum-exp (`mla_decode.merge_partials` across the slots' mesh axes). layout: the step's
+        activation layout (sharding.rules)."""
+        q_lat_BTNC = self._absorb_query(q_nope_BTNP, layout)
         mesh = jax.sharding.get_abstract_mesh()
         slot_axes = spec_axes(cache_LBSX.shape, CACHE_AXES_LBSX, mesh, "cache_slots")
         in_place = target.attention != "xla" and cache_LBSX.dtype == self.dtype
@@ -201,9 +204,10 @@ class MLAttention(nnx.Module):
             return merge_partials(o, lse, axis_name=slot_axes)
 
         rows = ("cache_rows", None, "heads", None)  # per device: its rows (and heads), its slots
-        kernel = per_shard(kernel, in_axes=(rows, rows, CACHE_AXES_LBSX, ("cache_rows", None), ()), out_axes=rows)
+        kernel = per_shard(kernel, in_axes=(rows, rows, CACHE_AXES_LBSX, ("cache_rows", None), ()), out_axes=rows,
+                           layout=layout)
         o_lat_BTNC = kernel(q_lat_BTNC, q_rope_BTNR, cache_LBSX, positions_BT, jnp.asarray(layer, jnp.int32))
-        return self._expand_output(o_lat_BTNC)
+        return self._expand_output(o_lat_BTNC, layout)
 
     def _keys_values(self, c_BSC, w_kv_b_CNH) -> tuple[jnp.ndarray, jnp.ndarray]:
         """kv_b expansion of the latent, head-major: k_nope [B, N, S, P] and v [B, N, S, U]."""
@@ -215,17 +219,17 @@ class MLAttention(nnx.Module):
         """Per-head attention outputs through o_proj -> [B, T, D]."""
         return self._project(out_BTNU, self.o_proj, n_in=2)
 
-    def _absorb_query(self, q_nope_BTNP) -> jnp.ndarray:
+    def _absorb_query(self, q_nope_BTNP, layout: str) -> jnp.ndarray:
         """q_nope . W_UK: the query in latent space [B, T, N, C] (compute dtype; in the step's layout for latents)."""
         w_CNH = self._w(self.kv_b_proj)
         q_lat = jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_CNH[..., :self.cfg.qk_nope_head_dim],
                            preferred_element_type=jnp.float32).astype(self.dtype)
-        return constrain(q_lat, LATENT_BTNC)
+        return constrain(q_lat, LATENT_BTNC, layout)
 
-    def _expand_output(self, o_lat_BTNC) -> jnp.ndarray:
+    def _expand_output(self, o_lat_BTNC, layout: str) -> jnp.ndarray:
         """(attention-weighted latent) . W_UV, then o_proj -> [B, T, D]."""
         w_CNH = self._w(self.kv_b_proj)
-        o_lat_BTNC = constrain(o_lat_BTNC.astype(self.dtype), LATENT_BTNC)
+        o_lat_BTNC = constrain(o_lat_BTNC.astype(self.dtype), LATENT_BTNC, layout)
         return self._output(jnp.einsum("btnc,cnv->btnv", o_lat_BTNC, w_CNH[..., self.cfg.qk_nope_head_dim:]))
 
     @jax.named_scope("attention")
@@ -238,28 +242,30 @@ class MLAttention(nnx.Module):
         return self.attend(q_nope, q_rope, c, k_rope, segment_ids_BT, Target.of(self.cfg), context=context)
 
     @jax.named_scope("attention")
-    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, cache_LBSX, layer, *, prefill: bool
-               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, cache_LBSX, layer, *, prefill: bool,
+               layout: str = "default") -> tuple[jnp.ndarray, jnp.ndarray]:
         """The generation path: T new tokens per row at `positions` (= their cache slots) -> (out [B, T, D], cache).
 
         Writes the tokens' latents into slots cache[layer, b, positions[b, t]] (slots past S are dropped).
         prefill (the cache is empty, positions are 0 .. T-1): the tokens attend causally to each other in the
         expanded form, as in training (compute-bound). Otherwise each token attends in the absorbed form to the
         slots s <= its position (decode, or extending a filled cache), so a row's stale slots beyond its length
-        never leak."""
+        never leak. layout: the step's activation layout (sharding.rules; "decode": the rows whole on every device).
+        """
         B, T = positions_BT.shape
-        x_BTD = constrain(x_BTD, ACTIVATION_BTD)  # the step's activation layout (a decode step: rows whole)
-        q_nope, q_rope = (constrain(q, PER_HEAD_BTNH) for q in self.queries(x_BTD, cos_BTZ, sin_BTZ))
+        x_BTD = constrain(x_BTD, ACTIVATION_BTD, layout)
+        q_nope, q_rope = (constrain(q, PER_HEAD_BTNH, layout) for q in self.queries(x_BTD, cos_BTZ, sin_BTZ))
         c_BTC, k_rope_BTR = self.latent(x_BTD, cos_BTZ, sin_BTZ)
-        new_BTX = constrain(jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype), ACTIVATION_BTD)
+        new_BTX = constrain(jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype), ACTIVATION_BTD,
+                            layout)
         new_BTX = jnp.pad(new_BTX, ((0, 0), (0, 0), (0, cache_LBSX.shape[-1] - new_BTX.shape[-1])))  # slot width
         cache_LBSX = write_cache(cache_LBSX, new_BTX, positions_BT, layer)
         target = Target.of(self.cfg)
         if prefill:
             out_BTD, _ = self.attend(q_nope, q_rope, c_BTC, k_rope_BTR, jnp.ones((B, T), jnp.int32), target)
             return out_BTD, cache_LBSX
-        out_BTD = self.attend_cache(q_nope, q_rope, cache_LBSX, layer, positions_BT, target)
-        return constrain(out_BTD, ACTIVATION_BTD), cache_LBSX
+        out_BTD = self.attend_cache(q_nope, q_rope, cache_LBSX, layer, positions_BT, target, layout)
+        return constrain(out_BTD, ACTIVATION_BTD, layout), cache_LBSX
 
 
 def write_cache(cache_LBSX, new_BTX, positions_BT, layer) -> jnp.ndarray:

@@ -56,7 +56,6 @@ from pallas_kernels.int4_grouped_matmul import GROUP_SIZE, PACK
 from sharding.expert_parallel import EXPERT_AXIS, expert_parallel_enabled, expert_parallel_ffn
 from sharding.group_rows import combine_sorted, sort_by_group
 from sharding.per_shard import per_shard
-from sharding.rules import current_layout
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMS = tuple(f"moe_blocks.mlp.experts.{p}" for p in PROJECTIONS)  # their names in checkpoints
@@ -146,12 +145,13 @@ class RoutedExperts(nnx.Module):
 
     @jax.named_scope("experts")
     def __call__(self, x_TD: jnp.ndarray, weights_TK: jnp.ndarray, ids_TK: jnp.ndarray, *,
-                 stack: tuple[ExpertWeights, jax.Array] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                 stack: tuple[ExpertWeights, jax.Array] | None = None, layout: str = "default"
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """-> (sum of each token's routed experts' outputs [T, D], routed rows dropped by expert parallelism's
         receive buffer (cfg.ep_capacity_factor; always 0 without EP or when dropless)). stack: the experts of all
         scanned MoE blocks ([L, E, ...], gradient stopped) and this block's index among them, which the forms read
         in place (pallas_kernels.grouped_matmul): unsharded, and under expert parallelism when the mesh splits the
-        weights over `expert` only (inference meshes)."""
+        weights over `expert` only (inference meshes). layout: the step's activation layout (sharding.rules)."""
         E = self.cfg.n_routed_experts
         target = Target.of(self.cfg)
         mesh = jax.sharding.get_abstract_mesh()
@@ -164,7 +164,7 @@ class RoutedExperts(nnx.Module):
             # fsdp would gather every layer's weights to each expert group, per layer
             whole = all(n == 1 for a, n in dict(mesh.shape).items() if a not in (EXPERT_AXIS, "data"))
             # a decode step's tokens are whole on every device (sharding.rules): no exchange, the outputs summed
-            every_row = current_layout() == "decode"
+            every_row = layout == "decode"
             y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, ffn=ffn, impl=target.ep_exchange,
                                                 capacity_factor=self.cfg.ep_capacity_factor,
                                                 stack=stack if whole else None, every_row=every_row)
@@ -180,7 +180,7 @@ class RoutedExperts(nnx.Module):
             return combine_sorted(y_MD, order_M, weights_TK)
 
         tokens, whole = ("tokens", None), tuple((None,) * a.ndim for a in leaves)
-        y_TD = per_shard(route_and_run, in_axes=(tokens,) * 3 + whole, out_axes=tokens)(
+        y_TD = per_shard(route_and_run, in_axes=(tokens,) * 3 + whole, out_axes=tokens, layout=layout)(
             x_TD, weights_TK, ids_TK, *leaves).astype(self.dtype)
         return y_TD, jnp.zeros((), jnp.int32)
 

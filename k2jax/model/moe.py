@@ -74,16 +74,16 @@ class MoE(nnx.Module):
         self.shared_experts = MLP(cfg, cfg.shared_intermediate_size, rngs=rngs) if cfg.n_shared_experts else None
         self.num_experts = cfg.n_routed_experts
 
-    def __call__(self, x_BTD: jnp.ndarray, valid_BT: jnp.ndarray, *, expert_stack=None
+    def __call__(self, x_BTD: jnp.ndarray, valid_BT: jnp.ndarray, *, expert_stack=None, layout: str = "default"
                  ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         """-> (output [B, T, D], {"expert_load": [E] int32 routed count of valid tokens, "topk_ids": [B, T, K],
         "ep_dropped": int32 routed rows expert parallelism's receive buffers dropped}). expert_stack: see
-        RoutedExperts.__call__'s stack."""
+        RoutedExperts.__call__'s stack; layout: the step's activation layout (sharding.rules)."""
         B, T, D = x_BTD.shape
-        x_BTD = constrain(x_BTD, ACTIVATION_BTD)  # the router and the shared expert work in the step's layout
+        x_BTD = constrain(x_BTD, ACTIVATION_BTD, layout)  # the router and the shared expert work in the step's layout
         x_TD = x_BTD.reshape(B * T, D)
         weights_TK, ids_TK = self.gate(x_TD)
-        out_TD, dropped = self.experts(x_TD, weights_TK, ids_TK, stack=expert_stack)
+        out_TD, dropped = self.experts(x_TD, weights_TK, ids_TK, stack=expert_stack, layout=layout)
         out_BTD = out_TD.reshape(B, T, D)
         if self.shared_experts is not None:
             with jax.named_scope("shared_experts"):

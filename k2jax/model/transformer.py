@@ -77,20 +77,21 @@ class DecoderBlock(nnx.Module):
         out_BTD, aux = self.ffn(x_BTD + checkpoint_name(attn_BTD, "attention_out"), segment_ids_BT > 0, layer=layer)
         return out_BTD, {"attn_max_logits": max_logit_N, **aux}
 
-    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, cache_LBSX, layer: Layer, *, prefill: bool
-               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def cached(self, x_BTD, cos_BTZ, sin_BTZ, positions_BT, valid_BT, cache_LBSX, layer: Layer, *, prefill: bool,
+               layout: str = "default") -> tuple[jnp.ndarray, jnp.ndarray]:
         """The generation path: attention through MLAttention.cached (see there for `prefill`) at layer.index of
-        the cache."""
+        the cache; layout: the step's activation layout (sharding.rules: "decode" for one new token per row)."""
         attn_BTD, cache_LBSX = self.self_attn.cached(self.input_layernorm(x_BTD), cos_BTZ, sin_BTZ, positions_BT,
-                                                     cache_LBSX, layer.index, prefill=prefill)
-        out_BTD, _ = self.ffn(constrain(x_BTD + attn_BTD, ACTIVATION_BTD), valid_BT, layer=layer)
-        return constrain(out_BTD, ACTIVATION_BTD), cache_LBSX
+                                                     cache_LBSX, layer.index, prefill=prefill, layout=layout)
+        out_BTD, _ = self.ffn(constrain(x_BTD + attn_BTD, ACTIVATION_BTD, layout), valid_BT, layer=layer,
+                              layout=layout)
+        return constrain(out_BTD, ACTIVATION_BTD, layout), cache_LBSX
 
-    def ffn(self, h_BTD, valid_BT, *, layer: Layer | None = None) -> tuple[jnp.ndarray, dict]:
+    def ffn(self, h_BTD, valid_BT, *, layer: Layer | None = None, layout: str = "default") -> tuple[jnp.ndarray, dict]:
         """h + ffn(norm(h)), and the MoE's aux (empty for a dense block)."""
         if self.is_moe:
             ffn_BTD, aux = self.mlp(self.post_attention_layernorm(h_BTD), valid_BT,
-                                    expert_stack=layer.expert_stack if layer is not None else None)
+                                    expert_stack=layer.expert_stack if layer is not None else None, layout=layout)
             return h_BTD + checkpoint_name(ffn_BTD, "ffn_out"), aux
         return h_BTD + checkpoint_name(self.mlp(self.post_attention_layernorm(h_BTD)), "ffn_out"), {}
 
@@ -201,8 +202,9 @@ class Transformer(nnx.Module):
         }
         return logits_BTV, aux
 
-    def embed(self, tokens_BT: jnp.ndarray) -> jnp.ndarray:
-        return constrain(self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype), ACTIVATION_BTD)
+    def embed(self, tokens_BT: jnp.ndarray, layout: str = "default") -> jnp.ndarray:
+        """Token embeddings [B, T, D] in the compute dtype, in activation layout `layout` (sharding.rules)."""
+        return constrain(self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype), ACTIVATION_BTD, layout)
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         """Final norm and lm_head: [B, T, D] -> [B, T, V] float32."""

@@ -100,22 +100,21 @@ def test_decode_layout_keeps_rows_whole_and_the_cache_is_never_replicated():
     """In the decode layout the rows are whole on every device, the latent axis is split as the weights' hidden
     axes are; the latent cache is laid out the same in both layouts: rows over the batch-like axes as far as they
     divide, then slots over the axes the rows left; no mesh axis serves two dimensions of one array."""
-    from sharding.rules import ACTIVATION_BTD, CACHE_AXES_LBSX, activation_layout, activation_spec
+    from sharding.rules import ACTIVATION_BTD, CACHE_AXES_LBSX, activation_spec
     mesh = make_mesh({"data": 2, "fsdp": 2, "expert": 2})
     P = jax.sharding.PartitionSpec
     cache = lambda rows: activation_spec((3, rows, 64, 8), CACHE_AXES_LBSX, mesh)  # noqa: E731
     assert activation_spec((8, 1, 4), ACTIVATION_BTD, mesh) == P(("data", "fsdp", "expert"), None, None)
-    with activation_layout("decode"):
-        assert activation_spec((8, 1, 4), ACTIVATION_BTD, mesh) == P(None, None, None)
-        assert activation_spec((8, 1, 4, 16), ("batch", None, "heads", "latent"), mesh) == P(
-            None, None, None, ("fsdp", "expert"))
-        assert cache(8) == P(None, ("data", "fsdp", "expert"), None, None)
+    assert activation_spec((8, 1, 4), ACTIVATION_BTD, mesh, "decode") == P(None, None, None)
+    assert activation_spec((8, 1, 4, 16), ("batch", None, "heads", "latent"), mesh, "decode") == P(
+        None, None, None, ("fsdp", "expert"))
+    assert activation_spec((3, 8, 64, 8), CACHE_AXES_LBSX, mesh, "decode") == cache(8) == P(
+        None, ("data", "fsdp", "expert"), None, None)
     assert cache(2) == P(None, "data", ("fsdp", "expert"), None)      # 2 rows: their slots over the rest
     assert cache(1) == P(None, None, ("data", "fsdp", "expert"), None)  # one row: split along the sequence
     assert activation_spec((3, 1, 6, 8), CACHE_AXES_LBSX, mesh) == P(None, None, "data", None)  # 6 slots: what divides
     with pytest.raises(ValueError, match="activation layout must be one of"):
-        with activation_layout("prefil"):
-            pass
+        activation_spec((8, 1, 4), ACTIVATION_BTD, mesh, "prefil")
 
 
 def test_multi_slice_mesh_keeps_ici_axes_inside_a_slice():
