@@ -1,7 +1,7 @@
 """Decode step with the MLA latent cache vs a naive cache of full per-head keys and values, and with FP8-resident
-routed experts, one run.
+routed experts; and Generator.generate's device loop against a host loop, one run.
 
-    python benchmarks/decode.py [--batch=8 --context=4096 --iters=10]
+    python benchmarks/decode.py [--batch=8 --context=4096 --iters=10 --new_tokens=32]
 
 All three decode one token per row over `context` cached tokens of the same model (K2's attention shapes: kv_lora
 512, rope 64, nope 128, v 128, with 16 heads and 2 layers so it fits a CPU; fp32). The latent path is
@@ -13,6 +13,10 @@ quantize_experts: e4m3 weights and float32 128x128 block scales, the form load_c
 through Generator.decode. Prints step times, the latent / full ratio (goal <= 0.5), the FP8 / latent ratio, the
 cache bytes per token of the two caches and the weight bytes of the two expert forms (a step reads every expert
 its rows route to: all of them once batch x top-k covers the experts), also for the full Kimi K2 config.
+The device-loop rows: `generate` of `new_tokens` greedy tokens per row after a short prompt, with the decode steps
+run 16 per host call (`steps_per_call=16`, the default: sampling, stop tokens and finished rows on the device)
+and one per host call (`steps_per_call=1`: a host round trip per token, the loop before the device loop); the
+same tokens from both, their tokens/s and the ratio.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from k2jax.tools.host_memory import keep_freed_memory_on_cpu
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows decoded per step.")
 _CONTEXT = flags.DEFINE_integer("context", 4096, "Tokens already in the cache.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed steps per path (best is reported).")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens per row generate decodes in the device-loop rows.")
 
 DECODE_CFG = tiny(vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256,
                   num_hidden_layers=2, num_attention_heads=16, n_routed_experts=16, num_experts_per_tok=4,
@@ -112,6 +117,29 @@ def weight_bytes(model) -> tuple[int, int]:
     return experts, sum(a.nbytes for a in jax.tree.leaves(nnx.state(model))) - experts
 
 
+def device_loop_rows(gen: Generator, rows: int, new_tokens: int, iters: int) -> None:
+    """generate's decode steps 16 per host call (the device loop) against 1 per host call, side by side."""
+    prompts = [[1 + (7 * r + i) % 97 for i in range(8)] for r in range(rows)]
+
+    def run(steps_per_call):
+        return gen.generate(prompts, max_new_tokens=new_tokens, steps_per_call=steps_per_call)
+
+    on_device, per_token = run(16), run(1)
+    same = all(a.tokens == b.tokens for a, b in zip(on_device, per_token))
+    print(f"generate, {rows} rows x {new_tokens} greedy tokens: the same tokens from the device loop and the host "
+          f"loop: {same}")
+    assert same, "the device loop and the host loop gave different tokens"
+    t_device, t_host = [], []
+    for _ in range(3):  # interleaved rounds
+        t_device.append(best_time(lambda: run(16), iters))
+        t_host.append(best_time(lambda: run(1), iters))
+    device_s, host_s = min(t_device), min(t_host)
+    tokens = rows * new_tokens
+    print(f"  device loop (16 steps per host call)  {tokens / device_s:9.1f} tokens/s (prefill included)")
+    print(f"  host loop (1 step per host call)      {tokens / host_s:9.1f} tokens/s")
+    print(f"  ratio device loop / host loop tokens/s: {host_s / device_s:.3f}")
+
+
 def main(argv):
     del argv
     keep_freed_memory_on_cpu()  # every path of the comparison runs with it (k2jax/tools/host_memory.py)
@@ -177,6 +205,7 @@ def main(argv):
     print(f"  ratio latent / full: {latent_s / naive_s:.3f} (goal <= 0.5)")
     print(f"  ratio FP8 experts / fp32 experts (latent cache): step {fp8_s / latent_s:.3f}, expert weight bytes "
           f"{experts_fp8 / experts_f32:.3f}; every other weight {rest:,} bytes (fp32) in both")
+    device_loop_rows(gen, B, _NEW_TOKENS.value, max(1, _ITERS.value // 3))
     k2 = kimi_k2()
     print(f"Kimi K2 (61 layers, 64 heads), bf16 cache bytes per token: latent "
           f"{LatentCache.values_per_token(k2) * 2:,}, full K/V {full_values_per_token(k2) * 2:,} "

@@ -13,7 +13,7 @@ and max_len. k2jax-aot: decode 34.75 GiB (2026-12-07; a step moves 1.23 x the le
 (2026-12-02, one pass, before chunked prefill) of 95.74 GiB per chip, both fit; the reports are in docs/aot.md.
 """
 
-from k2jax.training.loop import base_config
+from k2jax.job_config import base_config
 
 
 def get_config():

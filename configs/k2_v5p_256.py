@@ -10,7 +10,7 @@ the balanced load (rows past them dropped and counted: ep_dropped_rows). k2jax-a
 95.74 GiB per chip, fits; the report is in docs/aot.md.
 """
 
-from k2jax.training.loop import base_config
+from k2jax.job_config import base_config
 
 
 def get_config():

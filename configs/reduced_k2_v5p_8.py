@@ -7,7 +7,7 @@ TPU programs (tests/k2jax/tools/test_aot.py runs it):
     k2jax-aot --config=configs/reduced_k2_v5p_8.py [--step=decode --config.infer.weights=fp8]
 """
 
-from k2jax.training.loop import base_config
+from k2jax.job_config import base_config
 
 
 def get_config():

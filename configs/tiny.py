@@ -3,7 +3,7 @@
     python train.py --config=configs/tiny.py --config.steps=100 --workdir=/tmp/k2jax-tiny
 """
 
-from k2jax.training.loop import base_config
+from k2jax.job_config import base_config
 
 
 def get_config():

@@ -66,7 +66,6 @@ from k2jax.checkpoint.hf_mapping import (
 from k2jax.checkpoint.orbax_checkpoint import (
     _flat,
     abstract_state,
-    check_weights,
     resident_names,
     with_resident,
 )
@@ -74,7 +73,7 @@ from k2jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile, w
 from k2jax.checkpoint.shardings import ShardingSpec, resolve_shardings, sharding_for
 from k2jax.formats import quant
 from k2jax.model.config import K2Config, read_hf_config, split_multimodal
-from k2jax.model.experts import EXPERT_PARAMS, scale_sharding
+from k2jax.model.experts import EXPERT_PARAMS, expert_format_of, scale_sharding
 from k2jax.model.transformer import Transformer, param_name
 
 INDEX = "model.safetensors.index.json"
@@ -411,7 +410,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None =
     scales, transposed per slot to [in(/8), out], never dequantised), the other weights as with "dequantized".
     A converted checkpoint (convert_checkpoint.py, k2jax.load_checkpoint) reads faster: each device reads only
     its shard."""
-    check_weights(weights, "load_hf_checkpoint")
+    expert_format_of(weights, "load_hf_checkpoint: weights")
     ckpt = HFCheckpoint(path, **config_overrides)
     ckpt.check()
     cfg = ckpt.config

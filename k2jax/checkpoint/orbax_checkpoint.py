@@ -47,11 +47,9 @@ from k2jax.checkpoint.shardings import ShardingSpec, replicated_like, resolve_sh
 from k2jax.formats import quant
 from k2jax.formats.weight_layout import Matmul, from_stored, to_stored
 from k2jax.model.config import K2Config
-from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS, EXPERT_PARAMS, SCALE_SUFFIX, scale_sharding
+from k2jax.model.experts import EXPERT_PARAMS, SCALE_SUFFIX, expert_format_of, scale_sharding
 from k2jax.model.placement import abstract_model
 from k2jax.model.transformer import Transformer, param_name
-
-WEIGHTS = tuple(EXPERT_FORMAT_OF_WEIGHTS)  # load_checkpoint / load_hf_checkpoint's weights= options
 
 
 def abstract_state(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -125,7 +123,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     group scales ([..., ceil(I/G), O], split like their weight: k2jax.model.experts.scale_sharding); every other
     weight as with
     "dequantized"."""
-    check_weights(weights, "load_checkpoint")
+    expert_format_of(weights, "load_checkpoint: weights")
     path = os.fspath(path)
     meta = read_metadata(path)
     check_chunks(path)
@@ -223,7 +221,7 @@ def _swap(a: jax.Array) -> jax.Array:
 def with_resident(cfg: K2Config, params: dict, kept: dict, weights: str, scheme) -> Transformer:
     """The Transformer of `params`, built with the expert format weights= asks for, its routed experts holding the
     resident arrays `kept` ({expert parameter: (weight, scales)}; none for weights="dequantized")."""
-    fmt = EXPERT_FORMAT_OF_WEIGHTS[weights]
+    fmt = expert_format_of(weights, "load_checkpoint: weights")
     group_size = {"expert_group_size": scheme.group_size} if fmt == "int4" else {}
     graphdef, state = nnx.split(abstract_model(cfg, expert_format=fmt, **group_size))
     values = dict(params)
@@ -231,11 +229,6 @@ def with_resident(cfg: K2Config, params: dict, kept: dict, weights: str, scheme)
         values[name], values[name + SCALE_SUFFIX[fmt]] = w, s
     nnx.replace_by_pure_dict(state, _unflat_like(nnx.to_pure_dict(state), values))
     return nnx.merge(graphdef, state)
-
-
-def check_weights(weights: str, caller: str) -> None:
-    if weights not in WEIGHTS:
-        raise ValueError(f"{caller}: weights must be one of {WEIGHTS}, got {weights!r}")
 
 
 def resident_names(path: str, quantized: Mapping[str, Matmul], fmt: str = "fp8") -> tuple[str, ...]:

@@ -65,6 +65,16 @@ INT4_SCALE_DTYPE = jnp.bfloat16  # the releases' weight_scale dtype
 # what a loader's weights= option holds the routed experts as (k2jax.load_checkpoint, load_hf_checkpoint, k2jax-aot's
 # infer.weights): "dequantized" to param_dtype, or resident in the release's own quantised format
 EXPERT_FORMAT_OF_WEIGHTS = {"dequantized": "plain", "fp8": "fp8", "int4": "int4"}
+WEIGHTS = tuple(EXPERT_FORMAT_OF_WEIGHTS)
+
+
+def expert_format_of(weights: str, option: str) -> str:
+    """The routed experts' form ("plain" | "fp8" | "int4") for a weights= option; for any other value a ValueError
+    naming `option` (e.g. "load_checkpoint: weights") and the choices. The one check of weights= (the loaders,
+    k2jax-aot's infer.weights)."""
+    if weights not in EXPERT_FORMAT_OF_WEIGHTS:
+        raise ValueError(f"{option} must be one of {WEIGHTS}, got {weights!r}")
+    return EXPERT_FORMAT_OF_WEIGHTS[weights]
 
 
 class FP8Weight(nnx.Variable):

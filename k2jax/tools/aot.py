@@ -221,7 +221,8 @@ def _lower(config, step: str, mesh):
 
     from k2jax.model.placement import abstract_model
     from k2jax.optim.muon_clip import newton_schulz_flops
-    from k2jax.training.loop import model_config, train_program
+    from k2jax.job_config import model_config
+    from k2jax.training.loop import train_program
     if step == "train":
         program = train_program(config, mesh)
         state, batch = program.abstract_state(), program.abstract_batch(config.global_batch, config.seq_len)
@@ -235,22 +236,24 @@ def _lower(config, step: str, mesh):
                  "optimizer_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)}
         return program.step_fn.lower(state, batch), parts, useful, tokens, program.cfg, None
     from k2jax.inference.generate import Generator
-    from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS
+    from k2jax.model.experts import expert_format_of
     from k2jax.model.target import Target
     cfg = model_config(config)
     infer = config.infer
     if infer.max_len > cfg.max_position_embeddings:
         raise AotError(f"infer.max_len {infer.max_len} exceeds the model's max_position_embeddings "
                        f"{cfg.max_position_embeddings}")
-    if infer.weights not in EXPERT_FORMAT_OF_WEIGHTS:
-        raise AotError(f"infer.weights must be one of {tuple(EXPERT_FORMAT_OF_WEIGHTS)}, got {infer.weights!r}")
+    try:
+        expert_format = expert_format_of(infer.weights, "infer.weights")
+    except ValueError as e:
+        raise AotError(str(e)) from None
     if infer.weights != "dequantized" and not cfg.num_moe_layers:
         raise AotError(f"infer.weights={infer.weights!r} keeps the routed experts quantised, and this model has no "
                        f"MoE layers")
     if not (isinstance(infer.prefill_chunk, int) and infer.prefill_chunk >= 0):
         raise AotError(f"infer.prefill_chunk must be an int >= 0 (0: the Generator's default), got "
                        f"{infer.prefill_chunk!r}")
-    model = abstract_model(cfg, mesh, config.mesh.strategy, expert_format=EXPERT_FORMAT_OF_WEIGHTS[infer.weights])
+    model = abstract_model(cfg, mesh, config.mesh.strategy, expert_format=expert_format)
     weights = _per_chip_bytes(nnx.state(model))
     generator = Generator(model, prefill_chunk=infer.prefill_chunk or None)
     lowered = generator.lower(step, batch=infer.batch, max_len=infer.max_len, prompt_len=infer.prompt_len)
@@ -272,9 +275,9 @@ def _decode_minimum(config, cfg) -> float:
     """The fewest HBM bytes a decode step of config.infer's rows and cache can move over all chips
     (k2jax.inference.generate.decode_bytes_minimum), the routed experts in infer.weights' form."""
     from k2jax.inference.generate import decode_bytes_minimum
-    from k2jax.model.experts import EXPERT_FORMAT_OF_WEIGHTS
+    from k2jax.model.experts import expert_format_of
     from k2jax.model.placement import abstract_model
-    model = abstract_model(cfg, expert_format=EXPERT_FORMAT_OF_WEIGHTS[config.infer.weights])
+    model = abstract_model(cfg, expert_format=expert_format_of(config.infer.weights, "infer.weights"))
     return decode_bytes_minimum(model, config.infer.batch, config.infer.max_len)
 
 

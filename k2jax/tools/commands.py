@@ -219,7 +219,7 @@ def define_job_config() -> None:
     config_flags.DEFINE_config_file(
         "config", None, "A job config: a configs/*.py file (from any directory: the installed configs/), or a "
         "shipped one by name (--config=tiny); override any field with --config.FIELD=VALUE (all fields: "
-        "k2jax.training.loop.base_config()), a model field with --config.model.overrides.FIELD=VALUE (a K2Config "
+        "k2jax.job_config.base_config()), a model field with --config.model.overrides.FIELD=VALUE (a K2Config "
         "field, e.g. remat=full).", lock_config=True)
 
 
@@ -300,4 +300,4 @@ def _describe_config_error(error: BaseException, argv: list[str]) -> str | None:
     key = key.strip("'\"")
     arg = next((a for a in argv if re.match(rf"--config(\.\w+)*\.{re.escape(key)}(=|$)", a)), f"--config...{key}")
     hint = f" ({hint.strip()})" if hint.strip() else ""
-    return f"{arg}: the config has no field {key!r}{hint}; every field: k2jax.training.loop.base_config()"
+    return f"{arg}: the config has no field {key!r}{hint}; every field: k2jax.job_config.base_config()"

@@ -25,7 +25,8 @@ def _run(script, *flags):
     # package transformers probes for, and the script died on a duplicate flag
     pytest.param("forward_vs_torch.py", ["--batch=1", "--seq_len=16", "--iters=1"],
                  ["k2jax / transformers =", "roofline"], marks=pytest.mark.slow),  # ~70 s: the 20-minute suite
-    ("decode.py", ["--batch=1", "--context=32", "--iters=1"], ["ratio latent / full", "ratio FP8 experts / fp32"]),
+    ("decode.py", ["--batch=1", "--context=32", "--iters=1", "--new_tokens=4"],
+     ["ratio latent / full", "ratio FP8 experts / fp32", "ratio device loop / host loop"]),
     ("kernels.py", ["--smoke", "--iters=1"], ["dequantise+ragged_dot / pallas"]),
     ("convert.py", ["--experts=1", "--dtype=fp8"], ["/ raw read from disk:", "peak RSS"]),
 ])

@@ -82,7 +82,7 @@ def _expert_bytes_per_chip(config, weights: str) -> tuple[int, int]:
     e4m3 + f32 scales per 128x128 block (the scales split over 'expert' only); INT4, 4 bits per value + a bf16 scale
     per 32 inputs (split like the weights)), from the shapes and the mesh: experts split over 'expert', the
     weights' D over 'fsdp'."""
-    from k2jax.training.loop import model_config
+    from k2jax.job_config import model_config
     cfg, axes = model_config(config), dict(config.mesh.axes)
     L, E, D, F = cfg.num_moe_layers, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     values = 3 * L * E * D * F // (axes["expert"] * axes["fsdp"])
@@ -98,7 +98,7 @@ def _dequantized_parameters_per_chip(config) -> int:
     from flax import nnx
 
     from k2jax.model.placement import abstract_model
-    from k2jax.training.loop import model_config
+    from k2jax.job_config import model_config
     from sharding.mesh import make_mesh
     mesh = make_mesh(dict(config.mesh.axes), aot.parse_topology("v5p-8").devices())
     return aot._per_chip_bytes(nnx.state(abstract_model(model_config(config), mesh, config.mesh.strategy)))
@@ -166,7 +166,7 @@ def test_decode_of_fewer_rows_than_chips_splits_the_cache_over_its_slots(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(report_path.read_text())
     config = runpy.run_path(str(ROOT / CONFIG))["get_config"]()
-    from k2jax.training.loop import model_config
+    from k2jax.job_config import model_config
     cfg = model_config(config)
     slot = -(-(cfg.kv_lora_rank + cfg.qk_rope_head_dim) // 128) * 128  # padded to 128 values on TPU
     whole = cfg.num_hidden_layers * config.infer.max_len * slot * 2  # one row's cache, bf16

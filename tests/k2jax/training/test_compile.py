@@ -10,7 +10,8 @@ import re
 import jax
 import pytest
 
-from k2jax.training.loop import base_config, train_program
+from k2jax.job_config import base_config
+from k2jax.training.loop import train_program
 from tests.compile_targets import gpu_mesh, kernel_calls, reduced_k2, tpu_mesh
 
 ATTENTION_KERNELS = 3  # forward, dq, dk/dv: once for the dense block, once in the MoE blocks' scan body

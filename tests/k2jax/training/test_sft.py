@@ -135,7 +135,7 @@ def test_init_from_the_fp8_conversion_starts_from_its_weights(sft_run):
     batch of the same data, computed here on one device."""
     from k2jax.checkpoint.orbax_checkpoint import load_checkpoint
     from k2jax.training.data import make_iterator
-    from k2jax.training.loop import base_config
+    from k2jax.job_config import base_config
     from k2jax.training.step import next_token_loss
     model = load_checkpoint(sft_run["converted"], param_dtype="float32")
     data = ml_collections.ConfigDict(base_config().data)

@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 import k2jax
+from k2jax.job_config import base_config
 from k2jax.model.config import tiny
 from k2jax.model.placement import abstract_model
 from k2jax.training.metrics import read_metrics, read_tensorboard
@@ -323,7 +324,7 @@ def test_a_step_too_big_for_the_devices_is_a_config_error(monkeypatch):
             return types.SimpleNamespace(argument_size_in_bytes=2**30, output_size_in_bytes=2**30,
                                          alias_size_in_bytes=2**30, temp_size_in_bytes=3 * 2**30)
 
-    config = loop.base_config()
+    config = base_config()
     monkeypatch.setattr(loop, "device_memory", lambda: (2 * 2**30, "test memory"))
     with pytest.raises(loop.TrainConfigError, match=r"needs 4.00 GiB per device, more than the 2.00 GiB of test "
                                                     r"memory \(config.seq_len=128, config.global_batch=8\): "
@@ -346,7 +347,7 @@ def test_every_config_loads(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    from k2jax.training.loop import base_config, model_config
+    from k2jax.job_config import model_config
     assert set(config.keys()) == set(base_config().keys())
     cfg = model_config(config)
     assert config.global_batch % config.grad_accum == 0 and cfg.num_params() > 0
