@@ -17,7 +17,7 @@ import dataclasses
 
 import ml_collections
 
-from k2jax.model.config import ConfigError, K2Config, preset
+from k2jax.model.config import RUN_OPTIONS, ConfigError, K2Config, preset
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -66,13 +66,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config) -> K2Config:
-    """The job's K2Config: config.model's preset or hf_config with its overrides (a ConfigError naming an override
-    that is not a K2Config field)."""
+    """The job's K2Config: config.model's preset or hf_config with its overrides, architecture fields and run
+    options by name (a ConfigError naming an override that is neither)."""
     overrides = dict(config.model.overrides)
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(K2Config)})
+    unknown = sorted(set(overrides) - ({f.name for f in dataclasses.fields(K2Config)} - {"run"}) - set(RUN_OPTIONS))
     if unknown:
         raise ConfigError(f"config.model.overrides.{unknown[0]}: K2Config has no field {unknown[0]!r} (its fields: "
-                          f"k2jax.model.config.K2Config)")
+                          f"k2jax.model.config.K2Config, and the run options of k2jax.model.config.RunOptions)")
     if config.model.hf_config:
         return K2Config.from_hf(config.model.hf_config, **overrides)
     return preset(config.model.preset, **overrides)

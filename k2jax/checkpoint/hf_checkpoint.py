@@ -405,7 +405,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None =
     once every device that needs it has its part. mesh / shardings as in k2jax.load_checkpoint.
 
     weights: "dequantized" (default): every weight dequantised (W = e4m3 x weight_scale_inv per block, or
-    (nibble - 8) x weight_scale per group) into cfg.param_dtype; "fp8" / "int4": the routed experts stay resident in
+    (nibble - 8) x weight_scale per group) into cfg.run.param_dtype; "fp8" / "int4": the routed experts stay resident in
     the release's format (k2jax.model.experts: its e4m3 bytes and block scales, or its packed int32 and group
     scales, transposed per slot to [in(/8), out], never dequantised), the other weights as with "dequantized".
     A converted checkpoint (convert_checkpoint.py, k2jax.load_checkpoint) reads faster: each device reads only
@@ -446,7 +446,7 @@ def _resident_arrays(ckpt: HFCheckpoint, slots, resident, fmt: str, abstract, me
     scales [.., Ib, Ob], or packed int32 [.., ceil(in/8), out] and group scales [.., ceil(in/G), out], one slot's
     transpose at a time, the weight with the parameter's sharding, the scales with k2jax.model.experts'
     scale_sharding's."""
-    dtype = ckpt.config.param_dtype  # the scales must dequantise to finite values of it
+    dtype = ckpt.config.run.param_dtype  # the scales must dequantise to finite values of it
     kept = {}
     for name in resident:
         shape = tuple(abstract[name].shape)

@@ -258,7 +258,7 @@ def from_hf_tensors(cfg: K2Config, tensors: Mapping[str, Any]) -> Transformer:
     """Builds a Transformer whose parameters are the given release tensors ({name: array}, dequantised).
 
     Every tensor the config needs must be present with the release's shape; anything else (but MTP layers)
-    is an error. Arrays are cast to cfg.param_dtype."""
+    is an error. Arrays are cast to cfg.run.param_dtype."""
     specs = hf_tensor_specs(cfg)
     check_names(cfg, tensors.keys(), specs)
     graphdef, abstract = nnx.split(abstract_model(cfg))

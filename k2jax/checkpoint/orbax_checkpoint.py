@@ -8,7 +8,7 @@ keep the release's [out, in] orientation (`k2jax.formats.weight_layout`): `load_
 on the devices, where it costs next to nothing, and `save_checkpoint` does the reverse there. So converting the
 release is a copy (plus a dequantisation for bf16 / f32): no host transpose, which cost more than everything else
 in a conversion. FP8 and INT4 checkpoints (dtype "fp8" / "int4", written by the converter) are dequantised on the
-devices too (W = e4m3 x scale per block, or (nibble - 8) x scale per group), into cfg.param_dtype (default
+devices too (W = e4m3 x scale per block, or (nibble - 8) x scale per group), into cfg.run.param_dtype (default
 bfloat16); with weights="fp8" / "int4" the routed experts stay quantised with their scales on the devices instead
 (the model is built with that expert format: `k2jax.model.experts`). Where each array lands on the mesh:
 `k2jax.checkpoint.shardings`. The converter writes and the export reads checkpoints slot by slot
@@ -94,7 +94,7 @@ def stored_template(cfg: K2Config, dtype: str, scheme: quant.Int4Scheme | None =
 
 
 def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
-    """Saves the model's whole state (params and router biases) in cfg.param_dtype. The matmul weights are
+    """Saves the model's whole state (params and router biases) in cfg.run.param_dtype. The matmul weights are
     transposed to the stored layout on their devices first (a transient copy of each)."""
     path = local_path(path)
     if os.path.exists(path):
@@ -105,7 +105,7 @@ def save_checkpoint(path: str | os.PathLike, model: Transformer) -> None:
     os.makedirs(path)
     save_tree(os.path.join(path, STATE_DIR), nest(flat))
     shapes = {n: (tuple(a.shape), str(a.dtype)) for n, a in flat.items()}
-    write_metadata(path, metadata(model.cfg, model.cfg.param_dtype, shapes))
+    write_metadata(path, metadata(model.cfg, model.cfg.run.param_dtype, shapes))
 
 
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, shardings: ShardingSpec = None,
@@ -115,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     shardings: None (with a mesh: replicated on it; without: the default device), a strategy name from
     sharding.rules (e.g. "ep_fsdp"; needs the mesh), a mapping from parameter name to Sharding, or a function
     (name, shape) -> Sharding. Each device reads only its own shard from disk.
-    weights: "dequantized" (default): every weight in cfg.param_dtype (an fp8 / int4 checkpoint dequantised on the
+    weights: "dequantized" (default): every weight in cfg.run.param_dtype (an fp8 / int4 checkpoint dequantised on the
     devices); "fp8" (an fp8 checkpoint only): the routed experts stay FP8-resident (k2jax.model.experts): their e4m3
     weights read and transposed on the devices with the parameter's sharding, their block scales with its split
     of the leading (layer, expert) axes and whole along the blocks, never dequantised; "int4" (an int4 checkpoint

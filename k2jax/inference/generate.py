@@ -100,7 +100,7 @@ class LatentCache:
     def empty(cls, cfg: K2Config, batch: int, max_len: int, dtype=None) -> "LatentCache":
         """An empty cache for the platform compiled for (the mesh set with jax.set_mesh, else the default
         device's: its slot width)."""
-        kv = jnp.zeros((cfg.num_hidden_layers, batch, max_len, Target.of(cfg).latent_slot), dtype or cfg.dtype)
+        kv = jnp.zeros((cfg.num_hidden_layers, batch, max_len, Target.of(cfg).latent_slot), dtype or cfg.run.dtype)
         return cls(kv, jnp.zeros((batch,), jnp.int32))
 
     @property
@@ -131,7 +131,7 @@ def decode_bytes_minimum(model: Transformer, batch: int, max_len: int, cache_dty
         else:
             others += nbytes
     reached = 1 - (1 - K / E) ** batch  # the share of a layer's experts the batch reaches
-    cache = LatentCache.values_per_token(cfg) * batch * max_len * jnp.dtype(cache_dtype or cfg.dtype).itemsize
+    cache = LatentCache.values_per_token(cfg) * batch * max_len * jnp.dtype(cache_dtype or cfg.run.dtype).itemsize
     return experts * reached + others + cache
 
 
@@ -341,7 +341,7 @@ class Generator:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
         X = Target.of(self.cfg).latent_slot
-        cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.dtype),
+        cache = LatentCache(arg((self.cfg.num_hidden_layers, batch, max_len, X), jnp.dtype(self.cfg.run.dtype),
                                 CACHE_AXES_LBSX), arg((batch,), jnp.int32, CACHE_AXES_LBSX[1:2]))
         layout = step_layout(T, prefill=step == "prefill")
         tokens = arg((batch, T), jnp.int32, ("batch", None), layout)

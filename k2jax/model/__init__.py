@@ -1,6 +1,6 @@
 """The model: what a K2 release's config.json describes, and the modules that compute it.
 
-    config.py          K2Config (the release's architecture + run options), presets, from_hf / to_hf
+    config.py          K2Config (the release's architecture) with its RunOptions (cfg.run), presets, from_hf / to_hf
     target.py          the platform a program is compiled for; every `auto` resolved there, once
     rope.py            YaRN RoPE, softmax scale
     layers.py          parameters with logical axes, RMSNorm, dense projection, SwiGLU MLP

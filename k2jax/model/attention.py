@@ -18,10 +18,10 @@ The layer also reports each head's maximum pre-softmax logit over visible (query
 QK-Clip needs. Under context parallelism (a row's tokens split over the mesh's context axis, `attend(context=True)`)
 the devices exchange the latent (C + R values a token), not per-head keys and values (sharding.context_parallel),
 and each expands the whole row's latent for its queries: one group of heads at a time, as many as
-cfg.attention_kv_bytes holds (K2 at 131,072 tokens: 8 heads, 0.5 GiB, where all 64 would take 4 GiB and as much
+cfg.run.attention_kv_bytes holds (K2 at 131,072 tokens: 8 heads, 0.5 GiB, where all 64 would take 4 GiB and as much
 again for their gradients), each group recomputed in the backward pass.
 
-Each op runs with the backend k2jax.model.target picks (cfg.attention_impl overrides it): "pallas" on TPU / GPU (the
+Each op runs with the backend k2jax.model.target picks (cfg.run.attention_impl overrides it): "pallas" on TPU / GPU (the
 kernel, under `sharding.per_shard`: per example and head / per row on every device of the mesh, with the
 platform's block sizes), "xla" on CPU (the kernel module's XLA reference), or "interpret" (tests).
 
@@ -73,7 +73,7 @@ class MLAttention(nnx.Module):
                                 ("kv_lora", "heads", "kv_head_dim"), cfg)
         self.o_proj = weight(rngs, (N, cfg.v_head_dim, D), ("heads", "v_head_dim", "embed"), cfg,
                              fan_in=N * cfg.v_head_dim, n_in=2)
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.run.dtype)
         self.scale = softmax_scale(cfg)
 
     def _w(self, p: nnx.Param) -> jnp.ndarray:
@@ -133,7 +133,7 @@ class MLAttention(nnx.Module):
         if groups == 1:
             return heads(q_nope_BTNP, q_rope_BTNR, w_kv_b_CNH)
         # one group of heads at a time, each recomputed in the backward pass: the row's expanded keys and values
-        # (and their gradients) exist for one group only, not for every head (cfg.attention_kv_bytes)
+        # (and their gradients) exist for one group only, not for every head (cfg.run.attention_kv_bytes)
         split = lambda a, axis: jnp.moveaxis(a.reshape(a.shape[:axis] + (groups, -1) + a.shape[axis + 1:]), axis, 0)  # noqa: E731
         out_GBnTU, rowmax_GBnT = jax.lax.map(jax.checkpoint(lambda a: heads(*a)),
                                              (split(q_nope_BTNP, 2), split(q_rope_BTNR, 2), split(w_kv_b_CNH, 1)))
@@ -142,7 +142,7 @@ class MLAttention(nnx.Module):
 
     def _head_groups(self, keys: int) -> int:
         """Under context parallelism: into how many groups attention splits the heads so that one group's expanded
-        keys and values of `keys` (rows x S) key positions fit cfg.attention_kv_bytes: the fewest groups of equal
+        keys and values of `keys` (rows x S) key positions fit cfg.run.attention_kv_bytes: the fewest groups of equal
         size (each a multiple of the devices the heads are split over), at most one group per head."""
         N, cfg = self.cfg.num_attention_heads, self.cfg
         # (context parallelism splits training rows: the default layout)
@@ -150,7 +150,7 @@ class MLAttention(nnx.Module):
                           for a in ACTIVATION_RULES["default"]["heads"])
         per_head = keys * (cfg.qk_nope_head_dim + cfg.v_head_dim) * self.dtype.itemsize
         sizes = [d for d in range(split, N + 1, split) if N % d == 0] or [N]
-        fitting = [d for d in sizes if d * per_head <= cfg.attention_kv_bytes] or sizes[:1]
+        fitting = [d for d in sizes if d * per_head <= cfg.run.attention_kv_bytes] or sizes[:1]
         return N // max(fitting)
 
     def _attention_heads(self, q_nope_BTNP, q_rope_BTNR, w_kv_b_CNH, *, seg_q_BT, latent_BSX, seg_k_BS,

@@ -1,8 +1,13 @@
 """K2Config: the one description of a Kimi K2 / DeepSeek-V3-family model that every part of k2jax reads.
 
-Field names follow the HF `config.json` of the release (so a reader can diff them), plus a few k2jax run
-options at the end (dtypes, kernel choice). The config is frozen and validated on construction: a
-contradictory config fails at once with one line naming the field.
+Two parts, two types: the architecture (K2Config's own fields, named as in the HF `config.json` of the release so a
+reader can diff them: exactly what config.json says, `to_hf` / `from_hf`) and how k2jax runs it (`RunOptions`, in
+`cfg.run`: dtypes, kernel forms, remat, parallelism knobs; never in config.json). Both are frozen and validated on
+construction: a contradictory config fails at once with one line naming the field.
+
+    cfg = tiny(dtype="bfloat16")              # presets, from_hf and replace take either kind of field by name
+    cfg.hidden_size, cfg.run.dtype            # an architecture field, a run option
+    cfg.replace(remat="full", num_hidden_layers=4)
 
 Presets: `kimi_k2()` (Kimi-K2-Instruct exactly), `kimi_k2_0905()` (256K context), `kimi_k2_thinking()` (the INT4
 releases' text model), `moonlight_16b()`,
@@ -38,6 +43,63 @@ class ConfigError(ValueError):
     """A config.json or K2Config that k2jax cannot run faithfully."""
 
 
+def _need(owner: str, cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{owner}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How k2jax runs a model; not part of the architecture (config.json never holds these). Every "auto" is
+    resolved once, for the platform compiled for, by k2jax.model.target.Target."""
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
+    moe_impl: str = "auto"  # routed experts' grouped FFN: auto (pallas on TPU/GPU, tiled on CPU) | ragged_dot | tiled
+    #                        | pallas | interpret (pallas_kernels.grouped_matmul)
+    attention_impl: str = "auto"  # train/prefill flash attention and absorbed decode: auto (pallas on TPU/GPU for
+    #     head dims that are powers of two >= 16, else xla) | xla | pallas | interpret (pallas_kernels.mla_*)
+    router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
+    pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
+    remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
+    scan_unroll: int = 0  # MoE blocks per iteration of their scan: 0 = auto (all of them on CPU, 1 on TPU/GPU)
+    ep_capacity_factor: float = 0.0  # expert parallelism: a device's receive buffer holds this many times a
+    #     balanced load of routed rows, and rows past it are dropped and counted (step metric ep_dropped_rows);
+    #     0 = dropless (room for every row of every device: n_expert_devices x the balanced load)
+    attention_kv_bytes: int = 1 << 29  # context parallelism: the most bytes per device of expanded keys and values
+    #     attention holds at once (as much again for their gradients): the gathered row's latent is expanded and
+    #     attended to by groups of the most heads that fit, one group at a time (k2jax.model.attention)
+    platform: str = "auto"  # what the program is compiled for: auto (the mesh's devices, else the default
+    #                         device) | cpu | tpu | gpu; every per-platform choice follows it (k2jax/model/target.py)
+    fp8_activations: str = "auto"  # FP8-resident experts (k2jax.model.experts): quantise the routed rows to e4m3
+    #     per row x 128 columns (the release's dynamic activation scheme) for e4m3 x e4m3 dots: auto (on for GPU,
+    #     whose FP8 tensor cores run them; off on TPU v5p, which has no FP8 MXU, and CPU) | on | off
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            _need("RunOptions", cond, msg)
+
+        def count(name: str, least: int):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= least,
+                 f"{name} must be {'a positive int' if least == 1 else f'an int >= {least}'}, got {v!r}")
+
+        for name, allowed in (("param_dtype", _DTYPES), ("dtype", _DTYPES), ("moe_impl", _MOE_IMPLS),
+                              ("attention_impl", _ATTENTION_IMPLS), ("platform", _PLATFORMS),
+                              ("fp8_activations", _FP8_ACTIVATIONS), ("remat", _REMAT)):
+            need(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        count("pipeline_microbatches", 0)
+        count("scan_unroll", 0)
+        count("attention_kv_bytes", 1)
+        need(isinstance(self.ep_capacity_factor, (int, float)) and self.ep_capacity_factor >= 0,
+             f"ep_capacity_factor must be >= 0 (0: dropless), got {self.ep_capacity_factor!r}")
+        need(self.router_bias_update_rate >= 0,
+             f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
+
+
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
     """YaRN RoPE scaling as in the release's `rope_scaling` (type "yarn")."""
@@ -52,7 +114,7 @@ class YarnScaling:
 
 @dataclasses.dataclass(frozen=True)
 class K2Config:
-    """Architecture (HF field names) and k2jax run options. Defaults are Kimi-K2-Instruct."""
+    """The architecture (HF field names; defaults are Kimi-K2-Instruct) and, in `run`, how k2jax runs it."""
 
     vocab_size: int = 163840
     hidden_size: int = 7168  # D
@@ -85,33 +147,11 @@ class K2Config:
     bos_token_id: int | None = 163584
     eos_token_id: int | None = 163585
     num_nextn_predict_layers: int = 0  # MTP layers: counted in the config, not built (the release ships none)
-    # k2jax run options
-    param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype; norms, softmax, router and logits are always float32
-    moe_impl: str = "auto"  # routed experts' grouped FFN: auto (pallas on TPU/GPU, tiled on CPU) | ragged_dot | tiled
-    #                        | pallas | interpret (pallas_kernels.grouped_matmul)
-    attention_impl: str = "auto"  # train/prefill flash attention and absorbed decode: auto (pallas on TPU/GPU for
-    #     head dims that are powers of two >= 16, else xla) | xla | pallas | interpret (pallas_kernels.mla_*)
-    router_bias_update_rate: float = 0.001  # aux-loss-free balancing: bias += rate * sign(mean load - load)
-    pipeline_microbatches: int = 0  # under a mesh with a `stage` axis: microbatches per step (0: one per stage)
-    remat: str = "none"  # scanned MoE blocks under differentiation: none | full (recompute all) | dots (keep matmuls)
-    scan_unroll: int = 0  # MoE blocks per iteration of their scan: 0 = auto (all of them on CPU, 1 on TPU/GPU)
-    ep_capacity_factor: float = 0.0  # expert parallelism: a device's receive buffer holds this many times a
-    #     balanced load of routed rows, and rows past it are dropped and counted (step metric ep_dropped_rows);
-    #     0 = dropless (room for every row of every device: n_expert_devices x the balanced load)
-    attention_kv_bytes: int = 1 << 29  # context parallelism: the most bytes per device of expanded keys and values
-    #     attention holds at once (as much again for their gradients): the gathered row's latent is expanded and
-    #     attended to by groups of the most heads that fit, one group at a time (k2jax.model.attention)
-    platform: str = "auto"  # what the program is compiled for: auto (the mesh's devices, else the default
-    #                         device) | cpu | tpu | gpu; every per-platform choice follows it (k2jax/model/target.py)
-    fp8_activations: str = "auto"  # FP8-resident experts (k2jax.model.experts): quantise the routed rows to e4m3
-    #     per row x 128 columns (the release's dynamic activation scheme) for e4m3 x e4m3 dots: auto (on for GPU,
-    #     whose FP8 tensor cores run them; off on TPU v5p, which has no FP8 MXU, and CPU) | on | off
+    run: RunOptions = RunOptions()  # how k2jax runs it (not the architecture)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
-            if not cond:
-                raise ConfigError(f"K2Config: {msg}")
+            _need("K2Config", cond, msg)
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                      "num_hidden_layers", "num_attention_heads", "n_routed_experts", "num_experts_per_tok",
@@ -142,25 +182,7 @@ class K2Config:
             need(s.factor >= 1, f"rope_scaling.factor must be >= 1, got {s.factor}")
             need(s.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings must be > 0")
             need(s.beta_fast > 0 and s.beta_slow > 0, "rope_scaling.beta_fast and beta_slow must be > 0")
-        need(self.param_dtype in _DTYPES, f"param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
-        need(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        need(self.moe_impl in _MOE_IMPLS, f"moe_impl must be one of {_MOE_IMPLS}, got {self.moe_impl!r}")
-        need(self.attention_impl in _ATTENTION_IMPLS,
-             f"attention_impl must be one of {_ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        need(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
-             f"pipeline_microbatches must be an int >= 0, got {self.pipeline_microbatches!r}")
-        need(self.platform in _PLATFORMS, f"platform must be one of {_PLATFORMS}, got {self.platform!r}")
-        need(self.fp8_activations in _FP8_ACTIVATIONS,
-             f"fp8_activations must be one of {_FP8_ACTIVATIONS}, got {self.fp8_activations!r}")
-        need(self.remat in _REMAT, f"remat must be one of {_REMAT}, got {self.remat!r}")
-        need(isinstance(self.ep_capacity_factor, (int, float)) and self.ep_capacity_factor >= 0,
-             f"ep_capacity_factor must be >= 0 (0: dropless), got {self.ep_capacity_factor!r}")
-        need(isinstance(self.attention_kv_bytes, int) and not isinstance(self.attention_kv_bytes, bool)
-             and self.attention_kv_bytes > 0, f"attention_kv_bytes must be a positive int, got {self.attention_kv_bytes!r}")
-        need(isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool) and self.scan_unroll >= 0,
-             f"scan_unroll must be an int >= 0, got {self.scan_unroll!r}")
-        need(self.router_bias_update_rate >= 0,
-             f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
+        need(isinstance(self.run, RunOptions), f"run must be a RunOptions, got {type(self.run).__name__}")
 
     # ---- derived shapes -------------------------------------------------------------------------------------
     @property
@@ -180,6 +202,10 @@ class K2Config:
         return self.moe_intermediate_size * self.n_shared_experts
 
     def replace(self, **changes: Any) -> "K2Config":
+        """A copy with `changes`: architecture fields and run options (RUN_OPTIONS, set in .run) by name."""
+        run = {k: changes.pop(k) for k in list(changes) if k in RUN_OPTIONS}
+        if run:
+            changes["run"] = dataclasses.replace(changes.get("run", self.run), **run)
         return dataclasses.replace(self, **changes)
 
     # ---- derived counts (closed forms of the tree k2jax.Transformer builds) -----------------------------------
@@ -232,7 +258,7 @@ class K2Config:
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> "K2Config":
         """Reads a HF config.json (a file, a directory holding one, or its dict). `overrides` set run options
-        (e.g. dtype="bfloat16") or architecture fields after reading. A kimi_k25 config (K2.5 and later) gives its
+        (RunOptions' fields, e.g. dtype="bfloat16") or architecture fields after reading. A kimi_k25 config (K2.5 and later) gives its
         text model (`text_config`; the vision settings are not part of K2Config: split_multimodal returns them).
         The quantization_config must be one k2jax reads (k2jax.formats.quant.parse_quantization_config: 128x128
         FP8, or compressed-tensors INT4 groups); it is not part of K2Config either."""
@@ -240,7 +266,7 @@ class K2Config:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json dict (model_type kimi_k2) describing this architecture."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _RUN_OPTIONS}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "run"}
         d["rope_scaling"] = None if self.rope_scaling is None else {
             "type": "yarn", **dataclasses.asdict(self.rope_scaling)}
         d.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"], num_key_value_heads=
@@ -248,10 +274,6 @@ class K2Config:
                  moe_layer_freq=1, attention_bias=False, tie_word_embeddings=False)
         return d
 
-
-_RUN_OPTIONS = ("param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate",
-                "pipeline_microbatches", "remat", "scan_unroll", "ep_capacity_factor", "platform",
-                "fp8_activations", "attention_kv_bytes")
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({
@@ -344,7 +366,7 @@ def _from_hf(cls, path_or_dict, overrides) -> K2Config:
     except quant.QuantError as e:
         fail(str(e))
 
-    fields = {f.name for f in dataclasses.fields(cls)} - set(_RUN_OPTIONS)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"run"}
     kw: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
@@ -369,11 +391,10 @@ def _from_hf(cls, path_or_dict, overrides) -> K2Config:
         fail(f"qk_head_dim={raw['qk_head_dim']} != qk_nope_head_dim + qk_rope_head_dim = {qk_dim}")
 
     kw["rope_scaling"] = _rope_from_hf(raw, kw, fail)
-    kw.update(overrides)
     try:
-        return cls(**kw)
+        return cls(**kw).replace(**overrides)
     except ConfigError as e:
-        raise ConfigError(f"{src}: {str(e).removeprefix('K2Config: ')}") from None
+        raise ConfigError(f"{src}: {str(e).removeprefix('K2Config: ').removeprefix('RunOptions: ')}") from None
     except TypeError as e:
         raise ConfigError(f"{src}: {e}") from None
 
@@ -411,7 +432,7 @@ def _rope_from_hf(raw, kw, fail) -> YarnScaling | None:
 # ---- presets ------------------------------------------------------------------------------------------------
 def kimi_k2(**overrides: Any) -> K2Config:
     """Kimi-K2-Instruct / Kimi-K2-Base as released (128K context, YaRN factor 32 over 4096)."""
-    return K2Config(**overrides)
+    return K2Config().replace(**overrides)
 
 
 def kimi_k2_0905(**overrides: Any) -> K2Config:

@@ -8,7 +8,7 @@
 
 Formats (`fmt`, pallas_kernels.expert_weights.FORMATS); every weight is [in, out] like every k2jax weight, with
 leading expert (and, stacked over the scanned MoE blocks, layer) axes:
-  "plain"  nnx.Param gate_proj / up_proj [E, D, F], down_proj [E, F, D] in cfg.param_dtype: the trained form.
+  "plain"  nnx.Param gate_proj / up_proj [E, D, F], down_proj [E, F, D] in cfg.run.param_dtype: the trained form.
   "fp8"    FP8Weight float8_e4m3fn (the same shapes) and FP8Scale `<proj>_scale_inv` float32 [E, ceil(I/128),
            ceil(O/128)]: the K2 / K2-0905 release's weights and weight_scale_inv transposed, W = float32(w) x scale
            per 128x128 block. A scale's logical axes are its weight's leading ones, then SCALE_AXIS twice, which no
@@ -124,7 +124,7 @@ class RoutedExperts(nnx.Module):
         default_axes = {"gate_proj": ("expert", "embed", "moe_mlp"), "up_proj": ("expert", "embed", "moe_mlp"),
                         "down_proj": ("expert", "moe_mlp", "embed")}
         self.cfg, self.fmt, self.group_size = cfg, fmt, group_size
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.run.dtype)
         for name in PROJECTIONS:
             ax = tuple(axes[name]) if axes else default_axes[name]
             if arrays is not None:
@@ -158,7 +158,7 @@ class RoutedExperts(nnx.Module):
                  stack: tuple[ExpertWeights, jax.Array] | None = None, layout: str = "default"
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """-> (sum of each token's routed experts' outputs [T, D], routed rows dropped by expert parallelism's
-        receive buffer (cfg.ep_capacity_factor; always 0 without EP or when dropless)). stack: the experts of all
+        receive buffer (cfg.run.ep_capacity_factor; always 0 without EP or when dropless)). stack: the experts of all
         scanned MoE blocks ([L, E, ...], gradient stopped) and this block's index among them, which the forms read
         in place (pallas_kernels.grouped_matmul): unsharded, and under expert parallelism when the mesh splits the
         weights over `expert` only (inference meshes). layout: the step's activation layout (sharding.rules)."""
@@ -176,7 +176,7 @@ class RoutedExperts(nnx.Module):
             # a decode step's tokens are whole on every device (sharding.rules): no exchange, the outputs summed
             every_row = layout == "decode"
             y_TD, dropped = expert_parallel_ffn(x_TD, weights_TK, ids_TK, experts, ffn=ffn, impl=target.ep_exchange,
-                                                capacity_factor=self.cfg.ep_capacity_factor,
+                                                capacity_factor=self.cfg.run.ep_capacity_factor,
                                                 stack=stack if whole else None, every_row=every_row)
             return y_TD.astype(self.dtype), dropped
         stack = stack if mesh.empty else None  # per_shard would gather the stacks' fsdp splits whole, per layer

@@ -24,7 +24,7 @@ from pallas_kernels.matmul import matmul
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: K2Config, *, fan_in: int | None = None,
            n_batch: int = 0, n_in: int = 1) -> nnx.Param:
     """A matmul weight, N(0, initializer_range) truncated at 2 sigma (scaled down for fan_in > hidden when
-    given), in cfg.param_dtype, tagged with its logical axes and `matrix_axes` = (n_in, n_out): its last
+    given), in cfg.run.param_dtype, tagged with its logical axes and `matrix_axes` = (n_in, n_out): its last
     n_in + n_out axes are the matrix [in..., out...] (leading axes, like experts or stacked layers, are batch
     axes). The optimizer reads fan-in / fan-out from this."""
     if len(shape) != len(axes):
@@ -36,12 +36,12 @@ def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: K2Con
     if fan_in is not None and fan_in > cfg.hidden_size:
         std *= math.sqrt(cfg.hidden_size / fan_in)
     init = jax.nn.initializers.truncated_normal(std)
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype)), logical_axes=tuple(axes),
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(cfg.run.param_dtype)), logical_axes=tuple(axes),
                      matrix_axes=(n_in, n_out))
 
 
 def ones(shape: Sequence[int], axes: Sequence[str], cfg: K2Config) -> nnx.Param:
-    return nnx.Param(jnp.ones(tuple(shape), jnp.dtype(cfg.param_dtype)), logical_axes=tuple(axes))
+    return nnx.Param(jnp.ones(tuple(shape), jnp.dtype(cfg.run.param_dtype)), logical_axes=tuple(axes))
 
 
 class RMSNorm(nnx.Module):
@@ -50,7 +50,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, cfg: K2Config, *, eps: float, axis_name: str):
         self.weight = ones((dim,), (axis_name,), cfg)
         self.eps = eps
-        self.out_dtype = jnp.dtype(cfg.dtype)
+        self.out_dtype = jnp.dtype(cfg.run.dtype)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x32 = x.astype(jnp.float32)
@@ -83,7 +83,7 @@ class MLP(nnx.Module):
         self.up_proj = weight(rngs, (D, ffn_dim), ("embed", "mlp"), cfg)
         self.down_proj = weight(rngs, (ffn_dim, D), ("mlp", "embed"), cfg, fan_in=ffn_dim)
         self.cfg = cfg
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.run.dtype)
 
     def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         x = x_BTD.astype(self.dtype)

@@ -1,6 +1,6 @@
 """The platform a program is compiled for, and every choice k2jax makes by platform, in one place.
 
-The platform is that of the devices the program is compiled for, never the host's: `K2Config.platform` when it
+The platform is that of the devices the program is compiled for, never the host's: `cfg.run.platform` when it
 names one ("cpu" | "tpu" | "gpu"), else the platform of the mesh set with `jax.set_mesh` (read from the abstract
 mesh while tracing), else that of the default device (`target_platform`). So a CPU-only machine builds the TPU
 program by tracing under a mesh of (deviceless) TPU devices, and a TPU host builds it without being told.
@@ -48,8 +48,8 @@ What each platform gets, and why:
                   (the release's dynamic activation scheme); TPU v5p (no FP8 MXU) and CPU: each e4m3 weight block
                   dequantised and multiplied in the compute dtype.
 
-The cfg fields `platform`, `attention_impl`, `moe_impl`, `scan_unroll` and `fp8_activations` override the "auto"
-choice (their values are the enums of the modules that run them: pallas_kernels.backend.BACKENDS,
+The run options (cfg.run) `platform`, `attention_impl`, `moe_impl`, `scan_unroll` and `fp8_activations` override
+the "auto" choice (their values are the enums of the modules that run them: pallas_kernels.backend.BACKENDS,
 pallas_kernels.grouped_matmul.IMPLS).
 """
 
@@ -99,15 +99,15 @@ class Target:
     @classmethod
     def of(cls, cfg: K2Config) -> "Target":
         """The choices for the program being traced now (see the module docstring)."""
-        platform = target_platform(cfg.platform)
+        platform = target_platform(cfg.run.platform)
         on_cpu = platform == "cpu"
         dims = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
-        attention = cfg.attention_impl
+        attention = cfg.run.attention_impl
         if attention == "auto":
             attention = "pallas" if not on_cpu and _kernel_dims_fit(dims) else "xla"
-        moe_impl = cfg.moe_impl if cfg.moe_impl != "auto" else _MOE_IMPL[platform]
-        scan_unroll = cfg.scan_unroll or (max(1, cfg.num_moe_layers) if on_cpu else 1)
-        fp8_activations = platform == "gpu" if cfg.fp8_activations == "auto" else cfg.fp8_activations == "on"
+        moe_impl = cfg.run.moe_impl if cfg.run.moe_impl != "auto" else _MOE_IMPL[platform]
+        scan_unroll = cfg.run.scan_unroll or (max(1, cfg.num_moe_layers) if on_cpu else 1)
+        fp8_activations = platform == "gpu" if cfg.run.fp8_activations == "auto" else cfg.run.fp8_activations == "on"
         latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         return cls(platform=platform, attention=attention, moe_impl=moe_impl,
                    ep_exchange="all_to_all" if on_cpu else "native", scan_unroll=scan_unroll,

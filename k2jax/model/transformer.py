@@ -151,7 +151,7 @@ class Transformer(nnx.Module):
           expert_load      [num_moe_layers, E]     int32 count of valid tokens routed to each expert
           router_topk_ids  [num_moe_layers, B, T, K] int32 chosen experts (unordered within K)
           ep_dropped       [num_moe_layers]        int32 routed rows expert parallelism's receive buffers dropped
-                                                   (cfg.ep_capacity_factor; zeros when dropless)
+                                                   (cfg.run.ep_capacity_factor; zeros when dropless)
         """
         cfg = self.cfg
         tokens_BT = jnp.asarray(tokens_BT)
@@ -204,17 +204,17 @@ class Transformer(nnx.Module):
 
     def embed(self, tokens_BT: jnp.ndarray, layout: str = "default") -> jnp.ndarray:
         """Token embeddings [B, T, D] in the compute dtype, in activation layout `layout` (sharding.rules)."""
-        return constrain(self.embed_tokens[...][tokens_BT].astype(self.cfg.dtype), ACTIVATION_BTD, layout)
+        return constrain(self.embed_tokens[...][tokens_BT].astype(self.cfg.run.dtype), ACTIVATION_BTD, layout)
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         """Final norm and lm_head: [B, T, D] -> [B, T, V] float32."""
-        return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.dtype), impl=Target.of(self.cfg).matmul,
+        return project(self.norm(x_BTD), self.lm_head[...].astype(self.cfg.run.dtype), impl=Target.of(self.cfg).matmul,
                        preferred_element_type=jnp.float32)
 
     def run_layers(self, x_BTD: jnp.ndarray, layer_fn, carry, *, microbatches: int = 0):
         """Runs every decoder block in order: x, carry, out = layer_fn(block, x, carry, layer), `layer` a Layer.
         The dense blocks run in a Python loop (static index), the stacked MoE blocks in one scan (traced index;
-        `cfg.remat` recomputes each block's activations in the backward pass, the target sets the unroll); a
+        `cfg.run.remat` recomputes each block's activations in the backward pass, the target sets the unroll); a
         scanned block's Layer also holds the routed experts' stacks (gradient stopped) and its position in them.
         The index counts all layers (0 .. num_hidden_layers - 1). Returns (x, carry, [out of each dense block], the
         MoE blocks' outs stacked along a leading layer axis, or None without MoE blocks).
@@ -240,8 +240,8 @@ class Transformer(nnx.Module):
                 x, c, out = layer_fn(nnx.merge(graphdef, layer_state), *x_carry, layer)
                 return (x, c), out
 
-            if self.cfg.remat != "none":  # recompute each block's activations in the backward pass
-                policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.cfg.remat == "dots"
+            if self.cfg.run.remat != "none":  # recompute each block's activations in the backward pass
+                policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.cfg.run.remat == "dots"
                           else jax.checkpoint_policies.nothing_saveable)
                 step = jax.checkpoint(step, policy=policy)
 
@@ -265,7 +265,7 @@ def parallelism(cfg: K2Config, mesh=None) -> dict[str, int]:
     ep = dict(mesh.shape)[EXPERT_AXIS] if expert_parallel_enabled(mesh, cfg.n_routed_experts) else 1
     stages = dict(mesh.shape)[STAGE_AXIS] if pipeline_enabled(mesh) and cfg.num_moe_layers else 1
     return {"expert_parallel": ep, "pipeline_stages": stages,
-            "pipeline_microbatches": (cfg.pipeline_microbatches or stages) if stages > 1 else 0,
+            "pipeline_microbatches": (cfg.run.pipeline_microbatches or stages) if stages > 1 else 0,
             "context_parallel": context_parallel_size(mesh)}
 
 

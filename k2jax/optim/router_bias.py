@@ -1,7 +1,7 @@
 """Aux-loss-free load balancing (DeepSeek-V3 / K2): the router's e_score_correction_bias is moved, outside the
 gradient, toward balancing the experts' load.
 
-    b <- b + rate * sign(mean_e(load) - load)        per MoE layer, rate = cfg.router_bias_update_rate
+    b <- b + rate * sign(mean_e(load) - load)        per MoE layer, rate = cfg.run.router_bias_update_rate
 
 An expert that got fewer tokens than the mean is pushed up (chosen more), one that got more is pushed down;
 an exactly average one is left alone. `expert_load` is the forward's aux["expert_load"] [num_moe_layers, E].
@@ -32,5 +32,5 @@ def update_router_bias(model: Transformer, expert_load_LE: jnp.ndarray, rate: fl
     if model.moe_blocks is None:
         return
     bias = model.moe_blocks.mlp.gate.e_score_correction_bias
-    rate = model.cfg.router_bias_update_rate if rate is None else rate
+    rate = model.cfg.run.router_bias_update_rate if rate is None else rate
     bias[...] = router_bias_update(bias[...], expert_load_LE, rate)

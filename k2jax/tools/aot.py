@@ -228,7 +228,7 @@ def _lower(config, step: str, mesh):
         state, batch = program.abstract_state(), program.abstract_batch(config.global_batch, config.seq_len)
         tokens = config.global_batch * config.seq_len
         model_flops = program.cfg.flops_per_token(config.seq_len) * tokens
-        if program.cfg.remat == "full":
+        if program.cfg.run.remat == "full":
             model_flops *= 4 / 3
         useful = {"model": model_flops,
                   "optimizer": newton_schulz_flops(abstract_model(program.cfg), config.optimizer.ns_steps)}
@@ -260,7 +260,7 @@ def _lower(config, step: str, mesh):
     # the prefill as the Generator runs it: one pass (chunk = the prompt), or chunks of this many tokens per row
     chunk = min(generator.chunk_len(infer.batch), infer.prompt_len) if step == "prefill" else None
     cache_shape = (cfg.num_hidden_layers, infer.batch, infer.max_len, Target.of(cfg).latent_slot)  # slot padded on TPU
-    cache_bytes = math.prod(cache_shape) * np.dtype(cfg.dtype).itemsize
+    cache_bytes = math.prod(cache_shape) * np.dtype(cfg.run.dtype).itemsize
     if step == "prefill":
         tokens = infer.batch * infer.prompt_len
         useful = {"model": cfg.flops_per_token(infer.prompt_len, training=False) * tokens}
@@ -349,8 +349,8 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
                 raise AotError(f"the mesh {dict(mesh.shape)} cannot split the model: {e}") from None
         report["lower_seconds"] = round(hb.seconds, 1)
         report["model"] = {"layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts,
-                           "params": cfg.num_params(), "param_dtype": cfg.param_dtype, "dtype": cfg.dtype,
-                           "remat": cfg.remat}
+                           "params": cfg.num_params(), "param_dtype": cfg.run.param_dtype, "dtype": cfg.run.dtype,
+                           "remat": cfg.run.remat}
         if step != "train":
             report["model"]["weights"] = config.infer.weights
         if chunk is not None:

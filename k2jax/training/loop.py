@@ -338,7 +338,7 @@ def _banner(config, cfg: K2Config, mesh, workdir: str, start: int, origin: str, 
     axes = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
     device = mesh.devices.flat[0]
     _say(f"model: {config.model.hf_config or 'preset ' + config.model.preset}, {cfg.num_hidden_layers} layers, "
-         f"{cfg.num_params():,} parameters ({cfg.num_active_params():,} active per token), {cfg.param_dtype}")
+         f"{cfg.num_params():,} parameters ({cfg.num_active_params():,} active per token), {cfg.run.param_dtype}")
     _say(f"mesh: {axes} over {mesh.size} {device.platform} devices in {jax.process_count()} "
          f"process{'es' if jax.process_count() > 1 else ''}; parameters sharded by {config.mesh.strategy!r}")
     _say(f"parallelism: {describe_parallelism(parallelism(cfg, mesh))}")
@@ -424,7 +424,7 @@ def _train(config, workdir, cfg, mesh, proc, ckpts, preemption, config_source) -
         state = jax.jit(program.fresh_state, out_shardings=shardings)()
         if config.init_from:
             loaded = load_checkpoint(config.init_from, mesh=mesh, shardings=config.mesh.strategy,
-                                     param_dtype=cfg.param_dtype)
+                                     param_dtype=cfg.run.param_dtype)
             _, params, rest = nnx.split(loaded, nnx.Param, ...)
             state = TrainState(state.step, params, rest, jax.jit(tx.init, out_shardings=shardings.opt_state)(
                 params), state.graphdef)

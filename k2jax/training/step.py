@@ -174,7 +174,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
             rest = state.rest
             model = nnx.merge(graphdef, params, rest)
             if model.moe_blocks is not None:
-                rate = model.cfg.router_bias_update_rate if router_bias_rate is None else router_bias_rate
+                rate = model.cfg.run.router_bias_update_rate if router_bias_rate is None else router_bias_rate
                 bias = model.moe_blocks.mlp.gate.e_score_correction_bias
                 bias[...] = router_bias_update(bias[...], load, rate)
                 _, _, rest = nnx.split(model, nnx.Param, ...)
@@ -194,7 +194,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformationExtraArgs, *, grad
                    "param_norm": param_norm, "tokens": sums["tokens"], "trained_tokens": sums["trained_tokens"],
                    **counts, "finite": finite,
                    "attn_max_logit": max_logits,  # [layers, heads]
-                   "ep_dropped_rows": dropped,  # routed rows EP receive buffers dropped (cfg.ep_capacity_factor)
+                   "ep_dropped_rows": dropped,  # routed rows EP receive buffers dropped (cfg.run.ep_capacity_factor)
                    "expert_load_max_over_mean": jnp.max(load_f, -1) / jnp.maximum(jnp.mean(load_f, -1), 1e-9)}
         return new, metrics
 

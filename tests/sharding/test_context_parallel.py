@@ -125,7 +125,7 @@ def test_the_attention_kernel_under_context_parallelism_equals_unsharded(referen
 
 
 def test_attention_splits_the_heads_into_the_fewest_groups_whose_keys_and_values_fit():
-    """cfg.attention_kv_bytes bounds one group's expanded keys and values of the gathered row: tiny's 4 heads of
+    """cfg.run.attention_kv_bytes bounds one group's expanded keys and values of the gathered row: tiny's 4 heads of
     16 + 16 float32 values a key position take 128 bytes per head and position."""
     from k2jax.model.attention import MLAttention
     for kv_bytes, groups in [(1 << 20, 1), (2 * 128 * 24, 2), (128 * 24, 4), (1, 4)]:

@@ -297,7 +297,7 @@ def test_fp8_round_trip_is_bit_exact(hf_dir, tmp_path):
     # dequantised on load: the same weights as reading the release directly
     direct = _params(load_hf_checkpoint(hf_dir, param_dtype="bfloat16"))
     loaded = load_checkpoint(k2)
-    assert loaded.cfg.param_dtype == "bfloat16"
+    assert loaded.cfg.run.param_dtype == "bfloat16"
     mesh = jax.make_mesh((2, 4), ("expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharded = load_checkpoint(k2, mesh=mesh, shardings="tensor")  # dequantised and transposed on 8 devices
     assert len(sharded.moe_blocks.mlp.experts.down_proj[...].sharding.device_set) == 8

@@ -16,7 +16,7 @@ def test_save_checkpoint_round_trip(tmp_path):
     m = Transformer(tiny(param_dtype="bfloat16"), rngs=nnx.Rngs(3))
     save_checkpoint(str(tmp_path / "c"), m)
     back = load_checkpoint(str(tmp_path / "c"))
-    assert back.cfg.param_dtype == "bfloat16"
+    assert back.cfg.run.param_dtype == "bfloat16"
     saved, restored = nnx.to_pure_dict(nnx.state(m)), nnx.to_pure_dict(nnx.state(back))
     assert jax.tree.structure(saved) == jax.tree.structure(restored)
     for want, got in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):

@@ -9,8 +9,10 @@ from flax import nnx
 
 from k2jax.model.config import (
     PRESETS,
+    RUN_OPTIONS,
     ConfigError,
     K2Config,
+    RunOptions,
     YarnScaling,
     kimi_k2,
     kimi_k2_0905,
@@ -31,7 +33,7 @@ def test_release_config_json_reads_as_the_kimi_k2_preset(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(KIMI_K2_CONFIG_JSON))
     assert K2Config.from_hf(tmp_path) == kimi_k2()
     assert K2Config.from_hf(tmp_path / "config.json") == kimi_k2()
-    assert K2Config.from_hf(KIMI_K2_CONFIG_JSON, dtype="bfloat16").dtype == "bfloat16"
+    assert K2Config.from_hf(KIMI_K2_CONFIG_JSON, dtype="bfloat16").run.dtype == "bfloat16"
 
 
 def test_0905_is_256k_with_factor_64():
@@ -136,6 +138,28 @@ def test_bad_files_fail_clearly(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         K2Config.from_hf(tmp_path)
+
+
+def test_the_architecture_and_the_run_options_are_two_types():
+    """config.json is the architecture and nothing else: run options live in cfg.run (a RunOptions), are set by
+    name through presets, from_hf and replace, never written by to_hf and refused when a config.json holds one."""
+    cfg = tiny(dtype="bfloat16", remat="full", num_hidden_layers=2)
+    assert cfg.run == RunOptions(dtype="bfloat16", remat="full") and cfg.num_hidden_layers == 2
+    assert set(RUN_OPTIONS) == {"param_dtype", "dtype", "moe_impl", "attention_impl", "router_bias_update_rate",
+                                "pipeline_microbatches", "remat", "scan_unroll", "ep_capacity_factor",
+                                "attention_kv_bytes", "platform", "fp8_activations"}
+    hf = cfg.to_hf()
+    assert "run" not in hf and not set(hf) & set(RUN_OPTIONS)
+    assert K2Config.from_hf(hf) == cfg.replace(run=RunOptions())  # the architecture round-trips, not the run
+    assert K2Config.from_hf(hf, remat="full", dtype="bfloat16") == cfg
+    assert cfg.replace(scan_unroll=2).run == RunOptions(dtype="bfloat16", remat="full", scan_unroll=2)
+    assert cfg.replace(run=RunOptions(), dtype="float16").run == RunOptions(dtype="float16")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['remat'\]"):
+        K2Config.from_hf(dict(hf, remat="full"))
+    with pytest.raises(ConfigError, match="K2Config: run must be a RunOptions, got dict"):
+        cfg.replace(run={"dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match=r"RunOptions: remat must be one of \('none', 'full', 'dots'\)"):
+        cfg.replace(remat="fool")
 
 
 def test_bad_run_options_fail():

@@ -5,8 +5,6 @@ context), identical expert choices per token per layer, identical per-head max p
 bf16: top-k agreement and KL against the fp32 oracle no worse than the oracle's own bf16 run.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +103,7 @@ def test_bf16_no_worse_than_oracle_bf16():
     tokens = _tokens(cfg, seed=3)
     ref32 = oracle_forward(oracle_model(cfg, tensors), tokens)
     ref16 = oracle_forward(oracle_model(cfg, tensors, dtype=torch.bfloat16), tokens)
-    cfg16 = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
+    cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     logits, aux = k2jax.from_hf_tensors(cfg16, tensors)(jnp.asarray(tokens), return_aux=True)
     ours_ids = np.sort(np.asarray(aux["router_topk_ids"]), axis=-1)
 

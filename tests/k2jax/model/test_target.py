@@ -1,4 +1,4 @@
-"""k2jax.model.target: every per-platform choice follows the platform compiled for (cfg.platform, else the mesh's
+"""k2jax.model.target: every per-platform choice follows the platform compiled for (cfg.run.platform, else the mesh's
 devices, else the default device), never the host."""
 
 import jax
@@ -38,7 +38,7 @@ def test_the_meshs_devices_decide(platform):
         # tiny's head dims (rope 8) do not suit the kernels' tiles: XLA attention even on an accelerator
         assert Target.of(tiny()).attention == "xla"
         assert Target.of(K2.replace(qk_nope_head_dim=192)).attention == "xla"  # nor dims that are not powers of 2
-        # cfg.platform names the platform outright; cfg fields override single choices
+        # cfg.run.platform names the platform outright; cfg fields override single choices
         assert Target.of(K2.replace(platform="cpu")).moe_impl == "tiled"
         assert Target.of(K2.replace(attention_impl="xla", scan_unroll=3)).attention == "xla"
         assert Target.of(K2.replace(scan_unroll=3)).scan_unroll == 3

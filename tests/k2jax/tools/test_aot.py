@@ -90,7 +90,7 @@ def _expert_bytes_per_chip(config, weights: str) -> tuple[int, int]:
         resident = values // 2 + 2 * (values // 32)
     else:
         resident = values + 4 * 3 * L * (E // axes["expert"]) * -(-D // 128) * -(-F // 128)
-    return values * np.dtype(cfg.param_dtype).itemsize, resident
+    return values * np.dtype(cfg.run.param_dtype).itemsize, resident
 
 
 def _dequantized_parameters_per_chip(config) -> int:

@@ -27,7 +27,8 @@ def _config(axes: dict, strategy: str, sft: bool = False, **model):
     config.model.overrides = {f: getattr(cfg, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
                                                            "moe_intermediate_size", "num_hidden_layers",
                                                            "num_attention_heads", "n_routed_experts",
-                                                           "num_experts_per_tok", "param_dtype", "dtype", "remat")}
+                                                           "num_experts_per_tok")}
+    config.model.overrides.update({f: getattr(cfg.run, f) for f in ("param_dtype", "dtype", "remat")})
     config.seq_len, config.global_batch = 256, 8
     config.mesh.axes, config.mesh.strategy = axes, strategy
     return config

@@ -271,7 +271,7 @@ def test_bad_configs_fail_in_one_line_before_anything_runs(tmp_path):
             (2, f"config.init_from={bigger}/ holds another model than the job's: num_hidden_layers 3 there, 2 here; "
                 f"describe it in config.model"),
         ("--config=tiny", "--config.model.overrides.remat=fool"):  # "the config has no field 'remat'"
-            (2, "config.model: K2Config: remat must be one of ('none', 'full', 'dots'), got 'fool'"),
+            (2, "config.model: RunOptions: remat must be one of ('none', 'full', 'dots'), got 'fool'"),
         ("--config.steps=-1", "--verbosity=1"): (2, "config.steps=-1: must be at least 1"),  # and its traceback
     }
     procs = {args: subprocess.Popen(
