@@ -188,7 +188,7 @@ class MLAttention(nnx.Module):
         activation layout (sharding.rules)."""
         q_lat_BTNC = self._absorb_query(q_nope_BTNP, layout)
         mesh = jax.sharding.get_abstract_mesh()
-        slot_axes = spec_axes(cache_LBSX.shape, CACHE_AXES_LBSX, mesh, "cache_slots")
+        slot_axes = spec_axes(cache_LBSX.shape, CACHE_AXES_LBSX, mesh, "cache_slots", layout)
         in_place = target.attention != "xla" and cache_LBSX.dtype == self.dtype
         S = cache_LBSX.shape[2] // math.prod(dict(mesh.shape)[a] for a in slot_axes)  # slots per device
 
@@ -259,7 +259,7 @@ class MLAttention(nnx.Module):
         new_BTX = constrain(jnp.concatenate([c_BTC, k_rope_BTR], axis=-1).astype(cache_LBSX.dtype), ACTIVATION_BTD,
                             layout)
         new_BTX = jnp.pad(new_BTX, ((0, 0), (0, 0), (0, cache_LBSX.shape[-1] - new_BTX.shape[-1])))  # slot width
-        cache_LBSX = write_cache(cache_LBSX, new_BTX, positions_BT, layer)
+        cache_LBSX = write_cache(cache_LBSX, new_BTX, positions_BT, layer, layout)
         target = Target.of(self.cfg)
         if prefill:
             out_BTD, _ = self.attend(q_nope, q_rope, c_BTC, k_rope_BTR, jnp.ones((B, T), jnp.int32), target)
@@ -268,11 +268,12 @@ class MLAttention(nnx.Module):
         return constrain(out_BTD, ACTIVATION_BTD, layout), cache_LBSX
 
 
-def write_cache(cache_LBSX, new_BTX, positions_BT, layer) -> jnp.ndarray:
+def write_cache(cache_LBSX, new_BTX, positions_BT, layer, layout: str = "default") -> jnp.ndarray:
     """cache[layer, b, positions[b, t]] = new[b, t] (positions past the cache are dropped), on each device into the
-    part of the cache it holds (rows, then slots: sharding.rules.CACHE_AXES_LBSX), in place."""
+    part of the cache it holds (rows, then slots: sharding.rules.CACHE_AXES_LBSX, in activation layout `layout`), in
+    place."""
     mesh = jax.sharding.get_abstract_mesh()
-    slot_axes = spec_axes(cache_LBSX.shape, CACHE_AXES_LBSX, mesh, "cache_slots")
+    slot_axes = spec_axes(cache_LBSX.shape, CACHE_AXES_LBSX, mesh, "cache_slots", layout)
 
     def write(cache, new, positions, at):
         B, S = cache.shape[1:3]
@@ -282,5 +283,5 @@ def write_cache(cache_LBSX, new_BTX, positions_BT, layer) -> jnp.ndarray:
         return cache.at[at, jnp.arange(B)[:, None], slots].set(new, mode="drop")
 
     rows = ("cache_rows", None)
-    return per_shard(write, in_axes=(CACHE_AXES_LBSX, rows + (None,), rows, ()), out_axes=CACHE_AXES_LBSX)(
-        cache_LBSX, new_BTX, positions_BT, jnp.asarray(layer, jnp.int32))
+    return per_shard(write, in_axes=(CACHE_AXES_LBSX, rows + (None,), rows, ()), out_axes=CACHE_AXES_LBSX,
+                     layout=layout)(cache_LBSX, new_BTX, positions_BT, jnp.asarray(layer, jnp.int32))

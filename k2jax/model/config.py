@@ -368,7 +368,10 @@ def _from_hf(cls, path_or_dict, overrides) -> K2Config:
 
     fields = {f.name for f in dataclasses.fields(cls)} - {"run"}
     kw: dict[str, Any] = {}
-    unknown = []
+    unknown, run_options = [], sorted(set(raw) & set(RUN_OPTIONS) - _IGNORED_HF_KEYS)
+    if run_options:
+        fail(f"{run_options} are k2jax run options, not part of a config.json: pass them as overrides "
+             f"(K2Config.from_hf(path, {run_options[0]}=...))")
     for key, value in raw.items():
         if key in fields and key != "rope_scaling":
             kw[key] = value
@@ -391,8 +394,9 @@ def _from_hf(cls, path_or_dict, overrides) -> K2Config:
         fail(f"qk_head_dim={raw['qk_head_dim']} != qk_nope_head_dim + qk_rope_head_dim = {qk_dim}")
 
     kw["rope_scaling"] = _rope_from_hf(raw, kw, fail)
-    try:
-        return cls(**kw).replace(**overrides)
+    run = {k: v for k, v in overrides.items() if k in RUN_OPTIONS}
+    try:  # the architecture overrides join config.json's fields before they are checked together
+        return cls(**{**kw, **{k: v for k, v in overrides.items() if k not in run}}).replace(**run)
     except ConfigError as e:
         raise ConfigError(f"{src}: {str(e).removeprefix('K2Config: ').removeprefix('RunOptions: ')}") from None
     except TypeError as e:

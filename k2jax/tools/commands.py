@@ -23,7 +23,7 @@ Library INFO logs (Orbax, absl) are shown only when --verbosity is given (--verb
 The job config (`job_config=True`: train.py and k2jax-aot's --config, ml_collections): --config names a file, a
 path relative to the installed configs/ (`--config=configs/tiny.py` from any directory) or a shipped config by
 name (`--config=tiny`); `--config.model.overrides.FIELD=VALUE` sets one field of the model's overrides (a K2Config
-field, e.g. remat=full) however the config file wrote them; a config that does not load, an unknown
+field or a run option, e.g. remat=full) however the config file wrote them; a config that does not load, an unknown
 `--config.FIELD` or a value of the wrong type is one line and exit 2.
 """
 
@@ -220,7 +220,7 @@ def define_job_config() -> None:
         "config", None, "A job config: a configs/*.py file (from any directory: the installed configs/), or a "
         "shipped one by name (--config=tiny); override any field with --config.FIELD=VALUE (all fields: "
         "k2jax.job_config.base_config()), a model field with --config.model.overrides.FIELD=VALUE (a K2Config "
-        "field, e.g. remat=full).", lock_config=True)
+        "field or a run option of k2jax.model.config.RunOptions, e.g. remat=full).", lock_config=True)
 
 
 def config_source() -> str:

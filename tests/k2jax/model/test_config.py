@@ -154,8 +154,11 @@ def test_the_architecture_and_the_run_options_are_two_types():
     assert K2Config.from_hf(hf, remat="full", dtype="bfloat16") == cfg
     assert cfg.replace(scan_unroll=2).run == RunOptions(dtype="bfloat16", remat="full", scan_unroll=2)
     assert cfg.replace(run=RunOptions(), dtype="float16").run == RunOptions(dtype="float16")
-    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['remat'\]"):
+    with pytest.raises(ConfigError, match=r"\['remat'\] are k2jax run options, not part of a config.json: pass them "
+                                          r"as overrides \(K2Config.from_hf\(path, remat=...\)\)"):
         K2Config.from_hf(dict(hf, remat="full"))
+    # architecture overrides are checked together with config.json's fields: one can make an invalid one valid
+    assert K2Config.from_hf(dict(hf, first_k_dense_replace=3), num_hidden_layers=4).num_moe_layers == 1
     with pytest.raises(ConfigError, match="K2Config: run must be a RunOptions, got dict"):
         cfg.replace(run={"dtype": "bfloat16"})
     with pytest.raises(ConfigError, match=r"RunOptions: remat must be one of \('none', 'full', 'dots'\)"):

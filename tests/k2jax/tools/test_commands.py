@@ -58,6 +58,7 @@ def test_heartbeat_says_how_long_it_has_been():
     start = time.perf_counter()
     with commands.Heartbeat("compiling the train step", lines.append, every=0.05) as beat:
         while len(lines) < 3:  # the opening line and two beats, however loaded the machine
+            assert time.perf_counter() - start < 60, f"the heartbeat stopped beating: {lines}"
             time.sleep(0.01)
     elapsed = time.perf_counter() - start
     assert lines[0] == "compiling the train step ..."
