@@ -305,9 +305,10 @@ def _advice(report: dict) -> str:
                          if report["model"]["param_dtype"] == "float32" else "")
                       + ("" if train else _QUANTISED_ADVICE[report["model"].get("weights", "dequantized")]),
         "optimizer_state": "a data axis (ZeRO-1 splits optimizer state over it) or more fsdp / expert chips",
-        "temporaries": ("--config.model.overrides.remat=full, more grad_accum microbatches, fewer tokens per "
-                        "chip, or a smaller expert-parallel buffer (model.overrides.ep_capacity_factor)") if train else
-                       "a smaller infer.batch or infer.prompt_len, or more chips on the batch axes",
+        "temporaries": ((("" if report["model"].get("remat") == "full" else "--config.model.overrides.remat=full, ")
+                         + "more grad_accum microbatches, fewer tokens per chip, or a smaller expert-parallel buffer "
+                           "(model.overrides.ep_capacity_factor)") if train else
+                        "a smaller infer.batch or infer.prompt_len, or more chips on the batch axes"),
         "cache": "a smaller infer.batch or infer.max_len, or more chips on the batch axes",
     }
     return f"the largest part is {big.replace('_', ' ')} ({m.get(big, 0) / GiB:.1f} GiB): try {tips[big]}"
