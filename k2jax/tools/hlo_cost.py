@@ -131,7 +131,7 @@ class HloCost:
         for comp, instructions in self.computations.items():
             for i in instructions:
                 callees = _CALLEES.findall(i.attrs)
-                trips = self._trip_count(i, callees) if i.op == "while" else 1
+                trips = self.trip_count(i, callees) if i.op == "while" else 1
                 for kind, callee in callees:
                     calls[comp].append((callee, trips if kind == "body" else 1))
                     if i.op == "fusion" or kind == "to_apply":
@@ -155,7 +155,7 @@ class HloCost:
     def _times(self, comp: str) -> int:
         return self.times[comp] or 1  # a computation not reached from the entry (none expected) counts once
 
-    def _trip_count(self, loop: _Instruction, callees: list[tuple[str, str]]) -> int:
+    def trip_count(self, loop: _Instruction, callees: list[tuple[str, str]]) -> int:
         """A while loop's iterations: XLA's known_trip_count when the text has it, else from its condition `i < N`
         and the step the body adds to i, counting from 0 (jax's loops step by 1; XLA:TPU's windowed-einsum
         loops, which overlap a matmul with the collective that feeds it, count u32 by 2)."""

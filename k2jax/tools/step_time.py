@@ -147,7 +147,7 @@ class StepTime:
     def _nested(self, i, depth: int) -> tuple[float, collections.Counter]:
         callees = dict((k, c) for k, c in _CALLEES.findall(i.attrs))
         if i.op == "while":
-            trips = self.cost._trip_count(i, list(callees.items()))
+            trips = self.cost.trip_count(i, list(callees.items()))
             body, body_parts = self._walk(callees.get("body", ""), depth + 1)
             cond, cond_parts = self._walk(callees.get("condition", ""), depth + 1)
             total = collections.Counter()
