@@ -13,11 +13,9 @@ overlap_collectives: training and inference alike) and infer (what k2jax-aot com
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 
-from k2jax.model.config import RUN_OPTIONS, ConfigError, K2Config, preset
+from k2jax.model.config import ARCHITECTURE, RUN_OPTIONS, ConfigError, K2Config, preset
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,7 +67,7 @@ def model_config(config) -> K2Config:
     """The job's K2Config: config.model's preset or hf_config with its overrides, architecture fields and run
     options by name (a ConfigError naming an override that is neither)."""
     overrides = dict(config.model.overrides)
-    unknown = sorted(set(overrides) - ({f.name for f in dataclasses.fields(K2Config)} - {"run"}) - set(RUN_OPTIONS))
+    unknown = sorted(set(overrides) - set(ARCHITECTURE) - set(RUN_OPTIONS))
     if unknown:
         raise ConfigError(f"config.model.overrides.{unknown[0]}: K2Config has no field {unknown[0]!r} (its fields: "
                           f"k2jax.model.config.K2Config, and the run options of k2jax.model.config.RunOptions)")

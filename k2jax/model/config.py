@@ -266,7 +266,7 @@ class K2Config:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json dict (model_type kimi_k2) describing this architecture."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "run"}
+        d = {name: getattr(self, name) for name in ARCHITECTURE}
         d["rope_scaling"] = None if self.rope_scaling is None else {
             "type": "yarn", **dataclasses.asdict(self.rope_scaling)}
         d.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"], num_key_value_heads=
@@ -274,6 +274,8 @@ class K2Config:
                  moe_layer_freq=1, attention_bias=False, tie_word_embeddings=False)
         return d
 
+
+ARCHITECTURE = tuple(f.name for f in dataclasses.fields(K2Config) if f.name != "run")  # what config.json says
 
 # config.json keys that say nothing about the computation (bookkeeping of HF, training-only knobs).
 _IGNORED_HF_KEYS = frozenset({
@@ -366,7 +368,7 @@ def _from_hf(cls, path_or_dict, overrides) -> K2Config:
     except quant.QuantError as e:
         fail(str(e))
 
-    fields = {f.name for f in dataclasses.fields(cls)} - {"run"}
+    fields = set(ARCHITECTURE)
     kw: dict[str, Any] = {}
     unknown, run_options = [], sorted(set(raw) & set(RUN_OPTIONS) - _IGNORED_HF_KEYS)
     if run_options:
