@@ -3,6 +3,7 @@
     k2jax-aot --config=configs/k2_v5p_256.py                       # the train step, for the slice the mesh needs
     k2jax-aot --config=configs/k2_infer_v5p.py --step=decode --report=decode.json
     k2jax-aot --config=configs/tiny.py --topology=v5p-8 --config.mesh.axes='{"fsdp": 4}'
+    k2jax-aot --hlo=train_step.hlo --topology=v5p-1024    # the step-time estimate of a program compiled elsewhere
 
     report = compile_report(config, step="train", topology="v5p-512")   # the same from Python: a dict
 
@@ -71,6 +72,7 @@ class TpuGeneration:
     dims: int               # torus dimensions (3: v4 / v5p, 2: v5e / v6e)
     ici_link_bandwidth: float  # bytes/s of one ICI link in one direction
     wrap_from: int          # a slice dimension of at least this many chips has its wraparound links (a ring)
+    host_bandwidth: float   # bytes/s between a chip and its host's memory (PCIe), one direction
 
     @property
     def chip_config(self) -> str:
@@ -82,12 +84,16 @@ class TpuGeneration:
 # (v4 2,400 Gbps, v5p 4,800, v5e 1,600, v6e 3,584; v5p's page also gives 1,200 GB/s bidirectional, so the figure
 # is one direction) over the chip's links (6 on a 3D torus, 4 on a 2D one: v5e / v6e's "ICI ports per chip"):
 # 50, 100, 50 and 112 GB/s per link and direction. Wraparound: v4 / v5p slices close a dimension into a ring from
-# 4 chips (a full cube face), v5e / v6e only across the whole 16-chip pod dimension.
+# 4 chips (a full cube face), v5e / v6e only across the whole 16-chip pod dimension. Host link (what host
+# offloading's transfers to and from host memory run at): the Cloud TPU pages give no per-chip PCIe figure; "How to
+# Scale Your Model" (jax-ml.github.io/scaling-book, chapter 2) works its host-transfer problem with 1.5e10 bytes/s
+# (PCIe 4.0 x16 is 3.2e10 raw, per direction), an assumption used for every generation here.
+_PCIE = 1.5e10
 TPUS: dict[str, TpuGeneration] = {
-    "v4": TpuGeneration("v4", 32 * GiB, 275e12, 1.2e12, 2, 3, 2400e9 / 8 / 6, 4),
-    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3, 4800e9 / 8 / 6, 4),
-    "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, 0.819e12, 1, 2, 1600e9 / 8 / 4, 16),
-    "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, 1.64e12, 1, 2, 3584e9 / 8 / 4, 16),
+    "v4": TpuGeneration("v4", 32 * GiB, 275e12, 1.2e12, 2, 3, 2400e9 / 8 / 6, 4, _PCIE),
+    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3, 4800e9 / 8 / 6, 4, _PCIE),
+    "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, 0.819e12, 1, 2, 1600e9 / 8 / 4, 16, _PCIE),
+    "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, 1.64e12, 1, 2, 3584e9 / 8 / 4, 16, _PCIE),
 }
 _ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
 STEPS = ("train", "prefill", "decode")
@@ -120,7 +126,7 @@ class Topology:
         """What the step-time estimate needs of the slice; coords: each of the program's devices' chip."""
         spec = self.spec
         return Machine(spec.peak_bf16_flops, spec.hbm_bandwidth, spec.ici_link_bandwidth, self.shape,
-                       tuple(d >= spec.wrap_from for d in self.shape), tuple(coords))
+                       tuple(d >= spec.wrap_from for d in self.shape), tuple(coords), spec.host_bandwidth)
 
     def devices(self) -> list:
         """The slice's chips as deviceless jax devices (one per chip: megacore on v4 / v5p)."""
@@ -430,6 +436,46 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     return report
 
 
+def hlo_report(path: str, topology: str, *, devices: str | None = None,
+               useful_flops_per_chip: float | None = None) -> dict:
+    """The step-time estimate of a program already compiled for a TPU slice (its optimized, scheduled HLO text,
+    e.g. another trainer's `compiled.as_text()`): FLOPs, HBM bytes, collectives and `step_seconds_estimate` as
+    compile_report gives them, with no memory figures. devices: a JSON file listing each program device's chip
+    coordinates ([[x, y, z], ...], by device number); default: the slice's devices in libtpu's order.
+    useful_flops_per_chip: the model's FLOPs per chip per step, for `mfu_estimate`."""
+    topo = parse_topology(topology)
+    try:
+        text = open(path).read()
+    except OSError as e:
+        raise AotError(f"--hlo {path}: {e.strerror}") from None
+    if "ENTRY" not in text:
+        raise AotError(f"--hlo {path}: not an HLO module's text (no ENTRY computation)")
+    if devices:
+        try:
+            coords = [tuple(int(v) for v in c[:topo.spec.dims]) for c in json.load(open(devices))]
+        except (OSError, ValueError, TypeError) as e:
+            raise AotError(f"--hlo_devices {devices}: expected a JSON list of chip coordinates ({e})") from None
+    else:
+        jax.config.update("jax_platforms", "cpu")
+        coords = [tuple(d.coords) for d in topo.devices()]
+    if len(coords) != topo.chips or not all(len(c) == topo.spec.dims for c in coords):
+        raise AotError(f"--hlo_devices {devices}: {len(coords)} coordinates for {topo.chips} chips of "
+                       f"{topo.spec.dims} dimensions each")
+    cost = HloCost(text)
+    estimate = StepTime(cost, topo.machine(coords))
+    report = {"step": "hlo", "hlo": path, "topology": topo.name, "chips": topo.chips, "libtpu": _libtpu_version(),
+              "jax": jax.__version__,
+              "flops": {"compiled_per_chip": cost.flops, "useful_per_chip": useful_flops_per_chip},
+              "hbm_bytes_accessed_per_chip": cost.hbm_bytes,
+              "step_seconds_lower_bound": max(cost.flops / topo.spec.peak_bf16_flops,
+                                              cost.hbm_bytes / topo.spec.hbm_bandwidth),
+              "collectives": cost.collectives(), "pallas_kernels": cost.pallas_kernels(),
+              "step_seconds_estimate": estimate.seconds, "step_time": estimate.summary()}
+    report["mfu_estimate"] = (useful_flops_per_chip / (estimate.seconds * topo.spec.peak_bf16_flops)
+                              if useful_flops_per_chip and estimate.seconds else None)
+    return report
+
+
 def _libtpu_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -447,7 +493,11 @@ def count(n: float) -> str:
 
 
 def format_report(r: dict) -> str:
-    """The report as the table the CLI prints."""
+    """The report as the table the CLI prints (compile_report's or hlo_report's)."""
+    if r["step"] == "hlo":
+        lines = [f"compiled program {r['hlo']}, {r['topology']} ({r['chips']} chips)"
+                 f"  [libtpu {r['libtpu']}, jax {r['jax']}]"]
+        return "\n".join(lines + _cost_lines(r))
     lines = [f"{r['step']} step, {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, strategy {r['strategy']}"
              f"  [libtpu {r['libtpu']}, jax {r['jax']}]"]
     if "model" in r:
@@ -472,28 +522,36 @@ def format_report(r: dict) -> str:
     if "compile_seconds" in r:
         lines.append(f"compile: {r['compile_seconds']:.0f} s (lowering {r['lower_seconds']:.0f} s)")
     if "flops" in r:
-        f = r["flops"]
-        ratio = f["compiled_over_useful"]
-        parts = ", ".join(f"{k.removesuffix('_per_chip')} {v:.3e}" for k, v in f.items()
-                          if k.endswith("_per_chip") and k not in ("compiled_per_chip", "useful_per_chip",
-                                                                   "xla_cost_analysis_per_chip"))
-        lines.append(f"FLOPs per chip: compiled {f['compiled_per_chip']:.3e}, useful {f['useful_per_chip']:.3e}"
-                     f" ({parts})" + (f"; compiled / useful {ratio:.2f}" if ratio else ""))
-        lines.append(f"HBM bytes accessed per chip: {r['hbm_bytes_accessed_per_chip']:.3e}; step >= "
-                     f"{r['step_seconds_lower_bound'] * 1e3:.2f} ms, <= {r['tokens_per_second_bound']:.0f} tokens/s")
-        if "hbm_bytes_per_generated_token" in r:
-            lines.append(f"HBM bytes per generated token (all chips): {r['hbm_bytes_per_generated_token']:.3e}")
-            least, over = r["hbm_bytes_minimum_per_step"], r["hbm_bytes_over_minimum"]
-            lines.append(f"HBM bytes per step (all chips): {least * over:.3e}, {over:.2f} x the minimum {least:.3e}")
-        lines.append(f"Pallas kernels in the program: {r['pallas_kernels']}")
-        if r.get("step_seconds_estimate"):
-            lines += _step_time_lines(r)
-        lines.append("collectives per step (count, bytes per chip):")
-        for c in r["collectives"]:
-            lines.append(f"  {c['op']:<20}{c['count']:>8}  {c['bytes'] / GiB:>9.3f} GiB")
+        lines += _cost_lines(r)
     if "advice" in r:
         lines.append(f"to fit: {r['advice']}")
     return "\n".join(lines)
+
+
+def _cost_lines(r: dict) -> list[str]:
+    """FLOPs, HBM bytes, the step-time estimate and the collectives of a report."""
+    f, lines = r["flops"], []
+    ratio = f.get("compiled_over_useful")
+    parts = ", ".join(f"{k.removesuffix('_per_chip')} {v:.3e}" for k, v in f.items()
+                      if k.endswith("_per_chip") and k not in ("compiled_per_chip", "useful_per_chip",
+                                                               "xla_cost_analysis_per_chip"))
+    useful = f" useful {f['useful_per_chip']:.3e}" if f.get("useful_per_chip") else ""
+    lines.append(f"FLOPs per chip: compiled {f['compiled_per_chip']:.3e}," + useful + (f" ({parts})" if parts else "")
+                 + (f"; compiled / useful {ratio:.2f}" if ratio else ""))
+    tokens = f", <= {r['tokens_per_second_bound']:.0f} tokens/s" if r.get("tokens_per_second_bound") else ""
+    lines.append(f"HBM bytes accessed per chip: {r['hbm_bytes_accessed_per_chip']:.3e}; step >= "
+                 f"{r['step_seconds_lower_bound'] * 1e3:.2f} ms" + tokens)
+    if "hbm_bytes_per_generated_token" in r:
+        lines.append(f"HBM bytes per generated token (all chips): {r['hbm_bytes_per_generated_token']:.3e}")
+        least, over = r["hbm_bytes_minimum_per_step"], r["hbm_bytes_over_minimum"]
+        lines.append(f"HBM bytes per step (all chips): {least * over:.3e}, {over:.2f} x the minimum {least:.3e}")
+    lines.append(f"Pallas kernels in the program: {r['pallas_kernels']}")
+    if r.get("step_seconds_estimate"):
+        lines += _step_time_lines(r)
+    lines.append("collectives per step (count, bytes per chip):")
+    for c in r["collectives"]:
+        lines.append(f"  {c['op']:<20}{c['count']:>8}  {c['bytes'] / GiB:>9.3f} GiB")
+    return lines
 
 
 def _step_time_lines(r: dict) -> list[str]:
@@ -501,10 +559,14 @@ def _step_time_lines(r: dict) -> list[str]:
     lines = [f"step time estimate: {est * 1e3:.2f} ms" + (f", MFU {100 * r['mfu_estimate']:.1f} %"
                                                            if r.get("mfu_estimate") else "")
              + f" (compute {st['compute_seconds'] * 1e3:.2f} ms, memory-bound ops "
-               f"{st['memory_bound_seconds'] * 1e3:.2f} ms, exposed communication "
+               f"{st['memory_bound_seconds'] * 1e3:.2f} ms, exposed communication and transfers "
                f"{sum(st['exposed_seconds'].values()) * 1e3:.2f} ms)"]
     for kind, busy in st["collective_busy_seconds"].items():
         lines.append(f"  {kind:<20} {busy * 1e3:>10.2f} ms on the interconnect, "
+                     f"{st['exposed_seconds'].get(kind, 0.0) * 1e3:.2f} ms exposed")
+    for kind, busy in st.get("offload_busy_seconds", {}).items():
+        where = "on the host link" if kind == "host transfer" else "on the SparseCores"
+        lines.append(f"  {kind:<20} {busy * 1e3:>10.2f} ms {where}, "
                      f"{st['exposed_seconds'].get(kind, 0.0) * 1e3:.2f} ms exposed")
     if st["exposed_seconds"].get("copy"):
         lines.append(f"  {'DMA copies':<20} {st['exposed_seconds']['copy'] * 1e3:>10.2f} ms exposed")
@@ -523,7 +585,12 @@ def _define_flags() -> None:
     flags.DEFINE_enum("step", "train", list(STEPS), "train: the train step as train.py runs it; prefill / "
                       "decode: the Generator's, at config.infer's batch, max_len and prompt_len.")
     flags.DEFINE_string("report", None, "Also write the report as JSON to this file.")
-    flags.mark_flags_as_required(["config"])
+    flags.DEFINE_string("hlo", None, "Instead of compiling a config: estimate the step time of a program already "
+                        "compiled for --topology, from its optimized HLO text (e.g. another trainer's "
+                        "compiled.as_text()).")
+    flags.DEFINE_string("hlo_devices", None, "With --hlo: a JSON file of each program device's chip coordinates "
+                        "([[x, y, z], ...]); default: the slice's devices in libtpu's order.")
+    flags.DEFINE_float("hlo_useful_flops", None, "With --hlo: the model's FLOPs per chip per step (for the MFU).")
 
 
 def main(argv) -> int:
@@ -531,15 +598,23 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise commands.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
-    try:
-        report = compile_report(FLAGS.config, step=FLAGS.step, topology=FLAGS.topology)
-    except KeyboardInterrupt:
-        raise commands.Interrupted("interrupted (Ctrl-C): nothing was compiled or written") from None
+    if (FLAGS.config is None) == (FLAGS.hlo is None):
+        raise AotError("give one of --config (a job to compile) and --hlo (a program compiled already)")
+    if FLAGS.hlo:
+        if not FLAGS.topology:
+            raise AotError("--hlo needs --topology: the slice the program was compiled for")
+        report = hlo_report(FLAGS.hlo, FLAGS.topology, devices=FLAGS.hlo_devices,
+                            useful_flops_per_chip=FLAGS.hlo_useful_flops)
+    else:
+        try:
+            report = compile_report(FLAGS.config, step=FLAGS.step, topology=FLAGS.topology)
+        except KeyboardInterrupt:
+            raise commands.Interrupted("interrupted (Ctrl-C): nothing was compiled or written") from None
     print(format_report(report))
     if FLAGS.report:
         with open(FLAGS.report, "w") as f:
             json.dump(report, f, indent=1)
-    if not report["fits"]:
+    if not report.get("fits", True):
         what = "does not compile for" if report.get("vmem_exceeded") else "does not fit"
         print(f"k2jax-aot: error: the {report['step']} step {what} {report['topology']}: {report['advice']}",
               file=sys.stderr)
@@ -554,7 +629,7 @@ def cli():
 
     from k2jax.model.config import ConfigError
     _define_flags()
-    for name in ["config", "topology", "step", "report"]:
+    for name in ["config", "topology", "step", "report", "hlo", "hlo_devices", "hlo_useful_flops"]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
     commands.run(main, prog="k2jax-aot", job_config=True, doc=__doc__,
                  errors={AotError: commands.USAGE, ConfigError: commands.USAGE})

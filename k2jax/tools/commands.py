@@ -275,7 +275,13 @@ def _load_job_config(overrides: list[tuple[str, str, Any]]) -> None:
     overrides given one field at a time."""
     try:
         config = flags.FLAGS.config
+        if config is None:  # a command whose --config is optional (k2jax-aot --hlo) and not given
+            if overrides:
+                raise UsageError(f"{overrides[0][0]}: no --config to override")
+            return
         config.keys()
+    except UsageError:
+        raise
     except Exception as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise UsageError(f"--config={flags.FLAGS['config'].config_filename}: cannot load it: "

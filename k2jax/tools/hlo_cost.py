@@ -40,12 +40,15 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1
                 "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
                 "f64": 8, "c64": 8, "c128": 16}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$", re.S)
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
+_CLOSE = re.compile(r"^\}(?:, \w+=\S*)?\s*$")  # a computation's closing line (`}, execution_thread="..."`)
 _CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _MEMORY_SPACE = re.compile(r"S\([1-9]\d*\)")
+_HOST_MEMORY = re.compile(r"S\(5\)")  # XLA:TPU's memory space of host memory (what host offloading writes to)
+_TRANSFERS = ("copy-start", "dynamic-slice-start", "dynamic-update-slice-start")  # async DMAs, waited at -done
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _FROM_DOT = re.compile(r'op_name="[^"]*dot_general"')
 _COST_ESTIMATE = re.compile(r'"cost_estimate":(\{[^}]*\})')
@@ -114,7 +117,7 @@ class HloCost:
     def __init__(self, hlo_text: str):
         self.computations: dict[str, list[_Instruction]] = {}
         entry, current = None, None
-        for line in hlo_text.splitlines():
+        for line in _logical_lines(hlo_text):
             m = _COMPUTATION.match(line)
             if m and "=" not in line.split("(")[0]:
                 current = m.group(1)
@@ -234,6 +237,9 @@ class HloCost:
             if estimate:
                 return float(json.loads(estimate.group(1)).get("bytes_accessed", 0))
         operands = [_bytes(self.types.get(o, ""), hbm_only=True) for o in i.operands]
+        if i.op in ("dynamic-slice-start", "dynamic-update-slice-start"):  # a DMA: one side in HBM unless both are
+            moved, host = self.transfer(i)
+            return moved if host else 2 * moved
         if i.op == "copy-start":  # (destination, source, context): the source is the operand
             destination = i.type[1:].split(", ")[0]
             return sum(operands) + _bytes(destination, hbm_only=True)
@@ -297,24 +303,27 @@ class HloCost:
         a computation holding it, or fused: a reduce-scatter as an `all-reduce-scatter` fusion (an all-reduce and
         the slice each device keeps), and with async collective fusion as an `async-collective-start` fusion, the
         `async_collective_fusion` steps that advance it inside compute fusions, and an `async-collective-done`
-        fusion (each of the three holds the collective: it is one launch, at the start)."""
+        fusion (each of the three holds the collective: it is one launch, at the start). With SparseCore
+        collective offload a collective runs in a computation of an async call (call-start / call-done,
+        async_execution_thread="sparsecore")."""
         found: dict[str, Launch] = {}
+        by_name = {i.name: i for i in self.computations.get(comp, [])}
         for i in self.computations.get(comp, []):
             base = i.op.removesuffix("-start").removesuffix("-done")
             if base in COLLECTIVES:
                 role = "start" if i.op.endswith("-start") else "done" if i.op.endswith("-done") else "sync"
                 found[i.name] = Launch(i, i, base, role, self._operand_bytes(i))
                 continue
-            if i.op not in ("fusion", "async-start", "async-done"):
+            if i.op not in ("fusion", "async-start", "async-done", "call-start", "call-done"):
                 continue
-            callee = next((c for k, c in _CALLEES.findall(i.attrs) if k == "calls"), "")
+            callee = self.async_callee(i, by_name)
             inner = self._collective_in(callee)
             if inner is None:
                 continue
             kind = inner.op.removesuffix("-start")
-            if i.op == "async-start" or i.name.startswith("async-collective-start"):
+            if i.op in ("async-start", "call-start") or i.name.startswith("async-collective-start"):
                 role = "start"
-            elif i.op == "async-done" or i.name.startswith("async-collective-done"):
+            elif i.op in ("async-done", "call-done") or i.name.startswith("async-collective-done"):
                 role = "done"
             elif callee.startswith("async_collective_fusion"):
                 role = "step"
@@ -323,6 +332,25 @@ class HloCost:
                 kind = "reduce-scatter" if callee.startswith("all-reduce-scatter") else kind
             found[i.name] = Launch(i, inner, kind, role, self._operand_bytes(inner))
         return found
+
+    def async_callee(self, i: _Instruction, by_name: dict[str, _Instruction]) -> str:
+        """The computation an async op runs: its own `calls=` / `to_apply=`, or for a call-done its call-start's."""
+        if i.op == "call-done" and i.operands and i.operands[0] in by_name:
+            i = by_name[i.operands[0]]
+        return next((c for k, c in _CALLEES.findall(i.attrs) if k in ("calls", "to_apply")), "")
+
+    def transfer(self, i: _Instruction) -> tuple[float, bool]:
+        """An async DMA (`_TRANSFERS`): the bytes it moves (a copy its source, a dynamic-slice the slice, a
+        dynamic-update-slice the update) and whether they cross to or from host memory."""
+        if i.op == "copy-start":
+            moved = _bytes(self.types.get(i.operands[0], "")) if i.operands else 0.0
+        elif i.op == "dynamic-update-slice-start":
+            moved = _bytes(self.types.get(i.operands[1], "")) if len(i.operands) > 1 else 0.0
+        else:  # dynamic-slice-start: ((operands), slice, context)
+            arrays = _arrays(i.type)
+            moved = math.prod(arrays[-2][1]) * _DTYPE_BYTES[arrays[-2][0]] if len(arrays) > 1 else 0.0
+        host = _HOST_MEMORY.search(i.type) or any(_HOST_MEMORY.search(self.types.get(o, "")) for o in i.operands)
+        return moved, bool(host)
 
     def _operand_bytes(self, i: _Instruction) -> float:
         return _bytes(self.types.get(i.operands[0], "")) if i.operands else 0.0
@@ -367,6 +395,20 @@ class HloCost:
         return sum(1 for ins in self.computations.values() for i in ins
                    if i.op == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.attrs
                    and 'pallas_call"' in i.attrs)
+
+
+def _logical_lines(hlo_text: str) -> list[str]:
+    """The module's lines with an instruction's continuation lines joined to it (a Pallas kernel's
+    frontend_attributes can hold newlines, its backend_config, with the kernel's cost estimate, then follows on a
+    later line)."""
+    lines: list[str] = []
+    for line in hlo_text.splitlines():
+        if lines and line.strip() and not line.startswith("HloModule") and not _CLOSE.match(line) \
+                and not _INSTRUCTION.match(line) and not _COMPUTATION.match(line):
+            lines[-1] += "\n" + line
+        else:
+            lines.append(line)
+    return lines
 
 
 def _parameters(body: list[_Instruction]) -> dict[int, str]:

@@ -11,7 +11,12 @@ The optimized HLO of a scheduled program lists each computation's ops in the ord
                 asynchronous one (an -start / -done pair, or XLA:TPU's async collective fusion) runs on the
                 interconnect from its start, one after another, and the chip waits at its done only for what the
                 ops scheduled in between did not cover: its exposed time.
-  a DMA         (copy-start / copy-done) moves its bytes at HBM bandwidth beside the ops, exposed likewise.
+  a DMA         (copy-start / copy-done, dynamic-slice-start / -done, dynamic-update-slice-start / -done) moves
+                its bytes beside the ops, exposed likewise: at HBM bandwidth within HBM, at the host link's
+                bandwidth to or from host memory (host offloading's S(5)), one transfer at a time per link.
+  an async call (call-start / call-done on the SparseCore thread): a collective in it as above (SparseCore
+                collective offload); other work (scatters, copies) costs its ops at the chip's rates, beside the
+                TensorCore's, exposed at the call-done.
 
 The estimate is the time at the end of the entry computation. It counts no launch overheads, no HBM contention
 between an overlapped collective and compute, no ICI latency, and takes ragged all-to-alls at the size of what
@@ -27,7 +32,7 @@ import collections
 import dataclasses
 import re
 
-from k2jax.tools.hlo_cost import _BRANCHES, _CALLEES, HloCost, Launch, replica_groups
+from k2jax.tools.hlo_cost import _BRANCHES, _CALLEES, _TRANSFERS, HloCost, Launch, replica_groups
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -41,6 +46,7 @@ class Machine:
     shape: tuple[int, ...]             # the slice's chips along each torus dimension
     wraps: tuple[bool, ...]            # whether each dimension has its wraparound links (a ring, else a line)
     coords: tuple[tuple[int, ...], ...]  # each device's torus coordinates, by the program's device number
+    host_bandwidth: float              # bytes/s of one chip's link to its host's memory (PCIe), one direction
 
 
 def collective_seconds(kind: str, nbytes: float, group: list[tuple[int, ...]], machine: Machine) -> float:
@@ -92,12 +98,14 @@ class StepTime:
 
     def _walk(self, comp: str, depth: int = 0) -> tuple[float, collections.Counter]:
         """Seconds of one run of `comp` and what they are made of: ("compute" | "memory", op label), ("exposed",
-        collective kind), ("collective", kind) for the interconnect's busy time, hidden or not."""
+        collective kind | "copy" | "host transfer" | "sparsecore"), ("collective", kind) for the interconnect's busy
+        time, hidden or not, ("busy", "host transfer" | "sparsecore") likewise for the host link and offloaded
+        work."""
         if comp in self._memo:
             return self._memo[comp]
         cost, machine = self.cost, self.machine
         parts: collections.Counter = collections.Counter()
-        t, ici_free, dma_free = 0.0, 0.0, 0.0
+        t, ici_free, dma_free, host_free, core_free = 0.0, 0.0, 0.0, 0.0, 0.0
         pending: dict[str, tuple[float, str]] = {}  # an async op's name -> (when it ends, its kind)
         launches = cost.launches(comp)
         by_name = {i.name: i for i in cost.computations.get(comp, [])}
@@ -123,11 +131,23 @@ class StepTime:
                 else:
                     t = self._wait(t, _started_by(i, by_name, pending), pending, parts) + self._op(i, parts)
                 continue
-            if i.op == "copy-start":
-                dma_free = max(t, dma_free) + cost.op_hbm_bytes(i) / machine.hbm_bandwidth
-                pending[i.name] = (dma_free, "copy")
+            if i.op in _TRANSFERS:
+                moved, host = cost.transfer(i)
+                if host:  # over the host link (PCIe), one transfer at a time
+                    host_free = max(t, host_free) + moved / machine.host_bandwidth
+                    pending[i.name] = (host_free, "host transfer")
+                    parts["busy", "host transfer"] += moved / machine.host_bandwidth
+                else:
+                    dma_free = max(t, dma_free) + cost.op_hbm_bytes(i) / machine.hbm_bandwidth
+                    pending[i.name] = (dma_free, "copy")
                 continue
-            if i.op == "copy-done":
+            if i.op == "call-start":  # an async call that runs no collective: its ops on the SparseCore
+                offloaded, _ = self._walk(cost.async_callee(i, by_name), depth + 1)
+                core_free = max(t, core_free) + offloaded
+                pending[i.name] = (core_free, "sparsecore")
+                parts["busy", "sparsecore"] += offloaded
+                continue
+            if i.op in ("copy-done", "dynamic-slice-done", "dynamic-update-slice-done", "call-done"):
                 t = self._wait(t, _started_by(i, by_name, pending), pending, parts)
                 continue
             t += self._op(i, parts)
@@ -187,7 +207,8 @@ class StepTime:
 
     def summary(self, top: int = 5) -> dict:
         """Seconds by what they are spent on (compute, memory-bound ops, exposed communication per collective
-        kind and exposed DMA, the interconnect's busy time per kind) and the `top` costliest ops."""
+        kind and exposed DMA, host transfers and SparseCore work, the interconnect's busy time per kind, the host
+        link's and the SparseCore's) and the `top` costliest ops."""
         p = self.parts
         ops = collections.Counter()
         for (what, label), v in p.items():
@@ -198,6 +219,7 @@ class StepTime:
             "memory_bound_seconds": sum(v for (what, _), v in p.items() if what == "memory"),
             "exposed_seconds": {k: v for (what, k), v in sorted(p.items()) if what == "exposed"},
             "collective_busy_seconds": {k: v for (what, k), v in sorted(p.items()) if what == "collective"},
+            "offload_busy_seconds": {k: v for (what, k), v in sorted(p.items()) if what == "busy"},
             "top_ops": [{"op": label, "seconds": v} for label, v in ops.most_common(top)],
         }
 

@@ -9,6 +9,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 
 from k2jax.tools import aot
+from k2jax.tools.hlo_cost import HloCost
+from k2jax.tools.step_time import StepTime
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = "configs/reduced_k2_v5p_8.py"
@@ -68,9 +71,10 @@ def _aot_cmd(*args, config=CONFIG):
     return [sys.executable, "-m", "k2jax.tools.aot", *([f"--config={config}"] if config else []), *args]
 
 
-def _aot(*args, cwd=ROOT):
+def _aot(*args, cwd=ROOT, config=CONFIG):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(_aot_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(_aot_cmd(*args, config=config), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
 # libtpu's start-up lines off a TPU VM (k2jax-aot tells it the slice and a worker host itself)
@@ -198,7 +202,10 @@ def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path):
         (CONFIG, "--config.infer.bach=4"): "--config.infer.bach=4: the config has no field 'bach' (Did you mean",
         (CONFIG, "--stepp=decode"): "Unknown command line flag 'stepp'",
         (CONFIG, "--config.model.overrides.bogus=1"): "config.model.overrides.bogus: K2Config has no field 'bogus'",
-        (None,): "flag --config=None: Flag --config must have a value other than None",
+        (None,): "give one of --config (a job to compile) and --hlo (a program compiled already)",
+        (CONFIG, "--hlo=x.hlo", "--topology=v5p-8"): "give one of --config (a job to compile) and --hlo",
+        (None, "--hlo=x.hlo"): "--hlo needs --topology: the slice the program was compiled for",
+        (None, "--hlo=no/such.hlo", "--topology=v5p-8"): "--hlo no/such.hlo: No such file or directory",
     }
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = {args: subprocess.Popen(_aot_cmd(*args[1:], config=args[0] and (
@@ -210,6 +217,33 @@ def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path):
         errors = [line for line in err.splitlines() if "error" in line]  # after its progress lines, if any
         assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
         assert errors[0].startswith("k2jax-aot: error: ") and want in errors[0], errors
+
+
+def test_cli_estimates_a_program_compiled_elsewhere(tmp_path):
+    """--hlo: the step-time estimate of a compiled program's text (e.g. MaxText's train_compile), on the slice
+    it was compiled for, with the program's devices placed as --hlo_devices says."""
+    hlo = tmp_path / "step.hlo"
+    hlo.write_text(textwrap.dedent("""\
+        HloModule m, is_scheduled=true
+
+        ENTRY %main (x: f32[64,64]) -> f32[256,64] {
+          %x = f32[64,64]{1,0} parameter(0)
+          %d = f32[64,64]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+          ROOT %g = f32[256,64]{1,0} all-gather(%d), replica_groups={{0,1,2,3}}, dimensions={0}
+        }
+        """))
+    chips = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]]
+    (tmp_path / "devices.json").write_text(json.dumps(chips))
+    r = _aot("--topology=v5p-8", f"--hlo={hlo}", f"--hlo_devices={tmp_path / 'devices.json'}",
+             "--hlo_useful_flops=1e6", f"--report={tmp_path / 'r.json'}", config=None, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    topo = aot.parse_topology("v5p-8")
+    want = StepTime(HloCost(hlo.read_text()), topo.machine([tuple(c) for c in chips])).seconds
+    assert report["step_seconds_estimate"] == pytest.approx(want)
+    assert report["flops"]["compiled_per_chip"] == 2 * 64 ** 3
+    assert report["mfu_estimate"] == pytest.approx(1e6 / (want * topo.spec.peak_bf16_flops))
+    assert f"step time estimate: {want * 1e3:.2f} ms" in r.stdout and "all-gather" in r.stdout
 
 
 def test_ctrl_c_stops_a_compile_at_once():

@@ -1,6 +1,8 @@
 """hlo_cost: the costs of a compiled program counted from its HLO text with loop trip counts applied, checked on
 hand-written HLO and against XLA's own cost analysis of the same program unrolled (deviceless v5p, libtpu)."""
 
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,6 +126,33 @@ def test_flops_and_bytes_of_a_loop_count_every_trip():
                    + 2 * 4)  # the two fusions read the loop index
     outside = 64 * 32 * 4 + 64 * 16 * 4 + (4 + 4 + 1)  # the dot's operand and result; the loop condition
     assert cost.hbm_bytes == 6 * layer_bytes + outside
+    assert cost.pallas_kernels() == 1
+
+
+def test_an_instruction_continued_over_several_lines_is_read_whole():
+    """A Pallas kernel's frontend_attributes can hold newlines (MaxText's megablox kernels print their tiling
+    so): the cost estimate in the backend_config on a later line, and a line that starts with `}}`, still belong to
+    the custom-call; a computation still ends at its own `}` line, with or without an execution thread."""
+    hlo = textwrap.dedent("""\
+        HloModule m, is_scheduled=true
+
+        %sc (p: f32[8]) -> f32[8] {
+          ROOT %p = f32[8]{0} parameter(0)
+        }, execution_thread="sparsecore"
+
+        ENTRY %main (x: f32[64,64]) -> f32[64,64] {
+          %x = f32[64,64]{1,0} parameter(0)
+          %gmm = f32[64,64]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+        "xprof_metadata":"{\\"tiling\\": {\\"tile_m\\": 512}}"
+        }}, metadata={op_name="jit(f)/pallas_call"}, backend_config={"custom_call_config":{"cost_estimate":{"flops":"1234","bytes_accessed":"99"}}}
+          ROOT %n = f32[64,64]{1,0} negate(%gmm)
+        }
+        """)
+    cost = HloCost(hlo)
+    assert list(cost.computations) == ["sc", "main"] and cost.entry == "main"
+    assert [i.op for i in cost.computations["main"]] == ["parameter", "custom-call", "negate"]
+    assert cost.flops == 1234
+    assert cost.hbm_bytes == 99 + 2 * 64 * 64 * 4  # the kernel's declared bytes; negate reads and writes
     assert cost.pallas_kernels() == 1
 
 

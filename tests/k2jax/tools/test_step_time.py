@@ -17,9 +17,10 @@ from k2jax.tools.step_time import Machine, StepTime, collective_seconds
 ROOT = Path(__file__).resolve().parents[3]
 W = 1e9  # bytes/s per link and direction
 HBM = 1e10
+HOST = 1e8  # bytes/s of the host link
 RING4 = Machine(peak_flops=1e12, hbm_bandwidth=HBM, link_bandwidth=W, shape=(4,), wraps=(True,),
-                coords=((0,), (1,), (2,), (3,)))
-LINE4 = Machine(1e12, HBM, W, (4,), (False,), ((0,), (1,), (2,), (3,)))
+                coords=((0,), (1,), (2,), (3,)), host_bandwidth=HOST)
+LINE4 = Machine(1e12, HBM, W, (4,), (False,), ((0,), (1,), (2,), (3,)), HOST)
 
 # a [64,64] x [64,64] f32 dot: 2 * 64^3 FLOPs (0.52 us at 1e12), 3 x 16 KiB of HBM (4.9 us at 1e10): memory-bound
 DOT = "%d = f32[64,64]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}"
@@ -47,7 +48,7 @@ def test_collective_bandwidth_terms_on_rings_and_lines():
     assert collective_seconds("all-to-all", b, line, LINE4) == pytest.approx(b * 4 / (4 * W))
     assert collective_seconds("collective-permute", b, [ring[0], ring[3]], RING4) == pytest.approx(b / W)  # wraps
     assert collective_seconds("collective-permute", b, [line[0], line[3]], LINE4) == pytest.approx(3 * b / W)
-    cube = Machine(1e12, 1e9, W, (4, 4), (True, True), tuple((x, y) for y in range(4) for x in range(4)))
+    cube = Machine(1e12, 1e9, W, (4, 4), (True, True), tuple((x, y) for y in range(4) for x in range(4)), HOST)
     assert collective_seconds("all-gather", b, list(cube.coords), cube) == pytest.approx(b * 15 / 16 / (4 * W))
     assert collective_seconds("all-reduce", b, [(0, 0)], cube) == 0.0
 
@@ -135,6 +136,78 @@ def test_async_collective_fusion_is_one_launch_from_its_start_to_its_done():
     assert own[1] + own[2] < GATHER_SECONDS  # the gather outlasts the step and the dot: the done waits
     assert est.seconds == pytest.approx(own[0] + GATHER_SECONDS + own[3])
     assert est.summary()["exposed_seconds"] == pytest.approx({"all-gather": GATHER_SECONDS - own[1] - own[2]})
+
+
+def test_a_sparsecore_offloaded_collective_runs_from_its_call_start_to_its_call_done():
+    """SparseCore collective offload (MaxText's v5p recipes): the collective is the body of an async call on the
+    SparseCore thread; the TensorCore runs the ops between call-start and call-done and waits for the rest."""
+    offloaded = textwrap.dedent("""\
+        %called_computation.1 (p: f32[64,64]) -> f32[256,64] {
+          %p = f32[64,64]{1,0} parameter(0)
+          ROOT %ag = f32[256,64]{1,0} all-gather(%p), replica_groups={{0,1,2,3}}, dimensions={0}
+        }, execution_thread="sparsecore"
+        """)
+    hlo = _module(f"""
+        %ag.call-start = ((f32[64,64]{{1,0}}), f32[256,64]{{1,0}}) call-start(%x), async_execution_thread="sparsecore", to_apply=%called_computation.1
+        {DOT}
+        ROOT %ag.call-done = f32[256,64]{{1,0}} call-done(%ag.call-start)
+        """, extra=offloaded)
+    cost = HloCost(hlo)
+    assert cost.collectives() == [{"op": "all-gather", "count": 1, "bytes": GATHER_BYTES}]
+    est = StepTime(cost, RING4)
+    assert est.seconds == pytest.approx(GATHER_SECONDS)  # the call moves no HBM bytes of the TensorCore's
+    assert est.summary()["exposed_seconds"] == pytest.approx({"all-gather": GATHER_SECONDS - DOT_SECONDS})
+    assert est.summary()["collective_busy_seconds"] == pytest.approx({"all-gather": GATHER_SECONDS})
+
+
+def test_other_sparsecore_work_runs_beside_the_tensorcore_at_the_chips_rates():
+    offloaded = textwrap.dedent(f"""\
+        %called_computation.2 (x: f32[64,64]) -> f32[64,64] {{
+          %x = f32[64,64]{{1,0}} parameter(0)
+          {DOT}
+          ROOT %e = f32[64,64]{{1,0}} dot(%d, %d), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+        }}, execution_thread="sparsecore"
+        """)
+    hlo = _module(f"""
+        %s.call-start = ((f32[64,64]{{1,0}}), f32[64,64]{{1,0}}) call-start(%x), async_execution_thread="sparsecore", to_apply=%called_computation.2
+        {DOT}
+        ROOT %s.call-done = f32[64,64]{{1,0}} call-done(%s.call-start)
+        """, extra=offloaded)
+    est = StepTime(HloCost(hlo), RING4)
+    assert est.seconds == pytest.approx(2 * DOT_SECONDS)  # two dots offloaded, one beside them: one exposed
+    s = est.summary()
+    assert s["exposed_seconds"] == pytest.approx({"sparsecore": DOT_SECONDS})
+    assert s["offload_busy_seconds"] == pytest.approx({"sparsecore": 2 * DOT_SECONDS})
+    assert s["memory_bound_seconds"] == pytest.approx(DOT_SECONDS)  # the TensorCore's own op only
+
+
+@pytest.mark.parametrize("dots", [1, 80])
+def test_host_offload_transfers_run_over_the_host_link(dots):
+    """Host offloading (remat policy offload): a layer input stored to host memory (S(5)) by an async
+    dynamic-update-slice and read back by an async dynamic-slice, each at the host link's bandwidth, one at a
+    time, beside the ops between start and done."""
+    host = "f32[4,64,64]{2,1,0:S(5)}"
+    between = "\n".join(DOT.replace("%d ", f"%d{k} ") for k in range(dots))
+    hlo = (f"HloModule m, is_scheduled=true\n\nENTRY %main (x: f32[64,64], h: {host}) -> f32[64,64] {{\n"
+           f"  %x = f32[64,64]{{1,0}} parameter(0)\n  %h = {host} parameter(1)\n  %i = s32[] constant(1)\n"
+           f"  %z = s32[] constant(0)\n  %u = f32[1,64,64]{{2,1,0}} bitcast(%x)\n"
+           f"  %st = (({host}, f32[1,64,64]{{2,1,0}}, s32[], s32[], s32[]), {host}, u32[]{{:S(2)}}) "
+           f"dynamic-update-slice-start(%h, %u, %i, %z, %z)\n"
+           f"  %ld = (({host}, s32[], s32[], s32[]), f32[1,64,64]{{2,1,0}}, u32[]{{:S(2)}}) "
+           f"dynamic-slice-start(%h, %z, %z, %z), dynamic_slice_sizes={{1,64,64}}\n"
+           + "\n".join("  " + line for line in between.splitlines()) +
+           f"\n  %std = {host} dynamic-update-slice-done(%st)\n"
+           f"  %ldd = f32[1,64,64]{{2,1,0}} dynamic-slice-done(%ld)\n"
+           f"  ROOT %r = f32[64,64]{{1,0}} bitcast(%ldd)\n}}\n")
+    cost = HloCost(hlo)
+    store, load = (cost.transfer(i) for i in cost.computations[cost.entry] if i.op.endswith("slice-start"))
+    assert store == (64 * 64 * 4, True) and load == (64 * 64 * 4, True)
+    one = 64 * 64 * 4 / HOST  # 164 us at 1e8 bytes/s: 33 dots; 80 dots hide both transfers
+    est = StepTime(cost, RING4)
+    assert est.seconds == pytest.approx(max(dots * DOT_SECONDS, 2 * one))
+    s = est.summary()
+    assert s["offload_busy_seconds"] == pytest.approx({"host transfer": 2 * one})
+    assert s["exposed_seconds"].get("host transfer", 0.0) == pytest.approx(max(2 * one - dots * DOT_SECONDS, 0.0))
 
 
 def test_loops_multiply_and_a_conditional_costs_its_slowest_branch():
