@@ -209,7 +209,7 @@ def _launch(x_MI, w, scales, group_sizes_G, *, transpose_w, backend, platform, x
     product = functools.partial(_tpu_product if form == "tpu" else _gpu_product, transpose_w=transpose_w,
                                 has_scales=scales is not None, has_x_scales=x_scales is not None)
     return gt.launch(form, product, x_MI, operands, specs, group_sizes_G, n_out=O, operand_bytes=operand_bytes,
-                     name="fp8_grouped_matmul_dx" if transpose_w else "fp8_grouped_matmul",
+                     name=("fp8_" if scales is not None else "") + "grouped_matmul" + ("_dx" if transpose_w else ""),
                      out_dtype=out_dtype or x_MI.dtype, backend=backend, platform=platform, triton=triton,
                      rows_in_use=rows_in_use, layer=layer)
 
