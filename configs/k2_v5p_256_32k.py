@@ -13,7 +13,8 @@ useful FLOPs.
 
 k2jax-aot (2026-12-07, libtpu 0.0.42.1, jax 0.10.2; 650 s of compile on 2 shared CPU cores): fits, parameters 14.94 +
 optimizer state 14.97 + temporaries 44.37 + code 0.32 = 74.64 GiB of 95.74 GiB per chip (22.0 % margin); FLOPs
-2.633e15 compiled / 1.898e15 useful per chip (1.39); step estimate 10.2 s, MFU 40.5 % (docs/aot.md#long-context-training).
+2.633e15 compiled / 1.898e15 useful per chip (1.39); step estimate 10.2 s, MFU 40.5 %
+(docs/aot.md#long-context-training).
 """
 
 from configs.k2_v5p_256_128k import get_config as longest_rows_config

@@ -51,7 +51,8 @@ the sequence rounded up to 128. The backward may use blocks other than the forwa
 arguments) for TPU v5p and H100 at K2's head dims (nope 128, rope 64, value 128), bf16 and float32, up to 262,144
 tokens (tests/pallas_kernels/test_compile.py; figures in docs/kernels.md); not yet run or timed on a device.
 
-Letter legend: B batch, N heads, T queries, S keys (T x stride), P nope dim, R rope dim, U value dim, q = N·T query rows.
+Letter legend: B batch, N heads, T queries, S keys (T x stride), P nope dim, R rope dim, U value dim,
+q = N·T query rows.
 """
 
 from __future__ import annotations

@@ -20,12 +20,13 @@ slots are overwritten by the row's next tokens and are never visible (a token se
             128K / 256K contexts); the default chunk is the platform's token budget per pass over the rows
 
 All are jitted once per shape (prompt lengths are padded to a power of two, then to whole chunks) with the cache
-donated, so decode updates it in place. `stream` / `generate` decode on the device: one host call runs up to `steps_per_call` steps
-(a lax.while_loop that samples, marks the rows that stopped and decodes the sampled tokens, ending early once every
-row has stopped), so the host syncs once per chunk of tokens, not once per token. Weights may be sharded (e.g.
-`load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings. Under a mesh a decode step
-runs in sharding.rules' "decode" activation layout (its rows whole on every device: the weights are used where they
-lie, the experts need no exchange) and the cache is split over its rows, then its slots (CACHE_AXES_LBSX).
+donated, so decode updates it in place. `stream` / `generate` decode on the device: one host call runs up to
+`steps_per_call` steps (a lax.while_loop that samples, marks the rows that stopped and decodes the sampled tokens,
+ending early once every row has stopped), so the host syncs once per chunk of tokens, not once per token. Weights
+may be sharded (e.g. `load_checkpoint(..., shardings=...)` with the ep_fsdp rules); jit follows their shardings.
+Under a mesh a decode step runs in sharding.rules' "decode" activation layout (its rows whole on every device: the
+weights are used where they lie, the experts need no exchange) and the cache is split over its rows, then its slots
+(CACHE_AXES_LBSX).
 
 Letter legend: B batch, T new tokens, S cache slots, L layers, V vocab, X = C + R cached values per token (a slot),
 Z = R/2 rope frequencies.

@@ -134,7 +134,8 @@ class MLAttention(nnx.Module):
             return heads(q_nope_BTNP, q_rope_BTNR, w_kv_b_CNH)
         # one group of heads at a time, each recomputed in the backward pass: the row's expanded keys and values
         # (and their gradients) exist for one group only, not for every head (cfg.run.attention_kv_bytes)
-        split = lambda a, axis: jnp.moveaxis(a.reshape(a.shape[:axis] + (groups, -1) + a.shape[axis + 1:]), axis, 0)  # noqa: E731
+        def split(a, axis):
+            return jnp.moveaxis(a.reshape(a.shape[:axis] + (groups, -1) + a.shape[axis + 1:]), axis, 0)
         out_GBnTU, rowmax_GBnT = jax.lax.map(jax.checkpoint(lambda a: heads(*a)),
                                              (split(q_nope_BTNP, 2), split(q_rope_BTNR, 2), split(w_kv_b_CNH, 1)))
         merge = lambda a: jnp.moveaxis(a, 0, 1).reshape((a.shape[1], -1) + a.shape[3:])  # noqa: E731

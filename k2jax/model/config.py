@@ -258,10 +258,11 @@ class K2Config:
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> "K2Config":
         """Reads a HF config.json (a file, a directory holding one, or its dict). `overrides` set run options
-        (RunOptions' fields, e.g. dtype="bfloat16") or architecture fields after reading. A kimi_k25 config (K2.5 and later) gives its
-        text model (`text_config`; the vision settings are not part of K2Config: split_multimodal returns them).
-        The quantization_config must be one k2jax reads (k2jax.formats.quant.parse_quantization_config: 128x128
-        FP8, or compressed-tensors INT4 groups); it is not part of K2Config either."""
+        (RunOptions' fields, e.g. dtype="bfloat16") or architecture fields after reading. A kimi_k25 config (K2.5
+        and later) gives its text model (`text_config`; the vision settings are not part of K2Config:
+        split_multimodal returns them). The quantization_config must be one k2jax reads
+        (k2jax.formats.quant.parse_quantization_config: 128x128 FP8, or compressed-tensors INT4 groups); it is not
+        part of K2Config either."""
         return _from_hf(cls, path_or_dict, overrides)
 
     def to_hf(self) -> dict[str, Any]:

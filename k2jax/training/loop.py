@@ -17,9 +17,9 @@ notice) saves at the next step and returns "preempted" (train.py exits 75: run i
 raises Interrupted at once: nothing new to save). A workdir or init_from checkpoint of another model than the job's
 is a TrainConfigError naming the fields that differ, before anything is built; a failed run leaves no empty workdir
 or checkpoints/. A step whose loss or gradients are not finite leaves the state unchanged and stops the job with
-NonFiniteError before anything after it is saved. Metrics every `metrics.every` steps go to metrics.jsonl and TensorBoard (a resumed
-run first drops what the earlier run logged after its checkpoint); they are fetched one step late so the host
-never waits on the device for them. Process 0 prints a banner, then a line per logged step.
+NonFiniteError before anything after it is saved. Metrics every `metrics.every` steps go to metrics.jsonl and
+TensorBoard (a resumed run first drops what the earlier run logged after its checkpoint); they are fetched one step
+late so the host never waits on the device for them. Process 0 prints a banner, then a line per logged step.
 """
 
 from __future__ import annotations
