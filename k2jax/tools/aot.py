@@ -426,6 +426,7 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
         report["hbm_bytes_over_minimum"] = hbm_bytes * topo.chips / report["hbm_bytes_minimum_per_step"]
     report["collectives"] = cost.collectives()
     report["pallas_kernels"] = cost.pallas_kernels()
+    report["kernels_without_cost_estimate"] = cost.uncosted_kernels()
     estimate = StepTime(cost, topo.machine([tuple(d.coords) for d in mesh.devices.flat]))
     report["step_seconds_estimate"] = estimate.seconds
     report["mfu_estimate"] = useful_per_chip / (estimate.seconds * topo.spec.peak_bf16_flops) \
@@ -470,6 +471,7 @@ def hlo_report(path: str, topology: str, *, devices: str | None = None,
               "step_seconds_lower_bound": max(cost.flops / topo.spec.peak_bf16_flops,
                                               cost.hbm_bytes / topo.spec.hbm_bandwidth),
               "collectives": cost.collectives(), "pallas_kernels": cost.pallas_kernels(),
+              "kernels_without_cost_estimate": cost.uncosted_kernels(),
               "step_seconds_estimate": estimate.seconds, "step_time": estimate.summary()}
     report["mfu_estimate"] = (useful_flops_per_chip / (estimate.seconds * topo.spec.peak_bf16_flops)
                               if useful_flops_per_chip and estimate.seconds else None)
@@ -546,6 +548,9 @@ def _cost_lines(r: dict) -> list[str]:
         least, over = r["hbm_bytes_minimum_per_step"], r["hbm_bytes_over_minimum"]
         lines.append(f"HBM bytes per step (all chips): {least * over:.3e}, {over:.2f} x the minimum {least:.3e}")
     lines.append(f"Pallas kernels in the program: {r['pallas_kernels']}")
+    if r.get("kernels_without_cost_estimate"):
+        lines.append("kernels without a cost estimate (their FLOPs not counted, their time only as HBM bytes): "
+                     + ", ".join(f"{k} x{n}" for k, n in r["kernels_without_cost_estimate"].items()))
     if r.get("step_seconds_estimate"):
         lines += _step_time_lines(r)
     lines.append("collectives per step (count, bytes per chip):")

@@ -145,15 +145,18 @@ def test_an_instruction_continued_over_several_lines_is_read_whole():
           %gmm = f32[64,64]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
         "xprof_metadata":"{\\"tiling\\": {\\"tile_m\\": 512}}"
         }}, metadata={op_name="jit(f)/pallas_call"}, backend_config={"custom_call_config":{"cost_estimate":{"flops":"1234","bytes_accessed":"99"}}}
-          ROOT %n = f32[64,64]{1,0} negate(%gmm)
+          %splash.3 = f32[64,64]{1,0} custom-call(%gmm), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/pallas_call"}
+          ROOT %n = f32[64,64]{1,0} negate(%splash.3)
         }
         """)
     cost = HloCost(hlo)
     assert list(cost.computations) == ["sc", "main"] and cost.entry == "main"
-    assert [i.op for i in cost.computations["main"]] == ["parameter", "custom-call", "negate"]
+    assert [i.op for i in cost.computations["main"]] == ["parameter", "custom-call", "custom-call", "negate"]
     assert cost.flops == 1234
-    assert cost.hbm_bytes == 99 + 2 * 64 * 64 * 4  # the kernel's declared bytes; negate reads and writes
-    assert cost.pallas_kernels() == 1
+    # the kernel's declared bytes; the kernel without an estimate and negate read and write theirs
+    assert cost.hbm_bytes == 99 + 2 * (2 * 64 * 64 * 4)
+    assert cost.pallas_kernels() == 2
+    assert cost.uncosted_kernels() == {"splash": 1}
 
 
 @pytest.fixture(scope="module")
