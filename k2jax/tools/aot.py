@@ -73,6 +73,7 @@ class TpuGeneration:
     ici_link_bandwidth: float  # bytes/s of one ICI link in one direction
     wrap_from: int          # a slice dimension of at least this many chips has its wraparound links (a ring)
     host_bandwidth: float   # bytes/s between a chip and its host's memory (PCIe), one direction
+    calibrated_efficiency: float | None = None  # the fraction of peak a measured run's compute ran at (docs/aot.md)
 
     @property
     def chip_config(self) -> str:
@@ -88,10 +89,14 @@ class TpuGeneration:
 # offloading's transfers to and from host memory run at): the Cloud TPU pages give no per-chip PCIe figure; "How to
 # Scale Your Model" (jax-ml.github.io/scaling-book, chapter 2) works its host-transfer problem with 1.5e10 bytes/s
 # (PCIe 4.0 x16 is 3.2e10 raw, per direction), an assumption used for every generation here.
+# Calibration (v5p only): MaxText's published DeepSeek-V3 run on v5p-1024 (tpu-recipes
+# training/v5p/DeepSeek3-671B-MaxText: 90.67 s per step) compiled by MaxText's train_compile and estimated here with its
+# splash attention costed from its shapes: 58.4 s with every compute-bound op at peak; the measured step time is met
+# with those ops at 0.58 of peak (docs/aot.md, "Calibration").
 _PCIE = 1.5e10
 TPUS: dict[str, TpuGeneration] = {
     "v4": TpuGeneration("v4", 32 * GiB, 275e12, 1.2e12, 2, 3, 2400e9 / 8 / 6, 4, _PCIE),
-    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3, 4800e9 / 8 / 6, 4, _PCIE),
+    "v5p": TpuGeneration("v5p", 95.74 * GiB, 459e12, 2.765e12, 2, 3, 4800e9 / 8 / 6, 4, _PCIE, 0.58),
     "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, 0.819e12, 1, 2, 1600e9 / 8 / 4, 16, _PCIE),
     "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, 1.64e12, 1, 2, 3584e9 / 8 / 4, 16, _PCIE),
 }
@@ -320,11 +325,12 @@ def _advice(report: dict) -> str:
     return f"the largest part is {big.replace('_', ' ')} ({m.get(big, 0) / GiB:.1f} GiB): try {tips[big]}"
 
 
-def compile_report(config, *, step: str = "train", topology: str | None = None,
+def compile_report(config, *, step: str = "train", topology: str | None = None, save_hlo: str | None = None,
                    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Compiles `step` of the job `config` (base_config() + a configs/ file) for a deviceless TPU slice and
     returns the report (module docstring). topology: a name for parse_topology; default: the smallest v5p
-    slice the config's mesh needs. Never raises for a program that does not fit: report["fits"] is False."""
+    slice the config's mesh needs. save_hlo: a file for the compiled program's text. Never raises for a program
+    that does not fit: report["fits"] is False."""
     from sharding.mesh import MeshError, make_mesh
     from sharding.rules import ShardingRuleError
     if step not in STEPS:
@@ -407,6 +413,9 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     xla = compiled.cost_analysis()
     xla = xla[0] if isinstance(xla, (list, tuple)) else xla
     text = compiled.as_text()
+    if save_hlo:
+        with open(save_hlo, "w") as f:
+            f.write(text)
     cost = HloCost(text)
     flops, hbm_bytes = cost.flops, cost.hbm_bytes
     per_chip = {f"{k}_per_chip": v / topo.chips for k, v in useful.items()}
@@ -427,11 +436,7 @@ def compile_report(config, *, step: str = "train", topology: str | None = None,
     report["collectives"] = cost.collectives()
     report["pallas_kernels"] = cost.pallas_kernels()
     report["kernels_without_cost_estimate"] = cost.uncosted_kernels()
-    estimate = StepTime(cost, topo.machine([tuple(d.coords) for d in mesh.devices.flat]))
-    report["step_seconds_estimate"] = estimate.seconds
-    report["mfu_estimate"] = useful_per_chip / (estimate.seconds * topo.spec.peak_bf16_flops) \
-        if estimate.seconds else None
-    report["step_time"] = estimate.summary()
+    report.update(_estimates(cost, topo, [tuple(d.coords) for d in mesh.devices.flat], useful_per_chip))
     if not report["fits"]:
         report["advice"] = _advice(report)
     return report
@@ -463,7 +468,6 @@ def hlo_report(path: str, topology: str, *, devices: str | None = None,
         raise AotError(f"--hlo_devices {devices}: {len(coords)} coordinates for {topo.chips} chips of "
                        f"{topo.spec.dims} dimensions each")
     cost = HloCost(text)
-    estimate = StepTime(cost, topo.machine(coords))
     report = {"step": "hlo", "hlo": path, "topology": topo.name, "chips": topo.chips, "libtpu": _libtpu_version(),
               "jax": jax.__version__,
               "flops": {"compiled_per_chip": cost.flops, "useful_per_chip": useful_flops_per_chip},
@@ -471,11 +475,31 @@ def hlo_report(path: str, topology: str, *, devices: str | None = None,
               "step_seconds_lower_bound": max(cost.flops / topo.spec.peak_bf16_flops,
                                               cost.hbm_bytes / topo.spec.hbm_bandwidth),
               "collectives": cost.collectives(), "pallas_kernels": cost.pallas_kernels(),
-              "kernels_without_cost_estimate": cost.uncosted_kernels(),
-              "step_seconds_estimate": estimate.seconds, "step_time": estimate.summary()}
-    report["mfu_estimate"] = (useful_flops_per_chip / (estimate.seconds * topo.spec.peak_bf16_flops)
-                              if useful_flops_per_chip and estimate.seconds else None)
+              "kernels_without_cost_estimate": cost.uncosted_kernels()}
+    report.update(_estimates(cost, topo, coords, useful_flops_per_chip))
     return report
+
+
+def _estimates(cost: HloCost, topo: Topology, coords: list[tuple[int, ...]], useful_per_chip: float | None) -> dict:
+    """The step-time estimate at the roofline (every compute-bound op at peak) and, where the generation has a
+    calibration, at the compute rate the measured run implies; each with its MFU."""
+    machine = topo.machine(coords)
+    estimate = StepTime(cost, machine)
+    out = {"step_seconds_estimate": estimate.seconds, "mfu_estimate": _mfu(useful_per_chip, estimate.seconds, topo),
+           "step_time": estimate.summary()}
+    if topo.spec.calibrated_efficiency:
+        calibrated = StepTime(cost, dataclasses.replace(machine, compute_efficiency=topo.spec.calibrated_efficiency))
+        out |= {"step_seconds_calibrated": calibrated.seconds,
+                "mfu_calibrated": _mfu(useful_per_chip, calibrated.seconds, topo)}
+    return out
+
+
+def _mfu(useful_per_chip: float | None, seconds: float, topo: Topology) -> float | None:
+    return useful_per_chip / (seconds * topo.spec.peak_bf16_flops) if useful_per_chip and seconds else None
+
+
+def _generation(name: str) -> str:
+    return parse_topology(name).generation
 
 
 def _libtpu_version() -> str | None:
@@ -566,6 +590,10 @@ def _step_time_lines(r: dict) -> list[str]:
              + f" (compute {st['compute_seconds'] * 1e3:.2f} ms, memory-bound ops "
                f"{st['memory_bound_seconds'] * 1e3:.2f} ms, exposed communication and transfers "
                f"{sum(st['exposed_seconds'].values()) * 1e3:.2f} ms)"]
+    if r.get("step_seconds_calibrated"):
+        lines.append(f"  calibrated (compute-bound ops at {TPUS[_generation(r['topology'])].calibrated_efficiency:.2f}"
+                     f" of peak, as a measured run): {r['step_seconds_calibrated'] * 1e3:.2f} ms"
+                     + (f", MFU {100 * r['mfu_calibrated']:.1f} %" if r.get("mfu_calibrated") else ""))
     for kind, busy in st["collective_busy_seconds"].items():
         lines.append(f"  {kind:<20} {busy * 1e3:>10.2f} ms on the interconnect, "
                      f"{st['exposed_seconds'].get(kind, 0.0) * 1e3:.2f} ms exposed")
@@ -590,6 +618,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("step", "train", list(STEPS), "train: the train step as train.py runs it; prefill / "
                       "decode: the Generator's, at config.infer's batch, max_len and prompt_len.")
     flags.DEFINE_string("report", None, "Also write the report as JSON to this file.")
+    flags.DEFINE_string("save_hlo", None, "Also write the compiled program's optimized HLO text to this file (to "
+                        "estimate it again later with --hlo).")
     flags.DEFINE_string("hlo", None, "Instead of compiling a config: estimate the step time of a program already "
                         "compiled for --topology, from its optimized HLO text (e.g. another trainer's "
                         "compiled.as_text()).")
@@ -612,7 +642,7 @@ def main(argv) -> int:
                             useful_flops_per_chip=FLAGS.hlo_useful_flops)
     else:
         try:
-            report = compile_report(FLAGS.config, step=FLAGS.step, topology=FLAGS.topology)
+            report = compile_report(FLAGS.config, step=FLAGS.step, topology=FLAGS.topology, save_hlo=FLAGS.save_hlo)
         except KeyboardInterrupt:
             raise commands.Interrupted("interrupted (Ctrl-C): nothing was compiled or written") from None
     print(format_report(report))
@@ -634,7 +664,8 @@ def cli():
 
     from k2jax.model.config import ConfigError
     _define_flags()
-    for name in ["config", "topology", "step", "report", "hlo", "hlo_devices", "hlo_useful_flops"]:
+    for name in ("config", "topology", "step", "report", "save_hlo", "hlo", "hlo_devices",
+                 "hlo_useful_flops"):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
     commands.run(main, prog="k2jax-aot", job_config=True, doc=__doc__,
                  errors={AotError: commands.USAGE, ConfigError: commands.USAGE})

@@ -3,9 +3,10 @@
 The optimized HLO of a scheduled program lists each computation's ops in the order the chip runs them. Walking it
 (loops times their trip counts, a conditional as its slowest branch):
 
-  an op         costs max(FLOPs / peak, HBM bytes / bandwidth) (`HloCost`'s counts: a fusion's matrix FLOPs, its
-                operands read and result written; a Pallas kernel's declared cost); it is "compute" or "memory"
-                by which term is larger.
+  an op         costs max(FLOPs / (peak x compute_efficiency), HBM bytes / bandwidth) (`HloCost`'s counts: a
+                fusion's matrix FLOPs, its operands read and result written; a Pallas kernel's declared cost); it
+                is "compute" or "memory" by which term is larger. compute_efficiency 1 is the roofline; the
+                calibrated figure (k2jax.tools.aot.TPUS[...].calibrated_efficiency) is what a measured run implies.
   a collective  costs its bytes over the bandwidth its device group gets on the torus (`collective_seconds`). A
                 synchronous one stops the chip for all of it (or for its own HBM traffic, if that is longer). An
                 asynchronous one (an -start / -done pair, or XLA:TPU's async collective fusion) runs on the
@@ -47,6 +48,7 @@ class Machine:
     wraps: tuple[bool, ...]            # whether each dimension has its wraparound links (a ring, else a line)
     coords: tuple[tuple[int, ...], ...]  # each device's torus coordinates, by the program's device number
     host_bandwidth: float              # bytes/s of one chip's link to its host's memory (PCIe), one direction
+    compute_efficiency: float = 1.0    # the fraction of peak_flops a compute-bound op runs at (1: the roofline)
 
 
 def collective_seconds(kind: str, nbytes: float, group: list[tuple[int, ...]], machine: Machine) -> float:
@@ -158,7 +160,7 @@ class StepTime:
 
     def _op(self, i, parts: collections.Counter) -> float:
         """An op's own time, max(FLOPs / peak, HBM bytes / bandwidth), added to parts as compute or memory."""
-        compute = self.cost.op_flops(i) / self.machine.peak_flops
+        compute = self.cost.op_flops(i) / (self.machine.peak_flops * self.machine.compute_efficiency)
         memory = self.cost.op_hbm_bytes(i) / self.machine.hbm_bandwidth
         if compute or memory:
             parts["compute" if compute >= memory else "memory", _label(i)] += max(compute, memory)

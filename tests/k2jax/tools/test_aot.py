@@ -2,6 +2,7 @@
 for a deviceless v5p-8 (4 chips): train and decode reports, a planted oversize config that exits 1, usage errors in
 one line (exit 2), Ctrl-C during a compile."""
 
+import dataclasses
 import json
 import os
 import re
@@ -112,7 +113,8 @@ def _dequantized_parameters_per_chip(config) -> int:
 @pytest.mark.parametrize("step,weights", [("train", None), ("decode", "fp8"), ("decode", "int4")])
 def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step, weights):
     report_path = tmp_path / "report.json"
-    run = _aot(f"--step={step}", f"--report={report_path}", *([f"--config.infer.weights={weights}"] if weights else []))
+    run = _aot(f"--step={step}", f"--report={report_path}", f"--save_hlo={tmp_path / 'step.hlo'}",
+               *([f"--config.infer.weights={weights}"] if weights else []))
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(report_path.read_text())
     assert (r["step"], r["topology"], r["chips"], r["fits"]) == (step, "v5p-8", 4, True)
@@ -142,6 +144,17 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step, weights):
                                                        + sum(st["exposed_seconds"].values()))
     assert st["collective_busy_seconds"] and len(st["top_ops"]) == 5
     assert 0 < r["mfu_estimate"] <= 1 and "step time estimate:" in run.stdout
+    assert r["step_seconds_calibrated"] > r["step_seconds_estimate"] and "calibrated (" in run.stdout
+    # the saved program estimates again the same (--hlo), its devices placed as the config's mesh placed them
+    from sharding.mesh import make_mesh
+    topo = aot.parse_topology("v5p-8")
+    coords = [list(d.coords) for d in make_mesh(r["mesh"], topo.devices()).devices.flat]
+    (tmp_path / "devices.json").write_text(json.dumps(coords))
+    again = aot.hlo_report(str(tmp_path / "step.hlo"), "v5p-8", devices=str(tmp_path / "devices.json"),
+                           useful_flops_per_chip=f["useful_per_chip"])
+    assert again["step_seconds_estimate"] == pytest.approx(r["step_seconds_estimate"])
+    assert again["mfu_calibrated"] == pytest.approx(r["mfu_calibrated"])
+    assert (again["flops"]["compiled_per_chip"], again["collectives"]) == (f["compiled_per_chip"], r["collectives"])
     if step == "train":
         assert m["optimizer_state"] > m["parameters"]  # MuonClip momentum + AdamW moments, f32
         assert r["model"]["remat"] == "full"
@@ -243,6 +256,9 @@ def test_cli_estimates_a_program_compiled_elsewhere(tmp_path):
     assert report["step_seconds_estimate"] == pytest.approx(want)
     assert report["flops"]["compiled_per_chip"] == 2 * 64 ** 3
     assert report["mfu_estimate"] == pytest.approx(1e6 / (want * topo.spec.peak_bf16_flops))
+    slower = dataclasses.replace(topo.machine([tuple(c) for c in chips]), compute_efficiency=0.58)
+    assert topo.spec.calibrated_efficiency == 0.58  # v5p's, from MaxText's measured DeepSeek-V3 run
+    assert report["step_seconds_calibrated"] == pytest.approx(StepTime(HloCost(hlo.read_text()), slower).seconds)
     assert f"step time estimate: {want * 1e3:.2f} ms" in r.stdout and "all-gather" in r.stdout
 
 

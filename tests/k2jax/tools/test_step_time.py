@@ -37,6 +37,20 @@ def _module(entry: str, extra: str = "") -> str:
             f"ENTRY %main (x: f32[64,64]) -> f32[64,64] {{\n  %x = f32[64,64]{{1,0}} parameter(0)\n{ops}\n}}\n")
 
 
+def test_compute_efficiency_scales_compute_bound_ops_only():
+    """A [64,64] x [64,64] dot made compute-bound (a slow chip): its time is FLOPs over peak x efficiency; a
+    memory-bound op keeps its HBM time."""
+    hlo = _module(f"""
+        {DOT}
+        ROOT %n = f32[64,64]{{1,0}} negate(%d)
+        """)
+    slow = Machine(1e9, HBM, W, (4,), (True,), RING4.coords, HOST)
+    flops, negate = 2 * 64 ** 3, 2 * 64 * 64 * 4 / HBM
+    assert StepTime(HloCost(hlo), slow).seconds == pytest.approx(flops / 1e9 + negate)
+    half = Machine(1e9, HBM, W, (4,), (True,), RING4.coords, HOST, compute_efficiency=0.5)
+    assert StepTime(HloCost(hlo), half).seconds == pytest.approx(flops / 0.5e9 + negate)
+
+
 def test_collective_bandwidth_terms_on_rings_and_lines():
     ring, line = list(RING4.coords), list(LINE4.coords)
     b = 1e6
