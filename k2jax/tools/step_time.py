@@ -143,11 +143,12 @@ class StepTime:
                     dma_free = max(t, dma_free) + cost.op_hbm_bytes(i) / machine.hbm_bandwidth
                     pending[i.name] = (dma_free, "copy")
                 continue
-            if i.op == "call-start":  # an async call that runs no collective: its ops on the SparseCore
+            if i.op == "call-start":  # an async call that runs no collective: its ops beside the TensorCore's
                 offloaded, _ = self._walk(cost.async_callee(i, by_name), depth + 1)
+                where = "sparsecore" if 'async_execution_thread="sparsecore"' in i.attrs else "async call"
                 core_free = max(t, core_free) + offloaded
-                pending[i.name] = (core_free, "sparsecore")
-                parts["busy", "sparsecore"] += offloaded
+                pending[i.name] = (core_free, where)
+                parts["busy", where] += offloaded
                 continue
             if i.op in ("copy-done", "dynamic-slice-done", "dynamic-update-slice-done", "call-done"):
                 t = self._wait(t, _started_by(i, by_name, pending), pending, parts)
@@ -159,7 +160,8 @@ class StepTime:
         return t, parts
 
     def _op(self, i, parts: collections.Counter) -> float:
-        """An op's own time, max(FLOPs / peak, HBM bytes / bandwidth), added to parts as compute or memory."""
+        """An op's own time, max(FLOPs / (peak x compute_efficiency), HBM bytes / bandwidth), added to parts as
+        compute or memory."""
         compute = self.cost.op_flops(i) / (self.machine.peak_flops * self.machine.compute_efficiency)
         memory = self.cost.op_hbm_bytes(i) / self.machine.hbm_bandwidth
         if compute or memory:
