@@ -598,7 +598,7 @@ def _step_time_lines(r: dict) -> list[str]:
         lines.append(f"  {kind:<20} {busy * 1e3:>10.2f} ms on the interconnect, "
                      f"{st['exposed_seconds'].get(kind, 0.0) * 1e3:.2f} ms exposed")
     for kind, busy in st.get("offload_busy_seconds", {}).items():
-        where = "on the host link" if kind == "host transfer" else "on the SparseCores"
+        where = {"host transfer": "on the host link", "sparsecore": "on the SparseCores"}.get(kind, "beside compute")
         lines.append(f"  {kind:<20} {busy * 1e3:>10.2f} ms {where}, "
                      f"{st['exposed_seconds'].get(kind, 0.0) * 1e3:.2f} ms exposed")
     if st["exposed_seconds"].get("copy"):
