@@ -8,7 +8,8 @@ inference configs), and the model it names.
 
 Sections: model (preset / hf_config / overrides), the training run (seed, steps, seq_len, global_batch, grad_accum,
 init_from, optimizer, data, checkpoint, metrics, profile, ep_overflow, distributed), mesh (axes, strategy,
-overlap_collectives: training and inference alike) and infer (what k2jax-aot compiles the Generator for).
+overlap_collectives, offload_collectives: training and inference alike) and infer (what k2jax-aot compiles the
+Generator for).
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
         "nesterov": True, "ns_steps": 5, "ns_dtype": "float32", "adam_b1": 0.9, "adam_b2": 0.95,
         "qk_clip_tau": 100.0})
     # overlap_collectives: libtpu's async collective fusion (k2jax.tools.startup.OVERLAP_FLAGS), the gathers and
-    # reductions running beside compute; set before libtpu starts (train.py, k2jax-aot), TPU only
-    c.mesh = ml_collections.ConfigDict({"axes": {"fsdp": -1}, "strategy": "fsdp", "overlap_collectives": False})
+    # reductions running beside compute; offload_collectives: libtpu's SparseCore collective offload (OFFLOAD_FLAGS,
+    # v5p and later), the gathers and reductions run on the SparseCores; one or neither, set before libtpu starts
+    # (train.py, k2jax-aot), TPU only
+    c.mesh = ml_collections.ConfigDict({"axes": {"fsdp": -1}, "strategy": "fsdp", "overlap_collectives": False,
+                                        "offload_collectives": False})
     # chat:PATHS (fine-tuning on conversations, k2jax/training/chat_data.py; a conversation is one training sequence,
     # or several where its template renders earlier turns differently once later ones follow): too_long, a sequence
     # longer than a row of seq_len + 1 tokens: "truncate" (cut to the row) or "drop", counted in the metrics either

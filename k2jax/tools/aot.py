@@ -102,7 +102,7 @@ TPUS: dict[str, TpuGeneration] = {
 }
 _ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
 STEPS = ("train", "prefill", "decode")
-_libtpu_started: list[bool] = []  # the overlap setting of this process's compiles (libtpu reads its flags once)
+_libtpu_started: list[tuple[bool, bool]] = []  # this process's compiles' (overlap, offload) settings
 
 
 class AotError(ValueError):
@@ -337,19 +337,25 @@ def compile_report(config, *, step: str = "train", topology: str | None = None, 
         raise AotError(f"step must be one of {STEPS}, got {step!r}")
     jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are deviceless
     topo = parse_topology(topology) if topology else default_topology(dict(config.mesh.axes))
-    overlap = bool(config.mesh.overlap_collectives)
-    if startup.overlap_collectives(overlap) and _libtpu_started:
-        raise AotError(f"mesh.overlap_collectives={overlap} differs from what libtpu started with in this process; "
-                       f"compile it in a new process (k2jax-aot runs one compile per process)")
+    overlap, offload = bool(config.mesh.overlap_collectives), bool(config.mesh.offload_collectives)
+    try:
+        changed = startup.collective_flags(config.mesh)
+    except ValueError as e:
+        raise AotError(str(e)) from None
+    if changed and _libtpu_started:
+        raise AotError(f"mesh.overlap_collectives={overlap} / offload_collectives={offload} differ from what libtpu "
+                       f"started with in this process; compile it in a new process (k2jax-aot runs one compile "
+                       f"per process)")
     devices = topo.devices()
-    _libtpu_started.append(overlap)
+    _libtpu_started.append((overlap, offload))
     try:
         mesh = make_mesh(dict(config.mesh.axes), devices)
     except MeshError as e:
         raise AotError(f"the config's mesh does not fit {topo.name} ({topo.chips} chips): {e}") from None
     hbm = topo.spec.hbm_bytes
     report = {"step": step, "topology": topo.name, "chips": topo.chips, "mesh": dict(mesh.shape),
-              "strategy": config.mesh.strategy, "overlap_collectives": overlap, "hbm_per_chip": hbm,
+              "strategy": config.mesh.strategy, "overlap_collectives": overlap, "offload_collectives": offload,
+              "hbm_per_chip": hbm,
               "libtpu": _libtpu_version(),
               "jax": jax.__version__}
     log(f"k2jax-aot: {step} step on {topo.name} ({topo.chips} chips, mesh {dict(mesh.shape)}, "

@@ -43,24 +43,47 @@ _PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called ar
 
 # libtpu's async collective fusion: all-gathers and all-reduces start early and advance inside compute fusions, so a
 # step waits only for what compute does not cover (the flags MaxText sets in LIBTPU_INIT_ARGS for its MoE runs).
-# libtpu reads LIBTPU_INIT_ARGS once, when it starts in a process.
 OVERLAP_FLAGS = ("--xla_tpu_enable_async_collective_fusion=true "
                  "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
                  "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
                  "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
                  "--xla_enable_async_all_reduce=true")
+# libtpu's SparseCore collective offload (v5p and later): all-gathers, reduce-scatters and all-reduces run on the
+# chip's SparseCores, beside the TensorCores' compute (the flags of MaxText's v5p DeepSeek-V3 recipe,
+# ENABLE_SPARSECORE_OFFLOADING_FOR_RS_AG_AR in its benchmarks/xla_flags_library.py).
+OFFLOAD_FLAGS = ("--xla_tpu_enable_async_collective_fusion_fuse_all_gather=false "
+                 "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=false "
+                 "--xla_tpu_enable_async_collective_fusion_fuse_reduce_scatter=false "
+                 "--xla_tpu_enable_sparse_core_collective_offload_all_gather=true "
+                 "--xla_tpu_enable_sparse_core_collective_offload_reduce_scatter=true "
+                 "--xla_tpu_enable_sparse_core_collective_offload_all_reduce=true "
+                 "--xla_tpu_enable_all_gather_offload_tracing=true "
+                 "--xla_tpu_enable_reduce_scatter_offload_tracing=true "
+                 "--xla_tpu_enable_all_reduce_offload_tracing=true --xla_tpu_use_tc_device_shape_on_sc=true "
+                 "--xla_sc_enable_instruction_fusion=false --xla_sc_disjoint_spmem=false "
+                 "--xla_sc_disable_megacore_partitioning=true")
+# the job config's mesh settings that are libtpu flags; libtpu reads LIBTPU_INIT_ARGS once, when it starts
+COLLECTIVE_FLAGS = {"overlap_collectives": OVERLAP_FLAGS, "offload_collectives": OFFLOAD_FLAGS}
 
 
-def overlap_collectives(enabled: bool) -> bool:
-    """Puts OVERLAP_FLAGS in LIBTPU_INIT_ARGS (or takes them out) for libtpu to read when it starts. Returns
-    whether the environment changed."""
-    args = os.environ.get("LIBTPU_INIT_ARGS", "")
-    has = OVERLAP_FLAGS in args
-    if enabled == has:
+def collective_flags(mesh) -> bool:
+    """Puts each of COLLECTIVE_FLAGS that the job config's `mesh` turns on in LIBTPU_INIT_ARGS and takes out the
+    others, for libtpu to read when it starts. Returns whether the environment changed. overlap and offload set
+    the same flags differently: asking for both is a ValueError."""
+    wanted = {name: bool(mesh.get(name, False)) for name in COLLECTIVE_FLAGS}
+    if all(wanted.values()):
+        raise ValueError("mesh.overlap_collectives and mesh.offload_collectives exclude each other (the offload "
+                         "runs the collectives on the SparseCores, not fused into compute): set one")
+    before = args = os.environ.get("LIBTPU_INIT_ARGS", "")
+    for name, flags in COLLECTIVE_FLAGS.items():
+        args = args.replace(flags, "")
+        if wanted[name]:
+            args = f"{args} {flags}"
+    args = " ".join(args.split())
+    if args == " ".join(before.split()):
         return False
-    args = f"{args} {OVERLAP_FLAGS}" if enabled else args.replace(OVERLAP_FLAGS, "")
-    if args.strip():
-        os.environ["LIBTPU_INIT_ARGS"] = " ".join(args.split())
+    if args:
+        os.environ["LIBTPU_INIT_ARGS"] = args
     else:
         os.environ.pop("LIBTPU_INIT_ARGS", None)
     return True

@@ -353,9 +353,14 @@ def train(config, workdir: str, *, config_source: str = "") -> dict:
     steps completed, "loss": the last step's loss (None when no step ran)}. config_source: how the config was made
     (e.g. its file and overrides), for the banner."""
     workdir = local_path(workdir)
-    if startup.overlap_collectives(bool(config.mesh.overlap_collectives)) and startup.jax_backends_started():
-        raise UsageError(f"mesh.overlap_collectives={config.mesh.overlap_collectives} comes too late: jax has started "
-                         f"its backends in this process (train.py sets it before; in a notebook, call train() first)")
+    try:
+        changed = startup.collective_flags(config.mesh)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if changed and startup.jax_backends_started():
+        raise UsageError(f"mesh.overlap_collectives={config.mesh.overlap_collectives} / offload_collectives="
+                         f"{config.mesh.offload_collectives} comes too late: jax has started its "
+                         f"backends in this process (train.py sets them before; in a notebook, call train() first)")
     maybe_initialize_distributed(config)
     cfg = check_config(config, workdir)
     mesh = make_mesh(dict(config.mesh.axes))

@@ -112,3 +112,25 @@ def test_paths_have_one_spelling():
     assert local_path("out/") == "out" and local_path("/a//b/") == "/a/b" and local_path("./x/") == "x"
     assert local_path("~/k2") == os.path.join(os.path.expanduser("~"), "k2")
     assert local_path("gs://bucket/run/") == "gs://bucket/run/" and local_path("") == ""
+
+
+def test_collective_flags_follow_the_job_configs_mesh(monkeypatch):
+    """mesh.overlap_collectives / offload_collectives put their libtpu flags in LIBTPU_INIT_ARGS (beside the user's
+    own), take them out again when off, and refuse both at once."""
+    import ml_collections
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_user_flag=1")
+
+    def mesh(overlap, offload):
+        return ml_collections.ConfigDict({"overlap_collectives": overlap, "offload_collectives": offload})
+
+    assert startup.collective_flags(mesh(False, True))
+    assert os.environ["LIBTPU_INIT_ARGS"] == "--xla_user_flag=1 " + startup.OFFLOAD_FLAGS
+    assert not startup.collective_flags(mesh(False, True))  # already so
+    assert startup.collective_flags(mesh(True, False))
+    assert os.environ["LIBTPU_INIT_ARGS"] == "--xla_user_flag=1 " + startup.OVERLAP_FLAGS
+    assert startup.collective_flags(mesh(False, False))
+    assert os.environ["LIBTPU_INIT_ARGS"] == "--xla_user_flag=1"
+    with pytest.raises(ValueError, match="exclude each other"):
+        startup.collective_flags(mesh(True, True))
+    monkeypatch.delenv("LIBTPU_INIT_ARGS")
+    assert not startup.collective_flags(mesh(False, False)) and "LIBTPU_INIT_ARGS" not in os.environ
