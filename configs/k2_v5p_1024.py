@@ -5,8 +5,9 @@
     k2jax-aot --config=configs/k2_v5p_1024.py         # compile it for v5p-2048 on any machine: fits?
 
 Run the same command on every host. The 256-chip job (configs/k2_v5p_256.py) four times over data: the same
-tokens per chip, MuonClip state further split over data (ZeRO-1). k2jax-aot (2026-12-02): 48.73 GiB of
-95.74 GiB per chip, fits; the report is in docs/aot.md.
+tokens per chip, MuonClip state further split over data (ZeRO-1). k2jax-aot (2026-12-07): 62.00 GiB of
+95.74 GiB per chip, fits; step estimate 6.14 s (MFU 41.5 %), calibrated 8.06 s (31.6 %); the report is in
+docs/aot.md.
 """
 
 from configs.k2_v5p_256 import get_config as _k2_256
