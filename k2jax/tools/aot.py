@@ -3,6 +3,7 @@
     k2jax-aot --config=configs/k2_v5p_256.py                       # the train step, for the slice the mesh needs
     k2jax-aot --config=configs/k2_infer_v5p.py --step=decode --report=decode.json
     k2jax-aot --config=configs/tiny.py --topology=v5p-8 --config.mesh.axes='{"fsdp": 4}'
+    k2jax-aot --config=configs/k2_v5p_256.py --save_hlo=step.hlo     # also keep the compiled program
     k2jax-aot --hlo=train_step.hlo --topology=v5p-1024    # the step-time estimate of a program compiled elsewhere
 
     report = compile_report(config, step="train", topology="v5p-512")   # the same from Python: a dict
@@ -23,6 +24,14 @@ for weights anywhere), and the very functions train.py and the Generator jit are
               bound this puts on tokens/s at the chip's bandwidth
   collectives every all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute: executions per
               step (loop trip counts applied) and bytes moved per chip
+  step time   the step predicted from the compiled schedule (k2jax/tools/step_time.py): compute, memory-bound ops,
+              the communication and host transfers compute does not hide, the five costliest ops; on v5p also
+              calibrated (compute-bound ops at the rate a measured run implies), each with its MFU; the kernels
+              that declare no cost estimate (not counted) are named
+
+--hlo=FILE (instead of --config) gives the FLOPs, HBM bytes, collectives and step time of a program compiled
+elsewhere (its optimized HLO text) for --topology; --hlo_devices places its devices on the slice (a JSON list of
+chip coordinates by device number), --hlo_useful_flops gives the model's FLOPs per chip for the MFU.
 
 A program that does not fit (its arguments alone, found before compiling; the compiler's HBM check; or the total
 above the chip's HBM) exits 1 with what to change; so does one with a Pallas kernel launch whose blocks need more
@@ -338,14 +347,19 @@ def compile_report(config, *, step: str = "train", topology: str | None = None, 
     jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are deviceless
     topo = parse_topology(topology) if topology else default_topology(dict(config.mesh.axes))
     overlap, offload = bool(config.mesh.overlap_collectives), bool(config.mesh.offload_collectives)
-    try:
-        changed = startup.collective_flags(config.mesh)
-    except ValueError as e:
-        raise AotError(str(e)) from None
-    if changed and _libtpu_started:
+    if _libtpu_started and _libtpu_started[0] != (overlap, offload):
         raise AotError(f"mesh.overlap_collectives={overlap} / offload_collectives={offload} differ from what libtpu "
                        f"started with in this process; compile it in a new process (k2jax-aot runs one compile "
                        f"per process)")
+    try:
+        startup.collective_flags(config.mesh)
+    except ValueError as e:
+        raise AotError(str(e)) from None
+    if save_hlo:
+        try:
+            open(save_hlo, "w").close()  # a path that cannot be written fails now, not after the compile
+        except OSError as e:
+            raise AotError(f"--save_hlo {save_hlo}: {e.strerror}") from None
     devices = topo.devices()
     _libtpu_started.append((overlap, offload))
     try:
@@ -423,26 +437,19 @@ def compile_report(config, *, step: str = "train", topology: str | None = None, 
         with open(save_hlo, "w") as f:
             f.write(text)
     cost = HloCost(text)
-    flops, hbm_bytes = cost.flops, cost.hbm_bytes
     per_chip = {f"{k}_per_chip": v / topo.chips for k, v in useful.items()}
     useful_per_chip = sum(per_chip.values())
-    report["flops"] = {"compiled_per_chip": flops, "useful_per_chip": useful_per_chip, **per_chip,
-                       "compiled_over_useful": flops / useful_per_chip if useful_per_chip else None,
-                       "xla_cost_analysis_per_chip": float(xla.get("flops", 0.0))}
-    report["hbm_bytes_accessed_per_chip"] = hbm_bytes
+    report.update(_program_costs(cost, topo, [tuple(d.coords) for d in mesh.devices.flat], useful_per_chip))
+    hbm_bytes = cost.hbm_bytes
+    report["flops"].update(per_chip, xla_cost_analysis_per_chip=float(xla.get("flops", 0.0)))
     report["xla_bytes_accessed_per_chip"] = float(xla.get("bytes accessed", 0.0))
-    seconds_bound = max(flops / topo.spec.peak_bf16_flops, hbm_bytes / topo.spec.hbm_bandwidth)
-    report["step_seconds_lower_bound"] = seconds_bound
+    seconds_bound = report["step_seconds_lower_bound"]
     report["tokens_per_step"] = tokens
     report["tokens_per_second_bound"] = tokens / seconds_bound if seconds_bound else None
     if step == "decode":
         report["hbm_bytes_per_generated_token"] = hbm_bytes * topo.chips / tokens
         report["hbm_bytes_minimum_per_step"] = _decode_minimum(config, cfg)
         report["hbm_bytes_over_minimum"] = hbm_bytes * topo.chips / report["hbm_bytes_minimum_per_step"]
-    report["collectives"] = cost.collectives()
-    report["pallas_kernels"] = cost.pallas_kernels()
-    report["kernels_without_cost_estimate"] = cost.uncosted_kernels()
-    report.update(_estimates(cost, topo, [tuple(d.coords) for d in mesh.devices.flat], useful_per_chip))
     if not report["fits"]:
         report["advice"] = _advice(report)
     return report
@@ -457,55 +464,70 @@ def hlo_report(path: str, topology: str, *, devices: str | None = None,
     useful_flops_per_chip: the model's FLOPs per chip per step, for `mfu_estimate`."""
     topo = parse_topology(topology)
     try:
-        text = open(path).read()
-    except OSError as e:
-        raise AotError(f"--hlo {path}: {e.strerror}") from None
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AotError(f"--hlo {path}: {getattr(e, 'strerror', None) or 'not a text file'}") from None
     if "ENTRY" not in text:
         raise AotError(f"--hlo {path}: not an HLO module's text (no ENTRY computation)")
-    if devices:
-        try:
-            coords = [tuple(int(v) for v in c[:topo.spec.dims]) for c in json.load(open(devices))]
-        except (OSError, ValueError, TypeError) as e:
-            raise AotError(f"--hlo_devices {devices}: expected a JSON list of chip coordinates ({e})") from None
-    else:
-        jax.config.update("jax_platforms", "cpu")
-        coords = [tuple(d.coords) for d in topo.devices()]
-    if len(coords) != topo.chips or not all(len(c) == topo.spec.dims for c in coords):
-        raise AotError(f"--hlo_devices {devices}: {len(coords)} coordinates for {topo.chips} chips of "
-                       f"{topo.spec.dims} dimensions each")
-    cost = HloCost(text)
-    report = {"step": "hlo", "hlo": path, "topology": topo.name, "chips": topo.chips, "libtpu": _libtpu_version(),
-              "jax": jax.__version__,
-              "flops": {"compiled_per_chip": cost.flops, "useful_per_chip": useful_flops_per_chip},
-              "hbm_bytes_accessed_per_chip": cost.hbm_bytes,
-              "step_seconds_lower_bound": max(cost.flops / topo.spec.peak_bf16_flops,
-                                              cost.hbm_bytes / topo.spec.hbm_bandwidth),
-              "collectives": cost.collectives(), "pallas_kernels": cost.pallas_kernels(),
-              "kernels_without_cost_estimate": cost.uncosted_kernels()}
-    report.update(_estimates(cost, topo, coords, useful_flops_per_chip))
+    partitions = re.search(r"num_partitions=(\d+)", text.split("\n", 1)[0])
+    if partitions and int(partitions.group(1)) != topo.chips:
+        raise AotError(f"--hlo {path}: the program runs on {partitions.group(1)} devices, {topo.name} has "
+                       f"{topo.chips} chips")
+    coords = _device_coords(devices, topo)
+    try:
+        cost = HloCost(text)
+        report = {"step": "hlo", "hlo": path, "topology": topo.name, "chips": topo.chips,
+                  "libtpu": _libtpu_version(), "jax": jax.__version__}
+        report.update(_program_costs(cost, topo, coords, useful_flops_per_chip))
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError, ZeroDivisionError) as e:
+        raise AotError(f"--hlo {path}: cannot read the program ({type(e).__name__}: {e})") from None
     return report
 
 
-def _estimates(cost: HloCost, topo: Topology, coords: list[tuple[int, ...]], useful_per_chip: float | None) -> dict:
-    """The step-time estimate at the roofline (every compute-bound op at peak) and, where the generation has a
-    calibration, at the compute rate the measured run implies; each with its MFU."""
+def _device_coords(devices: str | None, topo: Topology) -> list[tuple[int, ...]]:
+    """Each program device's chip: from the JSON file `devices`, checked against the slice, or libtpu's order."""
+    if not devices:
+        jax.config.update("jax_platforms", "cpu")
+        return [tuple(d.coords) for d in topo.devices()]
+    try:
+        with open(devices) as f:
+            coords = [tuple(int(v) for v in c) for c in json.load(f)]
+    except (OSError, ValueError, TypeError) as e:
+        raise AotError(f"--hlo_devices {devices}: expected a JSON list of chip coordinates ({e})") from None
+    inside = all(len(c) == topo.spec.dims and all(0 <= v < n for v, n in zip(c, topo.shape)) for c in coords)
+    if len(coords) != topo.chips or len(set(coords)) != len(coords) or not inside:
+        raise AotError(f"--hlo_devices {devices}: expected {topo.chips} distinct chips of {topo.name} "
+                       f"(shape {'x'.join(map(str, topo.shape))}), got {len(coords)} coordinates")
+    return coords
+
+
+def _program_costs(cost: HloCost, topo: Topology, coords: list[tuple[int, ...]],
+                   useful_per_chip: float | None) -> dict:
+    """The report's entries read from the compiled program: FLOPs, HBM bytes, their roofline bound, collectives,
+    kernels, and the step-time estimate at the roofline (every compute-bound op at peak) and, where the generation
+    has a calibration, at the compute rate a measured run implies; each with its MFU."""
+    flops, hbm_bytes = cost.flops, cost.hbm_bytes
     machine = topo.machine(coords)
     estimate = StepTime(cost, machine)
-    out = {"step_seconds_estimate": estimate.seconds, "mfu_estimate": _mfu(useful_per_chip, estimate.seconds, topo),
+    out = {"flops": {"compiled_per_chip": flops, "useful_per_chip": useful_per_chip,
+                     "compiled_over_useful": flops / useful_per_chip if useful_per_chip else None},
+           "hbm_bytes_accessed_per_chip": hbm_bytes,
+           "step_seconds_lower_bound": max(flops / topo.spec.peak_bf16_flops, hbm_bytes / topo.spec.hbm_bandwidth),
+           "collectives": cost.collectives(), "pallas_kernels": cost.pallas_kernels(),
+           "kernels_without_cost_estimate": cost.uncosted_kernels(),
+           "step_seconds_estimate": estimate.seconds, "mfu_estimate": _mfu(useful_per_chip, estimate.seconds, topo),
            "step_time": estimate.summary()}
-    if topo.spec.calibrated_efficiency:
-        calibrated = StepTime(cost, dataclasses.replace(machine, compute_efficiency=topo.spec.calibrated_efficiency))
-        out |= {"step_seconds_calibrated": calibrated.seconds,
+    efficiency = topo.spec.calibrated_efficiency
+    if efficiency:
+        calibrated = StepTime(cost, dataclasses.replace(machine, compute_efficiency=efficiency))
+        out |= {"compute_efficiency_calibrated": efficiency, "step_seconds_calibrated": calibrated.seconds,
                 "mfu_calibrated": _mfu(useful_per_chip, calibrated.seconds, topo)}
     return out
 
 
 def _mfu(useful_per_chip: float | None, seconds: float, topo: Topology) -> float | None:
     return useful_per_chip / (seconds * topo.spec.peak_bf16_flops) if useful_per_chip and seconds else None
-
-
-def _generation(name: str) -> str:
-    return parse_topology(name).generation
 
 
 def _libtpu_version() -> str | None:
@@ -567,8 +589,8 @@ def _cost_lines(r: dict) -> list[str]:
     parts = ", ".join(f"{k.removesuffix('_per_chip')} {v:.3e}" for k, v in f.items()
                       if k.endswith("_per_chip") and k not in ("compiled_per_chip", "useful_per_chip",
                                                                "xla_cost_analysis_per_chip"))
-    useful = f" useful {f['useful_per_chip']:.3e}" if f.get("useful_per_chip") else ""
-    lines.append(f"FLOPs per chip: compiled {f['compiled_per_chip']:.3e}," + useful + (f" ({parts})" if parts else "")
+    useful = f", useful {f['useful_per_chip']:.3e}" if f.get("useful_per_chip") else ""
+    lines.append(f"FLOPs per chip: compiled {f['compiled_per_chip']:.3e}" + useful + (f" ({parts})" if parts else "")
                  + (f"; compiled / useful {ratio:.2f}" if ratio else ""))
     tokens = f", <= {r['tokens_per_second_bound']:.0f} tokens/s" if r.get("tokens_per_second_bound") else ""
     lines.append(f"HBM bytes accessed per chip: {r['hbm_bytes_accessed_per_chip']:.3e}; step >= "
@@ -597,7 +619,7 @@ def _step_time_lines(r: dict) -> list[str]:
                f"{st['memory_bound_seconds'] * 1e3:.2f} ms, exposed communication and transfers "
                f"{sum(st['exposed_seconds'].values()) * 1e3:.2f} ms)"]
     if r.get("step_seconds_calibrated"):
-        lines.append(f"  calibrated (compute-bound ops at {TPUS[_generation(r['topology'])].calibrated_efficiency:.2f}"
+        lines.append(f"  calibrated (compute-bound ops at {r['compute_efficiency_calibrated']:.2f}"
                      f" of peak, as a measured run): {r['step_seconds_calibrated'] * 1e3:.2f} ms"
                      + (f", MFU {100 * r['mfu_calibrated']:.1f} %" if r.get("mfu_calibrated") else ""))
     for kind, busy in st["collective_busy_seconds"].items():
@@ -620,7 +642,8 @@ def _define_flags() -> None:
     from absl import flags
     commands.define_job_config()
     flags.DEFINE_string("topology", None, "TPU slice to compile for: v5p-512 (gcloud's name) or v5p:4x8x8; "
-                        f"generations {', '.join(TPUS)}. Default: the smallest v5p slice the config's mesh needs.")
+                        f"generations {', '.join(TPUS)}. Default: the smallest v5p slice the config's mesh needs "
+                        "(with --hlo: the slice the program was compiled for, required).")
     flags.DEFINE_enum("step", "train", list(STEPS), "train: the train step as train.py runs it; prefill / "
                       "decode: the Generator's, at config.infer's batch, max_len and prompt_len.")
     flags.DEFINE_string("report", None, "Also write the report as JSON to this file.")
@@ -641,6 +664,10 @@ def main(argv) -> int:
     FLAGS = flags.FLAGS
     if (FLAGS.config is None) == (FLAGS.hlo is None):
         raise AotError("give one of --config (a job to compile) and --hlo (a program compiled already)")
+    if FLAGS.hlo and (FLAGS["step"].present or FLAGS.save_hlo):
+        raise AotError("--step and --save_hlo are for compiling a --config; --hlo reads a program compiled already")
+    if not FLAGS.hlo and (FLAGS.hlo_devices or FLAGS.hlo_useful_flops is not None):
+        raise AotError("--hlo_devices and --hlo_useful_flops go with --hlo")
     if FLAGS.hlo:
         if not FLAGS.topology:
             raise AotError("--hlo needs --topology: the slice the program was compiled for")

@@ -42,7 +42,7 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$", re.S)
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
-_CLOSE = re.compile(r"^\}(?:, \w+=\S*)?\s*$")  # a computation's closing line (`}, execution_thread="..."`)
+_CLOSE = re.compile(r'^\}(?:, execution_thread="[^"]*")?\s*$')  # a computation's closing line
 _CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -55,7 +55,7 @@ _COST_ESTIMATE = re.compile(r'"cost_estimate":(\{[^}]*\})')
 # ops that move no HBM bytes of their own (their computations' ops are counted where they run)
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
                "after-all", "opt-barrier", "partition-id", "replica-id", "iota", "call-start", "call-done",
-               "async-start", "async-update", "async-done", "add-dependency", "domain"}
+               "async-start", "async-update", "async-done", "call-update", "add-dependency", "domain"}
 _SLICING = ("dynamic-slice", "slice", "gather")
 _IN_PLACE = ("dynamic-update-slice", "scatter")  # operand 0 is the buffer, updated where it lies
 _VIEWS = ("bitcast", "reshape", "get-tuple-element")  # a user that passes the value on: its users decide
@@ -100,15 +100,15 @@ class Launch:
 
 
 def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(dtype, dims, on chip) of each array in a result type (a tuple type has several). On chip: a memory
-    space other than HBM's 0 (S(1) VMEM, S(2) SMEM, ...)."""
+    """(dtype, dims, off HBM) of each array in a result type (a tuple type has several). Off HBM: a memory
+    space other than HBM's 0 (S(1) VMEM, S(2) SMEM, S(5) host memory, ...)."""
     return [(dtype, tuple(int(d) for d in dims.split(",") if d), bool(_MEMORY_SPACE.search(layout)))
             for dtype, dims, layout in _ARRAY.findall(type_text) if dtype in _DTYPE_BYTES]
 
 
 def _bytes(type_text: str, hbm_only: bool = False) -> float:
-    return sum(math.prod(dims) * _DTYPE_BYTES[dtype] for dtype, dims, vmem in _arrays(type_text)
-               if not (hbm_only and vmem))
+    return sum(math.prod(dims) * _DTYPE_BYTES[dtype] for dtype, dims, off_hbm in _arrays(type_text)
+               if not (hbm_only and off_hbm))
 
 
 class HloCost:
@@ -118,8 +118,8 @@ class HloCost:
         self.computations: dict[str, list[_Instruction]] = {}
         entry, current = None, None
         for line in _logical_lines(hlo_text):
-            m = _COMPUTATION.match(line)
-            if m and "=" not in line.split("(")[0]:
+            m = _header(line)
+            if m:
                 current = m.group(1)
                 self.computations[current] = []
                 entry = current if line.startswith("ENTRY") else entry
@@ -130,6 +130,7 @@ class HloCost:
         self.entry = entry or next(iter(self.computations), "")
         self.types = {i.name: i.type for ins in self.computations.values() for i in ins}
         self.fused: set[str] = set()  # computations whose ops run in registers / VMEM: a fusion's body
+        self.async_bodies: set[str] = set()  # the computations async calls run (their collectives: the call's)
         calls: dict[str, list[tuple[str, int]]] = {c: [] for c in self.computations}
         for comp, instructions in self.computations.items():
             for i in instructions:
@@ -137,8 +138,10 @@ class HloCost:
                 trips = self.trip_count(i, callees) if i.op == "while" else 1
                 for kind, callee in callees:
                     calls[comp].append((callee, trips if kind == "body" else 1))
-                    if i.op == "fusion" or kind == "to_apply":
-                        self.fused.add(callee)
+                    if i.op == "fusion" or (kind == "to_apply" and i.op not in ("call", "call-start")):
+                        self.fused.add(callee)  # a fusion's body, a reduction's or a sort's computation
+                    if i.op == "call-start":
+                        self.async_bodies.add(callee)
                 for group in _BRANCHES.findall(i.attrs):
                     calls[comp] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
         self.times = {c: 0 for c in self.computations}
@@ -238,8 +241,8 @@ class HloCost:
                 return float(json.loads(estimate.group(1)).get("bytes_accessed", 0))
         operands = [_bytes(self.types.get(o, ""), hbm_only=True) for o in i.operands]
         if i.op in ("dynamic-slice-start", "dynamic-update-slice-start"):  # a DMA: one side in HBM unless both are
-            moved, host = self.transfer(i)
-            return moved if host else 2 * moved
+            moved, direction = self.transfer(i)
+            return moved if direction else 2 * moved
         if i.op == "copy-start":  # (destination, source, context): the source is the operand
             destination = i.type[1:].split(", ")[0]
             return sum(operands) + _bytes(destination, hbm_only=True)
@@ -339,18 +342,22 @@ class HloCost:
             i = by_name[i.operands[0]]
         return next((c for k, c in _CALLEES.findall(i.attrs) if k in ("calls", "to_apply")), "")
 
-    def transfer(self, i: _Instruction) -> tuple[float, bool]:
+    def transfer(self, i: _Instruction) -> tuple[float, str | None]:
         """An async DMA (`_TRANSFERS`): the bytes it moves (a copy its source, a dynamic-slice the slice, a
-        dynamic-update-slice the update) and whether they cross to or from host memory."""
-        if i.op == "copy-start":
-            moved = _bytes(self.types.get(i.operands[0], "")) if i.operands else 0.0
-        elif i.op == "dynamic-update-slice-start":
-            moved = _bytes(self.types.get(i.operands[1], "")) if len(i.operands) > 1 else 0.0
+        dynamic-update-slice the update) and its direction over the host link: "to host" (into host memory),
+        "from host", or None (within HBM)."""
+        source = self.types.get(i.operands[0], "") if i.operands else ""
+        if i.op == "copy-start":  # ((destination, source, context)
+            moved, into = _bytes(source), i.type[1:].split(", ")[0]
+        elif i.op == "dynamic-update-slice-start":  # the update into operand 0
+            moved, into = (_bytes(self.types.get(i.operands[1], "")) if len(i.operands) > 1 else 0.0), source
         else:  # dynamic-slice-start: ((operands), slice, context)
             arrays = _arrays(i.type)
             moved = math.prod(arrays[-2][1]) * _DTYPE_BYTES[arrays[-2][0]] if len(arrays) > 1 else 0.0
-        host = _HOST_MEMORY.search(i.type) or any(_HOST_MEMORY.search(self.types.get(o, "")) for o in i.operands)
-        return moved, bool(host)
+            into = ""
+        if _HOST_MEMORY.search(into):
+            return moved, "to host"
+        return moved, "from host" if _HOST_MEMORY.search(source) else None
 
     def _operand_bytes(self, i: _Instruction) -> float:
         return _bytes(self.types.get(i.operands[0], "")) if i.operands else 0.0
@@ -371,7 +378,7 @@ class HloCost:
         once: a synchronous collective or the start of an asynchronous one)."""
         found: dict[str, list[float]] = {}
         for comp in self.computations:
-            if comp in self.fused:
+            if comp in self.fused or comp in self.async_bodies:
                 continue
             for launch in self.launches(comp).values():
                 if launch.role not in ("sync", "start"):
@@ -411,17 +418,26 @@ def _is_kernel(i: _Instruction) -> bool:
 
 
 def _logical_lines(hlo_text: str) -> list[str]:
-    """The module's lines with an instruction's continuation lines joined to it (a Pallas kernel's
-    frontend_attributes can hold newlines, its backend_config, with the kernel's cost estimate, then follows on a
-    later line)."""
+    """The module's lines with an instruction continued over several lines joined into one: after an instruction's
+    first line, lines join it while its braces are open (a Pallas kernel's frontend_attributes can hold newlines,
+    its backend_config, with the kernel's cost estimate, then follows on a later line), up to a computation's own
+    header or closing line at the latest."""
     lines: list[str] = []
+    depth = 0
     for line in hlo_text.splitlines():
-        if lines and line.strip() and not line.startswith("HloModule") and not _CLOSE.match(line) \
-                and not _INSTRUCTION.match(line) and not _COMPUTATION.match(line):
+        if depth > 0 and not _CLOSE.match(line) and not _header(line):
             lines[-1] += "\n" + line
-        else:
-            lines.append(line)
+            depth += line.count("{") - line.count("}")
+            continue
+        lines.append(line)
+        depth = line.count("{") - line.count("}") if _INSTRUCTION.match(line) else 0
     return lines
+
+
+def _header(line: str) -> re.Match | None:
+    """A computation's header line (`%name (params) -> type {`), not an instruction."""
+    m = _COMPUTATION.match(line)
+    return m if m and "=" not in line.split("(")[0] else None
 
 
 def _parameters(body: list[_Instruction]) -> dict[int, str]:

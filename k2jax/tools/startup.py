@@ -74,14 +74,14 @@ def collective_flags(mesh) -> bool:
     if all(wanted.values()):
         raise ValueError("mesh.overlap_collectives and mesh.offload_collectives exclude each other (the offload "
                          "runs the collectives on the SparseCores, not fused into compute): set one")
-    before = args = os.environ.get("LIBTPU_INIT_ARGS", "")
+    args = os.environ.get("LIBTPU_INIT_ARGS", "")
+    if all((flags in args) == wanted[name] for name, flags in COLLECTIVE_FLAGS.items()):
+        return False
     for name, flags in COLLECTIVE_FLAGS.items():
         args = args.replace(flags, "")
         if wanted[name]:
             args = f"{args} {flags}"
     args = " ".join(args.split())
-    if args == " ".join(before.split()):
-        return False
     if args:
         os.environ["LIBTPU_INIT_ARGS"] = args
     else:

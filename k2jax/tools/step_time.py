@@ -14,7 +14,7 @@ The optimized HLO of a scheduled program lists each computation's ops in the ord
                 ops scheduled in between did not cover: its exposed time.
   a DMA         (copy-start / copy-done, dynamic-slice-start / -done, dynamic-update-slice-start / -done) moves
                 its bytes beside the ops, exposed likewise: at HBM bandwidth within HBM, at the host link's
-                bandwidth to or from host memory (host offloading's S(5)), one transfer at a time per link.
+                bandwidth to or from host memory (host offloading's S(5)), one transfer at a time each way.
   an async call (call-start / call-done on the SparseCore thread): a collective in it as above (SparseCore
                 collective offload); other work (scatters, copies) costs its ops at the chip's rates, beside the
                 TensorCore's, exposed at the call-done.
@@ -36,6 +36,7 @@ import re
 from k2jax.tools.hlo_cost import _BRANCHES, _CALLEES, _TRANSFERS, HloCost, Launch, replica_groups
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_DONES = tuple(op.replace("-start", "-done") for op in _TRANSFERS) + ("call-done",)  # where the chip waits for them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +101,15 @@ class StepTime:
 
     def _walk(self, comp: str, depth: int = 0) -> tuple[float, collections.Counter]:
         """Seconds of one run of `comp` and what they are made of: ("compute" | "memory", op label), ("exposed",
-        collective kind | "copy" | "host transfer" | "sparsecore"), ("collective", kind) for the interconnect's busy
-        time, hidden or not, ("busy", "host transfer" | "sparsecore") likewise for the host link and offloaded
-        work."""
+        collective kind | "copy" | "host transfer" | "sparsecore" | "async call"), ("collective", kind) for the
+        interconnect's busy time, hidden or not, ("busy", "host transfer" | "sparsecore" | "async call") likewise for
+        the host link and offloaded work (an async call off the SparseCore thread: "async call")."""
         if comp in self._memo:
             return self._memo[comp]
         cost, machine = self.cost, self.machine
         parts: collections.Counter = collections.Counter()
-        t, ici_free, dma_free, host_free, core_free = 0.0, 0.0, 0.0, 0.0, 0.0
+        t, ici_free, dma_free, async_free = 0.0, 0.0, 0.0, 0.0
+        host_free = {"to host": 0.0, "from host": 0.0}
         pending: dict[str, tuple[float, str]] = {}  # an async op's name -> (when it ends, its kind)
         launches = cost.launches(comp)
         by_name = {i.name: i for i in cost.computations.get(comp, [])}
@@ -134,10 +136,10 @@ class StepTime:
                     t = self._wait(t, _started_by(i, by_name, pending), pending, parts) + self._op(i, parts)
                 continue
             if i.op in _TRANSFERS:
-                moved, host = cost.transfer(i)
-                if host:  # over the host link (PCIe), one transfer at a time
-                    host_free = max(t, host_free) + moved / machine.host_bandwidth
-                    pending[i.name] = (host_free, "host transfer")
+                moved, direction = cost.transfer(i)
+                if direction:  # over the host link (PCIe), one transfer at a time in each direction
+                    host_free[direction] = max(t, host_free[direction]) + moved / machine.host_bandwidth
+                    pending[i.name] = (host_free[direction], "host transfer")
                     parts["busy", "host transfer"] += moved / machine.host_bandwidth
                 else:
                     dma_free = max(t, dma_free) + cost.op_hbm_bytes(i) / machine.hbm_bandwidth
@@ -146,11 +148,11 @@ class StepTime:
             if i.op == "call-start":  # an async call that runs no collective: its ops beside the TensorCore's
                 offloaded, _ = self._walk(cost.async_callee(i, by_name), depth + 1)
                 where = "sparsecore" if 'async_execution_thread="sparsecore"' in i.attrs else "async call"
-                core_free = max(t, core_free) + offloaded
-                pending[i.name] = (core_free, where)
+                async_free = max(t, async_free) + offloaded
+                pending[i.name] = (async_free, where)
                 parts["busy", where] += offloaded
                 continue
-            if i.op in ("copy-done", "dynamic-slice-done", "dynamic-update-slice-done", "call-done"):
+            if i.op in _DONES:
                 t = self._wait(t, _started_by(i, by_name, pending), pending, parts)
                 continue
             t += self._op(i, parts)

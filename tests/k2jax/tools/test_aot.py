@@ -219,6 +219,9 @@ def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path):
         (CONFIG, "--hlo=x.hlo", "--topology=v5p-8"): "give one of --config (a job to compile) and --hlo",
         (None, "--hlo=x.hlo"): "--hlo needs --topology: the slice the program was compiled for",
         (None, "--hlo=no/such.hlo", "--topology=v5p-8"): "--hlo no/such.hlo: No such file or directory",
+        (None, "--hlo=x.hlo", "--topology=v5p-8", "--step=decode"): "--step and --save_hlo are for compiling a",
+        (CONFIG, "--hlo_devices=d.json"): "--hlo_devices and --hlo_useful_flops go with --hlo",
+        (CONFIG, "--save_hlo=no/such/dir/step.hlo"): "--save_hlo no/such/dir/step.hlo: No such file or directory",
     }
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = {args: subprocess.Popen(_aot_cmd(*args[1:], config=args[0] and (
@@ -260,6 +263,14 @@ def test_cli_estimates_a_program_compiled_elsewhere(tmp_path):
     assert topo.spec.calibrated_efficiency == 0.58  # v5p's, from MaxText's measured DeepSeek-V3 run
     assert report["step_seconds_calibrated"] == pytest.approx(StepTime(HloCost(hlo.read_text()), slower).seconds)
     assert f"step time estimate: {want * 1e3:.2f} ms" in r.stdout and "all-gather" in r.stdout
+    # devices that are not the slice's chips, one each, and a program for another slice are one-line errors
+    (tmp_path / "twice.json").write_text(json.dumps(chips[:3] + chips[:1]))
+    (tmp_path / "big.hlo").write_text(hlo.read_text().replace("is_scheduled=true", "num_partitions=8"))
+    for args, want in ((f"--hlo_devices={tmp_path / 'twice.json'}", "expected 4 distinct chips of v5p-8"),
+                       (f"--hlo={tmp_path / 'big.hlo'}", "the program runs on 8 devices, v5p-8 has 4 chips")):
+        r = _aot("--topology=v5p-8", f"--hlo={hlo}", args, config=None, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("k2jax-aot: error: ")
+        assert want in r.stderr and "Traceback" not in r.stderr
 
 
 def test_ctrl_c_stops_a_compile_at_once():

@@ -132,5 +132,7 @@ def test_collective_flags_follow_the_job_configs_mesh(monkeypatch):
     assert os.environ["LIBTPU_INIT_ARGS"] == "--xla_user_flag=1"
     with pytest.raises(ValueError, match="exclude each other"):
         startup.collective_flags(mesh(True, True))
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", startup.OFFLOAD_FLAGS + " --xla_user_flag=1")  # in another order
+    assert not startup.collective_flags(mesh(False, True))
     monkeypatch.delenv("LIBTPU_INIT_ARGS")
     assert not startup.collective_flags(mesh(False, False)) and "LIBTPU_INIT_ARGS" not in os.environ

@@ -146,16 +146,21 @@ def test_an_instruction_continued_over_several_lines_is_read_whole():
         "xprof_metadata":"{\\"tiling\\": {\\"tile_m\\": 512}}"
         }}, metadata={op_name="jit(f)/pallas_call"}, backend_config={"custom_call_config":{"cost_estimate":{"flops":"1234","bytes_accessed":"99"}}}
           %splash.3 = f32[64,64]{1,0} custom-call(%gmm), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/pallas_call"}
-          ROOT %n = f32[64,64]{1,0} negate(%splash.3)
+          %k2 = f32[64,64]{1,0} custom-call(%splash.3), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+        "a = f32[] negate(3)"
+
+        }}, backend_config={"custom_call_config":{"cost_estimate":{"flops":"10","bytes_accessed":"1"}}}
+          ROOT %n = f32[64,64]{1,0} negate(%k2)
         }
         """)
     cost = HloCost(hlo)
     assert list(cost.computations) == ["sc", "main"] and cost.entry == "main"
-    assert [i.op for i in cost.computations["main"]] == ["parameter", "custom-call", "custom-call", "negate"]
-    assert cost.flops == 1234
-    # the kernel's declared bytes; the kernel without an estimate and negate read and write theirs
-    assert cost.hbm_bytes == 99 + 2 * (2 * 64 * 64 * 4)
-    assert cost.pallas_kernels() == 2
+    # a continuation that looks like an instruction and a blank line stay in their instruction
+    assert [i.op for i in cost.computations["main"]] == ["parameter"] + ["custom-call"] * 3 + ["negate"]
+    assert cost.flops == 1234 + 10
+    # the kernels' declared bytes; the kernel without an estimate and negate read and write theirs
+    assert cost.hbm_bytes == 99 + 1 + 2 * (2 * 64 * 64 * 4)
+    assert cost.pallas_kernels() == 2  # the third has no op_name="...pallas_call"
     assert cost.uncosted_kernels() == {"splash": 1}
 
 

@@ -198,8 +198,8 @@ def test_other_sparsecore_work_runs_beside_the_tensorcore_at_the_chips_rates():
 @pytest.mark.parametrize("dots", [1, 80])
 def test_host_offload_transfers_run_over_the_host_link(dots):
     """Host offloading (remat policy offload): a layer input stored to host memory (S(5)) by an async
-    dynamic-update-slice and read back by an async dynamic-slice, each at the host link's bandwidth, one at a
-    time, beside the ops between start and done."""
+    dynamic-update-slice and another read back by an async dynamic-slice, each at the host link's bandwidth (one
+    direction each: at once), beside the ops between start and done; a second store queues behind the first."""
     host = "f32[4,64,64]{2,1,0:S(5)}"
     between = "\n".join(DOT.replace("%d ", f"%d{k} ") for k in range(dots))
     hlo = (f"HloModule m, is_scheduled=true\n\nENTRY %main (x: f32[64,64], h: {host}) -> f32[64,64] {{\n"
@@ -207,20 +207,22 @@ def test_host_offload_transfers_run_over_the_host_link(dots):
            f"  %z = s32[] constant(0)\n  %u = f32[1,64,64]{{2,1,0}} bitcast(%x)\n"
            f"  %st = (({host}, f32[1,64,64]{{2,1,0}}, s32[], s32[], s32[]), {host}, u32[]{{:S(2)}}) "
            f"dynamic-update-slice-start(%h, %u, %i, %z, %z)\n"
+           f"  %st2 = (({host}, f32[1,64,64]{{2,1,0}}, s32[], s32[], s32[]), {host}, u32[]{{:S(2)}}) "
+           f"dynamic-update-slice-start(%h, %u, %z, %z, %z)\n"
            f"  %ld = (({host}, s32[], s32[], s32[]), f32[1,64,64]{{2,1,0}}, u32[]{{:S(2)}}) "
            f"dynamic-slice-start(%h, %z, %z, %z), dynamic_slice_sizes={{1,64,64}}\n"
            + "\n".join("  " + line for line in between.splitlines()) +
-           f"\n  %std = {host} dynamic-update-slice-done(%st)\n"
+           f"\n  %std = {host} dynamic-update-slice-done(%st)\n  %std2 = {host} dynamic-update-slice-done(%st2)\n"
            f"  %ldd = f32[1,64,64]{{2,1,0}} dynamic-slice-done(%ld)\n"
            f"  ROOT %r = f32[64,64]{{1,0}} bitcast(%ldd)\n}}\n")
     cost = HloCost(hlo)
-    store, load = (cost.transfer(i) for i in cost.computations[cost.entry] if i.op.endswith("slice-start"))
-    assert store == (64 * 64 * 4, True) and load == (64 * 64 * 4, True)
-    one = 64 * 64 * 4 / HOST  # 164 us at 1e8 bytes/s: 33 dots; 80 dots hide both transfers
+    transfers = [cost.transfer(i) for i in cost.computations[cost.entry] if i.op.endswith("slice-start")]
+    assert transfers == [(64 * 64 * 4, "to host")] * 2 + [(64 * 64 * 4, "from host")]
+    one = 64 * 64 * 4 / HOST  # 164 us at 1e8 bytes/s: 33 dots; 80 dots hide the two stores
     est = StepTime(cost, RING4)
-    assert est.seconds == pytest.approx(max(dots * DOT_SECONDS, 2 * one))
+    assert est.seconds == pytest.approx(max(dots * DOT_SECONDS, 2 * one))  # the load beside the stores
     s = est.summary()
-    assert s["offload_busy_seconds"] == pytest.approx({"host transfer": 2 * one})
+    assert s["offload_busy_seconds"] == pytest.approx({"host transfer": 3 * one})
     assert s["exposed_seconds"].get("host transfer", 0.0) == pytest.approx(max(2 * one - dots * DOT_SECONDS, 0.0))
 
 
