@@ -144,7 +144,9 @@ def test_cli_compiles_reduced_k2_for_v5p_8(tmp_path, step, weights):
                                                        + sum(st["exposed_seconds"].values()))
     assert st["collective_busy_seconds"] and len(st["top_ops"]) == 5
     assert 0 < r["mfu_estimate"] <= 1 and "step time estimate:" in run.stdout
-    assert r["step_seconds_calibrated"] > r["step_seconds_estimate"] and "calibrated (" in run.stdout
+    # calibrated: compute-bound ops slower (decode has none: as fast)
+    assert r["step_seconds_calibrated"] >= r["step_seconds_estimate"] and "calibrated (" in run.stdout
+    assert (r["step_seconds_calibrated"] > r["step_seconds_estimate"]) == (st["compute_seconds"] > 0)
     # the saved program estimates again the same (--hlo), its devices placed as the config's mesh placed them
     from sharding.mesh import make_mesh
     topo = aot.parse_topology("v5p-8")
