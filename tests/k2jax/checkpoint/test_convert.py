@@ -24,6 +24,7 @@ from k2jax.checkpoint.orbax_checkpoint import CheckpointError, read_metadata
 from k2jax.formats import quant
 from k2jax.model.config import ConfigError, tiny
 from tests.oracle import oracle_forward, oracle_model, random_release_tensors
+from tests.shell_signals import sigint_as_from_a_shell
 
 CFG = tiny(hidden_size=160, q_lora_rank=144, kv_lora_rank=136)  # ragged 128x128 scale blocks everywhere
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -205,6 +206,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not os.path.exists(out) and os.path.exists(progress)
     done_before = sum(1 for _ in open(progress)) - 1
     interrupted = subprocess.run(_signalled(resume + ["--sync_gb=0"], "INT", 20), env=env, capture_output=True,
+                                 preexec_fn=sigint_as_from_a_shell,
                                  text=True, timeout=600)
     assert done_before + 20 <= sum(1 for _ in open(progress)) - 1 < len(hf_tensor_specs(cfg))  # interrupted part-way
     error = _one_line_error(interrupted, 130)

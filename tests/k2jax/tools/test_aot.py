@@ -20,6 +20,7 @@ import pytest
 from k2jax.tools import aot
 from k2jax.tools.hlo_cost import HloCost
 from k2jax.tools.step_time import StepTime
+from tests.shell_signals import sigint_as_from_a_shell
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = "configs/reduced_k2_v5p_8.py"
@@ -102,8 +103,8 @@ def _dequantized_parameters_per_chip(config) -> int:
     """Bytes per chip of the config's model with every weight in param_dtype, on the v5p-8 mesh (no compile)."""
     from flax import nnx
 
-    from k2jax.model.placement import abstract_model
     from k2jax.job_config import model_config
+    from k2jax.model.placement import abstract_model
     from sharding.mesh import make_mesh
     mesh = make_mesh(dict(config.mesh.axes), aot.parse_topology("v5p-8").devices())
     return aot._per_chip_bytes(nnx.state(abstract_model(model_config(config), mesh, config.mesh.strategy)))
@@ -280,6 +281,7 @@ def test_ctrl_c_stops_a_compile_at_once():
     the command stops within a second, one line, exit 130."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # no entry of the train test's
     proc = subprocess.Popen(_aot_cmd(), cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},  # (libtpu can't load it)
+                            preexec_fn=sigint_as_from_a_shell,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:  # the reduced K2's train step compiles for ~50 s on 2 cores
