@@ -96,7 +96,7 @@ class Launch:
     def result_bytes(self) -> float:
         """Bytes of the collective's result per device (its last array: an async op's tuple ends with it)."""
         arrays = _arrays(self.collective.type)
-        return math.prod(arrays[-1][1]) * _DTYPE_BYTES[arrays[-1][0]] if arrays else 0.0
+        return _array_bytes(arrays[-1]) if arrays else 0.0
 
 
 def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -106,9 +106,13 @@ def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...], bool]]:
             for dtype, dims, layout in _ARRAY.findall(type_text) if dtype in _DTYPE_BYTES]
 
 
+def _array_bytes(array: tuple[str, tuple[int, ...], bool]) -> float:
+    """Bytes of one of `_arrays`' arrays."""
+    return math.prod(array[1]) * _DTYPE_BYTES[array[0]]
+
+
 def _bytes(type_text: str, hbm_only: bool = False) -> float:
-    return sum(math.prod(dims) * _DTYPE_BYTES[dtype] for dtype, dims, off_hbm in _arrays(type_text)
-               if not (hbm_only and off_hbm))
+    return sum(_array_bytes(a) for a in _arrays(type_text) if not (hbm_only and a[2]))
 
 
 class HloCost:
@@ -353,7 +357,7 @@ class HloCost:
             moved, into = (_bytes(self.types.get(i.operands[1], "")) if len(i.operands) > 1 else 0.0), source
         else:  # dynamic-slice-start: ((operands), slice, context)
             arrays = _arrays(i.type)
-            moved = math.prod(arrays[-2][1]) * _DTYPE_BYTES[arrays[-2][0]] if len(arrays) > 1 else 0.0
+            moved = _array_bytes(arrays[-2]) if len(arrays) > 1 else 0.0
             into = ""
         if _HOST_MEMORY.search(into):
             return moved, "to host"
